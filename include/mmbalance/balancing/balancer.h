@@ -1,0 +1,295 @@
+#pragma once
+/// \file
+/// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop.
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <utility>
+
+#include <ATen/ATen.h>
+#include <torch/arg.h>
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/vanilla.h"
+#include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+/// Options for `Balancer`.
+///
+/// Example:
+/// ```
+/// Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(5)),
+///                                 BalancerOptions().warmup_epochs(1));
+/// ```
+struct BalancerOptions {
+  /// Epochs of regular steps before the policy is consulted (the paper uses one).
+  TORCH_ARG(std::int64_t, warmup_epochs) = 1;
+  /// true: every step reads one small tensor (loss, squared norms, accumulators) to the
+  /// host, and a non-finite loss or gradient, or a parameter group of norm zero, is
+  /// rejected with an exception that leaves the balancer and the model's gate averages
+  /// as they were. false: no host read except the one a policy with `observe_d_speed`
+  /// needs; a regular step whose μ is not finite is left out of the accumulators on the
+  /// device and counted (`skipped_steps()`), and nothing is thrown.
+  TORCH_ARG(bool, check_every_step) = true;
+};
+
+/// What the balancer has done so far, per step kind.
+using StepCounts = std::array<std::int64_t, kNumStepKinds>;
+
+/// Call `next_step()` before the forward pass, `observe(loss)` after `backward()` and
+/// before the optimizer step, `end_epoch()` after each epoch:
+/// ```
+/// for (auto& batch : loader) {
+///   StepKind kind = balancer.next_step();
+///   auto loss = modality_specific_loss(net->forward(batch.x0, batch.x1, kind), batch.target);
+///   optimizer.zero_grad();
+///   loss.backward();
+///   balancer.observe(loss);
+///   optimizer.step();
+/// }
+/// balancer.end_epoch();
+/// ```
+template <BalancingPolicy Policy = VanillaPolicy>
+class Balancer {
+ public:
+  /// `net` is a `MultiModalNet` handle (or anything with `parameter_groups()` and
+  /// `discard_last_gate_update()`); the balancer keeps a reference to its module.
+  template <class Net>
+  explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
+      requires requires { net->parameter_groups(); net->discard_last_gate_update(); }
+      : options_(options),
+        policy_(std::move(policy)),
+        meter_(net->parameter_groups()),
+        discard_gate_update_([net]() mutable { net->discard_last_gate_update(); }) {
+    TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
+                options.warmup_epochs());
+  }
+
+  /// The kind of the coming step. Must alternate with `observe()`.
+  StepKind next_step() {
+    TORCH_CHECK(!pending_, "Balancer::next_step: the previous step (",
+                to_string(*pending_), ") was not observed; call observe(loss) after backward()");
+    policy_before_step_ = policy_;
+    pending_ = in_warmup() ? StepKind::regular : policy_.next_step();
+    return *pending_;
+  }
+
+  /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
+  /// feed the learning-speed meter (and the policy's `observe_d_speed`).
+  void observe(const at::Tensor& loss) {
+    TORCH_CHECK(pending_, "Balancer::observe: call next_step() before the forward pass");
+    TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
+                detail::shape_string(loss));
+    const StepKind kind = *pending_;
+    try {
+      if (kind == StepKind::regular) {
+        observe_regular(loss);
+      } else if (options_.check_every_step()) {
+        const double value = loss.detach().item<double>();
+        TORCH_CHECK(std::isfinite(value), "Balancer: non-finite loss ", value, " in step ",
+                    step_, " (", to_string(kind), ")");
+      }
+    } catch (...) {
+      policy_ = policy_before_step_;
+      pending_.reset();
+      if (kind == StepKind::regular) discard_gate_update_();
+      throw;
+    }
+    pending_.reset();
+    ++step_;
+    ++epoch_counts_[static_cast<std::size_t>(kind)];
+    ++total_counts_[static_cast<std::size_t>(kind)];
+  }
+
+  /// Marks the end of an epoch.
+  void end_epoch() {
+    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
+                ") was not observed");
+    ++epoch_;
+    epoch_counts_ = {};
+    if constexpr (HasEpochHook<Policy>) {
+      if (!in_warmup()) policy_.start_epoch(epoch_ - options_.warmup_epochs());
+    }
+  }
+
+  bool in_warmup() const { return epoch_ < options_.warmup_epochs(); }
+  std::int64_t epoch() const { return epoch_; }
+  std::int64_t step() const { return step_; }
+  const StepCounts& epoch_step_counts() const { return epoch_counts_; }
+  const StepCounts& total_step_counts() const { return total_counts_; }
+
+  /// d_speed after the last regular step, as last read to the host (NaN before any read;
+  /// with check_every_step(false) and a policy that needs no value, call `speed()`).
+  double last_d_speed() const { return last_speed_.d_speed; }
+
+  /// Reads the accumulators now (one small read) and derives s(m1|m0), s(m0|m1), d_speed.
+  SpeedSummary speed() const { return meter_.summary(); }
+
+  /// Regular steps left out of the accumulators (only with check_every_step(false)).
+  /// Reads one number from the device.
+  std::int64_t skipped_steps() const {
+    return skipped_.defined() ? skipped_.item<std::int64_t>() : 0;
+  }
+
+  const Policy& policy() const { return policy_; }
+  const LearningSpeedMeter& meter() const { return meter_; }
+  const BalancerOptions& options() const { return options_; }
+
+  /// Everything needed to continue exactly: accumulators, counters, last d_speed and the
+  /// policy's own state (mode, window counter, generator).
+  void save(torch::serialize::OutputArchive& archive) const {
+    TORCH_CHECK(!pending_, "Balancer::save: a step is in progress (", to_string(*pending_), ")");
+    archive.write("accumulated", meter_.accumulated().to(at::kCPU));
+    archive.write("group_numel", numel_tensor());
+    archive.write("meter_steps", meter_.steps());
+    archive.write("step", step_);
+    archive.write("epoch", epoch_);
+    archive.write("last_d_speed", last_speed_.d_speed);
+    archive.write("s_m1_given_m0", last_speed_.s_m1_given_m0);
+    archive.write("s_m0_given_m1", last_speed_.s_m0_given_m1);
+    archive.write("skipped", static_cast<std::int64_t>(skipped_steps()));
+    archive.write("epoch_counts", counts_tensor(epoch_counts_));
+    archive.write("total_counts", counts_tensor(total_counts_));
+    archive.write("warmup_epochs", options_.warmup_epochs());
+    if constexpr (HasState<Policy>) {
+      torch::serialize::OutputArchive nested;
+      policy_.save(nested);
+      archive.write("policy", nested);
+    }
+  }
+
+  /// Restores a state written by `save`. Throws, and changes nothing, if the checkpoint
+  /// was made for other parameter groups.
+  void load(torch::serialize::InputArchive& archive) {
+    at::Tensor numel, accumulated, epoch_counts, total_counts;
+    archive.read("group_numel", numel);
+    TORCH_CHECK(numel.numel() == kNumGroups &&
+                    at::equal(numel.to(at::kLong), numel_tensor()),
+                "Balancer::load: the checkpoint was made for parameter groups with ",
+                numel_string(numel), " elements, this model's groups have ",
+                numel_string(numel_tensor()));
+    archive.read("accumulated", accumulated);
+    archive.read("epoch_counts", epoch_counts);
+    archive.read("total_counts", total_counts);
+    const auto read_value = [&](const char* key) {
+      c10::IValue v;
+      archive.read(key, v);
+      return v;
+    };
+    Policy policy = policy_;
+    if constexpr (HasState<Policy>) {
+      torch::serialize::InputArchive nested;
+      archive.read("policy", nested);
+      policy.load(nested);
+    }
+    const std::int64_t meter_steps = read_value("meter_steps").toInt();
+    const std::int64_t skipped = read_value("skipped").toInt();
+    step_ = read_value("step").toInt();
+    epoch_ = read_value("epoch").toInt();
+    options_.warmup_epochs(read_value("warmup_epochs").toInt());
+    last_speed_.d_speed = read_value("last_d_speed").toDouble();
+    last_speed_.s_m1_given_m0 = read_value("s_m1_given_m0").toDouble();
+    last_speed_.s_m0_given_m1 = read_value("s_m0_given_m1").toDouble();
+    meter_.restore(accumulated, meter_steps);
+    epoch_counts_ = counts_array(epoch_counts);
+    total_counts_ = counts_array(total_counts);
+    skipped_ = skipped > 0 ? at::full({}, skipped, at::TensorOptions(at::kLong).device(
+                                                      meter_.accumulated().device()))
+                           : at::Tensor();
+    policy_ = std::move(policy);
+    pending_.reset();
+  }
+
+ private:
+  void observe_regular(const at::Tensor& loss) {
+    const at::Tensor measurement = meter_.measure();
+    const at::Tensor mu = LearningSpeedMeter::speeds(measurement);
+    if (options_.check_every_step()) {
+      // One read carries the loss, the squared norms and M + μ, which is what the
+      // accumulators become if the step is accepted.
+      const at::Tensor next = meter_.accumulated() + mu;
+      const at::Tensor host =
+          at::cat({loss.detach().reshape({1}).to(at::kDouble), measurement.flatten(), next})
+              .to(at::kCPU);
+      const double* v = host.data_ptr<double>();
+      check_step(v[0], v + 1, v + 1 + kNumGroups);
+      meter_.accumulate(mu);
+      record_speed(v + 1 + 2 * kNumGroups);
+      return;
+    }
+    const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
+    meter_.accumulate(at::where(valid, mu, at::zeros_like(mu)));
+    if (!skipped_.defined()) skipped_ = at::zeros({}, mu.options().dtype(at::kLong));
+    skipped_.add_(valid.logical_not());
+    if constexpr (ObservesSpeed<Policy>) {
+      if (!in_warmup()) {
+        const at::Tensor host = meter_.accumulated().to(at::kCPU);
+        record_speed(host.data_ptr<double>());
+      }
+    }
+  }
+
+  void check_step(double loss, const double* grad_sq, const double* param_sq) const {
+    TORCH_CHECK(std::isfinite(loss), "Balancer: non-finite loss ", loss, " in step ", step_,
+                " (regular)");
+    for (int g = 0; g < kNumGroups; ++g) {
+      const auto group = to_string(static_cast<Group>(g));
+      TORCH_CHECK(std::isfinite(grad_sq[g]), "Balancer: non-finite gradient in group ", group,
+                  " (squared norm ", grad_sq[g], ") in step ", step_);
+      TORCH_CHECK(std::isfinite(param_sq[g]) && param_sq[g] > 0, "Balancer: parameter group ",
+                  group, " has squared norm ", param_sq[g],
+                  "; the learning speed ||G||^2/||theta||^2 is undefined. Initialise it "
+                  "with non-zero values.");
+    }
+  }
+
+  void record_speed(const double* m) {
+    last_speed_ = SpeedSummary::from_accumulators({m[0], m[1], m[2], m[3]});
+    if constexpr (ObservesSpeed<Policy>) {
+      if (!in_warmup()) policy_.observe_d_speed(last_speed_.d_speed);
+    }
+  }
+
+  at::Tensor numel_tensor() const {
+    const auto& n = meter_.group_numel();
+    return at::tensor(std::vector<std::int64_t>(n.begin(), n.end()), at::kLong);
+  }
+  static std::string numel_string(const at::Tensor& t) {
+    std::string s = "[";
+    const at::Tensor c = t.to(at::kLong).contiguous();
+    for (std::int64_t i = 0; i < c.numel(); ++i)
+      s += (i ? ", " : "") + std::to_string(c.data_ptr<std::int64_t>()[i]);
+    return s + "]";
+  }
+  static at::Tensor counts_tensor(const StepCounts& c) {
+    return at::tensor(std::vector<std::int64_t>(c.begin(), c.end()), at::kLong);
+  }
+  static StepCounts counts_array(const at::Tensor& t) {
+    TORCH_CHECK(t.numel() == kNumStepKinds, "Balancer::load: bad step counts in checkpoint");
+    const at::Tensor c = t.to(at::kLong).contiguous();
+    StepCounts out{};
+    for (int i = 0; i < kNumStepKinds; ++i) out[i] = c.data_ptr<std::int64_t>()[i];
+    return out;
+  }
+
+  BalancerOptions options_;
+  Policy policy_;
+  Policy policy_before_step_ = policy_;
+  LearningSpeedMeter meter_;
+  std::function<void()> discard_gate_update_;
+  std::optional<StepKind> pending_;
+  std::int64_t step_ = 0;
+  std::int64_t epoch_ = 0;
+  StepCounts epoch_counts_{};
+  StepCounts total_counts_{};
+  SpeedSummary last_speed_{};
+  at::Tensor skipped_;
+};
+
+}  // namespace mmbalance

@@ -1,0 +1,89 @@
+#pragma once
+/// \file
+/// Guided balancing (§4.2, Algorithm 1; algorithm.md §6).
+
+#include <cmath>
+#include <cstdint>
+
+#include <c10/util/Exception.h>
+#include <torch/arg.h>
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/balancing/policy.h"
+
+namespace mmbalance {
+
+/// Options for `GuidedPolicy`.
+///
+/// Example:
+/// ```
+/// GuidedPolicy policy(GuidedOptions().alpha(0.1).Q(5));
+/// ```
+struct GuidedOptions {
+  /// Tolerance on |d_speed| (log10 scale) before re-balancing starts.
+  TORCH_ARG(double, alpha) = 0.1;
+  /// Number of re-balancing steps in one window.
+  TORCH_ARG(std::int64_t, Q) = 5;
+};
+
+/// While |d_speed| <= alpha, regular steps. When a regular step leaves |d_speed| > alpha,
+/// the next Q steps re-balance: accelerating m0 if d_speed > 0, else m1, where d_speed is
+/// the value of the last regular step.
+class GuidedPolicy {
+ public:
+  enum class Mode : std::uint8_t { regular = 0, rebalance = 1 };
+
+  explicit GuidedPolicy(const GuidedOptions& options = {}) : options(options) {
+    TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
+                "GuidedPolicy: alpha must be finite and >= 0, got ", options.alpha());
+    TORCH_CHECK(options.Q() >= 1, "GuidedPolicy: Q must be >= 1, got ", options.Q());
+  }
+
+  StepKind next_step() {
+    if (mode_ == Mode::regular) return StepKind::regular;
+    if (++window_step_ == options.Q()) mode_ = Mode::regular;
+    return last_d_speed_ > 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
+  }
+
+  void observe_d_speed(double d_speed) {
+    last_d_speed_ = d_speed;
+    if (std::abs(d_speed) > options.alpha()) {
+      window_step_ = 0;
+      mode_ = Mode::rebalance;
+    }
+  }
+
+  Mode mode() const { return mode_; }
+  std::int64_t window_step() const { return window_step_; }
+  double last_d_speed() const { return last_d_speed_; }
+
+  void save(torch::serialize::OutputArchive& archive) const {
+    archive.write("mode", static_cast<std::int64_t>(mode_));
+    archive.write("window_step", window_step_);
+    archive.write("last_d_speed", last_d_speed_);
+  }
+
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue mode, window_step, last;
+    archive.read("mode", mode);
+    archive.read("window_step", window_step);
+    archive.read("last_d_speed", last);
+    TORCH_CHECK(mode.toInt() == 0 || mode.toInt() == 1, "GuidedPolicy: bad mode ",
+                mode.toInt(), " in checkpoint");
+    mode_ = static_cast<Mode>(mode.toInt());
+    window_step_ = window_step.toInt();
+    last_d_speed_ = last.toDouble();
+  }
+
+  GuidedOptions options;
+
+ private:
+  Mode mode_ = Mode::regular;
+  std::int64_t window_step_ = 0;
+  double last_d_speed_ = 0.0;
+};
+
+static_assert(BalancingPolicy<GuidedPolicy> && ObservesSpeed<GuidedPolicy> &&
+              HasState<GuidedPolicy>);
+
+}  // namespace mmbalance

@@ -1,0 +1,39 @@
+#pragma once
+/// \file
+/// The `BalancingPolicy` concept and its optional hooks.
+
+#include <concepts>
+
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+/// Decides the kind of each training step after the warm-up epochs (the `Balancer`
+/// handles warm-up). Required: `next_step()`. Optional hooks, detected at compile time:
+/// - `observe_d_speed(double)`: called after every regular step with the current
+///   d_speed. A policy with this hook makes the balancer read d_speed from the device
+///   once per regular step; a policy without it costs no read.
+/// - `start_epoch(std::int64_t)`: called when an epoch after warm-up begins.
+/// - `save(OutputArchive&) const` / `load(InputArchive&)`: the policy's own state.
+/// Policies must be copyable: the balancer restores a copy when it rejects a step.
+template <class P>
+concept BalancingPolicy = std::copyable<P> && requires(P& p) {
+  { p.next_step() } -> std::same_as<StepKind>;
+};
+
+template <class P>
+concept ObservesSpeed = requires(P& p, double d) { p.observe_d_speed(d); };
+
+template <class P>
+concept HasEpochHook = requires(P& p, std::int64_t e) { p.start_epoch(e); };
+
+template <class P>
+concept HasState = requires(const P& cp, P& p, torch::serialize::OutputArchive& out,
+                            torch::serialize::InputArchive& in) {
+  cp.save(out);
+  p.load(in);
+};
+
+}  // namespace mmbalance

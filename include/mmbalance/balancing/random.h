@@ -1,0 +1,64 @@
+#pragma once
+/// \file
+/// Random balancing (App. A.3): after warm-up, each step is drawn uniformly from
+/// {regular, re-balance m0, re-balance m1}, from a seeded generator.
+
+#include <cstdint>
+#include <random>
+#include <sstream>
+#include <string>
+
+#include <torch/arg.h>
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/balancing/policy.h"
+
+namespace mmbalance {
+
+/// Options for `RandomPolicy`.
+///
+/// Example:
+/// ```
+/// RandomPolicy policy(RandomOptions().seed(7));
+/// ```
+struct RandomOptions {
+  TORCH_ARG(std::uint64_t, seed) = 0;
+};
+
+class RandomPolicy {
+ public:
+  explicit RandomPolicy(const RandomOptions& options = {})
+      : options(options), engine_(options.seed()) {}
+
+  StepKind next_step() {
+    // mt19937_64's output sequence is fixed by the standard, so draws are the same on
+    // every platform (std::uniform_int_distribution is not). The modulo bias is 2^-63.
+    return static_cast<StepKind>(engine_() % kNumStepKinds);
+  }
+
+  void save(torch::serialize::OutputArchive& archive) const {
+    std::ostringstream state;
+    state << engine_;
+    archive.write("engine", state.str());
+    archive.write("seed", static_cast<std::int64_t>(options.seed()));
+  }
+
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue state, seed;
+    archive.read("engine", state);
+    archive.read("seed", seed);
+    std::istringstream in(state.toStringRef());
+    in >> engine_;
+    TORCH_CHECK(!in.fail(), "RandomPolicy: corrupt generator state in checkpoint");
+    options.seed(static_cast<std::uint64_t>(seed.toInt()));
+  }
+
+  RandomOptions options;
+
+ private:
+  std::mt19937_64 engine_;
+};
+
+static_assert(BalancingPolicy<RandomPolicy> && HasState<RandomPolicy>);
+
+}  // namespace mmbalance

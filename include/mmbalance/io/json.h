@@ -1,0 +1,40 @@
+#pragma once
+/// \file
+/// nlohmann::json conversions of the library's reports, for logs and summaries.
+
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+
+#include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/metrics/utilization_probe.h"
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+namespace detail {
+/// JSON has no NaN: undefined values become null.
+inline nlohmann::json number_or_null(double v) {
+  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
+}
+}  // namespace detail
+
+inline void to_json(nlohmann::json& j, const SpeedSummary& s) {
+  j = {{"s_m1_given_m0", detail::number_or_null(s.s_m1_given_m0)},
+       {"s_m0_given_m1", detail::number_or_null(s.s_m0_given_m1)},
+       {"d_speed", detail::number_or_null(s.d_speed)}};
+}
+
+inline void to_json(nlohmann::json& j, const UtilizationReport& r) {
+  j = {{"accuracy", detail::number_or_null(r.accuracy)},
+       {"accuracy0", detail::number_or_null(r.accuracy0)},
+       {"accuracy0_cut", detail::number_or_null(r.accuracy0_cut)},
+       {"accuracy1", detail::number_or_null(r.accuracy1)},
+       {"accuracy1_cut", detail::number_or_null(r.accuracy1_cut)},
+       {"u_m1_given_m0", detail::number_or_null(r.u_m1_given_m0)},
+       {"u_m0_given_m1", detail::number_or_null(r.u_m0_given_m1)},
+       {"d_util", detail::number_or_null(r.d_util)},
+       {"samples", r.samples}};
+}
+
+}  // namespace mmbalance

@@ -1,0 +1,169 @@
+#pragma once
+/// \file
+/// Conditional learning speed (algorithm.md §4): μ(θ; i) = ||G||² / ||θ||² per parameter
+/// group, accumulated over regular steps, all on the parameters' device.
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "mmbalance/model/multimodal_net.h"
+
+namespace mmbalance {
+
+/// Index of each parameter group in the meter's tensors.
+enum class Group : std::uint8_t { theta0 = 0, theta1 = 1, theta0_fusion = 2, theta1_fusion = 3 };
+inline constexpr int kNumGroups = 4;
+
+constexpr std::string_view to_string(Group g) {
+  switch (g) {
+    case Group::theta0: return "theta0 (branch 0)";
+    case Group::theta1: return "theta1 (branch 1)";
+    case Group::theta0_fusion: return "theta0' (fusion path into branch 0)";
+    case Group::theta1_fusion: return "theta1' (fusion path into branch 1)";
+  }
+  return "invalid";
+}
+
+/// The conditional learning speeds derived from the accumulators M (host values).
+struct SpeedSummary {
+  double s_m1_given_m0 = NAN;  ///< log10(M(θ0') / M(θ0))
+  double s_m0_given_m1 = NAN;  ///< log10(M(θ1') / M(θ1))
+  double d_speed = NAN;        ///< s(m1|m0) - s(m0|m1)
+
+  /// From the four accumulators, in `Group` order. NaN where nothing has been accumulated.
+  static SpeedSummary from_accumulators(const std::array<double, kNumGroups>& m) {
+    SpeedSummary s;
+    s.s_m1_given_m0 = std::log10(m[2] / m[0]);
+    s.s_m0_given_m1 = std::log10(m[3] / m[1]);
+    s.d_speed = s.s_m1_given_m0 - s.s_m0_given_m1;
+    return s;
+  }
+};
+
+/// Measures μ for the four groups of `ParameterGroups` with two fused norm reductions
+/// (`_foreach_norm` over every distinct parameter and every gradient) and one small
+/// matrix product that sums them per group. A parameter in several groups (MMTM's joint
+/// layer) is reduced once. Nothing is read to the host unless asked for.
+///
+/// Call `measure()` after `backward()` and before the optimizer step: ||θ|| is read at
+/// the point where the gradient was taken, as the official code does.
+class LearningSpeedMeter {
+ public:
+  explicit LearningSpeedMeter(const ParameterGroups& groups) {
+    const std::array<const std::vector<at::Tensor>*, kNumGroups> lists{
+        &groups.theta0, &groups.theta1, &groups.theta0_fusion, &groups.theta1_fusion};
+    std::unordered_map<const void*, std::int64_t> index;
+    std::vector<std::array<bool, kNumGroups>> member;
+    for (int g = 0; g < kNumGroups; ++g) {
+      TORCH_CHECK(!lists[g]->empty(), "LearningSpeedMeter: parameter group ",
+                  to_string(static_cast<Group>(g)), " is empty");
+      for (const auto& p : *lists[g]) {
+        TORCH_CHECK(p.defined(), "LearningSpeedMeter: undefined parameter in group ",
+                    to_string(static_cast<Group>(g)));
+        auto [it, inserted] =
+            index.emplace(p.unsafeGetTensorImpl(), static_cast<std::int64_t>(params_.size()));
+        if (inserted) {
+          params_.push_back(p);
+          member.push_back({});
+        }
+        member[static_cast<std::size_t>(it->second)][g] = true;
+      }
+    }
+    const auto n = static_cast<std::int64_t>(params_.size());
+    membership_ = at::zeros({n, kNumGroups}, at::kBool);
+    auto acc = membership_.accessor<bool, 2>();
+    for (std::int64_t i = 0; i < n; ++i)
+      for (int g = 0; g < kNumGroups; ++g) acc[i][g] = member[static_cast<std::size_t>(i)][g];
+    for (int g = 0; g < kNumGroups; ++g) {
+      for (const auto& p : *lists[g]) group_numel_[g] += p.numel();
+    }
+    accumulated_ = at::zeros({kNumGroups}, at::kDouble);
+    follow_device();
+  }
+
+  /// Squared norms of this step, a (2, 4) double tensor on the parameters' device:
+  /// row 0 ||G||² and row 1 ||θ||² per group. An undefined gradient counts as zero.
+  at::Tensor measure() {
+    at::NoGradGuard no_grad;
+    follow_device();
+    std::vector<at::Tensor> tensors;
+    tensors.reserve(2 * params_.size());
+    for (const auto& p : params_) {
+      const at::Tensor& g = p.grad();
+      tensors.push_back(g.defined() ? g : zero_);
+    }
+    for (const auto& p : params_) tensors.push_back(p);
+    const std::vector<at::Tensor> norms = at::_foreach_norm(tensors);
+    const at::Tensor sq = at::stack(norms).to(at::kDouble).square().view({2, -1, 1});
+    // A masked sum, not a product with a 0/1 matrix: 0 * NaN would spread one bad
+    // gradient into every group.
+    return at::where(membership_, sq, 0.0).sum(1);
+  }
+
+  /// μ = ||G||² / ||θ||² per group from a measurement (device tensor of 4).
+  static at::Tensor speeds(const at::Tensor& measurement) { return measurement[0] / measurement[1]; }
+
+  /// Adds `mu` (from `speeds`) to the accumulators M.
+  void accumulate(const at::Tensor& mu) {
+    follow_device();
+    accumulated_.add_(mu);
+    ++steps_;
+  }
+
+  /// M(θ) per group: a device tensor of 4 doubles.
+  const at::Tensor& accumulated() const { return accumulated_; }
+
+  /// Regular steps accumulated so far.
+  std::int64_t steps() const { return steps_; }
+
+  /// Reads M to the host (one small read) and derives the speeds.
+  SpeedSummary summary() const {
+    const at::Tensor m = accumulated_.to(at::kCPU);
+    return SpeedSummary::from_accumulators(
+        {m[0].item<double>(), m[1].item<double>(), m[2].item<double>(), m[3].item<double>()});
+  }
+
+  /// Elements per group; a checkpoint made for other groups is rejected on load.
+  const std::array<std::int64_t, kNumGroups>& group_numel() const { return group_numel_; }
+
+  /// Restores M and the step count (a loaded tensor may live on any device).
+  void restore(const at::Tensor& m, std::int64_t steps) {
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == kNumGroups, "LearningSpeedMeter: accumulators must ",
+                "have 4 entries, got ", detail::shape_string(m));
+    accumulated_ = m.to(at::kDouble).to(device_);
+    steps_ = steps;
+  }
+
+  void reset() {
+    accumulated_.zero_();
+    steps_ = 0;
+  }
+
+ private:
+  // Keeps the accumulators where the parameters are; a model moved after the meter was
+  // built (`net->to(device)`) is followed on the next call. Device checks are host-side.
+  void follow_device() {
+    const at::Device device = params_.front().device();
+    if (zero_.defined() && device == device_) return;
+    device_ = device;
+    membership_ = membership_.to(device);
+    accumulated_ = accumulated_.to(device);
+    zero_ = at::zeros({}, params_.front().options());
+  }
+
+  std::vector<at::Tensor> params_;
+  at::Tensor membership_;   // (distinct parameters, 4): true where a parameter is in a group
+  at::Tensor accumulated_;  // M per group
+  at::Tensor zero_;         // stands in for a missing gradient
+  at::Device device_{at::kCPU};
+  std::array<std::int64_t, kNumGroups> group_numel_{};
+  std::int64_t steps_ = 0;
+};
+
+}  // namespace mmbalance

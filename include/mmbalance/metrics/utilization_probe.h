@@ -1,0 +1,100 @@
+#pragma once
+/// \file
+/// Conditional utilization rates (algorithm.md §7; Definition 2.1).
+
+#include <cmath>
+#include <cstdint>
+#include <ranges>
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+
+#include "mmbalance/model/multimodal_net.h"
+
+namespace mmbalance {
+
+/// One batch of both modalities and class targets. Any type with these three members
+/// works as a batch for the probe.
+struct MultiModalBatch {
+  at::Tensor x0, x1, target;
+};
+
+template <class B>
+concept MultiModalBatchLike = requires(const B& b) {
+  { b.x0 } -> std::convertible_to<at::Tensor>;
+  { b.x1 } -> std::convertible_to<at::Tensor>;
+  { b.target } -> std::convertible_to<at::Tensor>;
+};
+
+template <class R>
+concept BatchRange = std::ranges::input_range<R> &&
+                     MultiModalBatchLike<std::remove_cvref_t<std::ranges::range_reference_t<R>>>;
+
+/// Accuracies (fractions in [0, 1]) of the normal and the cut heads, and the rates
+/// derived from them. A rate whose denominator accuracy is 0 is NaN.
+struct UtilizationReport {
+  double accuracy = NAN;       ///< A(f): y = (y0 + y1) / 2
+  double accuracy0 = NAN;      ///< A(f0): head y0
+  double accuracy0_cut = NAN;  ///< A(f0'): head y0 with m1 cut off
+  double accuracy1 = NAN;      ///< A(f1)
+  double accuracy1_cut = NAN;  ///< A(f1')
+  double u_m1_given_m0 = NAN;  ///< (A(f0) - A(f0')) / A(f0): what m1 adds to branch 0
+  double u_m0_given_m1 = NAN;  ///< (A(f1) - A(f1')) / A(f1)
+  double d_util = NAN;         ///< u(m1|m0) - u(m0|m1), in [-1, 1]
+  std::int64_t samples = 0;    ///< evaluation samples
+};
+
+/// Runs the probe on `net` (a `MultiModalNet` handle): records each fusion module's
+/// training-set squeeze averages over `train` with the trained model, then evaluates
+/// the normal and the cut heads over `eval` in one pass per batch. Batches are moved to
+/// the model's device. Runs in eval mode without gradients and restores the model's
+/// training mode afterwards; gate averages are untouched. One host read at the end.
+template <class Net, BatchRange TrainData, BatchRange EvalData>
+UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval) {
+  at::NoGradGuard no_grad;
+  const bool was_training = net->is_training();
+  net->eval();
+  struct RestoreMode {
+    Net& net;
+    bool training;
+    ~RestoreMode() { net->train(training); }
+  } restore{net, was_training};
+
+  const at::Device device = net->parameters().front().device();
+  net->reset_squeeze_averages();
+  for (const auto& batch : train) {
+    net->record_squeeze(batch.x0.to(device), batch.x1.to(device));
+  }
+
+  // correct predictions of y, y0, y0', y1, y1'
+  at::Tensor correct = at::zeros({5}, at::TensorOptions(at::kLong).device(device));
+  std::int64_t samples = 0;
+  for (const auto& batch : eval) {
+    const at::Tensor target = batch.target.to(device);
+    const ProbeOutput out = net->forward_probe(batch.x0.to(device), batch.x1.to(device));
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == out.y0.size(0),
+                "probe_utilization: target must be (batch) class indices with batch ",
+                out.y0.size(0), ", got ", detail::shape_string(target));
+    const at::Tensor logits =
+        at::stack({(out.y0 + out.y1) * 0.5, out.y0, out.y0_cut, out.y1, out.y1_cut});
+    correct.add_(logits.argmax(-1).eq(target.unsqueeze(0)).sum(1));
+    samples += target.size(0);
+  }
+  TORCH_CHECK(samples > 0, "probe_utilization: the evaluation data is empty");
+
+  const at::Tensor host = correct.to(at::kCPU).to(at::kDouble) / static_cast<double>(samples);
+  const double* a = host.data_ptr<double>();
+  UtilizationReport r;
+  r.samples = samples;
+  r.accuracy = a[0];
+  r.accuracy0 = a[1];
+  r.accuracy0_cut = a[2];
+  r.accuracy1 = a[3];
+  r.accuracy1_cut = a[4];
+  r.u_m1_given_m0 = r.accuracy0 > 0 ? (r.accuracy0 - r.accuracy0_cut) / r.accuracy0 : NAN;
+  r.u_m0_given_m1 = r.accuracy1 > 0 ? (r.accuracy1 - r.accuracy1_cut) / r.accuracy1 : NAN;
+  r.d_util = r.u_m1_given_m0 - r.u_m0_given_m1;
+  return r;
+}
+
+}  // namespace mmbalance

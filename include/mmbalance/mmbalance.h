@@ -1,0 +1,33 @@
+#pragma once
+/// \file
+/// mmbalance: balanced multi-modal learning on LibTorch. The umbrella header.
+
+#include "mmbalance/balancing/balancer.h"
+#include "mmbalance/balancing/guided.h"
+#include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/random.h"
+#include "mmbalance/balancing/vanilla.h"
+#include "mmbalance/branch/branch.h"
+#include "mmbalance/branch/conv_branch.h"
+#include "mmbalance/fusion/fusion_context.h"
+#include "mmbalance/fusion/fusion_module.h"
+#include "mmbalance/fusion/mmtm.h"
+#include "mmbalance/io/checkpoint.h"
+#include "mmbalance/io/json.h"
+#include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/metrics/utilization_probe.h"
+#include "mmbalance/model/loss.h"
+#include "mmbalance/model/multimodal_net.h"
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+/// Common combinations.
+using VanillaBalancer = Balancer<VanillaPolicy>;
+using RandomBalancer = Balancer<RandomPolicy>;
+using GuidedBalancer = Balancer<GuidedPolicy>;
+
+/// The paper's network shape: two `ConvBranch`es joined by `MMTM`s.
+using ConvMMTMNet = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
+
+}  // namespace mmbalance

@@ -1,0 +1,20 @@
+#pragma once
+/// \file
+/// The modality-specific loss of algorithm.md §1.
+
+#include <ATen/ATen.h>
+
+#include "mmbalance/detail/check.h"
+#include "mmbalance/model/multimodal_net.h"
+
+namespace mmbalance {
+
+/// CE(y0, target) + CE(y1, target), each averaged over the batch.
+inline at::Tensor modality_specific_loss(const ModelOutput& out, const at::Tensor& target) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == out.y0.size(0),
+              "modality_specific_loss: target must be (batch) class indices with batch ",
+              out.y0.size(0), ", got ", detail::shape_string(target));
+  return at::cross_entropy_loss(out.y0, target) + at::cross_entropy_loss(out.y1, target);
+}
+
+}  // namespace mmbalance

@@ -1,0 +1,221 @@
+#pragma once
+/// \file
+/// `MultiModalNet<Branch0, Branch1, Fusion>`: two uni-modal branches joined by fusion
+/// modules after chosen stages (intermediate fusion, algorithm.md §1).
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include "mmbalance/branch/branch.h"
+#include "mmbalance/detail/check.h"
+#include "mmbalance/fusion/fusion_context.h"
+#include "mmbalance/fusion/fusion_module.h"
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+/// A fusion module placed after stage `stage` of both branches.
+template <FusionModule Fusion>
+struct FusionTap {
+  std::size_t stage;
+  Fusion module;
+};
+
+/// Class logits of one forward pass: `y = (y0 + y1) / 2`.
+struct ModelOutput {
+  at::Tensor y, y0, y1;
+};
+
+/// Logits of the utilization probe's pass: the normal heads and the cut ones, where branch
+/// 0 sees only m0 (`y0_cut`, f0') and branch 1 sees only m1 (`y1_cut`, f1').
+struct ProbeOutput {
+  at::Tensor y0, y1, y0_cut, y1_cut;
+};
+
+/// The four parameter groups of algorithm.md §3. The fusion groups share the parameters
+/// every path goes through (MMTM's joint layer).
+struct ParameterGroups {
+  std::vector<at::Tensor> theta0, theta1, theta0_fusion, theta1_fusion;
+};
+
+/// Two branches (satisfying `Branch`) and fusion modules (satisfying `FusionModule`) at
+/// strictly increasing stage indices. Both branches need the same number of stages.
+template <Branch Branch0, Branch Branch1, FusionModule Fusion>
+class MultiModalNetImpl : public torch::nn::Module {
+ public:
+  using Tap = FusionTap<Fusion>;
+
+  MultiModalNetImpl(Branch0 branch0_in, Branch1 branch1_in, std::vector<Tap> taps_in)
+      : branch0(std::move(branch0_in)), branch1(std::move(branch1_in)), taps(std::move(taps_in)) {
+    const std::size_t stages = branch0->num_stages();
+    TORCH_CHECK(branch1->num_stages() == stages, "MultiModalNet: branch 0 has ", stages,
+                " stages, branch 1 has ", branch1->num_stages(), "; both need the same number");
+    for (std::size_t k = 0; k < taps.size(); ++k) {
+      const Tap& tap = taps[k];
+      TORCH_CHECK(tap.stage < stages, "MultiModalNet: fusion tap ", k, " is at stage ", tap.stage,
+                  " but the branches have stages 0..", stages - 1);
+      TORCH_CHECK(k == 0 || taps[k - 1].stage < tap.stage, "MultiModalNet: fusion tap ", k,
+                  " is at stage ", tap.stage, ", after tap ", k - 1, " at stage ",
+                  taps[k - 1].stage, "; stages must be strictly increasing");
+      for (int side = 0; side < 2; ++side) {
+        const std::int64_t have = side == 0 ? branch0->stage_channels(tap.stage)
+                                            : branch1->stage_channels(tap.stage);
+        TORCH_CHECK(tap.module->channels(side) == have, "MultiModalNet: fusion tap ", k,
+                    " at stage ", tap.stage, " expects ", tap.module->channels(side),
+                    " channels from branch ", side, ", which has ", have, " there");
+      }
+    }
+    register_module("branch0", branch0);
+    register_module("branch1", branch1);
+    for (std::size_t k = 0; k < taps.size(); ++k) {
+      register_module("fusion" + std::to_string(k), taps[k].module);
+    }
+  }
+
+  /// One forward pass in the mode `kind` asks for. A regular step in training mode also
+  /// updates the fusion modules' running gate averages; nothing else does.
+  ModelOutput forward(const at::Tensor& x0, const at::Tensor& x1,
+                      StepKind kind = StepKind::regular) {
+    check_batch(x0, x1);
+    FusionContext ctx;
+    ctx.side0 = kind == StepKind::rebalance_m0 ? SideMode::held_gate : SideMode::live;
+    ctx.side1 = kind == StepKind::rebalance_m1 ? SideMode::held_gate : SideMode::live;
+    ctx.update_gate_average = kind == StepKind::regular && is_training();
+    auto [y0, y1] = run(x0, x1, ctx);
+    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
+  }
+
+  /// The normal and the cut network (f0', f1') in one pass over the stacked batch
+  /// [x; x]. Needs eval mode and recorded squeeze averages (`record_squeeze`).
+  ProbeOutput forward_probe(const at::Tensor& x0, const at::Tensor& x1) {
+    check_batch(x0, x1);
+    TORCH_CHECK(!is_training(), "MultiModalNet::forward_probe needs eval mode (call eval())");
+    TORCH_CHECK(taps.empty() || taps.front().module->squeeze_average_samples() > 0,
+                "MultiModalNet::forward_probe: no squeeze averages recorded; run "
+                "record_squeeze over the training data first");
+    const std::int64_t n = x0.size(0);
+    FusionContext ctx;
+    ctx.side0 = ctx.side1 = SideMode::averaged_squeeze;
+    ctx.live_rows = n;
+    auto [y0, y1] = run(at::cat({x0, x0}, 0), at::cat({x1, x1}, 0), ctx);
+    return {y0.narrow(0, 0, n), y1.narrow(0, 0, n), y0.narrow(0, n, n), y1.narrow(0, n, n)};
+  }
+
+  /// A live pass that folds the squeeze vectors into the fusion modules' squeeze averages.
+  ModelOutput record_squeeze(const at::Tensor& x0, const at::Tensor& x1) {
+    check_batch(x0, x1);
+    FusionContext ctx;
+    ctx.record_squeeze = true;
+    auto [y0, y1] = run(x0, x1, ctx);
+    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
+  }
+
+  void reset_squeeze_averages() {
+    for (auto& tap : taps) tap.module->reset_squeeze_average();
+  }
+
+  /// Undoes the gate-average update of the last regular training step.
+  void discard_last_gate_update() {
+    for (auto& tap : taps) tap.module->discard_last_gate_update();
+  }
+
+  /// θ0, θ1 (every parameter of each branch) and θ0', θ1' (each fusion module's
+  /// parameters on the path into that side), derived from structure, not names.
+  ParameterGroups parameter_groups() const {
+    ParameterGroups groups{branch0->parameters(), branch1->parameters(), {}, {}};
+    for (const auto& tap : taps) {
+      for (const auto& p : tap.module->side_parameters(0)) groups.theta0_fusion.push_back(p);
+      for (const auto& p : tap.module->side_parameters(1)) groups.theta1_fusion.push_back(p);
+    }
+    return groups;
+  }
+
+  /// Deep copy: new branches, new fusion modules, same values (and training mode).
+  std::shared_ptr<torch::nn::Module> clone(
+      const c10::optional<at::Device>& device = c10::nullopt) const override {
+    std::vector<Tap> copied;
+    copied.reserve(taps.size());
+    for (const auto& tap : taps) copied.push_back({tap.stage, clone_holder(tap.module, device)});
+    auto copy = std::make_shared<MultiModalNetImpl>(clone_holder(branch0, device),
+                                                    clone_holder(branch1, device),
+                                                    std::move(copied));
+    copy->train(is_training());
+    return copy;
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "mmbalance::MultiModalNet(stages=" << branch0->num_stages() << ", taps=[";
+    for (std::size_t k = 0; k < taps.size(); ++k) stream << (k ? ", " : "") << taps[k].stage;
+    stream << "])";
+  }
+
+  Branch0 branch0;
+  Branch1 branch1;
+  std::vector<Tap> taps;
+
+ private:
+  template <class Holder>
+  static Holder clone_holder(const Holder& holder, const c10::optional<at::Device>& device) {
+    auto impl = std::dynamic_pointer_cast<typename Holder::ContainedType>(holder->clone(device));
+    TORCH_CHECK(impl != nullptr, "MultiModalNet::clone: a submodule's clone() has another type");
+    return Holder(std::move(impl));
+  }
+
+  static void check_batch(const at::Tensor& x0, const at::Tensor& x1) {
+    TORCH_CHECK(x0.defined() && x1.defined() && x0.dim() >= 1 && x1.dim() >= 1,
+                "MultiModalNet: both modalities need a batch, got m0 ", detail::shape_string(x0),
+                " and m1 ", detail::shape_string(x1));
+    TORCH_CHECK(x0.size(0) == x1.size(0), "MultiModalNet: batch sizes differ: m0 has ", x0.size(0),
+                " samples ", detail::shape_string(x0), ", m1 has ", x1.size(0), " ",
+                detail::shape_string(x1));
+  }
+
+  std::pair<at::Tensor, at::Tensor> run(at::Tensor h0, at::Tensor h1, const FusionContext& ctx) {
+    std::size_t next_tap = 0;
+    for (std::size_t i = 0; i < branch0->num_stages(); ++i) {
+      h0 = branch0->forward_stage(i, h0);
+      h1 = branch1->forward_stage(i, h1);
+      if (next_tap < taps.size() && taps[next_tap].stage == i) {
+        std::tie(h0, h1) = taps[next_tap].module->forward(h0, h1, ctx);
+        ++next_tap;
+      }
+    }
+    return {branch0->head(h0), branch1->head(h1)};
+  }
+};
+
+/// The `ModuleHolder` handle of `MultiModalNetImpl` (as torchvision's `ResNet<Block>`).
+///
+/// Example:
+/// ```
+/// using Net = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
+/// Net net(ConvBranch(ConvBranchOptions(3, 10)), ConvBranch(ConvBranchOptions(1, 10)),
+///         {{1, MMTM(64, 64)}, {2, MMTM(128, 128)}, {3, MMTM(128, 128)}});
+/// auto out = net->forward(x0, x1, StepKind::regular);  // out.y, out.y0, out.y1
+/// ```
+template <Branch Branch0, Branch Branch1, FusionModule Fusion>
+class MultiModalNet : public torch::nn::ModuleHolder<MultiModalNetImpl<Branch0, Branch1, Fusion>> {
+ public:
+  using Impl = MultiModalNetImpl<Branch0, Branch1, Fusion>;
+  using torch::nn::ModuleHolder<Impl>::ModuleHolder;
+
+  MultiModalNet(Branch0 branch0, Branch1 branch1, std::vector<FusionTap<Fusion>> taps)
+      : torch::nn::ModuleHolder<Impl>(
+            std::make_shared<Impl>(std::move(branch0), std::move(branch1), std::move(taps))) {}
+
+  /// A deep copy as a handle of the same type.
+  MultiModalNet clone(const c10::optional<at::Device>& device = c10::nullopt) const {
+    return MultiModalNet(std::dynamic_pointer_cast<Impl>(this->get()->clone(device)));
+  }
+};
+
+}  // namespace mmbalance

@@ -1,0 +1,72 @@
+#pragma once
+// Small models and data shared by the tests.
+
+#include <torch/torch.h>
+
+#include <mmbalance/mmbalance.h>
+
+namespace mmbalance::testing {
+
+using Net = ConvMMTMNet;
+
+/// Two 2-stage branches (4 and 8 channels) with an MMTM after each stage, 8x8 inputs.
+inline Net small_net(std::uint64_t seed = 0, std::int64_t classes = 3) {
+  torch::manual_seed(seed);
+  auto opts = [classes](std::int64_t in) {
+    return ConvBranchOptions(in, classes).channels({4, 8}).strides({1, 2});
+  };
+  return Net(ConvBranch(opts(3)), ConvBranch(opts(1)),
+             {{0, MMTM(MMTMOptions(4, 4))}, {1, MMTM(MMTMOptions(8, 8))}});
+}
+
+/// A fixed batch: colour image, gray image, labels.
+inline MultiModalBatch small_batch(std::int64_t n, std::uint64_t seed, std::int64_t classes = 3) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return {at::randn({n, 3, 8, 8}, gen), at::randn({n, 1, 8, 8}, gen),
+          at::randint(classes, {n}, gen)};
+}
+
+/// True if every parameter and buffer of the two modules is bitwise equal.
+inline bool same_state(const torch::nn::Module& a, const torch::nn::Module& b) {
+  auto pa = a.named_parameters(), pb = b.named_parameters();
+  auto ba = a.named_buffers(), bb = b.named_buffers();
+  if (pa.size() != pb.size() || ba.size() != bb.size()) return false;
+  for (const auto& p : pa) {
+    if (!torch::equal(p.value(), pb[p.key()])) return false;
+  }
+  for (const auto& x : ba) {
+    if (!torch::equal(x.value(), bb[x.key()])) return false;
+  }
+  return true;
+}
+
+}  // namespace mmbalance::testing
+
+namespace mmbalance::testing {
+
+/// Runs steps [first, last) of a deterministic training run: batch i comes from seed i,
+/// and an epoch ends every `steps_per_epoch` steps. Returns the step kinds taken.
+template <class BalancerT>
+std::vector<StepKind> train_steps(Net& net, torch::optim::Optimizer& optimizer,
+                                  BalancerT& balancer, int first, int last,
+                                  int steps_per_epoch = 4) {
+  std::vector<StepKind> kinds;
+  for (int i = first; i < last; ++i) {
+    auto b = small_batch(8, static_cast<std::uint64_t>(i));
+    const StepKind kind = balancer.next_step();
+    auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+    optimizer.zero_grad();
+    loss.backward();
+    balancer.observe(loss);
+    optimizer.step();
+    kinds.push_back(kind);
+    if ((i + 1) % steps_per_epoch == 0) balancer.end_epoch();
+  }
+  return kinds;
+}
+
+inline torch::optim::SGD make_sgd(Net& net) {
+  return torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+}
+
+}  // namespace mmbalance::testing

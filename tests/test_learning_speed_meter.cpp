@@ -1,0 +1,96 @@
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "support.h"
+
+using namespace mmbalance;
+using mmbalance::testing::small_batch;
+using mmbalance::testing::small_net;
+
+namespace {
+
+// The official code's way: per parameter, two squared norms read to the host, summed there.
+std::array<double, 4> naive_mu(const ParameterGroups& g) {
+  std::array<const std::vector<at::Tensor>*, 4> lists{&g.theta0, &g.theta1, &g.theta0_fusion,
+                                                      &g.theta1_fusion};
+  std::array<double, 4> mu{};
+  for (int i = 0; i < 4; ++i) {
+    double gs = 0, ps = 0;
+    for (const auto& p : *lists[i]) {
+      ps += p.to(at::kDouble).pow(2).sum().item<double>();
+      if (p.grad().defined()) gs += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+    }
+    mu[i] = gs / ps;
+  }
+  return mu;
+}
+
+void backward_once(mmbalance::testing::Net& net, std::uint64_t seed) {
+  auto b = small_batch(8, seed);
+  net->zero_grad();
+  modality_specific_loss(net->forward(b.x0, b.x1), b.target).backward();
+}
+
+}  // namespace
+
+TEST_CASE("LearningSpeedMeter equals a naive per-parameter computation", "[meter]") {
+  auto net = small_net(1);
+  LearningSpeedMeter meter(net->parameter_groups());
+  std::array<double, 4> expected_m{};
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    backward_once(net, step);
+    const auto naive = naive_mu(net->parameter_groups());
+    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    for (int g = 0; g < 4; ++g) {
+      CHECK(mu[g].item<double>() == Approx(naive[g]).epsilon(1e-6));
+      expected_m[g] += naive[g];
+    }
+    meter.accumulate(mu);
+    torch::NoGradGuard ng;
+    for (auto& p : net->parameters()) p.sub_(p.grad() * 0.1);  // move the parameters
+  }
+  CHECK(meter.steps() == 3);
+  const auto s = meter.summary();
+  const double s10 = std::log10(expected_m[2] / expected_m[0]);
+  const double s01 = std::log10(expected_m[3] / expected_m[1]);
+  CHECK(s.s_m1_given_m0 == Approx(s10).epsilon(1e-6));
+  CHECK(s.s_m0_given_m1 == Approx(s01).epsilon(1e-6));
+  CHECK(s.d_speed == Approx(s10 - s01).epsilon(1e-6));
+}
+
+TEST_CASE("LearningSpeedMeter counts a shared parameter in both fusion groups", "[meter]") {
+  auto net = small_net(2);
+  backward_once(net, 7);
+  LearningSpeedMeter meter(net->parameter_groups());
+  const at::Tensor m = meter.measure();
+  // ||θ0'||² = Σ over taps of ||joint||² + ||excite0||²
+  double expected = 0;
+  for (const auto& tap : net->taps) {
+    for (const auto& p : tap.module->side_parameters(0)) expected += p.pow(2).sum().item<double>();
+  }
+  CHECK(m[1][2].item<double>() == Approx(expected).epsilon(1e-6));
+}
+
+TEST_CASE("LearningSpeedMeter treats a missing gradient as zero", "[meter]") {
+  auto net = small_net(3);
+  LearningSpeedMeter meter(net->parameter_groups());
+  net->zero_grad(/*set_to_none=*/true);
+  const at::Tensor m = meter.measure();
+  CHECK(m[0].sum().item<double>() == 0.0);
+  CHECK(m[1].min().item<double>() > 0.0);
+}
+
+TEST_CASE("LearningSpeedMeter summary is NaN before any step", "[meter]") {
+  auto net = small_net(4);
+  LearningSpeedMeter meter(net->parameter_groups());
+  CHECK(std::isnan(meter.summary().d_speed));
+}
+
+TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {
+  auto net = small_net(5);
+  auto groups = net->parameter_groups();
+  groups.theta1_fusion.clear();
+  CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta1'") &&
+                                                    Catch::Contains("is empty"));
+}

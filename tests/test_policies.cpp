@@ -1,0 +1,87 @@
+#include <catch2/catch.hpp>
+
+#include <array>
+
+#include "support.h"
+
+using namespace mmbalance;
+
+TEST_CASE("Vanilla takes regular steps only", "[policy]") {
+  VanillaPolicy p;
+  for (int i = 0; i < 10; ++i) CHECK(p.next_step() == StepKind::regular);
+}
+
+TEST_CASE("Guided policy: threshold, Q-step window and direction by sign", "[policy]") {
+  GuidedPolicy p(GuidedOptions().alpha(0.1).Q(3));
+  CHECK(p.next_step() == StepKind::regular);
+  p.observe_d_speed(0.05);  // within tolerance
+  CHECK(p.next_step() == StepKind::regular);
+  p.observe_d_speed(-0.1);  // |d| == alpha: not above it
+  CHECK(p.next_step() == StepKind::regular);
+
+  p.observe_d_speed(0.3);  // m1 helps branch 0 more: accelerate m0
+  CHECK(p.mode() == GuidedPolicy::Mode::rebalance);
+  CHECK(p.next_step() == StepKind::rebalance_m0);
+  CHECK(p.next_step() == StepKind::rebalance_m0);
+  CHECK(p.next_step() == StepKind::rebalance_m0);
+  CHECK(p.mode() == GuidedPolicy::Mode::regular);
+  CHECK(p.next_step() == StepKind::regular);
+
+  p.observe_d_speed(-0.2);  // accelerate m1
+  for (int i = 0; i < 3; ++i) CHECK(p.next_step() == StepKind::rebalance_m1);
+  CHECK(p.next_step() == StepKind::regular);
+  p.observe_d_speed(0.0);
+  CHECK(p.next_step() == StepKind::regular);
+}
+
+TEST_CASE("Guided policy with Q = 1 and alpha = 0", "[policy]") {
+  GuidedPolicy p(GuidedOptions().alpha(0.0).Q(1));
+  p.observe_d_speed(1e-9);
+  CHECK(p.next_step() == StepKind::rebalance_m0);
+  CHECK(p.next_step() == StepKind::regular);
+}
+
+TEST_CASE("Guided policy rejects alpha < 0 and Q < 1", "[policy][bad-input]") {
+  CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().alpha(-0.5)),
+                    Catch::Contains("alpha must be finite and >= 0, got -0.5"));
+  CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().Q(0)), Catch::Contains("Q must be >= 1, got 0"));
+  CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().alpha(NAN)), Catch::Contains("alpha"));
+}
+
+TEST_CASE("Random policy draws are uniform (chi-square) and reproducible by seed", "[policy]") {
+  RandomPolicy p(RandomOptions().seed(42));
+  std::array<int, 3> counts{};
+  std::vector<StepKind> first;
+  const int n = 30000;
+  for (int i = 0; i < n; ++i) {
+    auto k = p.next_step();
+    ++counts[static_cast<int>(k)];
+    if (i < 100) first.push_back(k);
+  }
+  double chi2 = 0;
+  for (int c : counts) chi2 += (c - n / 3.0) * (c - n / 3.0) / (n / 3.0);
+  CHECK(chi2 < 13.82);  // chi-square, 2 degrees of freedom, p = 0.001
+
+  RandomPolicy again(RandomOptions().seed(42));
+  for (auto k : first) CHECK(again.next_step() == k);
+
+  RandomPolicy other(RandomOptions().seed(43));
+  int same = 0;
+  for (auto k : first) same += other.next_step() == k;
+  CHECK(same < 60);
+}
+
+TEST_CASE("Policies' state round-trips through an archive", "[policy]") {
+  RandomPolicy p(RandomOptions().seed(9));
+  for (int i = 0; i < 17; ++i) p.next_step();
+  torch::serialize::OutputArchive out;
+  p.save(out);
+  std::stringstream buffer;
+  out.save_to(buffer);
+  torch::serialize::InputArchive in;
+  in.load_from(buffer);
+  RandomPolicy q(RandomOptions().seed(1));
+  q.load(in);
+  CHECK(q.options.seed() == 9);
+  for (int i = 0; i < 50; ++i) CHECK(q.next_step() == p.next_step());
+}

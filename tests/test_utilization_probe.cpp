@@ -1,0 +1,141 @@
+#include <catch2/catch.hpp>
+
+#include "support.h"
+
+using namespace mmbalance;
+using namespace mmbalance::testing;
+
+namespace {
+
+std::vector<MultiModalBatch> batches(int n, std::uint64_t seed) {
+  std::vector<MultiModalBatch> out;
+  for (int i = 0; i < n; ++i) out.push_back(small_batch(8, seed + static_cast<std::uint64_t>(i)));
+  return out;
+}
+
+// Relabels the data with the model's own predictions of `head` (0: y0, 1: y1), so that
+// head's accuracy is 1.
+void label_with_predictions(Net& net, std::vector<MultiModalBatch>& data, int head) {
+  torch::NoGradGuard ng;
+  net->eval();
+  for (auto& b : data) {
+    auto out = net->forward(b.x0, b.x1);
+    b.target = (head == 0 ? out.y0 : out.y1).argmax(1);
+  }
+  net->train();
+}
+
+// The first half of the batches labelled by head y0, the rest by y1: both heads are
+// right on at least half the samples.
+void label_half_by_each_head(Net& net, std::vector<MultiModalBatch>& data) {
+  std::vector<MultiModalBatch> by0(data.begin(), data.begin() + data.size() / 2),
+      by1(data.begin() + data.size() / 2, data.end());
+  label_with_predictions(net, by0, 0);
+  label_with_predictions(net, by1, 1);
+  data = by0;
+  data.insert(data.end(), by1.begin(), by1.end());
+}
+
+// Zeroes, in every MMTM's joint layer, the columns that read side `side`'s squeeze vector.
+void blind_joint_layers_to(Net& net, int side) {
+  torch::NoGradGuard ng;
+  for (auto& tap : net->taps) {
+    auto& w = tap.module->squeeze->weight;
+    const int64_t c0 = tap.module->options.dim0();
+    if (side == 1) w.narrow(1, c0, w.size(1) - c0).zero_();
+    else w.narrow(1, 0, c0).zero_();
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Utilization probe: branch 0 that cannot use m1 gives u(m1|m0) = 0", "[probe]") {
+  auto net = small_net(21);
+  blind_joint_layers_to(net, 1);
+  auto train = batches(3, 100);
+  auto eval = batches(4, 200);
+  label_half_by_each_head(net, eval);
+  const auto r = probe_utilization(net, train, eval);
+  CHECK(r.samples == 32);
+  CHECK(r.accuracy0 >= 0.5);
+  CHECK(r.accuracy0_cut == r.accuracy0);
+  CHECK(r.u_m1_given_m0 == 0.0);
+  CHECK(r.d_util == Approx(-r.u_m0_given_m1));
+  CHECK(net->is_training());  // mode restored
+}
+
+TEST_CASE("Utilization probe: the symmetric case gives u(m0|m1) = 0", "[probe]") {
+  auto net = small_net(22);
+  blind_joint_layers_to(net, 0);
+  auto train = batches(2, 300);
+  auto eval = batches(3, 400);
+  label_half_by_each_head(net, eval);
+  const auto r = probe_utilization(net, train, eval);
+  CHECK(r.accuracy1 >= 0.5);
+  CHECK(r.accuracy1_cut == r.accuracy1);
+  CHECK(r.u_m0_given_m1 == 0.0);
+}
+
+TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[probe]") {
+  auto net = small_net(23);
+  {
+    torch::NoGradGuard ng;  // make the gates depend strongly on the squeeze vectors
+    for (auto& tap : net->taps) tap.module->squeeze->weight.mul_(20.0);
+  }
+  auto train = batches(3, 500);
+  auto eval = batches(4, 600);
+  label_half_by_each_head(net, eval);
+
+  const auto before = net->taps[0].module->gate_average0.clone();
+  net->eval();
+  const auto r = probe_utilization(net, train, eval);
+  CHECK_FALSE(net->is_training());  // eval mode restored as eval
+  CHECK(torch::equal(before, net->taps[0].module->gate_average0));  // untouched
+  CHECK(net->taps[0].module->squeeze_average_samples() == 24);
+
+  // The cut network by hand: every tap runs with both sides on averaged squeezes.
+  torch::NoGradGuard ng;
+  FusionContext cut;
+  cut.side0 = cut.side1 = SideMode::averaged_squeeze;
+  std::array<int64_t, 5> correct{};
+  for (const auto& b : eval) {
+    at::Tensor h0 = b.x0, h1 = b.x1, c0 = b.x0, c1 = b.x1;
+    for (size_t i = 0; i < 2; ++i) {
+      h0 = net->branch0->forward_stage(i, h0);
+      h1 = net->branch1->forward_stage(i, h1);
+      c0 = net->branch0->forward_stage(i, c0);
+      c1 = net->branch1->forward_stage(i, c1);
+      std::tie(h0, h1) = net->taps[i].module->forward(h0, h1);
+      std::tie(c0, c1) = net->taps[i].module->forward(c0, c1, cut);
+    }
+    auto y0 = net->branch0->head(h0), y1 = net->branch1->head(h1);
+    auto y0c = net->branch0->head(c0), y1c = net->branch1->head(c1);
+    int k = 0;
+    for (const auto& y : {(y0 + y1) / 2, y0, y0c, y1, y1c})
+      correct[k++] += y.argmax(1).eq(b.target).sum().item<int64_t>();
+  }
+  const double n = 32;
+  CHECK(r.accuracy == correct[0] / n);
+  CHECK(r.accuracy0 == correct[1] / n);
+  CHECK(r.accuracy0_cut == correct[2] / n);
+  CHECK(r.accuracy1 == correct[3] / n);
+  CHECK(r.accuracy1_cut == correct[4] / n);
+  CHECK(r.accuracy0 >= 0.5);
+  CHECK(r.accuracy1 >= 0.5);
+  CHECK(r.u_m1_given_m0 == Approx((r.accuracy0 - r.accuracy0_cut) / r.accuracy0));
+  CHECK(r.u_m0_given_m1 == Approx((r.accuracy1 - r.accuracy1_cut) / r.accuracy1));
+  CHECK(r.d_util == Approx(r.u_m1_given_m0 - r.u_m0_given_m1));
+}
+
+TEST_CASE("Utilization probe rejects empty evaluation data and bad targets",
+          "[probe][bad-input]") {
+  auto net = small_net(24);
+  auto train = batches(1, 1);
+  std::vector<MultiModalBatch> empty;
+  CHECK_THROWS_WITH(probe_utilization(net, train, empty),
+                    Catch::Contains("evaluation data is empty"));
+  auto bad = batches(1, 2);
+  bad[0].target = bad[0].target.narrow(0, 0, 3);
+  CHECK_THROWS_WITH(probe_utilization(net, train, bad), Catch::Contains("batch 8, got [3]"));
+  CHECK(net->is_training());
+}
