@@ -91,7 +91,8 @@ TEST_CASE("Loading a checkpoint of another architecture fails clearly and change
 
   const auto junk = temp_file("junk.pt").string();
   std::ofstream(junk) << "not a checkpoint";
-  CHECK_THROWS(load_checkpoint(junk, net, opt, balancer));
+  CHECK_THROWS_WITH(load_checkpoint(junk, net, opt, balancer),
+                    Catch::Contains("cannot read checkpoint " + junk));
 
   torch::serialize::OutputArchive plain;
   net->save(plain);

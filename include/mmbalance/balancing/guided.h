@@ -20,7 +20,8 @@ namespace mmbalance {
 /// GuidedPolicy policy(GuidedOptions().alpha(0.1).Q(5));
 /// ```
 struct GuidedOptions {
-  /// Tolerance on |d_speed| (log10 scale) before re-balancing starts.
+  /// Tolerance on |d_speed| (log10 scale) before re-balancing starts; >= 0, may be
+  /// infinite (never re-balance).
   TORCH_ARG(double, alpha) = 0.1;
   /// Number of re-balancing steps in one window.
   TORCH_ARG(std::int64_t, Q) = 5;
@@ -34,8 +35,8 @@ class GuidedPolicy {
   enum class Mode : std::uint8_t { regular = 0, rebalance = 1 };
 
   explicit GuidedPolicy(const GuidedOptions& options = {}) : options(options) {
-    TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
-                "GuidedPolicy: alpha must be finite and >= 0, got ", options.alpha());
+    // +infinity is allowed: a guided policy that never re-balances, measuring only.
+    TORCH_CHECK(options.alpha() >= 0, "GuidedPolicy: alpha must be >= 0, got ", options.alpha());
     TORCH_CHECK(options.Q() >= 1, "GuidedPolicy: Q must be >= 1, got ", options.Q());
   }
 

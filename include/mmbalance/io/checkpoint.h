@@ -110,7 +110,11 @@ template <class Net, class BalancerT>
 void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer& optimizer,
                      BalancerT& balancer) {
   torch::serialize::InputArchive archive;
-  archive.load_from(path);
+  try {
+    archive.load_from(path);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", e.what_without_backtrace());
+  }
   c10::IValue saved;
   TORCH_CHECK(archive.try_read("architecture", saved) && saved.isString(),
               "checkpoint ", path, " has no architecture record; it was not written by "

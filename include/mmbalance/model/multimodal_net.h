@@ -95,7 +95,9 @@ class MultiModalNetImpl : public torch::nn::Module {
   }
 
   /// The normal and the cut network (f0', f1') in one pass over the stacked batch
-  /// [x; x]. Needs eval mode and recorded squeeze averages (`record_squeeze`).
+  /// [x; x]. Stages up to the first fusion tap are the same for both halves, so they run
+  /// once, on x, before the batch is stacked. Needs eval mode and recorded squeeze
+  /// averages (`record_squeeze`).
   ProbeOutput forward_probe(const at::Tensor& x0, const at::Tensor& x1) {
     check_batch(x0, x1);
     TORCH_CHECK(!is_training(), "MultiModalNet::forward_probe needs eval mode (call eval())");
@@ -103,10 +105,16 @@ class MultiModalNetImpl : public torch::nn::Module {
                 "MultiModalNet::forward_probe: no squeeze averages recorded; run "
                 "record_squeeze over the training data first");
     const std::int64_t n = x0.size(0);
+    const std::size_t shared = taps.empty() ? branch0->num_stages() : taps.front().stage + 1;
+    at::Tensor h0 = x0, h1 = x1;
+    for (std::size_t i = 0; i < shared; ++i) {
+      h0 = branch0->forward_stage(i, h0);
+      h1 = branch1->forward_stage(i, h1);
+    }
     FusionContext ctx;
     ctx.side0 = ctx.side1 = SideMode::averaged_squeeze;
     ctx.live_rows = n;
-    auto [y0, y1] = run(at::cat({x0, x0}, 0), at::cat({x1, x1}, 0), ctx);
+    auto [y0, y1] = run(at::cat({h0, h0}, 0), at::cat({h1, h1}, 0), ctx, shared);
     return {y0.narrow(0, 0, n), y1.narrow(0, 0, n), y0.narrow(0, n, n), y1.narrow(0, n, n)};
   }
 
@@ -179,11 +187,16 @@ class MultiModalNetImpl : public torch::nn::Module {
                 detail::shape_string(x1));
   }
 
-  std::pair<at::Tensor, at::Tensor> run(at::Tensor h0, at::Tensor h1, const FusionContext& ctx) {
+  // Stages [computed, end) of both branches, each followed by its fusion tap, then the
+  // heads. Stages before `computed` were run by the caller; their taps still apply here.
+  std::pair<at::Tensor, at::Tensor> run(at::Tensor h0, at::Tensor h1, const FusionContext& ctx,
+                                        std::size_t computed = 0) {
     std::size_t next_tap = 0;
     for (std::size_t i = 0; i < branch0->num_stages(); ++i) {
-      h0 = branch0->forward_stage(i, h0);
-      h1 = branch1->forward_stage(i, h1);
+      if (i >= computed) {
+        h0 = branch0->forward_stage(i, h0);
+        h1 = branch1->forward_stage(i, h1);
+      }
       if (next_tap < taps.size() && taps[next_tap].stage == i) {
         std::tie(h0, h1) = taps[next_tap].module->forward(h0, h1, ctx);
         ++next_tap;

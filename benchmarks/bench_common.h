@@ -1,0 +1,110 @@
+#pragma once
+// The models, data and reference implementations shared by the benchmarks.
+
+#include <cstdint>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include <mmbalance/mmbalance.h>
+
+namespace mmbalance::bench {
+
+/// The colored-MNIST network of the paper's setup: conv blocks of 32w, 64w, 128w, 128w
+/// channels (w = width multiplier), strides 1, 2, 2, 2, BatchNorm, three MMTMs (ratio 4)
+/// after blocks 2, 3, 4; ~633k parameters in 54 tensors at w = 1.
+inline ConvMMTMNet colored_mnist_net(std::int64_t width = 1, std::uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  const std::vector<std::int64_t> ch{32 * width, 64 * width, 128 * width, 128 * width};
+  auto branch = [&](std::int64_t in) {
+    return ConvBranch(ConvBranchOptions(in, 10).channels(ch).strides({1, 2, 2, 2}));
+  };
+  return ConvMMTMNet(branch(3), branch(1),
+                     {{1, MMTM(ch[1], ch[1])}, {2, MMTM(ch[2], ch[2])}, {3, MMTM(ch[3], ch[3])}});
+}
+
+/// A random colored-MNIST-shaped batch.
+inline MultiModalBatch batch(std::int64_t n, std::uint64_t seed = 0,
+                             at::Device device = at::kCPU) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return {at::rand({n, 3, 28, 28}, gen).to(device), at::rand({n, 1, 28, 28}, gen).to(device),
+          at::randint(10, {n}, gen).to(device)};
+}
+
+inline std::int64_t numel(const std::vector<at::Tensor>& ts) {
+  std::int64_t n = 0;
+  for (const auto& t : ts) n += t.numel();
+  return n;
+}
+
+/// Parameter and gradient tensors shaped like two ResNet18 branches (40 classes) with
+/// MMTMs (ratio 4) after the last three residual stages: ~23M parameters. For the meter
+/// alone; no forward pass.
+inline ParameterGroups resnet18_pair_groups(at::Device device = at::kCPU) {
+  auto make = [&](std::vector<std::vector<std::int64_t>> shapes) {
+    std::vector<at::Tensor> out;
+    for (const auto& s : shapes) {
+      auto p = at::randn(s, device).requires_grad_(true);
+      p.mutable_grad() = at::randn(s, device);
+      out.push_back(p);
+    }
+    return out;
+  };
+  auto resnet18 = [&]() {
+    std::vector<std::vector<std::int64_t>> s{{64, 3, 7, 7}, {64}, {64}};
+    std::int64_t in = 64;
+    for (std::int64_t c : {64, 128, 256, 512}) {
+      for (int block = 0; block < 2; ++block) {
+        const std::int64_t block_in = block == 0 ? in : c;
+        s.insert(s.end(), {{c, block_in, 3, 3}, {c}, {c}, {c, c, 3, 3}, {c}, {c}});
+        if (block == 0 && block_in != c) s.insert(s.end(), {{c, block_in, 1, 1}, {c}, {c}});
+      }
+      in = c;
+    }
+    s.insert(s.end(), {{40, 512}, {40}});
+    return make(s);
+  };
+  ParameterGroups g{resnet18(), resnet18(), {}, {}};
+  for (std::int64_t c : {128, 256, 512}) {
+    // MMTM(c, c): joint Linear(2c -> c), excitations Linear(c -> c)
+    auto joint = make({{c, 2 * c}, {c}});
+    auto e0 = make({{c, c}, {c}});
+    auto e1 = make({{c, c}, {c}});
+    g.theta0_fusion.insert(g.theta0_fusion.end(), joint.begin(), joint.end());
+    g.theta0_fusion.insert(g.theta0_fusion.end(), e0.begin(), e0.end());
+    g.theta1_fusion.insert(g.theta1_fusion.end(), joint.begin(), joint.end());
+    g.theta1_fusion.insert(g.theta1_fusion.end(), e1.begin(), e1.end());
+  }
+  return g;
+}
+
+/// Every distinct tensor of the four groups.
+inline std::vector<at::Tensor> distinct(const ParameterGroups& g) {
+  std::vector<at::Tensor> out;
+  for (const auto* list : {&g.theta0, &g.theta1, &g.theta0_fusion, &g.theta1_fusion}) {
+    for (const auto& p : *list) {
+      bool seen = false;
+      for (const auto& q : out) seen = seen || q.is_same(p);
+      if (!seen) out.push_back(p);
+    }
+  }
+  return out;
+}
+
+/// The official Python code's way: for each parameter, two squared-norm reductions, each
+/// read to the host; the sums are done on the host.
+inline std::array<double, 4> naive_speeds(const ParameterGroups& g) {
+  std::array<double, 4> mu{};
+  int i = 0;
+  for (const auto* list : {&g.theta0, &g.theta1, &g.theta0_fusion, &g.theta1_fusion}) {
+    double gs = 0, ps = 0;
+    for (const auto& p : *list) {
+      gs += p.grad().pow(2).sum().item<double>();
+      ps += p.detach().pow(2).sum().item<double>();
+    }
+    mu[i++] = gs / ps;
+  }
+  return mu;
+}
+
+}  // namespace mmbalance::bench

@@ -1,0 +1,86 @@
+// Question: what does the utilization probe cost compared with a plain evaluation?
+// Over the same evaluation data (and a training set of the same size for the squeeze
+// averages): one full probe, the probe's evaluation part alone (squeeze averages already
+// recorded), the recording pass alone, and one plain evaluation pass.
+#include <benchmark/benchmark.h>
+
+#include "bench_common.h"
+
+using namespace mmbalance;
+using namespace mmbalance::bench;
+
+namespace {
+
+constexpr std::int64_t kBatches = 8;
+constexpr std::int64_t kBatchSize = 128;
+
+std::vector<MultiModalBatch> data(std::uint64_t seed) {
+  std::vector<MultiModalBatch> out;
+  for (std::int64_t i = 0; i < kBatches; ++i) out.push_back(batch(kBatchSize, seed + i));
+  return out;
+}
+
+ConvMMTMNet& model() {
+  static ConvMMTMNet net = [] {
+    auto n = colored_mnist_net();
+    n->eval();
+    return n;
+  }();
+  return net;
+}
+
+void BM_PlainEvaluation(benchmark::State& state) {
+  auto& net = model();
+  const auto eval = data(100);
+  for (auto _ : state) {
+    torch::NoGradGuard ng;
+    at::Tensor correct = at::zeros({}, at::kLong);
+    for (const auto& b : eval) {
+      correct.add_(net->forward(b.x0, b.x1).y.argmax(1).eq(b.target).sum());
+    }
+    benchmark::DoNotOptimize(correct.item<std::int64_t>());
+  }
+}
+
+void BM_FullProbe(benchmark::State& state) {
+  auto& net = model();
+  const auto train = data(0), eval = data(100);
+  for (auto _ : state) benchmark::DoNotOptimize(probe_utilization(net, train, eval));
+}
+
+void BM_ProbeRecordSqueezeOnly(benchmark::State& state) {
+  auto& net = model();
+  const auto train = data(0);
+  for (auto _ : state) {
+    torch::NoGradGuard ng;
+    net->reset_squeeze_averages();
+    for (const auto& b : train) net->record_squeeze(b.x0, b.x1);
+  }
+}
+
+void BM_ProbeCutEvaluationOnly(benchmark::State& state) {
+  auto& net = model();
+  const auto train = data(0), eval = data(100);
+  {
+    torch::NoGradGuard ng;
+    net->reset_squeeze_averages();
+    for (const auto& b : train) net->record_squeeze(b.x0, b.x1);
+  }
+  for (auto _ : state) {
+    torch::NoGradGuard ng;
+    at::Tensor correct = at::zeros({5}, at::kLong);
+    for (const auto& b : eval) {
+      const auto out = net->forward_probe(b.x0, b.x1);
+      const auto logits = at::stack({(out.y0 + out.y1) * 0.5, out.y0, out.y0_cut, out.y1, out.y1_cut});
+      correct.add_(logits.argmax(-1).eq(b.target.unsqueeze(0)).sum(1));
+    }
+    benchmark::DoNotOptimize(correct.sum().item<std::int64_t>());
+  }
+}
+
+}  // namespace
+
+BENCHMARK(BM_PlainEvaluation)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_FullProbe)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_ProbeRecordSqueezeOnly)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_ProbeCutEvaluationOnly)->Unit(benchmark::kMillisecond)->MinTime(2.0);

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Merges Google Benchmark JSON files into one and prints each question's ratios
+against its target (median of the repetitions)."""
+import argparse
+import json
+import sys
+
+
+def medians(files):
+    merged = {"context": None, "benchmarks": []}
+    times = {}
+    for path in files:
+        with open(path) as f:
+            text = f.read()
+        if not text.strip():  # bench_cuda without a GPU registers no benchmark
+            print(f"(no results in {path})")
+            continue
+        data = json.loads(text)
+        merged["context"] = merged["context"] or data["context"]
+        for b in data["benchmarks"]:
+            merged["benchmarks"].append(b)
+            if b.get("aggregate_name") == "median":
+                name = b["run_name"].split("/min_time")[0].split("/repeats")[0]
+                times[name] = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1}[b["time_unit"]]
+    return merged, times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    merged, t = medians(args.files)
+    rows = []
+
+    def ratio(label, num, den, target, op):
+        if num not in t or den not in t:
+            return
+        r = t[num] / t[den]
+        ok = r <= target if op == "<=" else r >= target
+        rows.append({"question": label, "numerator": num, "denominator": den, "ratio": r,
+                     "target": f"{op} {target}", "met": ok})
+
+    for model, name in (("0", "colored-MNIST net"), ("1", "ResNet18 pair")):
+        ratio(f"naive / meter ({name})", f"BM_NaivePerParameter/{model}", f"BM_MeterObserve/{model}", 10, ">=")
+        ratio(f"meter / floor ({name})", f"BM_MeterObserve/{model}", f"BM_FloorNorm/{model}", 2, "<=")
+    for b, target in ((8, 1.03), (32, 1.03), (128, 1.01)):
+        ratio(f"guided / vanilla, batch {b}", f"BM_StepGuidedRegular/{b}", f"BM_StepVanilla/{b}", target, "<=")
+        ratio(f"guided (no checks) / vanilla, batch {b}", f"BM_StepGuidedRegularNoChecks/{b}", f"BM_StepVanilla/{b}", target, "<=")
+        ratio(f"re-balancing / vanilla, batch {b}", f"BM_StepRebalance/{b}", f"BM_StepVanilla/{b}", 1.0, "<=")
+        ratio(f"balancer overhead (observe alone) / vanilla step, batch {b}", f"BM_BalancerObserveOnly/{b}",
+              f"BM_StepVanilla/{b}", target - 1, "<=")
+    ratio("full probe / plain evaluation", "BM_FullProbe", "BM_PlainEvaluation", 2.2, "<=")
+    ratio("probe evaluation part / plain evaluation", "BM_ProbeCutEvaluationOnly", "BM_PlainEvaluation", 2.2, "<=")
+    ratio("CUDA naive / meter (ResNet18 pair)", "CUDA_NaivePerParameter/resnet18_pair", "CUDA_MeterObserve/resnet18_pair", 10, ">=")
+    ratio("CUDA meter / floor (ResNet18 pair)", "CUDA_MeterObserve/resnet18_pair", "CUDA_FloorNorm/resnet18_pair", 2, "<=")
+    for b, target in ((8, 1.03), (32, 1.03), (128, 1.01)):
+        ratio(f"CUDA guided / vanilla, batch {b}", f"CUDA_StepGuidedRegular/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
+        ratio(f"CUDA guided (no checks) / vanilla, batch {b}", f"CUDA_StepGuidedRegularNoChecks/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
+        ratio(f"CUDA re-balancing / vanilla, batch {b}", f"CUDA_StepRebalance/{b}", f"CUDA_StepVanilla/{b}", 1.0, "<=")
+
+    merged["ratios"] = rows
+    with open(args.out, "w") as f:
+        json.dump(merged, f, indent=1)
+    ctx = merged["context"]
+    print(f"\nhost {ctx.get('host_name')}, {ctx.get('num_cpus')} CPUs at {ctx.get('mhz_per_cpu')} MHz, "
+          f"{ctx.get('date')}; results in {args.out}")
+    print(f"{'question':52} {'ratio':>8}  {'target':>8}  met")
+    for r in rows:
+        print(f"{r['question']:52} {r['ratio']:8.3f}  {r['target']:>8}  {'yes' if r['met'] else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

