@@ -9,6 +9,7 @@
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/branch/branch.h"
 #include "mmbalance/branch/conv_branch.h"
+#include "mmbalance/branch/resnet_branch.h"
 #include "mmbalance/fusion/fusion_context.h"
 #include "mmbalance/fusion/fusion_module.h"
 #include "mmbalance/fusion/mmtm.h"
@@ -27,7 +28,10 @@ using VanillaBalancer = Balancer<VanillaPolicy>;
 using RandomBalancer = Balancer<RandomPolicy>;
 using GuidedBalancer = Balancer<GuidedPolicy>;
 
-/// The paper's network shape: two `ConvBranch`es joined by `MMTM`s.
+/// The paper's Colored-and-gray MNIST shape: two `ConvBranch`es joined by `MMTM`s.
 using ConvMMTMNet = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
+
+/// The paper's ModelNet40 shape: two `ResNetBranch`es joined by `MMTM`s.
+using ResNetMMTMNet = MultiModalNet<ResNetBranch, ResNetBranch, MMTM>;
 
 }  // namespace mmbalance
