@@ -44,34 +44,39 @@ def load_run(path):
     return {"path": path, "policy": policy, "steps": steps, "epochs": epochs, "summary": summary}
 
 
+def policies_of(runs):
+    return sorted({r["policy"] for r in runs}, key=lambda p: list(COLOURS).index(p) if p in COLOURS else 9)
+
+
 def plot_d_speed(runs, out):
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    seen = set()
-    for r in runs:
-        xs = [s["step"] for s in r["steps"] if s["d_speed"] is not None]
-        ys = [s["d_speed"] for s in r["steps"] if s["d_speed"] is not None]
-        label = r["policy"] if r["policy"] not in seen else None
-        seen.add(r["policy"])
-        ax.plot(xs, ys, color=COLOURS.get(r["policy"], "black"), lw=0.8, alpha=0.8, label=label)
-        for kind, marker, colour, name in (("rebalance_m0", "^", "tab:red", "re-balance m0"),
-                                           ("rebalance_m1", "v", "tab:green", "re-balance m1")):
-            pts = [(s["step"], s["d_speed"]) for s in r["steps"] if s["kind"] == kind and s["d_speed"] is not None]
-            if pts:
-                ax.scatter(*zip(*pts), marker=marker, s=6, color=colour,
-                           label=name if name not in seen else None, zorder=3)
-                seen.add(name)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("d_speed = s(m1|m0) - s(m0|m1)")
-    ax.set_title("Conditional learning speed during training")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    policies = policies_of(runs)
+    fig, axes = plt.subplots(1, len(policies), figsize=(4.5 * len(policies), 3.8), sharey=True, squeeze=False)
+    for ax, policy in zip(axes[0], policies):
+        for r in (r for r in runs if r["policy"] == policy):
+            pts = [(s["step"], s["d_speed"], s["kind"]) for s in r["steps"] if s["d_speed"] is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=COLOURS.get(policy, "black"), lw=0.8)
+            for kind, marker, colour in (("rebalance_m0", "^", "tab:red"), ("rebalance_m1", "v", "tab:green")):
+                sel = [(x, y) for x, y, k in pts if k == kind]
+                if sel:
+                    ax.scatter(*zip(*sel), marker=marker, s=5, color=colour, zorder=3)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(policy)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("d_speed = s(m1|m0) - s(m0|m1)")
+    handles = [plt.Line2D([], [], marker="^", ls="", color="tab:red", label="re-balancing step accelerating m0"),
+               plt.Line2D([], [], marker="v", ls="", color="tab:green", label="re-balancing step accelerating m1")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle("Conditional learning speed during training (one line per run)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(os.path.join(out, "d_speed.png"), dpi=120)
     plt.close(fig)
 
 
 def plot_accuracy(runs, out):
-    policies = sorted({r["policy"] for r in runs}, key=lambda p: list(COLOURS).index(p) if p in COLOURS else 9)
+    policies = policies_of(runs)
     fig, axes = plt.subplots(1, len(policies), figsize=(4 * len(policies), 3.6), sharey=True, squeeze=False)
     for ax, policy in zip(axes[0], policies):
         for r in (r for r in runs if r["policy"] == policy):

@@ -105,7 +105,7 @@ def main():
         "",
         "## Conditional utilization rates on the test set (best validation epoch)",
         "",
-        "| policy | u(m1\\|m0) | u(m0\\|m1) | d_util | d_speed at best epoch | steps regular / re-balance m0 / m1 |",
+        "| policy | u(m1\\|m0) | u(m0\\|m1) | d_util | d_speed at best epoch | steps up to the best epoch, per seed: regular / re-balance m0 / m1 |",
         "|---|---|---|---|---|---|",
     ]
     for p in policies:

@@ -3,6 +3,7 @@
 // Balancer, JSON-lines logs, per-epoch checkpoints, selection of the best validation
 // epoch, the utilization probe on it and a summary JSON.
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -12,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 #include <torch/optim/sgd.h>
 
 #include <mmbalance/mmbalance.h>
