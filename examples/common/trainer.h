@@ -72,9 +72,7 @@ Accuracy evaluate(Net& net, const Split& s, at::Device device) {
 }
 
 namespace detail {
-inline nlohmann::json finite_or_null(double v) {
-  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
-}
+using mmbalance::detail::number_or_null;
 
 inline std::string read_text(const std::filesystem::path& p) {
   std::ifstream in(p);
@@ -147,7 +145,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
                             {"epoch", epoch},
                             {"step", balancer.step() - 1},
                             {"kind", std::string(to_string(kind))},
-                            {"d_speed", detail::finite_or_null(balancer.last_d_speed())},
+                            {"d_speed", detail::number_or_null(balancer.last_d_speed())},
                             {"loss", l0 + l1},
                             {"loss0", l0},
                             {"loss1", l1}}
@@ -170,9 +168,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
                           {"epoch", epoch},
                           {"validation", to_json(val)},
                           {"test", to_json(test)},
-                          {"d_speed", detail::finite_or_null(speed.d_speed)},
-                          {"s_m1_given_m0", detail::finite_or_null(speed.s_m1_given_m0)},
-                          {"s_m0_given_m1", detail::finite_or_null(speed.s_m0_given_m1)},
+                          {"d_speed", detail::number_or_null(speed.d_speed)},
+                          {"s_m1_given_m0", detail::number_or_null(speed.s_m1_given_m0)},
+                          {"s_m0_given_m1", detail::number_or_null(speed.s_m0_given_m1)},
                           {"steps", {{"regular", counts[0]}, {"rebalance_m0", counts[1]}, {"rebalance_m1", counts[2]}}},
                           {"seconds", bar.elapsed()}}
                .dump()
@@ -199,7 +197,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
       {"validation", best["validation"]},
       {"test", best["test"]},
       {"utilization_test", util},
-      {"d_speed_at_best", detail::finite_or_null(balancer.speed().d_speed)},
+      {"d_speed_at_best", detail::number_or_null(balancer.speed().d_speed)},
       {"steps_total",
        {{"regular", balancer.total_step_counts()[0]},
         {"rebalance_m0", balancer.total_step_counts()[1]},
