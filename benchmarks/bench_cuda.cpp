@@ -76,12 +76,13 @@ void floor_cuda(benchmark::State& state) {
 
 template <class Policy>
 void step_cuda(benchmark::State& state, Policy policy, bool checks, StepKind fixed_kind,
-               bool plain) {
+               bool plain, SpeedRead read = SpeedRead::same_step) {
   auto net = colored_mnist_net();
   net->to(kCuda);
   torch::optim::SGD optimizer(net->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
   auto data = batch(state.range(0), 1, kCuda);
-  Balancer<Policy> balancer(net, policy, BalancerOptions().warmup_epochs(0).check_every_step(checks));
+  Balancer<Policy> balancer(
+      net, policy, BalancerOptions().warmup_epochs(0).check_every_step(checks).speed_read(read));
   net->forward(data.x0, data.x1);  // gate averages for re-balancing steps
   auto step = [&] {
     if (plain) {
@@ -129,6 +130,10 @@ struct Register {
          })->Arg(b));
       ms(benchmark::RegisterBenchmark("CUDA_StepGuidedRegularNoChecks", [](benchmark::State& s) {
            step_cuda(s, kAlwaysRegular, false, StepKind::regular, false);
+         })->Arg(b));
+      // Zero device-to-host syncs expected: d_speed reaches the policy one step late.
+      ms(benchmark::RegisterBenchmark("CUDA_StepGuidedRegularLagged", [](benchmark::State& s) {
+           step_cuda(s, kAlwaysRegular, false, StepKind::regular, false, SpeedRead::previous_step);
          })->Arg(b));
       ms(benchmark::RegisterBenchmark("CUDA_StepRebalance", [](benchmark::State& s) {
            step_cuda(s, VanillaPolicy(), false, StepKind::rebalance_m0, true);

@@ -57,6 +57,7 @@ def main():
     for b, target in ((8, 1.03), (32, 1.03), (128, 1.01)):
         ratio(f"CUDA guided / vanilla, batch {b}", f"CUDA_StepGuidedRegular/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
         ratio(f"CUDA guided (no checks) / vanilla, batch {b}", f"CUDA_StepGuidedRegularNoChecks/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
+        ratio(f"CUDA guided (lagged d_speed) / vanilla, batch {b}", f"CUDA_StepGuidedRegularLagged/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
         ratio(f"CUDA re-balancing / vanilla, batch {b}", f"CUDA_StepRebalance/{b}", f"CUDA_StepVanilla/{b}", 1.0, "<=")
 
     merged["ratios"] = rows

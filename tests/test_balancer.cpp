@@ -207,3 +207,37 @@ TEST_CASE("Without per-step checks a non-finite step is skipped on the device", 
   CHECK(std::isnan(balancer.last_d_speed()));  // vanilla needs no read: nothing was read
   CHECK(std::isfinite(balancer.speed().d_speed));
 }
+
+TEST_CASE("SpeedRead::previous_step hands the policy each d_speed one step later",
+          "[balancer]") {
+  auto net = small_net(18);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
+                          BalancerOptions().warmup_epochs(1).check_every_step(false).speed_read(
+                              SpeedRead::previous_step));
+  std::vector<StepKind> kinds;
+  std::vector<double> speeds;  // d_speed after each step, read here for the replay
+  for (int i = 0; i < 24; ++i) {
+    kinds.push_back(train_steps(net, opt, balancer, i, i + 1, 4)[0]);
+    speeds.push_back(balancer.speed().d_speed);
+  }
+  GuidedPolicy replay(GuidedOptions().alpha(0.0).Q(2));
+  std::optional<double> pending;
+  int rebalancing = 0;
+  for (int i = 4; i < 24; ++i) {
+    CHECK(replay.next_step() == kinds[i]);
+    if (pending) replay.observe_d_speed(*pending);  // delivered when step i is observed
+    pending.reset();
+    if (kinds[i] == StepKind::regular) pending = speeds[i];
+    rebalancing += kinds[i] != StepKind::regular;
+  }
+  CHECK(rebalancing > 0);
+  CHECK(rebalancing < 20);
+}
+
+TEST_CASE("SpeedRead::previous_step needs per-step checks off", "[balancer][bad-input]") {
+  auto net = small_net(19);
+  CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy(),
+                                   BalancerOptions().speed_read(SpeedRead::previous_step)),
+                    Catch::Contains("set check_every_step(false) too"));
+}

@@ -70,6 +70,16 @@ TEST_CASE("save -> load -> continue equals an uninterrupted random run bit for b
       "random.pt");
 }
 
+TEST_CASE("save -> load -> continue is exact with lagged d_speed reads", "[checkpoint]") {
+  check_resume_is_exact<GuidedBalancer>(
+      [](Net& net) {
+        return GuidedBalancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
+                              BalancerOptions().check_every_step(false).speed_read(
+                                  SpeedRead::previous_step));
+      },
+      "guided_lagged.pt");
+}
+
 TEST_CASE("Loading a checkpoint of another architecture fails clearly and changes nothing",
           "[checkpoint][bad-input]") {
   auto net = small_net(32);

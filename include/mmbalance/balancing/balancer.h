@@ -7,9 +7,12 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
@@ -19,6 +22,17 @@
 #include "mmbalance/model/step_kind.h"
 
 namespace mmbalance {
+
+/// When a policy that observes d_speed (guided) gets it.
+enum class SpeedRead : std::uint8_t {
+  /// Right after each regular step, so it decides the very next step (the paper's
+  /// algorithm). Costs one small host read per regular step.
+  same_step,
+  /// The accumulators are copied to the host without waiting; the policy receives a
+  /// regular step's d_speed when the following step is observed, so decisions lag by one
+  /// step and no step waits for the device. Needs check_every_step(false).
+  previous_step,
+};
 
 /// Options for `Balancer`.
 ///
@@ -37,6 +51,8 @@ struct BalancerOptions {
   /// needs; a regular step whose μ is not finite is left out of the accumulators on the
   /// device and counted (`skipped_steps()`), and nothing is thrown.
   TORCH_ARG(bool, check_every_step) = true;
+  /// When a policy with `observe_d_speed` gets d_speed; see `SpeedRead`.
+  TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
 };
 
 /// What the balancer has done so far, per step kind.
@@ -69,6 +85,9 @@ class Balancer {
         discard_gate_update_([net]() mutable { net->discard_last_gate_update(); }) {
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
+    TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
+                "Balancer: speed_read(SpeedRead::previous_step) avoids waiting for the device, "
+                "which per-step checks must do; set check_every_step(false) too");
   }
 
   /// The kind of the coming step. Must alternate with `observe()`.
@@ -87,6 +106,7 @@ class Balancer {
     TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                 detail::shape_string(loss));
     const StepKind kind = *pending_;
+    deliver_lagged_speed();
     try {
       if (kind == StepKind::regular) {
         observe_regular(loss);
@@ -157,6 +177,10 @@ class Balancer {
     archive.write("epoch_counts", counts_tensor(epoch_counts_));
     archive.write("total_counts", counts_tensor(total_counts_));
     archive.write("warmup_epochs", options_.warmup_epochs());
+    if (lagged_pending_) {
+      wait_for_lagged_copy();
+      archive.write("lagged_accumulated", lagged_host_.clone());
+    }
     if constexpr (HasState<Policy>) {
       torch::serialize::OutputArchive nested;
       policy_.save(nested);
@@ -202,6 +226,12 @@ class Balancer {
     skipped_ = skipped > 0 ? at::full({}, skipped, at::TensorOptions(at::kLong).device(
                                                       meter_.accumulated().device()))
                            : at::Tensor();
+    at::Tensor lagged;
+    lagged_pending_ = archive.try_read("lagged_accumulated", lagged);
+    if (lagged_pending_) {
+      lagged_host_ = lagged.to(at::kDouble).contiguous();
+      lagged_event_.reset();
+    }
     policy_ = std::move(policy);
     pending_.reset();
   }
@@ -228,11 +258,47 @@ class Balancer {
     if (!skipped_.defined()) skipped_ = at::zeros({}, mu.options().dtype(at::kLong));
     skipped_.add_(valid.logical_not());
     if constexpr (ObservesSpeed<Policy>) {
-      if (!in_warmup()) {
+      if (in_warmup()) return;
+      if (options_.speed_read() == SpeedRead::previous_step) {
+        launch_speed_copy();
+      } else {
         const at::Tensor host = meter_.accumulated().to(at::kCPU);
         record_speed(host.data_ptr<double>());
       }
     }
+  }
+
+  // SpeedRead::previous_step: start copying M to the host; the copy is queued behind this
+  // step's work and read when the next step is observed.
+  void launch_speed_copy() {
+    const at::Tensor& m = meter_.accumulated();
+    if (!lagged_host_.defined()) {
+      lagged_host_ = at::empty({kNumGroups}, at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
+    }
+    lagged_host_.copy_(m, /*non_blocking=*/true);
+    lagged_event_.reset();
+    if (!m.is_cpu()) {
+      lagged_event_.emplace(m.device().type());
+      const c10::impl::VirtualGuardImpl guard(m.device().type());
+      lagged_event_->record(guard.getStream(m.device()));
+    }
+    lagged_pending_ = true;
+  }
+
+  // LibTorch 1.13's c10::Event has no blocking wait; polling it is not a device
+  // synchronisation, and by the time this runs the copy has landed.
+  void wait_for_lagged_copy() const {
+    if (!lagged_event_) return;
+    while (!lagged_event_->query()) std::this_thread::yield();
+  }
+
+  // Hands the policy the d_speed whose copy was started one step ago. Waiting on the
+  // copy's event costs nothing by now: a whole step was queued after it.
+  void deliver_lagged_speed() {
+    if (!lagged_pending_) return;
+    wait_for_lagged_copy();
+    lagged_pending_ = false;
+    record_speed(lagged_host_.data_ptr<double>());
   }
 
   void check_step(double loss, const double* grad_sq, const double* param_sq) const {
@@ -290,6 +356,10 @@ class Balancer {
   StepCounts total_counts_{};
   SpeedSummary last_speed_{};
   at::Tensor skipped_;
+  // SpeedRead::previous_step: M copied to the host, not yet handed to the policy.
+  at::Tensor lagged_host_;
+  std::optional<c10::Event> lagged_event_;
+  bool lagged_pending_ = false;
 };
 
 }  // namespace mmbalance
