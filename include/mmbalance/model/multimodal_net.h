@@ -90,8 +90,7 @@ class MultiModalNetImpl : public torch::nn::Module {
     ctx.side0 = kind == StepKind::rebalance_m0 ? SideMode::held_gate : SideMode::live;
     ctx.side1 = kind == StepKind::rebalance_m1 ? SideMode::held_gate : SideMode::live;
     ctx.update_gate_average = kind == StepKind::regular && is_training();
-    auto [y0, y1] = run(x0, x1, ctx);
-    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
+    return output(run(x0, x1, ctx));
   }
 
   /// The normal and the cut network (f0', f1') in one pass over the stacked batch
@@ -123,8 +122,7 @@ class MultiModalNetImpl : public torch::nn::Module {
     check_batch(x0, x1);
     FusionContext ctx;
     ctx.record_squeeze = true;
-    auto [y0, y1] = run(x0, x1, ctx);
-    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
+    return output(run(x0, x1, ctx));
   }
 
   void reset_squeeze_averages() {
@@ -185,6 +183,11 @@ class MultiModalNetImpl : public torch::nn::Module {
     TORCH_CHECK(x0.size(0) == x1.size(0), "MultiModalNet: batch sizes differ: m0 has ", x0.size(0),
                 " samples ", detail::shape_string(x0), ", m1 has ", x1.size(0), " ",
                 detail::shape_string(x1));
+  }
+
+  static ModelOutput output(std::pair<at::Tensor, at::Tensor> heads) {
+    auto& [y0, y1] = heads;
+    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
   }
 
   // Stages [computed, end) of both branches, each followed by its fusion tap, then the
