@@ -2,6 +2,7 @@
 /// \file
 /// Small helpers for error messages.
 
+#include <exception>
 #include <string>
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,14 @@ inline std::string shape_string(const at::Tensor& t) {
     s += std::to_string(t.size(i));
   }
   return s + "]";
+}
+
+/// An exception's message without LibTorch's C++ backtrace.
+inline std::string error_text(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
+    return c10_error->what_without_backtrace();
+  }
+  return e.what();
 }
 
 }  // namespace mmbalance::detail

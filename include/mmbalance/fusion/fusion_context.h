@@ -29,6 +29,9 @@ struct FusionContext {
   std::int64_t live_rows = 0;
   /// Regular step in training mode: fold this batch's gates into the running averages.
   bool update_gate_average = false;
+  /// With `update_gate_average`: keep this batch's gate sums pending instead of folding
+  /// them in (distributed training folds the sums of all ranks after the step).
+  bool defer_gate_update = false;
   /// Utilization probe's pass over the training set: fold this batch's squeeze vectors
   /// into the squeeze averages.
   bool record_squeeze = false;

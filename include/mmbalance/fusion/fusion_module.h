@@ -37,4 +37,18 @@ concept FusionModule = requires(F& f, const at::Tensor& a, const at::Tensor& b,
   { f->clone() };
 };
 
+/// A `FusionModule` whose running averages can be combined across data-parallel ranks:
+/// - `take_pending_gate_sums()` returns (and clears) the gate sums of the regular steps
+///   run with `FusionContext::defer_gate_update`, zeros if none, always of one size;
+/// - `fold_gate_sums(sums)` folds such sums (added up over ranks) into the gate averages;
+/// - `squeeze_sums()` / `set_squeeze_sums(sums)` read and write the squeeze averages as
+///   sums that add up over ranks.
+template <class F>
+concept DistributedFusionModule = FusionModule<F> && requires(F& f, const at::Tensor& t) {
+  { f->take_pending_gate_sums() } -> std::same_as<at::Tensor>;
+  { f->fold_gate_sums(t) };
+  { f->squeeze_sums() } -> std::same_as<at::Tensor>;
+  { f->set_squeeze_sums(t) };
+};
+
 }  // namespace mmbalance

@@ -47,6 +47,10 @@ struct MMTMOptions {
 /// - `gate_samples`: samples folded into the gate averages.
 /// - `squeeze_average0/1`, `squeeze_samples`: training-set mean of each side's squeeze
 ///   vector, recorded by the utilization probe.
+///
+/// Both averages can be read and written as sums (`take_pending_gate_sums`,
+/// `fold_gate_sums`, `squeeze_sums`, `set_squeeze_sums`), which is how distributed
+/// training makes them what one process with the combined batches would compute.
 class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
  public:
   MMTMImpl(std::int64_t dim0, std::int64_t dim1) : MMTMImpl(MMTMOptions(dim0, dim1)) {}
@@ -111,7 +115,12 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     if (ctx.update_gate_average && is_training()) {
       TORCH_CHECK(ctx.side0 == SideMode::live && ctx.side1 == SideMode::live,
                   "MMTM: gate averages are only updated by regular steps");
-      update_gate_average(gate0, gate1);
+      const at::Tensor sums = batch_gate_sums(gate0, gate1);
+      if (ctx.defer_gate_update) {
+        pending_gate_sums_ = pending_gate_sums_.defined() ? pending_gate_sums_ + sums : sums;
+      } else {
+        fold_gate_sums(sums);
+      }
     }
     if (ctx.side0 == SideMode::held_gate) gate0 = held(gate0, gate_average0, n, ctx.live_rows);
     if (ctx.side1 == SideMode::held_gate) gate1 = held(gate1, gate_average1, n, ctx.live_rows);
@@ -145,8 +154,58 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     return static_cast<std::int64_t>(squeeze_samples.item<double>());
   }
 
+  /// Gate sums of the regular steps run with `FusionContext::defer_gate_update` since the
+  /// last call, as [sum of gate0 over samples, sum of gate1, samples]; zeros if none.
+  /// Distributed training adds these up across ranks and folds the total.
+  at::Tensor take_pending_gate_sums() {
+    at::Tensor out = pending_gate_sums_.defined()
+                         ? std::move(pending_gate_sums_)
+                         : at::zeros({options.dim0() + options.dim1() + 1}, gate_average0.options());
+    pending_gate_sums_ = at::Tensor();
+    return out;
+  }
+
+  /// Folds gate sums laid out as `take_pending_gate_sums` returns them into the running
+  /// averages: avg += (sum / n - avg) * n / (samples + n). Sums of zero samples change
+  /// nothing. No host read. `discard_last_gate_update` undoes the last fold.
+  void fold_gate_sums(const at::Tensor& sums) {
+    const std::int64_t d0 = options.dim0(), d1 = options.dim1();
+    TORCH_CHECK(sums.dim() == 1 && sums.size(0) == d0 + d1 + 1, "MMTM::fold_gate_sums: expected ",
+                d0 + d1 + 1, " values (dim0 + dim1 + 1), got ", detail::shape_string(sums));
+    at::NoGradGuard no_grad;
+    before_last_update_ = {gate_average0.clone(), gate_average1.clone(), gate_samples.clone()};
+    const at::Tensor n = sums.narrow(0, d0 + d1, 1);
+    gate_samples.add_(n.to(gate_samples.dtype()).squeeze(0));
+    // With n = 0 the weight is 0 and the clamps keep 0/0 out.
+    const at::Tensor weight = (n.to(at::kDouble) / gate_samples.clamp_min(1)).to(gate_average0.dtype());
+    const at::Tensor mean = sums.narrow(0, 0, d0 + d1) / n.clamp_min(1);
+    gate_average0.add_((mean.narrow(0, 0, d0) - gate_average0) * weight);
+    gate_average1.add_((mean.narrow(0, d0, d1) - gate_average1) * weight);
+  }
+
+  /// The squeeze averages as sums, [avg0 * samples, avg1 * samples, samples], so that
+  /// several ranks' averages can be added up and restored with `set_squeeze_sums`.
+  at::Tensor squeeze_sums() const {
+    const at::Tensor samples = squeeze_samples.to(squeeze_average0.dtype()).reshape({1});
+    return at::cat({squeeze_average0 * samples, squeeze_average1 * samples, samples});
+  }
+
+  /// Sets the squeeze averages from sums laid out as `squeeze_sums` returns them.
+  void set_squeeze_sums(const at::Tensor& sums) {
+    const std::int64_t d0 = options.dim0(), d1 = options.dim1();
+    TORCH_CHECK(sums.dim() == 1 && sums.size(0) == d0 + d1 + 1, "MMTM::set_squeeze_sums: expected ",
+                d0 + d1 + 1, " values (dim0 + dim1 + 1), got ", detail::shape_string(sums));
+    at::NoGradGuard no_grad;
+    const at::Tensor n = sums.narrow(0, d0 + d1, 1);
+    const at::Tensor mean = sums.narrow(0, 0, d0 + d1) / n.clamp_min(1);
+    squeeze_average0.copy_(mean.narrow(0, 0, d0));
+    squeeze_average1.copy_(mean.narrow(0, d0, d1));
+    squeeze_samples.copy_(n.squeeze(0));
+  }
+
   /// Restores the gate averages as they were before the last regular training step.
   void discard_last_gate_update() {
+    pending_gate_sums_ = at::Tensor();
     if (before_last_update_.empty()) return;
     at::NoGradGuard no_grad;
     gate_average0.copy_(before_last_update_[0]);
@@ -214,16 +273,11 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     return gate.view(shape);
   }
 
-  // Sample-weighted running mean: avg += (batch_mean - avg) * n / (samples + n). Stays on
-  // the device: no host read.
-  void update_gate_average(const at::Tensor& gate0, const at::Tensor& gate1) {
+  // [sum of gate0, sum of gate1, n] over the batch; stays on the device.
+  at::Tensor batch_gate_sums(const at::Tensor& gate0, const at::Tensor& gate1) const {
     at::NoGradGuard no_grad;
-    before_last_update_ = {gate_average0.clone(), gate_average1.clone(), gate_samples.clone()};
-    const auto n = static_cast<double>(gate0.size(0));
-    gate_samples.add_(n);
-    const at::Tensor weight = (n / gate_samples).to(gate_average0.dtype());
-    gate_average0.add_((gate0.mean(0) - gate_average0) * weight);
-    gate_average1.add_((gate1.mean(0) - gate_average1) * weight);
+    const at::Tensor n = at::full({1}, static_cast<double>(gate0.size(0)), gate_average0.options());
+    return at::cat({gate0.sum(0).to(n.dtype()), gate1.sum(0).to(n.dtype()), n});
   }
 
   void record_squeeze(const at::Tensor& s_a, const at::Tensor& s_b) {
@@ -236,11 +290,12 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
   }
 
   std::vector<at::Tensor> before_last_update_;
+  at::Tensor pending_gate_sums_;
 };
 
 /// A `ModuleHolder` for `MMTMImpl`; satisfies `FusionModule`.
 TORCH_MODULE(MMTM);
 
-static_assert(FusionModule<MMTM>);
+static_assert(DistributedFusionModule<MMTM>);
 
 }  // namespace mmbalance

@@ -3,8 +3,10 @@
 /// Conditional utilization rates (algorithm.md §7; Definition 2.1).
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <ranges>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -30,6 +32,11 @@ template <class R>
 concept BatchRange = std::ranges::input_range<R> &&
                      MultiModalBatchLike<std::remove_cvref_t<std::ranges::range_reference_t<R>>>;
 
+/// The probe's default: one process holds all the data, nothing to add up.
+struct SingleProcess {
+  void operator()(at::Tensor&) const {}
+};
+
 /// Accuracies (fractions in [0, 1]) of the normal and the cut heads, and the rates
 /// derived from them. A rate whose denominator accuracy is 0 is NaN.
 struct UtilizationReport {
@@ -49,8 +56,15 @@ struct UtilizationReport {
 /// the normal and the cut heads over `eval` in one pass per batch. Batches are moved to
 /// the model's device. Runs in eval mode without gradients and restores the model's
 /// training mode afterwards; gate averages are untouched. One host read at the end.
-template <class Net, BatchRange TrainData, BatchRange EvalData>
-UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval) {
+///
+/// Data-parallel: every rank passes its own shards of `train` and `eval` and a
+/// `sum_across_ranks` that adds a tensor up over all ranks in place (e.g.
+/// `DataParallel::sum_across_ranks()`); the squeeze averages and the counts are then
+/// those of all shards together, and every rank gets the same report.
+template <class Net, BatchRange TrainData, BatchRange EvalData,
+          std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval,
+                                    SumAcrossRanks sum_across_ranks = {}) {
   at::NoGradGuard no_grad;
   const bool was_training = net->is_training();
   net->eval();
@@ -65,10 +79,16 @@ UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval
   for (const auto& batch : train) {
     net->record_squeeze(batch.x0.to(device), batch.x1.to(device));
   }
+  if constexpr (!std::is_same_v<SumAcrossRanks, SingleProcess>) {
+    for (auto& tap : net->taps) {
+      at::Tensor sums = tap.module->squeeze_sums();
+      sum_across_ranks(sums);
+      tap.module->set_squeeze_sums(sums);
+    }
+  }
 
-  // correct predictions of y, y0, y0', y1, y1'
-  at::Tensor correct = at::zeros({5}, at::TensorOptions(at::kLong).device(device));
-  std::int64_t samples = 0;
+  // correct predictions of y, y0, y0', y1, y1', then the sample count
+  at::Tensor correct = at::zeros({6}, at::TensorOptions(at::kLong).device(device));
   for (const auto& batch : eval) {
     const at::Tensor target = batch.target.to(device);
     const ProbeOutput out = net->forward_probe(batch.x0.to(device), batch.x1.to(device));
@@ -77,12 +97,15 @@ UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval
                 out.y0.size(0), ", got ", detail::shape_string(target));
     const at::Tensor logits =
         at::stack({(out.y0 + out.y1) * 0.5, out.y0, out.y0_cut, out.y1, out.y1_cut});
-    correct.add_(logits.argmax(-1).eq(target.unsqueeze(0)).sum(1));
-    samples += target.size(0);
+    correct.narrow(0, 0, 5).add_(logits.argmax(-1).eq(target.unsqueeze(0)).sum(1));
+    correct.narrow(0, 5, 1).add_(target.size(0));
   }
+  sum_across_ranks(correct);
+  const at::Tensor counts = correct.to(at::kCPU);
+  const std::int64_t samples = counts.data_ptr<std::int64_t>()[5];
   TORCH_CHECK(samples > 0, "probe_utilization: the evaluation data is empty");
 
-  const at::Tensor host = correct.to(at::kCPU).to(at::kDouble) / static_cast<double>(samples);
+  const at::Tensor host = counts.narrow(0, 0, 5).to(at::kDouble) / static_cast<double>(samples);
   const double* a = host.data_ptr<double>();
   UtilizationReport r;
   r.samples = samples;

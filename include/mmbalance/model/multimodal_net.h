@@ -90,6 +90,7 @@ class MultiModalNetImpl : public torch::nn::Module {
     ctx.side0 = kind == StepKind::rebalance_m0 ? SideMode::held_gate : SideMode::live;
     ctx.side1 = kind == StepKind::rebalance_m1 ? SideMode::held_gate : SideMode::live;
     ctx.update_gate_average = kind == StepKind::regular && is_training();
+    ctx.defer_gate_update = defer_gate_updates_;
     return output(run(x0, x1, ctx));
   }
 
@@ -128,6 +129,12 @@ class MultiModalNetImpl : public torch::nn::Module {
   void reset_squeeze_averages() {
     for (auto& tap : taps) tap.module->reset_squeeze_average();
   }
+
+  /// true: regular steps leave their gate sums pending in the fusion modules instead of
+  /// folding them into the gate averages (`DataParallel` sets this and folds the sums of
+  /// all ranks after each step).
+  void defer_gate_updates(bool defer) { defer_gate_updates_ = defer; }
+  bool defers_gate_updates() const { return defer_gate_updates_; }
 
   /// Undoes the gate-average update of the last regular training step.
   void discard_last_gate_update() {
@@ -169,6 +176,8 @@ class MultiModalNetImpl : public torch::nn::Module {
   std::vector<Tap> taps;
 
  private:
+  bool defer_gate_updates_ = false;
+
   template <class Holder>
   static Holder clone_holder(const Holder& holder, const c10::optional<at::Device>& device) {
     auto impl = std::dynamic_pointer_cast<typename Holder::ContainedType>(holder->clone(device));

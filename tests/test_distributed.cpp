@@ -1,0 +1,342 @@
+// Data-parallel training on c10d (Gloo over 127.0.0.1): ranks run as threads of this
+// process, each with its own process group, through a fresh FileStore.
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include <unistd.h>
+
+#include <mmbalance/distributed.h>
+
+#include "support.h"
+
+using namespace mmbalance;
+using namespace mmbalance::testing;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string fresh_store() {
+  static std::atomic<int> counter{0};
+  const fs::path p = fs::temp_directory_path() /
+                     ("mmbalance-test-store-" + std::to_string(::getpid()) + "-" +
+                      std::to_string(counter++));
+  fs::remove(p);
+  return "file://" + p.string();
+}
+
+// Runs body(rank, process_group) for ranks [0, joining) of a group of `world`, one thread
+// each. Returns each rank's exception (null if it finished).
+template <class Body>
+std::vector<std::exception_ptr> run_ranks(int world, Body body,
+                                          std::chrono::milliseconds timeout = 20s,
+                                          int joining = -1) {
+  if (joining < 0) joining = world;
+  const std::string store = fresh_store();
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(joining));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < joining; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(r, make_process_group(ProcessGroupOptions(store, r, world).timeout(timeout)));
+      } catch (...) {
+        errors[static_cast<std::size_t>(r)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+void rethrow_any(const std::vector<std::exception_ptr>& errors) {
+  for (const auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+std::string message_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return mmbalance::detail::error_text(x);
+  }
+}
+
+// BatchNorm normalises with the local batch, so a rank's half batch differs from the
+// combined one: compare with BatchNorm on its (frozen) running statistics.
+void freeze_batch_norm(Net& net) {
+  for (const auto& m : net->modules(/*include_self=*/false)) {
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(m.get())) bn->eval();
+  }
+}
+
+constexpr int kGlobalBatch = 8;
+constexpr int kStepsPerEpoch = 4;
+
+// Steps [first, last) of a run in which step i's global batch comes from seed i and this
+// rank trains on its contiguous share of the rows; `sync` turns the local loss into the
+// one the balancer observes.
+template <class BalancerT, class Sync>
+std::vector<StepKind> train_share(Net& net, torch::optim::Optimizer& optimizer,
+                                  BalancerT& balancer, int first, int last, int rank, int world,
+                                  Sync&& sync) {
+  std::vector<StepKind> kinds;
+  const std::int64_t rows = kGlobalBatch / world;
+  for (int i = first; i < last; ++i) {
+    const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
+    const StepKind kind = balancer.next_step();
+    auto loss = modality_specific_loss(
+        net->forward(b.x0.narrow(0, rank * rows, rows), b.x1.narrow(0, rank * rows, rows), kind),
+        b.target.narrow(0, rank * rows, rows));
+    optimizer.zero_grad();
+    loss.backward();
+    balancer.observe(sync(loss));
+    optimizer.step();
+    kinds.push_back(kind);
+    if ((i + 1) % kStepsPerEpoch == 0) balancer.end_epoch();
+  }
+  return kinds;
+}
+
+// Largest |a - b| / max(|b|) over every parameter and buffer.
+double max_relative_difference(const torch::nn::Module& a, const torch::nn::Module& b) {
+  double worst = 0;
+  auto compare = [&](const at::Tensor& x, const at::Tensor& y) {
+    const double scale = std::max(y.abs().max().item<double>(), 1e-12);
+    worst = std::max(worst, (x.to(at::kDouble) - y.to(at::kDouble)).abs().max().item<double>() / scale);
+  };
+  const auto pb = b.named_parameters();
+  for (const auto& p : a.named_parameters()) compare(p.value(), pb[p.key()]);
+  const auto bb = b.named_buffers();
+  for (const auto& x : a.named_buffers()) {
+    if (x.value().numel() > 0) compare(x.value(), bb[x.key()]);
+  }
+  return worst;
+}
+
+template <class Policy>
+void check_matches_single_process(const Policy& policy) {
+  constexpr int kSteps = 16;
+  Net single = small_net(0);
+  freeze_batch_norm(single);
+  auto single_opt = make_sgd(single);
+  Balancer<Policy> single_balancer(single, policy);
+  const auto single_kinds = train_share(single, single_opt, single_balancer, 0, kSteps, 0, 1,
+                                        [](const at::Tensor& l) { return l; });
+
+  // Rank 1 starts from other weights: DataParallel must replace them with rank 0's.
+  std::vector<Net> nets{small_net(0), small_net(1)};
+  std::vector<std::vector<StepKind>> kinds(2);
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net& net = nets[static_cast<std::size_t>(rank)];
+    freeze_batch_norm(net);
+    DataParallel dp(net, pg);
+    auto opt = make_sgd(net);
+    Balancer<Policy> balancer(net, policy);
+    kinds[static_cast<std::size_t>(rank)] =
+        train_share(net, opt, balancer, 0, kSteps, rank, 2,
+                    [&](const at::Tensor& l) { return dp.synchronize(l); });
+  }));
+
+  CHECK(kinds[0] == kinds[1]);
+  CHECK(kinds[0] == single_kinds);
+  CHECK(max_relative_difference(*nets[0], *single) < 1e-5);
+  CHECK(max_relative_difference(*nets[1], *single) < 1e-5);
+  // Step for step the same parameters on both ranks, bit for bit.
+  CHECK(same_state(*nets[0], *nets[1]));
+}
+
+}  // namespace
+
+TEST_CASE("DataParallel, vanilla: 2 ranks match one process on the combined batches",
+          "[distributed]") {
+  check_matches_single_process(VanillaPolicy());
+}
+
+TEST_CASE("DataParallel, guided: 2 ranks take the same steps as one process", "[distributed]") {
+  // alpha = 0 opens a re-balancing window after every regular step, in the direction of
+  // d_speed's sign, so both directions and the gate averages are exercised.
+  check_matches_single_process(GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
+}
+
+TEST_CASE("DataParallel: gate averages are those of the combined batches", "[distributed]") {
+  Net single = small_net(0);
+  freeze_batch_norm(single);
+  auto b = small_batch(kGlobalBatch, 3);
+  single->forward(b.x0, b.x1, StepKind::regular);
+
+  std::vector<Net> nets{small_net(0), small_net(0)};
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net& net = nets[static_cast<std::size_t>(rank)];
+    freeze_batch_norm(net);
+    DataParallel dp(net, pg);
+    const auto out = net->forward(b.x0.narrow(0, 4 * rank, 4), b.x1.narrow(0, 4 * rank, 4));
+    // Nothing folded before synchronize: the sums are pending.
+    CHECK(net->taps[0].module->gate_samples.item<double>() == 0.0);
+    (out.y0.sum() + out.y1.sum()).backward();
+    dp.synchronize(out.y.sum());
+  }));
+  for (std::size_t k = 0; k < single->taps.size(); ++k) {
+    for (const auto& net : nets) {
+      const auto& got = net->taps[k].module;
+      const auto& want = single->taps[k].module;
+      CHECK(got->gate_samples.item<double>() == kGlobalBatch);
+      CHECK(at::allclose(got->gate_average0, want->gate_average0, 1e-5, 1e-6));
+      CHECK(at::allclose(got->gate_average1, want->gate_average1, 1e-5, 1e-6));
+    }
+  }
+  // Without DataParallel the module folds its gates at once again.
+  CHECK_FALSE(nets[0]->defers_gate_updates());
+}
+
+TEST_CASE("DataParallel: a checkpoint from 2 ranks resumes in 1 process", "[distributed]") {
+  const fs::path path = fs::temp_directory_path() /
+                        ("mmbalance-dist-ckpt-" + std::to_string(::getpid()) + ".pt");
+  const GuidedPolicy policy(GuidedOptions().alpha(0.0).Q(2));
+  std::vector<Net> nets{small_net(0), small_net(0)};
+  std::vector<std::vector<StepKind>> continued(2);
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net& net = nets[static_cast<std::size_t>(rank)];
+    freeze_batch_norm(net);
+    DataParallel dp(net, pg);
+    auto opt = make_sgd(net);
+    GuidedBalancer balancer(net, policy);
+    auto sync = [&](const at::Tensor& l) { return dp.synchronize(l); };
+    train_share(net, opt, balancer, 0, 8, rank, 2, sync);
+    dp.synchronize_buffers();
+    if (dp.rank() == 0) save_checkpoint(path.string(), net, opt, balancer);
+    dp.barrier();
+    continued[static_cast<std::size_t>(rank)] = train_share(net, opt, balancer, 8, 14, rank, 2, sync);
+  }));
+
+  Net resumed = small_net(5);
+  freeze_batch_norm(resumed);
+  auto opt = make_sgd(resumed);
+  GuidedBalancer balancer(resumed, policy);
+  load_checkpoint(path.string(), resumed, opt, balancer);
+  const auto kinds = train_share(resumed, opt, balancer, 8, 14, 0, 1,
+                                 [](const at::Tensor& l) { return l; });
+  CHECK(kinds == continued[0]);
+  CHECK(max_relative_difference(*nets[0], *resumed) < 1e-5);
+  fs::remove(path);
+}
+
+TEST_CASE("DataParallel: the random policy draws the same steps on every rank",
+          "[distributed]") {
+  std::vector<std::vector<StepKind>> draws(2);
+  std::vector<std::uint64_t> seeds(2);
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net net = small_net(0);
+    DataParallel dp(net, pg);
+    // Each rank asks for its own seed; rank 0's wins everywhere.
+    const std::uint64_t seed = dp.agree_on_seed(100 + static_cast<std::uint64_t>(rank));
+    seeds[static_cast<std::size_t>(rank)] = seed;
+    RandomPolicy policy(RandomOptions().seed(seed));
+    for (int i = 0; i < 200; ++i) draws[static_cast<std::size_t>(rank)].push_back(policy.next_step());
+  }));
+  CHECK(seeds[0] == 100);
+  CHECK(seeds[1] == 100);
+  CHECK(draws[0] == draws[1]);
+  RandomPolicy other(RandomOptions().seed(101));
+  std::vector<StepKind> other_draws;
+  for (int i = 0; i < 200; ++i) other_draws.push_back(other.next_step());
+  CHECK(other_draws != draws[0]);
+}
+
+TEST_CASE("DataParallel: the probe adds up squeeze averages and counts over ranks",
+          "[distributed]") {
+  std::vector<MultiModalBatch> train, eval;
+  for (std::uint64_t s = 0; s < 3; ++s) train.push_back(small_batch(kGlobalBatch, 50 + s));
+  for (std::uint64_t s = 0; s < 2; ++s) eval.push_back(small_batch(kGlobalBatch, 60 + s));
+  Net single = small_net(0);
+  const UtilizationReport want = probe_utilization(single, train, eval);
+
+  std::vector<UtilizationReport> got(2);
+  std::vector<Net> nets{small_net(0), small_net(0)};
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net& net = nets[static_cast<std::size_t>(rank)];
+    DataParallel dp(net, pg);
+    auto share = [rank](const std::vector<MultiModalBatch>& batches) {
+      std::vector<MultiModalBatch> out;
+      for (const auto& b : batches) {
+        out.push_back({b.x0.narrow(0, 4 * rank, 4), b.x1.narrow(0, 4 * rank, 4),
+                       b.target.narrow(0, 4 * rank, 4)});
+      }
+      return out;
+    };
+    got[static_cast<std::size_t>(rank)] =
+        probe_utilization(net, share(train), share(eval), dp.sum_across_ranks());
+  }));
+  for (const auto& r : got) {
+    CHECK(r.samples == want.samples);
+    CHECK(r.accuracy == want.accuracy);
+    CHECK(r.accuracy0_cut == want.accuracy0_cut);
+    CHECK(r.accuracy1_cut == want.accuracy1_cut);
+  }
+  for (std::size_t k = 0; k < single->taps.size(); ++k) {
+    CHECK(at::allclose(nets[1]->taps[k].module->squeeze_average0,
+                       single->taps[k].module->squeeze_average0, 1e-5, 1e-6));
+    CHECK(nets[1]->taps[k].module->squeeze_average_samples() == 3 * kGlobalBatch);
+  }
+}
+
+TEST_CASE("DataParallel: ranks with different models fail together", "[distributed]") {
+  const auto errors = run_ranks(2, [&](int rank, auto pg) {
+    Net net = small_net(0, rank == 0 ? 3 : 4);
+    DataParallel dp(net, pg);
+  });
+  for (const auto& e : errors) {
+    REQUIRE(e);
+    CHECK_THAT(message_of(e), Catch::Contains("the ranks hold different models"));
+  }
+}
+
+TEST_CASE("A rank that never joins makes the others fail within the timeout",
+          "[distributed]") {
+  const auto start = std::chrono::steady_clock::now();
+  const auto errors = run_ranks(2, [](int, auto) {}, 2s, /*joining=*/1);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  REQUIRE(errors[0]);
+  CHECK_THAT(message_of(errors[0]), Catch::Contains("could not form the process group"));
+  CHECK(seconds < 15);
+}
+
+TEST_CASE("A rank that dies makes the others fail within the timeout", "[distributed]") {
+  std::atomic<bool> rank1_gone{false};
+  double seconds = 0;
+  const auto errors = run_ranks(2, [&](int rank, auto pg) {
+    Net net = small_net(0);
+    DataParallel dp(net, pg);
+    if (rank == 1) {
+      rank1_gone = true;
+      return;  // leaves, closing its connections
+    }
+    while (!rank1_gone) std::this_thread::yield();
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      auto b = small_batch(4, 0);
+      auto loss = modality_specific_loss(net->forward(b.x0, b.x1), b.target);
+      loss.backward();
+      dp.synchronize(loss);
+    } catch (...) {
+      seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      throw;
+    }
+  }, 3s);
+  REQUIRE(errors[0]);
+  CHECK_FALSE(errors[1]);
+  CHECK_THAT(message_of(errors[0]), Catch::Contains("all-reduce of gradients failed"));
+  CHECK(seconds < 15);
+}
+
+TEST_CASE("make_process_group rejects bad arguments", "[distributed]") {
+  CHECK_THROWS_WITH(make_process_group(ProcessGroupOptions("file:///tmp/x", 2, 2)),
+                    Catch::Contains("rank must be in [0, 2)"));
+  CHECK_THROWS_WITH(make_process_group(ProcessGroupOptions("redis://x", 0, 1)),
+                    Catch::Contains("expected file:///path or tcp://host:port"));
+  CHECK_THROWS_WITH(make_process_group(ProcessGroupOptions("tcp://127.0.0.1:99999", 0, 1)),
+                    Catch::Contains("port must be 1..65535"));
+}
