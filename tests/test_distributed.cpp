@@ -228,10 +228,8 @@ TEST_CASE("DataParallel: the random policy draws the same steps on every rank",
   std::vector<std::vector<StepKind>> draws(2);
   std::vector<std::uint64_t> seeds(2);
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
-    Net net = small_net(0);
-    DataParallel dp(net, pg);
     // Each rank asks for its own seed; rank 0's wins everywhere.
-    const std::uint64_t seed = dp.agree_on_seed(100 + static_cast<std::uint64_t>(rank));
+    const std::uint64_t seed = agree_on_seed(pg, 100 + static_cast<std::uint64_t>(rank));
     seeds[static_cast<std::size_t>(rank)] = seed;
     RandomPolicy policy(RandomOptions().seed(seed));
     for (int i = 0; i < 200; ++i) draws[static_cast<std::size_t>(rank)].push_back(policy.next_step());
@@ -328,7 +326,7 @@ TEST_CASE("A rank that dies makes the others fail within the timeout", "[distrib
   }, 3s);
   REQUIRE(errors[0]);
   CHECK_FALSE(errors[1]);
-  CHECK_THAT(message_of(errors[0]), Catch::Contains("all-reduce of gradients failed"));
+  CHECK_THAT(message_of(errors[0]), Catch::Contains("rank 0 of 2: all-reduce of gradients failed"));
   CHECK(seconds < 15);
 }
 

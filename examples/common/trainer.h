@@ -1,13 +1,16 @@
 #pragma once
 // The training driver shared by the example programs: a plain LibTorch loop with a
 // Balancer, JSON-lines logs, per-epoch checkpoints, selection of the best validation
-// epoch, the utilization probe on it and a summary JSON.
+// epoch, the utilization probe on it and a summary JSON. With a process group it trains
+// data-parallel: each rank takes its share of every global batch and of the evaluation
+// data, and rank 0 alone writes files.
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,7 +19,7 @@
 #include <torch/cuda.h>
 #include <torch/optim/sgd.h>
 
-#include <mmbalance/mmbalance.h>
+#include <mmbalance/distributed.h>
 
 #include "colored_mnist_data.h"
 #include "progress.h"
@@ -45,6 +48,13 @@ struct Accuracy {
 
 inline nlohmann::json to_json(const Accuracy& a) { return {{"y", a.y}, {"y0", a.y0}, {"y1", a.y1}}; }
 
+/// Rows [n * rank / world, n * (rank + 1) / world) of a split: one rank's share.
+inline Split shard(const Split& s, int rank, int world) {
+  const std::int64_t begin = s.size() * rank / world, end = s.size() * (rank + 1) / world;
+  return {s.x0.narrow(0, begin, end - begin), s.x1.narrow(0, begin, end - begin),
+          s.y.narrow(0, begin, end - begin)};
+}
+
 inline std::vector<MultiModalBatch> as_batches(const Split& s, std::int64_t batch_size) {
   std::vector<MultiModalBatch> out;
   for (std::int64_t i = 0; i < s.size(); i += batch_size) {
@@ -54,21 +64,28 @@ inline std::vector<MultiModalBatch> as_batches(const Split& s, std::int64_t batc
   return out;
 }
 
-template <class Net>
-Accuracy evaluate(Net& net, const Split& s, at::Device device) {
+/// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
+/// counts of all ranks).
+template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+Accuracy evaluate(Net& net, const Split& s, at::Device device, SumAcrossRanks sum_across_ranks = {}) {
   at::NoGradGuard no_grad;
   const bool was_training = net->is_training();
   net->eval();
-  at::Tensor correct = at::zeros({3}, at::TensorOptions(at::kLong).device(device));
+  // correct predictions of y, y0, y1, then the sample count
+  at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
   for (const auto& b : as_batches(s, 500)) {
     const auto out = net->forward(b.x0.to(device), b.x1.to(device));
     const at::Tensor y = b.target.to(device);
-    correct.add_(at::stack({out.y.argmax(1).eq(y).sum(), out.y0.argmax(1).eq(y).sum(),
-                            out.y1.argmax(1).eq(y).sum()}));
+    counts.narrow(0, 0, 3).add_(at::stack({out.y.argmax(1).eq(y).sum(),
+                                           out.y0.argmax(1).eq(y).sum(),
+                                           out.y1.argmax(1).eq(y).sum()}));
   }
+  counts[3].fill_(s.size());
+  sum_across_ranks(counts);
   net->train(was_training);
-  const at::Tensor c = correct.to(at::kCPU).to(at::kDouble) / static_cast<double>(s.size());
-  return {c[0].item<double>(), c[1].item<double>(), c[2].item<double>()};
+  const at::Tensor c = counts.to(at::kCPU).to(at::kDouble);
+  const double n = c[3].item<double>();
+  return {c[0].item<double>() / n, c[1].item<double>() / n, c[2].item<double>() / n};
 }
 
 namespace detail {
@@ -84,16 +101,30 @@ inline std::string read_text(const std::filesystem::path& p) {
 /// checkpoints every epoch (`checkpoint-last.pt`, `checkpoint-best.pt` by validation
 /// accuracy of y), then probes the best checkpoint and writes `summary.json`. Returns the
 /// summary. `args` is recorded in the summary as given.
+///
+/// With a process group `pg`, every rank calls this with the same data and config: the
+/// global batch of `cfg.batch_size` rows is split among the ranks (a last batch with
+/// fewer rows than ranks is dropped), gradients and gate averages are combined by
+/// `DataParallel`, evaluation and the probe count over all ranks' shares, and only rank 0
+/// writes to `cfg.out`. A resumed run reads `cfg.resume` on every rank.
 template <class Net, class Policy>
 nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& data,
-                                  const TrainConfig& cfg, const nlohmann::json& args) {
+                                  const TrainConfig& cfg, const nlohmann::json& args,
+                                  const c10::intrusive_ptr<c10d::ProcessGroup>& pg = {}) {
   namespace fs = std::filesystem;
   const at::Device device(cfg.device);
   TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),
               "--device cuda: no CUDA device is available");
-  fs::create_directories(cfg.out);
+  const int rank = pg ? pg->getRank() : 0;
+  const int world = pg ? pg->getSize() : 1;
+  const bool writer = rank == 0;
+  TORCH_CHECK(cfg.batch_size >= world, "--batch-size ", cfg.batch_size,
+              " is the global batch; it needs at least one row per rank (", world, " ranks)");
   const fs::path summary_path = cfg.out / "summary.json";
-  fs::remove(summary_path);  // never leave a summary of an earlier run that claims success
+  if (writer) {
+    fs::create_directories(cfg.out);
+    fs::remove(summary_path);  // never leave a summary of an earlier run that claims success
+  }
   const fs::path last_path = cfg.out / "checkpoint-last.pt";
   const fs::path best_path = cfg.out / "checkpoint-best.pt";
   const fs::path best_info_path = cfg.out / "best.json";
@@ -107,15 +138,27 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
   nlohmann::json best = {{"epoch", -1}, {"validation", nullptr}};
   if (!cfg.resume.empty()) {
     load_checkpoint(cfg.resume, net, optimizer, balancer);
-    if (fs::exists(best_info_path)) best = nlohmann::json::parse(detail::read_text(best_info_path));
+    if (writer && fs::exists(best_info_path)) {
+      best = nlohmann::json::parse(detail::read_text(best_info_path));
+    }
     std::fprintf(stderr, "resumed from %s at epoch %lld\n", cfg.resume.c_str(),
                  static_cast<long long>(balancer.epoch()));
   }
-  std::ofstream log(cfg.out / "log.jsonl", cfg.resume.empty() ? std::ios::trunc : std::ios::app);
-  TORCH_CHECK(log, "cannot write ", (cfg.out / "log.jsonl").string());
+  std::optional<DataParallel<Net>> dp;
+  if (pg) dp.emplace(net, pg);
+  // Runs f with what adds counts up over the ranks.
+  const auto with_rank_sum = [&](auto&& f) {
+    return dp ? f(dp->sum_across_ranks()) : f(SingleProcess{});
+  };
+  std::ofstream log;
+  if (writer) {
+    log.open(cfg.out / "log.jsonl", cfg.resume.empty() ? std::ios::trunc : std::ios::app);
+    TORCH_CHECK(log, "cannot write ", (cfg.out / "log.jsonl").string());
+  }
 
   const std::int64_t n = data.train.size();
-  const std::int64_t steps_per_epoch = (n + cfg.batch_size - 1) / cfg.batch_size;
+  // A last batch with fewer rows than ranks would leave a rank without data: dropped.
+  const std::int64_t steps_per_epoch = n / cfg.batch_size + (n % cfg.batch_size >= world ? 1 : 0);
   const auto run_start = std::chrono::steady_clock::now();
   for (std::int64_t epoch = balancer.epoch(); epoch < cfg.epochs; ++epoch) {
     // The order of an epoch depends only on (seed, epoch): a resumed run sees the same.
@@ -125,23 +168,33 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
                     steps_per_epoch);
     double loss_sum = 0;
     for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
-      const at::Tensor idx = perm.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, n - s * cfg.batch_size));
+      const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
+      const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
+      const at::Tensor idx = perm.narrow(0, s * cfg.batch_size + begin, end - begin);
       const at::Tensor x0 = data.train.x0.index_select(0, idx).to(device);
       const at::Tensor x1 = data.train.x1.index_select(0, idx).to(device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepKind kind = balancer.next_step();
       const ModelOutput out = net->forward(x0, x1, kind);
-      const at::Tensor loss0 = at::cross_entropy_loss(out.y0, y);
-      const at::Tensor loss1 = at::cross_entropy_loss(out.y1, y);
+      // Each rank's mean loss weighted by its share of the rows, so that the average over
+      // ranks is the mean over the global batch even when shares differ by one.
+      const double share = static_cast<double>((end - begin) * world) / static_cast<double>(rows);
+      const at::Tensor loss0 = at::cross_entropy_loss(out.y0, y) * share;
+      const at::Tensor loss1 = at::cross_entropy_loss(out.y1, y) * share;
       const at::Tensor loss = loss0 + loss1;
       optimizer.zero_grad();
       loss.backward();
-      balancer.observe(loss);
+      balancer.observe(dp ? dp->synchronize(loss) : loss);
       optimizer.step();
-      const at::Tensor losses = at::stack({loss0.detach(), loss1.detach()}).to(at::kCPU);
+      at::Tensor losses = at::stack({loss0.detach(), loss1.detach()});
+      if (dp) {
+        dp->all_reduce_sum(losses);
+        losses.div_(world);
+      }
+      losses = losses.to(at::kCPU);
       const double l0 = losses[0].item<double>(), l1 = losses[1].item<double>();
       loss_sum += l0 + l1;
-      log << nlohmann::json{{"type", "step"},
+      if (writer) log << nlohmann::json{{"type", "step"},
                             {"epoch", epoch},
                             {"step", balancer.step() - 1},
                             {"kind", std::string(to_string(kind))},
@@ -161,10 +214,14 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
     }
     const StepCounts counts = balancer.epoch_step_counts();
     balancer.end_epoch();
-    const Accuracy val = evaluate(net, data.validation, device);
-    const Accuracy test = evaluate(net, data.test, device);
+    if (dp) dp->synchronize_buffers();
+    const auto accuracy_on = [&](const Split& split) {
+      return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, sum); });
+    };
+    const Accuracy val = accuracy_on(data.validation);
+    const Accuracy test = accuracy_on(data.test);
     const auto speed = balancer.speed();
-    log << nlohmann::json{{"type", "epoch"},
+    if (writer) log << nlohmann::json{{"type", "epoch"},
                           {"epoch", epoch},
                           {"validation", to_json(val)},
                           {"test", to_json(test)},
@@ -177,6 +234,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
         << std::endl;
     std::fprintf(stderr, "  validation y %.2f%% y0 %.2f%% y1 %.2f%% | test y %.2f%% y0 %.2f%% y1 %.2f%%\n",
                  100 * val.y, 100 * val.y0, 100 * val.y1, 100 * test.y, 100 * test.y0, 100 * test.y1);
+    if (!writer) continue;
     save_checkpoint(last_path.string(), net, optimizer, balancer);
     if (best["validation"].is_null() || val.y > best["validation"]["y"].get<double>()) {
       save_checkpoint(best_path.string(), net, optimizer, balancer);
@@ -184,13 +242,18 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
       std::ofstream(best_info_path) << best.dump(1) << '\n';
     }
   }
-  TORCH_CHECK(fs::exists(best_path), "no checkpoint to evaluate in ", cfg.out.string(),
-              " (did training run any epoch?)");
-
-  // The best validation epoch: its test accuracies and utilization rates.
-  load_checkpoint(best_path.string(), net, optimizer, balancer);
-  const UtilizationReport util = probe_utilization(net, as_batches(data.train, 500),
-                                                   as_batches(data.test, 500));
+  if (writer) {
+    TORCH_CHECK(fs::exists(best_path), "no checkpoint to evaluate in ", cfg.out.string(),
+                " (did training run any epoch?)");
+    // The best validation epoch: its test accuracies and utilization rates.
+    load_checkpoint(best_path.string(), net, optimizer, balancer);
+  }
+  if (dp) dp->broadcast_from_rank0();  // rank 0's best model on every rank
+  const UtilizationReport util = with_rank_sum([&](auto sum) {
+    return probe_utilization(net, as_batches(shard(data.train, rank, world), 500),
+                             as_batches(shard(data.test, rank, world), 500), sum);
+  });
+  if (!writer) return {};
   nlohmann::json summary = {
       {"args", args},
       {"best_epoch", best["epoch"]},

