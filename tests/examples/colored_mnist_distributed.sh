@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 launch=$here/../../scripts/launch-local
 work=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 /usr/bin/python3 "$here/make_mnist_fixture.py" "$work/data/mnist/digits"
@@ -77,6 +77,7 @@ for _ in $(seq 600); do  # until rank 0 has finished an epoch (a checkpoint exis
 done
 [[ -s "$work/killed/checkpoint-last.pt" ]] || fail "rank 0 never finished an epoch"
 kill -9 "${pids[1]}"
+wait "${pids[1]}" 2>/dev/null || true  # reap it quietly
 start=$SECONDS
 rc=0
 wait "${pids[0]}" || rc=$?

@@ -7,7 +7,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <fmt/format.h>
 
 namespace mmbalance::detail {
 
