@@ -5,6 +5,9 @@
 #include <filesystem>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <mmbalance/distributed.h>
@@ -29,12 +32,25 @@ std::string fresh_store() {
 
 // Runs body(rank, process_group) for ranks [0, joining) of a group of `world`, one thread
 // each. Returns each rank's exception (null if it finished).
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof addr;
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
 template <class Body>
 std::vector<std::exception_ptr> run_ranks(int world, Body body,
                                           std::chrono::milliseconds timeout = 20s,
-                                          int joining = -1) {
+                                          int joining = -1, std::string store = fresh_store()) {
   if (joining < 0) joining = world;
-  const std::string store = fresh_store();
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(joining));
   std::vector<std::thread> threads;
   for (int r = 0; r < joining; ++r) {
@@ -328,6 +344,19 @@ TEST_CASE("A rank that dies makes the others fail within the timeout", "[distrib
   CHECK_FALSE(errors[1]);
   CHECK_THAT(message_of(errors[0]), Catch::Contains("rank 0 of 2: all-reduce of gradients failed"));
   CHECK(seconds < 15);
+}
+
+TEST_CASE("A TCP store served by rank 0 on 127.0.0.1 forms the group", "[distributed]") {
+  const std::string store = "tcp://127.0.0.1:" + std::to_string(free_port());
+  std::vector<at::Tensor> sums(3);
+  rethrow_any(run_ranks(3, [&](int rank, auto pg) {
+    Net net = small_net(static_cast<std::uint64_t>(rank));
+    DataParallel dp(net, pg);
+    at::Tensor t = at::full({2}, static_cast<double>(rank + 1));
+    dp.all_reduce_sum(t);
+    sums[static_cast<std::size_t>(rank)] = t;
+  }, 20s, -1, store));
+  for (const auto& t : sums) CHECK(at::equal(t, at::full({2}, 6.0)));
 }
 
 TEST_CASE("make_process_group rejects bad arguments", "[distributed]") {

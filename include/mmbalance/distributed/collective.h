@@ -36,13 +36,19 @@ void run_collective(const c10d::ProcessGroup& pg, const char* what, Launch&& lau
   }
 }
 
+/// Where small tensors of bookkeeping collectives live: NCCL only moves CUDA tensors.
+inline at::Device collective_device(const c10d::ProcessGroup& pg) {
+  return pg.getBackendName() == "nccl" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+}
+
 }  // namespace detail
 
 /// Rank 0's `seed`, returned on every rank: seeds a `RandomPolicy` or a data order so that
 /// all ranks draw the same.
 inline std::uint64_t agree_on_seed(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                    std::uint64_t seed) {
-  std::vector<at::Tensor> one{at::tensor({static_cast<std::int64_t>(seed)}, at::kLong)};
+  std::vector<at::Tensor> one{at::tensor({static_cast<std::int64_t>(seed)}, at::kLong)
+                                  .to(detail::collective_device(*pg))};
   c10d::BroadcastOptions opts;
   opts.rootRank = 0;
   detail::run_collective(*pg, "broadcast of the seed", [&] { return pg->broadcast(one, opts); });

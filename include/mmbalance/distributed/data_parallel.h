@@ -274,12 +274,13 @@ class DataParallel {
       ++count;
       numel += b.numel();
     }
-    at::Tensor t = at::tensor({count, numel, -count, -numel}, at::kLong);
-    std::vector<at::Tensor> one{t};
+    std::vector<at::Tensor> one{at::tensor({count, numel, -count, -numel}, at::kLong)
+                                    .to(detail::collective_device(*pg_))};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::MAX;
     detail::run_collective(*pg_, "model check", [&] { return pg_->allreduce(one, opts); });
-    const std::int64_t* v = one[0].data_ptr<std::int64_t>();
+    const at::Tensor host = one[0].to(at::kCPU);
+    const std::int64_t* v = host.data_ptr<std::int64_t>();
     TORCH_CHECK(v[0] == -v[2] && v[1] == -v[3], "DataParallel: the ranks hold different models "
                 "(this rank: ", count, " tensors with ", numel, " elements; largest across "
                 "ranks: ", v[0], " tensors, ", v[1], " elements; smallest: ", -v[2], ", ", -v[3],
