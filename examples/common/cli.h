@@ -1,0 +1,127 @@
+#pragma once
+// Command-line flags shared by the example programs (training, output, data-parallel
+// ranks), the policy dispatch and the final report.
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <mmbalance/distributed.h>
+
+#include "splits.h"
+#include "trainer.h"
+
+namespace mmbalance::examples {
+
+/// Flags every example takes. Set `cfg`'s per-dataset defaults before `add_to`.
+struct CommonFlags {
+  TrainConfig cfg;
+  std::string out;
+  int threads = 2;
+  int world_size = 1, rank = 0;
+  std::string store, dist_host = "127.0.0.1";
+  double dist_timeout = 60;
+
+  void add_to(CLI::App& app) {
+    app.add_option("--policy", cfg.policy, "balancing policy")
+        ->check(CLI::IsMember({"vanilla", "random", "guided"}))->capture_default_str();
+    app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
+        ->check(CLI::NonNegativeNumber)->capture_default_str();
+    app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
+        ->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
+        ->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--warmup-epochs", cfg.warmup_epochs, "regular epochs before balancing")
+        ->check(CLI::NonNegativeNumber)->capture_default_str();
+    app.add_option("--batch-size", cfg.batch_size, "global batch size")->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--seed", cfg.seed, "initialisation, data order and random policy")->capture_default_str();
+    app.add_option("--device", cfg.device)->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+    app.add_option("--threads", threads, "LibTorch CPU threads")->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--out", out, "output folder (logs, checkpoints, summary)")->required();
+    app.add_option("--resume", cfg.resume, "continue from this checkpoint")->check(CLI::ExistingFile);
+    app.add_option("--world-size", world_size, "data-parallel processes (see docs/distributed.md)")
+        ->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--rank", rank, "this process's rank, 0 .. world-size - 1")
+        ->check(CLI::NonNegativeNumber)->capture_default_str();
+    app.add_option("--store", store,
+                   "where the ranks meet: file:///fresh/path or tcp://HOST:PORT (rank 0 serves)");
+    app.add_option("--dist-host", dist_host, "address this rank's connections bind to")->capture_default_str();
+    app.add_option("--dist-timeout", dist_timeout, "seconds to wait for the other ranks")
+        ->check(CLI::PositiveNumber)->capture_default_str();
+  }
+
+  /// After parsing: checks the rank flags, sets the thread count, joins the process group
+  /// (null for one process) and takes rank 0's seeds (`data_seed` too) on every rank.
+  c10::intrusive_ptr<c10d::ProcessGroup> finish(std::uint64_t& data_seed) {
+    if (world_size > 1 && store.empty()) {
+      throw CLI::ValidationError("--store", "is required with --world-size > 1");
+    }
+    if (rank >= world_size) {
+      throw CLI::ValidationError("--rank", "must be below --world-size " + std::to_string(world_size));
+    }
+    cfg.out = out;
+    at::set_num_threads(threads);
+    if (world_size == 1) return {};
+    auto pg = make_process_group(
+        ProcessGroupOptions(store, rank, world_size)
+            .hostname(dist_host)
+            .timeout(std::chrono::milliseconds(static_cast<std::int64_t>(dist_timeout * 1000))));
+    cfg.seed = agree_on_seed(pg, cfg.seed);
+    data_seed = agree_on_seed(pg, data_seed);
+    return pg;
+  }
+
+  /// The arguments every summary records.
+  nlohmann::json json() const {
+    return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
+            {"Q", cfg.Q},             {"lr", cfg.lr},
+            {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
+            {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
+            {"seed", cfg.seed},       {"device", cfg.device},
+            {"threads", threads},     {"world_size", world_size}};
+  }
+};
+
+/// Trains `net` with the policy `cfg.policy` names; returns the summary (empty on ranks
+/// other than 0).
+template <class Net>
+nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
+                                 const nlohmann::json& args,
+                                 const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
+  if (cfg.policy == "random") {
+    return train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);
+  }
+  return train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data,
+                            cfg, args, pg);
+}
+
+/// One line of results and where the summary is (rank 0).
+inline void print_summary(const nlohmann::json& summary, const std::filesystem::path& out) {
+  const auto& u = summary["utilization_test"];
+  std::printf("best epoch %d: test y %.2f%% y0 %.2f%% y1 %.2f%%, u(m1|m0) %s, u(m0|m1) %s, d_util %s\n",
+              summary["best_epoch"].get<int>() + 1, 100 * summary["test"]["y"].get<double>(),
+              100 * summary["test"]["y0"].get<double>(), 100 * summary["test"]["y1"].get<double>(),
+              u["u_m1_given_m0"].dump().c_str(), u["u_m0_given_m1"].dump().c_str(),
+              u["d_util"].dump().c_str());
+  std::printf("summary: %s\n", (out / "summary.json").string().c_str());
+}
+
+/// The body of an example's main(): runs it and turns errors into a message and exit 1.
+template <class Run>
+int run_main(const char* program, Run&& run) {
+  try {
+    return run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", program, mmbalance::detail::error_text(e).c_str());
+  }
+  return 1;
+}
+
+}  // namespace mmbalance::examples
