@@ -65,3 +65,30 @@ TEST_CASE("ConvBranch clone is deep", "[branch]") {
   }
   CHECK_FALSE(torch::equal(branch->forward(x), copy->forward(x)));
 }
+
+TEST_CASE("ConvBranch with spatial_dims(3) runs 3-d convolutions over clips", "[branch]") {
+  ConvBranch branch(ConvBranchOptions(1, 5).channels({4, 8}).strides({1, 2}).spatial_dims(3));
+  CHECK(branch->stages[0]->size() == 3);
+  CHECK(dynamic_cast<torch::nn::Conv3dImpl*>(branch->stages[0]->ptr(0).get()) != nullptr);
+  CHECK(dynamic_cast<torch::nn::BatchNorm3dImpl*>(branch->stages[0]->ptr(1).get()) != nullptr);
+  auto clip = at::randn({2, 1, 6, 8, 8});  // (batch, channels, time, height, width)
+  auto h = branch->forward_stage(0, clip);
+  CHECK(h.sizes().vec() == std::vector<int64_t>{2, 4, 6, 8, 8});
+  h = branch->forward_stage(1, h);
+  CHECK(h.sizes().vec() == std::vector<int64_t>{2, 8, 3, 4, 4});
+  // The head pools over time and space.
+  CHECK(torch::allclose(branch->head(h), branch->classifier->forward(h.mean({2, 3, 4})), 1e-5, 1e-6));
+  CHECK_THROWS_WITH(branch->forward(at::randn({2, 1, 8, 8})),
+                    Catch::Contains("expected input (batch, 1, time, height, width)"));
+  CHECK_THROWS_WITH(ConvBranch(ConvBranchOptions(1, 5).spatial_dims(1)),
+                    Catch::Contains("spatial_dims must be 2 (images) or 3 (clips)"));
+
+  // Clips of two modalities joined by an MMTM, a regular and a re-balancing step.
+  auto rgb = ConvBranch(ConvBranchOptions(3, 5).channels({4, 8}).strides({1, 2}).spatial_dims(3));
+  ConvMMTMNet net(rgb, branch, {{1, MMTM(8, 8)}});
+  auto out = net->forward(at::randn({2, 3, 6, 8, 8}), clip);
+  CHECK(out.y.sizes().vec() == std::vector<int64_t>{2, 5});
+  CHECK(net->taps[0].module->gate_samples.item<double>() == 2.0);
+  auto rebalanced = net->forward(at::randn({2, 3, 6, 8, 8}), clip, StepKind::rebalance_m1);
+  CHECK(rebalanced.y1.sizes().vec() == std::vector<int64_t>{2, 5});
+}

@@ -2,16 +2,42 @@
 // In-memory data of the example programs: both modalities and the labels per split.
 
 #include <cstdint>
+#include <functional>
+#include <optional>
+#include <utility>
 
 #include <ATen/ATen.h>
 
 namespace mmbalance::examples {
 
-/// One split: modality 0, modality 1, labels. Images may be stored as uint8 (0..255) to
-/// save memory; `model_input` turns a batch of them into floats in [0, 1].
+/// Makes the inputs (modality 0, modality 1) of the samples `ids` of a data source. With
+/// an `augment_seed` it applies training-time augmentation drawn from that seed (so a
+/// resumed run draws the same); without one, the evaluation transform.
+using InputLoader = std::function<std::pair<at::Tensor, at::Tensor>(
+    const at::Tensor& ids, std::optional<std::uint64_t> augment_seed)>;
+
+/// One split: modality 0, modality 1, labels. Either in memory (`x0`, `x1`; images may be
+/// uint8 0..255 to save memory) or loaded batch by batch (`load` with the source's `ids`
+/// of the split's rows). `model_input` turns a batch into floats in [0, 1].
 struct Split {
   at::Tensor x0, x1, y;
+  InputLoader load{};
+  at::Tensor ids{};
+
   std::int64_t size() const { return y.size(0); }
+
+  /// Rows [begin, begin + length).
+  Split slice(std::int64_t begin, std::int64_t length) const {
+    auto part = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, begin, length) : t; };
+    return {part(x0), part(x1), part(y), load, part(ids)};
+  }
+
+  /// The inputs of rows `rows` (CPU, uint8 or float).
+  std::pair<at::Tensor, at::Tensor> inputs(const at::Tensor& rows,
+                                           std::optional<std::uint64_t> augment_seed = {}) const {
+    if (load) return load(ids.index_select(0, rows), augment_seed);
+    return {x0.index_select(0, rows), x1.index_select(0, rows)};
+  }
 };
 
 struct Splits {

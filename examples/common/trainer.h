@@ -52,8 +52,7 @@ inline nlohmann::json to_json(const Accuracy& a) { return {{"y", a.y}, {"y0", a.
 /// Rows [n * rank / world, n * (rank + 1) / world) of a split: one rank's share.
 inline Split shard(const Split& s, int rank, int world) {
   const std::int64_t begin = s.size() * rank / world, end = s.size() * (rank + 1) / world;
-  return {s.x0.narrow(0, begin, end - begin), s.x1.narrow(0, begin, end - begin),
-          s.y.narrow(0, begin, end - begin)};
+  return s.slice(begin, end - begin);
 }
 
 /// The split in consecutive batches of float inputs on `device`, made one at a time as
@@ -63,8 +62,8 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
   return std::views::iota(std::int64_t{0}, count) |
          std::views::transform([s = std::move(s), batch_size, device](std::int64_t b) {
            const std::int64_t i = b * batch_size, len = std::min(batch_size, s.size() - i);
-           return MultiModalBatch{model_input(s.x0.narrow(0, i, len), device),
-                                  model_input(s.x1.narrow(0, i, len), device),
+           const auto [x0, x1] = s.inputs(at::arange(i, i + len, at::kLong));
+           return MultiModalBatch{model_input(x0, device), model_input(x1, device),
                                   s.y.narrow(0, i, len).to(device)};
          });
 }
@@ -176,8 +175,12 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
       const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
       const at::Tensor idx = perm.narrow(0, s * cfg.batch_size + begin, end - begin);
-      const at::Tensor x0 = model_input(data.train.x0.index_select(0, idx), device);
-      const at::Tensor x1 = model_input(data.train.x1.index_select(0, idx), device);
+      // Augmentation (lazy sources) drawn from (seed, epoch, step): resumable.
+      const auto [cpu_x0, cpu_x1] = data.train.inputs(
+          idx, cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 100003ULL +
+                   static_cast<std::uint64_t>(s));
+      const at::Tensor x0 = model_input(cpu_x0, device);
+      const at::Tensor x1 = model_input(cpu_x1, device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepKind kind = balancer.next_step();
       const ModelOutput out = net->forward(x0, x1, kind);

@@ -44,9 +44,12 @@ struct ConvBranchOptions {
   /// BatchNorm after each convolution (the network does not train without it at lr 0.01,
   /// see reproduction-notes.md).
   TORCH_ARG(bool, batch_norm) = true;
+  /// 2: images (batch, channels, height, width); 3: clips (batch, channels, time, height,
+  /// width) with 3-d convolutions, strides applying to time as well.
+  TORCH_ARG(std::int64_t, spatial_dims) = 2;
 };
 
-/// A stack of 2-d convolution stages and a classifier head; satisfies `Branch`.
+/// A stack of 2-d (or 3-d) convolution stages and a classifier head; satisfies `Branch`.
 class ConvBranchImpl : public torch::nn::Cloneable<ConvBranchImpl> {
  public:
   explicit ConvBranchImpl(const ConvBranchOptions& options) : options(options) { reset(); }
@@ -58,6 +61,9 @@ class ConvBranchImpl : public torch::nn::Cloneable<ConvBranchImpl> {
                 " stage channel counts but ", options.strides().size(), " strides");
     TORCH_CHECK(options.kernel_size() > 0 && options.kernel_size() % 2 == 1,
                 "ConvBranch: kernel_size must be odd and positive, got ", options.kernel_size());
+    TORCH_CHECK(options.spatial_dims() == 2 || options.spatial_dims() == 3,
+                "ConvBranch: spatial_dims must be 2 (images) or 3 (clips), got ",
+                options.spatial_dims());
     TORCH_CHECK(options.in_channels() > 0 && options.num_classes() > 0,
                 "ConvBranch: in_channels and num_classes must be positive, got ",
                 options.in_channels(), " and ", options.num_classes());
@@ -67,10 +73,16 @@ class ConvBranchImpl : public torch::nn::Cloneable<ConvBranchImpl> {
       TORCH_CHECK(ch[i] > 0 && options.strides()[i] > 0, "ConvBranch: stage ", i,
                   " has channels=", ch[i], " stride=", options.strides()[i]);
       torch::nn::Sequential stage;
-      stage->push_back(torch::nn::Conv2d(torch::nn::Conv2dOptions(in, ch[i], options.kernel_size())
-                                             .stride(options.strides()[i])
-                                             .padding(options.kernel_size() / 2)));
-      if (options.batch_norm()) stage->push_back(torch::nn::BatchNorm2d(ch[i]));
+      const std::int64_t k = options.kernel_size(), stride = options.strides()[i];
+      if (options.spatial_dims() == 2) {
+        stage->push_back(torch::nn::Conv2d(
+            torch::nn::Conv2dOptions(in, ch[i], k).stride(stride).padding(k / 2)));
+        if (options.batch_norm()) stage->push_back(torch::nn::BatchNorm2d(ch[i]));
+      } else {
+        stage->push_back(torch::nn::Conv3d(
+            torch::nn::Conv3dOptions(in, ch[i], k).stride(stride).padding(k / 2)));
+        if (options.batch_norm()) stage->push_back(torch::nn::BatchNorm3d(ch[i]));
+      }
       stage->push_back(torch::nn::ReLU());
       stages.push_back(register_module("stage" + std::to_string(i), stage));
       in = ch[i];
@@ -90,15 +102,16 @@ class ConvBranchImpl : public torch::nn::Cloneable<ConvBranchImpl> {
     TORCH_CHECK(i < stages.size(), "ConvBranch: stage ", i, " out of range (", stages.size(),
                 " stages)");
     if (i == 0) {
-      TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
+      TORCH_CHECK(x.dim() == 2 + options.spatial_dims() && x.size(1) == options.in_channels(),
                   "ConvBranch: expected input (batch, ", options.in_channels(),
-                  ", height, width), got ", detail::shape_string(x));
+                  options.spatial_dims() == 3 ? ", time" : "", ", height, width), got ",
+                  detail::shape_string(x));
     }
     return stages[i]->forward(x);
   }
 
-  /// Global average pool and linear classifier.
-  at::Tensor head(const at::Tensor& x) { return classifier->forward(x.mean({2, 3})); }
+  /// Global average pool (over space, and time for clips) and linear classifier.
+  at::Tensor head(const at::Tensor& x) { return classifier->forward(x.flatten(2).mean(-1)); }
 
   /// The whole branch on its own (no fusion).
   at::Tensor forward(at::Tensor x) {
