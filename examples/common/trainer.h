@@ -37,6 +37,8 @@ struct TrainConfig {
   std::int64_t batch_size = 128;
   std::int64_t warmup_epochs = 1;
   std::uint64_t seed = 0;
+  /// Batch size of evaluation and the probe (memory, not results).
+  std::int64_t eval_batch_size = 500;
   std::string device = "cpu";
   std::filesystem::path out;
   std::string resume;
@@ -71,13 +73,14 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
 /// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
 /// counts of all ranks).
 template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
-Accuracy evaluate(Net& net, const Split& s, at::Device device, SumAcrossRanks sum_across_ranks = {}) {
+Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batch_size,
+                  SumAcrossRanks sum_across_ranks = {}) {
   at::NoGradGuard no_grad;
   const bool was_training = net->is_training();
   net->eval();
   // correct predictions of y, y0, y1, then the sample count
   at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
-  for (const auto& b : as_batches(s, 500, device)) {
+  for (const auto& b : as_batches(s, batch_size, device)) {
     const auto out = net->forward(b.x0, b.x1);
     const at::Tensor& y = b.target;
     counts.narrow(0, 0, 3).add_(at::stack({out.y.argmax(1).eq(y).sum(),
@@ -224,7 +227,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     balancer.end_epoch();
     if (dp) dp->synchronize_buffers();
     const auto accuracy_on = [&](const Split& split) {
-      return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, sum); });
+      return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, cfg.eval_batch_size, sum); });
     };
     const Accuracy val = accuracy_on(data.validation);
     const Accuracy test = accuracy_on(data.test);
@@ -258,8 +261,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   }
   if (dp) dp->broadcast_from_rank0();  // rank 0's best model on every rank
   const UtilizationReport util = with_rank_sum([&](auto sum) {
-    return probe_utilization(net, as_batches(shard(data.train, rank, world), 500, device),
-                             as_batches(shard(data.test, rank, world), 500, device), sum);
+    return probe_utilization(net, as_batches(shard(data.train, rank, world), cfg.eval_batch_size, device),
+                             as_batches(shard(data.test, rank, world), cfg.eval_batch_size, device), sum);
   });
   if (!writer) return {};
   nlohmann::json summary = {
