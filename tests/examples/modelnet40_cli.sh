@@ -8,17 +8,7 @@ bin=$1
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_error() {  # expect_error SUBSTRING OUT_DIR -- COMMAND...
-  local want=$1 out_dir=$2
-  shift 3
-  local out rc=0
-  out=$("$@" 2>&1) || rc=$?
-  [[ $rc -ne 0 ]] || fail "exit 0 for: $*"
-  grep -qF -- "$want" <<<"$out" || fail "message of '$*' lacks '$want': $out"
-  [[ ! -e "$out_dir/summary.json" ]] || fail "a summary was written by the failing run: $*"
-  echo "ok: rejected ($want)"
-}
+source "$(dirname "$0")/cli_helpers.sh"
 
 /usr/bin/python3 "$here/make_mvcnn_fixture.py" "$work/mv"
 small=(--width 4 --small-stem --batch-size 4 --threads 1)
@@ -54,9 +44,7 @@ expect_error "junk.pt" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/mv"
 # A short run learns the fixture (front and rear bars tell the class apart).
 "$bin" --out "$work/run" --data-dir "$work/mv" "${small[@]}" --epochs 8 --lr 0.05 --momentum 0.9 \
   --validation-size 9 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 || fail "the training run failed"
-for f in log.jsonl summary.json checkpoint-last.pt checkpoint-best.pt best.json; do
-  [[ -s "$work/run/$f" ]] || fail "missing $f"
-done
+expect_outputs "$work/run"
 /usr/bin/python3 - "$work/run" <<'PY'
 import json, sys
 run = sys.argv[1]

@@ -9,17 +9,7 @@ bin=$1
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_error() {  # expect_error SUBSTRING OUT_DIR -- COMMAND...
-  local want=$1 out_dir=$2
-  shift 3
-  local out rc=0
-  out=$("$@" 2>&1) || rc=$?
-  [[ $rc -ne 0 ]] || fail "exit 0 for: $*"
-  grep -qF -- "$want" <<<"$out" || fail "message of '$*' lacks '$want': $out"
-  [[ ! -e "$out_dir/summary.json" ]] || fail "a summary was written by the failing run: $*"
-  echo "ok: rejected ($want)"
-}
+source "$(dirname "$0")/cli_helpers.sh"
 
 /usr/bin/python3 "$here/make_nvgesture_fixture.py" "$work/nv"
 shape=(--frames 8 --resize 20 --crop 16 --width 4 --batch-size 4 --threads 1 --validation-size 6)
@@ -65,9 +55,7 @@ expect_error "00004.png is 30x20 pixels; the clip's other frames are 24x20" "$wo
 # A short guided run learns the fixture (the square's direction tells the class).
 "$bin" --out "$work/full" --data-dir "$work/nv" "${small[@]}" --epochs 6 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 \
   || fail "the training run failed"
-for f in log.jsonl summary.json checkpoint-last.pt checkpoint-best.pt best.json; do
-  [[ -s "$work/full/$f" ]] || fail "missing $f"
-done
+expect_outputs "$work/full"
 /usr/bin/python3 - "$work/full" <<'PY'
 import json, sys
 run = sys.argv[1]
