@@ -177,7 +177,8 @@ TEST_CASE("DataParallel, guided: 2 ranks take the same steps as one process", "[
   check_matches_single_process(GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
 }
 
-TEST_CASE("DataParallel: gate averages are those of the combined batches", "[distributed]") {
+TEST_CASE("DataParallel: gate averages are those of the combined batches, micro-batches included",
+          "[distributed]") {
   Net single = small_net(0);
   freeze_batch_norm(single);
   auto b = small_batch(kGlobalBatch, 3);
@@ -188,11 +189,18 @@ TEST_CASE("DataParallel: gate averages are those of the combined batches", "[dis
     Net& net = nets[static_cast<std::size_t>(rank)];
     freeze_batch_norm(net);
     DataParallel dp(net, pg);
-    const auto out = net->forward(b.x0.narrow(0, 4 * rank, 4), b.x1.narrow(0, 4 * rank, 4));
+    // Rank 0 takes its 4 rows in one pass, rank 1 in two micro-batches of 2 (gradient
+    // accumulation): pending sums add up until synchronize.
+    const std::int64_t micro = rank == 0 ? 4 : 2;
+    at::Tensor loss = at::zeros({});
+    for (std::int64_t first = 4 * rank; first < 4 * rank + 4; first += micro) {
+      const auto out = net->forward(b.x0.narrow(0, first, micro), b.x1.narrow(0, first, micro));
+      (out.y0.sum() + out.y1.sum()).backward();
+      loss = loss + out.y.sum().detach();
+    }
     // Nothing folded before synchronize: the sums are pending.
     CHECK(net->taps[0].module->gate_samples.item<double>() == 0.0);
-    (out.y0.sum() + out.y1.sum()).backward();
-    dp.synchronize(out.y.sum());
+    dp.synchronize(loss);
   }));
   for (std::size_t k = 0; k < single->taps.size(); ++k) {
     for (const auto& net : nets) {
