@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <tuple>
 #include <optional>
 #include <ranges>
 #include <string>
@@ -174,14 +176,25 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
                     steps_per_epoch);
     double loss_sum = 0;
-    for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
+    // This rank's rows of step s's global batch.
+    const auto step_rows = [&](std::int64_t s) {
       const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
       const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
-      const at::Tensor idx = perm.narrow(0, s * cfg.batch_size + begin, end - begin);
-      // Augmentation (lazy sources) drawn from (seed, epoch, step): resumable.
-      const auto [cpu_x0, cpu_x1] = data.train.inputs(
-          idx, cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 100003ULL +
-                   static_cast<std::uint64_t>(s));
+      return std::tuple{perm.narrow(0, s * cfg.batch_size + begin, end - begin), rows};
+    };
+    // Inputs of step s, augmented (lazy sources) from (seed, epoch, step): resumable. The
+    // next step's inputs load on another thread while this step trains.
+    const auto load_step = [&](std::int64_t s) {
+      return data.train.inputs(std::get<0>(step_rows(s)),
+                               cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 100003ULL +
+                                   static_cast<std::uint64_t>(s));
+    };
+    std::future<std::pair<at::Tensor, at::Tensor>> next_inputs;
+    if (steps_per_epoch > 0) next_inputs = std::async(std::launch::async, load_step, 0);
+    for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
+      const auto [idx, rows] = step_rows(s);
+      const auto [cpu_x0, cpu_x1] = next_inputs.get();
+      if (s + 1 < steps_per_epoch) next_inputs = std::async(std::launch::async, load_step, s + 1);
       const at::Tensor x0 = model_input(cpu_x0, device);
       const at::Tensor x1 = model_input(cpu_x1, device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
@@ -189,7 +202,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const ModelOutput out = net->forward(x0, x1, kind);
       // Each rank's mean loss weighted by its share of the rows, so that the average over
       // ranks is the mean over the global batch even when shares differ by one.
-      const double share = static_cast<double>((end - begin) * world) / static_cast<double>(rows);
+      const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
       const at::Tensor loss0 = at::cross_entropy_loss(out.y0, y) * share;
       const at::Tensor loss1 = at::cross_entropy_loss(out.y1, y) * share;
       const at::Tensor loss = loss0 + loss1;
