@@ -241,3 +241,53 @@ TEST_CASE("MMTM discard_last_gate_update restores the previous averages", "[mmtm
   CHECK(torch::equal(avg, mmtm->gate_average0));
   CHECK(mmtm->gate_samples.item<double>() == 4.0);
 }
+
+TEST_CASE("MMTM gate and squeeze averages as sums: deferred, folded, combined", "[mmtm]") {
+  MMTM mmtm(MMTMOptions(3, 2));
+  auto gen = at::detail::createCPUGenerator(11);
+  auto a = at::randn({6, 3, 4, 4}, gen), b = at::randn({6, 2, 4, 4}, gen);
+  MMTM reference(std::dynamic_pointer_cast<MMTMImpl>(mmtm->clone()));
+
+  // Deferred: nothing folded, the pending sums are the batch's gate sums and its size.
+  FusionContext deferred;
+  deferred.update_gate_average = deferred.defer_gate_update = true;
+  mmtm->forward(a.narrow(0, 0, 4), b.narrow(0, 0, 4), deferred);
+  mmtm->forward(a.narrow(0, 4, 2), b.narrow(0, 4, 2), deferred);
+  CHECK(mmtm->gate_samples.item<double>() == 0.0);
+  CHECK(torch::allclose(mmtm->gate_average0, torch::ones({3})));
+  const at::Tensor pending = mmtm->take_pending_gate_sums();
+  REQUIRE(pending.sizes().vec() == std::vector<int64_t>{3 + 2 + 1});
+  CHECK(pending[5].item<double>() == 6.0);
+  CHECK(torch::allclose(mmtm->take_pending_gate_sums(), torch::zeros({6})));  // taken
+
+  // Folding the sums equals one immediate update with the whole batch.
+  mmtm->fold_gate_sums(pending);
+  FusionContext regular;
+  regular.update_gate_average = true;
+  reference->forward(a, b, regular);
+  CHECK(torch::allclose(mmtm->gate_average0, reference->gate_average0, 1e-5, 1e-6));
+  CHECK(torch::allclose(mmtm->gate_average1, reference->gate_average1, 1e-5, 1e-6));
+  CHECK(mmtm->gate_samples.item<double>() == 6.0);
+
+  // Sums of zero samples change nothing; discard undoes the last fold and drops pending sums.
+  const auto before = mmtm->gate_average0.clone();
+  mmtm->fold_gate_sums(torch::zeros({6}));
+  CHECK(torch::equal(mmtm->gate_average0, before));
+  mmtm->forward(a, b, deferred);
+  mmtm->discard_last_gate_update();
+  CHECK(torch::allclose(mmtm->take_pending_gate_sums(), torch::zeros({6})));
+  CHECK_THROWS_WITH(mmtm->fold_gate_sums(torch::zeros({5})), Catch::Contains("expected 6 values"));
+
+  // Squeeze averages: sums of two halves, set back, equal the average of the whole.
+  FusionContext record;
+  record.record_squeeze = true;
+  mmtm->reset_squeeze_average();
+  mmtm->forward(a.narrow(0, 0, 4), b.narrow(0, 0, 4), record);
+  const at::Tensor first = mmtm->squeeze_sums();
+  mmtm->reset_squeeze_average();
+  mmtm->forward(a.narrow(0, 4, 2), b.narrow(0, 4, 2), record);
+  mmtm->set_squeeze_sums(first + mmtm->squeeze_sums());
+  CHECK(mmtm->squeeze_average_samples() == 6);
+  CHECK(torch::allclose(mmtm->squeeze_average0, a.flatten(2).mean(-1).mean(0), 1e-5, 1e-6));
+  CHECK(torch::allclose(mmtm->squeeze_average1, b.flatten(2).mean(-1).mean(0), 1e-5, 1e-6));
+}
