@@ -58,7 +58,7 @@ struct CommonFlags {
 
   /// After parsing: checks the rank flags, sets the thread count, joins the process group
   /// (null for one process) and takes rank 0's seeds (`data_seed` too) on every rank.
-  c10::intrusive_ptr<c10d::ProcessGroup> finish(std::uint64_t& data_seed) {
+  c10::intrusive_ptr<CollectiveBackend> finish(std::uint64_t& data_seed) {
     if (world_size > 1 && store.empty()) {
       throw CLI::ValidationError("--store", "is required with --world-size > 1");
     }
@@ -93,7 +93,7 @@ struct CommonFlags {
 template <class Net>
 nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
                                  const nlohmann::json& args,
-                                 const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+                                 const c10::intrusive_ptr<CollectiveBackend>& pg) {
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
   if (cfg.policy == "random") {
     return train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);

@@ -119,7 +119,7 @@ inline std::string read_text(const std::filesystem::path& p) {
 template <class Net, class Policy>
 nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                   const TrainConfig& cfg, const nlohmann::json& args,
-                                  const c10::intrusive_ptr<c10d::ProcessGroup>& pg = {}) {
+                                  const c10::intrusive_ptr<CollectiveBackend>& pg = {}) {
   namespace fs = std::filesystem;
   const at::Device device(cfg.device);
   TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),

@@ -9,15 +9,32 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/version.h>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#else
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#endif
 
 #include "mmbalance/detail/check.h"
 
 namespace mmbalance {
+
+/// What carries mmbalance's collectives. LibTorch 1.x: a `c10d::ProcessGroup` (Gloo and
+/// NCCL are process groups). LibTorch 2.x split process groups from their backends: Gloo
+/// and NCCL became `c10d::Backend`s, and a `c10d::ProcessGroup` you already hold hands out
+/// the one for your tensors' device with `pg->getBackend(c10::DeviceType::CPU)` (or `CUDA`).
+/// Both have the calls used here (`allreduce`, `broadcast`, `barrier`, `getRank`, ...).
+#if TORCH_VERSION_MAJOR >= 2
+using CollectiveBackend = c10d::Backend;
+#else
+using CollectiveBackend = c10d::ProcessGroup;
+#endif
+
 namespace detail {
 
 /// Throws the error for a failed collective `what`: the rank, the cause, what to check.
-[[noreturn]] inline void collective_failed(const c10d::ProcessGroup& pg, const char* what,
+[[noreturn]] inline void collective_failed(const CollectiveBackend& pg, const char* what,
                                            const std::exception& e) {
   C10_THROW_ERROR(Error, c10::str("rank ", pg.getRank(), " of ", pg.getSize(), ": ", what,
                                   " failed (", error_text(e),
@@ -28,7 +45,7 @@ namespace detail {
 /// Starts the collective `launch()` returns and waits for it. Whatever fails (a peer that
 /// closed its connections, a timeout) becomes a c10::Error naming the rank and `what`.
 template <class Launch>
-void run_collective(const c10d::ProcessGroup& pg, const char* what, Launch&& launch) {
+void run_collective(const CollectiveBackend& pg, const char* what, Launch&& launch) {
   try {
     launch()->wait();
   } catch (const std::exception& e) {
@@ -37,7 +54,7 @@ void run_collective(const c10d::ProcessGroup& pg, const char* what, Launch&& lau
 }
 
 /// Where small tensors of bookkeeping collectives live: NCCL only moves CUDA tensors.
-inline at::Device collective_device(const c10d::ProcessGroup& pg) {
+inline at::Device collective_device(const CollectiveBackend& pg) {
   return pg.getBackendName() == "nccl" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
 }
 
@@ -45,7 +62,7 @@ inline at::Device collective_device(const c10d::ProcessGroup& pg) {
 
 /// Rank 0's `seed`, returned on every rank: seeds a `RandomPolicy` or a data order so that
 /// all ranks draw the same.
-inline std::uint64_t agree_on_seed(const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+inline std::uint64_t agree_on_seed(const c10::intrusive_ptr<CollectiveBackend>& pg,
                                    std::uint64_t seed) {
   std::vector<at::Tensor> one{at::tensor({static_cast<std::int64_t>(seed)}, at::kLong)
                                   .to(detail::collective_device(*pg))};

@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/arg.h>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/nn/module.h>
 
 #include "mmbalance/detail/check.h"
@@ -73,7 +72,7 @@ concept DataParallelNet = requires(Net net) {
 template <DataParallelNet Net>
 class DataParallel {
  public:
-  DataParallel(Net net, c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+  DataParallel(Net net, c10::intrusive_ptr<CollectiveBackend> process_group,
                DataParallelOptions options = {})
       : net_(std::move(net)), pg_(std::move(process_group)), options_(options) {
     TORCH_CHECK(pg_, "DataParallel: the process group is null");
@@ -90,7 +89,7 @@ class DataParallel {
 
   int rank() const { return pg_->getRank(); }
   int world_size() const { return pg_->getSize(); }
-  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const { return pg_; }
+  const c10::intrusive_ptr<CollectiveBackend>& process_group() const { return pg_; }
 
   /// After `backward()`: averages the gradients over all ranks (bucketed), adds up the
   /// fusion modules' pending gate sums and folds them in, and returns this step's loss
@@ -288,7 +287,7 @@ class DataParallel {
   }
 
   Net net_;
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<CollectiveBackend> pg_;
   DataParallelOptions options_;
 };
 

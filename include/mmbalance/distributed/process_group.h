@@ -11,7 +11,6 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/arg.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef USE_C10D_NCCL
@@ -19,6 +18,7 @@
 #endif
 
 #include "mmbalance/detail/check.h"
+#include "mmbalance/distributed/collective.h"
 
 namespace mmbalance {
 
@@ -99,7 +99,7 @@ inline c10::intrusive_ptr<c10d::Store> make_store(const ProcessGroupOptions& opt
 
 /// Joins the process group described by `options`; returns when all `world_size` ranks
 /// have joined. Throws, within about `timeout`, if they do not.
-inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const ProcessGroupOptions& options) {
+inline c10::intrusive_ptr<CollectiveBackend> make_process_group(const ProcessGroupOptions& options) {
   TORCH_CHECK(options.world_size() >= 1, "make_process_group: world_size must be >= 1, got ",
               options.world_size());
   TORCH_CHECK(options.rank() >= 0 && options.rank() < options.world_size(),
