@@ -1,7 +1,8 @@
 // Question: what does the utilization probe cost compared with a plain evaluation?
 // Over the same evaluation data (and a training set of the same size for the squeeze
-// averages): one full probe, the probe's evaluation part alone (squeeze averages already
-// recorded), the recording pass alone, and one plain evaluation pass.
+// averages): one full probe (probe_utilization), its two halves alone
+// (record_squeeze_averages over the training set, evaluate_utilization over the
+// evaluation set), and one plain evaluation pass.
 #include <benchmark/benchmark.h>
 
 #include "bench_common.h"
@@ -48,39 +49,22 @@ void BM_FullProbe(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(probe_utilization(net, train, eval));
 }
 
-void BM_ProbeRecordSqueezeOnly(benchmark::State& state) {
+void BM_RecordSqueezeAverages(benchmark::State& state) {
   auto& net = model();
   const auto train = data(0);
-  for (auto _ : state) {
-    torch::NoGradGuard ng;
-    net->reset_squeeze_averages();
-    for (const auto& b : train) net->record_squeeze(b.x0, b.x1);
-  }
+  for (auto _ : state) record_squeeze_averages(net, train);
 }
 
-void BM_ProbeCutEvaluationOnly(benchmark::State& state) {
+void BM_EvaluateUtilization(benchmark::State& state) {
   auto& net = model();
   const auto train = data(0), eval = data(100);
-  {
-    torch::NoGradGuard ng;
-    net->reset_squeeze_averages();
-    for (const auto& b : train) net->record_squeeze(b.x0, b.x1);
-  }
-  for (auto _ : state) {
-    torch::NoGradGuard ng;
-    at::Tensor correct = at::zeros({5}, at::kLong);
-    for (const auto& b : eval) {
-      const auto out = net->forward_probe(b.x0, b.x1);
-      const auto logits = at::stack({(out.y0 + out.y1) * 0.5, out.y0, out.y0_cut, out.y1, out.y1_cut});
-      correct.add_(logits.argmax(-1).eq(b.target.unsqueeze(0)).sum(1));
-    }
-    benchmark::DoNotOptimize(correct.sum().item<std::int64_t>());
-  }
+  record_squeeze_averages(net, train);
+  for (auto _ : state) benchmark::DoNotOptimize(evaluate_utilization(net, eval));
 }
 
 }  // namespace
 
 BENCHMARK(BM_PlainEvaluation)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 BENCHMARK(BM_FullProbe)->Unit(benchmark::kMillisecond)->MinTime(2.0);
-BENCHMARK(BM_ProbeRecordSqueezeOnly)->Unit(benchmark::kMillisecond)->MinTime(2.0);
-BENCHMARK(BM_ProbeCutEvaluationOnly)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_RecordSqueezeAverages)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_EvaluateUtilization)->Unit(benchmark::kMillisecond)->MinTime(2.0);

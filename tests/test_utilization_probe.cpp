@@ -139,3 +139,56 @@ TEST_CASE("Utilization probe rejects empty evaluation data and bad targets",
   CHECK_THROWS_WITH(probe_utilization(net, train, bad), Catch::Contains("batch 8, got [3]"));
   CHECK(net->is_training());
 }
+
+TEST_CASE("Utilization probe in two halves: record once, evaluate several sets", "[probe]") {
+  auto net = small_net(25);
+  auto train = batches(3, 300);
+  auto validation = batches(2, 400), test = batches(3, 500);
+  label_half_by_each_head(net, validation);
+  label_half_by_each_head(net, test);
+  const auto whole_validation = probe_utilization(net, train, validation);
+  const auto whole_test = probe_utilization(net, train, test);
+
+  auto fresh = small_net(25);
+  CHECK_THROWS_WITH(evaluate_utilization(fresh, test),
+                    Catch::Contains("no squeeze averages recorded"));
+  CHECK(fresh->is_training());
+  record_squeeze_averages(fresh, train);
+  CHECK(fresh->is_training());
+  const std::vector<std::pair<const std::vector<MultiModalBatch>*, UtilizationReport>> sets{
+      {&validation, whole_validation}, {&test, whole_test}};
+  for (const auto& [data, want] : sets) {
+    const auto got = evaluate_utilization(fresh, *data);
+    CHECK(got.samples == want.samples);
+    CHECK(got.accuracy == want.accuracy);
+    CHECK(got.accuracy0_cut == want.accuracy0_cut);
+    CHECK(got.accuracy1_cut == want.accuracy1_cut);
+    CHECK(got.d_util == Approx(want.d_util));
+  }
+  CHECK(fresh->is_training());
+
+  // Recording again replaces the averages: on other data the cut heads change.
+  record_squeeze_averages(fresh, batches(3, 900));
+  const auto t0 = fresh->taps[0].module->squeeze_average0.clone();
+  record_squeeze_averages(fresh, train);
+  CHECK_FALSE(torch::equal(t0, fresh->taps[0].module->squeeze_average0));
+  CHECK(fresh->taps[0].module->squeeze_average_samples() == 24);
+}
+
+TEST_CASE("A training-set pass with record_squeeze returns forward's outputs and records the "
+          "averages", "[probe]") {
+  auto net = small_net(26);
+  auto train = batches(3, 600);
+  record_squeeze_averages(net, train);
+  const auto want = net->taps[1].module->squeeze_average1.clone();
+
+  auto other = small_net(26);
+  torch::NoGradGuard ng;
+  other->eval();
+  other->reset_squeeze_averages();
+  for (const auto& b : train) {
+    const auto recorded = other->record_squeeze(b.x0, b.x1);
+    CHECK(torch::equal(recorded.y, other->forward(b.x0, b.x1).y));
+  }
+  CHECK(torch::allclose(other->taps[1].module->squeeze_average1, want));
+}

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <ranges>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -51,29 +52,39 @@ struct UtilizationReport {
   std::int64_t samples = 0;    ///< evaluation samples
 };
 
-/// Runs the probe on `net` (a `MultiModalNet` handle): records each fusion module's
-/// training-set squeeze averages over `train` with the trained model, then evaluates
-/// the normal and the cut heads over `eval` in one pass per batch. Batches are moved to
-/// the model's device. Runs in eval mode without gradients and restores the model's
-/// training mode afterwards; gate averages are untouched. One host read at the end.
-///
-/// Data-parallel: every rank passes its own shards of `train` and `eval` and a
-/// `sum_across_ranks` that adds a tensor up over all ranks in place (e.g.
-/// `DataParallel::sum_across_ranks()`); the squeeze averages and the counts are then
-/// those of all shards together, and every rank gets the same report.
-template <class Net, BatchRange TrainData, BatchRange EvalData,
-          std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
-UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval,
-                                    SumAcrossRanks sum_across_ranks = {}) {
-  at::NoGradGuard no_grad;
-  const bool was_training = net->is_training();
-  net->eval();
-  struct RestoreMode {
-    Net& net;
-    bool training;
-    ~RestoreMode() { net->train(training); }
-  } restore{net, was_training};
+namespace detail {
 
+/// Eval mode without gradients for the probe's passes; the training mode comes back after.
+template <class Net>
+class ProbeMode {
+ public:
+  explicit ProbeMode(Net& net) : net_(net), was_training_(net->is_training()) { net_->eval(); }
+  ~ProbeMode() { net_->train(was_training_); }
+  ProbeMode(const ProbeMode&) = delete;
+  ProbeMode& operator=(const ProbeMode&) = delete;
+
+ private:
+  at::NoGradGuard no_grad_;
+  Net& net_;
+  bool was_training_;
+};
+
+}  // namespace detail
+
+/// The probe's first half: records each fusion module's training-set squeeze averages
+/// (h0_bar^k, h1_bar^k) over `train` with the model as it is now, replacing earlier
+/// ones. Runs in eval mode without gradients and restores the training mode; batches are
+/// moved to the model's device; no host read. Record once, then `evaluate_utilization`
+/// on as many evaluation sets as you like. Data-parallel: each rank passes its shard and
+/// a `sum_across_ranks` (see `probe_utilization`).
+///
+/// If you already run the model over the training data after training (to report its
+/// training accuracy, say), use `net->record_squeeze(x0, x1)` for that pass instead of
+/// `forward`: it returns the same outputs and records the averages on the way, so the
+/// probe then costs only `evaluate_utilization`.
+template <class Net, BatchRange TrainData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_across_ranks = {}) {
+  const detail::ProbeMode<Net> mode(net);
   const at::Device device = net->parameters().front().device();
   net->reset_squeeze_averages();
   for (const auto& batch : train) {
@@ -86,14 +97,28 @@ UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval
       tap.module->set_squeeze_sums(sums);
     }
   }
+}
 
+/// The probe's second half: evaluates the normal and the cut heads over `eval` in one
+/// pass per batch, with the squeeze averages recorded by `record_squeeze_averages` (or
+/// `record_squeeze`), and returns the accuracies and rates. Eval mode without gradients,
+/// training mode restored; gate and squeeze averages untouched. Two host reads: one
+/// before the loop (were averages recorded?) and the counts at the end. Data-parallel:
+/// counts are added up with `sum_across_ranks`, so every rank gets the same report.
+template <class Net, BatchRange EvalData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+UtilizationReport evaluate_utilization(Net& net, EvalData&& eval, SumAcrossRanks sum_across_ranks = {}) {
+  const detail::ProbeMode<Net> mode(net);
+  TORCH_CHECK(net->has_squeeze_averages(),
+              "evaluate_utilization: no squeeze averages recorded; run record_squeeze_averages "
+              "over the training data first");
+  const at::Device device = net->parameters().front().device();
   // correct predictions of y, y0, y0', y1, y1', then the sample count
   at::Tensor correct = at::zeros({6}, at::TensorOptions(at::kLong).device(device));
   for (const auto& batch : eval) {
     const at::Tensor target = batch.target.to(device);
     const ProbeOutput out = net->forward_probe(batch.x0.to(device), batch.x1.to(device));
     TORCH_CHECK(target.dim() == 1 && target.size(0) == out.y0.size(0),
-                "probe_utilization: target must be (batch) class indices with batch ",
+                "evaluate_utilization: target must be (batch) class indices with batch ",
                 out.y0.size(0), ", got ", detail::shape_string(target));
     const at::Tensor logits =
         at::stack({(out.y0 + out.y1) * 0.5, out.y0, out.y0_cut, out.y1, out.y1_cut});
@@ -103,7 +128,7 @@ UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval
   sum_across_ranks(correct);
   const at::Tensor counts = correct.to(at::kCPU);
   const std::int64_t samples = counts.data_ptr<std::int64_t>()[5];
-  TORCH_CHECK(samples > 0, "probe_utilization: the evaluation data is empty");
+  TORCH_CHECK(samples > 0, "evaluate_utilization: the evaluation data is empty");
 
   const at::Tensor host = counts.narrow(0, 0, 5).to(at::kDouble) / static_cast<double>(samples);
   const double* a = host.data_ptr<double>();
@@ -118,6 +143,21 @@ UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval
   r.u_m0_given_m1 = r.accuracy1 > 0 ? (r.accuracy1 - r.accuracy1_cut) / r.accuracy1 : NAN;
   r.d_util = r.u_m1_given_m0 - r.u_m0_given_m1;
   return r;
+}
+
+/// The whole probe: `record_squeeze_averages` over `train` with the trained model, then
+/// `evaluate_utilization` over `eval`.
+///
+/// Data-parallel: every rank passes its own shards of `train` and `eval` and a
+/// `sum_across_ranks` that adds a tensor up over all ranks in place (e.g.
+/// `DataParallel::sum_across_ranks()`); the squeeze averages and the counts are then
+/// those of all shards together, and every rank gets the same report.
+template <class Net, BatchRange TrainData, BatchRange EvalData,
+          std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval,
+                                    SumAcrossRanks sum_across_ranks = {}) {
+  record_squeeze_averages(net, std::forward<TrainData>(train), sum_across_ranks);
+  return evaluate_utilization(net, std::forward<EvalData>(eval), sum_across_ranks);
 }
 
 }  // namespace mmbalance

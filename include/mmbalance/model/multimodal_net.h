@@ -96,14 +96,12 @@ class MultiModalNetImpl : public torch::nn::Module {
 
   /// The normal and the cut network (f0', f1') in one pass over the stacked batch
   /// [x; x]. Stages up to the first fusion tap are the same for both halves, so they run
-  /// once, on x, before the batch is stacked. Needs eval mode and recorded squeeze
-  /// averages (`record_squeeze`).
+  /// once, on x, before the batch is stacked. Needs eval mode and squeeze averages
+  /// recorded with `record_squeeze` (not checked here, to keep device reads out of the
+  /// loop: `evaluate_utilization` checks `has_squeeze_averages()` once).
   ProbeOutput forward_probe(const at::Tensor& x0, const at::Tensor& x1) {
     check_batch(x0, x1);
     TORCH_CHECK(!is_training(), "MultiModalNet::forward_probe needs eval mode (call eval())");
-    TORCH_CHECK(taps.empty() || taps.front().module->squeeze_average_samples() > 0,
-                "MultiModalNet::forward_probe: no squeeze averages recorded; run "
-                "record_squeeze over the training data first");
     const std::int64_t n = x0.size(0);
     const std::size_t shared = taps.empty() ? branch0->num_stages() : taps.front().stage + 1;
     at::Tensor h0 = x0, h1 = x1;
@@ -124,6 +122,15 @@ class MultiModalNetImpl : public torch::nn::Module {
     FusionContext ctx;
     ctx.record_squeeze = true;
     return output(run(x0, x1, ctx));
+  }
+
+  /// Whether every fusion module has recorded squeeze averages (reads one number per
+  /// module from the device).
+  bool has_squeeze_averages() const {
+    for (const auto& tap : taps) {
+      if (tap.module->squeeze_average_samples() == 0) return false;
+    }
+    return true;
   }
 
   void reset_squeeze_averages() {
