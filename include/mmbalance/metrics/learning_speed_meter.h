@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include "mmbalance/detail/cpu_sums_of_squares.h"
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
@@ -46,10 +47,12 @@ struct SpeedSummary {
   }
 };
 
-/// Measures μ for the four groups of `ParameterGroups` with two fused norm reductions
-/// (`_foreach_norm` over every distinct parameter and every gradient) and one small
-/// matrix product that sums them per group. A parameter in several groups (MMTM's joint
-/// layer) is reduced once. Nothing is read to the host unless asked for.
+/// Measures μ for the four groups of `ParameterGroups` with one fused reduction over
+/// every distinct parameter and every gradient (`_foreach_norm` on a GPU; on the CPU a
+/// single parallel pass of our own, accumulated in double, since LibTorch's CPU
+/// `_foreach_norm` dispatches one reduction per tensor) and one masked sum per group. A
+/// parameter in several groups (MMTM's joint layer) is reduced once. Nothing is read to
+/// the host unless asked for.
 ///
 /// Call `measure()` after `backward()` and before the optimizer step: ||θ|| is read at
 /// the point where the gradient was taken, as the official code does.
@@ -99,8 +102,13 @@ class LearningSpeedMeter {
       tensors.push_back(g.defined() ? g : zero_);
     }
     for (const auto& p : params_) tensors.push_back(p);
-    const std::vector<at::Tensor> norms = at::_foreach_norm(tensors);
-    const at::Tensor sq = at::stack(norms).to(at::kDouble).square().view({2, -1, 1});
+    at::Tensor sq;
+    if (detail::cpu_sums_of_squares_apply(tensors)) {
+      sq = detail::cpu_sums_of_squares(tensors);
+    } else {
+      sq = at::stack(at::_foreach_norm(tensors)).to(at::kDouble).square();
+    }
+    sq = sq.view({2, -1, 1});
     // A masked sum, not a product with a 0/1 matrix: 0 * NaN would spread one bad
     // gradient into every group.
     return at::where(membership_, sq, 0.0).sum(1);
