@@ -8,7 +8,7 @@ import sys
 
 def medians(files):
     merged = {"context": None, "benchmarks": []}
-    times = {}
+    times, counters = {}, {}
     for path in files:
         with open(path) as f:
             text = f.read()
@@ -22,7 +22,10 @@ def medians(files):
             if b.get("aggregate_name") == "median":
                 name = b["run_name"].split("/min_time")[0].split("/repeats")[0]
                 times[name] = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1}[b["time_unit"]]
-    return merged, times
+                for counter in ("guided_over_vanilla", "guided_no_checks_over_vanilla", "rebalance_over_vanilla"):
+                    if counter in b:
+                        counters[(name, counter)] = b[counter]
+    return merged, times, counters
 
 
 def main():
@@ -30,7 +33,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("files", nargs="+")
     args = ap.parse_args()
-    merged, t = medians(args.files)
+    merged, t, counters = medians(args.files)
     rows = []
 
     def ratio(label, num, den, target, op):
@@ -45,13 +48,21 @@ def main():
         rows.append({"question": label, "numerator": num, "denominator": den, "ratio": r,
                      "target": f"{op} {target:g}", "met": ok})
 
+    def paired(label, bench, counter, target):
+        if (bench, counter) not in counters:
+            return
+        r = counters[(bench, counter)]
+        rows.append({"question": label, "numerator": f"{bench}:{counter}", "denominator": "", "ratio": r,
+                     "target": f"<= {target:g}", "met": r <= target})
+
     for model, name in (("0", "colored-MNIST net"), ("1", "ResNet18 pair")):
         ratio(f"naive / meter ({name})", f"BM_NaivePerParameter/{model}", f"BM_MeterObserve/{model}", 10, ">=")
         ratio(f"meter / floor ({name})", f"BM_MeterObserve/{model}", f"BM_FloorNorm/{model}", 2, "<=")
     for b, target in ((8, 1.03), (32, 1.03), (128, 1.01)):
-        ratio(f"guided / vanilla, batch {b}", f"BM_StepGuidedRegular/{b}", f"BM_StepVanilla/{b}", target, "<=")
-        ratio(f"guided (no checks) / vanilla, batch {b}", f"BM_StepGuidedRegularNoChecks/{b}", f"BM_StepVanilla/{b}", target, "<=")
-        ratio(f"re-balancing / vanilla, batch {b}", f"BM_StepRebalance/{b}", f"BM_StepVanilla/{b}", 1.0, "<=")
+        paired(f"guided / vanilla, batch {b} (paired)", f"BM_StepsPaired/{b}", "guided_over_vanilla", target)
+        paired(f"guided (no checks) / vanilla, batch {b} (paired)", f"BM_StepsPaired/{b}",
+               "guided_no_checks_over_vanilla", target)
+        paired(f"re-balancing / vanilla, batch {b} (paired)", f"BM_StepsPaired/{b}", "rebalance_over_vanilla", 1.0)
         ratio(f"balancer overhead (observe alone) / vanilla step, batch {b}", f"BM_BalancerObserveOnly/{b}",
               f"BM_StepVanilla/{b}", round(target - 1, 6), "<=")
     ratio("full probe / plain evaluation", "BM_FullProbe", "BM_PlainEvaluation", 2.2, "<=")
