@@ -1,16 +1,14 @@
 #pragma once
 /// \file
-/// Sums of squares of many CPU tensors in one parallel pass: the learning-speed meter's
-/// CPU path. LibTorch's CPU `_foreach_norm` runs one dispatched reduction per tensor,
-/// which for a small model (about a hundred tensors) costs more than reading the numbers.
+/// Sums of squares of many CPU tensors in one pass: the learning-speed meter's CPU path.
+/// LibTorch's CPU `_foreach_norm` runs one dispatched reduction per tensor, which for a
+/// small model (about a hundred tensors) costs more than reading the numbers.
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 namespace mmbalance::detail {
 
@@ -48,34 +46,18 @@ inline bool cpu_sums_of_squares_apply(const std::vector<at::Tensor>& tensors) {
   });
 }
 
-/// Σ x² of each tensor (a double tensor, one entry per tensor). The work is cut into
-/// fixed chunks that LibTorch's threads share and whose sums are added in a fixed order,
-/// so the result does not depend on the number of threads.
+/// Σ x² of each tensor (a double tensor, one entry per tensor), on the calling thread.
+/// One thread is what the pass gets inside a training step anyway: at::parallel_for is
+/// inline and runs serially unless the including code is built with OpenMP, and for the
+/// bench model waking other threads cost more than it saved.
 inline at::Tensor cpu_sums_of_squares(const std::vector<at::Tensor>& tensors) {
-  constexpr std::int64_t kChunk = std::int64_t{1} << 15;
-  struct Chunk {
-    std::size_t tensor;
-    std::int64_t begin, size;
-  };
-  std::vector<Chunk> chunks;
-  for (std::size_t t = 0; t < tensors.size(); ++t) {
-    const std::int64_t n = tensors[t].numel();
-    for (std::int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(kChunk, n - b)});
-  }
-  std::vector<double> partial(chunks.size());
-  at::parallel_for(0, static_cast<std::int64_t>(chunks.size()), 1, [&](std::int64_t first, std::int64_t last) {
-    for (std::int64_t c = first; c < last; ++c) {
-      const Chunk& chunk = chunks[static_cast<std::size_t>(c)];
-      const at::Tensor& x = tensors[chunk.tensor];
-      partial[static_cast<std::size_t>(c)] =
-          x.scalar_type() == at::kFloat
-              ? sum_of_squares(x.data_ptr<float>() + chunk.begin, chunk.size)
-              : sum_of_squares(x.data_ptr<double>() + chunk.begin, chunk.size);
-    }
-  });
-  at::Tensor out = at::zeros({static_cast<std::int64_t>(tensors.size())}, at::kDouble);
+  at::Tensor out = at::empty({static_cast<std::int64_t>(tensors.size())}, at::kDouble);
   double* sums = out.data_ptr<double>();
-  for (std::size_t c = 0; c < chunks.size(); ++c) sums[chunks[c].tensor] += partial[c];
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    const at::Tensor& x = tensors[t];
+    sums[t] = x.scalar_type() == at::kFloat ? sum_of_squares(x.data_ptr<float>(), x.numel())
+                                            : sum_of_squares(x.data_ptr<double>(), x.numel());
+  }
   return out;
 }
 

@@ -48,8 +48,8 @@ struct SpeedSummary {
 };
 
 /// Measures μ for the four groups of `ParameterGroups` with one fused reduction over
-/// every distinct parameter and every gradient (`_foreach_norm` on a GPU; on the CPU a
-/// single parallel pass of our own, accumulated in double, since LibTorch's CPU
+/// every distinct parameter and every gradient (`_foreach_norm` on a GPU; on the CPU one
+/// pass of our own, accumulated in double across blocks, since LibTorch's CPU
 /// `_foreach_norm` dispatches one reduction per tensor) and one masked sum per group. A
 /// parameter in several groups (MMTM's joint layer) is reduced once. Nothing is read to
 /// the host unless asked for.
