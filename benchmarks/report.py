@@ -22,9 +22,9 @@ def medians(files):
             if b.get("aggregate_name") == "median":
                 name = b["run_name"].split("/min_time")[0].split("/repeats")[0]
                 times[name] = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1}[b["time_unit"]]
-                for counter in ("guided_over_vanilla", "guided_no_checks_over_vanilla", "rebalance_over_vanilla"):
-                    if counter in b:
-                        counters[(name, counter)] = b[counter]
+                for key, value in b.items():  # BM_StepsPaired's ratios, *_over_vanilla
+                    if key.endswith("_over_vanilla"):
+                        counters[(name, key)] = value
     return merged, times, counters
 
 

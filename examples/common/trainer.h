@@ -11,10 +11,10 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
-#include <tuple>
 #include <optional>
 #include <ranges>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -77,9 +77,7 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
 template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batch_size,
                   SumAcrossRanks sum_across_ranks = {}) {
-  at::NoGradGuard no_grad;
-  const bool was_training = net->is_training();
-  net->eval();
+  const mmbalance::detail::EvalModeGuard<Net> eval_mode(net);
   // correct predictions of y, y0, y1, then the sample count
   at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
   for (const auto& b : as_batches(s, batch_size, device)) {
@@ -91,7 +89,6 @@ Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batc
   }
   counts[3].fill_(s.size());
   sum_across_ranks(counts);
-  net->train(was_training);
   const at::Tensor c = counts.to(at::kCPU).to(at::kDouble);
   const double n = c[3].item<double>();
   return {c[0].item<double>() / n, c[1].item<double>() / n, c[2].item<double>() / n};

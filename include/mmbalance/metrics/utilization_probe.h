@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
+#include "mmbalance/detail/eval_mode.h"
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
@@ -52,25 +53,6 @@ struct UtilizationReport {
   std::int64_t samples = 0;    ///< evaluation samples
 };
 
-namespace detail {
-
-/// Eval mode without gradients for the probe's passes; the training mode comes back after.
-template <class Net>
-class ProbeMode {
- public:
-  explicit ProbeMode(Net& net) : net_(net), was_training_(net->is_training()) { net_->eval(); }
-  ~ProbeMode() { net_->train(was_training_); }
-  ProbeMode(const ProbeMode&) = delete;
-  ProbeMode& operator=(const ProbeMode&) = delete;
-
- private:
-  at::NoGradGuard no_grad_;
-  Net& net_;
-  bool was_training_;
-};
-
-}  // namespace detail
-
 /// The probe's first half: records each fusion module's training-set squeeze averages
 /// (h0_bar^k, h1_bar^k) over `train` with the model as it is now, replacing earlier
 /// ones. Runs in eval mode without gradients and restores the training mode; batches are
@@ -84,7 +66,7 @@ class ProbeMode {
 /// probe then costs only `evaluate_utilization`.
 template <class Net, BatchRange TrainData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_across_ranks = {}) {
-  const detail::ProbeMode<Net> mode(net);
+  const detail::EvalModeGuard<Net> eval_mode(net);
   const at::Device device = net->parameters().front().device();
   net->reset_squeeze_averages();
   for (const auto& batch : train) {
@@ -102,12 +84,13 @@ void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_acr
 /// The probe's second half: evaluates the normal and the cut heads over `eval` in one
 /// pass per batch, with the squeeze averages recorded by `record_squeeze_averages` (or
 /// `record_squeeze`), and returns the accuracies and rates. Eval mode without gradients,
-/// training mode restored; gate and squeeze averages untouched. Two host reads: one
-/// before the loop (were averages recorded?) and the counts at the end. Data-parallel:
+/// training mode restored; gate and squeeze averages untouched. Host reads: one number
+/// per fusion module before the loop (were averages recorded?) and the counts at the
+/// end, none per batch. Data-parallel:
 /// counts are added up with `sum_across_ranks`, so every rank gets the same report.
 template <class Net, BatchRange EvalData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 UtilizationReport evaluate_utilization(Net& net, EvalData&& eval, SumAcrossRanks sum_across_ranks = {}) {
-  const detail::ProbeMode<Net> mode(net);
+  const detail::EvalModeGuard<Net> eval_mode(net);
   TORCH_CHECK(net->has_squeeze_averages(),
               "evaluate_utilization: no squeeze averages recorded; run record_squeeze_averages "
               "over the training data first");
