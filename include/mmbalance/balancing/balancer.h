@@ -285,8 +285,8 @@ class Balancer {
     lagged_pending_ = true;
   }
 
-  // LibTorch 1.13's c10::Event has no blocking wait; polling it is not a device
-  // synchronisation, and by the time this runs the copy has landed.
+  // Polled, on every LibTorch: 1.13's c10::Event has no blocking wait, and polling is not a
+  // device synchronisation. By the time this runs the copy has landed.
   void wait_for_lagged_copy() const {
     if (!lagged_event_) return;
     while (!lagged_event_->query()) std::this_thread::yield();

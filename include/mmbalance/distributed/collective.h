@@ -9,27 +9,15 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/intrusive_ptr.h>
-#include <torch/version.h>
-#if TORCH_VERSION_MAJOR >= 2
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-#else
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-#endif
 
 #include "mmbalance/detail/check.h"
+#define MMBALANCE_COMPAT_C10D
+#include "mmbalance/detail/libtorch_compat.h"
 
 namespace mmbalance {
 
-/// What carries mmbalance's collectives. LibTorch 1.x: a `c10d::ProcessGroup` (Gloo and
-/// NCCL are process groups). LibTorch 2.x split process groups from their backends: Gloo
-/// and NCCL became `c10d::Backend`s, and a `c10d::ProcessGroup` you already hold hands out
-/// the one for your tensors' device with `pg->getBackend(c10::DeviceType::CPU)` (or `CUDA`).
-/// Both have the calls used here (`allreduce`, `broadcast`, `barrier`, `getRank`, ...).
-#if TORCH_VERSION_MAJOR >= 2
-using CollectiveBackend = c10d::Backend;
-#else
-using CollectiveBackend = c10d::ProcessGroup;
-#endif
+// CollectiveBackend (c10d::ProcessGroup on LibTorch 1.x, c10d::Backend on 2.x) comes
+// from detail/libtorch_compat.h.
 
 namespace detail {
 
