@@ -22,11 +22,20 @@ std::string state_bytes(const B& balancer) {
 std::vector<at::Tensor> gate_averages(Net& net) {
   std::vector<at::Tensor> out;
   for (auto& tap : net->taps) {
-    out.push_back(tap.module->gate_average0.clone());
-    out.push_back(tap.module->gate_average1.clone());
-    out.push_back(tap.module->gate_samples.clone());
+    out.push_back(tap.module->gate_mean->mean.clone());
+    out.push_back(tap.module->gate_mean->samples.clone());
   }
   return out;
+}
+
+// Parameters equal bit for bit (buffers apart: BatchNorm statistics, gate means).
+bool same_parameters(const torch::nn::Module& a, const torch::nn::Module& b) {
+  const auto pa = a.parameters(), pb = b.parameters();
+  if (pa.size() != pb.size()) return false;
+  for (std::size_t i = 0; i < pa.size(); ++i) {
+    if (!torch::equal(pa[i], pb[i])) return false;
+  }
+  return true;
 }
 
 bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
@@ -53,7 +62,11 @@ TEST_CASE("Vanilla training through the Balancer equals plain training bit for b
     opt_plain.step();
   }
   train_steps(balanced, opt_balanced, balancer, 0, 6, 3);
-  CHECK(same_state(*plain, *balanced));
+  CHECK(same_parameters(*plain, *balanced));
+  // The gate means: committed by the balancer step by step; a loop without one only
+  // stages them (nothing uses them there).
+  for (auto& mean : balanced->gate_means()) CHECK(mean->samples.item<double>() == 48.0);
+  for (auto& mean : plain->gate_means()) CHECK(mean->samples.item<double>() == 0.0);
   CHECK(balancer.total_step_counts()[0] == 6);
   CHECK(balancer.meter().steps() == 6);
   CHECK(std::isfinite(balancer.last_d_speed()));
@@ -73,20 +86,17 @@ TEST_CASE("Guided balancing: warm-up epoch, then the policy driven by measured d
     if (i < 4) CHECK(k[0] == StepKind::regular);  // warm-up epoch
   }
   CHECK(balancer.epoch() == 4);
-  // Replay the policy by hand on the d_speed values after each post-warm-up regular step.
-  GuidedPolicy replay(GuidedOptions().alpha(0.0).Q(2));
-  int rebalancing = 0;
-  for (int i = 4; i < 16; ++i) {
-    CHECK(replay.next_step() == kinds[i]);
-    if (kinds[i] == StepKind::regular) {
-      replay.observe_d_speed(speeds[i]);
-    } else {
-      ++rebalancing;
-      CHECK(speeds[i] == speeds[i - 1]);  // no measurement in a re-balancing step
-    }
+  // alpha 0: every regular step opens a 2-step window in the direction of its d_speed,
+  // so after the 4 warm-up steps the kinds follow a fixed table: R x x, repeated.
+  for (int i = 4; i < 16; i += 3) {
+    INFO("steps " << i << ".." << i + 2);
+    CHECK(kinds[i] == StepKind::regular);
+    const StepKind expected = speeds[i] > 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
+    CHECK(kinds[i + 1] == expected);
+    CHECK(kinds[i + 2] == expected);
+    CHECK(speeds[i + 1] == speeds[i]);  // no measurement in a re-balancing step
   }
-  CHECK(rebalancing == 8);  // alpha = 0: every regular step opens a 2-step window
-  CHECK(balancer.meter().steps() == 8);
+  CHECK(balancer.meter().steps() == 8);  // 4 warm-up + 4 regular
   CHECK(balancer.total_step_counts()[0] == 8);
 }
 
@@ -208,31 +218,51 @@ TEST_CASE("Without per-step checks a non-finite step is skipped on the device", 
   CHECK(std::isfinite(balancer.speed().d_speed));
 }
 
-TEST_CASE("SpeedRead::previous_step hands the policy each d_speed one step later",
-          "[balancer]") {
+TEST_CASE("SpeedRead::previous_step: every window is exactly Q steps, in the direction of the "
+          "speed that opened it", "[balancer]") {
+  // The documented lagged rule: a regular step's d_speed reaches the policy when the next
+  // step is observed, and is dropped if that step is already re-balancing. With alpha 0
+  // every delivered speed opens a window, so after the 4 warm-up steps the kinds follow a
+  // fixed table: R R x x, repeated, where step 4k+2's window was opened by step 4k's speed.
   auto net = small_net(18);
   auto opt = make_sgd(net);
   GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
                           BalancerOptions().warmup_epochs(1).check_every_step(false).speed_read(
                               SpeedRead::previous_step));
   std::vector<StepKind> kinds;
-  std::vector<double> speeds;  // d_speed after each step, read here for the replay
+  std::vector<double> speeds;  // d_speed right after each step, read here
   for (int i = 0; i < 24; ++i) {
     kinds.push_back(train_steps(net, opt, balancer, i, i + 1, 4)[0]);
     speeds.push_back(balancer.speed().d_speed);
   }
-  GuidedPolicy replay(GuidedOptions().alpha(0.0).Q(2));
-  std::optional<double> pending;
-  int rebalancing = 0;
-  for (int i = 4; i < 24; ++i) {
-    CHECK(replay.next_step() == kinds[i]);
-    if (pending) replay.observe_d_speed(*pending);  // delivered when step i is observed
-    pending.reset();
-    if (kinds[i] == StepKind::regular) pending = speeds[i];
-    rebalancing += kinds[i] != StepKind::regular;
+  for (int i = 0; i < 4; ++i) CHECK(kinds[i] == StepKind::regular);
+  for (int i = 4; i < 24; i += 4) {
+    INFO("steps " << i << ".." << i + 3);
+    CHECK(kinds[i] == StepKind::regular);
+    CHECK(kinds[i + 1] == StepKind::regular);
+    const StepKind expected = speeds[i] > 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
+    CHECK(kinds[i + 2] == expected);
+    CHECK(kinds[i + 3] == expected);
   }
-  CHECK(rebalancing > 0);
-  CHECK(rebalancing < 20);
+}
+
+TEST_CASE("SpeedRead::previous_step with Q 3: no window is restarted or mixed", "[balancer]") {
+  auto net = small_net(28);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
+                          BalancerOptions().warmup_epochs(0).check_every_step(false).speed_read(
+                              SpeedRead::previous_step));
+  const auto kinds = train_steps(net, opt, balancer, 0, 25, 100);
+  // R R x x x, five times.
+  for (int i = 0; i < 25; ++i) {
+    INFO("step " << i);
+    if (i % 5 < 2) {
+      CHECK(kinds[i] == StepKind::regular);
+    } else {
+      CHECK(kinds[i] != StepKind::regular);
+      if (i % 5 > 2) CHECK(kinds[i] == kinds[i - 1]);
+    }
+  }
 }
 
 TEST_CASE("SpeedRead::previous_step needs per-step checks off", "[balancer][bad-input]") {
@@ -240,4 +270,175 @@ TEST_CASE("SpeedRead::previous_step needs per-step checks off", "[balancer][bad-
   CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy(),
                                    BalancerOptions().speed_read(SpeedRead::previous_step)),
                     Catch::Contains("set check_every_step(false) too"));
+}
+
+TEST_CASE("A re-balancing step with a NaN gradient is rejected too, before the optimizer "
+          "writes it into the parameters", "[balancer][bad-input]") {
+  auto net = small_net(30);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
+                          BalancerOptions().warmup_epochs(0));
+  train_steps(net, opt, balancer, 0, 1, 100);  // regular; alpha 0 opens a window
+  REQUIRE(balancer.policy().mode() == GuidedPolicy::Mode::rebalance);
+  const auto before = state_bytes(balancer);
+  const StepKind kind = balancer.next_step();
+  REQUIRE(kind != StepKind::regular);
+  auto b = small_batch(8, 1);
+  auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+  opt.zero_grad();
+  loss.backward();
+  net->branch0->classifier->bias.grad()[0] = NAN;  // the loss stays finite
+  CHECK(std::isfinite(loss.item<double>()));
+  CHECK_THROWS_WITH(balancer.observe(loss),
+                    Catch::Contains("non-finite gradient in group theta0 (branch 0)") &&
+                        Catch::Contains(std::string(to_string(kind))));
+  CHECK(state_bytes(balancer) == before);
+  // Without the check the NaN would reach the parameters; with it the loop goes on.
+  opt.zero_grad();
+  train_steps(net, opt, balancer, 2, 6, 100);
+  for (const auto& p : net->parameters()) CHECK(torch::isfinite(p).all().item<bool>());
+}
+
+TEST_CASE("A frozen branch (no gradient): a named error with checks, no re-balancing without",
+          "[balancer][bad-input]") {
+  auto frozen_net = [] {
+    auto net = small_net(31);
+    for (auto& p : net->branch1->parameters()) p.set_requires_grad(false);
+    return net;
+  };
+  SECTION("checks on") {
+    auto net = frozen_net();
+    auto opt = make_sgd(net);
+    GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(2)));
+    CHECK_THROWS_WITH(train_steps(net, opt, balancer, 0, 1),
+                      Catch::Contains("group theta1 (branch 1) has had a zero gradient") &&
+                          Catch::Contains("frozen"));
+  }
+  SECTION("checks off: d_speed is undefined (NaN), never infinite, and guided stays regular") {
+    auto net = frozen_net();
+    auto opt = make_sgd(net);
+    GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(2)),
+                            BalancerOptions().warmup_epochs(1).check_every_step(false));
+    const auto kinds = train_steps(net, opt, balancer, 0, 16, 4);
+    for (const auto k : kinds) CHECK(k == StepKind::regular);
+    CHECK(std::isnan(balancer.last_d_speed()));
+    CHECK(std::isnan(balancer.speed().s_m0_given_m1));
+    CHECK(std::isfinite(balancer.speed().s_m1_given_m0));
+  }
+}
+
+TEST_CASE("A rejected regular step in eval mode does not roll back the step before it",
+          "[balancer][bad-input]") {
+  auto net = small_net(32);
+  auto opt = make_sgd(net);
+  VanillaBalancer balancer(net);
+  train_steps(net, opt, balancer, 0, 3, 100);  // accepted: the gate means moved
+  const auto after_accepted = gate_averages(net);
+  net->eval();  // a regular step in eval mode stages no gates
+  auto b = small_batch(8, 9);
+  const StepKind kind = balancer.next_step();
+  auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target) * NAN;
+  opt.zero_grad();
+  loss.backward();
+  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("non-finite loss"));
+  CHECK(all_equal(after_accepted, gate_averages(net)));
+}
+
+TEST_CASE("abandon_step: a step whose forward or backward threw leaves no trace",
+          "[balancer]") {
+  auto net = small_net(33);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
+                          BalancerOptions().warmup_epochs(0));
+  train_steps(net, opt, balancer, 0, 1, 100);
+  const auto before = state_bytes(balancer);
+  const auto gates = gate_averages(net);
+  balancer.abandon_step();  // nothing pending: no effect
+  CHECK(state_bytes(balancer) == before);
+  // A re-balancing step and a regular one, each given up after its forward pass.
+  for (int i = 0; i < 2; ++i) {
+    const StepKind kind = balancer.next_step();
+    auto b = small_batch(8, 40);
+    net->forward(b.x0, b.x1, kind);
+    balancer.abandon_step();
+    CHECK(state_bytes(balancer) == before);
+    CHECK(all_equal(gates, gate_averages(net)));
+  }
+  // The loop goes on as if they had never been asked for.
+  auto twin = small_net(33);
+  auto twin_opt = make_sgd(twin);
+  GuidedBalancer twin_balancer(twin, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
+                               BalancerOptions().warmup_epochs(0));
+  train_steps(twin, twin_opt, twin_balancer, 0, 1, 100);
+  CHECK(train_steps(net, opt, balancer, 1, 6, 100) ==
+        train_steps(twin, twin_opt, twin_balancer, 1, 6, 100));
+  // Parameters and gate means; BatchNorm's running statistics did see the abandoned
+  // forward passes (LibTorch's own, in any training loop).
+  CHECK(same_parameters(*net, *twin));
+  CHECK(all_equal(gate_averages(net), gate_averages(twin)));
+}
+
+TEST_CASE("meter().steps() counts accumulated steps, not skipped ones", "[balancer]") {
+  auto net = small_net(34);
+  auto opt = make_sgd(net);
+  VanillaBalancer balancer(net, VanillaPolicy(), BalancerOptions().check_every_step(false));
+  train_steps(net, opt, balancer, 0, 3, 100);
+  {  // a step with a NaN gradient, left out; the optimizer does not take it
+    auto b = small_batch(8, 3);
+    const StepKind kind = balancer.next_step();
+    auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+    opt.zero_grad();
+    loss.backward();
+    net->branch0->classifier->bias.grad()[0] = NAN;
+    balancer.observe(loss);
+    opt.zero_grad();
+  }
+  train_steps(net, opt, balancer, 4, 6, 100);
+  CHECK(balancer.skipped_steps() == 1);
+  CHECK(balancer.meter().steps() == 5);
+  CHECK(balancer.total_step_counts()[0] == 6);
+}
+
+TEST_CASE("Resuming with other options is refused, naming the option and both values",
+          "[balancer][bad-input]") {
+  auto net = small_net(35);
+  auto opt = make_sgd(net);
+  GuidedBalancer saved(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
+                       BalancerOptions().warmup_epochs(0));
+  train_steps(net, opt, saved, 0, 3, 100);  // mid-window: regular, then 2 of 5
+  REQUIRE(saved.policy().mode() == GuidedPolicy::Mode::rebalance);
+  torch::serialize::OutputArchive out;
+  saved.save(out);
+  std::stringstream bytes;
+  out.save_to(bytes);
+  auto load_into = [&](auto& balancer) {
+    std::stringstream copy(bytes.str());
+    torch::serialize::InputArchive in;
+    in.load_from(copy);
+    balancer.load(in);
+  };
+  GuidedBalancer other_q(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
+                         BalancerOptions().warmup_epochs(0));
+  const auto untouched = state_bytes(other_q);
+  CHECK_THROWS_WITH(load_into(other_q), Catch::Contains("made with Q 5, this policy has Q 2"));
+  CHECK(state_bytes(other_q) == untouched);
+  GuidedBalancer other_alpha(net, GuidedPolicy(GuidedOptions().alpha(0.5).Q(5)),
+                             BalancerOptions().warmup_epochs(0));
+  CHECK_THROWS_WITH(load_into(other_alpha), Catch::Contains("alpha 0") && Catch::Contains("alpha 0.5"));
+  GuidedBalancer other_warmup(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
+                              BalancerOptions().warmup_epochs(1));
+  CHECK_THROWS_WITH(load_into(other_warmup),
+                    Catch::Contains("warmup_epochs 0, this balancer has warmup_epochs 1"));
+  CHECK(other_warmup.options().warmup_epochs() == 1);
+  RandomBalancer other_policy(net, RandomPolicy(), BalancerOptions().warmup_epochs(0));
+  CHECK_THROWS_WITH(load_into(other_policy), Catch::Contains("made with policy mmbalance::GuidedPolicy") &&
+                                                 Catch::Contains("this balancer has mmbalance::RandomPolicy"));
+  // The same options resume; the window goes on to exactly 5 steps.
+  GuidedBalancer same(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
+                      BalancerOptions().warmup_epochs(0));
+  load_into(same);
+  const auto kinds = train_steps(net, opt, same, 3, 7, 100);
+  CHECK(kinds[0] != StepKind::regular);
+  CHECK(kinds[2] != StepKind::regular);
+  CHECK(kinds[3] == StepKind::regular);  // 1 regular + 5 re-balancing, then regular
 }

@@ -2,6 +2,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <sstream>
 
 #include <unistd.h>
 
@@ -102,14 +104,61 @@ TEST_CASE("Loading a checkpoint of another architecture fails clearly and change
   const auto junk = temp_file("junk.pt").string();
   std::ofstream(junk) << "not a checkpoint";
   CHECK_THROWS_WITH(load_checkpoint(junk, net, opt, balancer),
-                    Catch::Contains("cannot read checkpoint " + junk));
+                    Catch::Contains("checkpoint " + junk + " is not an mmbalance checkpoint"));
+  CHECK_THROWS_WITH(load_checkpoint(junk + ".missing", net, opt, balancer),
+                    Catch::Contains("cannot read checkpoint " + junk + ".missing"));
 
+  // A plain LibTorch archive of the module, as torch::save writes it.
   torch::serialize::OutputArchive plain;
   net->save(plain);
   const auto module_only = temp_file("module_only.pt").string();
   plain.save_to(module_only);
   CHECK_THROWS_WITH(load_checkpoint(module_only, net, opt, balancer),
+                    Catch::Contains("is not an mmbalance checkpoint"));
+
+  // The same archive behind a well-formed header and checksum (made here by hand): it
+  // reaches LibTorch's reader and lacks the architecture record.
+  std::ostringstream archive_bytes;
+  plain.save_to(archive_bytes);
+  const std::string payload = archive_bytes.str();
+  std::string file(mmbalance::detail::kCheckpointMagic);
+  for (const std::uint64_t v : {static_cast<std::uint64_t>(payload.size()), mmbalance::detail::fnv1a(payload)}) {
+    for (int i = 0; i < 8; ++i) file += static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  const auto wrapped = temp_file("wrapped_module.pt").string();
+  std::ofstream(wrapped, std::ios::binary) << file << payload;
+  CHECK_THROWS_WITH(load_checkpoint(wrapped, net, opt, balancer),
                     Catch::Contains("has no architecture record"));
+}
+
+TEST_CASE("A damaged checkpoint is refused by its checksum before LibTorch reads it",
+          "[checkpoint][bad-input]") {
+  auto net = small_net(38);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net);
+  train_steps(net, opt, balancer, 0, 2, 4);
+  const auto path = temp_file("to_damage.pt").string();
+  save_checkpoint(path, net, opt, balancer);
+  std::ifstream in(path, std::ios::binary);
+  const std::string good{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const auto damaged = temp_file("damaged.pt").string();
+  const auto before = net.clone();
+  auto try_load = [&](const std::string& bytes) {
+    std::ofstream(damaged, std::ios::binary | std::ios::trunc) << bytes;
+    load_checkpoint(damaged, net, opt, balancer);
+  };
+  std::string flipped = good;
+  flipped[good.size() / 2] = static_cast<char>(flipped[good.size() / 2] ^ 0x10);
+  CHECK_THROWS_WITH(try_load(flipped), Catch::Contains("checkpoint " + damaged + " is damaged") &&
+                                           Catch::Contains("checksum"));
+  CHECK_THROWS_WITH(try_load(good.substr(0, good.size() - 100)),
+                    Catch::Contains("is damaged") && Catch::Contains("truncated or extended"));
+  CHECK_THROWS_WITH(try_load(good + "x"), Catch::Contains("truncated or extended"));
+  std::string huge = good;  // a size field of 2^63
+  huge[mmbalance::detail::kCheckpointMagic.size() + 7] = static_cast<char>(0x80);
+  CHECK_THROWS_WITH(try_load(huge), Catch::Contains("truncated or extended"));
+  CHECK(same_state(*net, *before));
+  CHECK_NOTHROW(try_load(good));
 }
 
 TEST_CASE("A balancer state made for other parameter groups is rejected", "[checkpoint][bad-input]") {
@@ -127,4 +176,80 @@ TEST_CASE("A balancer state made for other parameter groups is rejected", "[chec
   torch::serialize::InputArchive in;
   in.load_from(buffer);
   CHECK_THROWS_WITH(bal_other.load(in), Catch::Contains("was made for parameter groups with"));
+}
+
+namespace {
+
+template <class T>
+std::string saved_bytes(const T& thing) {
+  torch::serialize::OutputArchive out;
+  thing.save(out);
+  std::stringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+}  // namespace
+
+TEST_CASE("A checkpoint that does not fit the balancer or the optimizer is refused before "
+          "anything changes", "[checkpoint][bad-input]") {
+  auto net = small_net(36);
+  auto opt = make_sgd(net);
+  GuidedBalancer guided(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));
+  train_steps(net, opt, guided, 0, 6, 4);
+  const auto path = temp_file("guided_run.pt").string();
+  save_checkpoint(path, net, opt, guided);
+
+  // Another state to load into: trained differently, so any overwrite would show.
+  auto target = small_net(37);
+  auto target_opt = make_sgd(target);
+  RandomBalancer random(target, RandomPolicy(RandomOptions().seed(1)));
+  train_steps(target, target_opt, random, 0, 3, 4);
+  const auto model_before = target.clone();
+  const auto opt_before = saved_bytes(target_opt);
+  const auto balancer_before = saved_bytes(random);
+
+  SECTION("another policy type") {
+    CHECK_THROWS_WITH(load_checkpoint(path, target, target_opt, random),
+                      Catch::Contains("cannot restore checkpoint " + path) &&
+                          Catch::Contains("made with policy mmbalance::GuidedPolicy") &&
+                          Catch::Contains("unchanged"));
+  }
+  SECTION("an optimizer of another type (after the model was already loaded)") {
+    auto adam = torch::optim::Adam(target->parameters(), torch::optim::AdamOptions(1e-3));
+    GuidedBalancer guided_target(target, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));
+    const auto guided_before = saved_bytes(guided_target);
+    const auto adam_before = saved_bytes(adam);
+    CHECK_THROWS_WITH(load_checkpoint(path, target, adam, guided_target),
+                      Catch::Contains("cannot restore checkpoint " + path));
+    CHECK(saved_bytes(guided_target) == guided_before);
+    CHECK(saved_bytes(adam) == adam_before);
+  }
+  CHECK(same_state(*target, *model_before));
+  CHECK(saved_bytes(target_opt) == opt_before);
+  CHECK(saved_bytes(random) == balancer_before);
+}
+
+TEST_CASE("A checkpoint made with other module options (MMTM gate_scale) is refused",
+          "[checkpoint][bad-input]") {
+  auto make = [](double gate_scale) {
+    torch::manual_seed(0);
+    auto opts = [](int64_t in) { return ConvBranchOptions(in, 3).channels({4, 8}).strides({1, 2}); };
+    return Net(ConvBranch(opts(3)), ConvBranch(opts(1)),
+               {{0, MMTM(MMTMOptions(4, 4).gate_scale(gate_scale))},
+                {1, MMTM(MMTMOptions(8, 8).gate_scale(gate_scale))}});
+  };
+  auto net = make(2.0);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net);
+  const auto path = temp_file("gate_scale.pt").string();
+  save_checkpoint(path, net, opt, balancer);
+  auto other = make(1.0);
+  auto other_opt = make_sgd(other);
+  GuidedBalancer other_balancer(other);
+  const auto before = other.clone();
+  CHECK_THROWS_WITH(load_checkpoint(path, other, other_opt, other_balancer),
+                    Catch::Contains("modules with other options") &&
+                        Catch::Contains("gate_scale=2") && Catch::Contains("gate_scale=1"));
+  CHECK(same_state(*other, *before));
 }

@@ -88,7 +88,7 @@ TEST_CASE("ConvBranch with spatial_dims(3) runs 3-d convolutions over clips", "[
   ConvMMTMNet net(rgb, branch, {{1, MMTM(8, 8)}});
   auto out = net->forward(at::randn({2, 3, 6, 8, 8}), clip);
   CHECK(out.y.sizes().vec() == std::vector<int64_t>{2, 5});
-  CHECK(net->taps[0].module->gate_samples.item<double>() == 2.0);
+  CHECK(net->taps[0].module->gate_mean->staged()[-1].item<double>() == 2.0);
   auto rebalanced = net->forward(at::randn({2, 3, 6, 8, 8}), clip, StepKind::rebalance_m1);
   CHECK(rebalanced.y1.sizes().vec() == std::vector<int64_t>{2, 5});
 }

@@ -37,7 +37,7 @@ TEST_CASE("CUDA: guided training matches CPU and keeps state on the device", "[c
     }
   }
   CHECK(bal_gpu.meter().accumulated().device() == cuda);
-  CHECK(gpu->taps[0].module->gate_average0.device() == cuda);
+  CHECK(gpu->taps[0].module->gate_mean->mean.device() == cuda);
   CHECK(bal_cpu.total_step_counts() == bal_gpu.total_step_counts());
   CHECK(torch::allclose(bal_cpu.meter().accumulated(), bal_gpu.meter().accumulated().cpu(), 1e-3));
   for (const auto& p : gpu->named_parameters()) {

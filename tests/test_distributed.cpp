@@ -214,21 +214,21 @@ TEST_CASE("DataParallel: gate averages are those of the combined batches, micro-
       (out.y0.sum() + out.y1.sum()).backward();
       loss = loss + out.y.sum().detach();
     }
-    // Nothing folded before synchronize: the sums are pending.
-    CHECK(net->taps[0].module->gate_samples.item<double>() == 0.0);
+    // Before synchronize each rank has staged its own 4 rows; after, the sums of all 8.
+    CHECK(net->taps[0].module->gate_mean->staged()[-1].item<double>() == 4.0);
     dp.synchronize(loss);
+    CHECK(net->taps[0].module->gate_mean->staged()[-1].item<double>() == kGlobalBatch);
+    for (auto& mean : net->gate_means()) mean->commit();  // what the balancer does
   }));
+  for (auto& mean : single->gate_means()) mean->commit();
   for (std::size_t k = 0; k < single->taps.size(); ++k) {
     for (const auto& net : nets) {
       const auto& got = net->taps[k].module;
       const auto& want = single->taps[k].module;
-      CHECK(got->gate_samples.item<double>() == kGlobalBatch);
-      CHECK(at::allclose(got->gate_average0, want->gate_average0, 1e-5, 1e-6));
-      CHECK(at::allclose(got->gate_average1, want->gate_average1, 1e-5, 1e-6));
+      CHECK(got->gate_mean->samples.item<double>() == kGlobalBatch);
+      CHECK(at::allclose(got->gate_mean->mean, want->gate_mean->mean, 1e-5, 1e-6));
     }
   }
-  // Without DataParallel the module folds its gates at once again.
-  CHECK_FALSE(nets[0]->defers_gate_updates());
 }
 
 TEST_CASE("DataParallel: a checkpoint from 2 ranks resumes in 1 process", "[distributed]") {
@@ -314,9 +314,9 @@ TEST_CASE("DataParallel: the probe adds up squeeze averages and counts over rank
     CHECK(r.accuracy1_cut == want.accuracy1_cut);
   }
   for (std::size_t k = 0; k < single->taps.size(); ++k) {
-    CHECK(at::allclose(nets[1]->taps[k].module->squeeze_average0,
-                       single->taps[k].module->squeeze_average0, 1e-5, 1e-6));
-    CHECK(nets[1]->taps[k].module->squeeze_average_samples() == 3 * kGlobalBatch);
+    CHECK(at::allclose(nets[1]->taps[k].module->squeeze_mean->mean,
+                       single->taps[k].module->squeeze_mean->mean, 1e-5, 1e-6));
+    CHECK(nets[1]->taps[k].module->squeeze_mean->samples.item<double>() == 3 * kGlobalBatch);
   }
 }
 
@@ -390,4 +390,45 @@ TEST_CASE("make_process_group rejects bad arguments", "[distributed]") {
                     Catch::Contains("expected file:///path or tcp://host:port"));
   CHECK_THROWS_WITH(make_process_group(ProcessGroupOptions("tcp://127.0.0.1:99999", 0, 1)),
                     Catch::Contains("port must be 1..65535"));
+}
+
+TEST_CASE("DataParallel: a step one rank makes non-finite is rejected on every rank, gate "
+          "means unchanged everywhere", "[distributed]") {
+  std::vector<Net> nets{small_net(0), small_net(0)};
+  std::vector<std::vector<at::Tensor>> before(2), after(2);
+  std::vector<std::string> errors(2);
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    Net& net = nets[static_cast<std::size_t>(rank)];
+    auto opt = make_sgd(net);
+    DataParallel dp(net, pg);
+    VanillaBalancer balancer(net, VanillaPolicy(), BalancerOptions().warmup_epochs(0));
+    auto sync = [&](const at::Tensor& loss) { return dp.synchronize(loss); };
+    train_share(net, opt, balancer, 0, 3, rank, 2, sync);  // accepted: the means moved
+    for (auto& m : net->gate_means()) before[static_cast<std::size_t>(rank)].push_back(m->mean.clone());
+    // Step 3: only rank 1's loss is infinite; the averaged loss is infinite on both.
+    const auto b = small_batch(kGlobalBatch, 3);
+    const StepKind kind = balancer.next_step();
+    auto loss = modality_specific_loss(net->forward(b.x0.narrow(0, 4 * rank, 4), b.x1.narrow(0, 4 * rank, 4), kind),
+                                       b.target.narrow(0, 4 * rank, 4));
+    if (rank == 1) loss = loss * INFINITY;
+    opt.zero_grad();
+    loss.backward();
+    try {
+      balancer.observe(dp.synchronize(loss));
+    } catch (const c10::Error& e) {
+      errors[static_cast<std::size_t>(rank)] = e.what_without_backtrace();
+    }
+    for (auto& m : net->gate_means()) after[static_cast<std::size_t>(rank)].push_back(m->mean.clone());
+    // The loop goes on together.
+    train_share(net, opt, balancer, 4, 6, rank, 2, sync);
+  }));
+  for (int rank = 0; rank < 2; ++rank) {
+    INFO("rank " << rank);
+    CHECK_THAT(errors[static_cast<std::size_t>(rank)], Catch::Contains("non-finite loss"));
+    REQUIRE(before[static_cast<std::size_t>(rank)].size() == 2);
+    for (std::size_t k = 0; k < 2; ++k) {
+      CHECK(torch::equal(before[static_cast<std::size_t>(rank)][k], after[static_cast<std::size_t>(rank)][k]));
+    }
+  }
+  CHECK(torch::equal(nets[0]->taps[0].module->gate_mean->mean, nets[1]->taps[0].module->gate_mean->mean));
 }

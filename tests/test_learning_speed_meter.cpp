@@ -64,12 +64,29 @@ TEST_CASE("LearningSpeedMeter counts a shared parameter in both fusion groups", 
   backward_once(net, 7);
   LearningSpeedMeter meter(net->parameter_groups());
   const at::Tensor m = meter.measure();
-  // ||θ0'||² = Σ over taps of ||joint||² + ||excite0||²
-  double expected = 0;
+  // Named by hand from MMTM's layout, not from the library's group lists: the joint layer
+  // (`squeeze`) is on both paths, each excitation on its own side's.
+  double grad0 = 0, grad1 = 0, param0 = 0, param1 = 0;
   for (const auto& tap : net->taps) {
-    for (const auto& p : tap.module->side_parameters(0)) expected += p.pow(2).sum().item<double>();
+    const auto& f = tap.module;
+    for (const auto& layer : {f->squeeze, f->excite0}) {
+      for (const auto& p : {layer->weight, layer->bias}) {
+        param0 += p.pow(2).sum().item<double>();
+        grad0 += p.grad().pow(2).sum().item<double>();
+      }
+    }
+    for (const auto& layer : {f->squeeze, f->excite1}) {
+      for (const auto& p : {layer->weight, layer->bias}) {
+        param1 += p.pow(2).sum().item<double>();
+        grad1 += p.grad().pow(2).sum().item<double>();
+      }
+    }
   }
-  CHECK(m[1][2].item<double>() == Approx(expected).epsilon(1e-6));
+  CHECK(m[1][2].item<double>() == Approx(param0).epsilon(1e-6));  // ||θ0'||²
+  CHECK(m[1][3].item<double>() == Approx(param1).epsilon(1e-6));  // ||θ1'||²
+  CHECK(m[0][2].item<double>() == Approx(grad0).epsilon(1e-6));   // ||G(θ0')||²
+  CHECK(m[0][3].item<double>() == Approx(grad1).epsilon(1e-6));   // ||G(θ1')||²
+  CHECK(m[0][3].item<double>() != Approx(m[0][2].item<double>()));  // two different groups
 }
 
 TEST_CASE("LearningSpeedMeter treats a missing gradient as zero", "[meter]") {

@@ -121,6 +121,8 @@ TEST_CASE("forward_probe's live half equals the normal eval forward", "[model]")
   net->eval();
   CHECK_FALSE(net->has_squeeze_averages());
   net->record_squeeze(batch.x0, batch.x1);
+  CHECK_FALSE(net->has_squeeze_averages());  // staged, not committed
+  commit_squeeze_averages(net);
   CHECK(net->has_squeeze_averages());
   auto probe = net->forward_probe(batch.x0, batch.x1);
   auto normal = net->forward(batch.x0, batch.x1);
@@ -129,4 +131,26 @@ TEST_CASE("forward_probe's live half equals the normal eval forward", "[model]")
   CHECK_FALSE(torch::allclose(probe.y0_cut, normal.y0));
   net->train();
   CHECK_THROWS_WITH(net->forward_probe(batch.x0, batch.x1), Catch::Contains("needs eval mode"));
+}
+
+TEST_CASE("A regular forward stages the gates in training mode only; other steps never",
+          "[model]") {
+  auto net = small_net(5);
+  auto batch = mmbalance::testing::small_batch(6, 5);
+  auto staged_rows = [&] {
+    std::vector<double> rows;
+    for (auto& mean : net->gate_means()) rows.push_back(mean->staged()[-1].item<double>());
+    return rows;
+  };
+  net->eval();
+  net->forward(batch.x0, batch.x1, StepKind::regular);
+  CHECK(staged_rows() == std::vector<double>{0.0, 0.0});
+  net->train();
+  net->forward(batch.x0, batch.x1, StepKind::rebalance_m0);
+  net->forward(batch.x0, batch.x1, StepKind::rebalance_m1);
+  CHECK(staged_rows() == std::vector<double>{0.0, 0.0});
+  net->forward(batch.x0, batch.x1, StepKind::regular);
+  CHECK(staged_rows() == std::vector<double>{6.0, 6.0});
+  // Only staged: the committed means are still those of a zero excitation.
+  for (auto& mean : net->gate_means()) CHECK(mean->samples.item<double>() == 0.0);
 }

@@ -86,17 +86,41 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
   auto eval = batches(4, 600);
   label_half_by_each_head(net, eval);
 
-  const auto before = net->taps[0].module->gate_average0.clone();
+  const auto before = net->taps[0].module->gate_mean->mean.clone();
   net->eval();
   const auto r = probe_utilization(net, train, eval);
   CHECK_FALSE(net->is_training());  // eval mode restored as eval
-  CHECK(torch::equal(before, net->taps[0].module->gate_average0));  // untouched
-  CHECK(net->taps[0].module->squeeze_average_samples() == 24);
+  CHECK(torch::equal(before, net->taps[0].module->gate_mean->mean));  // untouched
+  CHECK(net->taps[0].module->squeeze_mean->samples.item<double>() == 24.0);
 
-  // The cut network by hand: every tap runs with both sides on averaged squeezes.
+  // The cut network by hand (docs/algorithm.md §7), not through MMTM's cut mode: first the
+  // training-set squeeze averages at each tap, from the live network...
   torch::NoGradGuard ng;
-  FusionContext cut;
-  cut.side0 = cut.side1 = SideMode::averaged_squeeze;
+  std::vector<at::Tensor> sum_a(2), sum_b(2);
+  for (const auto& b : train) {
+    at::Tensor h0 = b.x0, h1 = b.x1;
+    for (size_t i = 0; i < 2; ++i) {
+      h0 = net->branch0->forward_stage(i, h0);
+      h1 = net->branch1->forward_stage(i, h1);
+      const auto sa = h0.flatten(2).mean(-1).sum(0), sb = h1.flatten(2).mean(-1).sum(0);
+      sum_a[i] = sum_a[i].defined() ? sum_a[i] + sa : sa;
+      sum_b[i] = sum_b[i].defined() ? sum_b[i] + sb : sb;
+      std::tie(h0, h1) = net->taps[i].module->forward(h0, h1);
+    }
+  }
+  // ...then each side's gate from the weights, the other side's squeeze replaced.
+  auto cut_tap = [&](size_t i, const at::Tensor& a, const at::Tensor& b) {
+    auto& m = *net->taps[i].module;
+    const int64_t n = a.size(0);
+    const at::Tensor sa = a.flatten(2).mean(-1), sb = b.flatten(2).mean(-1);
+    const at::Tensor avg_a = (sum_a[i] / 24.0).expand({n, -1}), avg_b = (sum_b[i] / 24.0).expand({n, -1});
+    auto joint = [&](const at::Tensor& l, const at::Tensor& r) {
+      return at::relu(at::cat({l, r}, 1).matmul(m.squeeze->weight.t()) + m.squeeze->bias);
+    };
+    const at::Tensor g0 = 2.0 * at::sigmoid(joint(sa, avg_b).matmul(m.excite0->weight.t()) + m.excite0->bias);
+    const at::Tensor g1 = 2.0 * at::sigmoid(joint(avg_a, sb).matmul(m.excite1->weight.t()) + m.excite1->bias);
+    return std::pair{a * g0.view({n, -1, 1, 1}), b * g1.view({n, -1, 1, 1})};
+  };
   std::array<int64_t, 5> correct{};
   for (const auto& b : eval) {
     at::Tensor h0 = b.x0, h1 = b.x1, c0 = b.x0, c1 = b.x1;
@@ -106,11 +130,11 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
       c0 = net->branch0->forward_stage(i, c0);
       c1 = net->branch1->forward_stage(i, c1);
       std::tie(h0, h1) = net->taps[i].module->forward(h0, h1);
-      std::tie(c0, c1) = net->taps[i].module->forward(c0, c1, cut);
+      std::tie(c0, c1) = cut_tap(i, c0, c1);
     }
     auto y0 = net->branch0->head(h0), y1 = net->branch1->head(h1);
     auto y0c = net->branch0->head(c0), y1c = net->branch1->head(c1);
-    int k = 0;
+  int k = 0;
     for (const auto& y : {(y0 + y1) / 2, y0, y0c, y1, y1c})
       correct[k++] += y.argmax(1).eq(b.target).sum().item<int64_t>();
   }
@@ -169,10 +193,10 @@ TEST_CASE("Utilization probe in two halves: record once, evaluate several sets",
 
   // Recording again replaces the averages: on other data the cut heads change.
   record_squeeze_averages(fresh, batches(3, 900));
-  const auto t0 = fresh->taps[0].module->squeeze_average0.clone();
+  const auto t0 = fresh->taps[0].module->squeeze_mean->mean.clone();
   record_squeeze_averages(fresh, train);
-  CHECK_FALSE(torch::equal(t0, fresh->taps[0].module->squeeze_average0));
-  CHECK(fresh->taps[0].module->squeeze_average_samples() == 24);
+  CHECK_FALSE(torch::equal(t0, fresh->taps[0].module->squeeze_mean->mean));
+  CHECK(fresh->taps[0].module->squeeze_mean->samples.item<double>() == 24.0);
 }
 
 TEST_CASE("A training-set pass with record_squeeze returns forward's outputs and records the "
@@ -180,7 +204,7 @@ TEST_CASE("A training-set pass with record_squeeze returns forward's outputs and
   auto net = small_net(26);
   auto train = batches(3, 600);
   record_squeeze_averages(net, train);
-  const auto want = net->taps[1].module->squeeze_average1.clone();
+  const auto want = net->taps[1].module->squeeze_mean->mean.clone();
 
   auto other = small_net(26);
   torch::NoGradGuard ng;
@@ -190,5 +214,6 @@ TEST_CASE("A training-set pass with record_squeeze returns forward's outputs and
     const auto recorded = other->record_squeeze(b.x0, b.x1);
     CHECK(torch::equal(recorded.y, other->forward(b.x0, b.x1).y));
   }
-  CHECK(torch::allclose(other->taps[1].module->squeeze_average1, want));
+  commit_squeeze_averages(other);
+  CHECK(torch::allclose(other->taps[1].module->squeeze_mean->mean, want));
 }

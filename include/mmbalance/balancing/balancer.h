@@ -5,20 +5,23 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <optional>
 #include <thread>
+#include <typeinfo>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Type.h>
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
 
 namespace mmbalance {
@@ -30,7 +33,10 @@ enum class SpeedRead : std::uint8_t {
   same_step,
   /// The accumulators are copied to the host without waiting; the policy receives a
   /// regular step's d_speed when the following step is observed, so decisions lag by one
-  /// step and no step waits for the device. Needs check_every_step(false).
+  /// step and no step waits for the device. A speed that arrives while the policy is
+  /// already re-balancing (the following step was a re-balancing one) is dropped, so a
+  /// guided window is always exactly Q steps in one direction. Needs
+  /// check_every_step(false).
   previous_step,
 };
 
@@ -45,9 +51,9 @@ struct BalancerOptions {
   /// Epochs of regular steps before the policy is consulted (the paper uses one).
   TORCH_ARG(std::int64_t, warmup_epochs) = 1;
   /// true: every step reads one small tensor (loss, squared norms, accumulators) to the
-  /// host, and a non-finite loss or gradient, or a parameter group of norm zero, is
-  /// rejected with an exception that leaves the balancer and the model's gate averages
-  /// as they were. false: no host read except the one a policy with `observe_d_speed`
+  /// host, and a non-finite loss or gradient (in any step), or a parameter group of norm
+  /// zero or without a gradient so far (regular steps), is rejected with an exception
+  /// that leaves the balancer and the model's gate means as they were. false: no host read except the one a policy with `observe_d_speed`
   /// needs; a regular step whose μ is not finite is left out of the accumulators on the
   /// device and counted (`skipped_steps()`), and nothing is thrown.
   TORCH_ARG(bool, check_every_step) = true;
@@ -74,15 +80,14 @@ using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 template <BalancingPolicy Policy = VanillaPolicy>
 class Balancer {
  public:
-  /// `net` is a `MultiModalNet` handle (or anything with `parameter_groups()` and
-  /// `discard_last_gate_update()`); the balancer keeps a reference to its module.
-  template <class Net>
+  /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the balancer keeps its
+  /// parameter groups and the handles of its fusion modules' gate means.
+  template <MultiModalModel Net>
   explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
-      requires requires { net->parameter_groups(); net->discard_last_gate_update(); }
       : options_(options),
         policy_(std::move(policy)),
         meter_(net->parameter_groups()),
-        discard_gate_update_([net]() mutable { net->discard_last_gate_update(); }) {
+        gate_means_(net->gate_means()) {
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
@@ -90,10 +95,13 @@ class Balancer {
                 "which per-step checks must do; set check_every_step(false) too");
   }
 
-  /// The kind of the coming step. Must alternate with `observe()`.
+  /// The kind of the coming step. Must alternate with `observe()`. Gates staged outside
+  /// a step (a forward pass of your own in training mode) are dropped here: only the
+  /// step's own forward passes count.
   StepKind next_step() {
     TORCH_CHECK(!pending_, "Balancer::next_step: the previous step (",
                 to_string(*pending_), ") was not observed; call observe(loss) after backward()");
+    for (auto& m : gate_means_) m->drop();
     policy_before_step_ = policy_;
     pending_ = in_warmup() ? StepKind::regular : policy_.next_step();
     return *pending_;
@@ -106,25 +114,34 @@ class Balancer {
     TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                 detail::shape_string(loss));
     const StepKind kind = *pending_;
-    deliver_lagged_speed();
+    deliver_lagged_speed(kind);
     try {
       if (kind == StepKind::regular) {
         observe_regular(loss);
       } else if (options_.check_every_step()) {
-        const double value = loss.detach().item<double>();
-        TORCH_CHECK(std::isfinite(value), "Balancer: non-finite loss ", value, " in step ",
-                    step_, " (", to_string(kind), ")");
+        check_rebalancing_step(loss, kind);
       }
     } catch (...) {
-      policy_ = policy_before_step_;
-      pending_.reset();
-      if (kind == StepKind::regular) discard_gate_update_();
+      abandon_step();
       throw;
     }
+    // Accepted: the step's gates count. (Re-balancing steps stage none.)
+    for (auto& m : gate_means_) m->commit();
     pending_.reset();
     ++step_;
     ++epoch_counts_[static_cast<std::size_t>(kind)];
     ++total_counts_[static_cast<std::size_t>(kind)];
+  }
+
+  /// Gives up the step `next_step()` announced, as if it had never been asked for: the
+  /// policy, the counters and the gate averages stay as they were. Call it when your
+  /// forward or backward pass throws (e.g. out of memory), then `next_step()` again. A
+  /// step `observe` rejected is abandoned already; with no step pending this does nothing.
+  void abandon_step() {
+    if (!pending_) return;
+    policy_ = policy_before_step_;
+    for (auto& m : gate_means_) m->drop();
+    pending_.reset();
   }
 
   /// Marks the end of an epoch.
@@ -153,18 +170,18 @@ class Balancer {
 
   /// Regular steps left out of the accumulators (only with check_every_step(false)).
   /// Reads one number from the device.
-  std::int64_t skipped_steps() const {
-    return skipped_.defined() ? skipped_.item<std::int64_t>() : 0;
-  }
+  std::int64_t skipped_steps() const { return meter_.skipped(); }
 
   const Policy& policy() const { return policy_; }
   const LearningSpeedMeter& meter() const { return meter_; }
   const BalancerOptions& options() const { return options_; }
 
-  /// Everything needed to continue exactly: accumulators, counters, last d_speed and the
-  /// policy's own state (mode, window counter, generator).
+  /// Everything needed to continue exactly: accumulators, counters, last d_speed, the
+  /// options that shape the run (warm-up) and the policy's type and own state (mode,
+  /// window counter, generator, options).
   void save(torch::serialize::OutputArchive& archive) const {
     TORCH_CHECK(!pending_, "Balancer::save: a step is in progress (", to_string(*pending_), ")");
+    archive.write("policy_type", policy_type());
     archive.write("accumulated", meter_.accumulated().to(at::kCPU));
     archive.write("group_numel", numel_tensor());
     archive.write("meter_steps", meter_.steps());
@@ -188,46 +205,88 @@ class Balancer {
     }
   }
 
-  /// Restores a state written by `save`. Throws, and changes nothing, if the checkpoint
-  /// was made for other parameter groups.
+  /// Restores a state written by `save`. Everything is read and checked first; on any
+  /// error (another policy type, other parameter groups, another warm-up, a policy whose
+  /// options differ, a damaged record) it throws a c10::Error saying what differs, and
+  /// changes nothing.
   void load(torch::serialize::InputArchive& archive) {
-    at::Tensor numel, accumulated, epoch_counts, total_counts;
-    archive.read("group_numel", numel);
+    const auto read_value = [&](const char* key) {
+      c10::IValue v;
+      TORCH_CHECK(archive.try_read(key, v), "Balancer::load: no '", key, "' in the balancer's record");
+      return v;
+    };
+    const auto read_tensor = [&](const char* key) {
+      at::Tensor t;
+      TORCH_CHECK(archive.try_read(key, t), "Balancer::load: no '", key, "' in the balancer's record");
+      return t;
+    };
+    const auto read_int = [&](const char* key) {
+      const c10::IValue v = read_value(key);
+      TORCH_CHECK(v.isInt(), "Balancer::load: '", key, "' is not an integer");
+      return v.toInt();
+    };
+    const auto read_double = [&](const char* key) {
+      const c10::IValue v = read_value(key);
+      TORCH_CHECK(v.isDouble(), "Balancer::load: '", key, "' is not a number");
+      return v.toDouble();
+    };
+    c10::IValue type;
+    if (archive.try_read("policy_type", type)) {  // checkpoints before 0.2 have none
+      TORCH_CHECK(type.isString() && type.toStringRef() == policy_type(),
+                  "Balancer::load: the checkpoint was made with policy ",
+                  type.isString() ? type.toStringRef() : std::string("(unreadable)"),
+                  ", this balancer has ", policy_type());
+    }
+    const at::Tensor numel = read_tensor("group_numel");
     TORCH_CHECK(numel.numel() == kNumGroups &&
                     at::equal(numel.to(at::kLong), numel_tensor()),
                 "Balancer::load: the checkpoint was made for parameter groups with ",
                 numel_string(numel), " elements, this model's groups have ",
                 numel_string(numel_tensor()));
-    archive.read("accumulated", accumulated);
-    archive.read("epoch_counts", epoch_counts);
-    archive.read("total_counts", total_counts);
-    const auto read_value = [&](const char* key) {
-      c10::IValue v;
-      archive.read(key, v);
-      return v;
-    };
+    const std::int64_t warmup = read_int("warmup_epochs");
+    TORCH_CHECK(warmup == options_.warmup_epochs(), "Balancer::load: the checkpoint was made "
+                "with warmup_epochs ", warmup, ", this balancer has warmup_epochs ",
+                options_.warmup_epochs(), "; resume with the options the run started with");
+    const at::Tensor accumulated = read_tensor("accumulated");
+    TORCH_CHECK(accumulated.dim() == 1 && accumulated.numel() == kNumGroups,
+                "Balancer::load: accumulators must have ", kNumGroups, " entries, got ",
+                detail::shape_string(accumulated));
+    const StepCounts epoch_counts = counts_array(read_tensor("epoch_counts"));
+    const StepCounts total_counts = counts_array(read_tensor("total_counts"));
+    const std::int64_t meter_steps = read_int("meter_steps");
+    const std::int64_t skipped = read_int("skipped");
+    const std::int64_t step = read_int("step");
+    const std::int64_t epoch = read_int("epoch");
+    TORCH_CHECK(step >= 0 && epoch >= 0 && meter_steps >= 0 && skipped >= 0,
+                "Balancer::load: negative counters (step ", step, ", epoch ", epoch, ")");
+    SpeedSummary last;
+    last.d_speed = read_double("last_d_speed");
+    last.s_m1_given_m0 = read_double("s_m1_given_m0");
+    last.s_m0_given_m1 = read_double("s_m0_given_m1");
+    at::Tensor lagged;
+    const bool lagged_pending = archive.try_read("lagged_accumulated", lagged);
+    TORCH_CHECK(!lagged_pending || lagged.numel() == kNumGroups,
+                "Balancer::load: the pending d_speed record has ", lagged.numel(), " entries");
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
       torch::serialize::InputArchive nested;
-      archive.read("policy", nested);
-      policy.load(nested);
+      TORCH_CHECK(archive.try_read("policy", nested), "Balancer::load: no policy state");
+      try {
+        policy.load(nested);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ",
+                    e.what_without_backtrace());
+      }
     }
-    const std::int64_t meter_steps = read_value("meter_steps").toInt();
-    const std::int64_t skipped = read_value("skipped").toInt();
-    step_ = read_value("step").toInt();
-    epoch_ = read_value("epoch").toInt();
-    options_.warmup_epochs(read_value("warmup_epochs").toInt());
-    last_speed_.d_speed = read_value("last_d_speed").toDouble();
-    last_speed_.s_m1_given_m0 = read_value("s_m1_given_m0").toDouble();
-    last_speed_.s_m0_given_m1 = read_value("s_m0_given_m1").toDouble();
-    meter_.restore(accumulated, meter_steps);
-    epoch_counts_ = counts_array(epoch_counts);
-    total_counts_ = counts_array(total_counts);
-    skipped_ = skipped > 0 ? at::full({}, skipped, at::TensorOptions(at::kLong).device(
-                                                      meter_.accumulated().device()))
-                           : at::Tensor();
-    at::Tensor lagged;
-    lagged_pending_ = archive.try_read("lagged_accumulated", lagged);
+
+    // All read and checked: commit.
+    meter_.restore(accumulated, meter_steps, skipped);
+    step_ = step;
+    epoch_ = epoch;
+    last_speed_ = last;
+    epoch_counts_ = epoch_counts;
+    total_counts_ = total_counts;
+    lagged_pending_ = lagged_pending;
     if (lagged_pending_) {
       lagged_host_ = lagged.to(at::kDouble).contiguous();
       lagged_event_.reset();
@@ -248,15 +307,12 @@ class Balancer {
           at::cat({loss.detach().reshape({1}).to(at::kDouble), measurement.flatten(), next})
               .to(at::kCPU);
       const double* v = host.data_ptr<double>();
-      check_step(v[0], v + 1, v + 1 + kNumGroups);
+      check_step(v[0], v + 1, v + 1 + kNumGroups, v + 1 + 2 * kNumGroups);
       meter_.accumulate(mu);
       record_speed(v + 1 + 2 * kNumGroups);
       return;
     }
-    const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
-    meter_.accumulate(at::where(valid, mu, at::zeros_like(mu)));
-    if (!skipped_.defined()) skipped_ = at::zeros({}, mu.options().dtype(at::kLong));
-    skipped_.add_(valid.logical_not());
+    meter_.accumulate_if(mu, at::isfinite(mu).all().logical_and(at::isfinite(loss.detach())));
     if constexpr (ObservesSpeed<Policy>) {
       if (in_warmup()) return;
       if (options_.speed_read() == SpeedRead::previous_step) {
@@ -292,16 +348,34 @@ class Balancer {
     while (!lagged_event_->query()) std::this_thread::yield();
   }
 
-  // Hands the policy the d_speed whose copy was started one step ago. Waiting on the
-  // copy's event costs nothing by now: a whole step was queued after it.
-  void deliver_lagged_speed() {
+  // Hands the policy the d_speed whose copy was started one step ago, unless the step
+  // being observed is re-balancing: the policy has opened a window since, and a speed
+  // measured before it must neither restart nor turn it. Waiting on the copy's event
+  // costs nothing by now: a whole step was queued after it.
+  void deliver_lagged_speed(StepKind observed) {
     if (!lagged_pending_) return;
     wait_for_lagged_copy();
     lagged_pending_ = false;
-    record_speed(lagged_host_.data_ptr<double>());
+    record_speed(lagged_host_.data_ptr<double>(), observed == StepKind::regular);
   }
 
-  void check_step(double loss, const double* grad_sq, const double* param_sq) const {
+  // A re-balancing step feeds no accumulator, but a NaN gradient it let through would be
+  // written into the parameters by the optimizer and stall every later step.
+  void check_rebalancing_step(const at::Tensor& loss, StepKind kind) {
+    const at::Tensor host =
+        at::cat({loss.detach().reshape({1}).to(at::kDouble), meter_.measure()[0]}).to(at::kCPU);
+    const double* v = host.data_ptr<double>();
+    TORCH_CHECK(std::isfinite(v[0]), "Balancer: non-finite loss ", v[0], " in step ", step_,
+                " (", to_string(kind), ")");
+    for (int g = 0; g < kNumGroups; ++g) {
+      TORCH_CHECK(std::isfinite(v[1 + g]), "Balancer: non-finite gradient in group ",
+                  to_string(static_cast<Group>(g)), " (squared norm ", v[1 + g], ") in step ",
+                  step_, " (", to_string(kind), ")");
+    }
+  }
+
+  void check_step(double loss, const double* grad_sq, const double* param_sq,
+                  const double* next) const {
     TORCH_CHECK(std::isfinite(loss), "Balancer: non-finite loss ", loss, " in step ", step_,
                 " (regular)");
     for (int g = 0; g < kNumGroups; ++g) {
@@ -312,13 +386,21 @@ class Balancer {
                   group, " has squared norm ", param_sq[g],
                   "; the learning speed ||G||^2/||theta||^2 is undefined. Initialise it "
                   "with non-zero values.");
+      TORCH_CHECK(next[g] > 0, "Balancer: parameter group ", group,
+                  " has had a zero gradient in every regular step so far (is it frozen, or "
+                  "cut off from the loss?); its learning speed is 0 and d_speed would be "
+                  "infinite. Every group must learn: unfreeze it, or train without a balancer.");
     }
   }
 
-  void record_speed(const double* m) {
+  void record_speed(const double* m, bool to_policy = true) {
     last_speed_ = SpeedSummary::from_accumulators({m[0], m[1], m[2], m[3]});
     if constexpr (ObservesSpeed<Policy>) {
-      if (!in_warmup()) policy_.observe_d_speed(last_speed_.d_speed);
+      // An undefined d_speed (NaN: a group that never had a gradient, checks off) is not
+      // a measurement; the policy goes on as if it had not been measured.
+      if (to_policy && !in_warmup() && std::isfinite(last_speed_.d_speed)) {
+        policy_.observe_d_speed(last_speed_.d_speed);
+      }
     }
   }
 
@@ -336,6 +418,7 @@ class Balancer {
   static at::Tensor counts_tensor(const StepCounts& c) {
     return at::tensor(std::vector<std::int64_t>(c.begin(), c.end()), at::kLong);
   }
+  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
   static StepCounts counts_array(const at::Tensor& t) {
     TORCH_CHECK(t.numel() == kNumStepKinds, "Balancer::load: bad step counts in checkpoint");
     const at::Tensor c = t.to(at::kLong).contiguous();
@@ -348,14 +431,13 @@ class Balancer {
   Policy policy_;
   Policy policy_before_step_ = policy_;
   LearningSpeedMeter meter_;
-  std::function<void()> discard_gate_update_;
+  std::vector<RunningMean> gate_means_;
   std::optional<StepKind> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;
   StepCounts epoch_counts_{};
   StepCounts total_counts_{};
   SpeedSummary last_speed_{};
-  at::Tensor skipped_;
   // SpeedRead::previous_step: M copied to the host, not yet handed to the policy.
   at::Tensor lagged_host_;
   std::optional<c10::Event> lagged_event_;

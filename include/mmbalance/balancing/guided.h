@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Guided balancing (§4.2, Algorithm 1; algorithm.md §6).
+/// Guided balancing (§4.2, Algorithm 1; docs/algorithm.md §6).
 
 #include <cmath>
 #include <cstdint>
@@ -42,7 +42,7 @@ class GuidedPolicy {
 
   StepKind next_step() {
     if (mode_ == Mode::regular) return StepKind::regular;
-    if (++window_step_ == options.Q()) mode_ = Mode::regular;
+    if (++window_step_ >= options.Q()) mode_ = Mode::regular;
     return last_d_speed_ > 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
   }
 
@@ -58,19 +58,41 @@ class GuidedPolicy {
   std::int64_t window_step() const { return window_step_; }
   double last_d_speed() const { return last_d_speed_; }
 
+  /// Writes the mode, the window counter, the last d_speed and the options (alpha, Q).
   void save(torch::serialize::OutputArchive& archive) const {
     archive.write("mode", static_cast<std::int64_t>(mode_));
     archive.write("window_step", window_step_);
     archive.write("last_d_speed", last_d_speed_);
+    archive.write("alpha", options.alpha());
+    archive.write("Q", options.Q());
   }
 
+  /// Restores what `save` wrote. A run resumes only with the options it was saved with:
+  /// another alpha or Q would change the decisions, so it throws naming the option and
+  /// both values, and changes nothing.
   void load(torch::serialize::InputArchive& archive) {
-    c10::IValue mode, window_step, last;
+    c10::IValue mode, window_step, last, alpha, q;
     archive.read("mode", mode);
     archive.read("window_step", window_step);
     archive.read("last_d_speed", last);
+    TORCH_CHECK(mode.isInt() && window_step.isInt() && last.isDouble(),
+                "GuidedPolicy: damaged state in checkpoint");
+    if (archive.try_read("alpha", alpha)) {  // checkpoints before 0.2 lack the options
+      TORCH_CHECK(alpha.isDouble() && archive.try_read("Q", q) && q.isInt(),
+                  "GuidedPolicy: damaged options in checkpoint");
+      const auto same_alpha = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+      TORCH_CHECK(same_alpha(alpha.toDouble(), options.alpha()), "GuidedPolicy: the checkpoint was "
+                  "made with alpha ", alpha.toDouble(), ", this policy has alpha ", options.alpha(),
+                  "; resume with the options the run started with");
+      TORCH_CHECK(q.toInt() == options.Q(), "GuidedPolicy: the checkpoint was made with Q ",
+                  q.toInt(), ", this policy has Q ", options.Q(),
+                  "; resume with the options the run started with");
+    }
     TORCH_CHECK(mode.toInt() == 0 || mode.toInt() == 1, "GuidedPolicy: bad mode ",
                 mode.toInt(), " in checkpoint");
+    TORCH_CHECK(window_step.toInt() >= 0 && window_step.toInt() <= options.Q(),
+                "GuidedPolicy: window step ", window_step.toInt(), " in checkpoint is outside [0, Q=",
+                options.Q(), "]");
     mode_ = static_cast<Mode>(mode.toInt());
     window_step_ = window_step.toInt();
     last_d_speed_ = last.toDouble();

@@ -17,7 +17,7 @@ namespace mmbalance {
 /// - `stage_channels(i)` is the channel count (dimension 1) of stage `i`'s output;
 /// - `head(x)` maps the last stage's output to class logits;
 /// - `clone()` deep-copies it.
-/// Every parameter of the module belongs to the branch's group θ (algorithm.md §3).
+/// Every parameter of the module belongs to the branch's group θ (docs/algorithm.md §3).
 /// A ResNet, say, satisfies it by exposing its residual stages.
 template <class B>
 concept Branch = requires(B& b, const at::Tensor& x, std::size_t i) {

@@ -19,7 +19,8 @@
 
 #include "mmbalance/detail/check.h"
 #include "mmbalance/distributed/collective.h"
-#include "mmbalance/fusion/fusion_module.h"
+#include "mmbalance/fusion/running_mean.h"
+#include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
 
@@ -33,13 +34,6 @@ struct DataParallelOptions {
   /// Gradients are flattened into buckets of at most this many MiB; each bucket is one
   /// all-reduce, and all buckets are in flight together.
   TORCH_ARG(double, bucket_cap_mb) = 25.0;
-};
-
-/// A `MultiModalNet` handle whose fusion modules can be combined across ranks.
-template <class Net>
-concept DataParallelNet = requires(Net net) {
-  net->defer_gate_updates(true);
-  requires DistributedFusionModule<std::remove_cvref_t<decltype(net->taps.front().module)>>;
 };
 
 /// Call `synchronize(loss)` after `backward()` and hand what it returns to the balancer:
@@ -58,9 +52,9 @@ concept DataParallelNet = requires(Net net) {
 /// dp.synchronize_buffers();                 // before evaluating or saving
 /// ```
 /// What is identical on every rank after `synchronize`: the gradients (averaged), the
-/// returned loss (averaged), and the fusion modules' gate averages, which are folded from
-/// the gate sums of all ranks, so they equal what one process with the combined batch
-/// computes. Parameters stay identical because they start identical and every rank's
+/// returned loss (averaged), and the fusion modules' staged gate sums (added up over
+/// ranks, then committed by the balancer), so the gate means equal what one process with
+/// the combined batch computes. Parameters stay identical because they start identical and every rank's
 /// optimizer applies the same gradients; hence the meter's d_speed and the balancer's step
 /// kinds are the same everywhere. BatchNorm normalises with each rank's local batch (as
 /// PyTorch's DDP does by default); its running statistics drift apart per rank until
@@ -69,7 +63,7 @@ concept DataParallelNet = requires(Net net) {
 /// Every rank must call every collective method (`synchronize`, `synchronize_buffers`,
 /// `all_reduce_sum`, `barrier`) in the same order. A rank that dies or stops
 /// makes the others throw within the process group's timeout.
-template <DataParallelNet Net>
+template <MultiModalModel Net>
 class DataParallel {
  public:
   DataParallel(Net net, c10::intrusive_ptr<CollectiveBackend> process_group,
@@ -80,10 +74,8 @@ class DataParallel {
                 options_.bucket_cap_mb());
     check_same_model_shape();
     broadcast_from_rank0();
-    net_->defer_gate_updates(true);
   }
 
-  ~DataParallel() { net_->defer_gate_updates(false); }
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
 
@@ -92,7 +84,7 @@ class DataParallel {
   const c10::intrusive_ptr<CollectiveBackend>& process_group() const { return pg_; }
 
   /// After `backward()`: averages the gradients over all ranks (bucketed), adds up the
-  /// fusion modules' pending gate sums and folds them in, and returns this step's loss
+  /// fusion modules' staged gate sums in place, and returns this step's loss
   /// averaged over all ranks (detached), which is what the balancer should observe. No
   /// host read.
   at::Tensor synchronize(const at::Tensor& loss) {
@@ -109,12 +101,13 @@ class DataParallel {
     }
     std::vector<Bucket> buckets = make_buckets(grads);
 
-    // The loss and the gate sums travel together in one more (small) bucket.
-    const auto dtype = at::promote_types(loss.scalar_type(), at::kFloat);
-    std::vector<at::Tensor> extras{loss.detach().reshape({1}).to(dtype)};
-    for (auto& tap : net_->taps) {
-      extras.push_back(tap.module->take_pending_gate_sums().to(loss.device(), dtype));
-    }
+    // The loss and the fusion modules' staged gate sums (double, on the modules' device)
+    // travel together in one more small bucket; the gate sums come back added up over
+    // ranks, in place, for the balancer to commit.
+    std::vector<at::Tensor> extras;
+    for (auto& mean : gate_means_) extras.push_back(mean->staged());
+    const at::Device device = extras.empty() ? loss.device() : extras.front().device();
+    extras.insert(extras.begin(), loss.detach().reshape({1}).to(device, at::kDouble));
     Bucket extra{extras, at::cat(extras)};
     buckets.push_back(std::move(extra));
 
@@ -123,17 +116,9 @@ class DataParallel {
     at::NoGradGuard no_grad;
     for (std::size_t i = 0; i + 1 < buckets.size(); ++i) {
       buckets[i].flat.mul_(inverse_world);
-      scatter(buckets[i]);
     }
-    const Bucket& reduced = buckets.back();
-    std::int64_t offset = 1;
-    for (std::size_t k = 0; k < net_->taps.size(); ++k) {
-      auto& module = net_->taps[k].module;
-      const std::int64_t len = extras[k + 1].numel();
-      module->fold_gate_sums(reduced.flat.narrow(0, offset, len));
-      offset += len;
-    }
-    return (reduced.flat.narrow(0, 0, 1) * inverse_world).reshape({});
+    for (const auto& b : buckets) scatter(b);
+    return (extras.front() * inverse_world).reshape({}).to(loss.scalar_type());
   }
 
   /// Averages the floating-point buffers outside the fusion modules (BatchNorm's running
@@ -251,8 +236,10 @@ class DataParallel {
 
   std::vector<at::Tensor> local_buffers() const {
     std::unordered_set<const void*> fusion;
-    for (const auto& tap : net_->taps) {
-      for (const auto& b : tap.module->buffers()) fusion.insert(b.unsafeGetTensorImpl());
+    for (const auto& means : {net_->gate_means(), net_->squeeze_means()}) {
+      for (const auto& m : means) {
+        for (const auto& b : m->buffers()) fusion.insert(b.unsafeGetTensorImpl());
+      }
     }
     std::vector<at::Tensor> out;
     for (const auto& b : net_->buffers()) {
@@ -287,6 +274,7 @@ class DataParallel {
   }
 
   Net net_;
+  std::vector<RunningMean> gate_means_ = net_->gate_means();
   c10::intrusive_ptr<CollectiveBackend> pg_;
   DataParallelOptions options_;
 };

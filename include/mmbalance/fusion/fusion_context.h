@@ -12,10 +12,10 @@ enum class SideMode : std::uint8_t {
   live,
   /// Re-balancing step: the gate is replaced by its running average over the samples of
   /// earlier regular training steps, so this branch gets no information from the other
-  /// modality (algorithm.md §5).
+  /// modality (docs/algorithm.md §5).
   held_gate,
   /// Utilization probe: the gate is computed from this branch's own squeeze vector and
-  /// the *other* branch's training-set average squeeze vector (algorithm.md §7).
+  /// the *other* branch's training-set average squeeze vector (docs/algorithm.md §7).
   averaged_squeeze,
 };
 
@@ -23,17 +23,16 @@ enum class SideMode : std::uint8_t {
 struct FusionContext {
   SideMode side0 = SideMode::live;
   SideMode side1 = SideMode::live;
-  /// The leading `live_rows` rows of the batch run live on both sides whatever the
-  /// side modes say: the probe stacks [x; x] and gets the normal and the cut network
-  /// from one pass.
+  /// Only for modules that declare `static constexpr bool handles_live_rows = true`: the
+  /// leading `live_rows` rows of the batch run live on both sides whatever the side modes
+  /// say (the probe stacks [x; x] and gets the normal and the cut network from one pass).
+  /// Always 0 for other modules.
   std::int64_t live_rows = 0;
-  /// Regular step in training mode: fold this batch's gates into the running averages.
-  bool update_gate_average = false;
-  /// With `update_gate_average`: keep this batch's gate sums pending instead of folding
-  /// them in (distributed training folds the sums of all ranks after the step).
-  bool defer_gate_update = false;
-  /// Utilization probe's pass over the training set: fold this batch's squeeze vectors
-  /// into the squeeze averages.
+  /// A regular step in training mode: stage this batch's gates into the gate mean (the
+  /// balancer commits them if it accepts the step).
+  bool stage_gates = false;
+  /// The probe's pass over the training set: stage this batch's squeeze vectors into the
+  /// squeeze mean (the probe commits them).
   bool record_squeeze = false;
 };
 

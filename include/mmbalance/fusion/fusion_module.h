@@ -10,20 +10,24 @@
 #include <ATen/core/Tensor.h>
 
 #include "mmbalance/fusion/fusion_context.h"
+#include "mmbalance/fusion/running_mean.h"
 
 namespace mmbalance {
 
-/// A fusion module handle (a `torch::nn::ModuleHolder`, e.g. `MMTM`) whose module:
-/// - `forward(a, b, ctx)` returns the rescaled activations of branch 0 and branch 1;
-/// - `channels(side)` gives the channel count it expects from `side` (0 or 1);
-/// - `side_parameters(side)` lists the parameters on the path into `side`, which is how
-///   θ0' and θ1' are derived from structure (algorithm.md §3); parameters shared by both
+/// A fusion module handle (a `torch::nn::ModuleHolder`, e.g. `MMTM`) whose module has:
+/// - `forward(a, b, ctx)`: the rescaled activations of branch 0 and branch 1, with each
+///   side fed as `ctx.side0` / `ctx.side1` say (`SideMode`), staging its gates into
+///   `gate_mean` when `ctx.stage_gates` and its squeeze vectors into `squeeze_mean` when
+///   `ctx.record_squeeze`;
+/// - `channels(side)`: the channel count it expects from `side` (0 or 1);
+/// - `side_parameters(side)`: the parameters on the path into `side`, which is how θ0'
+///   and θ1' are derived from structure (docs/algorithm.md §3); parameters shared by both
 ///   paths appear in both lists;
-/// - `reset_squeeze_average()` / `squeeze_average_samples()` manage the training-set
-///   squeeze averages the utilization probe records;
-/// - `discard_last_gate_update()` undoes the running-average update of the last regular
-///   step (the balancer calls it when it rejects a step);
-/// - `clone()` deep-copies it, as for any `torch::nn::Cloneable`.
+/// - `gate_mean`, `squeeze_mean`: its two `RunningMean`s (registered submodules);
+/// - `clone()`, as any `torch::nn::Cloneable` has.
+/// Optional: `static constexpr bool handles_live_rows = true` if it honours
+/// `FusionContext::live_rows` (the probe then needs one stacked pass instead of two).
+/// docs/concepts.md shows a complete user-written fusion module.
 template <class F>
 concept FusionModule = requires(F& f, const at::Tensor& a, const at::Tensor& b,
                                 const FusionContext& ctx, int side) {
@@ -31,24 +35,19 @@ concept FusionModule = requires(F& f, const at::Tensor& a, const at::Tensor& b,
   { f->forward(a, b, ctx) } -> std::same_as<std::pair<at::Tensor, at::Tensor>>;
   { f->channels(side) } -> std::convertible_to<std::int64_t>;
   { f->side_parameters(side) } -> std::same_as<std::vector<at::Tensor>>;
-  { f->reset_squeeze_average() };
-  { f->squeeze_average_samples() } -> std::convertible_to<std::int64_t>;
-  { f->discard_last_gate_update() };
+  { f->gate_mean } -> std::convertible_to<RunningMean>;
+  { f->squeeze_mean } -> std::convertible_to<RunningMean>;
   { f->clone() };
 };
 
-/// A `FusionModule` whose running averages can be combined across data-parallel ranks:
-/// - `take_pending_gate_sums()` returns (and clears) the gate sums of the regular steps
-///   run with `FusionContext::defer_gate_update`, zeros if none, always of one size;
-/// - `fold_gate_sums(sums)` folds such sums (added up over ranks) into the gate averages;
-/// - `squeeze_sums()` / `set_squeeze_sums(sums)` read and write the squeeze averages as
-///   sums that add up over ranks.
+/// Whether fusion module `F` declares that it honours `FusionContext::live_rows`.
 template <class F>
-concept DistributedFusionModule = FusionModule<F> && requires(F& f, const at::Tensor& t) {
-  { f->take_pending_gate_sums() } -> std::same_as<at::Tensor>;
-  { f->fold_gate_sums(t) };
-  { f->squeeze_sums() } -> std::same_as<at::Tensor>;
-  { f->set_squeeze_sums(t) };
-};
+constexpr bool handles_live_rows() {
+  if constexpr (requires { F::ContainedType::handles_live_rows; }) {
+    return F::ContainedType::handles_live_rows;
+  } else {
+    return false;
+  }
+}
 
 }  // namespace mmbalance

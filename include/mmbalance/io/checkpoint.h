@@ -3,8 +3,13 @@
 /// One-file checkpoints of a model, its optimizer and its balancer, with an architecture
 /// check on load.
 
+#include <cstdint>
 #include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -40,19 +45,40 @@ inline std::vector<std::string> split_lines(const std::string& s) {
   return lines;
 }
 
+// Where two texts first differ, line by line.
+struct LineDifference {
+  std::size_t line;
+  std::string in_first, in_second;  // "(nothing more)" past the end
+  std::size_t lines_first, lines_second;
+};
+
+inline LineDifference first_difference(const std::string& first, const std::string& second) {
+  const auto a = split_lines(first);
+  const auto b = split_lines(second);
+  std::size_t i = 0;
+  while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
+  return {i, i < a.size() ? a[i] : "(nothing more)", i < b.size() ? b[i] : "(nothing more)",
+          a.size(), b.size()};
+}
+
 /// Throws naming the first entry where two fingerprints differ.
 inline void check_same_architecture(const std::string& saved, const std::string& current,
                                     const std::string& source) {
   if (saved == current) return;
-  const auto a = split_lines(saved);
-  const auto b = split_lines(current);
-  std::size_t i = 0;
-  while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
-  const std::string in_file = i < a.size() ? a[i] : "(nothing more)";
-  const std::string in_model = i < b.size() ? b[i] : "(nothing more)";
-  TORCH_CHECK(false, "checkpoint ", source, " was made for another architecture: entry ", i,
-              " is '", in_file, "' in the checkpoint but '", in_model, "' in this model (",
-              a.size(), " vs ", b.size(), " parameters and buffers)");
+  const LineDifference d = first_difference(saved, current);
+  TORCH_CHECK(false, "checkpoint ", source, " was made for another architecture: entry ", d.line,
+              " is '", d.in_first, "' in the checkpoint but '", d.in_second, "' in this model (",
+              d.lines_first, " vs ", d.lines_second, " parameters and buffers)");
+}
+
+/// Throws naming the first line where two module descriptions differ.
+inline void check_same_modules(const std::string& saved, const std::string& current,
+                               const std::string& source) {
+  if (saved == current) return;
+  const LineDifference d = first_difference(saved, current);
+  TORCH_CHECK(false, "checkpoint ", source, " was made for modules with other options: line ",
+              d.line, " is '", d.in_first, "' in the checkpoint but '", d.in_second,
+              "' in this model");
 }
 
 // Which parameters have a gradient tensor. LibTorch's optimizers skip a parameter whose
@@ -83,14 +109,74 @@ inline void restore_grad_definedness(torch::nn::Module& module, const at::Tensor
 
 }  // namespace detail
 
+/// The modules of `module` with their options, as LibTorch prints them (e.g. an MMTM's
+/// ratio and gate_scale, which change what the weights compute but not their shapes).
+inline std::string module_description(const torch::nn::Module& module) {
+  std::ostringstream out;
+  out << module;
+  return out.str();
+}
+
+namespace detail {
+
+// A checkpoint file: this line, the payload's size and its FNV-1a checksum (8 bytes each,
+// little-endian), then the LibTorch archive. Any damage to the file (a flipped bit, a
+// truncation, an insertion) is found before LibTorch parses a byte of it.
+inline constexpr std::string_view kCheckpointMagic = "mmbalance checkpoint v1\n";
+inline constexpr std::size_t kCheckpointHeader = kCheckpointMagic.size() + 16;
+
+inline std::uint64_t fnv1a(std::string_view bytes) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (const char c : bytes) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+inline void put_u64(std::string& out, std::uint64_t v) {
+  for (int i = 0; i < 8; ++i) out += static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+inline std::uint64_t get_u64(std::string_view in) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(in[static_cast<std::size_t>(i)]);
+  return v;
+}
+
+// The archive inside checkpoint `path`, after checking its header, size and checksum.
+inline std::string read_checkpoint_payload(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in, "cannot read checkpoint ", path, ": the file is missing or unreadable");
+  const std::string file{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  TORCH_CHECK(!in.bad(), "cannot read checkpoint ", path, ": read error");
+  const std::string_view bytes(file);
+  TORCH_CHECK(bytes.size() >= kCheckpointHeader && bytes.substr(0, kCheckpointMagic.size()) == kCheckpointMagic,
+              "checkpoint ", path, " is not an mmbalance checkpoint (no '",
+              kCheckpointMagic.substr(0, kCheckpointMagic.size() - 1), "' header)");
+  const std::uint64_t size = get_u64(bytes.substr(kCheckpointMagic.size(), 8));
+  const std::uint64_t checksum = get_u64(bytes.substr(kCheckpointMagic.size() + 8, 8));
+  const std::string_view payload = bytes.substr(kCheckpointHeader);
+  TORCH_CHECK(size == payload.size(), "checkpoint ", path, " is damaged: it holds ",
+              payload.size(), " bytes after its header, which promises ", size,
+              " (truncated or extended)");
+  TORCH_CHECK(fnv1a(payload) == checksum, "checkpoint ", path,
+              " is damaged: its contents do not match their checksum");
+  return std::string(payload);
+}
+
+}  // namespace detail
+
 /// Writes the model, the optimizer, the balancer (anything with `save(OutputArchive&)`)
-/// and which parameters have gradients to `path`. The file is written to `path + ".tmp"` and renamed, so an interrupted save
-/// never leaves a half-written checkpoint under `path`.
+/// and which parameters have gradients to `path`, with a checksum. The file is written to
+/// `path + ".tmp"` and renamed, so an interrupted save never leaves a half-written
+/// checkpoint under `path`.
 template <class Net, class BalancerT>
 void save_checkpoint(const std::string& path, const Net& net,
                      const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
   torch::serialize::OutputArchive archive, model, optim, bal;
   archive.write("architecture", architecture_fingerprint(*net));
+  archive.write("modules", module_description(*net));
   archive.write("grad_defined", detail::grad_defined(*net));
   net->save(model);
   optimizer.save(optim);
@@ -98,38 +184,98 @@ void save_checkpoint(const std::string& path, const Net& net,
   archive.write("model", model);
   archive.write("optimizer", optim);
   archive.write("balancer", bal);
+  std::ostringstream payload_stream;
+  archive.save_to(payload_stream);
+  const std::string payload = payload_stream.str();
+  std::string header(detail::kCheckpointMagic);
+  detail::put_u64(header, payload.size());
+  detail::put_u64(header, detail::fnv1a(payload));
   const std::string tmp = path + ".tmp";
-  archive.save_to(tmp);
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << header << payload;
+    out.flush();
+    TORCH_CHECK(out.good(), "save_checkpoint: cannot write ", tmp);
+  }
   TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "save_checkpoint: cannot rename ",
               tmp, " to ", path);
 }
 
-/// Restores what `save_checkpoint` wrote. Throws before changing anything if the file
-/// is not a checkpoint of this architecture; tensors go to the model's device.
+namespace detail {
+
+// The three states load_checkpoint may overwrite, kept in memory so that a failure half
+// way through (an optimizer of another type, a damaged record) can be undone.
+template <class Net, class BalancerT>
+std::string snapshot(const Net& net, const torch::optim::Optimizer& optimizer,
+                     const BalancerT& balancer) {
+  torch::serialize::OutputArchive archive, model, optim, bal;
+  net->save(model);
+  optimizer.save(optim);
+  balancer.save(bal);
+  archive.write("model", model);
+  archive.write("optimizer", optim);
+  archive.write("balancer", bal);
+  archive.write("grad_defined", grad_defined(*net));
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+// Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
+template <class Net, class BalancerT>
+void restore_states(torch::serialize::InputArchive& archive, Net& net,
+                    torch::optim::Optimizer& optimizer, BalancerT& balancer) {
+  torch::serialize::InputArchive model, optim, bal;
+  at::Tensor grad_defined;
+  TORCH_CHECK(archive.try_read("model", model) && archive.try_read("optimizer", optim) &&
+                  archive.try_read("balancer", bal) && archive.try_read("grad_defined", grad_defined),
+              "a model, optimizer, balancer or gradient record is missing");
+  balancer.load(bal);  // first: it checks everything before it changes anything
+  net->load(model);
+  optimizer.load(optim);
+  restore_grad_definedness(*net, grad_defined);
+}
+
+}  // namespace detail
+
+/// Restores what `save_checkpoint` wrote; tensors go to the model's device. Everything is
+/// checked before anything is kept: a file that is not a checkpoint, another architecture
+/// or module options (e.g. gate_scale), another policy type or balancer options, an
+/// optimizer of another type, or a damaged record gives a c10::Error naming the file and
+/// what differs, with the model, the optimizer and the balancer as they were.
 template <class Net, class BalancerT>
 void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer& optimizer,
                      BalancerT& balancer) {
   torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(path);
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", e.what_without_backtrace());
+  {
+    std::istringstream payload(detail::read_checkpoint_payload(path));
+    try {
+      archive.load_from(payload);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", e.what_without_backtrace());
+    }
   }
   c10::IValue saved;
   TORCH_CHECK(archive.try_read("architecture", saved) && saved.isString(),
               "checkpoint ", path, " has no architecture record; it was not written by "
               "mmbalance::save_checkpoint");
   detail::check_same_architecture(saved.toStringRef(), architecture_fingerprint(*net), path);
-  torch::serialize::InputArchive model, optim, bal;
-  archive.read("model", model);
-  archive.read("optimizer", optim);
-  archive.read("balancer", bal);
-  at::Tensor grad_defined;
-  archive.read("grad_defined", grad_defined);
-  net->load(model);
-  optimizer.load(optim);
-  balancer.load(bal);
-  detail::restore_grad_definedness(*net, grad_defined);
+  c10::IValue modules;
+  if (archive.try_read("modules", modules)) {  // older checkpoints have no description
+    TORCH_CHECK(modules.isString(), "checkpoint ", path, ": damaged module description");
+    detail::check_same_modules(modules.toStringRef(), module_description(*net), path);
+  }
+  const std::string backup = detail::snapshot(net, optimizer, balancer);
+  try {
+    detail::restore_states(archive, net, optimizer, balancer);
+  } catch (const std::exception& e) {
+    std::istringstream in(backup);
+    torch::serialize::InputArchive undo;
+    undo.load_from(in);
+    detail::restore_states(undo, net, optimizer, balancer);
+    TORCH_CHECK(false, "cannot restore checkpoint ", path, ": ", detail::error_text(e),
+                " (the model, optimizer and balancer are unchanged)");
+  }
 }
 
 }  // namespace mmbalance

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Conditional learning speed (algorithm.md §4): μ(θ; i) = ||G||² / ||θ||² per parameter
+/// Conditional learning speed (docs/algorithm.md §4): μ(θ; i) = ||G||² / ||θ||² per parameter
 /// group, accumulated over regular steps, all on the parameters' device.
 
 #include <array>
@@ -37,11 +37,18 @@ struct SpeedSummary {
   double s_m0_given_m1 = NAN;  ///< log10(M(θ1') / M(θ1))
   double d_speed = NAN;        ///< s(m1|m0) - s(m0|m1)
 
-  /// From the four accumulators, in `Group` order. NaN where nothing has been accumulated.
+  /// From the four accumulators, in `Group` order. A speed is NaN unless both of its
+  /// accumulators are positive and finite: before any regular step, and for a group that
+  /// never had a gradient (frozen), where log10 would give ±inf. d_speed is NaN when
+  /// either speed is.
   static SpeedSummary from_accumulators(const std::array<double, kNumGroups>& m) {
+    const auto speed = [](double fusion, double branch) {
+      const bool defined = std::isfinite(fusion) && std::isfinite(branch) && fusion > 0 && branch > 0;
+      return defined ? std::log10(fusion / branch) : NAN;
+    };
     SpeedSummary s;
-    s.s_m1_given_m0 = std::log10(m[2] / m[0]);
-    s.s_m0_given_m1 = std::log10(m[3] / m[1]);
+    s.s_m1_given_m0 = speed(m[2], m[0]);
+    s.s_m0_given_m1 = speed(m[3], m[1]);
     s.d_speed = s.s_m1_given_m0 - s.s_m0_given_m1;
     return s;
   }
@@ -121,14 +128,28 @@ class LearningSpeedMeter {
   void accumulate(const at::Tensor& mu) {
     follow_device();
     accumulated_.add_(mu);
-    ++steps_;
+    ++observed_;
+  }
+
+  /// Adds `mu` to M only where `valid` (a bool scalar on the device) is true, without
+  /// reading it: a step left out is counted in `skipped()` instead of `steps()`.
+  void accumulate_if(const at::Tensor& mu, const at::Tensor& valid) {
+    follow_device();
+    accumulated_.add_(at::where(valid, mu, at::zeros_like(mu)));
+    if (!skipped_.defined()) skipped_ = at::zeros({}, at::TensorOptions(at::kLong).device(device_));
+    skipped_.add_(valid.logical_not());
+    ++observed_;
   }
 
   /// M(θ) per group: a device tensor of 4 doubles.
   const at::Tensor& accumulated() const { return accumulated_; }
 
-  /// Regular steps accumulated so far.
-  std::int64_t steps() const { return steps_; }
+  /// Regular steps accumulated so far (reads one number from the device once a step has
+  /// gone through `accumulate_if`).
+  std::int64_t steps() const { return observed_ - skipped(); }
+
+  /// Regular steps `accumulate_if` left out (reads one number from the device).
+  std::int64_t skipped() const { return skipped_.defined() ? skipped_.item<std::int64_t>() : 0; }
 
   /// Reads M to the host (one small read) and derives the speeds.
   SpeedSummary summary() const {
@@ -140,17 +161,22 @@ class LearningSpeedMeter {
   /// Elements per group; a checkpoint made for other groups is rejected on load.
   const std::array<std::int64_t, kNumGroups>& group_numel() const { return group_numel_; }
 
-  /// Restores M and the step count (a loaded tensor may live on any device).
-  void restore(const at::Tensor& m, std::int64_t steps) {
+  /// Restores M and the step counts (a loaded tensor may live on any device).
+  void restore(const at::Tensor& m, std::int64_t steps, std::int64_t skipped) {
     TORCH_CHECK(m.dim() == 1 && m.size(0) == kNumGroups, "LearningSpeedMeter: accumulators must ",
                 "have 4 entries, got ", detail::shape_string(m));
+    TORCH_CHECK(steps >= 0 && skipped >= 0, "LearningSpeedMeter: step counts must be >= 0, got ",
+                steps, " accumulated and ", skipped, " skipped");
     accumulated_ = m.to(at::kDouble).to(device_);
-    steps_ = steps;
+    observed_ = steps + skipped;
+    skipped_ = skipped > 0 ? at::full({}, skipped, at::TensorOptions(at::kLong).device(device_))
+                           : at::Tensor();
   }
 
   void reset() {
     accumulated_.zero_();
-    steps_ = 0;
+    observed_ = 0;
+    skipped_ = at::Tensor();
   }
 
  private:
@@ -162,6 +188,7 @@ class LearningSpeedMeter {
     device_ = device;
     membership_ = membership_.to(device);
     accumulated_ = accumulated_.to(device);
+    if (skipped_.defined()) skipped_ = skipped_.to(device);
     zero_ = at::zeros({}, params_.front().options());
   }
 
@@ -171,7 +198,8 @@ class LearningSpeedMeter {
   at::Tensor zero_;         // stands in for a missing gradient
   at::Device device_{at::kCPU};
   std::array<std::int64_t, kNumGroups> group_numel_{};
-  std::int64_t steps_ = 0;
+  std::int64_t observed_ = 0;  // regular steps given to accumulate or accumulate_if
+  at::Tensor skipped_;         // of those, left out by accumulate_if (device, lazily made)
 };
 
 }  // namespace mmbalance

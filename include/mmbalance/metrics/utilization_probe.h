@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Conditional utilization rates (algorithm.md §7; Definition 2.1).
+/// Conditional utilization rates (docs/algorithm.md §7; Definition 2.1).
 
 #include <cmath>
 #include <concepts>
@@ -53,6 +53,17 @@ struct UtilizationReport {
   std::int64_t samples = 0;    ///< evaluation samples
 };
 
+/// Commits the squeeze vectors `net->record_squeeze` staged: data-parallel, the staged
+/// sums of every rank's shard are first added up with `sum_across_ranks`. For a pass of
+/// your own over the training data (see `record_squeeze_averages`).
+template <MultiModalModel Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+void commit_squeeze_averages(Net& net, SumAcrossRanks sum_across_ranks = {}) {
+  for (auto& mean : net->squeeze_means()) {
+    sum_across_ranks(mean->staged());
+    mean->commit();
+  }
+}
+
 /// The probe's first half: records each fusion module's training-set squeeze averages
 /// (h0_bar^k, h1_bar^k) over `train` with the model as it is now, replacing earlier
 /// ones. Runs in eval mode without gradients and restores the training mode; batches are
@@ -61,10 +72,11 @@ struct UtilizationReport {
 /// a `sum_across_ranks` (see `probe_utilization`).
 ///
 /// If you already run the model over the training data after training (to report its
-/// training accuracy, say), use `net->record_squeeze(x0, x1)` for that pass instead of
-/// `forward`: it returns the same outputs and records the averages on the way, so the
+/// training accuracy, say), call `net->reset_squeeze_averages()`, use
+/// `net->record_squeeze(x0, x1)` for that pass instead of `forward` (same outputs, the
+/// squeeze vectors staged on the way) and `commit_squeeze_averages(net)` after it: the
 /// probe then costs only `evaluate_utilization`.
-template <class Net, BatchRange TrainData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+template <MultiModalModel Net, BatchRange TrainData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_across_ranks = {}) {
   const detail::EvalModeGuard<Net> eval_mode(net);
   const at::Device device = net->parameters().front().device();
@@ -72,13 +84,7 @@ void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_acr
   for (const auto& batch : train) {
     net->record_squeeze(batch.x0.to(device), batch.x1.to(device));
   }
-  if constexpr (!std::is_same_v<SumAcrossRanks, SingleProcess>) {
-    for (auto& tap : net->taps) {
-      at::Tensor sums = tap.module->squeeze_sums();
-      sum_across_ranks(sums);
-      tap.module->set_squeeze_sums(sums);
-    }
-  }
+  commit_squeeze_averages(net, sum_across_ranks);
 }
 
 /// The probe's second half: evaluates the normal and the cut heads over `eval` in one
@@ -88,7 +94,7 @@ void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_acr
 /// per fusion module before the loop (were averages recorded?) and the counts at the
 /// end, none per batch. Data-parallel:
 /// counts are added up with `sum_across_ranks`, so every rank gets the same report.
-template <class Net, BatchRange EvalData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+template <MultiModalModel Net, BatchRange EvalData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 UtilizationReport evaluate_utilization(Net& net, EvalData&& eval, SumAcrossRanks sum_across_ranks = {}) {
   const detail::EvalModeGuard<Net> eval_mode(net);
   TORCH_CHECK(net->has_squeeze_averages(),
@@ -135,7 +141,7 @@ UtilizationReport evaluate_utilization(Net& net, EvalData&& eval, SumAcrossRanks
 /// `sum_across_ranks` that adds a tensor up over all ranks in place (e.g.
 /// `DataParallel::sum_across_ranks()`); the squeeze averages and the counts are then
 /// those of all shards together, and every rank gets the same report.
-template <class Net, BatchRange TrainData, BatchRange EvalData,
+template <MultiModalModel Net, BatchRange TrainData, BatchRange EvalData,
           std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 UtilizationReport probe_utilization(Net& net, TrainData&& train, EvalData&& eval,
                                     SumAcrossRanks sum_across_ranks = {}) {

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// The modality-specific loss of algorithm.md §1.
+/// The modality-specific loss of docs/algorithm.md §1.
 
 #include <ATen/ATen.h>
 

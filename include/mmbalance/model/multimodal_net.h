@@ -1,8 +1,9 @@
 #pragma once
 /// \file
 /// `MultiModalNet<Branch0, Branch1, Fusion>`: two uni-modal branches joined by fusion
-/// modules after chosen stages (intermediate fusion, algorithm.md §1).
+/// modules after chosen stages (intermediate fusion, docs/algorithm.md §1).
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -41,7 +42,7 @@ struct ProbeOutput {
   at::Tensor y0, y1, y0_cut, y1_cut;
 };
 
-/// The four parameter groups of algorithm.md §3. The fusion groups share the parameters
+/// The four parameter groups of docs/algorithm.md §3. The fusion groups share the parameters
 /// every path goes through (MMTM's joint layer).
 struct ParameterGroups {
   std::vector<at::Tensor> theta0, theta1, theta0_fusion, theta1_fusion;
@@ -82,23 +83,24 @@ class MultiModalNetImpl : public torch::nn::Module {
   }
 
   /// One forward pass in the mode `kind` asks for. A regular step in training mode also
-  /// updates the fusion modules' running gate averages; nothing else does.
+  /// stages its gates into the fusion modules' gate means, which the `Balancer` commits
+  /// when it accepts the step; nothing else touches them.
   ModelOutput forward(const at::Tensor& x0, const at::Tensor& x1,
                       StepKind kind = StepKind::regular) {
     check_batch(x0, x1);
     FusionContext ctx;
     ctx.side0 = kind == StepKind::rebalance_m0 ? SideMode::held_gate : SideMode::live;
     ctx.side1 = kind == StepKind::rebalance_m1 ? SideMode::held_gate : SideMode::live;
-    ctx.update_gate_average = kind == StepKind::regular && is_training();
-    ctx.defer_gate_update = defer_gate_updates_;
+    ctx.stage_gates = kind == StepKind::regular && is_training();
     return output(run(x0, x1, ctx));
   }
 
-  /// The normal and the cut network (f0', f1') in one pass over the stacked batch
-  /// [x; x]. Stages up to the first fusion tap are the same for both halves, so they run
-  /// once, on x, before the batch is stacked. Needs eval mode and squeeze averages
-  /// recorded with `record_squeeze` (not checked here, to keep device reads out of the
-  /// loop: `evaluate_utilization` checks `has_squeeze_averages()` once).
+  /// The normal and the cut network (f0', f1'). Stages up to the first fusion tap are the
+  /// same for both, so they run once. If the fusion modules handle `live_rows` (MMTM
+  /// does), the rest is one pass over the stacked batch [x; x]; otherwise two passes.
+  /// Needs eval mode and squeeze averages recorded with `record_squeeze` (not checked
+  /// here, to keep device reads out of the loop: `evaluate_utilization` checks
+  /// `has_squeeze_averages()` once).
   ProbeOutput forward_probe(const at::Tensor& x0, const at::Tensor& x1) {
     check_batch(x0, x1);
     TORCH_CHECK(!is_training(), "MultiModalNet::forward_probe needs eval mode (call eval())");
@@ -109,14 +111,21 @@ class MultiModalNetImpl : public torch::nn::Module {
       h0 = branch0->forward_stage(i, h0);
       h1 = branch1->forward_stage(i, h1);
     }
-    FusionContext ctx;
-    ctx.side0 = ctx.side1 = SideMode::averaged_squeeze;
-    ctx.live_rows = n;
-    auto [y0, y1] = run(at::cat({h0, h0}, 0), at::cat({h1, h1}, 0), ctx, shared);
-    return {y0.narrow(0, 0, n), y1.narrow(0, 0, n), y0.narrow(0, n, n), y1.narrow(0, n, n)};
+    FusionContext cut;
+    cut.side0 = cut.side1 = SideMode::averaged_squeeze;
+    if constexpr (handles_live_rows<Fusion>()) {
+      cut.live_rows = n;
+      auto [y0, y1] = run(at::cat({h0, h0}, 0), at::cat({h1, h1}, 0), cut, shared);
+      return {y0.narrow(0, 0, n), y1.narrow(0, 0, n), y0.narrow(0, n, n), y1.narrow(0, n, n)};
+    } else {
+      auto [y0, y1] = run(h0, h1, FusionContext{}, shared);
+      auto [y0_cut, y1_cut] = run(h0, h1, cut, shared);
+      return {std::move(y0), std::move(y1), std::move(y0_cut), std::move(y1_cut)};
+    }
   }
 
-  /// A live pass that folds the squeeze vectors into the fusion modules' squeeze averages.
+  /// A live pass that stages the squeeze vectors into the fusion modules' squeeze means
+  /// (the probe commits them after its pass over the training set).
   ModelOutput record_squeeze(const at::Tensor& x0, const at::Tensor& x1) {
     check_batch(x0, x1);
     FusionContext ctx;
@@ -124,28 +133,32 @@ class MultiModalNetImpl : public torch::nn::Module {
     return output(run(x0, x1, ctx));
   }
 
-  /// Whether every fusion module has recorded squeeze averages (reads one number per
+  /// Whether every fusion module has committed squeeze averages (reads one number per
   /// module from the device).
   bool has_squeeze_averages() const {
     for (const auto& tap : taps) {
-      if (tap.module->squeeze_average_samples() == 0) return false;
+      if (tap.module->squeeze_mean->samples.template item<double>() == 0) return false;
     }
     return true;
   }
 
+  /// Clears every fusion module's squeeze mean (committed and staged).
   void reset_squeeze_averages() {
-    for (auto& tap : taps) tap.module->reset_squeeze_average();
+    for (auto& tap : taps) tap.module->squeeze_mean->clear();
   }
 
-  /// true: regular steps leave their gate sums pending in the fusion modules instead of
-  /// folding them into the gate averages (`DataParallel` sets this and folds the sums of
-  /// all ranks after each step).
-  void defer_gate_updates(bool defer) { defer_gate_updates_ = defer; }
-  bool defers_gate_updates() const { return defer_gate_updates_; }
+  /// The fusion modules' gate means, in tap order (handles: they act on the modules).
+  std::vector<RunningMean> gate_means() const {
+    std::vector<RunningMean> out;
+    for (const auto& tap : taps) out.push_back(tap.module->gate_mean);
+    return out;
+  }
 
-  /// Undoes the gate-average update of the last regular training step.
-  void discard_last_gate_update() {
-    for (auto& tap : taps) tap.module->discard_last_gate_update();
+  /// The fusion modules' squeeze means, in tap order.
+  std::vector<RunningMean> squeeze_means() const {
+    std::vector<RunningMean> out;
+    for (const auto& tap : taps) out.push_back(tap.module->squeeze_mean);
+    return out;
   }
 
   /// θ0, θ1 (every parameter of each branch) and θ0', θ1' (each fusion module's
@@ -183,8 +196,6 @@ class MultiModalNetImpl : public torch::nn::Module {
   std::vector<Tap> taps;
 
  private:
-  bool defer_gate_updates_ = false;
-
   template <class Holder>
   static Holder clone_holder(const Holder& holder, const c10::optional<at::Device>& device) {
     auto impl = std::dynamic_pointer_cast<typename Holder::ContainedType>(holder->clone(device));
@@ -248,6 +259,23 @@ class MultiModalNet : public torch::nn::ModuleHolder<MultiModalNetImpl<Branch0, 
   MultiModalNet clone(const c10::optional<at::Device>& device = c10::nullopt) const {
     return MultiModalNet(std::dynamic_pointer_cast<Impl>(this->get()->clone(device)));
   }
+};
+
+/// What the library's other parts take as a network (the `Balancer`, the utilization
+/// probe, `DataParallel`, checkpoints): a `MultiModalNet` handle, or your own handle with
+/// these members.
+template <class Net>
+concept MultiModalModel = requires(Net net, const at::Tensor& x, StepKind kind) {
+  { net->forward(x, x, kind) } -> std::same_as<ModelOutput>;
+  { net->forward_probe(x, x) } -> std::same_as<ProbeOutput>;
+  { net->record_squeeze(x, x) } -> std::same_as<ModelOutput>;
+  { net->parameter_groups() } -> std::same_as<ParameterGroups>;
+  { net->gate_means() } -> std::same_as<std::vector<RunningMean>>;
+  { net->squeeze_means() } -> std::same_as<std::vector<RunningMean>>;
+  { net->has_squeeze_averages() } -> std::same_as<bool>;
+  { net->reset_squeeze_averages() };
+  { net->parameters() } -> std::same_as<std::vector<at::Tensor>>;
+  { net->is_training() } -> std::same_as<bool>;
 };
 
 }  // namespace mmbalance

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// The three kinds of training step of balanced multi-modal learning (algorithm.md §5).
+/// The three kinds of training step of balanced multi-modal learning (docs/algorithm.md §5).
 
 #include <cstdint>
 #include <ostream>
