@@ -3,7 +3,7 @@
 // a colour (3x28x28: colour x gray intensity, black background), m1 the gray image
 // (1x28x28). In training the colour is the palette colour of the label plus Gaussian
 // noise; in validation and test it is a palette colour drawn independently of the label,
-// with the same noise. See shared/docs/reproduction-notes.md.
+// with the same noise. See docs/examples.md and docs/results-notes.md.
 
 #include <cmath>
 #include <cstdint>

@@ -74,17 +74,24 @@ inline at::Tensor load_idx_ubyte(const std::filesystem::path& path, int dims) {
   const std::size_t header = 4 + 4 * static_cast<std::size_t>(dims);
   TORCH_CHECK(bytes.size() >= header, path.string(), ": truncated header");
   std::vector<std::int64_t> shape;
-  std::size_t count = 1;
+  // Three 32-bit sizes can overflow 64 bits: the product is checked before it is compared
+  // with the file's size, which comes before any allocation.
+  std::uint64_t promised = 1;
+  bool overflow = false;
   for (int d = 0; d < dims; ++d) {
     const std::size_t o = 4 + 4 * static_cast<std::size_t>(d);
     const std::uint32_t v = (std::uint32_t(u8(o)) << 24) | (std::uint32_t(u8(o + 1)) << 16) |
                             (std::uint32_t(u8(o + 2)) << 8) | std::uint32_t(u8(o + 3));
     TORCH_CHECK(v > 0, path.string(), ": dimension ", d, " is 0");
     shape.push_back(v);
-    count *= v;
+    overflow = overflow || promised > UINT64_MAX / v;
+    promised *= v;
   }
-  TORCH_CHECK(bytes.size() == header + count, path.string(), ": ", bytes.size() - header,
-              " data bytes, the header promises ", count, " (truncated or corrupt)");
+  const std::size_t count = bytes.size() - header;
+  TORCH_CHECK(!overflow && promised == count, path.string(), ": ", count,
+              " data bytes, the header promises ",
+              overflow ? std::string("more than 2^64") : std::to_string(promised),
+              " (truncated or corrupt)");
   at::Tensor out = at::empty(shape, at::kByte);
   std::memcpy(out.data_ptr<std::uint8_t>(), bytes.data() + header, count);
   return out;

@@ -16,8 +16,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <stb_image.h>
 
+#include "images.h"
 #include "splits.h"
 
 namespace mmbalance::examples {
@@ -85,12 +85,8 @@ inline MvcnnIndex index_mvcnn(const std::filesystem::path& root, int view0, int 
 /// Decodes a PNG as one gray channel. Throws naming the file if it cannot be decoded or is
 /// not `height` x `width` (0: any size).
 inline at::Tensor load_gray_png(const std::filesystem::path& path, int height, int width) {
-  int w = 0, h = 0, channels = 0;
-  stbi_uc* pixels = stbi_load(path.c_str(), &w, &h, &channels, 1);
-  TORCH_CHECK(pixels != nullptr, "cannot decode image ", path.string(), ": ",
-              stbi_failure_reason() ? stbi_failure_reason() : "unknown error");
-  const at::Tensor img = at::from_blob(pixels, {1, h, w}, at::kByte).clone();
-  stbi_image_free(pixels);
+  const at::Tensor img = decode_image(path, 1);
+  const auto h = img.size(1), w = img.size(2);
   TORCH_CHECK((height == 0 || h == height) && (width == 0 || w == width), "image ", path.string(),
               " is ", w, "x", h, " pixels; the other views are ", width, "x", height);
   return img;

@@ -24,8 +24,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <stb_image.h>
 
+#include "images.h"
 #include "splits.h"
 
 namespace mmbalance::examples {
@@ -48,8 +48,8 @@ inline std::vector<GestureClip> index_nvgesture(const std::filesystem::path& roo
   namespace fs = std::filesystem;
   std::ifstream in(list);
   TORCH_CHECK(in, "cannot open NVGesture list ", list.string());
-  auto frames_of = [](const fs::path& dir) {
-    TORCH_CHECK(fs::is_directory(dir), "missing frame folder ", dir.string(),
+  auto frames_of = [](const fs::path& dir, const std::string& where) {
+    TORCH_CHECK(fs::is_directory(dir), where, ": missing frame folder ", dir.string(),
                 " (extract each video's frames into <clip>/<video>_all/)");
     std::vector<fs::path> files;
     for (const auto& f : fs::directory_iterator(dir)) {
@@ -109,7 +109,7 @@ inline std::vector<GestureClip> index_nvgesture(const std::filesystem::path& roo
     c.label = label - 1;
     for (const auto& [video, out] : {std::pair{color_video, &c.rgb}, std::pair{depth_video, &c.depth}}) {
       const fs::path dir = clip / (video + "_all");
-      const auto files = frames_of(dir);
+      const auto files = frames_of(dir, where);
       TORCH_CHECK(static_cast<long>(files.size()) >= end, where, ": ", dir.string(), " has ",
                   files.size(), " frames, the gesture ends at frame ", end);
       out->assign(files.begin() + start, files.begin() + end);
@@ -122,13 +122,7 @@ inline std::vector<GestureClip> index_nvgesture(const std::filesystem::path& roo
 
 /// Decodes one frame with `channels` channels as (channels, height, width) uint8.
 inline at::Tensor load_frame(const std::filesystem::path& path, int channels) {
-  int w = 0, h = 0, c = 0;
-  stbi_uc* pixels = stbi_load(path.c_str(), &w, &h, &c, channels);
-  TORCH_CHECK(pixels != nullptr, "cannot decode frame ", path.string(), ": ",
-              stbi_failure_reason() ? stbi_failure_reason() : "unknown error");
-  const at::Tensor img = at::from_blob(pixels, {h, w, channels}, at::kByte).permute({2, 0, 1}).clone();
-  stbi_image_free(pixels);
-  return img;
+  return decode_image(path, channels);
 }
 
 /// One clip as (channels, frames, crop, crop) uint8: window [offset, offset + frames) of the

@@ -23,6 +23,7 @@
 #include <torch/optim/sgd.h>
 
 #include <mmbalance/distributed.h>
+#include <mmbalance/io/json.h>
 
 #include "splits.h"
 #include "progress.h"

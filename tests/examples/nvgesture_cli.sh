@@ -38,7 +38,7 @@ broken; rm "$work"/broken/Video_data/class_03/test_subject00_r0/sk_color_all/000
 expect_error "sk_color_all has 9 frames, the gesture ends at frame 11" "$work/a" -- \
   "$bin" --out "$work/a" --data-dir "$work/broken" "${small[@]}"
 broken; printf 'not a png' > "$work/broken/Video_data/class_01/train_subject04_r0/sk_depth_all/00005.png"
-expect_error "cannot decode frame $work/broken/Video_data/class_01/train_subject04_r0/sk_depth_all/00005.png" "$work/a" -- \
+expect_error "cannot decode image $work/broken/Video_data/class_01/train_subject04_r0/sk_depth_all/00005.png" "$work/a" -- \
   "$bin" --out "$work/a" --data-dir "$work/broken" "${small[@]}" --epochs 1
 broken
 /usr/bin/python3 - "$work/broken/Video_data/class_02/test_subject01_r0/sk_color_all/00004.png" <<'PY'
