@@ -1,6 +1,7 @@
 #pragma once
 /// \file
-/// nlohmann::json conversions of the library's reports, for logs and summaries.
+/// nlohmann::json conversions of the library's reports, for logs and summaries. Not in the
+/// umbrella header: include it (and link `mmbalance::json`) where you write JSON.
 
 #include <cmath>
 
@@ -8,7 +9,6 @@
 
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/metrics/utilization_probe.h"
-#include "mmbalance/model/step_kind.h"
 
 namespace mmbalance {
 

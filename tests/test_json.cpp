@@ -1,0 +1,36 @@
+// io/json.h on its own: it must compile without the rest of the umbrella header.
+#include <mmbalance/io/json.h>
+
+#include <catch2/catch.hpp>
+
+using namespace mmbalance;
+
+TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values as null",
+          "[json]") {
+  const nlohmann::json speed = SpeedSummary::from_accumulators({1.0, 2.0, 10.0, 2.0});
+  CHECK(speed["s_m1_given_m0"].get<double>() == 1.0);  // log10(10 / 1)
+  CHECK(speed["s_m0_given_m1"].get<double>() == 0.0);  // log10(2 / 2)
+  CHECK(speed["d_speed"].get<double>() == 1.0);
+  // A group with no gradient yet: undefined, and JSON has no NaN.
+  const nlohmann::json undefined = SpeedSummary::from_accumulators({0.0, 2.0, 10.0, 2.0});
+  CHECK(undefined["s_m1_given_m0"].is_null());
+  CHECK(undefined["d_speed"].is_null());
+  CHECK(undefined["s_m0_given_m1"].get<double>() == 0.0);
+
+  UtilizationReport r;
+  r.accuracy = 0.75;
+  r.accuracy0 = 0.5;
+  r.accuracy0_cut = 0.25;
+  r.accuracy1 = 0.0;
+  r.accuracy1_cut = 0.0;
+  r.u_m1_given_m0 = 0.5;
+  r.samples = 8;
+  const nlohmann::json j = r;
+  CHECK(j["accuracy"].get<double>() == 0.75);
+  CHECK(j["accuracy0_cut"].get<double>() == 0.25);
+  CHECK(j["u_m1_given_m0"].get<double>() == 0.5);
+  CHECK(j["u_m0_given_m1"].is_null());  // A(f1) = 0: undefined
+  CHECK(j["d_util"].is_null());
+  CHECK(j["samples"].get<std::int64_t>() == 8);
+  CHECK(j.size() == 9);
+}
