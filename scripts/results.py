@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 PAPER = {"vanilla": (45.26, 0.46), "random": (74.07, 2.75), "guided": (91.01, 1.20)}
-REFERENCE = {"vanilla": (63.7, 1.7), "random": (73.8, 1.4), "guided": (81.2, 1.6)}  # reproduction-notes.md
+REFERENCE = {"vanilla": (63.7, 1.7), "random": (73.8, 1.4), "guided": (81.2, 1.6)}  # an independent reimplementation of the paper
 ORDER = ["vanilla", "random", "guided"]
 
 
