@@ -32,22 +32,27 @@ class ConcatGateImpl : public torch::nn::Cloneable<ConcatGateImpl> {
     const at::Tensor sa = a.flatten(2).mean(-1), sb = b.flatten(2).mean(-1);
     // The utilization probe's pass over the training set.
     if (ctx.record_squeeze) squeeze_mean->stage(at::cat({sa, sb}, 1).detach());
-    // The probe's cut network: a side's gate sees the other side's training-set average.
-    const at::Tensor average = squeeze_mean->mean.to(sa.dtype());
-    const at::Tensor sb_for_0 = ctx.side0 == SideMode::averaged_squeeze
-                                    ? average.narrow(0, dim0_, dim1_).expand_as(sb)
-                                    : sb;
-    const at::Tensor sa_for_1 = ctx.side1 == SideMode::averaged_squeeze
-                                    ? average.narrow(0, 0, dim0_).expand_as(sa)
-                                    : sa;
+    // The probe's cut network: a side's gate sees the other side's training-set average
+    // (the running means are double whatever the model's dtype).
+    const at::Tensor sb_for_0 =
+        ctx.side0 == SideMode::averaged_squeeze
+            ? squeeze_mean->mean.narrow(0, dim0_, dim1_).to(sb.dtype()).expand_as(sb)
+            : sb;
+    const at::Tensor sa_for_1 =
+        ctx.side1 == SideMode::averaged_squeeze
+            ? squeeze_mean->mean.narrow(0, 0, dim0_).to(sa.dtype()).expand_as(sa)
+            : sa;
     at::Tensor g0 = torch::sigmoid(gate0(at::cat({sa, sb_for_0}, 1)));
     at::Tensor g1 = torch::sigmoid(gate1(at::cat({sa_for_1, sb}, 1)));
     // A regular training step: the balancer commits these if it accepts the step.
     if (ctx.stage_gates) gate_mean->stage(at::cat({g0, g1}, 1).detach());
     // A re-balancing step: the held side gets the average gate of the regular steps.
-    const at::Tensor held = gate_mean->mean.to(g0.dtype());
-    if (ctx.side0 == SideMode::held_gate) g0 = held.narrow(0, 0, dim0_).expand_as(g0);
-    if (ctx.side1 == SideMode::held_gate) g1 = held.narrow(0, dim0_, dim1_).expand_as(g1);
+    if (ctx.side0 == SideMode::held_gate) {
+      g0 = gate_mean->mean.narrow(0, 0, dim0_).to(g0.dtype()).expand_as(g0);
+    }
+    if (ctx.side1 == SideMode::held_gate) {
+      g1 = gate_mean->mean.narrow(0, dim0_, dim1_).to(g1.dtype()).expand_as(g1);
+    }
     return {a * per_channel(g0, a), b * per_channel(g1, b)};
   }
 

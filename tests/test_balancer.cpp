@@ -38,6 +38,17 @@ bool same_parameters(const torch::nn::Module& a, const torch::nn::Module& b) {
   return true;
 }
 
+// Every buffer but the fusion modules' gate means equal bit for bit.
+bool same_buffers_but_gate_means(const torch::nn::Module& a, const torch::nn::Module& b) {
+  const auto ba = a.named_buffers(), bb = b.named_buffers();
+  if (ba.size() != bb.size()) return false;
+  for (const auto& x : ba) {
+    if (x.key().find("gate_mean") != std::string::npos) continue;
+    if (!torch::equal(x.value(), bb[x.key()])) return false;
+  }
+  return true;
+}
+
 bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   for (size_t i = 0; i < a.size(); ++i)
     if (!torch::equal(a[i], b[i])) return false;
@@ -63,6 +74,7 @@ TEST_CASE("Vanilla training through the Balancer equals plain training bit for b
   }
   train_steps(balanced, opt_balanced, balancer, 0, 6, 3);
   CHECK(same_parameters(*plain, *balanced));
+  CHECK(same_buffers_but_gate_means(*plain, *balanced));  // BatchNorm statistics included
   // The gate means: committed by the balancer step by step; a loop without one only
   // stages them (nothing uses them there).
   for (auto& mean : balanced->gate_means()) CHECK(mean->samples.item<double>() == 48.0);
@@ -195,6 +207,7 @@ TEST_CASE("Balancer enforces the call order", "[balancer][bad-input]") {
   CHECK_THROWS_WITH(balancer.next_step(), Catch::Contains("was not observed"));
   CHECK_THROWS_WITH(balancer.end_epoch(), Catch::Contains("was not observed"));
   CHECK_THROWS_WITH(balancer.observe(at::zeros({2})), Catch::Contains("loss must be a scalar"));
+  CHECK_NOTHROW(balancer.next_step());  // the rejected step was abandoned
   CHECK_THROWS_WITH(VanillaBalancer(net, VanillaPolicy(), BalancerOptions().warmup_epochs(-1)),
                     Catch::Contains("warmup_epochs must be >= 0"));
 }
@@ -397,6 +410,8 @@ TEST_CASE("meter().steps() counts accumulated steps, not skipped ones", "[balanc
   CHECK(balancer.skipped_steps() == 1);
   CHECK(balancer.meter().steps() == 5);
   CHECK(balancer.total_step_counts()[0] == 6);
+  // The skipped step's gates were not committed either: 5 steps of 8 rows.
+  for (auto& mean : net->gate_means()) CHECK(mean->samples.item<double>() == 40.0);
 }
 
 TEST_CASE("Resuming with other options is refused, naming the option and both values",
@@ -430,6 +445,11 @@ TEST_CASE("Resuming with other options is refused, naming the option and both va
   CHECK_THROWS_WITH(load_into(other_warmup),
                     Catch::Contains("warmup_epochs 0, this balancer has warmup_epochs 1"));
   CHECK(other_warmup.options().warmup_epochs() == 1);
+  GuidedBalancer other_read(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
+                            BalancerOptions().warmup_epochs(0).check_every_step(false).speed_read(
+                                SpeedRead::previous_step));
+  CHECK_THROWS_WITH(load_into(other_read),
+                    Catch::Contains("speed_read same_step, this balancer has previous_step"));
   RandomBalancer other_policy(net, RandomPolicy(), BalancerOptions().warmup_epochs(0));
   CHECK_THROWS_WITH(load_into(other_policy), Catch::Contains("made with policy mmbalance::GuidedPolicy") &&
                                                  Catch::Contains("this balancer has mmbalance::RandomPolicy"));

@@ -217,8 +217,34 @@ TEST_CASE("Checkpoints: mutations are refused naming the file, nothing changed",
   const fs::path path = fresh_dir("checkpoint") / "run.pt";
   save_checkpoint(path.string(), net, opt, balancer);
   const auto before = net.clone();
-  const auto o = fuzz(read_bytes(path), mmbalance::detail::kCheckpointHeader, path, 600, 7,
+  const std::string good = read_bytes(path);
+  const auto o = fuzz(good, mmbalance::detail::kCheckpointHeader, path, 600, 7,
                       [&] { load_checkpoint(path.string(), net, opt, balancer); }, path.string());
   CHECK(o.loaded == 0);  // every damage is caught by the header or the checksum
   CHECK(same_state(*net, *before));
+
+  // A hostile payload behind a valid header and checksum reaches LibTorch's reader and the
+  // balancer's checks: damage to the archive itself, re-wrapped.
+  const std::size_t header = mmbalance::detail::kCheckpointHeader;
+  const std::string payload = good.substr(header);
+  std::mt19937_64 rng(8);
+  int refused = 0;
+  for (int i = 0; i < 300; ++i) {
+    const std::string damaged = mutate(payload, 64, rng);
+    std::string file(mmbalance::detail::kCheckpointMagic);
+    for (const std::uint64_t v : {static_cast<std::uint64_t>(damaged.size()), mmbalance::detail::fnv1a(damaged)}) {
+      for (int b = 0; b < 8; ++b) file += static_cast<char>((v >> (8 * b)) & 0xff);
+    }
+    write_bytes(path, file + damaged);
+    try {
+      load_checkpoint(path.string(), net, opt, balancer);
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      INFO("re-wrapped mutation " << i << ": " << what);
+      CHECK(what.find(path.string()) != std::string::npos);
+      ++refused;
+      CHECK(same_state(*net, *before));  // nothing changed
+    }
+  }
+  CHECK(refused > 0);
 }

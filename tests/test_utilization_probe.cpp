@@ -134,7 +134,7 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
     }
     auto y0 = net->branch0->head(h0), y1 = net->branch1->head(h1);
     auto y0c = net->branch0->head(c0), y1c = net->branch1->head(c1);
-  int k = 0;
+    int k = 0;
     for (const auto& y : {(y0 + y1) / 2, y0, y0c, y1, y1c})
       correct[k++] += y.argmax(1).eq(b.target).sum().item<int64_t>();
   }

@@ -118,8 +118,10 @@ template <class Run>
 int run_main(const char* program, Run&& run) {
   try {
     return run();
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "%s: error: %s\n", program, e.what_without_backtrace());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", program, mmbalance::detail::error_text(e).c_str());
+    std::fprintf(stderr, "%s: error: %s\n", program, e.what());
   }
   return 1;
 }

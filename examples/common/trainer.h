@@ -78,7 +78,7 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
 template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batch_size,
                   SumAcrossRanks sum_across_ranks = {}) {
-  const mmbalance::detail::EvalModeGuard<Net> eval_mode(net);
+  const mmbalance::EvalModeGuard<Net> eval_mode(net);
   // correct predictions of y, y0, y1, then the sample count
   at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
   for (const auto& b : as_batches(s, batch_size, device)) {
@@ -96,8 +96,6 @@ Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batc
 }
 
 namespace detail {
-using mmbalance::detail::number_or_null;
-
 inline std::string read_text(const std::filesystem::path& p) {
   std::ifstream in(p);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
@@ -220,7 +218,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                             {"epoch", epoch},
                             {"step", balancer.step() - 1},
                             {"kind", std::string(to_string(kind))},
-                            {"d_speed", detail::number_or_null(balancer.last_d_speed())},
+                            {"d_speed", mmbalance::number_or_null(balancer.last_d_speed())},
                             {"loss", l0 + l1},
                             {"loss0", l0},
                             {"loss1", l1}}
@@ -243,17 +241,14 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     const Accuracy val = accuracy_on(data.validation);
     const Accuracy test = accuracy_on(data.test);
     const auto speed = balancer.speed();
-    if (writer) log << nlohmann::json{{"type", "epoch"},
-                          {"epoch", epoch},
-                          {"validation", to_json(val)},
-                          {"test", to_json(test)},
-                          {"d_speed", detail::number_or_null(speed.d_speed)},
-                          {"s_m1_given_m0", detail::number_or_null(speed.s_m1_given_m0)},
-                          {"s_m0_given_m1", detail::number_or_null(speed.s_m0_given_m1)},
-                          {"steps", {{"regular", counts[0]}, {"rebalance_m0", counts[1]}, {"rebalance_m1", counts[2]}}},
-                          {"seconds", bar.elapsed()}}
-               .dump()
-        << std::endl;
+    nlohmann::json record = speed;  // d_speed, s_m1_given_m0, s_m0_given_m1 (io/json.h)
+    record.update({{"type", "epoch"},
+                   {"epoch", epoch},
+                   {"validation", to_json(val)},
+                   {"test", to_json(test)},
+                   {"steps", {{"regular", counts[0]}, {"rebalance_m0", counts[1]}, {"rebalance_m1", counts[2]}}},
+                   {"seconds", bar.elapsed()}});
+    if (writer) log << record.dump() << std::endl;
     std::fprintf(stderr, "  validation y %.2f%% y0 %.2f%% y1 %.2f%% | test y %.2f%% y0 %.2f%% y1 %.2f%%\n",
                  100 * val.y, 100 * val.y0, 100 * val.y1, 100 * test.y, 100 * test.y0, 100 * test.y1);
     if (!writer) continue;
@@ -282,7 +277,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       {"validation", best["validation"]},
       {"test", best["test"]},
       {"utilization_test", util},
-      {"d_speed_at_best", detail::number_or_null(balancer.speed().d_speed)},
+      {"d_speed_at_best", mmbalance::number_or_null(balancer.speed().d_speed)},
       {"steps_total",
        {{"regular", balancer.total_step_counts()[0]},
         {"rebalance_m0", balancer.total_step_counts()[1]},

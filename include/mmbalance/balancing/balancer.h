@@ -111,13 +111,14 @@ class Balancer {
   /// feed the learning-speed meter (and the policy's `observe_d_speed`).
   void observe(const at::Tensor& loss) {
     TORCH_CHECK(pending_, "Balancer::observe: call next_step() before the forward pass");
-    TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
-                detail::shape_string(loss));
     const StepKind kind = *pending_;
-    deliver_lagged_speed(kind);
+    at::Tensor gates_count;  // checks off: whether the step was valid, on the device
     try {
+      TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
+                  detail::shape_string(loss));
+      deliver_lagged_speed(kind);
       if (kind == StepKind::regular) {
-        observe_regular(loss);
+        gates_count = observe_regular(loss);
       } else if (options_.check_every_step()) {
         check_rebalancing_step(loss, kind);
       }
@@ -125,8 +126,9 @@ class Balancer {
       abandon_step();
       throw;
     }
-    // Accepted: the step's gates count. (Re-balancing steps stage none.)
-    for (auto& m : gate_means_) m->commit();
+    // Accepted: the step's gates count (re-balancing steps stage none); with checks off,
+    // those of a step left out of the accumulators do not.
+    for (auto& m : gate_means_) m->commit(gates_count);
     pending_.reset();
     ++step_;
     ++epoch_counts_[static_cast<std::size_t>(kind)];
@@ -194,6 +196,7 @@ class Balancer {
     archive.write("epoch_counts", counts_tensor(epoch_counts_));
     archive.write("total_counts", counts_tensor(total_counts_));
     archive.write("warmup_epochs", options_.warmup_epochs());
+    archive.write("speed_read", static_cast<std::int64_t>(options_.speed_read()));
     if (lagged_pending_) {
       wait_for_lagged_copy();
       archive.write("lagged_accumulated", lagged_host_.clone());
@@ -230,13 +233,11 @@ class Balancer {
       TORCH_CHECK(v.isDouble(), "Balancer::load: '", key, "' is not a number");
       return v.toDouble();
     };
-    c10::IValue type;
-    if (archive.try_read("policy_type", type)) {  // checkpoints before 0.2 have none
-      TORCH_CHECK(type.isString() && type.toStringRef() == policy_type(),
-                  "Balancer::load: the checkpoint was made with policy ",
-                  type.isString() ? type.toStringRef() : std::string("(unreadable)"),
-                  ", this balancer has ", policy_type());
-    }
+    const c10::IValue type = read_value("policy_type");
+    TORCH_CHECK(type.isString() && type.toStringRef() == policy_type(),
+                "Balancer::load: the checkpoint was made with policy ",
+                type.isString() ? type.toStringRef() : std::string("(unreadable)"),
+                ", this balancer has ", policy_type());
     const at::Tensor numel = read_tensor("group_numel");
     TORCH_CHECK(numel.numel() == kNumGroups &&
                     at::equal(numel.to(at::kLong), numel_tensor()),
@@ -247,6 +248,12 @@ class Balancer {
     TORCH_CHECK(warmup == options_.warmup_epochs(), "Balancer::load: the checkpoint was made "
                 "with warmup_epochs ", warmup, ", this balancer has warmup_epochs ",
                 options_.warmup_epochs(), "; resume with the options the run started with");
+    const std::int64_t speed_read = read_int("speed_read");
+    TORCH_CHECK(speed_read == static_cast<std::int64_t>(options_.speed_read()),
+                "Balancer::load: the checkpoint was made with speed_read ",
+                speed_read == 0 ? "same_step" : "previous_step", ", this balancer has ",
+                options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
+                "; resume with the options the run started with");
     const at::Tensor accumulated = read_tensor("accumulated");
     TORCH_CHECK(accumulated.dim() == 1 && accumulated.numel() == kNumGroups,
                 "Balancer::load: accumulators must have ", kNumGroups, " entries, got ",
@@ -273,9 +280,9 @@ class Balancer {
       TORCH_CHECK(archive.try_read("policy", nested), "Balancer::load: no policy state");
       try {
         policy.load(nested);
-      } catch (const c10::Error& e) {
+      } catch (const std::exception& e) {  // LibTorch's archive throws its own types too
         TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ",
-                    e.what_without_backtrace());
+                    detail::error_text(e));
       }
     }
 
@@ -296,7 +303,9 @@ class Balancer {
   }
 
  private:
-  void observe_regular(const at::Tensor& loss) {
+  // Feeds the meter; returns, with checks off, the device flag of whether the step was
+  // valid (undefined with checks on: an invalid step has thrown).
+  at::Tensor observe_regular(const at::Tensor& loss) {
     const at::Tensor measurement = meter_.measure();
     const at::Tensor mu = LearningSpeedMeter::speeds(measurement);
     if (options_.check_every_step()) {
@@ -310,11 +319,12 @@ class Balancer {
       check_step(v[0], v + 1, v + 1 + kNumGroups, v + 1 + 2 * kNumGroups);
       meter_.accumulate(mu);
       record_speed(v + 1 + 2 * kNumGroups);
-      return;
+      return {};
     }
-    meter_.accumulate_if(mu, at::isfinite(mu).all().logical_and(at::isfinite(loss.detach())));
+    const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
+    meter_.accumulate_if(mu, valid);
     if constexpr (ObservesSpeed<Policy>) {
-      if (in_warmup()) return;
+      if (in_warmup()) return valid;
       if (options_.speed_read() == SpeedRead::previous_step) {
         launch_speed_copy();
       } else {
@@ -322,6 +332,7 @@ class Balancer {
         record_speed(host.data_ptr<double>());
       }
     }
+    return valid;
   }
 
   // SpeedRead::previous_step: start copying M to the host; the copy is queued behind this
@@ -363,7 +374,7 @@ class Balancer {
   // written into the parameters by the optimizer and stall every later step.
   void check_rebalancing_step(const at::Tensor& loss, StepKind kind) {
     const at::Tensor host =
-        at::cat({loss.detach().reshape({1}).to(at::kDouble), meter_.measure()[0]}).to(at::kCPU);
+        at::cat({loss.detach().reshape({1}).to(at::kDouble), meter_.measure_gradients()}).to(at::kCPU);
     const double* v = host.data_ptr<double>();
     TORCH_CHECK(std::isfinite(v[0]), "Balancer: non-finite loss ", v[0], " in step ", step_,
                 " (", to_string(kind), ")");

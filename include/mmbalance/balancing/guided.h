@@ -72,22 +72,19 @@ class GuidedPolicy {
   /// both values, and changes nothing.
   void load(torch::serialize::InputArchive& archive) {
     c10::IValue mode, window_step, last, alpha, q;
-    archive.read("mode", mode);
-    archive.read("window_step", window_step);
-    archive.read("last_d_speed", last);
-    TORCH_CHECK(mode.isInt() && window_step.isInt() && last.isDouble(),
+    TORCH_CHECK(archive.try_read("mode", mode) && archive.try_read("window_step", window_step) &&
+                    archive.try_read("last_d_speed", last) && mode.isInt() &&
+                    window_step.isInt() && last.isDouble(),
                 "GuidedPolicy: damaged state in checkpoint");
-    if (archive.try_read("alpha", alpha)) {  // checkpoints before 0.2 lack the options
-      TORCH_CHECK(alpha.isDouble() && archive.try_read("Q", q) && q.isInt(),
-                  "GuidedPolicy: damaged options in checkpoint");
-      const auto same_alpha = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
-      TORCH_CHECK(same_alpha(alpha.toDouble(), options.alpha()), "GuidedPolicy: the checkpoint was "
-                  "made with alpha ", alpha.toDouble(), ", this policy has alpha ", options.alpha(),
-                  "; resume with the options the run started with");
-      TORCH_CHECK(q.toInt() == options.Q(), "GuidedPolicy: the checkpoint was made with Q ",
-                  q.toInt(), ", this policy has Q ", options.Q(),
-                  "; resume with the options the run started with");
-    }
+    TORCH_CHECK(archive.try_read("alpha", alpha) && alpha.isDouble() &&
+                    archive.try_read("Q", q) && q.isInt(),
+                "GuidedPolicy: damaged options in checkpoint");
+    TORCH_CHECK(alpha.toDouble() == options.alpha(), "GuidedPolicy: the checkpoint was made with "
+                "alpha ", alpha.toDouble(), ", this policy has alpha ", options.alpha(),
+                "; resume with the options the run started with");
+    TORCH_CHECK(q.toInt() == options.Q(), "GuidedPolicy: the checkpoint was made with Q ",
+                q.toInt(), ", this policy has Q ", options.Q(),
+                "; resume with the options the run started with");
     TORCH_CHECK(mode.toInt() == 0 || mode.toInt() == 1, "GuidedPolicy: bad mode ",
                 mode.toInt(), " in checkpoint");
     TORCH_CHECK(window_step.toInt() >= 0 && window_step.toInt() <= options.Q(),

@@ -3,11 +3,9 @@
 /// `DataParallel`: data-parallel balanced training of a `MultiModalNet` over a c10d
 /// process group, so that every rank measures the same d_speed and takes the same steps.
 
-#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <string>
-#include <type_traits>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -107,7 +105,9 @@ class DataParallel {
     std::vector<at::Tensor> extras;
     for (auto& mean : gate_means_) extras.push_back(mean->staged());
     const at::Device device = extras.empty() ? loss.device() : extras.front().device();
-    extras.insert(extras.begin(), loss.detach().reshape({1}).to(device, at::kDouble));
+    // A copy even where the loss is already double here: the reduced sum is written back
+    // into this bucket's sources, and the caller's loss must stay as it was.
+    extras.insert(extras.begin(), loss.detach().reshape({1}).to(device, at::kDouble, false, /*copy=*/true));
     Bucket extra{extras, at::cat(extras)};
     buckets.push_back(std::move(extra));
 

@@ -87,12 +87,12 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
 
     // Each side's gate reads [S_A, S_B]; in averaged-squeeze mode the other side's part
     // is the training-set average (rows past live_rows only).
-    const at::Tensor b_for_gate0 =
-        ctx.side0 == SideMode::averaged_squeeze ? with_average(s_b, squeeze_average(1), ctx.live_rows)
-                                                : s_b;
-    const at::Tensor a_for_gate1 =
-        ctx.side1 == SideMode::averaged_squeeze ? with_average(s_a, squeeze_average(0), ctx.live_rows)
-                                                : s_a;
+    const at::Tensor b_for_gate0 = ctx.side0 == SideMode::averaged_squeeze
+                                       ? average_rows(s_b, squeeze_average(1), s_b, ctx.live_rows)
+                                       : s_b;
+    const at::Tensor a_for_gate1 = ctx.side1 == SideMode::averaged_squeeze
+                                       ? average_rows(s_a, squeeze_average(0), s_a, ctx.live_rows)
+                                       : s_a;
     const bool shared_joint = ctx.side0 != SideMode::averaged_squeeze &&
                               ctx.side1 != SideMode::averaged_squeeze;
     at::Tensor z0, z1;
@@ -113,8 +113,8 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
                   "MMTM: gates are only staged in regular steps (both sides live)");
       gate_mean->stage(at::cat({gate0, gate1}, 1).detach());
     }
-    if (ctx.side0 == SideMode::held_gate) gate0 = held(gate0, gate_average(0), a, ctx.live_rows);
-    if (ctx.side1 == SideMode::held_gate) gate1 = held(gate1, gate_average(1), b, ctx.live_rows);
+    if (ctx.side0 == SideMode::held_gate) gate0 = average_rows(gate0, gate_average(0), a, ctx.live_rows);
+    if (ctx.side1 == SideMode::held_gate) gate1 = average_rows(gate1, gate_average(1), b, ctx.live_rows);
     return {a * broadcastable(gate0, a), b * broadcastable(gate1, b)};
   }
 
@@ -176,20 +176,13 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     return at::sigmoid(excite->forward(z)) * options.gate_scale();
   }
 
-  static at::Tensor with_average(const at::Tensor& s, const at::Tensor& average,
-                                 std::int64_t live_rows) {
-    const std::int64_t n = s.size(0);
-    const at::Tensor cut = average.to(s.dtype()).unsqueeze(0).expand({n - live_rows, -1});
-    return live_rows == 0 ? cut : at::cat({s.narrow(0, 0, live_rows), cut}, 0);
-  }
-
-  // The gate for the input `x` of a held side: the (double) average in x's dtype for the
-  // rows past live_rows.
-  static at::Tensor held(const at::Tensor& live_gate, const at::Tensor& average, const at::Tensor& x,
-                         std::int64_t live_rows) {
+  // `average` (double) in x's dtype for every row of x's batch past `live_rows`; the
+  // leading rows are taken from `live` (the probe's stacked live half).
+  static at::Tensor average_rows(const at::Tensor& live, const at::Tensor& average,
+                                 const at::Tensor& x, std::int64_t live_rows) {
     const std::int64_t n = x.size(0);
     const at::Tensor cut = average.to(x.scalar_type()).unsqueeze(0).expand({n - live_rows, -1});
-    return live_rows == 0 ? cut : at::cat({live_gate.narrow(0, 0, live_rows), cut}, 0);
+    return live_rows == 0 ? cut : at::cat({live.narrow(0, 0, live_rows), cut}, 0);
   }
 
   static at::Tensor broadcastable(const at::Tensor& gate, const at::Tensor& x) {

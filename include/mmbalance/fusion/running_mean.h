@@ -63,10 +63,13 @@ class RunningMeanImpl : public torch::nn::Cloneable<RunningMeanImpl> {
   }
 
   /// Folds the staged rows into the mean: mean += (sum / n - mean) * n / (samples + n),
-  /// samples += n; then nothing is staged. A stage of zero rows changes nothing.
-  void commit() {
+  /// samples += n; then nothing is staged. A stage of zero rows changes nothing. With
+  /// `keep` (a bool scalar on the device) false, the rows are dropped instead, without a
+  /// host read.
+  void commit(const at::Tensor& keep = {}) {
     if (!staged_.defined()) return;
     at::NoGradGuard no_grad;
+    if (keep.defined()) staged_ = at::where(keep, staged_, at::zeros_like(staged_));
     const at::Tensor n = staged_.narrow(0, dim_, 1);
     samples.add_(n.squeeze(0));
     // With n = 0 the weight is 0 and the clamps keep 0/0 out.

@@ -17,6 +17,7 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/detail/check.h"
+#include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
 
@@ -171,7 +172,7 @@ inline std::string read_checkpoint_payload(const std::string& path) {
 /// and which parameters have gradients to `path`, with a checksum. The file is written to
 /// `path + ".tmp"` and renamed, so an interrupted save never leaves a half-written
 /// checkpoint under `path`.
-template <class Net, class BalancerT>
+template <MultiModalModel Net, class BalancerT>
 void save_checkpoint(const std::string& path, const Net& net,
                      const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
   torch::serialize::OutputArchive archive, model, optim, bal;
@@ -205,7 +206,7 @@ namespace detail {
 
 // The three states load_checkpoint may overwrite, kept in memory so that a failure half
 // way through (an optimizer of another type, a damaged record) can be undone.
-template <class Net, class BalancerT>
+template <MultiModalModel Net, class BalancerT>
 std::string snapshot(const Net& net, const torch::optim::Optimizer& optimizer,
                      const BalancerT& balancer) {
   torch::serialize::OutputArchive archive, model, optim, bal;
@@ -222,7 +223,7 @@ std::string snapshot(const Net& net, const torch::optim::Optimizer& optimizer,
 }
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
-template <class Net, class BalancerT>
+template <MultiModalModel Net, class BalancerT>
 void restore_states(torch::serialize::InputArchive& archive, Net& net,
                     torch::optim::Optimizer& optimizer, BalancerT& balancer) {
   torch::serialize::InputArchive model, optim, bal;
@@ -243,7 +244,7 @@ void restore_states(torch::serialize::InputArchive& archive, Net& net,
 /// or module options (e.g. gate_scale), another policy type or balancer options, an
 /// optimizer of another type, or a damaged record gives a c10::Error naming the file and
 /// what differs, with the model, the optimizer and the balancer as they were.
-template <class Net, class BalancerT>
+template <MultiModalModel Net, class BalancerT>
 void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer& optimizer,
                      BalancerT& balancer) {
   torch::serialize::InputArchive archive;
@@ -251,8 +252,8 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
     std::istringstream payload(detail::read_checkpoint_payload(path));
     try {
       archive.load_from(payload);
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", e.what_without_backtrace());
+    } catch (const std::exception& e) {  // LibTorch's reader throws TorchScript errors too
+      TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", detail::error_text(e));
     }
   }
   c10::IValue saved;
@@ -261,10 +262,9 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
               "mmbalance::save_checkpoint");
   detail::check_same_architecture(saved.toStringRef(), architecture_fingerprint(*net), path);
   c10::IValue modules;
-  if (archive.try_read("modules", modules)) {  // older checkpoints have no description
-    TORCH_CHECK(modules.isString(), "checkpoint ", path, ": damaged module description");
-    detail::check_same_modules(modules.toStringRef(), module_description(*net), path);
-  }
+  TORCH_CHECK(archive.try_read("modules", modules) && modules.isString(), "checkpoint ", path,
+              " has no module description");
+  detail::check_same_modules(modules.toStringRef(), module_description(*net), path);
   const std::string backup = detail::snapshot(net, optimizer, balancer);
   try {
     detail::restore_states(archive, net, optimizer, balancer);

@@ -12,28 +12,26 @@
 
 namespace mmbalance {
 
-namespace detail {
-/// JSON has no NaN: undefined values become null.
+/// JSON has no NaN: an undefined value (NaN, ±inf) becomes null.
 inline nlohmann::json number_or_null(double v) {
   return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
 }
-}  // namespace detail
 
 inline void to_json(nlohmann::json& j, const SpeedSummary& s) {
-  j = {{"s_m1_given_m0", detail::number_or_null(s.s_m1_given_m0)},
-       {"s_m0_given_m1", detail::number_or_null(s.s_m0_given_m1)},
-       {"d_speed", detail::number_or_null(s.d_speed)}};
+  j = {{"s_m1_given_m0", number_or_null(s.s_m1_given_m0)},
+       {"s_m0_given_m1", number_or_null(s.s_m0_given_m1)},
+       {"d_speed", number_or_null(s.d_speed)}};
 }
 
 inline void to_json(nlohmann::json& j, const UtilizationReport& r) {
-  j = {{"accuracy", detail::number_or_null(r.accuracy)},
-       {"accuracy0", detail::number_or_null(r.accuracy0)},
-       {"accuracy0_cut", detail::number_or_null(r.accuracy0_cut)},
-       {"accuracy1", detail::number_or_null(r.accuracy1)},
-       {"accuracy1_cut", detail::number_or_null(r.accuracy1_cut)},
-       {"u_m1_given_m0", detail::number_or_null(r.u_m1_given_m0)},
-       {"u_m0_given_m1", detail::number_or_null(r.u_m0_given_m1)},
-       {"d_util", detail::number_or_null(r.d_util)},
+  j = {{"accuracy", number_or_null(r.accuracy)},
+       {"accuracy0", number_or_null(r.accuracy0)},
+       {"accuracy0_cut", number_or_null(r.accuracy0_cut)},
+       {"accuracy1", number_or_null(r.accuracy1)},
+       {"accuracy1_cut", number_or_null(r.accuracy1_cut)},
+       {"u_m1_given_m0", number_or_null(r.u_m1_given_m0)},
+       {"u_m0_given_m1", number_or_null(r.u_m0_given_m1)},
+       {"d_util", number_or_null(r.d_util)},
        {"samples", r.samples}};
 }
 

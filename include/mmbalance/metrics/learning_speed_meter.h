@@ -99,27 +99,11 @@ class LearningSpeedMeter {
 
   /// Squared norms of this step, a (2, 4) double tensor on the parameters' device:
   /// row 0 ||G||² and row 1 ||θ||² per group. An undefined gradient counts as zero.
-  at::Tensor measure() {
-    at::NoGradGuard no_grad;
-    follow_device();
-    std::vector<at::Tensor> tensors;
-    tensors.reserve(2 * params_.size());
-    for (const auto& p : params_) {
-      const at::Tensor& g = p.grad();
-      tensors.push_back(g.defined() ? g : zero_);
-    }
-    for (const auto& p : params_) tensors.push_back(p);
-    at::Tensor sq;
-    if (detail::cpu_sums_of_squares_apply(tensors)) {
-      sq = detail::cpu_sums_of_squares(tensors);
-    } else {
-      sq = at::stack(at::_foreach_norm(tensors)).to(at::kDouble).square();
-    }
-    sq = sq.view({2, -1, 1});
-    // A masked sum, not a product with a 0/1 matrix: 0 * NaN would spread one bad
-    // gradient into every group.
-    return at::where(membership_, sq, 0.0).sum(1);
-  }
+  at::Tensor measure() { return squared_norms(/*with_parameters=*/true); }
+
+  /// Row 0 of `measure()` alone, ||G||² per group (4 doubles on the device), in a pass over
+  /// the gradients only: what a re-balancing step's check needs.
+  at::Tensor measure_gradients() { return squared_norms(/*with_parameters=*/false)[0]; }
 
   /// μ = ||G||² / ||θ||² per group from a measurement (device tensor of 4).
   static at::Tensor speeds(const at::Tensor& measurement) { return measurement[0] / measurement[1]; }
@@ -180,6 +164,32 @@ class LearningSpeedMeter {
   }
 
  private:
+  // One fused reduction over every distinct gradient (and parameter), then a masked sum
+  // per group: (2 or 1, 4).
+  at::Tensor squared_norms(bool with_parameters) {
+    at::NoGradGuard no_grad;
+    follow_device();
+    std::vector<at::Tensor> tensors;
+    tensors.reserve(2 * params_.size());
+    for (const auto& p : params_) {
+      const at::Tensor& g = p.grad();
+      tensors.push_back(g.defined() ? g : zero_);
+    }
+    if (with_parameters) {
+      for (const auto& p : params_) tensors.push_back(p);
+    }
+    at::Tensor sq;
+    if (detail::cpu_sums_of_squares_apply(tensors)) {
+      sq = detail::cpu_sums_of_squares(tensors);
+    } else {
+      sq = at::stack(at::_foreach_norm(tensors)).to(at::kDouble).square();
+    }
+    sq = sq.view({with_parameters ? 2 : 1, -1, 1});
+    // A masked sum, not a product with a 0/1 matrix: 0 * NaN would spread one bad
+    // gradient into every group.
+    return at::where(membership_, sq, 0.0).sum(1);
+  }
+
   // Keeps the accumulators where the parameters are; a model moved after the meter was
   // built (`net->to(device)`) is followed on the next call. Device checks are host-side.
   void follow_device() {

@@ -12,7 +12,7 @@
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
 
-#include "mmbalance/detail/eval_mode.h"
+#include "mmbalance/model/eval_mode.h"
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
@@ -78,7 +78,7 @@ void commit_squeeze_averages(Net& net, SumAcrossRanks sum_across_ranks = {}) {
 /// probe then costs only `evaluate_utilization`.
 template <MultiModalModel Net, BatchRange TrainData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_across_ranks = {}) {
-  const detail::EvalModeGuard<Net> eval_mode(net);
+  const EvalModeGuard<Net> eval_mode(net);
   const at::Device device = net->parameters().front().device();
   net->reset_squeeze_averages();
   for (const auto& batch : train) {
@@ -96,7 +96,7 @@ void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_acr
 /// counts are added up with `sum_across_ranks`, so every rank gets the same report.
 template <MultiModalModel Net, BatchRange EvalData, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 UtilizationReport evaluate_utilization(Net& net, EvalData&& eval, SumAcrossRanks sum_across_ranks = {}) {
-  const detail::EvalModeGuard<Net> eval_mode(net);
+  const EvalModeGuard<Net> eval_mode(net);
   TORCH_CHECK(net->has_squeeze_averages(),
               "evaluate_utilization: no squeeze averages recorded; run record_squeeze_averages "
               "over the training data first");

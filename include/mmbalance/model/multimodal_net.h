@@ -275,7 +275,10 @@ concept MultiModalModel = requires(Net net, const at::Tensor& x, StepKind kind) 
   { net->has_squeeze_averages() } -> std::same_as<bool>;
   { net->reset_squeeze_averages() };
   { net->parameters() } -> std::same_as<std::vector<at::Tensor>>;
+  { net->buffers() } -> std::same_as<std::vector<at::Tensor>>;
   { net->is_training() } -> std::same_as<bool>;
+  { net->train(true) };
+  { *net } -> std::convertible_to<const torch::nn::Module&>;  // save, load, fingerprints
 };
 
 }  // namespace mmbalance

@@ -4,10 +4,13 @@
 
 #include <ATen/core/grad_mode.h>
 
-namespace mmbalance::detail {
+namespace mmbalance {
 
 /// Puts `net` (a module handle) in eval mode without gradients for the scope and gives
-/// it back its training mode afterwards, also when the scope is left by an exception.
+/// it back its training mode afterwards, also when the scope is left by an exception:
+/// ```
+/// { EvalModeGuard eval(net); auto out = net->forward(x0, x1); ... }  // mode restored here
+/// ```
 template <class Net>
 class EvalModeGuard {
  public:
@@ -22,4 +25,4 @@ class EvalModeGuard {
   bool was_training_;
 };
 
-}  // namespace mmbalance::detail
+}  // namespace mmbalance
