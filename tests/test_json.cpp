@@ -33,4 +33,7 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
   CHECK(j["d_util"].is_null());
   CHECK(j["samples"].get<std::int64_t>() == 8);
   CHECK(j.size() == 9);
+
+  const nlohmann::json counts = step_counts_json(StepCounts{5, 2, 1});
+  CHECK(counts == nlohmann::json{{"regular", 5}, {"rebalance_m0", 2}, {"rebalance_m1", 1}});
 }

@@ -11,6 +11,11 @@ TEST_CASE("modality_specific_loss is CE(y0) + CE(y1)", "[loss]") {
   auto expected = -(at::log_softmax(y0, 1).gather(1, t.unsqueeze(1)).mean() +
                     at::log_softmax(y1, 1).gather(1, t.unsqueeze(1)).mean());
   CHECK(modality_specific_loss(out, t).item<double>() == Approx(expected.item<double>()));
+  const auto heads = modality_losses(out, t);
+  CHECK(heads.loss0.item<double>() ==
+        Approx(-at::log_softmax(y0, 1).gather(1, t.unsqueeze(1)).mean().item<double>()));
+  CHECK(heads.loss1.item<double>() ==
+        Approx(-at::log_softmax(y1, 1).gather(1, t.unsqueeze(1)).mean().item<double>()));
 }
 
 TEST_CASE("modality_specific_loss names a bad target shape", "[loss][bad-input]") {

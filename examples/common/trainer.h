@@ -199,8 +199,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       // Each rank's mean loss weighted by its share of the rows, so that the average over
       // ranks is the mean over the global batch even when shares differ by one.
       const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
-      const at::Tensor loss0 = at::cross_entropy_loss(out.y0, y) * share;
-      const at::Tensor loss1 = at::cross_entropy_loss(out.y1, y) * share;
+      const ModalityLosses heads = modality_losses(out, y);
+      const at::Tensor loss0 = heads.loss0 * share, loss1 = heads.loss1 * share;
       const at::Tensor loss = loss0 + loss1;
       optimizer.zero_grad();
       loss.backward();
@@ -246,7 +246,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                    {"epoch", epoch},
                    {"validation", to_json(val)},
                    {"test", to_json(test)},
-                   {"steps", {{"regular", counts[0]}, {"rebalance_m0", counts[1]}, {"rebalance_m1", counts[2]}}},
+                   {"steps", mmbalance::step_counts_json(counts)},
                    {"seconds", bar.elapsed()}});
     if (writer) log << record.dump() << std::endl;
     std::fprintf(stderr, "  validation y %.2f%% y0 %.2f%% y1 %.2f%% | test y %.2f%% y0 %.2f%% y1 %.2f%%\n",
@@ -278,10 +278,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       {"test", best["test"]},
       {"utilization_test", util},
       {"d_speed_at_best", mmbalance::number_or_null(balancer.speed().d_speed)},
-      {"steps_total",
-       {{"regular", balancer.total_step_counts()[0]},
-        {"rebalance_m0", balancer.total_step_counts()[1]},
-        {"rebalance_m1", balancer.total_step_counts()[2]}}},
+      {"steps_total", mmbalance::step_counts_json(balancer.total_step_counts())},
       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count()}};
   std::ofstream(summary_path) << summary.dump(1) << '\n';
   return summary;

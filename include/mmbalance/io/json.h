@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mmbalance/balancing/balancer.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/metrics/utilization_probe.h"
 
@@ -15,6 +16,15 @@ namespace mmbalance {
 /// JSON has no NaN: an undefined value (NaN, ±inf) becomes null.
 inline nlohmann::json number_or_null(double v) {
   return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
+}
+
+/// {"regular": n, "rebalance_m0": n, "rebalance_m1": n}, named by `to_string(StepKind)`.
+inline nlohmann::json step_counts_json(const StepCounts& counts) {
+  nlohmann::json j = nlohmann::json::object();
+  for (int k = 0; k < kNumStepKinds; ++k) {
+    j[std::string(to_string(static_cast<StepKind>(k)))] = counts[static_cast<std::size_t>(k)];
+  }
+  return j;
 }
 
 inline void to_json(nlohmann::json& j, const SpeedSummary& s) {

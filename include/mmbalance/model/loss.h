@@ -9,12 +9,23 @@
 
 namespace mmbalance {
 
-/// CE(y0, target) + CE(y1, target), each averaged over the batch.
-inline at::Tensor modality_specific_loss(const ModelOutput& out, const at::Tensor& target) {
+/// The two heads' losses, for logging them apart: `loss0 + loss1` is the training loss.
+struct ModalityLosses {
+  at::Tensor loss0, loss1;  ///< CE(y0, target), CE(y1, target), each averaged over the batch
+};
+
+/// CE of each head, each averaged over the batch.
+inline ModalityLosses modality_losses(const ModelOutput& out, const at::Tensor& target) {
   TORCH_CHECK(target.dim() == 1 && target.size(0) == out.y0.size(0),
               "modality_specific_loss: target must be (batch) class indices with batch ",
               out.y0.size(0), ", got ", detail::shape_string(target));
-  return at::cross_entropy_loss(out.y0, target) + at::cross_entropy_loss(out.y1, target);
+  return {at::cross_entropy_loss(out.y0, target), at::cross_entropy_loss(out.y1, target)};
+}
+
+/// CE(y0, target) + CE(y1, target), each averaged over the batch.
+inline at::Tensor modality_specific_loss(const ModelOutput& out, const at::Tensor& target) {
+  const ModalityLosses l = modality_losses(out, target);
+  return l.loss0 + l.loss1;
 }
 
 }  // namespace mmbalance
