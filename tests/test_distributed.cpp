@@ -1,5 +1,6 @@
 // Data-parallel training on c10d (Gloo over 127.0.0.1): ranks run as threads of this
 // process, each with its own process group, through a fresh FileStore.
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -201,6 +202,7 @@ TEST_CASE("DataParallel: gate averages are those of the combined batches, micro-
   single->forward(b.x0, b.x1, StepKind::regular);
 
   std::vector<Net> nets{small_net(0), small_net(0)};
+  std::array<std::array<double, 2>, 2> staged_rows{};
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
     Net& net = nets[static_cast<std::size_t>(rank)];
     freeze_batch_norm(net);
@@ -215,11 +217,18 @@ TEST_CASE("DataParallel: gate averages are those of the combined batches, micro-
       loss = loss + out.y.sum().detach();
     }
     // Before synchronize each rank has staged its own 4 rows; after, the sums of all 8.
-    CHECK(net->taps[0].module->gate_mean->staged()[-1].item<double>() == 4.0);
+    // (Checked after the threads: Catch2's assertions are not thread-safe.)
+    staged_rows[static_cast<std::size_t>(rank)][0] =
+        net->taps[0].module->gate_mean->staged()[-1].item<double>();
     dp.synchronize(loss);
-    CHECK(net->taps[0].module->gate_mean->staged()[-1].item<double>() == kGlobalBatch);
+    staged_rows[static_cast<std::size_t>(rank)][1] =
+        net->taps[0].module->gate_mean->staged()[-1].item<double>();
     for (auto& mean : net->gate_means()) mean->commit();  // what the balancer does
   }));
+  for (const auto& rows : staged_rows) {
+    CHECK(rows[0] == 4.0);
+    CHECK(rows[1] == kGlobalBatch);
+  }
   for (auto& mean : single->gate_means()) mean->commit();
   for (std::size_t k = 0; k < single->taps.size(); ++k) {
     for (const auto& net : nets) {
