@@ -12,7 +12,9 @@ set(prefix "${WORK_DIR}/prefix")
 # The LibTorch's prefixes travel in the environment: a ';' inside one argument would be
 # split by run()'s argument list.
 string(REPLACE "|" ":" prefix_path "${PREFIX_PATH}")
-set(ENV{CMAKE_PREFIX_PATH} "${prefix_path}")
+if(prefix_path)
+  set(ENV{CMAKE_PREFIX_PATH} "${prefix_path}:$ENV{CMAKE_PREFIX_PATH}")
+endif()
 set(torch_args)
 if(CUDA_COMPILER)
   list(APPEND torch_args "-DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}" "-DCUDA_TOOLKIT_ROOT_DIR=${CUDA_ROOT}")
@@ -51,6 +53,7 @@ run(${CMAKE_COMMAND} -S "${CONSUMER_DIR}" -B "${WORK_DIR}/consumer-build"
     -DMMBALANCE_CONSUME=${MODE} ${consume_args} ${torch_args} -DCMAKE_BUILD_TYPE=Release)
 run(${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
 run("${WORK_DIR}/consumer-build/consumer")
-if(NOT MODE STREQUAL "find_package" AND EXISTS "${WORK_DIR}/consumer-build/mmbalance/tests")
+if(EXISTS "${WORK_DIR}/consumer-build/mmbalance/tests" OR
+   EXISTS "${WORK_DIR}/consumer-build/_deps/mmbalance-build/tests")
   message(FATAL_ERROR "as a sub-project mmbalance must not configure its tests")
 endif()
