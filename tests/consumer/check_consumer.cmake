@@ -12,8 +12,10 @@ set(prefix "${WORK_DIR}/prefix")
 # The LibTorch's prefixes travel in the environment: a ';' inside one argument would be
 # split by run()'s argument list.
 string(REPLACE "|" ":" prefix_path "${PREFIX_PATH}")
-if(prefix_path)
+if(prefix_path AND DEFINED ENV{CMAKE_PREFIX_PATH} AND NOT "$ENV{CMAKE_PREFIX_PATH}" STREQUAL "")
   set(ENV{CMAKE_PREFIX_PATH} "${prefix_path}:$ENV{CMAKE_PREFIX_PATH}")
+elseif(prefix_path)
+  set(ENV{CMAKE_PREFIX_PATH} "${prefix_path}")
 endif()
 set(torch_args)
 if(CUDA_COMPILER)
