@@ -168,6 +168,29 @@ inline std::string read_checkpoint_payload(const std::string& path) {
 
 }  // namespace detail
 
+namespace detail {
+
+// Adds the four records restore_states reads (model, optimizer, balancer, which
+// parameters have gradients) to `archive` and returns its bytes: the payload of a
+// checkpoint, or, alone, the in-memory snapshot load_checkpoint restores on a failure.
+template <MultiModalModel Net, class BalancerT>
+std::string write_states(torch::serialize::OutputArchive& archive, const Net& net,
+                         const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
+  torch::serialize::OutputArchive model, optim, bal;
+  net->save(model);
+  optimizer.save(optim);
+  balancer.save(bal);
+  archive.write("model", model);
+  archive.write("optimizer", optim);
+  archive.write("balancer", bal);
+  archive.write("grad_defined", grad_defined(*net));
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+}  // namespace detail
+
 /// Writes the model, the optimizer, the balancer (anything with `save(OutputArchive&)`)
 /// and which parameters have gradients to `path`, with a checksum. The file is written to
 /// `path + ".tmp"` and renamed, so an interrupted save never leaves a half-written
@@ -175,19 +198,10 @@ inline std::string read_checkpoint_payload(const std::string& path) {
 template <MultiModalModel Net, class BalancerT>
 void save_checkpoint(const std::string& path, const Net& net,
                      const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
-  torch::serialize::OutputArchive archive, model, optim, bal;
+  torch::serialize::OutputArchive archive;
   archive.write("architecture", architecture_fingerprint(*net));
   archive.write("modules", module_description(*net));
-  archive.write("grad_defined", detail::grad_defined(*net));
-  net->save(model);
-  optimizer.save(optim);
-  balancer.save(bal);
-  archive.write("model", model);
-  archive.write("optimizer", optim);
-  archive.write("balancer", bal);
-  std::ostringstream payload_stream;
-  archive.save_to(payload_stream);
-  const std::string payload = payload_stream.str();
+  const std::string payload = detail::write_states(archive, net, optimizer, balancer);
   std::string header(detail::kCheckpointMagic);
   detail::put_u64(header, payload.size());
   detail::put_u64(header, detail::fnv1a(payload));
@@ -204,23 +218,6 @@ void save_checkpoint(const std::string& path, const Net& net,
 
 namespace detail {
 
-// The three states load_checkpoint may overwrite, kept in memory so that a failure half
-// way through (an optimizer of another type, a damaged record) can be undone.
-template <MultiModalModel Net, class BalancerT>
-std::string snapshot(const Net& net, const torch::optim::Optimizer& optimizer,
-                     const BalancerT& balancer) {
-  torch::serialize::OutputArchive archive, model, optim, bal;
-  net->save(model);
-  optimizer.save(optim);
-  balancer.save(bal);
-  archive.write("model", model);
-  archive.write("optimizer", optim);
-  archive.write("balancer", bal);
-  archive.write("grad_defined", grad_defined(*net));
-  std::ostringstream out;
-  archive.save_to(out);
-  return out.str();
-}
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
 template <MultiModalModel Net, class BalancerT>
@@ -265,7 +262,8 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
   TORCH_CHECK(archive.try_read("modules", modules) && modules.isString(), "checkpoint ", path,
               " has no module description");
   detail::check_same_modules(modules.toStringRef(), module_description(*net), path);
-  const std::string backup = detail::snapshot(net, optimizer, balancer);
+  torch::serialize::OutputArchive snapshot;
+  const std::string backup = detail::write_states(snapshot, net, optimizer, balancer);
   try {
     detail::restore_states(archive, net, optimizer, balancer);
   } catch (const std::exception& e) {
