@@ -1,6 +1,9 @@
 #pragma once
 // Small models and data shared by the tests.
 
+#include <sstream>
+#include <string>
+
 #include <torch/torch.h>
 
 #include <mmbalance/mmbalance.h>
@@ -63,6 +66,17 @@ std::vector<StepKind> train_steps(Net& net, torch::optim::Optimizer& optimizer,
     if ((i + 1) % steps_per_epoch == 0) balancer.end_epoch();
   }
   return kinds;
+}
+
+/// What `thing.save(archive)` writes (a balancer, an optimizer), as bytes: equal bytes,
+/// equal state.
+template <class T>
+std::string saved_bytes(const T& thing) {
+  torch::serialize::OutputArchive out;
+  thing.save(out);
+  std::stringstream s;
+  out.save_to(s);
+  return s.str();
 }
 
 inline torch::optim::SGD make_sgd(Net& net) {

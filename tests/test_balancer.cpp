@@ -9,16 +9,6 @@ using namespace mmbalance::testing;
 
 namespace {
 
-// The balancer's whole state as bytes, to check that a rejected step changed nothing.
-template <class B>
-std::string state_bytes(const B& balancer) {
-  torch::serialize::OutputArchive out;
-  balancer.save(out);
-  std::stringstream s;
-  out.save_to(s);
-  return s.str();
-}
-
 std::vector<at::Tensor> gate_averages(Net& net) {
   std::vector<at::Tensor> out;
   for (auto& tap : net->taps) {
@@ -140,7 +130,7 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
   auto b = small_batch(8, 99);
 
   SECTION("non-finite loss") {
-    const auto before = state_bytes(balancer);
+    const auto before = saved_bytes(balancer);
     const auto gates = gate_averages(net);
     const StepKind kind = balancer.next_step();
     REQUIRE(kind == StepKind::regular);
@@ -148,13 +138,13 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
     opt.zero_grad();
     loss.backward();
     CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("non-finite loss inf"));
-    CHECK(state_bytes(balancer) == before);
+    CHECK(saved_bytes(balancer) == before);
     CHECK(all_equal(gates, gate_averages(net)));
     // The loop can go on.
     train_steps(net, opt, balancer, 3, 4, 100);
   }
   SECTION("non-finite gradient") {
-    const auto before = state_bytes(balancer);
+    const auto before = saved_bytes(balancer);
     const auto gates = gate_averages(net);
     const StepKind kind = balancer.next_step();
     auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
@@ -163,7 +153,7 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
     net->taps[1].module->excite1->weight.grad()[0][0] = NAN;
     CHECK_THROWS_WITH(balancer.observe(loss),
                       Catch::Contains("non-finite gradient in group theta1'"));
-    CHECK(state_bytes(balancer) == before);
+    CHECK(saved_bytes(balancer) == before);
     CHECK(all_equal(gates, gate_averages(net)));
   }
   SECTION("parameter group of norm zero") {
@@ -171,14 +161,14 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
       torch::NoGradGuard ng;
       for (auto& p : net->branch1->parameters()) p.zero_();
     }
-    const auto before = state_bytes(balancer);
+    const auto before = saved_bytes(balancer);
     const StepKind kind = balancer.next_step();
     auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
     opt.zero_grad();
     loss.backward();
     CHECK_THROWS_WITH(balancer.observe(loss),
                       Catch::Contains("group theta1 (branch 1) has squared norm 0"));
-    CHECK(state_bytes(balancer) == before);
+    CHECK(saved_bytes(balancer) == before);
   }
 }
 
@@ -189,13 +179,13 @@ TEST_CASE("A rejected re-balancing step restores the policy's window", "[balance
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 1, 100);
   REQUIRE(balancer.policy().mode() == GuidedPolicy::Mode::rebalance);
-  const auto before = state_bytes(balancer);
+  const auto before = saved_bytes(balancer);
   const StepKind kind = balancer.next_step();
   REQUIRE(kind != StepKind::regular);
   auto b = small_batch(8, 1);
   auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target) * NAN;
   CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("non-finite loss"));
-  CHECK(state_bytes(balancer) == before);
+  CHECK(saved_bytes(balancer) == before);
   CHECK(balancer.policy().window_step() == 0);
 }
 
@@ -293,7 +283,7 @@ TEST_CASE("A re-balancing step with a NaN gradient is rejected too, before the o
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 1, 100);  // regular; alpha 0 opens a window
   REQUIRE(balancer.policy().mode() == GuidedPolicy::Mode::rebalance);
-  const auto before = state_bytes(balancer);
+  const auto before = saved_bytes(balancer);
   const StepKind kind = balancer.next_step();
   REQUIRE(kind != StepKind::regular);
   auto b = small_batch(8, 1);
@@ -305,7 +295,7 @@ TEST_CASE("A re-balancing step with a NaN gradient is rejected too, before the o
   CHECK_THROWS_WITH(balancer.observe(loss),
                     Catch::Contains("non-finite gradient in group theta0 (branch 0)") &&
                         Catch::Contains(std::string(to_string(kind))));
-  CHECK(state_bytes(balancer) == before);
+  CHECK(saved_bytes(balancer) == before);
   // Without the check the NaN would reach the parameters; with it the loop goes on.
   opt.zero_grad();
   train_steps(net, opt, balancer, 2, 6, 100);
@@ -364,17 +354,17 @@ TEST_CASE("abandon_step: a step whose forward or backward threw leaves no trace"
   GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 1, 100);
-  const auto before = state_bytes(balancer);
+  const auto before = saved_bytes(balancer);
   const auto gates = gate_averages(net);
   balancer.abandon_step();  // nothing pending: no effect
-  CHECK(state_bytes(balancer) == before);
+  CHECK(saved_bytes(balancer) == before);
   // A re-balancing step and a regular one, each given up after its forward pass.
   for (int i = 0; i < 2; ++i) {
     const StepKind kind = balancer.next_step();
     auto b = small_batch(8, 40);
     net->forward(b.x0, b.x1, kind);
     balancer.abandon_step();
-    CHECK(state_bytes(balancer) == before);
+    CHECK(saved_bytes(balancer) == before);
     CHECK(all_equal(gates, gate_averages(net)));
   }
   // The loop goes on as if they had never been asked for.
@@ -434,9 +424,9 @@ TEST_CASE("Resuming with other options is refused, naming the option and both va
   };
   GuidedBalancer other_q(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
                          BalancerOptions().warmup_epochs(0));
-  const auto untouched = state_bytes(other_q);
+  const auto untouched = saved_bytes(other_q);
   CHECK_THROWS_WITH(load_into(other_q), Catch::Contains("made with Q 5, this policy has Q 2"));
-  CHECK(state_bytes(other_q) == untouched);
+  CHECK(saved_bytes(other_q) == untouched);
   GuidedBalancer other_alpha(net, GuidedPolicy(GuidedOptions().alpha(0.5).Q(5)),
                              BalancerOptions().warmup_epochs(0));
   CHECK_THROWS_WITH(load_into(other_alpha), Catch::Contains("alpha 0") && Catch::Contains("alpha 0.5"));

@@ -178,18 +178,6 @@ TEST_CASE("A balancer state made for other parameter groups is rejected", "[chec
   CHECK_THROWS_WITH(bal_other.load(in), Catch::Contains("was made for parameter groups with"));
 }
 
-namespace {
-
-template <class T>
-std::string saved_bytes(const T& thing) {
-  torch::serialize::OutputArchive out;
-  thing.save(out);
-  std::stringstream s;
-  out.save_to(s);
-  return s.str();
-}
-
-}  // namespace
 
 TEST_CASE("A checkpoint that does not fit the balancer or the optimizer is refused before "
           "anything changes", "[checkpoint][bad-input]") {
