@@ -15,9 +15,9 @@
 #include <stb_image_write.h>
 #include <unistd.h>
 
-#include "common/datasets.h"
-#include "common/mvcnn.h"
-#include "common/nvgesture.h"
+#include "colored_mnist/mnist_readers.h"
+#include "modelnet40/mvcnn.h"
+#include "nvgesture/nvgesture_clips.h"
 #include "support.h"
 
 using namespace mmbalance::examples;

@@ -5,8 +5,8 @@
 
 #include <unistd.h>
 
-#include "common/colored_mnist_data.h"
-#include "common/datasets.h"
+#include "colored_mnist/colored_mnist_data.h"
+#include "colored_mnist/mnist_readers.h"
 
 using namespace mmbalance::examples;
 namespace fs = std::filesystem;

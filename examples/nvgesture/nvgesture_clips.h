@@ -25,8 +25,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "images.h"
-#include "splits.h"
+#include "common/images.h"
+#include "common/splits.h"
 
 namespace mmbalance::examples {
 

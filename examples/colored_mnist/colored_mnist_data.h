@@ -11,8 +11,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include "datasets.h"
-#include "splits.h"
+#include "mnist_readers.h"
+#include "common/splits.h"
 
 namespace mmbalance::examples {
 

@@ -9,8 +9,8 @@
 #include <mmbalance/distributed.h>
 
 #include "common/cli.h"
-#include "common/colored_mnist_data.h"
-#include "common/datasets.h"
+#include "colored_mnist_data.h"
+#include "mnist_readers.h"
 
 using namespace mmbalance;
 using namespace mmbalance::examples;

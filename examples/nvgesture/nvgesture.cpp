@@ -10,7 +10,7 @@
 #include <mmbalance/distributed.h>
 
 #include "common/cli.h"
-#include "common/nvgesture.h"
+#include "nvgesture_clips.h"
 
 using namespace mmbalance;
 using namespace mmbalance::examples;

@@ -10,7 +10,7 @@
 #include <mmbalance/distributed.h>
 
 #include "common/cli.h"
-#include "common/mvcnn.h"
+#include "mvcnn.h"
 
 using namespace mmbalance;
 using namespace mmbalance::examples;
