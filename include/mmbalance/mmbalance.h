@@ -13,6 +13,7 @@
 #include "mmbalance/fusion/fusion_context.h"
 #include "mmbalance/fusion/fusion_module.h"
 #include "mmbalance/fusion/mmtm.h"
+#include "mmbalance/fusion/n_way_mmtm.h"
 #include "mmbalance/fusion/running_mean.h"
 #include "mmbalance/io/checkpoint.h"
 #include "mmbalance/metrics/learning_speed_meter.h"

@@ -2,7 +2,9 @@
 /// \file
 /// How a fusion module treats each side in one forward pass.
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace mmbalance {
 
@@ -34,6 +36,22 @@ struct FusionContext {
   /// The probe's pass over the training set: stage this batch's squeeze vectors into the
   /// squeeze mean (the probe commits them).
   bool record_squeeze = false;
+};
+
+/// Passed by an N-branch network to every N-way fusion module (`NWayFusionModule`) in one
+/// forward pass: `FusionContext` with one mode per side.
+struct NWayFusionContext {
+  /// The mode of each side, in branch order; empty means every side is live.
+  std::vector<SideMode> sides;
+  /// As `FusionContext::live_rows`.
+  std::int64_t live_rows = 0;
+  /// As `FusionContext::stage_gates` (every side must be live).
+  bool stage_gates = false;
+  /// As `FusionContext::record_squeeze`.
+  bool record_squeeze = false;
+
+  /// The mode of side `k` (live when `sides` is empty).
+  SideMode side(std::size_t k) const { return sides.empty() ? SideMode::live : sides.at(k); }
 };
 
 }  // namespace mmbalance

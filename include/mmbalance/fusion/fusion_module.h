@@ -4,6 +4,8 @@
 /// module placed between the two branches.
 
 #include <concepts>
+#include <cstddef>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -33,6 +35,28 @@ concept FusionModule = requires(F& f, const at::Tensor& a, const at::Tensor& b,
                                 const FusionContext& ctx, int side) {
   typename F::ContainedType;
   { f->forward(a, b, ctx) } -> std::same_as<std::pair<at::Tensor, at::Tensor>>;
+  { f->channels(side) } -> std::convertible_to<std::int64_t>;
+  { f->side_parameters(side) } -> std::same_as<std::vector<at::Tensor>>;
+  { f->gate_mean } -> std::convertible_to<RunningMean>;
+  { f->squeeze_mean } -> std::convertible_to<RunningMean>;
+  { f->clone() };
+};
+
+/// An N-way fusion module handle (e.g. `NWayMMTM`): `FusionModule` for any number of
+/// branches. Its module has:
+/// - `forward(inputs, ctx)`: the rescaled activations of every branch, in branch order,
+///   with side k fed as `ctx.side(k)` says (`NWayFusionContext`), staging gates and
+///   squeeze vectors as a `FusionModule` does;
+/// - `num_inputs()`: how many branches it joins;
+/// - `channels(k)`, `side_parameters(k)`, `gate_mean`, `squeeze_mean`, `clone()`: as for
+///   `FusionModule`, for side k in 0..num_inputs()-1.
+/// Optional: `handles_live_rows`, as for `FusionModule`.
+template <class F>
+concept NWayFusionModule = requires(F& f, const std::vector<at::Tensor>& inputs,
+                                    const NWayFusionContext& ctx, std::size_t side) {
+  typename F::ContainedType;
+  { f->forward(inputs, ctx) } -> std::same_as<std::vector<at::Tensor>>;
+  { f->num_inputs() } -> std::convertible_to<std::size_t>;
   { f->channels(side) } -> std::convertible_to<std::int64_t>;
   { f->side_parameters(side) } -> std::same_as<std::vector<at::Tensor>>;
   { f->gate_mean } -> std::convertible_to<RunningMean>;

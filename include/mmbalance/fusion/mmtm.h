@@ -12,6 +12,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "mmbalance/detail/channel_gating.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/fusion/fusion_context.h"
 #include "mmbalance/fusion/fusion_module.h"
@@ -81,12 +82,13 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     const std::int64_t n = a.size(0);
     TORCH_CHECK(ctx.live_rows >= 0 && ctx.live_rows <= n, "MMTM: live_rows=", ctx.live_rows,
                 " is outside the batch of ", n);
-    const at::Tensor s_a = squeeze_spatial(a);
-    const at::Tensor s_b = squeeze_spatial(b);
+    const at::Tensor s_a = detail::squeeze_spatial(a);
+    const at::Tensor s_b = detail::squeeze_spatial(b);
     if (ctx.record_squeeze) squeeze_mean->stage(at::cat({s_a, s_b}, 1).detach());
 
     // Each side's gate reads [S_A, S_B]; in averaged-squeeze mode the other side's part
     // is the training-set average (rows past live_rows only).
+    using detail::average_rows;
     const at::Tensor b_for_gate0 = ctx.side0 == SideMode::averaged_squeeze
                                        ? average_rows(s_b, squeeze_average(1), s_b, ctx.live_rows)
                                        : s_b;
@@ -115,7 +117,7 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     }
     if (ctx.side0 == SideMode::held_gate) gate0 = average_rows(gate0, gate_average(0), a, ctx.live_rows);
     if (ctx.side1 == SideMode::held_gate) gate1 = average_rows(gate1, gate_average(1), b, ctx.live_rows);
-    return {a * broadcastable(gate0, a), b * broadcastable(gate1, b)};
+    return {a * detail::broadcastable(gate0, a), b * detail::broadcastable(gate1, b)};
   }
 
   /// Channels expected from branch `side`.
@@ -164,32 +166,12 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
                 " channels at this tap, the module expects dim1=", options.dim1());
   }
 
-  static at::Tensor squeeze_spatial(const at::Tensor& x) {
-    return x.dim() == 2 ? x : x.flatten(2).mean(-1);
-  }
-
   at::Tensor joint(const at::Tensor& s_a, const at::Tensor& s_b) {
     return at::relu(squeeze->forward(at::cat({s_a, s_b}, 1)));
   }
 
   at::Tensor gate(torch::nn::Linear& excite, const at::Tensor& z) const {
     return at::sigmoid(excite->forward(z)) * options.gate_scale();
-  }
-
-  // `average` (double) in x's dtype for every row of x's batch past `live_rows`; the
-  // leading rows are taken from `live` (the probe's stacked live half).
-  static at::Tensor average_rows(const at::Tensor& live, const at::Tensor& average,
-                                 const at::Tensor& x, std::int64_t live_rows) {
-    const std::int64_t n = x.size(0);
-    const at::Tensor cut = average.to(x.scalar_type()).unsqueeze(0).expand({n - live_rows, -1});
-    return live_rows == 0 ? cut : at::cat({live.narrow(0, 0, live_rows), cut}, 0);
-  }
-
-  static at::Tensor broadcastable(const at::Tensor& gate, const at::Tensor& x) {
-    std::vector<std::int64_t> shape(static_cast<std::size_t>(x.dim()), 1);
-    shape[0] = gate.size(0);
-    shape[1] = gate.size(1);
-    return gate.view(shape);
   }
 
   at::Tensor side_part(const at::Tensor& both, int side) const {

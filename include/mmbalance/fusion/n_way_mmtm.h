@@ -1,0 +1,224 @@
+#pragma once
+/// \file
+/// N-way MMTM: the multi-modal transfer module for any number of branches (Joze et al.
+/// 2020 define it for N inputs; docs/algorithm.md §2, "N branches").
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/arg.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include "mmbalance/detail/channel_gating.h"
+#include "mmbalance/detail/check.h"
+#include "mmbalance/fusion/fusion_context.h"
+#include "mmbalance/fusion/fusion_module.h"
+#include "mmbalance/fusion/running_mean.h"
+
+namespace mmbalance {
+
+/// Options for `NWayMMTM`.
+///
+/// Example:
+/// ```
+/// NWayMMTM mmtm(NWayMMTMOptions({64, 32, 16}).ratio(4).gate_scale(2.0));  // 3 branches
+/// ```
+struct NWayMMTMOptions {
+  /* implicit */ NWayMMTMOptions(std::vector<std::int64_t> dims) : dims_(std::move(dims)) {}
+  /// Channels of each branch at the tap, in branch order (at least two).
+  TORCH_ARG(std::vector<std::int64_t>, dims);
+  /// The joint layer has 2 (dims[0] + ... + dims[N-1]) / ratio units (MMTM's rule, so
+  /// that two branches give MMTM's layer sizes).
+  TORCH_ARG(std::int64_t, ratio) = 4;
+  /// Gate = gate_scale * sigmoid(E), as `MMTMOptions::gate_scale`.
+  TORCH_ARG(double, gate_scale) = 2.0;
+};
+
+/// Squeezes every input over its spatial dimensions, computes one joint representation
+/// Z = relu(W [S_0, ..., S_{N-1}] + b) and gates each input k channel-wise with
+/// gate_scale * sigmoid(W_k Z + b_k).
+///
+/// Two branches give `MMTM` parameter for parameter: the same submodules under the same
+/// names (`squeeze`, `excite0`, `excite1`, `gate_mean`, `squeeze_mean`), so a two-way
+/// module loads an `MMTM`'s saved state and computes the same outputs bit for bit.
+///
+/// Side modes (`NWayFusionContext::side(k)`):
+/// - live: side k's gate reads every branch's current squeeze vector;
+/// - held_gate: side k's gate is its part of `gate_mean` (re-balancing of branch k);
+/// - averaged_squeeze: side k's gate reads its own squeeze vector and every *other*
+///   branch's training-set average squeeze (the probe's f_k').
+/// `gate_mean` and `squeeze_mean` hold all sides' channels in branch order; the forward
+/// pass only stages rows into them, the balancer and the probe commit.
+class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
+ public:
+  /// Honours `NWayFusionContext::live_rows` (the probe's stacked pass).
+  static constexpr bool handles_live_rows = true;
+
+  explicit NWayMMTMImpl(const NWayMMTMOptions& options) : options(options) { reset(); }
+
+  void reset() override {
+    const auto& dims = options.dims();
+    TORCH_CHECK(dims.size() >= 2, "NWayMMTM: needs at least 2 branches, got ", dims.size());
+    offsets_.assign(1, 0);
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      TORCH_CHECK(dims[k] > 0, "NWayMMTM: channel counts must be positive, got dims[", k,
+                  "]=", dims[k]);
+      offsets_.push_back(offsets_.back() + dims[k]);
+    }
+    TORCH_CHECK(options.ratio() > 0, "NWayMMTM: ratio must be positive, got ", options.ratio());
+    const std::int64_t joint_dim = offsets_.back();
+    const std::int64_t hidden = 2 * joint_dim / options.ratio();
+    TORCH_CHECK(hidden > 0, "NWayMMTM: 2*(sum of dims)/ratio = 2*", joint_dim, "/",
+                options.ratio(), " is 0; lower the ratio");
+    // Registration order as MMTM's, so two branches match it parameter for parameter.
+    squeeze = register_module("squeeze", torch::nn::Linear(joint_dim, hidden));
+    excite.clear();
+    for (std::size_t k = 0; k < dims.size(); ++k) {
+      excite.push_back(
+          register_module("excite" + std::to_string(k), torch::nn::Linear(hidden, dims[k])));
+    }
+    gate_mean = register_module("gate_mean", RunningMean(joint_dim, options.gate_scale() * 0.5));
+    squeeze_mean = register_module("squeeze_mean", RunningMean(joint_dim));
+  }
+
+  /// Returns the gated activations of every branch, in branch order.
+  std::vector<at::Tensor> forward(const std::vector<at::Tensor>& inputs,
+                                  const NWayFusionContext& ctx = {}) {
+    check_inputs(inputs, ctx);
+    const std::size_t sides = num_inputs();
+    const std::int64_t n = inputs[0].size(0);
+    TORCH_CHECK(ctx.live_rows >= 0 && ctx.live_rows <= n, "NWayMMTM: live_rows=", ctx.live_rows,
+                " is outside the batch of ", n);
+    std::vector<at::Tensor> squeezed;
+    squeezed.reserve(sides);
+    for (const auto& x : inputs) squeezed.push_back(detail::squeeze_spatial(x));
+    if (ctx.record_squeeze) squeeze_mean->stage(at::cat(squeezed, 1).detach());
+
+    // One joint representation for every side that reads live squeezes; an
+    // averaged-squeeze side gets its own, with every other side's part averaged.
+    at::Tensor shared_z;
+    std::vector<at::Tensor> gates(sides);
+    for (std::size_t k = 0; k < sides; ++k) {
+      const SideMode mode = ctx.side(k);
+      if (mode == SideMode::held_gate && ctx.live_rows == 0) continue;
+      at::Tensor z;
+      if (mode == SideMode::averaged_squeeze) {
+        std::vector<at::Tensor> cut = squeezed;
+        for (std::size_t j = 0; j < sides; ++j) {
+          if (j != k) {
+            cut[j] = detail::average_rows(squeezed[j], squeeze_average(j), squeezed[j],
+                                          ctx.live_rows);
+          }
+        }
+        z = joint(cut);
+      } else {
+        if (!shared_z.defined()) shared_z = joint(squeezed);
+        z = shared_z;
+      }
+      gates[k] = at::sigmoid(excite[k]->forward(z)) * options.gate_scale();
+    }
+
+    if (ctx.stage_gates) {
+      for (std::size_t k = 0; k < sides; ++k) {
+        TORCH_CHECK(ctx.side(k) == SideMode::live,
+                    "NWayMMTM: gates are only staged in regular steps (every side live), side ",
+                    k, " is not");
+      }
+      gate_mean->stage(at::cat(gates, 1).detach());
+    }
+    std::vector<at::Tensor> out;
+    out.reserve(sides);
+    for (std::size_t k = 0; k < sides; ++k) {
+      if (ctx.side(k) == SideMode::held_gate) {
+        gates[k] = detail::average_rows(gates[k], gate_average(k), inputs[k], ctx.live_rows);
+      }
+      out.push_back(inputs[k] * detail::broadcastable(gates[k], inputs[k]));
+    }
+    return out;
+  }
+
+  /// How many branches it joins.
+  std::size_t num_inputs() const { return options.dims().size(); }
+
+  /// Channels expected from branch `side`.
+  std::int64_t channels(std::size_t side) const {
+    check_side(side);
+    return options.dims()[side];
+  }
+
+  /// Parameters on the path into branch `side` (θ_side'): the shared joint layer and that
+  /// side's excitation.
+  std::vector<at::Tensor> side_parameters(std::size_t side) const {
+    check_side(side);
+    std::vector<at::Tensor> out = squeeze->parameters();
+    for (const auto& p : excite[side]->parameters()) out.push_back(p);
+    return out;
+  }
+
+  /// Side `side`'s part of the committed gate mean (a view, double).
+  at::Tensor gate_average(std::size_t side) const { return side_part(gate_mean->mean, side); }
+
+  /// Side `side`'s part of the committed squeeze mean (a view, double).
+  at::Tensor squeeze_average(std::size_t side) const {
+    return side_part(squeeze_mean->mean, side);
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "mmbalance::NWayMMTM(dims=[";
+    for (std::size_t k = 0; k < num_inputs(); ++k) stream << (k ? ", " : "") << options.dims()[k];
+    stream << "], ratio=" << options.ratio() << ", gate_scale=" << options.gate_scale() << ")";
+  }
+
+  NWayMMTMOptions options;
+  torch::nn::Linear squeeze{nullptr};
+  /// One excitation layer per side, registered as excite0, excite1, ...
+  std::vector<torch::nn::Linear> excite;
+  RunningMean gate_mean{nullptr}, squeeze_mean{nullptr};
+
+ private:
+  void check_side(std::size_t side) const {
+    TORCH_CHECK(side < num_inputs(), "NWayMMTM: side ", side, " is out of range; the module joins ",
+                num_inputs(), " branches (sides 0..", num_inputs() - 1, ")");
+  }
+
+  void check_inputs(const std::vector<at::Tensor>& inputs, const NWayFusionContext& ctx) const {
+    TORCH_CHECK(inputs.size() == num_inputs(), "NWayMMTM: got ", inputs.size(),
+                " inputs, the module joins ", num_inputs(), " branches");
+    TORCH_CHECK(ctx.sides.empty() || ctx.sides.size() == num_inputs(), "NWayMMTM: the context has ",
+                ctx.sides.size(), " side modes for ", num_inputs(), " branches");
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      const at::Tensor& x = inputs[k];
+      TORCH_CHECK(x.defined() && x.dim() >= 2, "NWayMMTM: input ", k,
+                  " must be (batch, channels, ...), got ", detail::shape_string(x));
+      TORCH_CHECK(x.size(0) == inputs[0].size(0), "NWayMMTM: batch sizes differ: branch 0 has ",
+                  inputs[0].size(0), ", branch ", k, " has ", x.size(0));
+      TORCH_CHECK(x.size(1) == options.dims()[k], "NWayMMTM: branch ", k, " has ", x.size(1),
+                  " channels at this tap, the module expects dims[", k, "]=", options.dims()[k]);
+    }
+  }
+
+  at::Tensor joint(const std::vector<at::Tensor>& squeezed) {
+    return at::relu(squeeze->forward(at::cat(squeezed, 1)));
+  }
+
+  at::Tensor side_part(const at::Tensor& all, std::size_t side) const {
+    check_side(side);
+    return all.narrow(0, offsets_[side], options.dims()[side]);
+  }
+
+  // offsets_[k]: where side k's channels start in the concatenated squeeze/gate vectors.
+  std::vector<std::int64_t> offsets_;
+};
+
+/// A `ModuleHolder` for `NWayMMTMImpl`; satisfies `NWayFusionModule`.
+TORCH_MODULE(NWayMMTM);
+
+static_assert(NWayFusionModule<NWayMMTM>);
+
+}  // namespace mmbalance

@@ -1,0 +1,328 @@
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+#include "support.h"
+
+using namespace mmbalance;
+
+namespace {
+
+// Every parameter of the module set to a fixed, distinct value.
+void fill_deterministic(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  double v = 0.11;
+  for (auto& p : m.parameters()) {
+    auto flat = p.view({-1});
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      flat[i] = std::cos(v) * 0.6;
+      v += 0.29;
+    }
+  }
+}
+
+using Rows = std::vector<std::vector<double>>;  // [sample][channel]
+
+// The squeeze vectors of a (batch, channels, ...) double tensor, sample by sample.
+Rows squeeze_rows(const at::Tensor& x) {
+  Rows out(static_cast<size_t>(x.size(0)));
+  for (int64_t s = 0; s < x.size(0); ++s) {
+    for (int64_t c = 0; c < x.size(1); ++c) out[s].push_back(x[s][c].mean().item<double>());
+  }
+  return out;
+}
+
+// N-way MMTM for one sample written out from Joze et al. (algorithm.md §2): the gate of
+// side k from the squeeze vectors `sq` (one per side, already cut as the mode asks).
+std::vector<double> hand_gate(NWayMMTMImpl& m, const std::vector<std::vector<double>>& sq,
+                              size_t k, double scale) {
+  std::vector<double> joint;
+  for (const auto& v : sq) joint.insert(joint.end(), v.begin(), v.end());
+  auto W = m.squeeze->weight.accessor<double, 2>();
+  auto bw = m.squeeze->bias.accessor<double, 1>();
+  const int64_t hidden = m.squeeze->weight.size(0);
+  std::vector<double> z(static_cast<size_t>(hidden));
+  for (int64_t h = 0; h < hidden; ++h) {
+    double acc = bw[h];
+    for (size_t j = 0; j < joint.size(); ++j) acc += W[h][j] * joint[j];
+    z[h] = std::max(acc, 0.0);
+  }
+  auto We = m.excite[k]->weight.accessor<double, 2>();
+  auto be = m.excite[k]->bias.accessor<double, 1>();
+  std::vector<double> gate;
+  for (int64_t c = 0; c < m.excite[k]->weight.size(0); ++c) {
+    double e = be[c];
+    for (int64_t h = 0; h < hidden; ++h) e += We[c][h] * z[h];
+    gate.push_back(scale / (1.0 + std::exp(-e)));
+  }
+  return gate;
+}
+
+// x scaled channel-wise by per-sample gates.
+at::Tensor apply_gates(const at::Tensor& x, const Rows& gates) {
+  at::Tensor out = x.clone();
+  for (int64_t s = 0; s < x.size(0); ++s) {
+    for (int64_t c = 0; c < x.size(1); ++c) out[s][c] = x[s][c] * gates[s][c];
+  }
+  return out;
+}
+
+std::vector<double> values(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kDouble).contiguous();
+  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
+}
+
+// Three inputs of different channel counts and spatial shapes, double precision.
+std::vector<at::Tensor> three_inputs(int64_t n, uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return {at::randn({n, 3, 4, 4}, gen).to(at::kDouble), at::randn({n, 2, 5}, gen).to(at::kDouble),
+          at::randn({n, 4, 2, 3}, gen).to(at::kDouble)};
+}
+
+NWayMMTM three_way(double scale) {
+  NWayMMTM m(NWayMMTMOptions({3, 2, 4}).ratio(3).gate_scale(scale));
+  m->to(at::kDouble);
+  fill_deterministic(*m);
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("NWayMMTM with three inputs matches a hand computation, live", "[n-way-mmtm]") {
+  for (double scale : {2.0, 1.0}) {
+    NWayMMTM m = three_way(scale);
+    CHECK(m->squeeze->weight.size(0) == 6);  // 2 * (3 + 2 + 4) / 3
+    CHECK(m->squeeze->weight.size(1) == 9);
+    const auto x = three_inputs(3, 7);
+    const auto out = m->forward(x);
+    REQUIRE(out.size() == 3);
+    const Rows s0 = squeeze_rows(x[0]), s1 = squeeze_rows(x[1]), s2 = squeeze_rows(x[2]);
+    for (size_t k = 0; k < 3; ++k) {
+      Rows gates;
+      for (size_t s = 0; s < 3; ++s) gates.push_back(hand_gate(*m, {s0[s], s1[s], s2[s]}, k, scale));
+      CHECK(torch::allclose(out[k], apply_gates(x[k], gates), 1e-12, 1e-12));
+    }
+  }
+}
+
+TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses the mean",
+          "[n-way-mmtm]") {
+  NWayMMTM m = three_way(2.0);
+  const auto x = three_inputs(4, 8);
+  const Rows s0 = squeeze_rows(x[0]), s1 = squeeze_rows(x[1]), s2 = squeeze_rows(x[2]);
+
+  // Squeeze averages over two recorded batches: the mean over their 4 + 2 samples.
+  const auto extra = three_inputs(2, 9);
+  NWayFusionContext record;
+  record.record_squeeze = true;
+  m->forward(x, record);
+  m->forward(extra, record);
+  m->squeeze_mean->commit();
+  std::vector<std::vector<double>> avg(3);
+  for (size_t k = 0; k < 3; ++k) {
+    const Rows all_rows = squeeze_rows(at::cat({x[k], extra[k]}));
+    for (size_t c = 0; c < all_rows[0].size(); ++c) {
+      double sum = 0;
+      for (const auto& row : all_rows) sum += row[c];
+      avg[k].push_back(sum / 6.0);
+    }
+    CHECK_THAT(values(m->squeeze_average(k)), Catch::Approx(avg[k]).epsilon(1e-12));
+  }
+
+  // Side 1 cut: its gate reads its own squeeze and the averages of sides 0 and 2; the
+  // others stay live.
+  NWayFusionContext cut1;
+  cut1.sides = {SideMode::live, SideMode::averaged_squeeze, SideMode::live};
+  const auto out = m->forward(x, cut1);
+  Rows g0, g1, g2;
+  for (size_t s = 0; s < 4; ++s) {
+    g0.push_back(hand_gate(*m, {s0[s], s1[s], s2[s]}, 0, 2.0));
+    g1.push_back(hand_gate(*m, {avg[0], s1[s], avg[2]}, 1, 2.0));
+    g2.push_back(hand_gate(*m, {s0[s], s1[s], s2[s]}, 2, 2.0));
+  }
+  CHECK(torch::allclose(out[0], apply_gates(x[0], g0), 1e-12, 1e-12));
+  CHECK(torch::allclose(out[1], apply_gates(x[1], g1), 1e-12, 1e-12));
+  CHECK(torch::allclose(out[2], apply_gates(x[2], g2), 1e-12, 1e-12));
+
+  // Gates staged by a regular pass and committed; then side 2 held: its gate is the mean
+  // of the staged gates, the others live.
+  NWayFusionContext regular;
+  regular.stage_gates = true;
+  m->forward(x, regular);
+  m->gate_mean->commit();
+  std::vector<double> mean2(4, 0.0);
+  for (const auto& row : g2) {
+    for (size_t c = 0; c < 4; ++c) mean2[c] += row[c] / 4.0;
+  }
+  CHECK_THAT(values(m->gate_average(2)), Catch::Approx(mean2).epsilon(1e-12));
+  NWayFusionContext held2;
+  held2.sides = {SideMode::live, SideMode::live, SideMode::held_gate};
+  const auto held = m->forward(x, held2);
+  CHECK(torch::allclose(held[0], apply_gates(x[0], g0), 1e-12, 1e-12));
+  CHECK(torch::allclose(held[2], apply_gates(x[2], Rows(4, mean2)), 1e-12, 1e-12));
+  // Branch 2 no longer hears the others: perturbing them leaves its output alone.
+  const auto moved = m->forward({x[0] + 1.0, x[1] - 2.0, x[2]}, held2);
+  CHECK(torch::equal(moved[2], held[2]));
+}
+
+TEST_CASE("NWayMMTM live_rows: the leading rows run live, the rest as the modes say",
+          "[n-way-mmtm]") {
+  NWayMMTM m = three_way(2.0);
+  const auto x = three_inputs(3, 10);
+  NWayFusionContext record;
+  record.record_squeeze = true;
+  m->forward(x, record);
+  m->squeeze_mean->commit();
+  NWayFusionContext cut;
+  cut.sides.assign(3, SideMode::averaged_squeeze);
+  std::vector<at::Tensor> stacked;
+  for (const auto& t : x) stacked.push_back(at::cat({t, t}));
+  NWayFusionContext stacked_cut = cut;
+  stacked_cut.live_rows = 3;
+  const auto both = m->forward(stacked, stacked_cut);
+  const auto live = m->forward(x);
+  const auto cut_only = m->forward(x, cut);
+  for (size_t k = 0; k < 3; ++k) {
+    CHECK(torch::allclose(both[k].narrow(0, 0, 3), live[k], 1e-12, 1e-12));
+    CHECK(torch::allclose(both[k].narrow(0, 3, 3), cut_only[k], 1e-12, 1e-12));
+    CHECK_FALSE(torch::allclose(live[k], cut_only[k]));
+  }
+}
+
+TEST_CASE("NWayMMTM with two inputs is MMTM parameter for parameter, bit for bit",
+          "[n-way-mmtm]") {
+  torch::manual_seed(21);
+  MMTM two(MMTMOptions(5, 3).ratio(2));
+  NWayMMTM n_way(NWayMMTMOptions({5, 3}).ratio(2));
+  // Same names, shapes and order; MMTM's saved state loads into the two-way module.
+  const auto pa = two->named_parameters(), pb = n_way->named_parameters();
+  REQUIRE(pa.keys() == pb.keys());
+  REQUIRE(two->named_buffers().keys() == n_way->named_buffers().keys());
+  std::stringstream saved;
+  torch::save(two, saved);
+  torch::load(n_way, saved);
+  CHECK(testing::same_state(*two, *n_way));
+
+  auto gen = at::detail::createCPUGenerator(22);
+  const at::Tensor a = at::randn({6, 5, 3, 3}, gen), b = at::randn({6, 3, 4, 4}, gen);
+  auto same = [&](const FusionContext& pair_ctx, const NWayFusionContext& n_ctx,
+                  const at::Tensor& xa, const at::Tensor& xb) {
+    auto [oa, ob] = two->forward(xa, xb, pair_ctx);
+    const auto out = n_way->forward({xa, xb}, n_ctx);
+    return torch::equal(oa, out[0]) && torch::equal(ob, out[1]);
+  };
+  FusionContext regular;
+  regular.stage_gates = true;
+  NWayFusionContext n_regular;
+  n_regular.stage_gates = true;
+  CHECK(same(regular, n_regular, a, b));
+  two->gate_mean->commit();
+  n_way->gate_mean->commit();
+  FusionContext record;
+  record.record_squeeze = true;
+  NWayFusionContext n_record;
+  n_record.record_squeeze = true;
+  CHECK(same(record, n_record, a, b));
+  two->squeeze_mean->commit();
+  n_way->squeeze_mean->commit();
+  CHECK(testing::same_state(*two, *n_way));  // the running means too
+
+  const std::vector<std::pair<SideMode, SideMode>> modes = {
+      {SideMode::live, SideMode::live},
+      {SideMode::held_gate, SideMode::live},
+      {SideMode::live, SideMode::held_gate},
+      {SideMode::averaged_squeeze, SideMode::averaged_squeeze},
+      {SideMode::averaged_squeeze, SideMode::live},
+      {SideMode::live, SideMode::averaged_squeeze}};
+  for (const auto& [m0, m1] : modes) {
+    FusionContext pair_ctx;
+    pair_ctx.side0 = m0;
+    pair_ctx.side1 = m1;
+    NWayFusionContext n_ctx;
+    n_ctx.sides = {m0, m1};
+    CAPTURE(static_cast<int>(m0), static_cast<int>(m1));
+    CHECK(same(pair_ctx, n_ctx, a, b));
+    pair_ctx.live_rows = n_ctx.live_rows = 2;
+    CHECK(same(pair_ctx, n_ctx, a, b));
+  }
+  CHECK(two->side_parameters(1).size() == n_way->side_parameters(1).size());
+  for (size_t i = 0; i < n_way->side_parameters(1).size(); ++i) {
+    CHECK(torch::equal(two->side_parameters(1)[i], n_way->side_parameters(1)[i]));
+  }
+}
+
+TEST_CASE("NWayMMTM side parameters: the joint layer and that side's excitation",
+          "[n-way-mmtm]") {
+  NWayMMTM m(NWayMMTMOptions({4, 6, 2, 3}));
+  CHECK(m->num_inputs() == 4);
+  for (size_t k = 0; k < 4; ++k) {
+    const auto p = m->side_parameters(k);
+    REQUIRE(p.size() == 4);
+    CHECK(p[0].is_same(m->squeeze->weight));
+    CHECK(p[1].is_same(m->squeeze->bias));
+    CHECK(p[2].is_same(m->excite[k]->weight));
+    CHECK(p[3].is_same(m->excite[k]->bias));
+  }
+  // Registered under MMTM's naming, one excitation per side.
+  const auto names = m->named_parameters().keys();
+  CHECK(std::count(names.begin(), names.end(), "excite3.weight") == 1);
+
+  // A held side gets no gradient through its excitation; the others do.
+  auto gen = at::detail::createCPUGenerator(30);
+  std::vector<at::Tensor> x = {at::randn({3, 4, 2, 2}, gen), at::randn({3, 6, 2, 2}, gen),
+                               at::randn({3, 2, 2, 2}, gen), at::randn({3, 3, 2, 2}, gen)};
+  NWayFusionContext held1;
+  held1.sides = {SideMode::live, SideMode::held_gate, SideMode::live, SideMode::live};
+  at::Tensor loss = at::zeros({});
+  for (const auto& o : m->forward(x, held1)) loss = loss + o.square().sum();
+  loss.backward();
+  CHECK_FALSE(m->excite[1]->weight.grad().defined());
+  CHECK(m->excite[0]->weight.grad().abs().sum().item<double>() > 0);
+  CHECK(m->excite[3]->weight.grad().abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("NWayMMTM clones deeply and keeps every side", "[n-way-mmtm]") {
+  NWayMMTM m = three_way(2.0);
+  auto copy = std::dynamic_pointer_cast<NWayMMTMImpl>(m->clone());
+  REQUIRE(copy != nullptr);
+  REQUIRE(copy->excite.size() == 3);
+  CHECK(testing::same_state(*m, *copy));
+  CHECK_FALSE(copy->excite[2]->weight.is_same(m->excite[2]->weight));
+  const auto x = three_inputs(2, 11);
+  const auto a = m->forward(x), b = copy->forward(x);
+  for (size_t k = 0; k < 3; ++k) CHECK(torch::equal(a[k], b[k]));
+}
+
+TEST_CASE("NWayMMTM rejects bad shapes, sides and options with the values",
+          "[n-way-mmtm][bad-input]") {
+  NWayMMTM m(NWayMMTMOptions({4, 6, 2}));
+  auto gen = at::detail::createCPUGenerator(40);
+  const at::Tensor a = at::randn({2, 4, 3, 3}, gen), b = at::randn({2, 6, 3, 3}, gen),
+                   c = at::randn({2, 2, 3, 3}, gen);
+  CHECK_THROWS_WITH(m->forward({a, b}), Catch::Contains("got 2 inputs") &&
+                                            Catch::Contains("joins 3 branches"));
+  CHECK_THROWS_WITH(m->forward({a, b, at::randn({2, 5, 3, 3})}),
+                    Catch::Contains("branch 2 has 5 channels") && Catch::Contains("dims[2]=2"));
+  CHECK_THROWS_WITH(m->forward({a, at::randn({3, 6, 3, 3}), c}),
+                    Catch::Contains("batch sizes differ") && Catch::Contains("branch 1 has 3"));
+  CHECK_THROWS_WITH(m->forward({a, b, at::randn({2})}), Catch::Contains("input 2 must be"));
+  NWayFusionContext two_sides;
+  two_sides.sides = {SideMode::live, SideMode::live};
+  CHECK_THROWS_WITH(m->forward({a, b, c}, two_sides),
+                    Catch::Contains("2 side modes for 3 branches"));
+  NWayFusionContext staged_held;
+  staged_held.sides = {SideMode::live, SideMode::live, SideMode::held_gate};
+  staged_held.stage_gates = true;
+  CHECK_THROWS_WITH(m->forward({a, b, c}, staged_held), Catch::Contains("side 2 is not"));
+  NWayFusionContext too_many_live;
+  too_many_live.live_rows = 3;
+  CHECK_THROWS_WITH(m->forward({a, b, c}, too_many_live), Catch::Contains("live_rows=3"));
+  CHECK_THROWS_WITH(m->channels(3), Catch::Contains("side 3 is out of range") &&
+                                        Catch::Contains("joins 3 branches"));
+  CHECK_THROWS_WITH(NWayMMTM(NWayMMTMOptions({4})), Catch::Contains("at least 2 branches, got 1"));
+  CHECK_THROWS_WITH(NWayMMTM(NWayMMTMOptions({4, 0, 2})), Catch::Contains("dims[1]=0"));
+  CHECK_THROWS_WITH(NWayMMTM(NWayMMTMOptions({1, 1, 1}).ratio(8)),
+                    Catch::Contains("lower the ratio"));
+}
