@@ -68,8 +68,8 @@ int main(int argc, char** argv) try {
       balancer.observe(loss);
       optimizer.step();
     }
+    const auto steps = balancer.epoch_step_counts();  // end_epoch() starts new counts
     balancer.end_epoch();
-    const auto& steps = balancer.epoch_step_counts();
     std::cout << "epoch " << epoch + 1 << ": d_speed " << balancer.last_d_speed() << ", steps "
               << steps[0] << " regular / " << steps[1] + steps[2] << " re-balancing\n";
   }

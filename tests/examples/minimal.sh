@@ -17,6 +17,10 @@ echo "ok: a missing folder fails naming the file"
 
 OMP_NUM_THREADS=1 "$bin" "$work/digits" 2 >out.txt 2>&1 || fail "the run failed: $(cat out.txt)"
 grep -q "^epoch 2: d_speed" out.txt || fail "no epoch lines: $(cat out.txt)"
+# Each epoch counts every one of its steps, the same number in both epochs.
+totals=$(sed -nE 's/^epoch [12]: .*steps ([0-9]+) regular \/ ([0-9]+) re-balancing$/\1 \2/p' out.txt |
+         awk '{print $1 + $2}' | sort -u)
+[[ "$totals" =~ ^[1-9][0-9]*$ ]] || fail "step counts are not one non-zero total an epoch: $(cat out.txt)"
 grep -Eq "^test accuracy [0-9.]+ .*d_util" out.txt || fail "no probe report: $(cat out.txt)"
 [[ -s minimal-checkpoint.pt ]] || fail "no checkpoint written"
 echo "ok: trains, checkpoints and probes"
