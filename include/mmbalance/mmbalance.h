@@ -20,7 +20,9 @@
 #include "mmbalance/metrics/utilization_probe.h"
 #include "mmbalance/model/loss.h"
 #include "mmbalance/model/multimodal_net.h"
+#include "mmbalance/model/n_way_multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 

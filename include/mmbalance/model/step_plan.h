@@ -1,0 +1,55 @@
+#pragma once
+/// \file
+/// The steps of balanced learning for N branches: regular, or hold branch k (the N-branch
+/// form of `StepKind`; docs/algorithm.md §5).
+
+#include <cstddef>
+#include <optional>
+#include <ostream>
+#include <string>
+
+#include "mmbalance/model/step_kind.h"
+
+namespace mmbalance {
+
+/// Which branch, if any, a training step of an N-branch network re-balances: every fusion
+/// module holds that branch's gate at its running average, so the branch hears no other
+/// modality and must learn from its own. N branches have N + 1 plans.
+class StepPlan {
+ public:
+  /// Every branch live; feeds the learning-speed meter.
+  static constexpr StepPlan regular() { return StepPlan(); }
+  /// Branch `branch` held (re-balanced).
+  static constexpr StepPlan hold(std::size_t branch) { return StepPlan(branch); }
+  /// The two-branch step kinds: rebalance_m0 holds branch 0, rebalance_m1 branch 1.
+  static constexpr StepPlan from(StepKind kind) {
+    switch (kind) {
+      case StepKind::rebalance_m0: return hold(0);
+      case StepKind::rebalance_m1: return hold(1);
+      case StepKind::regular: break;
+    }
+    return regular();
+  }
+
+  constexpr bool is_regular() const { return !held_.has_value(); }
+  /// The held branch; empty for a regular step.
+  constexpr std::optional<std::size_t> held_branch() const { return held_; }
+
+  friend constexpr bool operator==(const StepPlan&, const StepPlan&) = default;
+
+ private:
+  constexpr StepPlan() = default;
+  constexpr explicit StepPlan(std::size_t branch) : held_(branch) {}
+  std::optional<std::size_t> held_;
+};
+
+/// "regular" or "hold_m<k>" (for N = 2, "hold_m0" is the step `StepKind::rebalance_m0`).
+inline std::string to_string(const StepPlan& plan) {
+  return plan.is_regular() ? "regular" : "hold_m" + std::to_string(*plan.held_branch());
+}
+
+inline std::ostream& operator<<(std::ostream& os, const StepPlan& plan) {
+  return os << to_string(plan);
+}
+
+}  // namespace mmbalance

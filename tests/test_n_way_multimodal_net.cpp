@@ -1,0 +1,259 @@
+#include <catch2/catch.hpp>
+
+#include <set>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+#include "support.h"
+
+using namespace mmbalance;
+
+namespace {
+
+using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
+using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+
+ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
+                                 std::vector<std::int64_t> strides) {
+  return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
+}
+
+// The two-branch twin of testing::small_net: same shapes, same submodule names.
+TwoWay small_two_way() {
+  return TwoWay(std::tuple{ConvBranch(branch_options(3, {4, 8}, {1, 2})),
+                           ConvBranch(branch_options(1, {4, 8}, {1, 2}))},
+                {{{0, 0}, NWayMMTM(NWayMMTMOptions({4, 4}))},
+                 {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
+}
+
+// Three branches with different stage counts: colour (3 stages), gray (2), a third
+// 2-channel modality (2). Tap 0 reads stages (1, 0, 0), tap 1 stages (2, 1, 1).
+ThreeWay small_three_way(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return ThreeWay(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
+                             ConvBranch(branch_options(1, {5, 8}, {2, 1})),
+                             ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
+                  {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}).ratio(2))},
+                   {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}).ratio(2))}});
+}
+
+std::vector<at::Tensor> three_inputs(std::int64_t n, std::uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return {at::randn({n, 3, 8, 8}, gen), at::randn({n, 1, 8, 8}, gen), at::randn({n, 2, 8, 8}, gen)};
+}
+
+// The three-branch network written out by hand: each branch's stages called one by one,
+// the fusion modules called where the test's layout puts them, the heads averaged.
+std::vector<at::Tensor> naive_heads(ThreeWay& net, std::vector<at::Tensor> h,
+                                    const NWayFusionContext& ctx) {
+  auto& b0 = std::get<0>(net->branches);
+  auto& b1 = std::get<1>(net->branches);
+  auto& b2 = std::get<2>(net->branches);
+  h[0] = b0->forward_stage(1, b0->forward_stage(0, h[0]));
+  h[1] = b1->forward_stage(0, h[1]);
+  h[2] = b2->forward_stage(0, h[2]);
+  h = net->taps[0].module->forward(h, ctx);
+  h[0] = b0->forward_stage(2, h[0]);
+  h[1] = b1->forward_stage(1, h[1]);
+  h[2] = b2->forward_stage(1, h[2]);
+  h = net->taps[1].module->forward(h, ctx);
+  return {b0->head(h[0]), b1->head(h[1]), b2->head(h[2])};
+}
+
+bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+std::set<const void*> ids(const std::vector<at::Tensor>& ps) {
+  std::set<const void*> out;
+  for (const auto& p : ps) out.insert(p.unsafeGetTensorImpl());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("NWayMultiModalNet with two branches is MultiModalNet bit for bit",
+          "[n-way-net]") {
+  testing::Net pair = testing::small_net(5);
+  TwoWay n_way = small_two_way();
+  // Same submodule names: the pair network's saved state loads into the N-way one.
+  std::stringstream saved;
+  torch::save(pair, saved);
+  torch::load(n_way, saved);
+  REQUIRE(testing::same_state(*pair, *n_way));
+
+  const auto b = testing::small_batch(6, 50);
+  for (const StepKind kind : {StepKind::regular, StepKind::rebalance_m0, StepKind::rebalance_m1}) {
+    CAPTURE(to_string(kind));
+    const ModelOutput p = pair->forward(b.x0, b.x1, kind);
+    const NWayOutput q = n_way->forward({b.x0, b.x1}, StepPlan::from(kind));
+    CHECK(torch::equal(p.y, q.y));
+    CHECK(torch::equal(p.y0, q.heads[0]));
+    CHECK(torch::equal(p.y1, q.heads[1]));
+    // The regular training step staged the same gates; commit them on both.
+    for (auto& m : pair->gate_means()) m->commit();
+    for (auto& m : n_way->gate_means()) m->commit();
+    CHECK(testing::same_state(*pair, *n_way));
+  }
+
+  pair->eval();
+  n_way->eval();
+  const auto r = testing::small_batch(5, 51);
+  pair->record_squeeze(r.x0, r.x1);
+  n_way->record_squeeze({r.x0, r.x1});
+  for (auto& m : pair->squeeze_means()) m->commit();
+  for (auto& m : n_way->squeeze_means()) m->commit();
+  CHECK(n_way->has_squeeze_averages());
+  const ProbeOutput p = pair->forward_probe(b.x0, b.x1);
+  const NWayProbeOutput q = n_way->forward_probe({b.x0, b.x1});
+  CHECK(torch::equal(p.y0, q.heads[0]));
+  CHECK(torch::equal(p.y1, q.heads[1]));
+  CHECK(torch::equal(p.y0_cut, q.cut_heads[0]));
+  CHECK(torch::equal(p.y1_cut, q.cut_heads[1]));
+
+  const ParameterGroups pg = pair->parameter_groups();
+  const NWayParameterGroups ng = n_way->parameter_groups();
+  CHECK(all_equal(pg.theta0, ng.branch[0]));
+  CHECK(all_equal(pg.theta1, ng.branch[1]));
+  CHECK(all_equal(pg.theta0_fusion, ng.fusion[0]));
+  CHECK(all_equal(pg.theta1_fusion, ng.fusion[1]));
+}
+
+TEST_CASE("NWayMultiModalNet with three branches of different depths matches a hand-wired "
+          "network", "[n-way-net]") {
+  ThreeWay net = small_three_way(60);
+  const auto x = three_inputs(4, 61);
+  net->eval();  // BatchNorm statistics fixed, so the two passes see the same network
+
+  const NWayOutput out = net->forward(x);
+  const auto heads = naive_heads(net, x, {});
+  REQUIRE(out.heads.size() == 3);
+  for (std::size_t k = 0; k < 3; ++k) CHECK(torch::equal(out.heads[k], heads[k]));
+  CHECK(torch::allclose(out.y, (heads[0] + heads[1] + heads[2]) / 3.0, 1e-6, 1e-6));
+
+  for (std::size_t held = 0; held < 3; ++held) {
+    CAPTURE(held);
+    NWayFusionContext ctx;
+    ctx.sides.assign(3, SideMode::live);
+    ctx.sides[held] = SideMode::held_gate;
+    const auto expect = naive_heads(net, x, ctx);
+    const NWayOutput got = net->forward(x, StepPlan::hold(held));
+    for (std::size_t k = 0; k < 3; ++k) CHECK(torch::equal(got.heads[k], expect[k]));
+    CHECK_FALSE(torch::equal(got.heads[held], out.heads[held]));
+  }
+
+  // The probe: normal heads and f_k' for every k, from one stacked pass.
+  net->record_squeeze(three_inputs(7, 62));
+  for (auto& m : net->squeeze_means()) m->commit();
+  const NWayProbeOutput probe = net->forward_probe(x);
+  NWayFusionContext cut;
+  cut.sides.assign(3, SideMode::averaged_squeeze);
+  const auto expect_cut = naive_heads(net, x, cut);
+  for (std::size_t k = 0; k < 3; ++k) {
+    CHECK(torch::allclose(probe.heads[k], heads[k], 1e-5, 1e-6));
+    CHECK(torch::allclose(probe.cut_heads[k], expect_cut[k], 1e-5, 1e-6));
+    CHECK_FALSE(torch::equal(probe.cut_heads[k], probe.heads[k]));
+  }
+}
+
+TEST_CASE("NWayMultiModalNet stages gates only in regular training steps", "[n-way-net]") {
+  ThreeWay net = small_three_way(63);
+  const auto x = three_inputs(5, 64);
+  net->forward(x, StepPlan::hold(2));
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);
+  net->forward(x);
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 5.0);
+  for (auto& m : net->gate_means()) m->drop();
+  net->eval();
+  net->forward(x);
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);
+}
+
+TEST_CASE("NWayMultiModalNet parameter groups: each branch, and each side's fusion path",
+          "[n-way-net]") {
+  ThreeWay net = small_three_way(65);
+  const NWayParameterGroups g = net->parameter_groups();
+  REQUIRE(g.branch.size() == 3);
+  REQUIRE(g.fusion.size() == 3);
+  CHECK(ids(g.branch[0]) == ids(std::get<0>(net->branches)->parameters()));
+  CHECK(ids(g.branch[1]) == ids(std::get<1>(net->branches)->parameters()));
+  CHECK(ids(g.branch[2]) == ids(std::get<2>(net->branches)->parameters()));
+  for (std::size_t k = 0; k < 3; ++k) {
+    std::set<const void*> expect;
+    for (const auto& tap : net->taps) {
+      for (const auto& p : tap.module->squeeze->parameters()) expect.insert(p.unsafeGetTensorImpl());
+      for (const auto& p : tap.module->excite[k]->parameters()) expect.insert(p.unsafeGetTensorImpl());
+    }
+    CHECK(ids(g.fusion[k]) == expect);
+  }
+  // Every parameter of the network is in a branch group or a fusion group.
+  std::set<const void*> all;
+  for (const auto& group : g.branch) all.merge(ids(group));
+  for (const auto& group : g.fusion) all.merge(ids(group));
+  CHECK(all == ids(net->parameters()));
+}
+
+TEST_CASE("NWayMultiModalNet clones deeply", "[n-way-net]") {
+  ThreeWay net = small_three_way(66);
+  ThreeWay copy = net.clone();
+  CHECK(testing::same_state(*net, *copy));
+  net->eval();
+  copy->eval();
+  const auto x = three_inputs(2, 67);
+  const auto before = net->forward(x).heads;
+  CHECK(all_equal(before, copy->forward(x).heads));
+  {
+    torch::NoGradGuard no_grad;
+    std::get<2>(copy->branches)->parameters()[0].add_(1.0);
+    copy->taps[1].module->excite[2]->bias.add_(1.0);
+  }
+  CHECK_FALSE(testing::same_state(*net, *copy));
+  CHECK(all_equal(before, net->forward(x).heads));  // the original is untouched
+  CHECK_FALSE(torch::equal(before[2], copy->forward(x).heads[2]));
+}
+
+TEST_CASE("NWayMultiModalNet rejects bad layouts and inputs with the values",
+          "[n-way-net][bad-input]") {
+  auto branches = [] {
+    return std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
+                      ConvBranch(branch_options(1, {5, 8}, {2, 1})),
+                      ConvBranch(branch_options(2, {3, 4}, {1, 2}))};
+  };
+  CHECK_THROWS_WITH(ThreeWay(branches(), {{{1, 2, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}))}}),
+                    Catch::Contains("reads stage 2 of branch 1, which has stages 0..1"));
+  CHECK_THROWS_WITH(ThreeWay(branches(), {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 4, 3}))}}),
+                    Catch::Contains("expects 4 channels from branch 1, whose stage 0 has 5"));
+  CHECK_THROWS_WITH(ThreeWay(branches(), {{{1, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}))}}),
+                    Catch::Contains("names 2 stages"));
+  CHECK_THROWS_WITH(ThreeWay(branches(), {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5}))}}),
+                    Catch::Contains("joins 2 branches, the network has 3"));
+  CHECK_THROWS_WITH(ThreeWay(branches(), {{{1, 1, 0}, NWayMMTM(NWayMMTMOptions({6, 8, 3}))},
+                                          {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}))}}),
+                    Catch::Contains("tap 1 reads stage 1 of branch 1, tap 0 stage 1"));
+
+  ThreeWay net = small_three_way(68);
+  auto x = three_inputs(4, 69);
+  CHECK_THROWS_WITH(net->forward({x[0], x[1]}), Catch::Contains("got 2 modalities for 3 branches"));
+  CHECK_THROWS_WITH(net->forward({x[0], x[1], x[2].narrow(0, 0, 3)}),
+                    Catch::Contains("batch sizes differ: m0 has 4") && Catch::Contains("m2 has 3"));
+  CHECK_THROWS_WITH(net->forward(x, StepPlan::hold(3)),
+                    Catch::Contains("holds branch 3, the network has branches 0..2"));
+  CHECK_THROWS_WITH(net->forward_probe(x), Catch::Contains("needs eval mode"));
+  // Nothing was staged by the refused calls.
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);
+}
+
+TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
+  CHECK(to_string(StepPlan::regular()) == "regular");
+  CHECK(to_string(StepPlan::hold(3)) == "hold_m3");
+  CHECK(StepPlan::from(StepKind::regular) == StepPlan::regular());
+  CHECK(StepPlan::from(StepKind::rebalance_m0) == StepPlan::hold(0));
+  CHECK(StepPlan::from(StepKind::rebalance_m1) == StepPlan::hold(1));
+  CHECK_FALSE(StepPlan::hold(0) == StepPlan::hold(1));
+  CHECK(StepPlan::hold(2).held_branch() == std::optional<std::size_t>(2));
+}
