@@ -358,9 +358,11 @@ TEST_CASE("abandon_step: a step whose forward or backward threw leaves no trace"
   const auto gates = gate_averages(net);
   balancer.abandon_step();  // nothing pending: no effect
   CHECK(saved_bytes(balancer) == before);
-  // A re-balancing step and a regular one, each given up after its forward pass.
+  // A re-balancing step given up after its forward pass, twice: abandon_step restores the
+  // policy, so the second next_step() asks for the same step again.
   for (int i = 0; i < 2; ++i) {
     const StepKind kind = balancer.next_step();
+    CHECK(kind != StepKind::regular);
     auto b = small_batch(8, 40);
     net->forward(b.x0, b.x1, kind);
     balancer.abandon_step();
@@ -379,6 +381,20 @@ TEST_CASE("abandon_step: a step whose forward or backward threw leaves no trace"
   // forward passes (LibTorch's own, in any training loop).
   CHECK(same_parameters(*net, *twin));
   CHECK(all_equal(gate_averages(net), gate_averages(twin)));
+}
+
+TEST_CASE("abandon_step drops the gates a regular step's forward pass staged", "[balancer]") {
+  auto net = small_net(35);
+  VanillaBalancer balancer(net);
+  REQUIRE(balancer.next_step() == StepKind::regular);
+  auto b = small_batch(8, 41);
+  net->forward(b.x0, b.x1, StepKind::regular);
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 8.0);
+  balancer.abandon_step();
+  for (auto& m : net->gate_means()) {
+    CHECK(m->staged()[-1].item<double>() == 0.0);
+    CHECK(m->samples.item<double>() == 0.0);
+  }
 }
 
 TEST_CASE("meter().steps() counts accumulated steps, not skipped ones", "[balancer]") {

@@ -218,6 +218,51 @@ TEST_CASE("A checkpoint that does not fit the balancer or the optimizer is refus
   CHECK(saved_bytes(random) == balancer_before);
 }
 
+TEST_CASE("A record that fails after the optimizer was loaded leaves no optimizer state behind",
+          "[checkpoint][bad-input]") {
+  // A trained run's records (SGD with momentum buffers) and a gradient record of the wrong
+  // size, which is read last, behind a valid header and checksum.
+  auto net = small_net(38);
+  auto opt = make_sgd(net);
+  GuidedBalancer guided(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));
+  train_steps(net, opt, guided, 0, 4, 4);
+  torch::serialize::OutputArchive archive, model, optim, bal;
+  archive.write("architecture", architecture_fingerprint(*net));
+  archive.write("modules", module_description(*net));
+  net->save(model);
+  opt.save(optim);
+  guided.save(bal);
+  archive.write("model", model);
+  archive.write("optimizer", optim);
+  archive.write("balancer", bal);
+  archive.write("grad_defined", at::ones({1}, at::kByte));
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  const std::string payload = bytes.str();
+  std::string file(mmbalance::detail::kCheckpointMagic);
+  for (const std::uint64_t v : {static_cast<std::uint64_t>(payload.size()), mmbalance::detail::fnv1a(payload)}) {
+    for (int i = 0; i < 8; ++i) file += static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  const auto path = temp_file("bad_gradient_record.pt").string();
+  std::ofstream(path, std::ios::binary) << file << payload;
+
+  // A fresh optimizer has no momentum buffers; the failed load must not leave the file's.
+  auto target = small_net(39);
+  auto target_opt = make_sgd(target);
+  GuidedBalancer target_balancer(target, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));
+  const auto model_before = target.clone();
+  const auto opt_before = saved_bytes(target_opt);
+  const auto balancer_before = saved_bytes(target_balancer);
+  REQUIRE(target_opt.state().empty());
+  CHECK_THROWS_WITH(load_checkpoint(path, target, target_opt, target_balancer),
+                    Catch::Contains("gradient record has 1 entries") &&
+                        Catch::Contains("unchanged"));
+  CHECK(target_opt.state().empty());
+  CHECK(saved_bytes(target_opt) == opt_before);
+  CHECK(same_state(*target, *model_before));
+  CHECK(saved_bytes(target_balancer) == balancer_before);
+}
+
 TEST_CASE("A checkpoint made with other module options (MMTM gate_scale) is refused",
           "[checkpoint][bad-input]") {
   auto make = [](double gate_scale) {

@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #include <cmath>
 
 #include "support.h"
@@ -102,6 +104,20 @@ TEST_CASE("LearningSpeedMeter summary is NaN before any step", "[meter]") {
   auto net = small_net(4);
   LearningSpeedMeter meter(net->parameter_groups());
   CHECK(std::isnan(meter.summary().d_speed));
+}
+
+TEST_CASE("LearningSpeedMeter::restore refuses counts it cannot hold, changing nothing",
+          "[meter][bad-input]") {
+  auto net = small_net(3);
+  LearningSpeedMeter meter(net->parameter_groups());
+  meter.restore(at::full({4}, 2.0, at::kDouble), 5, 1);
+  const std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  CHECK_THROWS_WITH(meter.restore(at::zeros({4}, at::kDouble), big, 1),
+                    Catch::Contains("sum representable") && Catch::Contains("1 skipped"));
+  CHECK_THROWS_WITH(meter.restore(at::zeros({4}, at::kDouble), 1, -1), Catch::Contains(">= 0"));
+  CHECK_THROWS_WITH(meter.restore(at::zeros({3}, at::kDouble), 1, 0), Catch::Contains("4 entries"));
+  CHECK(meter.steps() == 5);
+  CHECK(torch::equal(meter.accumulated(), at::full({4}, 2.0, at::kDouble)));
 }
 
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {

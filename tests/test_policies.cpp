@@ -83,8 +83,18 @@ TEST_CASE("Policies' state round-trips through an archive", "[policy]") {
   out.save_to(buffer);
   torch::serialize::InputArchive in;
   in.load_from(buffer);
-  RandomPolicy q(RandomOptions().seed(1));
-  q.load(in);
-  CHECK(q.options.seed() == 9);
+  // Another seed is refused, naming both, and changes nothing.
+  RandomPolicy other(RandomOptions().seed(1));
+  const RandomPolicy other_before = other;
+  CHECK_THROWS_WITH(other.load(in), Catch::Contains("made with seed 9") &&
+                                        Catch::Contains("this policy has seed 1"));
+  RandomPolicy untouched = other_before;
+  for (int i = 0; i < 20; ++i) CHECK(other.next_step() == untouched.next_step());
+  // The same seed resumes the sequence where it was saved.
+  buffer.seekg(0);
+  torch::serialize::InputArchive again;
+  again.load_from(buffer);
+  RandomPolicy q(RandomOptions().seed(9));
+  q.load(again);
   for (int i = 0; i < 50; ++i) CHECK(q.next_step() == p.next_step());
 }

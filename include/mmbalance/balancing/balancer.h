@@ -339,7 +339,9 @@ class Balancer {
   // step's work and read when the next step is observed.
   void launch_speed_copy() {
     const at::Tensor& m = meter_.accumulated();
-    if (!lagged_host_.defined()) {
+    // Pinned for a device meter, so the copy does not wait: also after a resume (load()
+    // leaves pageable memory) or a move of the model to the device.
+    if (!lagged_host_.defined() || (m.is_cuda() && !lagged_host_.is_pinned())) {
       lagged_host_ = at::empty({kNumGroups}, at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
     }
     lagged_host_.copy_(m, /*non_blocking=*/true);

@@ -47,10 +47,16 @@ class RandomPolicy {
     c10::IValue state, seed;
     archive.read("engine", state);
     archive.read("seed", seed);
+    // A run resumes only with the options it was started with (as GuidedPolicy's alpha, Q).
+    TORCH_CHECK(seed.isInt() && static_cast<std::uint64_t>(seed.toInt()) == options.seed(),
+                "RandomPolicy: the checkpoint was made with seed ",
+                seed.isInt() ? std::to_string(static_cast<std::uint64_t>(seed.toInt())) : "?",
+                ", this policy has seed ", options.seed());
+    std::mt19937_64 engine;
     std::istringstream in(state.toStringRef());
-    in >> engine_;
+    in >> engine;
     TORCH_CHECK(!in.fail(), "RandomPolicy: corrupt generator state in checkpoint");
-    options.seed(static_cast<std::uint64_t>(seed.toInt()));
+    engine_ = engine;
   }
 
   RandomOptions options;

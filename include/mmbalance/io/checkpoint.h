@@ -267,6 +267,9 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
   try {
     detail::restore_states(archive, net, optimizer, balancer);
   } catch (const std::exception& e) {
+    // LibTorch's optimizer load replaces the per-parameter state it reads and keeps the
+    // rest: forget what the failed load added before the snapshot puts back what was.
+    optimizer.state().clear();
     std::istringstream in(backup);
     torch::serialize::InputArchive undo;
     undo.load_from(in);

@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -149,7 +150,9 @@ class LearningSpeedMeter {
   void restore(const at::Tensor& m, std::int64_t steps, std::int64_t skipped) {
     TORCH_CHECK(m.dim() == 1 && m.size(0) == kNumGroups, "LearningSpeedMeter: accumulators must ",
                 "have 4 entries, got ", detail::shape_string(m));
-    TORCH_CHECK(steps >= 0 && skipped >= 0, "LearningSpeedMeter: step counts must be >= 0, got ",
+    TORCH_CHECK(steps >= 0 && skipped >= 0 &&
+                    steps <= std::numeric_limits<std::int64_t>::max() - skipped,
+                "LearningSpeedMeter: step counts must be >= 0 and their sum representable, got ",
                 steps, " accumulated and ", skipped, " skipped");
     accumulated_ = m.to(at::kDouble).to(device_);
     observed_ = steps + skipped;
