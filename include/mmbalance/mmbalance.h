@@ -17,6 +17,7 @@
 #include "mmbalance/fusion/running_mean.h"
 #include "mmbalance/io/checkpoint.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/metrics/n_way_utilization_probe.h"
 #include "mmbalance/metrics/utilization_probe.h"
 #include "mmbalance/model/loss.h"
 #include "mmbalance/model/multimodal_net.h"
