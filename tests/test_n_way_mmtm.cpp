@@ -167,6 +167,54 @@ TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses 
   CHECK(torch::equal(moved[2], held[2]));
 }
 
+TEST_CASE("NWayMMTM absent side: the others read its training-set average, it has no output",
+          "[n-way-mmtm]") {
+  NWayMMTM m = three_way(2.0);
+  const auto x = three_inputs(4, 12);
+  const auto recorded = three_inputs(5, 13);
+  NWayFusionContext record;
+  record.record_squeeze = true;
+  m->forward(recorded, record);
+  m->squeeze_mean->commit();
+  std::vector<double> avg1;
+  const Rows r1 = squeeze_rows(recorded[1]);
+  for (size_t c = 0; c < r1[0].size(); ++c) {
+    double sum = 0;
+    for (const auto& row : r1) sum += row[c];
+    avg1.push_back(sum / 5.0);
+  }
+  NWayFusionContext missing1;
+  missing1.sides = {SideMode::live, SideMode::absent, SideMode::live};
+  const auto out = m->forward({x[0], at::Tensor(), x[2]}, missing1);
+  CHECK_FALSE(out[1].defined());
+  const Rows s0 = squeeze_rows(x[0]), s2 = squeeze_rows(x[2]);
+  Rows g0, g2;
+  for (size_t s = 0; s < 4; ++s) {
+    g0.push_back(hand_gate(*m, {s0[s], avg1, s2[s]}, 0, 2.0));
+    g2.push_back(hand_gate(*m, {s0[s], avg1, s2[s]}, 2, 2.0));
+  }
+  CHECK(torch::allclose(out[0], apply_gates(x[0], g0), 1e-12, 1e-12));
+  CHECK(torch::allclose(out[2], apply_gates(x[2], g2), 1e-12, 1e-12));
+  // Whatever is passed for the absent side is ignored.
+  const auto ignored = m->forward({x[0], x[1] * 100.0, x[2]}, missing1);
+  CHECK(torch::equal(ignored[0], out[0]));
+  CHECK(torch::equal(ignored[2], out[2]));
+
+  NWayFusionContext none;
+  none.sides.assign(3, SideMode::absent);
+  CHECK_THROWS_WITH(m->forward(x, none), Catch::Contains("every side is absent"));
+  NWayFusionContext absent_recording = missing1;
+  absent_recording.record_squeeze = true;
+  CHECK_THROWS_WITH(m->forward(x, absent_recording), Catch::Contains("absent side neither records"));
+  NWayFusionContext absent_staging = missing1;
+  absent_staging.stage_gates = true;
+  CHECK_THROWS_WITH(m->forward(x, absent_staging), Catch::Contains("side 1 is not"));
+  FusionContext pair_absent;
+  pair_absent.side1 = SideMode::absent;
+  CHECK_THROWS_WITH(MMTM(3, 2)->forward(at::randn({2, 3, 2, 2}), at::randn({2, 2, 2, 2}), pair_absent),
+                    Catch::Contains("needs an N-way module"));
+}
+
 TEST_CASE("NWayMMTM live_rows: the leading rows run live, the rest as the modes say",
           "[n-way-mmtm]") {
   NWayMMTM m = three_way(2.0);

@@ -161,6 +161,51 @@ TEST_CASE("NWayMultiModalNet with three branches of different depths matches a h
   }
 }
 
+TEST_CASE("NWayMultiModalNet::forward_missing skips absent branches, the others read their "
+          "averages", "[n-way-net]") {
+  ThreeWay net = small_three_way(74);
+  net->eval();
+  const auto x = three_inputs(4, 75);
+  CHECK_THROWS_WITH(net->forward_missing(x, {1}), Catch::Contains("no squeeze averages recorded"));
+  net->record_squeeze(three_inputs(6, 76));
+  for (auto& m : net->squeeze_means()) m->commit();
+
+  // By hand: branches 0 and 2 run, the fusion modules see modality 1 as absent.
+  NWayFusionContext missing1;
+  missing1.sides = {SideMode::live, SideMode::absent, SideMode::live};
+  auto& b0 = std::get<0>(net->branches);
+  auto& b2 = std::get<2>(net->branches);
+  std::vector<at::Tensor> h = {b0->forward_stage(1, b0->forward_stage(0, x[0])), at::Tensor(),
+                               b2->forward_stage(0, x[2])};
+  h = net->taps[0].module->forward(h, missing1);
+  h[0] = b0->forward_stage(2, h[0]);
+  h[2] = b2->forward_stage(1, h[2]);
+  h = net->taps[1].module->forward(h, missing1);
+  const at::Tensor y0 = b0->head(h[0]), y2 = b2->head(h[2]);
+
+  const NWayOutput out = net->forward_missing({x[0], at::Tensor(), x[2]}, {1});
+  CHECK_FALSE(out.heads[1].defined());
+  CHECK(torch::equal(out.heads[0], y0));
+  CHECK(torch::equal(out.heads[2], y2));
+  CHECK(torch::allclose(out.y, (y0 + y2) / 2.0, 1e-6, 1e-6));
+  // The absent input is ignored; the live network differs.
+  CHECK(torch::equal(net->forward_missing({x[0], x[1] * 50.0, x[2]}, {1}).heads[0], y0));
+  CHECK_FALSE(torch::equal(net->forward(x).heads[0], y0));
+  // Two of three missing: y is the one present head.
+  const NWayOutput only2 = net->forward_missing({at::Tensor(), at::Tensor(), x[2]}, {0, 1});
+  CHECK(torch::equal(only2.y, only2.heads[2] * 1.0));
+  for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);
+
+  CHECK_THROWS_WITH(net->forward_missing(x, {0, 1, 2}), Catch::Contains("every modality is absent"));
+  CHECK_THROWS_WITH(net->forward_missing(x, {3}),
+                    Catch::Contains("modality 3 is out of range") && Catch::Contains("0..2"));
+  CHECK_THROWS_WITH(net->forward_missing(x, {1, 1}), Catch::Contains("modality 1 is listed twice"));
+  CHECK_THROWS_WITH(net->forward_missing({x[0], at::Tensor(), x[2].narrow(0, 0, 2)}, {1}),
+                    Catch::Contains("batch sizes differ: m0 has 4") && Catch::Contains("m2 has 2"));
+  CHECK_THROWS_WITH(net->forward_missing({x[0], at::Tensor(), at::Tensor()}, {1}),
+                    Catch::Contains("modality 2 needs a batch"));
+}
+
 TEST_CASE("NWayMultiModalNet stages gates only in regular training steps", "[n-way-net]") {
   ThreeWay net = small_three_way(63);
   const auto x = three_inputs(5, 64);

@@ -19,6 +19,10 @@ enum class SideMode : std::uint8_t {
   /// Utilization probe: the gate is computed from this branch's own squeeze vector and
   /// the *other* branch's training-set average squeeze vector (docs/algorithm.md §7).
   averaged_squeeze,
+  /// Missing modality (N-way fusion modules only): this side has no input and no
+  /// output; every other side's gate reads this side's training-set average squeeze
+  /// vector in its place (a sensor that dropped out at inference).
+  absent,
 };
 
 /// Passed by `MultiModalNet` to every fusion module in one forward pass.

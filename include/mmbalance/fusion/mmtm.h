@@ -78,6 +78,8 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
   /// Returns the gated activations of branch 0 and branch 1.
   std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& a, const at::Tensor& b,
                                             const FusionContext& ctx = {}) {
+    TORCH_CHECK(ctx.side0 != SideMode::absent && ctx.side1 != SideMode::absent,
+                "MMTM: a missing modality (SideMode::absent) needs an N-way module (NWayMMTM)");
     check_inputs(a, b);
     const std::int64_t n = a.size(0);
     TORCH_CHECK(ctx.live_rows >= 0 && ctx.live_rows <= n, "MMTM: live_rows=", ctx.live_rows,

@@ -52,7 +52,9 @@ struct NWayMMTMOptions {
 /// - live: side k's gate reads every branch's current squeeze vector;
 /// - held_gate: side k's gate is its part of `gate_mean` (re-balancing of branch k);
 /// - averaged_squeeze: side k's gate reads its own squeeze vector and every *other*
-///   branch's training-set average squeeze (the probe's f_k').
+///   branch's training-set average squeeze (the probe's f_k');
+/// - absent: modality k is missing; every other side's gate reads its training-set
+///   average squeeze in its place, and side k has no output.
 /// `gate_mean` and `squeeze_mean` hold all sides' channels in branch order; the forward
 /// pass only stages rows into them, the balancer and the probe commit.
 class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
@@ -87,17 +89,24 @@ class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
     squeeze_mean = register_module("squeeze_mean", RunningMean(joint_dim));
   }
 
-  /// Returns the gated activations of every branch, in branch order.
+  /// Returns the gated activations of every branch, in branch order (an undefined tensor
+  /// for an absent side, whose input is ignored and may be undefined).
   std::vector<at::Tensor> forward(const std::vector<at::Tensor>& inputs,
                                   const NWayFusionContext& ctx = {}) {
-    check_inputs(inputs, ctx);
+    const std::size_t present = check_inputs(inputs, ctx);
     const std::size_t sides = num_inputs();
-    const std::int64_t n = inputs[0].size(0);
+    const at::Tensor& reference = inputs[present];
+    const std::int64_t n = reference.size(0);
     TORCH_CHECK(ctx.live_rows >= 0 && ctx.live_rows <= n, "NWayMMTM: live_rows=", ctx.live_rows,
                 " is outside the batch of ", n);
     std::vector<at::Tensor> squeezed;
     squeezed.reserve(sides);
-    for (const auto& x : inputs) squeezed.push_back(detail::squeeze_spatial(x));
+    for (std::size_t k = 0; k < sides; ++k) {
+      // A missing modality's squeeze is its training-set average, for every row.
+      squeezed.push_back(ctx.side(k) == SideMode::absent
+                             ? detail::average_rows({}, squeeze_average(k), reference, 0)
+                             : detail::squeeze_spatial(inputs[k]));
+    }
     if (ctx.record_squeeze) squeeze_mean->stage(at::cat(squeezed, 1).detach());
 
     // One joint representation for every side that reads live squeezes; an
@@ -106,7 +115,7 @@ class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
     std::vector<at::Tensor> gates(sides);
     for (std::size_t k = 0; k < sides; ++k) {
       const SideMode mode = ctx.side(k);
-      if (mode == SideMode::held_gate && ctx.live_rows == 0) continue;
+      if (mode == SideMode::absent || (mode == SideMode::held_gate && ctx.live_rows == 0)) continue;
       at::Tensor z;
       if (mode == SideMode::averaged_squeeze) {
         std::vector<at::Tensor> cut = squeezed;
@@ -124,21 +133,14 @@ class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
       gates[k] = at::sigmoid(excite[k]->forward(z)) * options.gate_scale();
     }
 
-    if (ctx.stage_gates) {
-      for (std::size_t k = 0; k < sides; ++k) {
-        TORCH_CHECK(ctx.side(k) == SideMode::live,
-                    "NWayMMTM: gates are only staged in regular steps (every side live), side ",
-                    k, " is not");
-      }
-      gate_mean->stage(at::cat(gates, 1).detach());
-    }
-    std::vector<at::Tensor> out;
-    out.reserve(sides);
+    if (ctx.stage_gates) gate_mean->stage(at::cat(gates, 1).detach());
+    std::vector<at::Tensor> out(sides);
     for (std::size_t k = 0; k < sides; ++k) {
+      if (ctx.side(k) == SideMode::absent) continue;
       if (ctx.side(k) == SideMode::held_gate) {
         gates[k] = detail::average_rows(gates[k], gate_average(k), inputs[k], ctx.live_rows);
       }
-      out.push_back(inputs[k] * detail::broadcastable(gates[k], inputs[k]));
+      out[k] = inputs[k] * detail::broadcastable(gates[k], inputs[k]);
     }
     return out;
   }
@@ -187,20 +189,40 @@ class NWayMMTMImpl : public torch::nn::Cloneable<NWayMMTMImpl> {
                 num_inputs(), " branches (sides 0..", num_inputs() - 1, ")");
   }
 
-  void check_inputs(const std::vector<at::Tensor>& inputs, const NWayFusionContext& ctx) const {
+  // Checks the inputs against the modes; returns the index of the first present side.
+  std::size_t check_inputs(const std::vector<at::Tensor>& inputs,
+                           const NWayFusionContext& ctx) const {
     TORCH_CHECK(inputs.size() == num_inputs(), "NWayMMTM: got ", inputs.size(),
                 " inputs, the module joins ", num_inputs(), " branches");
     TORCH_CHECK(ctx.sides.empty() || ctx.sides.size() == num_inputs(), "NWayMMTM: the context has ",
                 ctx.sides.size(), " side modes for ", num_inputs(), " branches");
+    std::size_t first = inputs.size();
+    bool absent = false;
     for (std::size_t k = 0; k < inputs.size(); ++k) {
+      if (ctx.side(k) == SideMode::absent) {
+        absent = true;
+        continue;
+      }
+      if (first == inputs.size()) first = k;
       const at::Tensor& x = inputs[k];
       TORCH_CHECK(x.defined() && x.dim() >= 2, "NWayMMTM: input ", k,
                   " must be (batch, channels, ...), got ", detail::shape_string(x));
-      TORCH_CHECK(x.size(0) == inputs[0].size(0), "NWayMMTM: batch sizes differ: branch 0 has ",
-                  inputs[0].size(0), ", branch ", k, " has ", x.size(0));
+      TORCH_CHECK(x.size(0) == inputs[first].size(0), "NWayMMTM: batch sizes differ: branch ",
+                  first, " has ", inputs[first].size(0), ", branch ", k, " has ", x.size(0));
       TORCH_CHECK(x.size(1) == options.dims()[k], "NWayMMTM: branch ", k, " has ", x.size(1),
                   " channels at this tap, the module expects dims[", k, "]=", options.dims()[k]);
     }
+    TORCH_CHECK(first < inputs.size(), "NWayMMTM: every side is absent; at least one modality "
+                "must be present");
+    for (std::size_t k = 0; ctx.stage_gates && k < inputs.size(); ++k) {
+      TORCH_CHECK(ctx.side(k) == SideMode::live,
+                  "NWayMMTM: gates are only staged in regular steps (every side live), side ", k,
+                  " is not");
+    }
+    TORCH_CHECK(!absent || (!ctx.record_squeeze && ctx.live_rows == 0),
+                "NWayMMTM: a pass with an absent side neither records squeeze vectors nor "
+                "stacks live rows");
+    return first;
   }
 
   at::Tensor joint(const std::vector<at::Tensor>& squeezed) {

@@ -116,6 +116,32 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
     return output(run(inputs, ctx, {}));
   }
 
+  /// Inference with missing modalities (a sensor that dropped out): the branches in
+  /// `absent` do not run (their inputs are ignored and may be undefined tensors), every
+  /// fusion module reads their training-set average squeeze vectors in their place (as
+  /// recorded for the utilization probe, `record_squeeze_averages`), and `y` is the mean
+  /// of the present heads; an absent branch's head is an undefined tensor. Gates are not
+  /// staged. Reads one number per fusion module from the device (are averages recorded?).
+  NWayOutput forward_missing(const std::vector<at::Tensor>& inputs,
+                             const std::vector<std::size_t>& absent) {
+    NWayFusionContext ctx;
+    ctx.sides.assign(kBranches, SideMode::live);
+    for (const std::size_t k : absent) {
+      TORCH_CHECK(k < kBranches, "NWayMultiModalNet::forward_missing: modality ", k,
+                  " is out of range; the network has modalities 0..", kBranches - 1);
+      TORCH_CHECK(ctx.sides[k] != SideMode::absent, "NWayMultiModalNet::forward_missing: "
+                  "modality ", k, " is listed twice");
+      ctx.sides[k] = SideMode::absent;
+    }
+    TORCH_CHECK(absent.size() < kBranches,
+                "NWayMultiModalNet::forward_missing: every modality is absent");
+    check_inputs(inputs, ctx);
+    TORCH_CHECK(taps.empty() || has_squeeze_averages(),
+                "NWayMultiModalNet::forward_missing: no squeeze averages recorded; run "
+                "record_squeeze_averages over the training data first");
+    return output(run(inputs, ctx, {}));
+  }
+
   /// The normal and the cut networks (f_k' for every k) for the utilization probe. Stages
   /// up to each branch's first tap run once for both; with `handles_live_rows` modules the
   /// rest is one pass over the stacked batch. Needs eval mode and recorded squeeze means.
@@ -253,24 +279,35 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
     return Holder(std::move(impl));
   }
 
-  static void check_inputs(const std::vector<at::Tensor>& inputs) {
+  // Every modality, or every present one (`ctx`), has a batch, all of one size.
+  static void check_inputs(const std::vector<at::Tensor>& inputs,
+                           const NWayFusionContext& ctx = {}) {
     TORCH_CHECK(inputs.size() == kBranches, "NWayMultiModalNet: got ", inputs.size(),
                 " modalities for ", kBranches, " branches");
+    std::size_t first = kBranches;
     for (std::size_t k = 0; k < kBranches; ++k) {
+      if (ctx.side(k) == SideMode::absent) continue;
+      if (first == kBranches) first = k;
       TORCH_CHECK(inputs[k].defined() && inputs[k].dim() >= 1, "NWayMultiModalNet: modality ", k,
                   " needs a batch, got ", detail::shape_string(inputs[k]));
-      TORCH_CHECK(inputs[k].size(0) == inputs[0].size(0),
-                  "NWayMultiModalNet: batch sizes differ: m0 has ", inputs[0].size(0),
-                  " samples ", detail::shape_string(inputs[0]), ", m", k, " has ",
+      TORCH_CHECK(inputs[k].size(0) == inputs[first].size(0),
+                  "NWayMultiModalNet: batch sizes differ: m", first, " has ", inputs[first].size(0),
+                  " samples ", detail::shape_string(inputs[first]), ", m", k, " has ",
                   inputs[k].size(0), " ", detail::shape_string(inputs[k]));
     }
   }
 
-  // y = (y_0 + ... + y_{N-1}) / N; for two heads the same operations as MultiModalNet.
+  // y = the mean of the defined heads (all of them but in forward_missing); for two heads
+  // the same operations as MultiModalNet.
   static NWayOutput output(std::vector<at::Tensor> heads) {
-    at::Tensor sum = heads[0] + heads[1];
-    for (std::size_t k = 2; k < heads.size(); ++k) sum = sum + heads[k];
-    return {sum * (1.0 / static_cast<double>(heads.size())), std::move(heads)};
+    at::Tensor sum;
+    std::size_t present = 0;
+    for (const auto& h : heads) {
+      if (!h.defined()) continue;
+      sum = sum.defined() ? sum + h : h;
+      ++present;
+    }
+    return {sum * (1.0 / static_cast<double>(present)), std::move(heads)};
   }
 
   // Every branch from stage `computed[k]` on (0 when empty), each tap applied once every
@@ -285,12 +322,16 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
         for (; next[k] < end; ++next[k]) h[k] = b->forward_stage(next[k], h[k]);
       });
     };
+    auto present = [&](std::size_t k) { return ctx.side(k) != SideMode::absent; };
     for (auto& tap : taps) {
-      for (std::size_t k = 0; k < kBranches; ++k) advance_to(k, tap.stages[k] + 1);
+      for (std::size_t k = 0; k < kBranches; ++k) {
+        if (present(k)) advance_to(k, tap.stages[k] + 1);
+      }
       h = tap.module->forward(h, ctx);
     }
     std::vector<at::Tensor> heads(kBranches);
     for (std::size_t k = 0; k < kBranches; ++k) {
+      if (!present(k)) continue;
       visit(k, [&](auto& b) {
         advance_to(k, b->num_stages());
         heads[k] = b->head(h[k]);
