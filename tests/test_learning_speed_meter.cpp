@@ -1,6 +1,8 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include <cmath>
 
@@ -118,6 +120,98 @@ TEST_CASE("LearningSpeedMeter::restore refuses counts it cannot hold, changing n
   CHECK_THROWS_WITH(meter.restore(at::zeros({3}, at::kDouble), 1, 0), Catch::Contains("4 entries"));
   CHECK(meter.steps() == 5);
   CHECK(torch::equal(meter.accumulated(), at::full({4}, 2.0, at::kDouble)));
+}
+
+TEST_CASE("LearningSpeedMeter for three branches equals a naive computation of s_k",
+          "[meter][n-way]") {
+  using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+  torch::manual_seed(40);
+  auto opts = [](std::int64_t in, std::vector<std::int64_t> c) {
+    return ConvBranchOptions(in, 3).channels(c).strides(std::vector<std::int64_t>(c.size(), 1));
+  };
+  ThreeWay net(std::tuple{ConvBranch(opts(3, {4, 6})), ConvBranch(opts(1, {5, 8})),
+                          ConvBranch(opts(2, {3, 4}))},
+               {{{0, 0, 0}, NWayMMTM(NWayMMTMOptions({4, 5, 3}))},
+                {{1, 1, 1}, NWayMMTM(NWayMMTMOptions({6, 8, 4}))}});
+  const NWayParameterGroups groups = net->parameter_groups();
+  LearningSpeedMeter meter(groups);
+  REQUIRE(meter.num_groups() == 6);
+  CHECK(meter.group_name(4) == "theta1' (fusion path into branch 1)");
+  // The official code's way, per parameter and read to the host, for the 6 groups.
+  auto naive = [&] {
+    std::vector<double> mu;
+    for (const auto* lists : {&groups.branch, &groups.fusion}) {
+      for (const auto& group : *lists) {
+        double gs = 0, ps = 0;
+        for (const auto& p : group) {
+          ps += p.to(at::kDouble).pow(2).sum().item<double>();
+          if (p.grad().defined()) gs += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+        }
+        mu.push_back(gs / ps);
+      }
+    }
+    return mu;
+  };
+  std::vector<double> m(6, 0.0);
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    auto gen = at::detail::createCPUGenerator(step);
+    std::vector<at::Tensor> x = {at::randn({6, 3, 6, 6}, gen), at::randn({6, 1, 6, 6}, gen),
+                                 at::randn({6, 2, 6, 6}, gen)};
+    const at::Tensor target = at::randint(3, {6}, gen);
+    net->zero_grad();
+    const NWayOutput out = net->forward(x);
+    at::Tensor loss = at::cross_entropy_loss(out.heads[0], target);
+    for (std::size_t k = 1; k < 3; ++k) loss = loss + at::cross_entropy_loss(out.heads[k], target);
+    loss.backward();
+    const auto expect = naive();
+    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    REQUIRE(mu.numel() == 6);
+    for (int g = 0; g < 6; ++g) {
+      CHECK(mu[g].item<double>() == Approx(expect[g]).epsilon(1e-6));
+      m[g] += expect[g];
+    }
+    meter.accumulate(mu);
+  }
+  const NWaySpeedSummary s = meter.branch_speeds();
+  std::vector<double> speeds;
+  for (int k = 0; k < 3; ++k) speeds.push_back(std::log10(m[3 + k] / m[k]));
+  REQUIRE(s.speeds.size() == 3);
+  for (int k = 0; k < 3; ++k) CHECK(s.speeds[k] == Approx(speeds[k]).epsilon(1e-6));
+  const auto hi = std::max_element(speeds.begin(), speeds.end());
+  CHECK(s.imbalance == Approx(*hi - *std::min_element(speeds.begin(), speeds.end())).epsilon(1e-6));
+  CHECK(s.fastest == hi - speeds.begin());
+  CHECK_THROWS_WITH(meter.summary(), Catch::Contains("use branch_speeds()"));
+}
+
+TEST_CASE("LearningSpeedMeter for two branches of an N-branch net is the two-branch meter",
+          "[meter][n-way]") {
+  auto net = small_net(41);
+  backward_once(net, 42);
+  const ParameterGroups g = net->parameter_groups();
+  LearningSpeedMeter pair(g);
+  LearningSpeedMeter n_way(NWayParameterGroups{{g.theta0, g.theta1}, {g.theta0_fusion, g.theta1_fusion}});
+  CHECK(torch::equal(pair.measure(), n_way.measure()));
+  pair.accumulate(LearningSpeedMeter::speeds(pair.measure()));
+  n_way.accumulate(LearningSpeedMeter::speeds(n_way.measure()));
+  const SpeedSummary a = pair.summary();
+  const NWaySpeedSummary b = n_way.branch_speeds();
+  CHECK(b.speeds == std::vector<double>{a.s_m1_given_m0, a.s_m0_given_m1});
+  CHECK(b.imbalance == a.d_speed);  // signed, as the paper's d_speed
+}
+
+TEST_CASE("NWaySpeedSummary from a table of accumulators", "[meter][n-way]") {
+  // M: branches 1, 10, 100; fusion paths 10, 10, 10 -> s = 1, 0, -1.
+  const NWaySpeedSummary s = NWaySpeedSummary::from_accumulators({1, 10, 100, 10, 10, 10});
+  CHECK(s.speeds == std::vector<double>{1.0, 0.0, -1.0});
+  CHECK(s.imbalance == 2.0);
+  CHECK(s.fastest == 0);
+  // Two branches: signed. A frozen group (M = 0): NaN, no fastest branch.
+  CHECK(NWaySpeedSummary::from_accumulators({100, 1, 10, 10}).imbalance == -2.0);
+  const NWaySpeedSummary frozen = NWaySpeedSummary::from_accumulators({1, 0, 1, 10, 10, 10});
+  CHECK(std::isnan(frozen.speeds[1]));
+  CHECK(std::isnan(frozen.imbalance));
+  CHECK(frozen.fastest == -1);
+  CHECK_THROWS_WITH(NWaySpeedSummary::from_accumulators({1, 2, 3}), Catch::Contains("got 3"));
 }
 
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {

@@ -3,10 +3,12 @@
 /// Conditional learning speed (docs/algorithm.md §4): μ(θ; i) = ||G||² / ||θ||² per parameter
 /// group, accumulated over regular steps, all on the parameters' device.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -15,6 +17,7 @@
 
 #include "mmbalance/detail/cpu_sums_of_squares.h"
 #include "mmbalance/model/multimodal_net.h"
+#include "mmbalance/model/n_way_multimodal_net.h"
 
 namespace mmbalance {
 
@@ -55,7 +58,40 @@ struct SpeedSummary {
   }
 };
 
-/// Measures μ for the four groups of `ParameterGroups` with one fused reduction over
+/// The learning speeds of N branches derived from the accumulators M of an N-branch meter
+/// (docs/algorithm.md §4, "N branches"): s_k = log10(M(θ_k') / M(θ_k)), how fast branch
+/// k's fusion path learns relative to branch k itself.
+struct NWaySpeedSummary {
+  std::vector<double> speeds;  ///< s_k; NaN where an accumulator is not positive and finite
+  /// N = 2: s_0 - s_1, the paper's d_speed; N >= 3: max_k s_k - min_k s_k (>= 0). NaN if
+  /// any s_k is.
+  double imbalance = NAN;
+  /// The branch with the largest s_k (the one whose fusion path outpaces it most), or -1
+  /// when a speed is NaN.
+  std::int64_t fastest = -1;
+
+  /// From 2N accumulators: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}'.
+  static NWaySpeedSummary from_accumulators(const std::vector<double>& m) {
+    TORCH_CHECK(m.size() >= 4 && m.size() % 2 == 0, "NWaySpeedSummary: needs 2N >= 4 "
+                "accumulators (the branches', then the fusion paths'), got ", m.size());
+    const std::size_t n = m.size() / 2;
+    NWaySpeedSummary s;
+    for (std::size_t k = 0; k < n; ++k) {
+      const double fusion = m[n + k], branch = m[k];
+      const bool defined = std::isfinite(fusion) && std::isfinite(branch) && fusion > 0 && branch > 0;
+      s.speeds.push_back(defined ? std::log10(fusion / branch) : NAN);
+    }
+    if (std::none_of(s.speeds.begin(), s.speeds.end(), [](double v) { return std::isnan(v); })) {
+      const auto [lo, hi] = std::minmax_element(s.speeds.begin(), s.speeds.end());
+      s.imbalance = n == 2 ? s.speeds[0] - s.speeds[1] : *hi - *lo;
+      s.fastest = hi - s.speeds.begin();
+    }
+    return s;
+  }
+};
+
+/// Measures μ for the parameter groups of a network (the four of `ParameterGroups`, or the
+/// 2N of `NWayParameterGroups`) with one fused reduction over
 /// every distinct parameter and every gradient (`_foreach_norm` on a GPU; on the CPU one
 /// pass of our own, accumulated in double across blocks, since LibTorch's CPU
 /// `_foreach_norm` dispatches one reduction per tensor) and one masked sum per group. A
@@ -66,47 +102,70 @@ struct SpeedSummary {
 /// the point where the gradient was taken, as the official code does.
 class LearningSpeedMeter {
  public:
-  explicit LearningSpeedMeter(const ParameterGroups& groups) {
-    const std::array<const std::vector<at::Tensor>*, kNumGroups> lists{
-        &groups.theta0, &groups.theta1, &groups.theta0_fusion, &groups.theta1_fusion};
+  /// The four groups of a two-branch network, in `Group` order.
+  explicit LearningSpeedMeter(const ParameterGroups& groups)
+      : LearningSpeedMeter(NWayParameterGroups{{groups.theta0, groups.theta1},
+                                               {groups.theta0_fusion, groups.theta1_fusion}}) {}
+
+  /// The 2N groups of an N-branch network: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for N = 2
+  /// the `Group` order). Every tensor the meter returns has one entry per group.
+  explicit LearningSpeedMeter(const NWayParameterGroups& groups) {
+    TORCH_CHECK(groups.branch.size() >= 2 && groups.fusion.size() == groups.branch.size(),
+                "LearningSpeedMeter: needs the groups of N >= 2 branches and as many fusion "
+                "paths, got ", groups.branch.size(), " and ", groups.fusion.size());
+    branches_ = groups.branch.size();
+    std::vector<const std::vector<at::Tensor>*> lists;
+    for (const auto& g : groups.branch) lists.push_back(&g);
+    for (const auto& g : groups.fusion) lists.push_back(&g);
+    const std::size_t count = lists.size();
     std::unordered_map<const void*, std::int64_t> index;
-    std::vector<std::array<bool, kNumGroups>> member;
-    for (int g = 0; g < kNumGroups; ++g) {
-      TORCH_CHECK(!lists[g]->empty(), "LearningSpeedMeter: parameter group ",
-                  to_string(static_cast<Group>(g)), " is empty");
+    std::vector<std::vector<bool>> member;
+    group_numel_.assign(count, 0);
+    for (std::size_t g = 0; g < count; ++g) {
+      TORCH_CHECK(!lists[g]->empty(), "LearningSpeedMeter: parameter group ", group_name(g),
+                  " is empty");
       for (const auto& p : *lists[g]) {
         TORCH_CHECK(p.defined(), "LearningSpeedMeter: undefined parameter in group ",
-                    to_string(static_cast<Group>(g)));
+                    group_name(g));
         auto [it, inserted] =
             index.emplace(p.unsafeGetTensorImpl(), static_cast<std::int64_t>(params_.size()));
         if (inserted) {
           params_.push_back(p);
-          member.push_back({});
+          member.emplace_back(count, false);
         }
         member[static_cast<std::size_t>(it->second)][g] = true;
+        group_numel_[g] += p.numel();
       }
     }
     const auto n = static_cast<std::int64_t>(params_.size());
-    membership_ = at::zeros({n, kNumGroups}, at::kBool);
+    membership_ = at::zeros({n, static_cast<std::int64_t>(count)}, at::kBool);
     auto acc = membership_.accessor<bool, 2>();
     for (std::int64_t i = 0; i < n; ++i)
-      for (int g = 0; g < kNumGroups; ++g) acc[i][g] = member[static_cast<std::size_t>(i)][g];
-    for (int g = 0; g < kNumGroups; ++g) {
-      for (const auto& p : *lists[g]) group_numel_[g] += p.numel();
-    }
-    accumulated_ = at::zeros({kNumGroups}, at::kDouble);
+      for (std::size_t g = 0; g < count; ++g) acc[i][static_cast<std::int64_t>(g)] = member[static_cast<std::size_t>(i)][g];
+    accumulated_ = at::zeros({static_cast<std::int64_t>(count)}, at::kDouble);
     follow_device();
   }
 
-  /// Squared norms of this step, a (2, 4) double tensor on the parameters' device:
+  /// How many groups (2N for N branches).
+  std::size_t num_groups() const { return 2 * branches_; }
+
+  /// "theta<k> (branch <k>)" or "theta<k>' (fusion path into branch <k>)" for group g.
+  std::string group_name(std::size_t g) const {
+    const std::size_t k = g % branches_;
+    return g < branches_ ? "theta" + std::to_string(k) + " (branch " + std::to_string(k) + ")"
+                         : "theta" + std::to_string(k) + "' (fusion path into branch " +
+                               std::to_string(k) + ")";
+  }
+
+  /// Squared norms of this step, a (2, groups) double tensor on the parameters' device:
   /// row 0 ||G||² and row 1 ||θ||² per group. An undefined gradient counts as zero.
   at::Tensor measure() { return squared_norms(/*with_parameters=*/true); }
 
-  /// Row 0 of `measure()` alone, ||G||² per group (4 doubles on the device), in a pass over
+  /// Row 0 of `measure()` alone, ||G||² per group (doubles on the device), in a pass over
   /// the gradients only: what a re-balancing step's check needs.
   at::Tensor measure_gradients() { return squared_norms(/*with_parameters=*/false)[0]; }
 
-  /// μ = ||G||² / ||θ||² per group from a measurement (device tensor of 4).
+  /// μ = ||G||² / ||θ||² per group from a measurement (device tensor, one entry a group).
   static at::Tensor speeds(const at::Tensor& measurement) { return measurement[0] / measurement[1]; }
 
   /// Adds `mu` (from `speeds`) to the accumulators M.
@@ -126,7 +185,7 @@ class LearningSpeedMeter {
     ++observed_;
   }
 
-  /// M(θ) per group: a device tensor of 4 doubles.
+  /// M(θ) per group: a device tensor of `num_groups()` doubles.
   const at::Tensor& accumulated() const { return accumulated_; }
 
   /// Regular steps accumulated so far (reads one number from the device once a step has
@@ -136,20 +195,30 @@ class LearningSpeedMeter {
   /// Regular steps `accumulate_if` left out (reads one number from the device).
   std::int64_t skipped() const { return skipped_.defined() ? skipped_.item<std::int64_t>() : 0; }
 
-  /// Reads M to the host (one small read) and derives the speeds.
+  /// Reads M to the host (one small read) and derives the two-branch speeds.
   SpeedSummary summary() const {
+    TORCH_CHECK(branches_ == 2, "LearningSpeedMeter::summary is for two branches; this meter "
+                "has ", branches_, ": use branch_speeds()");
     const at::Tensor m = accumulated_.to(at::kCPU);
     return SpeedSummary::from_accumulators(
         {m[0].item<double>(), m[1].item<double>(), m[2].item<double>(), m[3].item<double>()});
   }
 
+  /// Reads M to the host (one small read) and derives s_k for every branch.
+  NWaySpeedSummary branch_speeds() const {
+    const at::Tensor m = accumulated_.to(at::kCPU).contiguous();
+    const double* v = m.data_ptr<double>();
+    return NWaySpeedSummary::from_accumulators({v, v + m.numel()});
+  }
+
   /// Elements per group; a checkpoint made for other groups is rejected on load.
-  const std::array<std::int64_t, kNumGroups>& group_numel() const { return group_numel_; }
+  const std::vector<std::int64_t>& group_numel() const { return group_numel_; }
 
   /// Restores M and the step counts (a loaded tensor may live on any device).
   void restore(const at::Tensor& m, std::int64_t steps, std::int64_t skipped) {
-    TORCH_CHECK(m.dim() == 1 && m.size(0) == kNumGroups, "LearningSpeedMeter: accumulators must ",
-                "have 4 entries, got ", detail::shape_string(m));
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == static_cast<std::int64_t>(num_groups()),
+                "LearningSpeedMeter: accumulators must have ", num_groups(), " entries, got ",
+                detail::shape_string(m));
     TORCH_CHECK(steps >= 0 && skipped >= 0 &&
                     steps <= std::numeric_limits<std::int64_t>::max() - skipped,
                 "LearningSpeedMeter: step counts must be >= 0 and their sum representable, got ",
@@ -168,7 +237,7 @@ class LearningSpeedMeter {
 
  private:
   // One fused reduction over every distinct gradient (and parameter), then a masked sum
-  // per group: (2 or 1, 4).
+  // per group: (2 or 1, groups).
   at::Tensor squared_norms(bool with_parameters) {
     at::NoGradGuard no_grad;
     follow_device();
@@ -206,11 +275,12 @@ class LearningSpeedMeter {
   }
 
   std::vector<at::Tensor> params_;
-  at::Tensor membership_;   // (distinct parameters, 4): true where a parameter is in a group
+  at::Tensor membership_;   // (distinct parameters, groups): true where a parameter is in a group
   at::Tensor accumulated_;  // M per group
   at::Tensor zero_;         // stands in for a missing gradient
   at::Device device_{at::kCPU};
-  std::array<std::int64_t, kNumGroups> group_numel_{};
+  std::size_t branches_ = 0;
+  std::vector<std::int64_t> group_numel_;
   std::int64_t observed_ = 0;  // regular steps given to accumulate or accumulate_if
   at::Tensor skipped_;         // of those, left out by accumulate_if (device, lazily made)
 };
