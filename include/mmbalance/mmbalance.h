@@ -4,6 +4,7 @@
 
 #include "mmbalance/balancing/balancer.h"
 #include "mmbalance/balancing/guided.h"
+#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/random.h"
 #include "mmbalance/balancing/vanilla.h"
