@@ -73,7 +73,9 @@ TEST_CASE("WAV reader: seeded mutations load or are refused naming the file",
       case 1: bad.resize(gen() % bad.size()); break;
       case 2: bad.insert(gen() % bad.size(), std::string(1 + gen() % 5, static_cast<char>(gen()))); break;
       default: {  // a huge or odd size in one of the size fields
-        const std::size_t at = std::vector<std::size_t>{4, 16, 40 - 10, 50}[gen() % 4];
+        // the RIFF size, the LIST size, the fmt size and the data size (after the
+        // 10-byte LIST chunk)
+        const std::size_t at = std::vector<std::size_t>{4, 16, 26, 50}[gen() % 4];
         for (int b = 0; b < 4 && at + b < bad.size(); ++b) bad[at + b] = static_cast<char>(gen());
       }
     }

@@ -212,6 +212,9 @@ TEST_CASE("NWaySpeedSummary from a table of accumulators", "[meter][n-way]") {
   CHECK(std::isnan(frozen.imbalance));
   CHECK(frozen.fastest == -1);
   CHECK_THROWS_WITH(NWaySpeedSummary::from_accumulators({1, 2, 3}), Catch::Contains("got 3"));
+  // Ties: the lowest index is the fastest.
+  CHECK(NWaySpeedSummary::from_accumulators({1, 1, 10, 10, 10, 10}).fastest == 0);
+  CHECK(NWaySpeedSummary::from_accumulators({10, 1, 1, 10, 10, 10}).fastest == 1);
 }
 
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {

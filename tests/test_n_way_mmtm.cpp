@@ -283,7 +283,10 @@ TEST_CASE("NWayMMTM with two inputs is MMTM parameter for parameter, bit for bit
       {SideMode::live, SideMode::held_gate},
       {SideMode::averaged_squeeze, SideMode::averaged_squeeze},
       {SideMode::averaged_squeeze, SideMode::live},
-      {SideMode::live, SideMode::averaged_squeeze}};
+      {SideMode::live, SideMode::averaged_squeeze},
+      {SideMode::held_gate, SideMode::held_gate},
+      {SideMode::held_gate, SideMode::averaged_squeeze},
+      {SideMode::averaged_squeeze, SideMode::held_gate}};
   for (const auto& [m0, m1] : modes) {
     FusionContext pair_ctx;
     pair_ctx.side0 = m0;

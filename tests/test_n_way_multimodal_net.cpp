@@ -75,7 +75,48 @@ std::set<const void*> ids(const std::vector<at::Tensor>& ps) {
   return out;
 }
 
+// A ConvBranch with dropout after every stage in training mode: a branch that draws
+// random numbers, so that the order in which branches run shows in the outputs.
+class DropoutBranchImpl : public torch::nn::Cloneable<DropoutBranchImpl> {
+ public:
+  explicit DropoutBranchImpl(ConvBranchOptions options) : options_(std::move(options)) { reset(); }
+  void reset() override { conv = register_module("conv", ConvBranch(options_)); }
+  std::size_t num_stages() const { return conv->num_stages(); }
+  std::int64_t stage_channels(std::size_t i) const { return conv->stage_channels(i); }
+  at::Tensor forward_stage(std::size_t i, const at::Tensor& x) {
+    return at::dropout(conv->forward_stage(i, x), 0.3, is_training());
+  }
+  at::Tensor head(const at::Tensor& x) { return conv->head(x); }
+  ConvBranch conv{nullptr};
+
+ private:
+  ConvBranchOptions options_;
+};
+TORCH_MODULE(DropoutBranch);
+
 }  // namespace
+
+TEST_CASE("NWayMultiModalNet with two random branches draws in MultiModalNet's order",
+          "[n-way-net]") {
+  using Pair = MultiModalNet<DropoutBranch, DropoutBranch, MMTM>;
+  using NWay = NWayMultiModalNet<NWayMMTM, DropoutBranch, DropoutBranch>;
+  torch::manual_seed(80);
+  Pair pair(DropoutBranch(branch_options(3, {4, 8, 8}, {1, 2, 1})),
+            DropoutBranch(branch_options(1, {4, 8, 8}, {1, 2, 1})), {{1, MMTM(8, 8)}});
+  NWay n_way(std::tuple{DropoutBranch(branch_options(3, {4, 8, 8}, {1, 2, 1})),
+                        DropoutBranch(branch_options(1, {4, 8, 8}, {1, 2, 1}))},
+             {{{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
+  std::stringstream saved;
+  torch::save(pair, saved);
+  torch::load(n_way, saved);
+  const auto b = testing::small_batch(4, 81);
+  torch::manual_seed(82);
+  const ModelOutput p = pair->forward(b.x0, b.x1);
+  torch::manual_seed(82);
+  const NWayOutput q = n_way->forward({b.x0, b.x1});
+  CHECK(torch::equal(p.y0, q.heads[0]));
+  CHECK(torch::equal(p.y1, q.heads[1]));
+}
 
 TEST_CASE("NWayMultiModalNet with two branches is MultiModalNet bit for bit",
           "[n-way-net]") {
@@ -191,6 +232,10 @@ TEST_CASE("NWayMultiModalNet::forward_missing skips absent branches, the others 
   // The absent input is ignored; the live network differs.
   CHECK(torch::equal(net->forward_missing({x[0], x[1] * 50.0, x[2]}, {1}).heads[0], y0));
   CHECK_FALSE(torch::equal(net->forward(x).heads[0], y0));
+  // One modality present: its head is the probe's cut network f_k', the others averaged.
+  const NWayProbeOutput probe = net->forward_probe(x);
+  CHECK(torch::allclose(net->forward_missing({at::Tensor(), at::Tensor(), x[2]}, {0, 1}).heads[2],
+                        probe.cut_heads[2], 1e-5, 1e-6));
   // Two of three missing: y is the one present head.
   const NWayOutput only2 = net->forward_missing({at::Tensor(), at::Tensor(), x[2]}, {0, 1});
   CHECK(torch::equal(only2.y, only2.heads[2] * 1.0));
@@ -295,7 +340,8 @@ TEST_CASE("NWayMultiModalNet rejects bad layouts and inputs with the values",
 
 TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
   CHECK(to_string(StepPlan::regular()) == "regular");
-  CHECK(to_string(StepPlan::hold(3)) == "hold_m3");
+  CHECK(to_string(StepPlan::hold(3)) == "rebalance_m3");
+  CHECK(to_string(StepPlan::hold(1)) == to_string(StepKind::rebalance_m1));
   CHECK(StepPlan::from(StepKind::regular) == StepPlan::regular());
   CHECK(StepPlan::from(StepKind::rebalance_m0) == StepPlan::hold(0));
   CHECK(StepPlan::from(StepKind::rebalance_m1) == StepPlan::hold(1));

@@ -72,18 +72,25 @@ TEST_CASE("NWayGuidedPolicy with three branches holds the fastest branch for Q s
       {{0.1, 0.2, 0.3}, "R"},             // spread 0.2 <= 0.5: regular
       {{0.0, 0.9, 0.1}, "h1 h1 R"},       // spread 0.9: hold branch 1, twice
       {{-0.4, 0.0, 0.6}, "h2 h2 R"},      // spread 1.0: hold branch 2
-      {{0.3, 0.3, -0.2}, "R"},            // spread 0.5, not > 0.5
+      {{0.3, 0.3, -0.1}, "R"},            // spread 0.4
       {{0.7, NAN, 0.0}, "R"},             // undefined speed: nothing changes
       {{0.8, 0.0, -0.1}, "h0 h0 R"},
   };
   CHECK(to_string(p.next_plan()) == "regular");  // before any speed
+  // Exactly alpha is not more than alpha (a summary made by hand: no rounding).
+  NWaySpeedSummary at_alpha;
+  at_alpha.speeds = {0.5, 0.0, 0.0};
+  at_alpha.imbalance = 0.5;
+  at_alpha.fastest = 0;
+  p.observe_speeds(at_alpha);
+  CHECK(to_string(p.next_plan()) == "regular");
   for (const auto& row : table) {
     CAPTURE(row.plans);
     p.observe_speeds(speeds_of(row.speeds));
     std::istringstream expected(row.plans);
     for (std::string want; expected >> want;) {
       const std::string got = to_string(p.next_plan());
-      CHECK(got == (want == "R" ? std::string("regular") : "hold_m" + want.substr(1)));
+      CHECK(got == (want == "R" ? std::string("regular") : "rebalance_m" + want.substr(1)));
     }
   }
 }

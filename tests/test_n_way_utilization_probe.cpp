@@ -161,6 +161,20 @@ TEST_CASE("N-branch probe: averages over ranks, and bad input with the values",
 
   CHECK_THROWS_WITH(evaluate_utilization(net, std::vector<NWayBatch>{}),
                     Catch::Contains("evaluation data is empty"));
+  // A rank with an empty shard still takes part in the sum: it gets the other rank's
+  // counts (here: those of `one`, added by hand) instead of failing alone.
+  at::Tensor other = at::zeros({8}, at::kLong);
+  other[0] = static_cast<std::int64_t>(std::llround(one.accuracy * one.samples));
+  for (int k = 0; k < 3; ++k) {
+    other[1 + k] = static_cast<std::int64_t>(std::llround(one.head_accuracy[k] * one.samples));
+    other[4 + k] = static_cast<std::int64_t>(std::llround(one.cut_accuracy[k] * one.samples));
+  }
+  other[7] = one.samples;
+  const NWayUtilizationReport empty_rank =
+      evaluate_utilization(net, std::vector<NWayBatch>{}, [&](at::Tensor& t) { t.add_(other); });
+  CHECK(empty_rank.samples == one.samples);
+  CHECK(empty_rank.head_accuracy == one.head_accuracy);
+  CHECK(empty_rank.cut_accuracy == one.cut_accuracy);
   std::vector<NWayBatch> wrong_target = eval;
   wrong_target[1].target = wrong_target[1].target.narrow(0, 0, 3);
   CHECK_THROWS_WITH(evaluate_utilization(net, wrong_target),

@@ -38,15 +38,18 @@ inline double mel_to_hz(double mel) { return 700.0 * (std::pow(10.0, mel / 2595.
 
 /// (n_mels, n_fft / 2 + 1) triangular filters, evenly spaced on the mel scale.
 inline at::Tensor mel_filter_bank(const LogMelOptions& o) {
-  const double f_max = o.f_max() > 0 ? o.f_max() : o.sample_rate() / 2.0;
-  TORCH_CHECK(o.n_fft() >= 2 && o.hop() >= 1 && o.n_mels() >= 1 && o.f_min() >= 0 &&
-                  o.f_min() < f_max && f_max <= o.sample_rate() / 2.0,
-              "log-mel options: need n_fft >= 2, hop >= 1, n_mels >= 1 and "
-              "0 <= f_min < f_max <= sample_rate / 2, got n_fft ", o.n_fft(), ", hop ", o.hop(),
-              ", n_mels ", o.n_mels(), ", f_min ", o.f_min(), ", f_max ", f_max, ", sample rate ",
-              o.sample_rate());
+  const double f_max = o.f_max() == 0 ? o.sample_rate() / 2.0 : o.f_max();
+  TORCH_CHECK(o.sample_rate() > 0 && o.n_fft() >= 2 && o.hop() >= 1 && o.n_mels() >= 1 &&
+                  o.f_min() >= 0 && o.f_min() < f_max && f_max <= o.sample_rate() / 2.0 &&
+                  o.floor() > 0,
+              "log-mel options: need a positive sample rate, n_fft >= 2, hop >= 1, "
+              "n_mels >= 1, 0 <= f_min < f_max <= sample_rate / 2 and floor > 0, got sample "
+              "rate ", o.sample_rate(), ", n_fft ", o.n_fft(), ", hop ", o.hop(), ", n_mels ",
+              o.n_mels(), ", f_min ", o.f_min(), ", f_max ", f_max, ", floor ", o.floor());
+  // Bin k of an n_fft-point DFT is at k * sample_rate / n_fft (odd n_fft too).
   const std::int64_t bins = o.n_fft() / 2 + 1;
-  const at::Tensor freqs = at::linspace(0.0, o.sample_rate() / 2.0, bins, at::kDouble);
+  const at::Tensor freqs =
+      at::arange(bins, at::kDouble) * (static_cast<double>(o.sample_rate()) / o.n_fft());
   const at::Tensor mels = at::linspace(hz_to_mel(o.f_min()), hz_to_mel(f_max), o.n_mels() + 2,
                                        at::kDouble);
   const at::Tensor edges = 700.0 * (at::pow(10.0, mels / 2595.0) - 1.0);  // Hz
@@ -61,10 +64,11 @@ inline at::Tensor mel_filter_bank(const LogMelOptions& o) {
 /// log(mel energies + floor) of a mono waveform (samples), (n_mels, frames): frames of
 /// n_fft samples every hop samples (no padding), periodic Hann window, power spectrum.
 inline at::Tensor log_mel_spectrogram(const at::Tensor& samples, const LogMelOptions& o) {
-  const at::Tensor bank = mel_filter_bank(o);
+  const at::Tensor bank = mel_filter_bank(o).to(samples.device());
   TORCH_CHECK(samples.dim() == 1 && samples.size(0) >= o.n_fft(), "log-mel: need a waveform of ",
               "at least n_fft=", o.n_fft(), " samples, got shape ", samples.sizes());
-  const at::Tensor window = at::hann_window(o.n_fft(), /*periodic=*/true, at::kFloat);
+  const at::Tensor window = at::hann_window(
+      o.n_fft(), /*periodic=*/true, at::TensorOptions(at::kFloat).device(samples.device()));
   const at::Tensor spectrum =
       at::stft(samples.to(at::kFloat), o.n_fft(), o.hop(), o.n_fft(), window,
                /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);

@@ -4,6 +4,7 @@
 // expected; no size read from the file is trusted before it is checked against the
 // file's length.
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -15,6 +16,12 @@
 #include <c10/util/Exception.h>
 
 namespace mmbalance::examples {
+
+static_assert(std::endian::native == std::endian::little,
+              "wav.h copies little-endian PCM samples as they are");
+
+/// The largest WAV file read_wav accepts (a spoken word is ~40 KB).
+inline constexpr std::uintmax_t kMaxWavBytes = 64u << 20;
 
 /// Samples in [-1, 1] (float) and their rate.
 struct Wave {
@@ -44,10 +51,12 @@ inline Wave parse_wav(std::string_view bytes, const std::string& name) {
   Wave wave;
   while (pos + 8 <= bytes.size()) {
     const std::string_view id = bytes.substr(pos, 4);
+    std::string printable;  // the chunk id for messages, control bytes as '?'
+    for (char c : id) printable += (c >= 32 && c < 127) ? c : '?';
     const std::uint64_t size = detail::le32(bytes, pos + 4);
     pos += 8;
-    TORCH_CHECK(size <= bytes.size() - pos, "WAV file ", name, ": chunk '", id, "' promises ",
-                size, " bytes, ", bytes.size() - pos, " are left (truncated?)");
+    TORCH_CHECK(size <= bytes.size() - pos, "WAV file ", name, ": chunk '", printable,
+                "' promises ", size, " bytes, ", bytes.size() - pos, " are left (truncated?)");
     const std::string_view body = bytes.substr(pos, size);
     if (id == "fmt ") {
       TORCH_CHECK(size >= 16, "WAV file ", name, ": format chunk of ", size, " bytes, need 16");
@@ -80,6 +89,10 @@ inline Wave parse_wav(std::string_view bytes, const std::string& name) {
 inline Wave read_wav(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in, "cannot open ", path.string(), ": file is missing or unreadable");
+  std::error_code error;
+  const std::uintmax_t length = std::filesystem::file_size(path, error);
+  TORCH_CHECK(!error && length <= kMaxWavBytes, "WAV file ", path.string(), ": ",
+              error ? "not a regular file" : "larger than the 64 MiB a WAV file may have");
   const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   return parse_wav(bytes, path.string());
 }

@@ -40,7 +40,7 @@ concept ObservesBranchSpeeds = requires(P& p, const NWaySpeedSummary& s) { p.obs
 /// imbalance is d_speed and the fastest branch is 0 exactly when d_speed > 0).
 class NWayGuidedPolicy {
  public:
-  NWayGuidedPolicy(std::size_t branches, const GuidedOptions& options = {})
+  explicit NWayGuidedPolicy(std::size_t branches, const GuidedOptions& options = {})
       : options(options), branches_(branches) {
     TORCH_CHECK(branches >= 2, "NWayGuidedPolicy: needs at least 2 branches, got ", branches);
     TORCH_CHECK(options.alpha() >= 0, "NWayGuidedPolicy: alpha must be >= 0, got ", options.alpha());
@@ -121,7 +121,7 @@ class NWayGuidedPolicy {
 /// `RandomPolicy` with the same seed, step for step.
 class NWayRandomPolicy {
  public:
-  NWayRandomPolicy(std::size_t branches, const RandomOptions& options = {})
+  explicit NWayRandomPolicy(std::size_t branches, const RandomOptions& options = {})
       : options(options), branches_(branches), engine_(options.seed()) {
     TORCH_CHECK(branches >= 2, "NWayRandomPolicy: needs at least 2 branches, got ", branches);
   }

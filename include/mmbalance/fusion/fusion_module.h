@@ -46,7 +46,10 @@ concept FusionModule = requires(F& f, const at::Tensor& a, const at::Tensor& b,
 /// branches. Its module has:
 /// - `forward(inputs, ctx)`: the rescaled activations of every branch, in branch order,
 ///   with side k fed as `ctx.side(k)` says (`NWayFusionContext`), staging gates and
-///   squeeze vectors as a `FusionModule` does;
+///   squeeze vectors as a `FusionModule` does; a side in `SideMode::absent` (a missing
+///   modality, `NWayMultiModalNet::forward_missing`) gets an undefined input, whose
+///   place in the other sides' gates the module fills (NWayMMTM: the training-set average
+///   squeeze), and gives an undefined output;
 /// - `num_inputs()`: how many branches it joins;
 /// - `channels(k)`, `side_parameters(k)`, `gate_mean`, `squeeze_mean`, `clone()`: as for
 ///   `FusionModule`, for side k in 0..num_inputs()-1.

@@ -66,8 +66,8 @@ struct NWaySpeedSummary {
   /// N = 2: s_0 - s_1, the paper's d_speed; N >= 3: max_k s_k - min_k s_k (>= 0). NaN if
   /// any s_k is.
   double imbalance = NAN;
-  /// The branch with the largest s_k (the one whose fusion path outpaces it most), or -1
-  /// when a speed is NaN.
+  /// The branch with the largest s_k (the one whose fusion path outpaces it most; the
+  /// lowest index on ties), or -1 when a speed is NaN.
   std::int64_t fastest = -1;
 
   /// From 2N accumulators: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}'.
@@ -82,7 +82,8 @@ struct NWaySpeedSummary {
       s.speeds.push_back(defined ? std::log10(fusion / branch) : NAN);
     }
     if (std::none_of(s.speeds.begin(), s.speeds.end(), [](double v) { return std::isnan(v); })) {
-      const auto [lo, hi] = std::minmax_element(s.speeds.begin(), s.speeds.end());
+      const auto hi = std::max_element(s.speeds.begin(), s.speeds.end());  // first on ties
+      const auto lo = std::min_element(s.speeds.begin(), s.speeds.end());
       s.imbalance = n == 2 ? s.speeds[0] - s.speeds[1] : *hi - *lo;
       s.fastest = hi - s.speeds.begin();
     }

@@ -48,6 +48,7 @@ concept NWayModel = requires(Net net, const std::vector<at::Tensor>& x) {
   { net->squeeze_means() } -> std::same_as<std::vector<RunningMean>>;
   { net->has_squeeze_averages() } -> std::same_as<bool>;
   { net->reset_squeeze_averages() };
+  { net->num_branches() } -> std::convertible_to<std::size_t>;
   { net->parameters() } -> std::same_as<std::vector<at::Tensor>>;
   { net->is_training() } -> std::same_as<bool>;
   { net->train(true) };
@@ -97,9 +98,11 @@ NWayUtilizationReport evaluate_utilization(Net& net, EvalData&& eval,
               "evaluate_utilization: no squeeze averages recorded; run record_squeeze_averages "
               "over the training data first");
   const at::Device device = net->parameters().front().device();
-  // correct predictions of y, then y_0 .. y_{N-1}, then y_0' .. y_{N-1}', then the count
-  at::Tensor correct;
-  std::size_t branches = 0;
+  // correct predictions of y, then y_0 .. y_{N-1}, then y_0' .. y_{N-1}', then the count:
+  // made before the loop, so that a rank with an empty shard still adds its zeros.
+  const std::size_t branches = net->num_branches();
+  at::Tensor correct = at::zeros({static_cast<std::int64_t>(2 * branches + 2)},
+                                 at::TensorOptions(at::kLong).device(device));
   for (const auto& batch : eval) {
     const at::Tensor target = batch.target.to(device);
     std::vector<at::Tensor> inputs;
@@ -109,11 +112,6 @@ NWayUtilizationReport evaluate_utilization(Net& net, EvalData&& eval,
     TORCH_CHECK(target.dim() == 1 && target.size(0) == n,
                 "evaluate_utilization: target must be (batch) class indices with batch ", n,
                 ", got ", detail::shape_string(target));
-    if (!correct.defined()) {
-      branches = out.heads.size();
-      correct = at::zeros({static_cast<std::int64_t>(2 * branches + 2)},
-                          at::TensorOptions(at::kLong).device(device));
-    }
     at::Tensor y = out.heads[0];
     for (std::size_t k = 1; k < branches; ++k) y = y + out.heads[k];
     y = y * (1.0 / static_cast<double>(branches));  // the network's y (for N = 2: * 0.5)
@@ -124,7 +122,6 @@ NWayUtilizationReport evaluate_utilization(Net& net, EvalData&& eval,
     correct.narrow(0, 0, scored).add_(at::stack(logits).argmax(-1).eq(target.unsqueeze(0)).sum(1));
     correct.narrow(0, scored, 1).add_(n);
   }
-  TORCH_CHECK(correct.defined(), "evaluate_utilization: the evaluation data is empty");
   sum_across_ranks(correct);
   const at::Tensor counts = correct.to(at::kCPU);
   const std::int64_t* c = counts.data_ptr<std::int64_t>();

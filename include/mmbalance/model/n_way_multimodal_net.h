@@ -317,25 +317,32 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
                               const std::vector<std::size_t>& computed) {
     std::vector<std::size_t> next(kBranches, 0);
     if (!computed.empty()) next = computed;
-    auto advance_to = [&](std::size_t k, std::size_t end) {  // runs stages [next[k], end)
-      visit(k, [&](auto& b) {
-        for (; next[k] < end; ++next[k]) h[k] = b->forward_stage(next[k], h[k]);
-      });
-    };
     auto present = [&](std::size_t k) { return ctx.side(k) != SideMode::absent; };
-    for (auto& tap : taps) {
-      for (std::size_t k = 0; k < kBranches; ++k) {
-        if (present(k)) advance_to(k, tap.stages[k] + 1);
+    // Runs every present branch up to (not including) stage end[k], one stage of each
+    // branch in turn: for equal depths the order of MultiModalNet, so that random draws
+    // inside branches (dropout) come in the same order.
+    auto advance_to = [&](const std::vector<std::size_t>& end) {
+      for (bool ran = true; ran;) {
+        ran = false;
+        for (std::size_t k = 0; k < kBranches; ++k) {
+          if (!present(k) || next[k] >= end[k]) continue;
+          visit(k, [&](auto& b) { h[k] = b->forward_stage(next[k], h[k]); });
+          ++next[k];
+          ran = true;
+        }
       }
+    };
+    std::vector<std::size_t> end(kBranches);
+    for (auto& tap : taps) {
+      for (std::size_t k = 0; k < kBranches; ++k) end[k] = tap.stages[k] + 1;
+      advance_to(end);
       h = tap.module->forward(h, ctx);
     }
+    for (std::size_t k = 0; k < kBranches; ++k) visit(k, [&](auto& b) { end[k] = b->num_stages(); });
+    advance_to(end);
     std::vector<at::Tensor> heads(kBranches);
     for (std::size_t k = 0; k < kBranches; ++k) {
-      if (!present(k)) continue;
-      visit(k, [&](auto& b) {
-        advance_to(k, b->num_stages());
-        heads[k] = b->head(h[k]);
-      });
+      if (present(k)) visit(k, [&](auto& b) { heads[k] = b->head(h[k]); });
     }
     return heads;
   }

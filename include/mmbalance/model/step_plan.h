@@ -43,9 +43,9 @@ class StepPlan {
   std::optional<std::size_t> held_;
 };
 
-/// "regular" or "hold_m<k>" (for N = 2, "hold_m0" is the step `StepKind::rebalance_m0`).
+/// "regular" or "rebalance_m<k>" (branch k held), the names of `StepKind` for N = 2.
 inline std::string to_string(const StepPlan& plan) {
-  return plan.is_regular() ? "regular" : "hold_m" + std::to_string(*plan.held_branch());
+  return plan.is_regular() ? "regular" : "rebalance_m" + std::to_string(*plan.held_branch());
 }
 
 inline std::ostream& operator<<(std::ostream& os, const StepPlan& plan) {
