@@ -3,6 +3,9 @@
 
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -20,6 +23,25 @@ inline Net small_net(std::uint64_t seed = 0, std::int64_t classes = 3) {
   };
   return Net(ConvBranch(opts(3)), ConvBranch(opts(1)),
              {{0, MMTM(MMTMOptions(4, 4))}, {1, MMTM(MMTMOptions(8, 8))}});
+}
+
+/// Options of a 3-class ConvBranch with the given stages.
+inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
+                                        std::vector<std::int64_t> strides) {
+  return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
+}
+
+using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+
+/// Three branches with different stage counts, for 8x8 inputs: colour (3 stages), gray
+/// (2), a third 2-channel modality (2). Tap 0 reads stages (1, 0, 0), tap 1 (2, 1, 1).
+inline ThreeWay small_three_way(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return ThreeWay(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
+                             ConvBranch(branch_options(1, {5, 8}, {2, 1})),
+                             ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
+                  {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}).ratio(2))},
+                   {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}).ratio(2))}});
 }
 
 /// A fixed batch: colour image, gray image, labels.

@@ -15,6 +15,16 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// An archive's bytes behind a well-formed checkpoint header (written here by hand: magic,
+// payload size and FNV-1a checksum, little-endian), so that they reach LibTorch's reader.
+std::string with_checkpoint_header(const std::string& payload) {
+  std::string file(mmbalance::detail::kCheckpointMagic);
+  for (const std::uint64_t v : {static_cast<std::uint64_t>(payload.size()), mmbalance::detail::fnv1a(payload)}) {
+    for (int i = 0; i < 8; ++i) file += static_cast<char>((v >> (8 * i)) & 0xff);
+  }
+  return file + payload;
+}
+
 fs::path temp_file(const std::string& name) {
   auto dir = fs::temp_directory_path() / ("mmbalance_test_" + std::to_string(::getpid()));
   fs::create_directories(dir);
@@ -120,13 +130,8 @@ TEST_CASE("Loading a checkpoint of another architecture fails clearly and change
   // reaches LibTorch's reader and lacks the architecture record.
   std::ostringstream archive_bytes;
   plain.save_to(archive_bytes);
-  const std::string payload = archive_bytes.str();
-  std::string file(mmbalance::detail::kCheckpointMagic);
-  for (const std::uint64_t v : {static_cast<std::uint64_t>(payload.size()), mmbalance::detail::fnv1a(payload)}) {
-    for (int i = 0; i < 8; ++i) file += static_cast<char>((v >> (8 * i)) & 0xff);
-  }
   const auto wrapped = temp_file("wrapped_module.pt").string();
-  std::ofstream(wrapped, std::ios::binary) << file << payload;
+  std::ofstream(wrapped, std::ios::binary) << with_checkpoint_header(archive_bytes.str());
   CHECK_THROWS_WITH(load_checkpoint(wrapped, net, opt, balancer),
                     Catch::Contains("has no architecture record"));
 }
@@ -238,13 +243,8 @@ TEST_CASE("A record that fails after the optimizer was loaded leaves no optimize
   archive.write("grad_defined", at::ones({1}, at::kByte));
   std::ostringstream bytes;
   archive.save_to(bytes);
-  const std::string payload = bytes.str();
-  std::string file(mmbalance::detail::kCheckpointMagic);
-  for (const std::uint64_t v : {static_cast<std::uint64_t>(payload.size()), mmbalance::detail::fnv1a(payload)}) {
-    for (int i = 0; i < 8; ++i) file += static_cast<char>((v >> (8 * i)) & 0xff);
-  }
   const auto path = temp_file("bad_gradient_record.pt").string();
-  std::ofstream(path, std::ios::binary) << file << payload;
+  std::ofstream(path, std::ios::binary) << with_checkpoint_header(bytes.str());
 
   // A fresh optimizer has no momentum buffers; the failed load must not leave the file's.
   auto target = small_net(39);

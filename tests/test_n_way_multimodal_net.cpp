@@ -12,12 +12,10 @@ using namespace mmbalance;
 namespace {
 
 using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
-using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+using testing::branch_options;
+using testing::small_three_way;
+using testing::ThreeWay;
 
-ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
-                                 std::vector<std::int64_t> strides) {
-  return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
-}
 
 // The two-branch twin of testing::small_net: same shapes, same submodule names.
 TwoWay small_two_way() {
@@ -27,16 +25,6 @@ TwoWay small_two_way() {
                  {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
 }
 
-// Three branches with different stage counts: colour (3 stages), gray (2), a third
-// 2-channel modality (2). Tap 0 reads stages (1, 0, 0), tap 1 stages (2, 1, 1).
-ThreeWay small_three_way(std::uint64_t seed) {
-  torch::manual_seed(seed);
-  return ThreeWay(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
-                             ConvBranch(branch_options(1, {5, 8}, {2, 1})),
-                             ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
-                  {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}).ratio(2))},
-                   {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}).ratio(2))}});
-}
 
 std::vector<at::Tensor> three_inputs(std::int64_t n, std::uint64_t seed) {
   auto gen = at::detail::createCPUGenerator(seed);

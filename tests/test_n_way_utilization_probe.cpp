@@ -12,21 +12,11 @@ using namespace mmbalance;
 namespace {
 
 using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
-using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+using testing::branch_options;
+using testing::small_three_way;
+using testing::ThreeWay;
 
-ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
-                                 std::vector<std::int64_t> strides) {
-  return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
-}
 
-ThreeWay small_three_way(std::uint64_t seed) {
-  torch::manual_seed(seed);
-  return ThreeWay(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
-                             ConvBranch(branch_options(1, {5, 8}, {2, 1})),
-                             ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
-                  {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}).ratio(2))},
-                   {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}).ratio(2))}});
-}
 
 // `shift` moves every modality's statistics: the probe's training data gets other
 // averages than its evaluation data, so that cutting the other modalities matters.

@@ -67,6 +67,16 @@ concept NWayFusionModule = requires(F& f, const std::vector<at::Tensor>& inputs,
   { f->clone() };
 };
 
+namespace detail {
+/// The running mean `pick(module)` of every tap's fusion module, in tap order.
+template <class Taps, class Pick>
+std::vector<RunningMean> tap_means(const Taps& taps, Pick pick) {
+  std::vector<RunningMean> out;
+  for (const auto& tap : taps) out.push_back(pick(*tap.module));
+  return out;
+}
+}  // namespace detail
+
 /// Whether fusion module `F` declares that it honours `FusionContext::live_rows`.
 template <class F>
 constexpr bool handles_live_rows() {

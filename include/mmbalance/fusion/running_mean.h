@@ -5,6 +5,7 @@
 /// averages (utilization probe).
 
 #include <cstdint>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/nn/cloneable.h>
@@ -114,5 +115,13 @@ class RunningMeanImpl : public torch::nn::Cloneable<RunningMeanImpl> {
 
 /// A `ModuleHolder` for `RunningMeanImpl`.
 TORCH_MODULE(RunningMean);
+
+/// Whether every one of `means` has committed samples (reads one number per mean).
+inline bool all_committed(const std::vector<RunningMean>& means) {
+  for (const auto& m : means) {
+    if (m->samples.item<double>() == 0) return false;
+  }
+  return true;
+}
 
 }  // namespace mmbalance

@@ -135,30 +135,21 @@ class MultiModalNetImpl : public torch::nn::Module {
 
   /// Whether every fusion module has committed squeeze averages (reads one number per
   /// module from the device).
-  bool has_squeeze_averages() const {
-    for (const auto& tap : taps) {
-      if (tap.module->squeeze_mean->samples.template item<double>() == 0) return false;
-    }
-    return true;
-  }
+  bool has_squeeze_averages() const { return all_committed(squeeze_means()); }
 
   /// Clears every fusion module's squeeze mean (committed and staged).
   void reset_squeeze_averages() {
-    for (auto& tap : taps) tap.module->squeeze_mean->clear();
+    for (auto& m : squeeze_means()) m->clear();
   }
 
   /// The fusion modules' gate means, in tap order (handles: they act on the modules).
   std::vector<RunningMean> gate_means() const {
-    std::vector<RunningMean> out;
-    for (const auto& tap : taps) out.push_back(tap.module->gate_mean);
-    return out;
+    return detail::tap_means(taps, [](const auto& m) { return m.gate_mean; });
   }
 
   /// The fusion modules' squeeze means, in tap order.
   std::vector<RunningMean> squeeze_means() const {
-    std::vector<RunningMean> out;
-    for (const auto& tap : taps) out.push_back(tap.module->squeeze_mean);
-    return out;
+    return detail::tap_means(taps, [](const auto& m) { return m.squeeze_mean; });
   }
 
   /// θ0, θ1 (every parameter of each branch) and θ0', θ1' (each fusion module's
