@@ -169,6 +169,18 @@ TEST_CASE("N-branch probe: averages over ranks, and bad input with the values",
   wrong_target[1].target = wrong_target[1].target.narrow(0, 0, 3);
   CHECK_THROWS_WITH(evaluate_utilization(net, wrong_target),
                     Catch::Contains("batch 4") && Catch::Contains("[3]"));
+  // A pass of one's own with record_squeeze, then commit_squeeze_averages: the same
+  // averages as record_squeeze_averages over the same data.
+  ThreeWay own = small_three_way(72);
+  {
+    EvalModeGuard<ThreeWay> eval_mode(own);
+    own->reset_squeeze_averages();
+    for (const auto& b : train) own->record_squeeze(b.inputs);
+  }
+  CHECK_FALSE(own->has_squeeze_averages());  // staged, not committed
+  commit_squeeze_averages(own);
+  record_squeeze_averages(net, train);
+  CHECK(testing::same_state(*own, *net));
   ThreeWay fresh = small_three_way(73);
   CHECK_THROWS_WITH(evaluate_utilization(fresh, eval), Catch::Contains("no squeeze averages"));
   CHECK(fresh->is_training());

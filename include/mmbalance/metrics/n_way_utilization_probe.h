@@ -67,6 +67,17 @@ struct NWayUtilizationReport {
   std::int64_t samples = 0;            ///< evaluation samples
 };
 
+/// As the two-branch `commit_squeeze_averages`: commits the squeeze vectors
+/// `net->record_squeeze` staged, data-parallel after adding them up over the ranks. For a
+/// pass of your own over the training data (e.g. the one that reports training accuracy).
+template <NWayModel Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+void commit_squeeze_averages(Net& net, SumAcrossRanks sum_across_ranks = {}) {
+  for (auto& mean : net->squeeze_means()) {
+    sum_across_ranks(mean->staged());
+    mean->commit();
+  }
+}
+
 /// As the two-branch `record_squeeze_averages`: each fusion module's training-set squeeze
 /// averages over `train`, replacing earlier ones; eval mode, no gradients, no host read.
 template <NWayModel Net, NWayBatchRange TrainData,
@@ -80,10 +91,7 @@ void record_squeeze_averages(Net& net, TrainData&& train, SumAcrossRanks sum_acr
     for (const auto& x : batch.inputs) inputs.push_back(x.to(device));
     net->record_squeeze(inputs);
   }
-  for (auto& mean : net->squeeze_means()) {
-    sum_across_ranks(mean->staged());
-    mean->commit();
-  }
+  commit_squeeze_averages(net, sum_across_ranks);
 }
 
 /// As the two-branch `evaluate_utilization`: the normal and the cut heads over `eval`,
