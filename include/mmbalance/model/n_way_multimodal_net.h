@@ -67,10 +67,7 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
 
   NWayMultiModalNetImpl(std::tuple<Branches...> branches_in, std::vector<Tap> taps_in)
       : branches(std::move(branches_in)), taps(std::move(taps_in)) {
-    std::vector<std::size_t> stage_counts;
-    for (std::size_t k = 0; k < kBranches; ++k) {
-      visit(k, [&](auto& b) { stage_counts.push_back(b->num_stages()); });
-    }
+    const std::vector<std::size_t> stages_of = stage_counts();
     for (std::size_t t = 0; t < taps.size(); ++t) {
       const Tap& tap = taps[t];
       TORCH_CHECK(tap.stages.size() == kBranches, "NWayMultiModalNet: fusion tap ", t, " names ",
@@ -80,9 +77,9 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
                   " joins ", tap.module->num_inputs(), " branches, the network has ", kBranches);
       for (std::size_t k = 0; k < kBranches; ++k) {
         const std::size_t stage = tap.stages[k];
-        TORCH_CHECK(stage < stage_counts[k], "NWayMultiModalNet: fusion tap ", t,
+        TORCH_CHECK(stage < stages_of[k], "NWayMultiModalNet: fusion tap ", t,
                     " reads stage ", stage, " of branch ", k, ", which has stages 0..",
-                    stage_counts[k] - 1);
+                    stages_of[k] - 1);
         TORCH_CHECK(t == 0 || taps[t - 1].stages[k] < stage, "NWayMultiModalNet: fusion tap ",
                     t, " reads stage ", stage, " of branch ", k, ", tap ", t - 1, " stage ",
                     taps[t - 1].stages[k], "; each branch's stages must be strictly increasing");
@@ -150,13 +147,12 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
     TORCH_CHECK(!is_training(), "NWayMultiModalNet::forward_probe needs eval mode (call eval())");
     const std::int64_t n = inputs[0].size(0);
     std::vector<at::Tensor> h = inputs;
-    std::vector<std::size_t> computed(kBranches);
-    for (std::size_t k = 0; k < kBranches; ++k) {
-      visit(k, [&](auto& b) {
-        computed[k] = taps.empty() ? b->num_stages() : taps.front().stages[k] + 1;
-        for (std::size_t i = 0; i < computed[k]; ++i) h[k] = b->forward_stage(i, h[k]);
-      });
+    std::vector<std::size_t> computed(kBranches, 0);
+    std::vector<std::size_t> shared = stage_counts();
+    if (!taps.empty()) {
+      for (std::size_t k = 0; k < kBranches; ++k) shared[k] = taps.front().stages[k] + 1;
     }
+    advance(h, computed, shared, {});
     NWayFusionContext cut;
     cut.sides.assign(kBranches, SideMode::averaged_squeeze);
     if constexpr (handles_live_rows<Fusion>()) {
@@ -308,34 +304,42 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
                               const std::vector<std::size_t>& computed) {
     std::vector<std::size_t> next(kBranches, 0);
     if (!computed.empty()) next = computed;
-    auto present = [&](std::size_t k) { return ctx.side(k) != SideMode::absent; };
-    // Runs every present branch up to (not including) stage end[k], one stage of each
-    // branch in turn: for equal depths the order of MultiModalNet, so that random draws
-    // inside branches (dropout) come in the same order.
-    auto advance_to = [&](const std::vector<std::size_t>& end) {
-      for (bool ran = true; ran;) {
-        ran = false;
-        for (std::size_t k = 0; k < kBranches; ++k) {
-          if (!present(k) || next[k] >= end[k]) continue;
-          visit(k, [&](auto& b) { h[k] = b->forward_stage(next[k], h[k]); });
-          ++next[k];
-          ran = true;
-        }
-      }
-    };
     std::vector<std::size_t> end(kBranches);
     for (auto& tap : taps) {
       for (std::size_t k = 0; k < kBranches; ++k) end[k] = tap.stages[k] + 1;
-      advance_to(end);
+      advance(h, next, end, ctx);
       h = tap.module->forward(h, ctx);
     }
-    for (std::size_t k = 0; k < kBranches; ++k) visit(k, [&](auto& b) { end[k] = b->num_stages(); });
-    advance_to(end);
+    advance(h, next, stage_counts(), ctx);
     std::vector<at::Tensor> heads(kBranches);
     for (std::size_t k = 0; k < kBranches; ++k) {
-      if (present(k)) visit(k, [&](auto& b) { heads[k] = b->head(h[k]); });
+      if (ctx.side(k) != SideMode::absent) visit(k, [&](auto& b) { heads[k] = b->head(h[k]); });
     }
     return heads;
+  }
+
+  // Runs every branch that is not absent in `ctx` from stage next[k] up to (not
+  // including) stage end[k], one stage of each branch in turn: for equal depths the
+  // order of MultiModalNet, so that random draws inside branches (dropout) come in the
+  // same order.
+  void advance(std::vector<at::Tensor>& h, std::vector<std::size_t>& next,
+               const std::vector<std::size_t>& end, const NWayFusionContext& ctx) {
+    for (bool ran = true; ran;) {
+      ran = false;
+      for (std::size_t k = 0; k < kBranches; ++k) {
+        if (ctx.side(k) == SideMode::absent || next[k] >= end[k]) continue;
+        visit(k, [&](auto& b) { h[k] = b->forward_stage(next[k], h[k]); });
+        ++next[k];
+        ran = true;
+      }
+    }
+  }
+
+  // Every branch's number of stages.
+  std::vector<std::size_t> stage_counts() const {
+    std::vector<std::size_t> counts(kBranches);
+    for (std::size_t k = 0; k < kBranches; ++k) visit(k, [&](const auto& b) { counts[k] = b->num_stages(); });
+    return counts;
   }
 };
 
