@@ -31,7 +31,17 @@ inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_
   return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
 }
 
+using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
 using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+
+/// The two-branch N-way twin of `small_net`: same shapes, same submodule names, so it
+/// loads a `small_net`'s saved state.
+inline TwoWay small_two_way() {
+  return TwoWay(std::tuple{ConvBranch(branch_options(3, {4, 8}, {1, 2})),
+                           ConvBranch(branch_options(1, {4, 8}, {1, 2}))},
+                {{{0, 0}, NWayMMTM(NWayMMTMOptions({4, 4}))},
+                 {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
+}
 
 /// Three branches with different stage counts, for 8x8 inputs: colour (3 stages), gray
 /// (2), a third 2-channel modality (2). Tap 0 reads stages (1, 0, 0), tap 1 (2, 1, 1).

@@ -11,19 +11,11 @@ using namespace mmbalance;
 
 namespace {
 
-using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
 using testing::branch_options;
 using testing::small_three_way;
+using testing::small_two_way;
 using testing::ThreeWay;
-
-
-// The two-branch twin of testing::small_net: same shapes, same submodule names.
-TwoWay small_two_way() {
-  return TwoWay(std::tuple{ConvBranch(branch_options(3, {4, 8}, {1, 2})),
-                           ConvBranch(branch_options(1, {4, 8}, {1, 2}))},
-                {{{0, 0}, NWayMMTM(NWayMMTMOptions({4, 4}))},
-                 {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
-}
+using testing::TwoWay;
 
 
 std::vector<at::Tensor> three_inputs(std::int64_t n, std::uint64_t seed) {

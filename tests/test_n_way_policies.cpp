@@ -21,15 +21,6 @@ NWaySpeedSummary speeds_of(const std::vector<double>& s) {
 }
 
 template <class Policy>
-std::string saved(const Policy& p) {
-  torch::serialize::OutputArchive out;
-  p.save(out);
-  std::ostringstream bytes;
-  out.save_to(bytes);
-  return bytes.str();
-}
-
-template <class Policy>
 void load_from(Policy& p, const std::string& bytes) {
   std::istringstream in(bytes);
   torch::serialize::InputArchive archive;
@@ -101,7 +92,7 @@ TEST_CASE("NWayGuidedPolicy resumes from its saved state and refuses other optio
   p.next_plan();
   p.observe_speeds(speeds_of({0.0, 0.1, 0.9}));
   p.next_plan();  // one step into a window holding branch 2
-  const std::string state = saved(p);
+  const std::string state = testing::saved_bytes(p);
   NWayGuidedPolicy q(3, GuidedOptions().alpha(0.2).Q(4));
   load_from(q, state);
   for (int i = 0; i < 6; ++i) CHECK(q.next_plan() == p.next_plan());
@@ -135,7 +126,7 @@ TEST_CASE("NWayRandomPolicy: RandomPolicy's draws for two branches, uniform over
   // Each plan 1/5 of the draws: a binomial standard deviation is 0.0028, allow 5 of them.
   for (int c : counts) CHECK(std::abs(c / double(draws) - 0.2) < 0.014);
 
-  const std::string state = saved(four);
+  const std::string state = testing::saved_bytes(four);
   NWayRandomPolicy again(4, RandomOptions().seed(3));
   load_from(again, state);
   for (int i = 0; i < 50; ++i) CHECK(again.next_plan() == four.next_plan());

@@ -11,12 +11,8 @@ using namespace mmbalance;
 
 namespace {
 
-using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
-using testing::branch_options;
 using testing::small_three_way;
 using testing::ThreeWay;
-
-
 
 // `shift` moves every modality's statistics: the probe's training data gets other
 // averages than its evaluation data, so that cutting the other modalities matters.
@@ -55,10 +51,7 @@ TEST_CASE("N-branch probe with two branches reports what the two-branch probe re
   VanillaBalancer balancer(pair);
   testing::train_steps(pair, opt, balancer, 0, 8, 4);
   sharpen_fusion(*pair);
-  TwoWay n_way(std::tuple{ConvBranch(branch_options(3, {4, 8}, {1, 2})),
-                          ConvBranch(branch_options(1, {4, 8}, {1, 2}))},
-               {{{0, 0}, NWayMMTM(NWayMMTMOptions({4, 4}))},
-                {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
+  testing::TwoWay n_way = testing::small_two_way();
   std::stringstream saved;
   torch::save(pair, saved);
   torch::load(n_way, saved);

@@ -72,10 +72,7 @@ struct NWayUtilizationReport {
 /// pass of your own over the training data (e.g. the one that reports training accuracy).
 template <NWayModel Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 void commit_squeeze_averages(Net& net, SumAcrossRanks sum_across_ranks = {}) {
-  for (auto& mean : net->squeeze_means()) {
-    sum_across_ranks(mean->staged());
-    mean->commit();
-  }
+  detail::commit_across_ranks(net->squeeze_means(), sum_across_ranks);
 }
 
 /// As the two-branch `record_squeeze_averages`: each fusion module's training-set squeeze

@@ -8,6 +8,7 @@
 #include <ranges>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -53,15 +54,24 @@ struct UtilizationReport {
   std::int64_t samples = 0;    ///< evaluation samples
 };
 
+namespace detail {
+// Commits each mean's staged rows after adding them up over the ranks (the two- and the
+// N-branch probe's commit).
+template <class SumAcrossRanks>
+void commit_across_ranks(const std::vector<RunningMean>& means, SumAcrossRanks& sum_across_ranks) {
+  for (RunningMean mean : means) {  // a handle: commits into the module's buffers
+    sum_across_ranks(mean->staged());
+    mean->commit();
+  }
+}
+}  // namespace detail
+
 /// Commits the squeeze vectors `net->record_squeeze` staged: data-parallel, the staged
 /// sums of every rank's shard are first added up with `sum_across_ranks`. For a pass of
 /// your own over the training data (see `record_squeeze_averages`).
 template <MultiModalModel Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 void commit_squeeze_averages(Net& net, SumAcrossRanks sum_across_ranks = {}) {
-  for (auto& mean : net->squeeze_means()) {
-    sum_across_ranks(mean->staged());
-    mean->commit();
-  }
+  detail::commit_across_ranks(net->squeeze_means(), sum_across_ranks);
 }
 
 /// The probe's first half: records each fusion module's training-set squeeze averages
