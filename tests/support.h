@@ -100,12 +100,39 @@ std::vector<StepKind> train_steps(Net& net, torch::optim::Optimizer& optimizer,
   return kinds;
 }
 
-/// What `thing.save(archive)` writes (a balancer, an optimizer), as bytes: equal bytes,
-/// equal state.
+/// What `thing.save(archive)` writes (a balancer, a policy), as bytes: equal bytes, equal
+/// state. For optimizers use `optimizer_state`.
 template <class T>
 std::string saved_bytes(const T& thing) {
   torch::serialize::OutputArchive out;
   thing.save(out);
+  std::stringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+/// An optimizer's state as bytes, in parameter order: each group's options, then each
+/// parameter's state. Unlike `saved_bytes(optimizer)` it does not depend on the order of
+/// LibTorch's state map (keyed by address), which can change when the same state is loaded
+/// again.
+inline std::string optimizer_state(const torch::optim::Optimizer& optimizer) {
+  torch::serialize::OutputArchive out;
+  std::size_t param = 0;
+  for (std::size_t g = 0; g < optimizer.param_groups().size(); ++g) {
+    const auto& group = optimizer.param_groups()[g];
+    torch::serialize::OutputArchive options;
+    group.options().serialize(options);
+    out.write("group" + std::to_string(g), options);
+    for (const auto& p : group.params()) {
+      const auto it = optimizer.state().find(p.unsafeGetTensorImpl());
+      if (it != optimizer.state().end()) {
+        torch::serialize::OutputArchive state;
+        it->second->serialize(state);
+        out.write("param" + std::to_string(param), state);
+      }
+      ++param;
+    }
+  }
   std::stringstream s;
   out.save_to(s);
   return s.str();
