@@ -2,6 +2,8 @@
 // The models, data and reference implementations shared by the benchmarks.
 
 #include <cstdint>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <torch/torch.h>
@@ -21,6 +23,29 @@ inline ConvMMTMNet colored_mnist_net(std::int64_t width = 1, std::uint64_t seed 
   };
   return ConvMMTMNet(branch(3), branch(1),
                      {{1, MMTM(ch[1], ch[1])}, {2, MMTM(ch[2], ch[2])}, {3, MMTM(ch[3], ch[3])}});
+}
+
+template <std::size_t>
+using ConvBranchFor = ConvBranch;
+
+/// The colored-MNIST network with N branches (`NWayMultiModalNet`): branch 0 takes the
+/// colour image, the others a gray one, all of the shape above, with an N-way MMTM
+/// (ratio 4) after blocks 2, 3, 4. For N = 2 the parameters of `colored_mnist_net`.
+template <std::size_t N>
+auto colored_mnist_n_way_net(std::uint64_t seed = 0) {
+  return [seed]<std::size_t... K>(std::index_sequence<K...>) {
+    torch::manual_seed(seed);
+    const std::vector<std::int64_t> ch{32, 64, 128, 128};
+    auto branch = [&](std::int64_t in) {
+      return ConvBranch(ConvBranchOptions(in, 10).channels(ch).strides({1, 2, 2, 2}));
+    };
+    using Net = NWayMultiModalNet<NWayMMTM, ConvBranchFor<K>...>;
+    auto tap = [&](std::size_t stage) {
+      return NWayFusionTap<NWayMMTM>{std::vector<std::size_t>(N, stage),
+                                     NWayMMTM(NWayMMTMOptions(std::vector<std::int64_t>(N, ch[stage])))};
+    };
+    return Net(std::tuple{branch(K == 0 ? 3 : 1)...}, {tap(1), tap(2), tap(3)});
+  }(std::make_index_sequence<N>{});
 }
 
 /// A random colored-MNIST-shaped batch.

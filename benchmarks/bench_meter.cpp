@@ -2,7 +2,8 @@
 // The LearningSpeedMeter's observe step (measure + accumulate) against (a) the official
 // code's naive per-parameter loop with host reads and (b) the physical floor, one sum of
 // squares over a contiguous buffer holding as many elements as all parameters and all
-// gradients. Plus the meter's scaling with model width.
+// gradients. Plus the meter's scaling with model width and with the number of branches
+// (N = 2, 3, 4: one pass over all parameters whatever N, 2N masked group sums).
 #include <benchmark/benchmark.h>
 
 #include "bench_common.h"
@@ -78,8 +79,29 @@ void BM_MeterScaling(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * 2 * n * 4);
 }
 
+// N branches of the colored-MNIST net (N-way MMTMs): the meter's cost per parameter
+// should not grow with N (one fused pass; the 2N group sums are a masked reduction).
+template <std::size_t N>
+void BM_MeterBranches(benchmark::State& state) {
+  auto net = colored_mnist_n_way_net<N>();
+  const auto b = batch(4);
+  std::vector<at::Tensor> inputs{b.x0};
+  for (std::size_t k = 1; k < N; ++k) inputs.push_back(b.x1);
+  modality_specific_loss(net->forward(inputs), b.target).backward();
+  LearningSpeedMeter meter(net->parameter_groups());
+  for (auto _ : state) meter.accumulate(LearningSpeedMeter::speeds(meter.measure()));
+  benchmark::DoNotOptimize(meter.accumulated().data_ptr());
+  const auto n = numel(net->parameters());
+  state.counters["branches"] = static_cast<double>(N);
+  state.counters["parameters"] = static_cast<double>(n);
+  state.SetBytesProcessed(state.iterations() * 2 * n * 4);
+}
+
 }  // namespace
 
+BENCHMARK(BM_MeterBranches<2>)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MeterBranches<3>)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MeterBranches<4>)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_MeterObserve)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_NaivePerParameter)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_FloorNorm)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);

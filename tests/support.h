@@ -1,9 +1,11 @@
 #pragma once
 // Small models and data shared by the tests.
 
+#include <concepts>
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -61,6 +63,26 @@ inline MultiModalBatch small_batch(std::int64_t n, std::uint64_t seed, std::int6
           at::randint(classes, {n}, gen)};
 }
 
+/// A fixed batch for an N-branch test network of up to three branches (colour image, gray
+/// image, a 2-channel third modality, then labels). For two branches it is
+/// `small_batch(n, seed)`: the same draws in the same order.
+inline NWayBatch n_way_batch(std::size_t branches, std::int64_t n, std::uint64_t seed) {
+  TORCH_CHECK(branches >= 2 && branches <= 3, "n_way_batch: 2 or 3 branches");
+  auto gen = at::detail::createCPUGenerator(seed);
+  const std::int64_t channels[] = {3, 1, 2};
+  std::vector<at::Tensor> x;
+  for (std::size_t k = 0; k < branches; ++k) x.push_back(at::randn({n, channels[k], 8, 8}, gen));
+  return {std::move(x), at::randint(3, {n}, gen)};
+}
+
+/// The saved state of `from` loaded into `to` (same submodule names and shapes).
+template <class From, class To>
+void copy_state(const From& from, To& to) {
+  std::stringstream saved;
+  torch::save(from, saved);
+  torch::load(to, saved);
+}
+
 /// True if every parameter and buffer of the two modules is bitwise equal.
 inline bool same_state(const torch::nn::Module& a, const torch::nn::Module& b) {
   auto pa = a.named_parameters(), pb = b.named_parameters();
@@ -100,6 +122,26 @@ std::vector<StepKind> train_steps(Net& net, torch::optim::Optimizer& optimizer,
   return kinds;
 }
 
+/// `train_steps` for an N-branch network (batches from `n_way_batch`); returns the plans.
+template <class NetT, class BalancerT>
+std::vector<StepPlan> train_plans(NetT& net, torch::optim::Optimizer& optimizer,
+                                  BalancerT& balancer, int first, int last,
+                                  int steps_per_epoch = 4) {
+  std::vector<StepPlan> plans;
+  for (int i = first; i < last; ++i) {
+    auto b = n_way_batch(net->num_branches(), 8, static_cast<std::uint64_t>(i));
+    const StepPlan plan = balancer.next_plan();
+    auto loss = modality_specific_loss(net->forward(b.inputs, plan), b.target);
+    optimizer.zero_grad();
+    loss.backward();
+    balancer.observe(loss);
+    optimizer.step();
+    plans.push_back(plan);
+    if ((i + 1) % steps_per_epoch == 0) balancer.end_epoch();
+  }
+  return plans;
+}
+
 /// What `thing.save(archive)` writes (a balancer, a policy), as bytes: equal bytes, equal
 /// state. For optimizers use `optimizer_state`.
 template <class T>
@@ -115,7 +157,8 @@ std::string saved_bytes(const T& thing) {
 /// parameter's state. Unlike `saved_bytes(optimizer)` it does not depend on the order of
 /// LibTorch's state map (keyed by address), which can change when the same state is loaded
 /// again.
-inline std::string optimizer_state(const torch::optim::Optimizer& optimizer) {
+template <std::derived_from<torch::optim::Optimizer> Optimizer>
+std::string optimizer_state(const Optimizer& optimizer) {
   torch::serialize::OutputArchive out;
   std::size_t param = 0;
   for (std::size_t g = 0; g < optimizer.param_groups().size(); ++g) {
@@ -124,7 +167,15 @@ inline std::string optimizer_state(const torch::optim::Optimizer& optimizer) {
     group.options().serialize(options);
     out.write("group" + std::to_string(g), options);
     for (const auto& p : group.params()) {
-      const auto it = optimizer.state().find(p.unsafeGetTensorImpl());
+      // LibTorch 1.13 keys the state by the address as a string, 2.x by the address.
+      using Key = typename std::decay_t<decltype(optimizer.state())>::key_type;
+      Key key;
+      if constexpr (std::is_same_v<Key, std::string>) {
+        key = c10::guts::to_string(p.unsafeGetTensorImpl());
+      } else {
+        key = p.unsafeGetTensorImpl();
+      }
+      const auto it = optimizer.state().find(key);
       if (it != optimizer.state().end()) {
         torch::serialize::OutputArchive state;
         it->second->serialize(state);
@@ -138,7 +189,8 @@ inline std::string optimizer_state(const torch::optim::Optimizer& optimizer) {
   return s.str();
 }
 
-inline torch::optim::SGD make_sgd(Net& net) {
+template <class NetT>
+torch::optim::SGD make_sgd(NetT& net) {
   return torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 }
 

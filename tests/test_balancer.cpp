@@ -1,5 +1,8 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <random>
 #include <sstream>
 
 #include "support.h"
@@ -467,4 +470,235 @@ TEST_CASE("Resuming with other options is refused, naming the option and both va
   CHECK(kinds[0] != StepKind::regular);
   CHECK(kinds[2] != StepKind::regular);
   CHECK(kinds[3] == StepKind::regular);  // 1 regular + 5 re-balancing, then regular
+}
+
+// ---- N branches: the same Balancer with step plans --------------------------------------
+
+namespace {
+
+// A policy that holds branch 7 on its first call and branch 0 after: a plan out of range
+// for three branches, then a valid one.
+struct HoldsBranchSevenFirst {
+  int calls = 0;
+  StepPlan next_plan() { return ++calls == 1 ? StepPlan::hold(7) : StepPlan::hold(0); }
+};
+
+// M per group after each regular step, summed here in double from every parameter of the
+// groups `net->parameter_groups()` lists: ||G||^2 / ||theta||^2, one group at a time.
+std::vector<double> naive_mu(const NWayParameterGroups& groups) {
+  std::vector<double> mu;
+  for (const auto* lists : {&groups.branch, &groups.fusion}) {
+    for (const auto& group : *lists) {
+      double g2 = 0, p2 = 0;
+      for (const auto& p : group) {
+        if (p.grad().defined()) g2 += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+        p2 += p.to(at::kDouble).pow(2).sum().item<double>();
+      }
+      mu.push_back(g2 / p2);
+    }
+  }
+  return mu;
+}
+
+}  // namespace
+
+TEST_CASE("N-branch balancer with two branches takes the two-branch balancer's steps bit for bit",
+          "[balancer][n-way]") {
+  auto pair = small_net(102);  // a seed whose run re-balances both branches
+  TwoWay twin = small_two_way();
+  copy_state(pair, twin);
+  auto opt_pair = make_sgd(pair);
+  auto opt_twin = make_sgd(twin);
+  const auto options = GuidedOptions().alpha(0.02).Q(2);
+  GuidedBalancer pair_balancer(pair, GuidedPolicy(options));
+  Balancer<NWayGuidedPolicy> twin_balancer(twin, NWayGuidedPolicy(2, options));
+  std::vector<StepPlan> pair_plans;
+  std::vector<double> pair_speeds, twin_speeds;
+  for (int i = 0; i < 20; ++i) {  // one epoch of warm-up, then guided
+    pair_plans.push_back(StepPlan::from(train_steps(pair, opt_pair, pair_balancer, i, i + 1, 4)[0]));
+    pair_speeds.push_back(pair_balancer.last_d_speed());
+    REQUIRE(train_plans(twin, opt_twin, twin_balancer, i, i + 1, 4)[0] == pair_plans.back());
+    twin_speeds.push_back(twin_balancer.last_d_speed());
+  }
+  CHECK(pair_speeds == twin_speeds);
+  CHECK(same_state(*pair, *twin));
+  const auto& counts = twin_balancer.total_plan_counts();
+  const StepCounts pair_counts = pair_balancer.total_step_counts();
+  const std::vector<std::int64_t> expected(pair_counts.begin(), pair_counts.end());
+  CHECK(counts == expected);
+  // Both directions were taken, so the comparison covered the choice of branch.
+  CHECK(counts[1] > 0);
+  CHECK(counts[2] > 0);
+}
+
+TEST_CASE("N-branch guided balancing holds the branch whose fusion path learns fastest, for "
+          "Q steps (a replay from hand-summed speeds)", "[balancer][n-way]") {
+  ThreeWay net = small_three_way(91);
+  auto opt = make_sgd(net);
+  const double alpha = 0.05;
+  const std::int64_t Q = 2;
+  Balancer<NWayGuidedPolicy> balancer(net, NWayGuidedPolicy(3, GuidedOptions().alpha(alpha).Q(Q)),
+                                      BalancerOptions().warmup_epochs(1));
+  const auto groups = net->parameter_groups();
+  std::vector<double> m(6, 0.0);  // the replay's accumulators
+  std::int64_t window_left = 0;
+  std::size_t held = 0;
+  std::vector<std::int64_t> expected_counts(4, 0);
+  for (int i = 0; i < 24; ++i) {
+    CAPTURE(i);
+    const bool warmup = i < 4;
+    const StepPlan expected = window_left > 0 ? StepPlan::hold(held) : StepPlan::regular();
+    if (window_left > 0) --window_left;
+    const auto b = n_way_batch(3, 8, static_cast<std::uint64_t>(i));
+    const StepPlan plan = balancer.next_plan();
+    REQUIRE(plan == expected);
+    auto loss = modality_specific_loss(net->forward(b.inputs, plan), b.target);
+    opt.zero_grad();
+    loss.backward();
+    balancer.observe(loss);
+    if (plan.is_regular()) {
+      const auto mu = naive_mu(groups);
+      for (std::size_t g = 0; g < 6; ++g) m[g] += mu[g];
+      std::vector<double> s;
+      for (std::size_t k = 0; k < 3; ++k) s.push_back(std::log10(m[3 + k] / m[k]));
+      const auto hi = std::max_element(s.begin(), s.end());
+      const double imbalance = *hi - *std::min_element(s.begin(), s.end());
+      CHECK(balancer.last_d_speed() == Approx(imbalance).epsilon(1e-6));
+      for (std::size_t k = 0; k < 3; ++k) {
+        CHECK(balancer.last_branch_speeds().speeds[k] == Approx(s[k]).epsilon(1e-6));
+      }
+      if (!warmup && imbalance > alpha) {
+        held = static_cast<std::size_t>(hi - s.begin());
+        window_left = Q;
+      }
+    }
+    ++expected_counts[plan.is_regular() ? 0 : 1 + *plan.held_branch()];
+    opt.step();
+    if ((i + 1) % 4 == 0) balancer.end_epoch();
+  }
+  CHECK(balancer.total_plan_counts() == expected_counts);
+  CHECK(expected_counts[0] < 24);  // windows were opened
+}
+
+TEST_CASE("N-branch random balancing: regular in warm-up, then the policy's draws over N + 1 plans",
+          "[balancer][n-way]") {
+  ThreeWay net = small_three_way(92);
+  auto opt = make_sgd(net);
+  Balancer<NWayRandomPolicy> balancer(net, NWayRandomPolicy(3, RandomOptions().seed(4)));
+  const auto plans = train_plans(net, opt, balancer, 0, 40, 4);
+  // The draws written out: mt19937_64 seeded 4, each draw modulo 4 (0: regular, k: hold k-1).
+  std::mt19937_64 engine(4);
+  std::vector<std::int64_t> counts(4, 0);
+  for (int i = 0; i < 40; ++i) {
+    CAPTURE(i);
+    StepPlan expected = StepPlan::regular();
+    if (i >= 4) {
+      const auto draw = engine() % 4;
+      if (draw > 0) expected = StepPlan::hold(draw - 1);
+    }
+    CHECK(plans[i] == expected);
+    ++counts[expected.is_regular() ? 0 : 1 + *expected.held_branch()];
+  }
+  CHECK(balancer.total_plan_counts() == counts);
+  CHECK(counts[1] > 0);
+  CHECK(counts[2] > 0);
+  CHECK(counts[3] > 0);
+  CHECK(balancer.epoch_plan_counts() == std::vector<std::int64_t>(4, 0));  // an epoch just ended
+}
+
+TEST_CASE("N-branch balancer: policies of another branch count, plans out of range and "
+          "two-branch calls are refused with the values", "[balancer][n-way][bad-input]") {
+  ThreeWay net = small_three_way(93);
+  CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy()),
+                    Catch::Contains("chooses step kinds, which are for two branches; this network has 3"));
+  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(2)),
+                    Catch::Contains("the policy balances 2 branches, this network has 3"));
+  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(small_net(1), NWayRandomPolicy(3)),
+                    Catch::Contains("the policy balances 3 branches, this network has 2"));
+
+  Balancer<HoldsBranchSevenFirst> bad(net, HoldsBranchSevenFirst(), BalancerOptions().warmup_epochs(0));
+  for (int attempt = 0; attempt < 2; ++attempt) {  // the policy's call is undone each time
+    CHECK_THROWS_WITH(bad.next_plan(), Catch::Contains("holds branch 7, the network has 3 branches (0..2)"));
+    CHECK(bad.policy().calls == 0);
+  }
+
+  VanillaBalancer vanilla(net);
+  CHECK_THROWS_WITH(vanilla.next_step(), Catch::Contains("this network has 3; use next_plan()"));
+  CHECK_THROWS_WITH(vanilla.epoch_step_counts(), Catch::Contains("use epoch_plan_counts()"));
+  auto opt = make_sgd(net);
+  train_plans(net, opt, vanilla, 0, 3, 100);  // vanilla runs on N branches through next_plan
+  const std::vector<std::int64_t> three_regular = {3, 0, 0, 0};
+  CHECK(vanilla.total_plan_counts() == three_regular);
+  CHECK(vanilla.last_d_speed() >= 0);  // checks on: read every step; N = 3: max - min
+  CHECK(vanilla.branch_speeds().speeds.size() == 3);
+}
+
+TEST_CASE("N-branch balancer: a re-balancing step with a NaN gradient in branch 2 is rejected, "
+          "naming the group", "[balancer][n-way][bad-input]") {
+  ThreeWay net = small_three_way(94);
+  auto opt = make_sgd(net);
+  Balancer<NWayGuidedPolicy> balancer(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)),
+                                      BalancerOptions().warmup_epochs(0));
+  train_plans(net, opt, balancer, 0, 1, 100);  // regular; alpha 0 opens a window
+  const auto before = saved_bytes(balancer);
+  const StepPlan plan = balancer.next_plan();
+  REQUIRE_FALSE(plan.is_regular());
+  const auto b = n_way_batch(3, 8, 1);
+  auto loss = modality_specific_loss(net->forward(b.inputs, plan), b.target);
+  opt.zero_grad();
+  loss.backward();
+  std::get<2>(net->branches)->classifier->bias.grad()[1] = NAN;
+  CHECK_THROWS_WITH(balancer.observe(loss),
+                    Catch::Contains("non-finite gradient in group theta2 (branch 2)") &&
+                        Catch::Contains(to_string(plan)));
+  CHECK(saved_bytes(balancer) == before);
+}
+
+TEST_CASE("Balancer::load refuses a record of another branch count and reads the two-branch "
+          "record of earlier versions", "[balancer][n-way][bad-input]") {
+  ThreeWay three = small_three_way(95);
+  auto opt3 = make_sgd(three);
+  VanillaBalancer three_balancer(three);
+  train_plans(three, opt3, three_balancer, 0, 5, 4);
+  torch::serialize::OutputArchive out;
+  three_balancer.save(out);
+  std::stringstream bytes;
+  out.save_to(bytes);
+
+  auto two = small_net(96);
+  VanillaBalancer two_balancer(two);
+  const auto before = saved_bytes(two_balancer);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  CHECK_THROWS_WITH(two_balancer.load(in),
+                    Catch::Contains("made for a network of 3 branches, this one has 2"));
+  CHECK(saved_bytes(two_balancer) == before);
+
+  // The record an earlier version wrote: no branch count, the last speeds by name.
+  torch::serialize::OutputArchive old;
+  old.write("policy_type", std::string(c10::demangle(typeid(VanillaPolicy).name())));
+  old.write("accumulated", at::tensor({1.0, 2.0, 3.0, 4.0}, at::kDouble));
+  const auto& numel = two_balancer.meter().group_numel();
+  old.write("group_numel", at::tensor(std::vector<std::int64_t>(numel.begin(), numel.end()), at::kLong));
+  old.write("meter_steps", std::int64_t{5});
+  old.write("step", std::int64_t{7});
+  old.write("epoch", std::int64_t{1});
+  old.write("last_d_speed", 0.25 - 0.125);
+  old.write("s_m1_given_m0", 0.25);
+  old.write("s_m0_given_m1", 0.125);
+  old.write("skipped", std::int64_t{0});
+  old.write("epoch_counts", at::tensor({3, 0, 0}, at::kLong));
+  old.write("total_counts", at::tensor({7, 0, 0}, at::kLong));
+  old.write("warmup_epochs", std::int64_t{1});
+  old.write("speed_read", std::int64_t{0});
+  std::stringstream old_bytes;
+  old.save_to(old_bytes);
+  torch::serialize::InputArchive old_in;
+  old_in.load_from(old_bytes);
+  two_balancer.load(old_in);
+  CHECK(two_balancer.last_d_speed() == 0.125);
+  CHECK(two_balancer.last_branch_speeds().fastest == 0);
+  CHECK(two_balancer.step() == 7);
+  CHECK(two_balancer.total_step_counts() == (StepCounts{7, 0, 0}));
+  CHECK(two_balancer.epoch_step_counts() == (StepCounts{3, 0, 0}));
 }

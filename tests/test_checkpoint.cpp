@@ -1,9 +1,11 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <sstream>
+#include <type_traits>
 
 #include <unistd.h>
 
@@ -31,44 +33,70 @@ fs::path temp_file(const std::string& name) {
   return dir / name;
 }
 
-template <class BalancerT>
-void check_resume_is_exact(BalancerT make_balancer(Net&), const std::string& name) {
+// Steps [first, last) of the deterministic run of `train_steps` (two branches) or
+// `train_plans` (N branches), as plans.
+template <class NetT, class BalancerT>
+std::vector<StepPlan> run_steps(NetT& net, torch::optim::Optimizer& opt, BalancerT& balancer,
+                                int first, int last) {
+  if constexpr (std::is_same_v<NetT, Net>) {
+    std::vector<StepPlan> plans;
+    for (const StepKind kind : train_steps(net, opt, balancer, first, last, 4)) {
+      plans.push_back(StepPlan::from(kind));
+    }
+    return plans;
+  } else {
+    return train_plans(net, opt, balancer, first, last, 4);
+  }
+}
+
+template <class NetT, class BalancerT>
+void check_resume_is_exact(NetT make_net(std::uint64_t), BalancerT make_balancer(NetT&),
+                           const std::string& name) {
   const int total = 14, split = 6;
   // Uninterrupted.
-  auto full = small_net(31);
+  auto full = make_net(31);
   auto opt_full = make_sgd(full);
   auto bal_full = make_balancer(full);
-  auto kinds_full = train_steps(full, opt_full, bal_full, 0, total, 4);
+  auto plans_full = run_steps(full, opt_full, bal_full, 0, total);
 
   // Interrupted after `split` steps; resumed in fresh objects.
-  auto first = small_net(31);
+  auto first = make_net(31);
   auto opt_first = make_sgd(first);
   auto bal_first = make_balancer(first);
-  auto kinds = train_steps(first, opt_first, bal_first, 0, split, 4);
+  auto plans = run_steps(first, opt_first, bal_first, 0, split);
   const auto path = temp_file(name).string();
   save_checkpoint(path, first, opt_first, bal_first);
   CHECK_FALSE(fs::exists(path + ".tmp"));
 
-  auto resumed = small_net(77);  // other initial values: all must come from the file
+  auto resumed = make_net(77);  // other initial values: all must come from the file
   auto opt_resumed = make_sgd(resumed);
   auto bal_resumed = make_balancer(resumed);
   load_checkpoint(path, resumed, opt_resumed, bal_resumed);
-  auto rest = train_steps(resumed, opt_resumed, bal_resumed, split, total, 4);
-  kinds.insert(kinds.end(), rest.begin(), rest.end());
+  auto rest = run_steps(resumed, opt_resumed, bal_resumed, split, total);
+  plans.insert(plans.end(), rest.begin(), rest.end());
 
-  CHECK(kinds == kinds_full);
+  CHECK(plans == plans_full);
   CHECK(same_state(*full, *resumed));
   CHECK(torch::equal(bal_full.meter().accumulated(), bal_resumed.meter().accumulated()));
   CHECK(bal_full.step() == bal_resumed.step());
   CHECK(bal_full.epoch() == bal_resumed.epoch());
+  CHECK(bal_full.total_plan_counts() == bal_resumed.total_plan_counts());
+  CHECK(bal_full.last_branch_speeds().speeds == bal_resumed.last_branch_speeds().speeds);
+  CHECK(std::isfinite(bal_resumed.last_d_speed()));
   CHECK(bal_full.last_d_speed() == bal_resumed.last_d_speed());
+  // Branches were held after the resume, so the resumed policy state was exercised.
+  CHECK(std::count_if(plans.begin() + split, plans.end(),
+                      [](const StepPlan& p) { return !p.is_regular(); }) > 0);
 }
+
+Net two_branches(std::uint64_t seed) { return small_net(seed); }
 
 }  // namespace
 
 TEST_CASE("save -> load -> continue equals an uninterrupted guided run bit for bit",
           "[checkpoint]") {
-  check_resume_is_exact<GuidedBalancer>(
+  check_resume_is_exact<Net, GuidedBalancer>(
+      two_branches,
       [](Net& net) {
         return GuidedBalancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));
       },
@@ -77,19 +105,61 @@ TEST_CASE("save -> load -> continue equals an uninterrupted guided run bit for b
 
 TEST_CASE("save -> load -> continue equals an uninterrupted random run bit for bit",
           "[checkpoint]") {
-  check_resume_is_exact<RandomBalancer>(
+  check_resume_is_exact<Net, RandomBalancer>(
+      two_branches,
       [](Net& net) { return RandomBalancer(net, RandomPolicy(RandomOptions().seed(3))); },
       "random.pt");
 }
 
 TEST_CASE("save -> load -> continue is exact with lagged d_speed reads", "[checkpoint]") {
-  check_resume_is_exact<GuidedBalancer>(
+  check_resume_is_exact<Net, GuidedBalancer>(
+      two_branches,
       [](Net& net) {
         return GuidedBalancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
                               BalancerOptions().check_every_step(false).speed_read(
                                   SpeedRead::previous_step));
       },
       "guided_lagged.pt");
+}
+
+TEST_CASE("save -> load -> continue is exact for three branches, guided and random",
+          "[checkpoint][n-way]") {
+  check_resume_is_exact<ThreeWay, Balancer<NWayGuidedPolicy>>(
+      small_three_way,
+      [](ThreeWay& net) {
+        return Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)));
+      },
+      "guided_three.pt");
+  check_resume_is_exact<ThreeWay, Balancer<NWayRandomPolicy>>(
+      small_three_way,
+      [](ThreeWay& net) {
+        return Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(3, RandomOptions().seed(5)));
+      },
+      "random_three.pt");
+}
+
+TEST_CASE("A three-branch checkpoint is refused by a two-branch network, nothing changed",
+          "[checkpoint][n-way][bad-input]") {
+  ThreeWay three = small_three_way(33);
+  auto opt3 = make_sgd(three);
+  Balancer<NWayGuidedPolicy> bal3(three, NWayGuidedPolicy(3));
+  train_plans(three, opt3, bal3, 0, 5, 4);
+  const auto path = temp_file("three.pt").string();
+  save_checkpoint(path, three, opt3, bal3);
+
+  TwoWay two = small_two_way();
+  auto opt2 = make_sgd(two);
+  Balancer<NWayGuidedPolicy> bal2(two, NWayGuidedPolicy(2));
+  train_plans(two, opt2, bal2, 0, 3, 4);
+  const auto model_before = two.clone();
+  const auto opt_before = optimizer_state(opt2);
+  const auto balancer_before = saved_bytes(bal2);
+  CHECK_THROWS_WITH(load_checkpoint(path, two, opt2, bal2),
+                    Catch::Contains("checkpoint " + path + " was made for another architecture") &&
+                        Catch::Contains("(79 vs 52 parameters and buffers)"));
+  CHECK(same_state(*two, *model_before));
+  CHECK(optimizer_state(opt2) == opt_before);
+  CHECK(saved_bytes(bal2) == balancer_before);
 }
 
 TEST_CASE("Loading a checkpoint of another architecture fails clearly and changes nothing",

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <filesystem>
 #include <thread>
+#include <type_traits>
+#include <utility>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -85,7 +87,8 @@ std::string message_of(const std::exception_ptr& e) {
 
 // BatchNorm normalises with the local batch, so a rank's half batch differs from the
 // combined one: compare with BatchNorm on its (frozen) running statistics.
-void freeze_batch_norm(Net& net) {
+template <class NetT>
+void freeze_batch_norm(NetT& net) {
   for (const auto& m : net->modules(/*include_self=*/false)) {
     if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(m.get())) bn->eval();
   }
@@ -96,20 +99,31 @@ constexpr int kStepsPerEpoch = 4;
 
 // Steps [first, last) of a run in which step i's global batch comes from seed i and this
 // rank trains on its contiguous share of the rows; `sync` turns the local loss into the
-// one the balancer observes.
-template <class BalancerT, class Sync>
-std::vector<StepKind> train_share(Net& net, torch::optim::Optimizer& optimizer,
-                                  BalancerT& balancer, int first, int last, int rank, int world,
-                                  Sync&& sync) {
-  std::vector<StepKind> kinds;
+// one the balancer observes. Returns the step kinds (two branches, `small_batch`) or the
+// plans (an N-branch network, `n_way_batch`).
+template <class NetT, class BalancerT, class Sync>
+auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balancer, int first,
+                 int last, int rank, int world, Sync&& sync) {
+  constexpr bool two_branches = std::is_same_v<NetT, Net>;
+  std::vector<std::conditional_t<two_branches, StepKind, StepPlan>> kinds;
   const std::int64_t rows = kGlobalBatch / world;
   const at::Device device = net->parameters().front().device();
   for (int i = first; i < last; ++i) {
-    const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
     auto share = [&](const at::Tensor& t) { return t.narrow(0, rank * rows, rows).to(device); };
-    const StepKind kind = balancer.next_step();
-    auto loss = modality_specific_loss(net->forward(share(b.x0), share(b.x1), kind),
-                                       share(b.target));
+    auto [kind, loss] = [&] {
+      if constexpr (two_branches) {
+        const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
+        const StepKind kind = balancer.next_step();
+        return std::pair(kind, modality_specific_loss(net->forward(share(b.x0), share(b.x1), kind),
+                                                      share(b.target)));
+      } else {
+        const auto b = n_way_batch(net->num_branches(), kGlobalBatch, static_cast<std::uint64_t>(i));
+        const StepPlan plan = balancer.next_plan();
+        std::vector<at::Tensor> inputs;
+        for (const auto& x : b.inputs) inputs.push_back(share(x));
+        return std::pair(plan, modality_specific_loss(net->forward(inputs, plan), share(b.target)));
+      }
+    }();
     optimizer.zero_grad();
     loss.backward();
     balancer.observe(sync(loss));
@@ -119,6 +133,8 @@ std::vector<StepKind> train_share(Net& net, torch::optim::Optimizer& optimizer,
   }
   return kinds;
 }
+
+Net two_branch_net(std::uint64_t seed) { return small_net(seed); }
 
 // Largest |a - b| / max(|b|) over every parameter and buffer.
 double max_relative_difference(const torch::nn::Module& a, const torch::nn::Module& b) {
@@ -139,11 +155,12 @@ double max_relative_difference(const torch::nn::Module& a, const torch::nn::Modu
 // On CUDA, cuDNN picks other kernels for other batch sizes (and may use TF32), so the
 // one-process run agrees only to about 1e-3 and its step kinds are not compared: a d_speed
 // near 0 may take the other sign. The ranks must still agree with each other exactly.
-template <class Policy>
-void check_matches_single_process(const Policy& policy, at::Device device = at::kCPU) {
+template <class Policy, class NetT = Net>
+void check_matches_single_process(const Policy& policy, at::Device device = at::kCPU,
+                                  NetT make_net(std::uint64_t) = two_branch_net) {
   constexpr int kSteps = 16;
   const double tolerance = device.is_cuda() ? 1e-3 : 1e-5;
-  Net single = small_net(0);
+  NetT single = make_net(0);
   single->to(device);
   freeze_batch_norm(single);
   auto single_opt = make_sgd(single);
@@ -152,10 +169,10 @@ void check_matches_single_process(const Policy& policy, at::Device device = at::
                                         [](const at::Tensor& l) { return l; });
 
   // Rank 1 starts from other weights: DataParallel must replace them with rank 0's.
-  std::vector<Net> nets{small_net(0), small_net(1)};
-  std::vector<std::vector<StepKind>> kinds(2);
+  std::vector<NetT> nets{make_net(0), make_net(1)};
+  std::vector<std::remove_const_t<decltype(single_kinds)>> kinds(2);
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
-    Net& net = nets[static_cast<std::size_t>(rank)];
+    NetT& net = nets[static_cast<std::size_t>(rank)];
     net->to(device);
     freeze_batch_norm(net);
     DataParallel dp(net, pg);
@@ -185,6 +202,14 @@ TEST_CASE("DataParallel, guided: 2 ranks take the same steps as one process", "[
   // alpha = 0 opens a re-balancing window after every regular step, in the direction of
   // d_speed's sign, so both directions and the gate averages are exercised.
   check_matches_single_process(GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
+}
+
+TEST_CASE("DataParallel, three branches: 2 ranks take the same plans as one process",
+          "[distributed][n-way]") {
+  // alpha = 0: a window after every regular step, holding the fastest branch.
+  check_matches_single_process(NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)), at::kCPU,
+                               small_three_way);
+  check_matches_single_process(VanillaPolicy(), at::kCPU, small_three_way);
 }
 
 TEST_CASE("CUDA: DataParallel over Gloo with the model on the GPU", "[distributed][cuda]") {

@@ -23,3 +23,28 @@ TEST_CASE("modality_specific_loss names a bad target shape", "[loss][bad-input]"
   CHECK_THROWS_WITH(modality_specific_loss(out, at::zeros({5}, at::kLong)),
                     Catch::Contains("batch 4, got [5]"));
 }
+
+TEST_CASE("modality_specific_loss for N heads is the sum of each head's CE", "[loss]") {
+  auto gen = at::detail::createCPUGenerator(5);
+  const std::vector<at::Tensor> heads = {at::randn({4, 3}, gen), at::randn({4, 3}, gen),
+                                         at::randn({4, 3}, gen)};
+  const auto t = at::tensor({0, 2, 1, 2}, at::kLong);
+  const NWayOutput out{(heads[0] + heads[1] + heads[2]) / 3, heads};
+  // By hand: the log-softmax of each row, at its target, averaged over the rows.
+  double expected_sum = 0;
+  const auto losses = modality_losses(out, t);
+  REQUIRE(losses.size() == 3);
+  for (std::size_t k = 0; k < 3; ++k) {
+    double ce = 0;
+    for (std::int64_t r = 0; r < 4; ++r) {
+      double norm = 0;
+      for (std::int64_t c = 0; c < 3; ++c) norm += std::exp(heads[k][r][c].item<double>());
+      ce -= heads[k][r][t[r].item<std::int64_t>()].item<double>() - std::log(norm);
+    }
+    CHECK(losses[k].item<double>() == Approx(ce / 4));
+    expected_sum += ce / 4;
+  }
+  CHECK(modality_specific_loss(out, t).item<double>() == Approx(expected_sum));
+  CHECK_THROWS_WITH(modality_specific_loss(out, at::zeros({5}, at::kLong)),
+                    Catch::Contains("batch 4, got [5]"));
+}

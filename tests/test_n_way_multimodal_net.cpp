@@ -86,9 +86,7 @@ TEST_CASE("NWayMultiModalNet with two random branches draws in MultiModalNet's o
   NWay n_way(std::tuple{DropoutBranch(branch_options(3, {4, 8, 8}, {1, 2, 1})),
                         DropoutBranch(branch_options(1, {4, 8, 8}, {1, 2, 1}))},
              {{{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
-  std::stringstream saved;
-  torch::save(pair, saved);
-  torch::load(n_way, saved);
+  testing::copy_state(pair, n_way);
   const auto b = testing::small_batch(4, 81);
   torch::manual_seed(82);
   const ModelOutput p = pair->forward(b.x0, b.x1);
@@ -103,9 +101,7 @@ TEST_CASE("NWayMultiModalNet with two branches is MultiModalNet bit for bit",
   testing::Net pair = testing::small_net(5);
   TwoWay n_way = small_two_way();
   // Same submodule names: the pair network's saved state loads into the N-way one.
-  std::stringstream saved;
-  torch::save(pair, saved);
-  torch::load(n_way, saved);
+  testing::copy_state(pair, n_way);
   REQUIRE(testing::same_state(*pair, *n_way));
 
   const auto b = testing::small_batch(6, 50);

@@ -52,9 +52,7 @@ TEST_CASE("N-branch probe with two branches reports what the two-branch probe re
   testing::train_steps(pair, opt, balancer, 0, 8, 4);
   sharpen_fusion(*pair);
   testing::TwoWay n_way = testing::small_two_way();
-  std::stringstream saved;
-  torch::save(pair, saved);
-  torch::load(n_way, saved);
+  testing::copy_state(pair, n_way);
 
   std::vector<MultiModalBatch> train, eval;
   std::vector<NWayBatch> n_train, n_eval;

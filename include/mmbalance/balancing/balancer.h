@@ -1,7 +1,9 @@
 #pragma once
 /// \file
-/// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop.
+/// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop, for
+/// two branches (step kinds) or any number (step plans).
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -18,11 +20,13 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 
@@ -61,8 +65,22 @@ struct BalancerOptions {
   TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
 };
 
-/// What the balancer has done so far, per step kind.
+/// What the balancer has done so far, per step kind (two branches).
 using StepCounts = std::array<std::int64_t, kNumStepKinds>;
+
+/// What a `Balancer` takes as a policy: a two-branch `BalancingPolicy` (step kinds) or an
+/// `NWayBalancingPolicy` (step plans).
+template <class P>
+concept AnyBalancingPolicy = BalancingPolicy<P> || NWayBalancingPolicy<P>;
+
+/// What a `Balancer` takes as a network: parameter groups the learning-speed meter
+/// measures (`ParameterGroups` or `NWayParameterGroups`) and the fusion modules' gate means.
+/// `MultiModalNet` and `NWayMultiModalNet` handles are.
+template <class Net>
+concept BalanceableModel = requires(Net net) {
+  LearningSpeedMeter(net->parameter_groups());
+  { net->gate_means() } -> std::same_as<std::vector<RunningMean>>;
+};
 
 /// Call `next_step()` before the forward pass, `observe(loss)` after `backward()` and
 /// before the optimizer step, `end_epoch()` after each epoch:
@@ -77,50 +95,93 @@ using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 /// }
 /// balancer.end_epoch();
 /// ```
-template <BalancingPolicy Policy = VanillaPolicy>
+/// For N branches (an `NWayMultiModalNet`, an N-branch policy such as `NWayGuidedPolicy`)
+/// the loop is the same with `next_plan()`:
+/// ```
+///   StepPlan plan = balancer.next_plan();
+///   auto loss = modality_specific_loss(net->forward({x0, x1, x2}, plan), batch.target);
+/// ```
+template <AnyBalancingPolicy Policy = VanillaPolicy>
 class Balancer {
  public:
-  /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the balancer keeps its
-  /// parameter groups and the handles of its fusion modules' gate means.
-  template <MultiModalModel Net>
+  /// `net` is a `MultiModalNet` or `NWayMultiModalNet` handle (any `BalanceableModel`); the
+  /// balancer keeps its parameter groups and the handles of its fusion modules' gate
+  /// means. A two-branch policy (step kinds only) needs a network of two branches, an
+  /// N-branch policy one of its own branch count.
+  template <BalanceableModel Net>
   explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
       : options_(options),
         policy_(std::move(policy)),
         meter_(net->parameter_groups()),
-        gate_means_(net->gate_means()) {
+        gate_means_(net->gate_means()),
+        epoch_counts_(branches() + 1, 0),
+        total_counts_(branches() + 1, 0) {
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
                 "Balancer: speed_read(SpeedRead::previous_step) avoids waiting for the device, "
                 "which per-step checks must do; set check_every_step(false) too");
+    if constexpr (!NWayBalancingPolicy<Policy>) {
+      TORCH_CHECK(branches() == 2, "Balancer: ", policy_type(), " chooses step kinds, which "
+                  "are for two branches; this network has ", branches(),
+                  ": use an N-branch policy (NWayGuidedPolicy, NWayRandomPolicy, VanillaPolicy)");
+    } else if constexpr (requires { policy_.branches(); }) {
+      TORCH_CHECK(policy_.branches() == branches(), "Balancer: the policy balances ",
+                  policy_.branches(), " branches, this network has ", branches());
+    }
   }
 
-  /// The kind of the coming step. Must alternate with `observe()`. Gates staged outside
-  /// a step (a forward pass of your own in training mode) are dropped here: only the
-  /// step's own forward passes count.
-  StepKind next_step() {
-    TORCH_CHECK(!pending_, "Balancer::next_step: the previous step (",
-                to_string(*pending_), ") was not observed; call observe(loss) after backward()");
-    for (auto& m : gate_means_) m->drop();
-    policy_before_step_ = policy_;
-    pending_ = in_warmup() ? StepKind::regular : policy_.next_step();
-    return *pending_;
+  /// The kind of the coming step (two branches; `next_plan()` is the same for any number).
+  /// Must alternate with `observe()`. Gates staged outside a step (a forward pass of your
+  /// own in training mode) are dropped here: only the step's own forward passes count.
+  StepKind next_step()
+    requires BalancingPolicy<Policy>
+  {
+    TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
+                "network has ", branches(), "; use next_plan()");
+    begin_step();
+    const StepKind kind = in_warmup() ? StepKind::regular : policy_.next_step();
+    pending_ = StepPlan::from(kind);
+    return kind;
+  }
+
+  /// The plan of the coming step: regular, or which branch is held (re-balanced). Must
+  /// alternate with `observe()`; gates staged outside a step are dropped here. A plan that
+  /// holds a branch the network does not have throws and changes nothing.
+  StepPlan next_plan() {
+    begin_step();
+    StepPlan plan = StepPlan::regular();
+    if (!in_warmup()) {
+      if constexpr (NWayBalancingPolicy<Policy>) {
+        plan = policy_.next_plan();
+      } else {
+        plan = StepPlan::from(policy_.next_step());
+      }
+    }
+    if (!plan.is_regular() && *plan.held_branch() >= branches()) {
+      policy_ = policy_before_step_;
+      TORCH_CHECK(false, "Balancer::next_plan: the policy holds branch ", *plan.held_branch(),
+                  ", the network has ", branches(), " branches (0..", branches() - 1, ")");
+    }
+    pending_ = plan;
+    return plan;
   }
 
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
   /// feed the learning-speed meter (and the policy's `observe_d_speed`).
   void observe(const at::Tensor& loss) {
-    TORCH_CHECK(pending_, "Balancer::observe: call next_step() before the forward pass");
-    const StepKind kind = *pending_;
+    TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the "
+                "forward pass");
+    const StepPlan plan = *pending_;
     at::Tensor gates_count;  // checks off: whether the step was valid, on the device
     try {
       TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                   detail::shape_string(loss));
-      deliver_lagged_speed(kind);
-      if (kind == StepKind::regular) {
+      deliver_lagged_speed(plan);
+      if (plan.is_regular()) {
         gates_count = observe_regular(loss);
       } else if (options_.check_every_step()) {
-        check_rebalancing_step(loss, kind);
+        check_rebalancing_step(loss, plan);
       }
     } catch (...) {
       abandon_step();
@@ -131,11 +192,11 @@ class Balancer {
     for (auto& m : gate_means_) m->commit(gates_count);
     pending_.reset();
     ++step_;
-    ++epoch_counts_[static_cast<std::size_t>(kind)];
-    ++total_counts_[static_cast<std::size_t>(kind)];
+    ++epoch_counts_[plan_index(plan)];
+    ++total_counts_[plan_index(plan)];
   }
 
-  /// Gives up the step `next_step()` announced, as if it had never been asked for: the
+  /// Gives up the step `next_step()` (or `next_plan()`) announced, as if it had never been asked for: the
   /// policy, the counters and the gate averages stay as they were. Call it when your
   /// forward or backward pass throws (e.g. out of memory), then `next_step()` again. A
   /// step `observe` rejected is abandoned already; with no step pending this does nothing.
@@ -151,7 +212,7 @@ class Balancer {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
     ++epoch_;
-    epoch_counts_ = {};
+    std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
     if constexpr (HasEpochHook<Policy>) {
       if (!in_warmup()) policy_.start_epoch(epoch_ - options_.warmup_epochs());
     }
@@ -160,15 +221,33 @@ class Balancer {
   bool in_warmup() const { return epoch_ < options_.warmup_epochs(); }
   std::int64_t epoch() const { return epoch_; }
   std::int64_t step() const { return step_; }
-  const StepCounts& epoch_step_counts() const { return epoch_counts_; }
-  const StepCounts& total_step_counts() const { return total_counts_; }
+  /// The network's number of branches.
+  std::size_t branches() const { return meter_.num_groups() / 2; }
 
-  /// d_speed after the last regular step, as last read to the host (NaN before any read;
-  /// with check_every_step(false) and a policy that needs no value, call `speed()`).
-  double last_d_speed() const { return last_speed_.d_speed; }
+  /// Steps per plan, this epoch and in all: [regular, branch 0 held, ..., branch N-1 held]
+  /// (for two branches the `StepKind` order).
+  const std::vector<std::int64_t>& epoch_plan_counts() const { return epoch_counts_; }
+  const std::vector<std::int64_t>& total_plan_counts() const { return total_counts_; }
+  /// The same per `StepKind` (two branches).
+  StepCounts epoch_step_counts() const { return step_counts(epoch_counts_); }
+  StepCounts total_step_counts() const { return step_counts(total_counts_); }
 
-  /// Reads the accumulators now (one small read) and derives s(m1|m0), s(m0|m1), d_speed.
+  /// d_speed after the last regular step (for N >= 3 branches the imbalance max_k s_k -
+  /// min_k s_k), as last read to the host (NaN before any read; with
+  /// check_every_step(false) and a policy that needs no value, call `speed()` or
+  /// `branch_speeds()`).
+  double last_d_speed() const { return last_speed_.imbalance; }
+
+  /// Every branch's s_k, the imbalance and the fastest branch after the last regular step,
+  /// as last read to the host (see `last_d_speed`).
+  const NWaySpeedSummary& last_branch_speeds() const { return last_speed_; }
+
+  /// Reads the accumulators now (one small read) and derives s(m1|m0), s(m0|m1), d_speed
+  /// (two branches).
   SpeedSummary speed() const { return meter_.summary(); }
+
+  /// Reads the accumulators now (one small read) and derives every branch's s_k.
+  NWaySpeedSummary branch_speeds() const { return meter_.branch_speeds(); }
 
   /// Regular steps left out of the accumulators (only with check_every_step(false)).
   /// Reads one number from the device.
@@ -178,20 +257,19 @@ class Balancer {
   const LearningSpeedMeter& meter() const { return meter_; }
   const BalancerOptions& options() const { return options_; }
 
-  /// Everything needed to continue exactly: accumulators, counters, last d_speed, the
-  /// options that shape the run (warm-up) and the policy's type and own state (mode,
-  /// window counter, generator, options).
+  /// Everything needed to continue exactly: the branch count, accumulators, counters, the
+  /// last speeds, the options that shape the run (warm-up) and the policy's type and own
+  /// state (mode, window counter, generator, options).
   void save(torch::serialize::OutputArchive& archive) const {
     TORCH_CHECK(!pending_, "Balancer::save: a step is in progress (", to_string(*pending_), ")");
     archive.write("policy_type", policy_type());
+    archive.write("branches", static_cast<std::int64_t>(branches()));
     archive.write("accumulated", meter_.accumulated().to(at::kCPU));
     archive.write("group_numel", numel_tensor());
     archive.write("meter_steps", meter_.steps());
     archive.write("step", step_);
     archive.write("epoch", epoch_);
-    archive.write("last_d_speed", last_speed_.d_speed);
-    archive.write("s_m1_given_m0", last_speed_.s_m1_given_m0);
-    archive.write("s_m0_given_m1", last_speed_.s_m0_given_m1);
+    archive.write("last_speeds", at::tensor(last_speed_.speeds, at::kDouble));
     archive.write("skipped", static_cast<std::int64_t>(skipped_steps()));
     archive.write("epoch_counts", counts_tensor(epoch_counts_));
     archive.write("total_counts", counts_tensor(total_counts_));
@@ -209,9 +287,10 @@ class Balancer {
   }
 
   /// Restores a state written by `save`. Everything is read and checked first; on any
-  /// error (another policy type, other parameter groups, another warm-up, a policy whose
-  /// options differ, a damaged record) it throws a c10::Error saying what differs, and
-  /// changes nothing.
+  /// error (another number of branches, another policy type, other parameter groups,
+  /// another warm-up, a policy whose options differ, a damaged record) it throws a
+  /// c10::Error saying what differs, and changes nothing. A two-branch record of an earlier
+  /// version (no branch count, the speeds as named numbers) loads too.
   void load(torch::serialize::InputArchive& archive) {
     const auto read_value = [&](const char* key) {
       c10::IValue v;
@@ -233,13 +312,20 @@ class Balancer {
       TORCH_CHECK(v.isDouble(), "Balancer::load: '", key, "' is not a number");
       return v.toDouble();
     };
+    c10::IValue saved_branches;
+    const bool has_branches = archive.try_read("branches", saved_branches);
+    const std::int64_t branch_count = has_branches && saved_branches.isInt() ? saved_branches.toInt() : 2;
+    TORCH_CHECK(!has_branches || saved_branches.isInt(), "Balancer::load: 'branches' is not an integer");
+    TORCH_CHECK(branch_count == static_cast<std::int64_t>(branches()), "Balancer::load: the "
+                "checkpoint was made for a network of ", branch_count, " branches, this one has ",
+                branches());
     const c10::IValue type = read_value("policy_type");
     TORCH_CHECK(type.isString() && type.toStringRef() == policy_type(),
                 "Balancer::load: the checkpoint was made with policy ",
                 type.isString() ? type.toStringRef() : std::string("(unreadable)"),
                 ", this balancer has ", policy_type());
     const at::Tensor numel = read_tensor("group_numel");
-    TORCH_CHECK(numel.numel() == kNumGroups &&
+    TORCH_CHECK(numel.numel() == static_cast<std::int64_t>(meter_.num_groups()) &&
                     at::equal(numel.to(at::kLong), numel_tensor()),
                 "Balancer::load: the checkpoint was made for parameter groups with ",
                 numel_string(numel), " elements, this model's groups have ",
@@ -255,24 +341,31 @@ class Balancer {
                 options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
                 "; resume with the options the run started with");
     const at::Tensor accumulated = read_tensor("accumulated");
-    TORCH_CHECK(accumulated.dim() == 1 && accumulated.numel() == kNumGroups,
-                "Balancer::load: accumulators must have ", kNumGroups, " entries, got ",
+    TORCH_CHECK(accumulated.dim() == 1 && accumulated.numel() == static_cast<std::int64_t>(meter_.num_groups()),
+                "Balancer::load: accumulators must have ", meter_.num_groups(), " entries, got ",
                 detail::shape_string(accumulated));
-    const StepCounts epoch_counts = counts_array(read_tensor("epoch_counts"));
-    const StepCounts total_counts = counts_array(read_tensor("total_counts"));
+    const std::vector<std::int64_t> epoch_counts = counts_vector(read_tensor("epoch_counts"));
+    const std::vector<std::int64_t> total_counts = counts_vector(read_tensor("total_counts"));
     const std::int64_t meter_steps = read_int("meter_steps");
     const std::int64_t skipped = read_int("skipped");
     const std::int64_t step = read_int("step");
     const std::int64_t epoch = read_int("epoch");
     TORCH_CHECK(step >= 0 && epoch >= 0 && meter_steps >= 0 && skipped >= 0,
                 "Balancer::load: negative counters (step ", step, ", epoch ", epoch, ")");
-    SpeedSummary last;
-    last.d_speed = read_double("last_d_speed");
-    last.s_m1_given_m0 = read_double("s_m1_given_m0");
-    last.s_m0_given_m1 = read_double("s_m0_given_m1");
+    std::vector<double> last_speeds;
+    if (has_branches) {
+      const at::Tensor t = read_tensor("last_speeds");
+      TORCH_CHECK(t.dim() == 1 && t.numel() == branch_count && t.is_floating_point(),
+                  "Balancer::load: 'last_speeds' must hold ", branch_count, " numbers, got ",
+                  detail::shape_string(t));
+      const at::Tensor c = t.to(at::kDouble).contiguous();
+      last_speeds.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    } else {
+      last_speeds = {read_double("s_m1_given_m0"), read_double("s_m0_given_m1")};
+    }
     at::Tensor lagged;
     const bool lagged_pending = archive.try_read("lagged_accumulated", lagged);
-    TORCH_CHECK(!lagged_pending || lagged.numel() == kNumGroups,
+    TORCH_CHECK(!lagged_pending || lagged.numel() == static_cast<std::int64_t>(meter_.num_groups()),
                 "Balancer::load: the pending d_speed record has ", lagged.numel(), " entries");
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
@@ -290,7 +383,7 @@ class Balancer {
     meter_.restore(accumulated, meter_steps, skipped);
     step_ = step;
     epoch_ = epoch;
-    last_speed_ = last;
+    last_speed_ = NWaySpeedSummary::from_speeds(std::move(last_speeds));
     epoch_counts_ = epoch_counts;
     total_counts_ = total_counts;
     lagged_pending_ = lagged_pending;
@@ -303,6 +396,15 @@ class Balancer {
   }
 
  private:
+  // Starts a step: checks that the last one was observed, drops gates staged outside a
+  // step, keeps the policy as it was for `abandon_step`.
+  void begin_step() {
+    TORCH_CHECK(!pending_, "Balancer: the previous step (", to_string(*pending_),
+                ") was not observed; call observe(loss) after backward()");
+    for (auto& m : gate_means_) m->drop();
+    policy_before_step_ = policy_;
+  }
+
   // Feeds the meter; returns, with checks off, the device flag of whether the step was
   // valid (undefined with checks on: an invalid step has thrown).
   at::Tensor observe_regular(const at::Tensor& loss) {
@@ -316,14 +418,15 @@ class Balancer {
           at::cat({loss.detach().reshape({1}).to(at::kDouble), measurement.flatten(), next})
               .to(at::kCPU);
       const double* v = host.data_ptr<double>();
-      check_step(v[0], v + 1, v + 1 + kNumGroups, v + 1 + 2 * kNumGroups);
+      const std::size_t groups = meter_.num_groups();
+      check_step(v[0], v + 1, v + 1 + groups, v + 1 + 2 * groups);
       meter_.accumulate(mu);
-      record_speed(v + 1 + 2 * kNumGroups);
+      record_speed(v + 1 + 2 * groups);
       return {};
     }
     const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
     meter_.accumulate_if(mu, valid);
-    if constexpr (ObservesSpeed<Policy>) {
+    if constexpr (kObservesSpeeds) {
       if (in_warmup()) return valid;
       if (options_.speed_read() == SpeedRead::previous_step) {
         launch_speed_copy();
@@ -342,7 +445,7 @@ class Balancer {
     // Pinned for a device meter, so the copy does not wait: also after a resume (load()
     // leaves pageable memory) or a move of the model to the device.
     if (!lagged_host_.defined() || (m.is_cuda() && !lagged_host_.is_pinned())) {
-      lagged_host_ = at::empty({kNumGroups}, at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
+      lagged_host_ = at::empty({static_cast<std::int64_t>(meter_.num_groups())}, at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
     }
     lagged_host_.copy_(m, /*non_blocking=*/true);
     lagged_event_.reset();
@@ -361,29 +464,29 @@ class Balancer {
     while (!lagged_event_->query()) std::this_thread::yield();
   }
 
-  // Hands the policy the d_speed whose copy was started one step ago, unless the step
+  // Hands the policy the speeds whose copy was started one step ago, unless the step
   // being observed is re-balancing: the policy has opened a window since, and a speed
   // measured before it must neither restart nor turn it. Waiting on the copy's event
   // costs nothing by now: a whole step was queued after it.
-  void deliver_lagged_speed(StepKind observed) {
+  void deliver_lagged_speed(const StepPlan& observed) {
     if (!lagged_pending_) return;
     wait_for_lagged_copy();
     lagged_pending_ = false;
-    record_speed(lagged_host_.data_ptr<double>(), observed == StepKind::regular);
+    record_speed(lagged_host_.data_ptr<double>(), observed.is_regular());
   }
 
   // A re-balancing step feeds no accumulator, but a NaN gradient it let through would be
   // written into the parameters by the optimizer and stall every later step.
-  void check_rebalancing_step(const at::Tensor& loss, StepKind kind) {
+  void check_rebalancing_step(const at::Tensor& loss, const StepPlan& plan) {
     const at::Tensor host =
         at::cat({loss.detach().reshape({1}).to(at::kDouble), meter_.measure_gradients()}).to(at::kCPU);
     const double* v = host.data_ptr<double>();
     TORCH_CHECK(std::isfinite(v[0]), "Balancer: non-finite loss ", v[0], " in step ", step_,
-                " (", to_string(kind), ")");
-    for (int g = 0; g < kNumGroups; ++g) {
+                " (", to_string(plan), ")");
+    for (std::size_t g = 0; g < meter_.num_groups(); ++g) {
       TORCH_CHECK(std::isfinite(v[1 + g]), "Balancer: non-finite gradient in group ",
-                  to_string(static_cast<Group>(g)), " (squared norm ", v[1 + g], ") in step ",
-                  step_, " (", to_string(kind), ")");
+                  meter_.group_name(g), " (squared norm ", v[1 + g], ") in step ", step_, " (",
+                  to_string(plan), ")");
     }
   }
 
@@ -391,8 +494,8 @@ class Balancer {
                   const double* next) const {
     TORCH_CHECK(std::isfinite(loss), "Balancer: non-finite loss ", loss, " in step ", step_,
                 " (regular)");
-    for (int g = 0; g < kNumGroups; ++g) {
-      const auto group = to_string(static_cast<Group>(g));
+    for (std::size_t g = 0; g < meter_.num_groups(); ++g) {
+      const std::string group = meter_.group_name(g);
       TORCH_CHECK(std::isfinite(grad_sq[g]), "Balancer: non-finite gradient in group ", group,
                   " (squared norm ", grad_sq[g], ") in step ", step_);
       TORCH_CHECK(std::isfinite(param_sq[g]) && param_sq[g] > 0, "Balancer: parameter group ",
@@ -401,20 +504,26 @@ class Balancer {
                   "with non-zero values.");
       TORCH_CHECK(next[g] > 0, "Balancer: parameter group ", group,
                   " has had a zero gradient in every regular step so far (is it frozen, or "
-                  "cut off from the loss?); its learning speed is 0 and d_speed would be "
+                  "cut off from the loss?); its learning speed is 0 and the speeds would be "
                   "infinite. Every group must learn: unfreeze it, or train without a balancer.");
     }
   }
 
   void record_speed(const double* m, bool to_policy = true) {
-    last_speed_ = SpeedSummary::from_accumulators({m[0], m[1], m[2], m[3]});
-    if constexpr (ObservesSpeed<Policy>) {
-      // An undefined d_speed (NaN: a group that never had a gradient, checks off) is not
-      // a measurement; the policy goes on as if it had not been measured.
-      if (to_policy && !in_warmup() && std::isfinite(last_speed_.d_speed)) {
-        policy_.observe_d_speed(last_speed_.d_speed);
-      }
+    last_speed_ = NWaySpeedSummary::from_accumulators({m, m + meter_.num_groups()});
+    // Undefined speeds (NaN: a group that never had a gradient, checks off) are not a
+    // measurement; the policy goes on as if nothing had been measured.
+    if (!to_policy || in_warmup() || !std::isfinite(last_speed_.imbalance)) return;
+    if constexpr (ObservesBranchSpeeds<Policy>) {
+      policy_.observe_speeds(last_speed_);
+    } else if constexpr (ObservesSpeed<Policy>) {
+      policy_.observe_d_speed(last_speed_.imbalance);  // two branches: d_speed
     }
+  }
+
+  // Regular: 0; branch k held: 1 + k (for two branches the `StepKind` values).
+  static std::size_t plan_index(const StepPlan& plan) {
+    return plan.is_regular() ? 0 : 1 + *plan.held_branch();
   }
 
   at::Tensor numel_tensor() const {
@@ -428,29 +537,39 @@ class Balancer {
       s += (i ? ", " : "") + std::to_string(c.data_ptr<std::int64_t>()[i]);
     return s + "]";
   }
-  static at::Tensor counts_tensor(const StepCounts& c) {
-    return at::tensor(std::vector<std::int64_t>(c.begin(), c.end()), at::kLong);
+  static at::Tensor counts_tensor(const std::vector<std::int64_t>& c) {
+    return at::tensor(c, at::kLong);
   }
   static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
-  static StepCounts counts_array(const at::Tensor& t) {
-    TORCH_CHECK(t.numel() == kNumStepKinds, "Balancer::load: bad step counts in checkpoint");
+  std::vector<std::int64_t> counts_vector(const at::Tensor& t) const {
+    TORCH_CHECK(t.dim() == 1 && t.numel() == static_cast<std::int64_t>(branches() + 1),
+                "Balancer::load: step counts in checkpoint must have ", branches() + 1,
+                " entries (regular, then each branch held), got ", detail::shape_string(t));
     const at::Tensor c = t.to(at::kLong).contiguous();
-    StepCounts out{};
-    for (int i = 0; i < kNumStepKinds; ++i) out[i] = c.data_ptr<std::int64_t>()[i];
+    std::vector<std::int64_t> out(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
+    TORCH_CHECK(std::all_of(out.begin(), out.end(), [](std::int64_t n) { return n >= 0; }),
+                "Balancer::load: negative step counts in checkpoint");
     return out;
   }
+  StepCounts step_counts(const std::vector<std::int64_t>& counts) const {
+    TORCH_CHECK(branches() == 2, "Balancer: step counts per StepKind are for two branches, "
+                "this network has ", branches(), "; use epoch_plan_counts()/total_plan_counts()");
+    return {counts[0], counts[1], counts[2]};
+  }
+
+  static constexpr bool kObservesSpeeds = ObservesSpeed<Policy> || ObservesBranchSpeeds<Policy>;
 
   BalancerOptions options_;
   Policy policy_;
   Policy policy_before_step_ = policy_;
   LearningSpeedMeter meter_;
   std::vector<RunningMean> gate_means_;
-  std::optional<StepKind> pending_;
+  std::optional<StepPlan> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;
-  StepCounts epoch_counts_{};
-  StepCounts total_counts_{};
-  SpeedSummary last_speed_{};
+  std::vector<std::int64_t> epoch_counts_;  // per plan, see plan_index
+  std::vector<std::int64_t> total_counts_;
+  NWaySpeedSummary last_speed_ = NWaySpeedSummary::from_speeds(std::vector<double>(branches(), NAN));
   // SpeedRead::previous_step: M copied to the host, not yet handed to the policy.
   at::Tensor lagged_host_;
   std::optional<c10::Event> lagged_event_;

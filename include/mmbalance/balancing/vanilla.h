@@ -1,13 +1,16 @@
 #pragma once
 /// \file
-/// Vanilla training: regular steps only (d_speed is still measured).
+/// Vanilla training: regular steps only (d_speed is still measured), for any number of
+/// branches.
 
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 
 struct VanillaPolicy {
   StepKind next_step() const { return StepKind::regular; }
+  StepPlan next_plan() const { return StepPlan::regular(); }
 };
 
 static_assert(BalancingPolicy<VanillaPolicy>);

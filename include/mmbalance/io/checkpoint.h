@@ -3,6 +3,7 @@
 /// One-file checkpoints of a model, its optimizer and its balancer, with an architecture
 /// check on load.
 
+#include <concepts>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -17,9 +18,19 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/detail/check.h"
-#include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
+
+/// What checkpoints take as a network: a module handle (`MultiModalNet`,
+/// `NWayMultiModalNet`, or any `TORCH_MODULE` handle).
+template <class Net>
+concept CheckpointModel = requires(Net& net, const Net& saved, torch::serialize::OutputArchive& out,
+                                   torch::serialize::InputArchive& in) {
+  saved->save(out);
+  net->load(in);
+  { *saved } -> std::convertible_to<const torch::nn::Module&>;
+  { *net } -> std::convertible_to<torch::nn::Module&>;
+};
 
 /// "name:[shape]" of every parameter and buffer of `module`, one per line.
 inline std::string architecture_fingerprint(const torch::nn::Module& module) {
@@ -173,7 +184,7 @@ namespace detail {
 // Adds the four records restore_states reads (model, optimizer, balancer, which
 // parameters have gradients) to `archive` and returns its bytes: the payload of a
 // checkpoint, or, alone, the in-memory snapshot load_checkpoint restores on a failure.
-template <MultiModalModel Net, class BalancerT>
+template <CheckpointModel Net, class BalancerT>
 std::string write_states(torch::serialize::OutputArchive& archive, const Net& net,
                          const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
   torch::serialize::OutputArchive model, optim, bal;
@@ -195,7 +206,7 @@ std::string write_states(torch::serialize::OutputArchive& archive, const Net& ne
 /// and which parameters have gradients to `path`, with a checksum. The file is written to
 /// `path + ".tmp"` and renamed, so an interrupted save never leaves a half-written
 /// checkpoint under `path`.
-template <MultiModalModel Net, class BalancerT>
+template <CheckpointModel Net, class BalancerT>
 void save_checkpoint(const std::string& path, const Net& net,
                      const torch::optim::Optimizer& optimizer, const BalancerT& balancer) {
   torch::serialize::OutputArchive archive;
@@ -220,7 +231,7 @@ namespace detail {
 
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
-template <MultiModalModel Net, class BalancerT>
+template <CheckpointModel Net, class BalancerT>
 void restore_states(torch::serialize::InputArchive& archive, Net& net,
                     torch::optim::Optimizer& optimizer, BalancerT& balancer) {
   torch::serialize::InputArchive model, optim, bal;
@@ -241,7 +252,7 @@ void restore_states(torch::serialize::InputArchive& archive, Net& net,
 /// or module options (e.g. gate_scale), another policy type or balancer options, an
 /// optimizer of another type, or a damaged record gives a c10::Error naming the file and
 /// what differs, with the model, the optimizer and the balancer as they were.
-template <MultiModalModel Net, class BalancerT>
+template <CheckpointModel Net, class BalancerT>
 void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer& optimizer,
                      BalancerT& balancer) {
   torch::serialize::InputArchive archive;

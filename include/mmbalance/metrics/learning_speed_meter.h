@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -75,12 +76,22 @@ struct NWaySpeedSummary {
     TORCH_CHECK(m.size() >= 4 && m.size() % 2 == 0, "NWaySpeedSummary: needs 2N >= 4 "
                 "accumulators (the branches', then the fusion paths'), got ", m.size());
     const std::size_t n = m.size() / 2;
-    NWaySpeedSummary s;
+    std::vector<double> speeds;
     for (std::size_t k = 0; k < n; ++k) {
       const double fusion = m[n + k], branch = m[k];
       const bool defined = std::isfinite(fusion) && std::isfinite(branch) && fusion > 0 && branch > 0;
-      s.speeds.push_back(defined ? std::log10(fusion / branch) : NAN);
+      speeds.push_back(defined ? std::log10(fusion / branch) : NAN);
     }
+    return from_speeds(std::move(speeds));
+  }
+
+  /// From the speeds s_0 .. s_{N-1} themselves (N >= 2).
+  static NWaySpeedSummary from_speeds(std::vector<double> speeds) {
+    TORCH_CHECK(speeds.size() >= 2, "NWaySpeedSummary: needs the speeds of N >= 2 branches, got ",
+                speeds.size());
+    const std::size_t n = speeds.size();
+    NWaySpeedSummary s;
+    s.speeds = std::move(speeds);
     if (std::none_of(s.speeds.begin(), s.speeds.end(), [](double v) { return std::isnan(v); })) {
       const auto hi = std::max_element(s.speeds.begin(), s.speeds.end());  // first on ties
       const auto lo = std::min_element(s.speeds.begin(), s.speeds.end());
