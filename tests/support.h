@@ -171,7 +171,9 @@ std::string optimizer_state(const Optimizer& optimizer) {
       using Key = typename std::decay_t<decltype(optimizer.state())>::key_type;
       Key key;
       if constexpr (std::is_same_v<Key, std::string>) {
-        key = c10::guts::to_string(p.unsafeGetTensorImpl());
+        std::ostringstream address;  // what 1.13's c10::guts::to_string writes
+        address << static_cast<const void*>(p.unsafeGetTensorImpl());
+        key = address.str();
       } else {
         key = p.unsafeGetTensorImpl();
       }

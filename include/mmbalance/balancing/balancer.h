@@ -57,11 +57,11 @@ struct BalancerOptions {
   /// true: every step reads one small tensor (loss, squared norms, accumulators) to the
   /// host, and a non-finite loss or gradient (in any step), or a parameter group of norm
   /// zero or without a gradient so far (regular steps), is rejected with an exception
-  /// that leaves the balancer and the model's gate means as they were. false: no host read except the one a policy with `observe_d_speed`
-  /// needs; a regular step whose μ is not finite is left out of the accumulators on the
+  /// that leaves the balancer and the model's gate means as they were. false: no host
+  /// read except the one a policy with `observe_d_speed` or `observe_speeds` needs; a regular step whose μ is not finite is left out of the accumulators on the
   /// device and counted (`skipped_steps()`), and nothing is thrown.
   TORCH_ARG(bool, check_every_step) = true;
-  /// When a policy with `observe_d_speed` gets d_speed; see `SpeedRead`.
+  /// When a policy with `observe_d_speed` (`observe_speeds`) gets the speeds; see `SpeedRead`.
   TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
 };
 
@@ -139,9 +139,9 @@ class Balancer {
   {
     TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
                 "network has ", branches(), "; use next_plan()");
-    begin_step();
-    const StepKind kind = in_warmup() ? StepKind::regular : policy_.next_step();
-    pending_ = StepPlan::from(kind);
+    check_observed("Balancer::next_step");
+    const StepKind kind = ask_policy([&] { return in_warmup() ? StepKind::regular : policy_.next_step(); });
+    begin_step(StepPlan::from(kind));
     return kind;
   }
 
@@ -149,21 +149,21 @@ class Balancer {
   /// alternate with `observe()`; gates staged outside a step are dropped here. A plan that
   /// holds a branch the network does not have throws and changes nothing.
   StepPlan next_plan() {
-    begin_step();
-    StepPlan plan = StepPlan::regular();
-    if (!in_warmup()) {
+    check_observed("Balancer::next_plan");
+    const StepPlan plan = ask_policy([&] {
+      if (in_warmup()) return StepPlan::regular();
       if constexpr (NWayBalancingPolicy<Policy>) {
-        plan = policy_.next_plan();
+        return policy_.next_plan();
       } else {
-        plan = StepPlan::from(policy_.next_step());
+        return StepPlan::from(policy_.next_step());
       }
-    }
+    });
     if (!plan.is_regular() && *plan.held_branch() >= branches()) {
       policy_ = policy_before_step_;
       TORCH_CHECK(false, "Balancer::next_plan: the policy holds branch ", *plan.held_branch(),
                   ", the network has ", branches(), " branches (0..", branches() - 1, ")");
     }
-    pending_ = plan;
+    begin_step(plan);
     return plan;
   }
 
@@ -325,7 +325,8 @@ class Balancer {
                 type.isString() ? type.toStringRef() : std::string("(unreadable)"),
                 ", this balancer has ", policy_type());
     const at::Tensor numel = read_tensor("group_numel");
-    TORCH_CHECK(numel.numel() == static_cast<std::int64_t>(meter_.num_groups()) &&
+    TORCH_CHECK(numel.scalar_type() == at::kLong &&
+                    numel.numel() == static_cast<std::int64_t>(meter_.num_groups()) &&
                     at::equal(numel.to(at::kLong), numel_tensor()),
                 "Balancer::load: the checkpoint was made for parameter groups with ",
                 numel_string(numel), " elements, this model's groups have ",
@@ -365,8 +366,11 @@ class Balancer {
     }
     at::Tensor lagged;
     const bool lagged_pending = archive.try_read("lagged_accumulated", lagged);
-    TORCH_CHECK(!lagged_pending || lagged.numel() == static_cast<std::int64_t>(meter_.num_groups()),
-                "Balancer::load: the pending d_speed record has ", lagged.numel(), " entries");
+    TORCH_CHECK(!lagged_pending || (lagged.dim() == 1 && lagged.is_floating_point() &&
+                                    lagged.numel() == static_cast<std::int64_t>(meter_.num_groups())),
+                "Balancer::load: the pending speeds record must hold ", meter_.num_groups(),
+                " numbers, got ", detail::shape_string(lagged));
+    if (lagged_pending) lagged = lagged.to(at::kDouble).contiguous();
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
       torch::serialize::InputArchive nested;
@@ -388,7 +392,7 @@ class Balancer {
     total_counts_ = total_counts;
     lagged_pending_ = lagged_pending;
     if (lagged_pending_) {
-      lagged_host_ = lagged.to(at::kDouble).contiguous();
+      lagged_host_ = lagged;
       lagged_event_.reset();
     }
     policy_ = std::move(policy);
@@ -396,13 +400,28 @@ class Balancer {
   }
 
  private:
-  // Starts a step: checks that the last one was observed, drops gates staged outside a
-  // step, keeps the policy as it was for `abandon_step`.
-  void begin_step() {
-    TORCH_CHECK(!pending_, "Balancer: the previous step (", to_string(*pending_),
+  void check_observed(const char* caller) const {
+    TORCH_CHECK(!pending_, caller, ": the previous step (", to_string(*pending_),
                 ") was not observed; call observe(loss) after backward()");
-    for (auto& m : gate_means_) m->drop();
+  }
+
+  // The policy's decision, with its state kept for `abandon_step` and put back if the
+  // policy throws.
+  template <class Decide>
+  auto ask_policy(Decide&& decide) {
     policy_before_step_ = policy_;
+    try {
+      return decide();
+    } catch (...) {
+      policy_ = policy_before_step_;
+      throw;
+    }
+  }
+
+  // Starts a step: drops gates staged outside a step.
+  void begin_step(const StepPlan& plan) {
+    for (auto& m : gate_means_) m->drop();
+    pending_ = plan;
   }
 
   // Feeds the meter; returns, with checks off, the device flag of whether the step was
@@ -531,6 +550,7 @@ class Balancer {
     return at::tensor(std::vector<std::int64_t>(n.begin(), n.end()), at::kLong);
   }
   static std::string numel_string(const at::Tensor& t) {
+    if (t.scalar_type() != at::kLong) return "(not integers: " + detail::shape_string(t) + ")";
     std::string s = "[";
     const at::Tensor c = t.to(at::kLong).contiguous();
     for (std::int64_t i = 0; i < c.numel(); ++i)
@@ -542,9 +562,10 @@ class Balancer {
   }
   static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
   std::vector<std::int64_t> counts_vector(const at::Tensor& t) const {
-    TORCH_CHECK(t.dim() == 1 && t.numel() == static_cast<std::int64_t>(branches() + 1),
-                "Balancer::load: step counts in checkpoint must have ", branches() + 1,
-                " entries (regular, then each branch held), got ", detail::shape_string(t));
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong &&
+                    t.numel() == static_cast<std::int64_t>(branches() + 1),
+                "Balancer::load: step counts in checkpoint must be ", branches() + 1,
+                " integers (regular, then each branch held), got ", detail::shape_string(t));
     const at::Tensor c = t.to(at::kLong).contiguous();
     std::vector<std::int64_t> out(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
     TORCH_CHECK(std::all_of(out.begin(), out.end(), [](std::int64_t n) { return n >= 0; }),
