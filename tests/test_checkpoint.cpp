@@ -136,6 +136,14 @@ TEST_CASE("save -> load -> continue is exact for three branches, guided and rand
         return Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(3, RandomOptions().seed(5)));
       },
       "random_three.pt");
+  check_resume_is_exact<ThreeWay, Balancer<NWayGuidedPolicy>>(
+      small_three_way,
+      [](ThreeWay& net) {
+        return Balancer<NWayGuidedPolicy>(
+            net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)),
+            BalancerOptions().check_every_step(false).speed_read(SpeedRead::previous_step));
+      },
+      "guided_three_lagged.pt");
 }
 
 TEST_CASE("A three-branch checkpoint is refused by a two-branch network, nothing changed",
@@ -234,6 +242,47 @@ TEST_CASE("A damaged checkpoint is refused by its checksum before LibTorch reads
   CHECK_THROWS_WITH(try_load(huge), Catch::Contains("truncated or extended"));
   CHECK(same_state(*net, *before));
   CHECK_NOTHROW(try_load(good));
+}
+
+TEST_CASE("A damaged archive behind a valid checksum is refused by its zip records' CRC-32 "
+          "and bounds before LibTorch parses it", "[checkpoint][bad-input]") {
+  auto net = small_net(39);
+  auto opt = make_sgd(net);
+  GuidedBalancer balancer(net);
+  train_steps(net, opt, balancer, 0, 2, 4);
+  const auto path = temp_file("to_rewrap.pt").string();
+  save_checkpoint(path, net, opt, balancer);
+  std::ifstream in(path, std::ios::binary);
+  const std::string file{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const std::string payload = file.substr(mmbalance::detail::kCheckpointHeader);
+  const auto damaged = temp_file("rewrapped.pt").string();
+  const auto before = net.clone();
+  auto try_load = [&](const std::string& archive) {
+    std::ofstream(damaged, std::ios::binary | std::ios::trunc) << with_checkpoint_header(archive);
+    load_checkpoint(damaged, net, opt, balancer);
+  };
+  // Little-endian fields of the zip format, read here by hand.
+  const auto u16 = [&](std::size_t at) {
+    return static_cast<std::size_t>(static_cast<unsigned char>(payload[at]) |
+                                    static_cast<unsigned char>(payload[at + 1]) << 8);
+  };
+  REQUIRE(payload.substr(0, 4) == std::string("PK\x03\x04", 4));  // the first record's local header
+  const std::string first_name = payload.substr(30, u16(26));
+  const std::size_t first_data = 30 + u16(26) + u16(28);
+  std::string flipped = payload;
+  flipped[first_data + 3] = static_cast<char>(flipped[first_data + 3] ^ 0x01);
+  CHECK_THROWS_WITH(try_load(flipped), Catch::Contains("checkpoint " + damaged + " is damaged: record " +
+                                                       first_name + " does not match its CRC-32"));
+  CHECK_THROWS_WITH(try_load(payload.substr(0, payload.size() - 1)),
+                    Catch::Contains("is damaged: its archive has no zip directory at its end"));
+  std::string far_directory = payload;  // the directory's offset (end record, byte 16) past the end
+  far_directory[payload.size() - 22 + 19] = static_cast<char>(0x7f);
+  CHECK_THROWS_WITH(try_load(far_directory), Catch::Contains("does not fit in its"));
+  std::string moved_record = payload;  // the first record's local header no longer where the directory says
+  moved_record[0] = 'X';
+  CHECK_THROWS_WITH(try_load(moved_record), Catch::Contains("record " + first_name + " has no local header at offset 0"));
+  CHECK(same_state(*net, *before));
+  CHECK_NOTHROW(try_load(payload));
 }
 
 TEST_CASE("A balancer state made for other parameter groups is rejected", "[checkpoint][bad-input]") {

@@ -3,6 +3,8 @@
 /// One-file checkpoints of a model, its optimizer and its balancer, with an architecture
 /// check on load.
 
+#include <algorithm>
+#include <array>
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
@@ -156,7 +158,105 @@ inline std::uint64_t get_u64(std::string_view in) {
   return v;
 }
 
-// The archive inside checkpoint `path`, after checking its header, size and checksum.
+// CRC-32 as zip files use it (IEEE polynomial, reflected).
+inline std::uint32_t crc32(std::string_view bytes) {
+  static const std::array<std::uint32_t, 256> table = [] {
+    std::array<std::uint32_t, 256> t{};
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  std::uint32_t c = 0xFFFFFFFFu;
+  for (const char ch : bytes) c = table[(c ^ static_cast<unsigned char>(ch)) & 0xFFu] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+// Checks the zip structure of a LibTorch archive and every record against its CRC-32
+// before LibTorch parses it: LibTorch's reader trusts both, and a damaged TorchScript
+// record can crash it (a payload re-wrapped behind a valid checksum reaches it). Every
+// offset and size is checked against the archive's length before it is used.
+inline void check_zip_records(std::string_view zip, const std::string& path) {
+  const auto fail = [&](const auto&... what) {
+    TORCH_CHECK(false, "checkpoint ", path, " is damaged: ", what...);
+  };
+  const auto u = [&](std::size_t at, int bytes) {
+    std::uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(zip[at + static_cast<std::size_t>(i)]);
+    return v;
+  };
+  const std::size_t size = zip.size();
+  // LibTorch writes no archive comment: the end-of-directory record is the last 22 bytes.
+  if (size < 22 || u(size - 22, 4) != 0x06054b50) fail("its archive has no zip directory at its end");
+  const std::size_t eocd = size - 22;
+  std::uint64_t entries = u(eocd + 10, 2), dir_size = u(eocd + 12, 4), dir_offset = u(eocd + 16, 4);
+  if (entries == 0xFFFF || dir_size == 0xFFFFFFFF || dir_offset == 0xFFFFFFFF) {
+    // Zip64: the locator just before names the zip64 end-of-directory record.
+    if (eocd < 20 || u(eocd - 20, 4) != 0x07064b50) fail("its archive's zip64 locator is missing");
+    const std::uint64_t record = u(eocd - 20 + 8, 8);
+    if (record > eocd || eocd - record < 56 || u(record, 4) != 0x06064b50) {
+      fail("its archive's zip64 directory record is missing");
+    }
+    entries = u(record + 32, 8);
+    dir_size = u(record + 40, 8);
+    dir_offset = u(record + 48, 8);
+  }
+  if (dir_offset > size || dir_size > size - dir_offset || entries > dir_size / 46) {
+    fail("its archive's zip directory (", entries, " entries, ", dir_size, " bytes at ",
+         dir_offset, ") does not fit in its ", size, " bytes");
+  }
+  std::size_t pos = dir_offset;
+  const std::size_t end = dir_offset + dir_size;
+  for (std::uint64_t e = 0; e < entries; ++e) {
+    if (end - pos < 46 || u(pos, 4) != 0x02014b50) fail("zip directory entry ", e, " is malformed");
+    const std::uint64_t method = u(pos + 10, 2), crc = u(pos + 16, 4);
+    std::uint64_t stored = u(pos + 20, 4), length = u(pos + 24, 4), local = u(pos + 42, 4);
+    const std::size_t name_length = u(pos + 28, 2), extra_length = u(pos + 30, 2),
+                      comment_length = u(pos + 32, 2);
+    if (46 + name_length + extra_length + comment_length > end - pos) {
+      fail("zip directory entry ", e, " runs past the directory");
+    }
+    std::string name;  // for messages: printable bytes only
+    for (const char c : zip.substr(pos + 46, std::min<std::size_t>(name_length, 80))) {
+      name += (c >= 32 && c < 127) ? c : '?';
+    }
+    // Zip64 sizes and offset, in this order, for the fields saturated above.
+    for (std::size_t x = pos + 46 + name_length; x + 4 <= pos + 46 + name_length + extra_length;) {
+      const std::size_t id = u(x, 2), data_length = u(x + 2, 2);
+      if (x + 4 + data_length > pos + 46 + name_length + extra_length) break;
+      if (id == 1) {
+        std::size_t field = x + 4;
+        for (std::uint64_t* v : {&length, &stored, &local}) {
+          if (*v != 0xFFFFFFFF) continue;
+          if (field + 8 > x + 4 + data_length) fail("record ", name, " has a short zip64 field");
+          *v = u(field, 8);
+          field += 8;
+        }
+      }
+      x += 4 + data_length;
+    }
+    // LibTorch stores tensor records and deflates its code; miniz checks a deflated
+    // record's CRC-32 when it inflates it, so here only its bounds are checked.
+    if (method != 0 && method != 8) fail("record ", name, " has compression method ", method);
+    if (method == 0 && stored != length) fail("record ", name, " is stored with two sizes");
+    if (local > size || size - local < 30 || u(local, 4) != 0x04034b50) {
+      fail("record ", name, " has no local header at offset ", local);
+    }
+    const std::uint64_t data = local + 30 + u(local + 26, 2) + u(local + 28, 2);
+    if (data > size || stored > size - data) {
+      fail("record ", name, " (", stored, " bytes at ", data, ") runs past the archive's end");
+    }
+    if (method == 0 && crc32(zip.substr(data, length)) != crc) {
+      fail("record ", name, " does not match its CRC-32");
+    }
+    pos += 46 + name_length + extra_length + comment_length;
+  }
+}
+
+// The archive inside checkpoint `path`, after checking its header, size and checksum, and
+// its zip records.
 inline std::string read_checkpoint_payload(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in, "cannot read checkpoint ", path, ": the file is missing or unreadable");
@@ -174,6 +274,7 @@ inline std::string read_checkpoint_payload(const std::string& path) {
               " (truncated or extended)");
   TORCH_CHECK(fnv1a(payload) == checksum, "checkpoint ", path,
               " is damaged: its contents do not match their checksum");
+  check_zip_records(payload, path);
   return std::string(payload);
 }
 
