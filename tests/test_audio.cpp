@@ -6,7 +6,14 @@
 #include <string>
 #include <vector>
 
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include <unistd.h>
+
 #include "spoken_digits/log_mel.h"
+#include "spoken_digits/spoken_digits_data.h"
 #include "spoken_digits/wav.h"
 #include "support.h"
 
@@ -28,6 +35,32 @@ std::string wav_bytes(const std::vector<std::int16_t>& samples, std::uint32_t ra
   for (std::int16_t s : samples) data += u16(static_cast<std::uint16_t>(s));
   const std::string body = "WAVE" + extra + fmt + data;
   return "RIFF" + u32(static_cast<std::uint32_t>(body.size())) + body;
+}
+
+namespace fs = std::filesystem;
+
+// A speech folder as scripts/make-speech writes it, with tones in place of words: speaker
+// k says digit d as a sine of 300 + 150 d Hz (0.3 s at 22050 Hz, amplitude 0.2 + 0.1 k).
+fs::path speech_fixture(const std::string& name, int speakers, std::uint32_t rate = 22050) {
+  const fs::path dir = fs::temp_directory_path() / ("mmbalance_speech_" + std::to_string(::getpid())) / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream tsv(dir / "speakers.tsv");
+  tsv << "# eSpeak NG text-to-speech: fixture\n# speaker\tvoice\tvariant\tspeed\tpitch\n";
+  for (int k = 0; k < speakers; ++k) {
+    const std::string speaker = "s00" + std::to_string(k);
+    tsv << speaker << "\ten-us\tm3\t150\t50\n";
+    fs::create_directories(dir / speaker);
+    for (int d = 0; d < 10; ++d) {
+      std::vector<std::int16_t> samples(6615);
+      for (std::size_t i = 0; i < samples.size(); ++i) {
+        samples[i] = static_cast<std::int16_t>(32767 * (0.2 + 0.1 * k) *
+                                               std::sin(2 * std::acos(-1.0) * (300.0 + 150.0 * d) * i / 22050.0));
+      }
+      std::ofstream(dir / speaker / (std::to_string(d) + ".wav"), std::ios::binary) << wav_bytes(samples, rate);
+    }
+  }
+  return dir;
 }
 
 }  // namespace
@@ -139,4 +172,108 @@ TEST_CASE("Log-mel spectrogram equals a naive DFT of Hann-windowed frames", "[au
     }
   }
   CHECK_THROWS_WITH(log_mel_spectrogram(at::zeros({10}), o), Catch::Contains("at least n_fft=32"));
+}
+
+TEST_CASE("Speakers are split disjointly, reproducibly from the seed", "[audio][speech]") {
+  std::vector<std::string> speakers;
+  for (int i = 0; i < 12; ++i) speakers.push_back("s" + std::to_string(100 + i));
+  const SpeakerSplit a = split_speakers(speakers, 2, 3, 7), b = split_speakers(speakers, 2, 3, 7);
+  CHECK(a.validation.size() == 2);
+  CHECK(a.test.size() == 3);
+  CHECK(a.train.size() == 7);
+  std::set<std::string> all(a.train.begin(), a.train.end());
+  all.insert(a.validation.begin(), a.validation.end());
+  all.insert(a.test.begin(), a.test.end());
+  CHECK(all.size() == 12);  // disjoint and complete
+  CHECK((a.train == b.train && a.validation == b.validation && a.test == b.test));
+  bool differs = false;  // another seed, another split (some seed of three differs)
+  for (std::uint64_t seed : {8, 9, 10}) differs = differs || split_speakers(speakers, 2, 3, seed).test != a.test;
+  CHECK(differs);
+  CHECK_THROWS_WITH(split_speakers(speakers, 6, 6, 1), Catch::Contains("cannot take 6 validation and 6 test speakers from 12"));
+}
+
+TEST_CASE("Noise is added at the stated SNR, from the generator", "[audio][speech]") {
+  at::Tensor clean = at::sin(at::arange(200000, at::kFloat) * 0.05) * 0.5;  // power 0.125
+  auto gen = at::detail::createCPUGenerator(3);
+  const at::Tensor noisy = add_noise(clean, 10.0, gen);
+  const double noise_power = (noisy - clean).to(at::kDouble).square().mean().item<double>();
+  CHECK(noise_power == Approx(0.0125).epsilon(0.02));  // 0.125 / 10^(10/10)
+  auto gen_again = at::detail::createCPUGenerator(3);
+  CHECK(torch::equal(add_noise(clean, 10.0, gen_again), noisy));
+  CHECK(torch::equal(add_noise(clean, std::numeric_limits<double>::infinity(), gen), clean));
+  const at::Tensor loud = add_noise(clean, -6.0, gen);  // noise 4x the signal's power
+  CHECK((loud - clean).square().mean().item<double>() == Approx(0.125 * std::pow(10.0, 0.6)).epsilon(0.02));
+}
+
+TEST_CASE("Clips are centred: padded with zeros or cropped to their middle", "[audio][speech]") {
+  const at::Tensor three = at::tensor({1.0f, 2.0f, 3.0f});
+  CHECK(torch::equal(centre(three, 7), at::tensor({0.0f, 0.0f, 1.0f, 2.0f, 3.0f, 0.0f, 0.0f})));
+  CHECK(torch::equal(centre(three, 4), at::tensor({1.0f, 2.0f, 3.0f, 0.0f})));
+  CHECK(torch::equal(centre(at::arange(1, 8, at::kFloat), 3), at::tensor({3.0f, 4.0f, 5.0f})));
+}
+
+TEST_CASE("Spoken digits load as log-mel features of every speaker's ten words", "[audio][speech]") {
+  const fs::path dir = speech_fixture("ok", 3);
+  const auto speakers = read_speakers(dir);
+  REQUIRE(speakers == std::vector<std::string>{"s000", "s001", "s002"});
+  const SpeechOptions clean = SpeechOptions().snr_db(std::numeric_limits<double>::infinity()).frames(40);
+  const SpokenDigits d = load_spoken_digits(dir, {"s002", "s000"}, clean, 1);
+  REQUIRE(d.features.sizes() == at::IntArrayRef({20, 1, 40, 40}));
+  for (int i = 0; i < 20; ++i) {
+    CHECK(d.digits[i].item<std::int64_t>() == i % 10);
+    CHECK(d.speakers[i].item<std::int64_t>() == i / 10);
+  }
+  // Tone frequency rises with the digit, so the loudest mel band does too.
+  std::int64_t last_band = -1;
+  for (int digit = 0; digit < 10; ++digit) {
+    const std::int64_t band = d.features[digit][0].mean(1).argmax().item<std::int64_t>();
+    CHECK(band >= last_band);
+    last_band = band;
+  }
+  CHECK(last_band > d.features[0][0].mean(1).argmax().item<std::int64_t>());
+  // Noise: reproducible from the seed, other with another seed, and it fills the silence.
+  const SpeechOptions noisy = SpeechOptions().snr_db(0).frames(40);
+  const SpokenDigits n1 = load_spoken_digits(dir, {"s000"}, noisy, 5);
+  CHECK(torch::equal(n1.features, load_spoken_digits(dir, {"s000"}, noisy, 5).features));
+  CHECK_FALSE(torch::equal(n1.features, load_spoken_digits(dir, {"s000"}, noisy, 6).features));
+  const SpokenDigits c1 = load_spoken_digits(dir, {"s000"}, clean, 5);
+  CHECK(n1.features.select(3, 0).mean().item<double>() > c1.features.select(3, 0).mean().item<double>() + 5);
+}
+
+TEST_CASE("Each image is paired with a clip of its label, drawn over the split's clips",
+          "[audio][speech]") {
+  const fs::path dir = speech_fixture("pairs", 3);
+  const SpokenDigits clips = load_spoken_digits(dir, {"s000", "s001", "s002"}, SpeechOptions().frames(8), 1);
+  auto gen = at::detail::createCPUGenerator(2);
+  const at::Tensor labels = at::randint(10, {600}, gen, at::kLong);
+  const at::Tensor picks = pair_with_clips(labels, clips, gen);
+  CHECK(torch::equal(clips.digits.index_select(0, picks), labels));
+  const at::Tensor per_speaker = at::bincount(clips.speakers.index_select(0, picks), {}, 3);
+  for (int s = 0; s < 3; ++s) CHECK(per_speaker[s].item<std::int64_t>() > 150);  // ~200 each
+  CHECK_THROWS_WITH(pair_with_clips(at::tensor({3, 10}, at::kLong), clips, gen),
+                    Catch::Contains("labels must be digits 0..9"));
+}
+
+TEST_CASE("Speech folders that are damaged are refused, naming the file", "[audio][speech][bad-input]") {
+  const fs::path dir = speech_fixture("bad", 2);
+  const std::string tsv = (dir / "speakers.tsv").string();
+  const auto write_tsv = [&](const std::string& text) { std::ofstream(tsv) << text; };
+  write_tsv("# v\n../../etc\tx\n");
+  CHECK_THROWS_WITH(read_speakers(dir), Catch::Contains(tsv + " line 2: '../../etc' is not a speaker folder name"));
+  write_tsv("s000\tx\ns000\ty\n");
+  CHECK_THROWS_WITH(read_speakers(dir), Catch::Contains(tsv + " line 2: speaker s000 is listed twice"));
+  write_tsv("# only comments\n");
+  CHECK_THROWS_WITH(read_speakers(dir), Catch::Contains(tsv + ": no speakers listed"));
+  fs::remove(tsv);
+  CHECK_THROWS_WITH(read_speakers(dir), Catch::Contains("cannot open " + tsv));
+
+  fs::remove(dir / "s001" / "7.wav");
+  CHECK_THROWS_WITH(load_spoken_digits(dir, {"s000", "s001"}, SpeechOptions(), 1),
+                    Catch::Contains("cannot open " + (dir / "s001" / "7.wav").string()));
+  const fs::path other_rate = speech_fixture("rate", 1, 16000);
+  CHECK_THROWS_WITH(load_spoken_digits(other_rate, {"s000"}, SpeechOptions(), 1),
+                    Catch::Contains((other_rate / "s000" / "0.wav").string() + ": sample rate 16000, expected 22050"));
+  std::ofstream(dir / "s000" / "3.wav", std::ios::binary) << "RIFF\x10\0\0\0WAVEfmt ";
+  CHECK_THROWS_WITH(load_spoken_digits(dir, {"s000"}, SpeechOptions(), 1),
+                    Catch::Contains((dir / "s000" / "3.wav").string()));
 }
