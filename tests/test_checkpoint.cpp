@@ -275,12 +275,22 @@ TEST_CASE("A damaged archive behind a valid checksum is refused by its zip recor
                                                        first_name + " does not match its CRC-32"));
   CHECK_THROWS_WITH(try_load(payload.substr(0, payload.size() - 1)),
                     Catch::Contains("is damaged: its archive has no zip directory at its end"));
-  std::string far_directory = payload;  // the directory's offset (end record, byte 16) past the end
-  far_directory[payload.size() - 22 + 19] = static_cast<char>(0x7f);
-  CHECK_THROWS_WITH(try_load(far_directory), Catch::Contains("does not fit in its"));
   std::string moved_record = payload;  // the first record's local header no longer where the directory says
   moved_record[0] = 'X';
   CHECK_THROWS_WITH(try_load(moved_record), Catch::Contains("record " + first_name + " has no local header at offset 0"));
+  // The zip64 end record (LibTorch writes one; its locator is the 20 bytes before the end
+  // record and names its offset) pointing at another directory than the end record does.
+  const std::size_t locator = payload.size() - 22 - 20;
+  REQUIRE(payload.substr(locator, 4) == std::string("PK\x06\x07", 4));
+  std::size_t zip64_record = 0;
+  for (int i = 7; i >= 0; --i) zip64_record = (zip64_record << 8) | static_cast<unsigned char>(payload[locator + 8 + static_cast<std::size_t>(i)]);
+  std::string far_directory = payload;  // the directory's offset past the end, in both records
+  far_directory[payload.size() - 22 + 19] = static_cast<char>(0x7f);
+  far_directory[zip64_record + 48 + 3] = static_cast<char>(0x7f);
+  CHECK_THROWS_WITH(try_load(far_directory), Catch::Contains("does not fit in its"));
+  std::string other_directory = payload;
+  other_directory[zip64_record + 48] = static_cast<char>(other_directory[zip64_record + 48] ^ 0x08);
+  CHECK_THROWS_WITH(try_load(other_directory), Catch::Contains("its archive's two zip directory records disagree"));
   CHECK(same_state(*net, *before));
   CHECK_NOTHROW(try_load(payload));
 }

@@ -174,10 +174,10 @@ inline std::uint32_t crc32(std::string_view bytes) {
   return c ^ 0xFFFFFFFFu;
 }
 
-// Checks the zip structure of a LibTorch archive and every record against its CRC-32
-// before LibTorch parses it: LibTorch's reader trusts both, and a damaged TorchScript
-// record can crash it (a payload re-wrapped behind a valid checksum reaches it). Every
-// offset and size is checked against the archive's length before it is used.
+// Checks the zip structure of a LibTorch archive and every stored (uncompressed) record
+// against its CRC-32 before LibTorch parses it: LibTorch's reader trusts both, and a
+// damaged record can crash it (a payload re-wrapped behind a valid checksum reaches it).
+// Every offset and size is checked against the archive's length before it is used.
 inline void check_zip_records(std::string_view zip, const std::string& path) {
   const auto fail = [&](const auto&... what) {
     TORCH_CHECK(false, "checkpoint ", path, " is damaged: ", what...);
@@ -192,16 +192,26 @@ inline void check_zip_records(std::string_view zip, const std::string& path) {
   if (size < 22 || u(size - 22, 4) != 0x06054b50) fail("its archive has no zip directory at its end");
   const std::size_t eocd = size - 22;
   std::uint64_t entries = u(eocd + 10, 2), dir_size = u(eocd + 12, 4), dir_offset = u(eocd + 16, 4);
-  if (entries == 0xFFFF || dir_size == 0xFFFFFFFF || dir_offset == 0xFFFFFFFF) {
-    // Zip64: the locator just before names the zip64 end-of-directory record.
-    if (eocd < 20 || u(eocd - 20, 4) != 0x07064b50) fail("its archive's zip64 locator is missing");
+  // Zip64 (LibTorch always writes it): a locator just before names the zip64
+  // end-of-directory record, which miniz reads in place of the fields above; they must
+  // agree where those are not saturated, so that this walks the directory miniz walks.
+  const bool saturated = entries == 0xFFFF || dir_size == 0xFFFFFFFF || dir_offset == 0xFFFFFFFF;
+  if (eocd >= 20 && u(eocd - 20, 4) == 0x07064b50) {
     const std::uint64_t record = u(eocd - 20 + 8, 8);
     if (record > eocd || eocd - record < 56 || u(record, 4) != 0x06064b50) {
       fail("its archive's zip64 directory record is missing");
     }
-    entries = u(record + 32, 8);
-    dir_size = u(record + 40, 8);
-    dir_offset = u(record + 48, 8);
+    const std::uint64_t entries64 = u(record + 32, 8), size64 = u(record + 40, 8),
+                        offset64 = u(record + 48, 8);
+    if ((entries != 0xFFFF && entries != entries64) || (dir_size != 0xFFFFFFFF && dir_size != size64) ||
+        (dir_offset != 0xFFFFFFFF && dir_offset != offset64)) {
+      fail("its archive's two zip directory records disagree");
+    }
+    entries = entries64;
+    dir_size = size64;
+    dir_offset = offset64;
+  } else if (saturated) {
+    fail("its archive's zip64 locator is missing");
   }
   if (dir_offset > size || dir_size > size - dir_offset || entries > dir_size / 46) {
     fail("its archive's zip directory (", entries, " entries, ", dir_size, " bytes at ",
@@ -237,8 +247,9 @@ inline void check_zip_records(std::string_view zip, const std::string& path) {
       }
       x += 4 + data_length;
     }
-    // LibTorch stores tensor records and deflates its code; miniz checks a deflated
-    // record's CRC-32 when it inflates it, so here only its bounds are checked.
+    // LibTorch stores tensor records and deflates its TorchScript code. A deflated
+    // record's bounds are checked here, not its CRC-32 (that needs inflating it, and
+    // LibTorch builds miniz without the check): damage inside one still reaches LibTorch.
     if (method != 0 && method != 8) fail("record ", name, " has compression method ", method);
     if (method == 0 && stored != length) fail("record ", name, " is stored with two sizes");
     if (local > size || size - local < 30 || u(local, 4) != 0x04034b50) {
