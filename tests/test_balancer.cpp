@@ -5,6 +5,7 @@
 #include <memory>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <utility>
 
 #include "support.h"
@@ -724,7 +725,9 @@ TEST_CASE("Balancer::load refuses damaged three-branch records, naming the field
     torch::serialize::InputArchive in;
     in.load_from(saved_bytes_stream);
     torch::serialize::OutputArchive out;
-    for (const auto& key : in.keys()) {
+    auto keys = in.keys();
+    if (std::find(keys.begin(), keys.end(), replaced) == keys.end()) keys.push_back(replaced);
+    for (const auto& key : keys) {
       at::Tensor t;
       c10::IValue v;
       if (key == replaced) {
@@ -768,10 +771,45 @@ TEST_CASE("Balancer::load refuses damaged three-branch records, naming the field
       {with("total_counts", at::tensor({1, -2, 0, 0}, at::kLong)), "negative step counts"},
       {with("group_numel", at::full({6}, NAN, at::kDouble)), "(not integers: [6])"},
       {with("accumulated", at::zeros({4}, at::kDouble)), "accumulators must have 6 entries"},
+      {with("accumulated", at::zeros({6}, at::kComplexDouble)), "accumulators must have 6 entries"},
+      {with("lagged_accumulated", at::zeros({6}, at::kDouble)), "pending for SpeedRead::previous_step"},
   };
   for (const auto& [archive, message] : cases) {
     CAPTURE(message);
     CHECK_THROWS_WITH(balancer.load(*archive), Catch::Contains(message));
     CHECK(saved_bytes(balancer) == before);
   }
+}
+
+namespace {
+
+// Holds branch 1 on its first call; throws on its second, after changing its own state.
+struct ThrowsOnSecondCall {
+  int calls = 0;
+  StepPlan next_plan() {
+    if (++calls == 2) throw std::runtime_error("policy failed");
+    return StepPlan::hold(1);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("A policy that throws, or a plan out of range, leaves the policy and the staged gates "
+          "as they were", "[balancer][n-way][bad-input]") {
+  ThreeWay net = small_three_way(98);
+  auto opt = make_sgd(net);
+  Balancer<ThrowsOnSecondCall> balancer(net, ThrowsOnSecondCall(), BalancerOptions().warmup_epochs(0));
+  train_plans(net, opt, balancer, 0, 1, 100);  // the first call: branch 1 held
+  // Gates staged by a forward pass of the user's own in training mode, before next_plan.
+  net->forward(n_way_batch(3, 4, 9).inputs);
+  std::vector<at::Tensor> staged;
+  for (auto& m : net->gate_means()) staged.push_back(m->staged().clone());
+  REQUIRE(staged.front()[-1].item<double>() == 4);  // four rows staged, the count last
+  CHECK_THROWS_WITH(balancer.next_plan(), Catch::Contains("policy failed"));
+  CHECK(balancer.policy().calls == 1);
+  for (std::size_t i = 0; i < staged.size(); ++i) CHECK(torch::equal(net->gate_means()[i]->staged(), staged[i]));
+
+  Balancer<HoldsBranchSevenFirst> out_of_range(net, HoldsBranchSevenFirst(), BalancerOptions().warmup_epochs(0));
+  CHECK_THROWS_WITH(out_of_range.next_plan(), Catch::Contains("holds branch 7"));
+  for (std::size_t i = 0; i < staged.size(); ++i) CHECK(torch::equal(net->gate_means()[i]->staged(), staged[i]));
 }

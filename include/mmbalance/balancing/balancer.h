@@ -342,7 +342,8 @@ class Balancer {
                 options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
                 "; resume with the options the run started with");
     const at::Tensor accumulated = read_tensor("accumulated");
-    TORCH_CHECK(accumulated.dim() == 1 && accumulated.numel() == static_cast<std::int64_t>(meter_.num_groups()),
+    TORCH_CHECK(accumulated.dim() == 1 && accumulated.is_floating_point() &&
+                    accumulated.numel() == static_cast<std::int64_t>(meter_.num_groups()),
                 "Balancer::load: accumulators must have ", meter_.num_groups(), " entries, got ",
                 detail::shape_string(accumulated));
     const std::vector<std::int64_t> epoch_counts = counts_vector(read_tensor("epoch_counts"));
@@ -370,6 +371,9 @@ class Balancer {
                                     lagged.numel() == static_cast<std::int64_t>(meter_.num_groups())),
                 "Balancer::load: the pending speeds record must hold ", meter_.num_groups(),
                 " numbers, got ", detail::shape_string(lagged));
+    TORCH_CHECK(!lagged_pending || options_.speed_read() == SpeedRead::previous_step,
+                "Balancer::load: the record holds speeds pending for SpeedRead::previous_step, "
+                "this balancer reads them with same_step");
     if (lagged_pending) lagged = lagged.to(at::kDouble).contiguous();
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
