@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 
 #include <unistd.h>
@@ -203,6 +204,12 @@ TEST_CASE("Noise is added at the stated SNR, from the generator", "[audio][speec
   CHECK(torch::equal(add_noise(clean, std::numeric_limits<double>::infinity(), gen), clean));
   const at::Tensor loud = add_noise(clean, -6.0, gen);  // noise 4x the signal's power
   CHECK((loud - clean).square().mean().item<double>() == Approx(0.125 * std::pow(10.0, 0.6)).epsilon(0.02));
+  // Padded with as many zeros again: the SNR is still the word's, not the padded clip's.
+  const at::Tensor padded = at::cat({clean, at::zeros_like(clean)});
+  const at::Tensor noisy_padded = add_noise(padded, 10.0, gen, clean);
+  CHECK((noisy_padded - padded).to(at::kDouble).square().mean().item<double>() == Approx(0.0125).epsilon(0.02));
+  CHECK_THROWS_WITH(add_noise(clean, -std::numeric_limits<double>::infinity(), gen),
+                    Catch::Contains("SNR must be a number of dB or +infinity"));
 }
 
 TEST_CASE("Clips are centred: padded with zeros or cropped to their middle", "[audio][speech]") {
@@ -238,6 +245,14 @@ TEST_CASE("Spoken digits load as log-mel features of every speaker's ten words",
   CHECK_FALSE(torch::equal(n1.features, load_spoken_digits(dir, {"s000"}, noisy, 6).features));
   const SpokenDigits c1 = load_spoken_digits(dir, {"s000"}, clean, 5);
   CHECK(n1.features.select(3, 0).mean().item<double>() > c1.features.select(3, 0).mean().item<double>() + 5);
+  // A clip's noise follows its speaker, not its position in the list: s000 loaded second
+  // gets the same features; s001, at s000's position, other noise (not the same noise
+  // scaled, which would shift the silent first frame's log-mel by one constant).
+  const SpokenDigits n2 = load_spoken_digits(dir, {"s001", "s000"}, noisy, 5);
+  CHECK(torch::equal(n2.features.narrow(0, 10, 10), n1.features));
+  const at::Tensor shift = n2.features[0][0].select(1, 0) - n1.features[0][0].select(1, 0);
+  CHECK(shift.std().item<double>() > 0.1);
+  fs::remove_all(dir);
 }
 
 TEST_CASE("Each image is paired with a clip of its label, drawn over the split's clips",
@@ -252,6 +267,7 @@ TEST_CASE("Each image is paired with a clip of its label, drawn over the split's
   for (int s = 0; s < 3; ++s) CHECK(per_speaker[s].item<std::int64_t>() > 150);  // ~200 each
   CHECK_THROWS_WITH(pair_with_clips(at::tensor({3, 10}, at::kLong), clips, gen),
                     Catch::Contains("labels must be digits 0..9"));
+  fs::remove_all(dir);
 }
 
 TEST_CASE("Speech folders that are damaged are refused, naming the file", "[audio][speech][bad-input]") {
@@ -273,7 +289,12 @@ TEST_CASE("Speech folders that are damaged are refused, naming the file", "[audi
   const fs::path other_rate = speech_fixture("rate", 1, 16000);
   CHECK_THROWS_WITH(load_spoken_digits(other_rate, {"s000"}, SpeechOptions(), 1),
                     Catch::Contains((other_rate / "s000" / "0.wav").string() + ": sample rate 16000, expected 22050"));
-  std::ofstream(dir / "s000" / "3.wav", std::ios::binary) << "RIFF\x10\0\0\0WAVEfmt ";
+  const std::string truncated("RIFF\x10\0\0\0WAVEfmt ", 16);  // a format chunk cut off
+  std::ofstream(dir / "s000" / "3.wav", std::ios::binary).write(truncated.data(), 16);
   CHECK_THROWS_WITH(load_spoken_digits(dir, {"s000"}, SpeechOptions(), 1),
-                    Catch::Contains((dir / "s000" / "3.wav").string()));
+                    Catch::Contains("WAV file " + (dir / "s000" / "3.wav").string() + ": no data chunk"));
+  CHECK_THROWS_WITH(load_spoken_digits(dir, {"s000"}, SpeechOptions().hop(1 << 30), 1),
+                    Catch::Contains("hop in 1..65536"));
+  fs::remove_all(dir);
+  fs::remove_all(other_rate);
 }

@@ -6,10 +6,12 @@
 // with a clip of its label spoken by one of that split's speakers.
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <string>
@@ -61,6 +63,10 @@ inline std::vector<std::string> read_speakers(const std::filesystem::path& dir) 
   const auto path = dir / "speakers.tsv";
   std::ifstream in(path);
   TORCH_CHECK(in, "cannot open ", path.string(), ": run scripts/make-speech first");
+  std::error_code error;
+  const std::uintmax_t bytes = std::filesystem::file_size(path, error);
+  TORCH_CHECK(!error && bytes <= (16u << 20), path.string(), ": ",
+              error ? "not a regular file" : "larger than the 16 MiB a speaker list may have");
   std::vector<std::string> names;
   std::set<std::string> seen;
   std::string line;
@@ -68,6 +74,7 @@ inline std::vector<std::string> read_speakers(const std::filesystem::path& dir) 
   while (std::getline(in, line)) {
     ++number;
     TORCH_CHECK(number <= 100000, path.string(), ": more than 100000 lines");
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // written on Windows
     if (line.empty() || line[0] == '#') continue;
     const std::string name = line.substr(0, line.find('\t'));
     const bool valid = !name.empty() && name.size() <= 64 &&
@@ -103,11 +110,15 @@ inline SpeakerSplit split_speakers(const std::vector<std::string>& speakers,
   return split;
 }
 
-/// `samples` plus white Gaussian noise whose power is the samples' mean power divided by
-/// 10^(snr_db / 10). A silent clip or an infinite SNR gets no noise.
-inline at::Tensor add_noise(const at::Tensor& samples, double snr_db, at::Generator& gen) {
-  TORCH_CHECK(!std::isnan(snr_db), "SNR must be a number of dB, got NaN");
-  const double power = samples.to(at::kDouble).square().mean().item<double>();
+/// `samples` plus white Gaussian noise whose power is the word's mean power divided by
+/// 10^(snr_db / 10): `word` is the clip before padding (by default `samples` itself), so
+/// the SNR is that of the word whatever the padding. A silent word or an SNR of +infinity
+/// gets no noise.
+inline at::Tensor add_noise(const at::Tensor& samples, double snr_db, at::Generator& gen,
+                            const at::Tensor& word = {}) {
+  TORCH_CHECK(!std::isnan(snr_db) && snr_db != -std::numeric_limits<double>::infinity(),
+              "SNR must be a number of dB or +infinity, got ", snr_db);
+  const double power = (word.defined() ? word : samples).to(at::kDouble).square().mean().item<double>();
   if (std::isinf(snr_db) || power == 0) return samples.clone();
   const double noise_std = std::sqrt(power / std::pow(10.0, snr_db / 10.0));
   return samples + noise_std * at::randn(samples.sizes(), gen, samples.options());
@@ -122,17 +133,33 @@ inline at::Tensor centre(const at::Tensor& samples, std::int64_t length) {
   return at::constant_pad_nd(samples, {left, length - n - left}, 0.0);
 }
 
+/// The noise generator's seed of one clip: from the run's seed, the speaker's name and the
+/// digit (not the clip's position in a list: no two clips share noise, whichever lists
+/// they are loaded in).
+inline std::uint64_t clip_seed(std::uint64_t seed, const std::string& speaker, std::int64_t digit) {
+  std::uint64_t h = 0xcbf29ce484222325ULL ^ seed;  // FNV-1a over the name, then the digit
+  for (const char c : speaker + "/" + std::to_string(digit)) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
 /// Features of every digit 0..9 of `speakers` (folders of `dir`): each WAV centred in
-/// `frames` frames, noise at `snr_db` added (drawn from `seed` and the clip's position, so
-/// a rerun gets the same), log-mel. Every file must have `sample_rate`.
+/// `frames` frames, noise at `snr_db` (relative to the word) added, drawn from
+/// `clip_seed(seed, speaker, digit)` so a rerun gets the same, log-mel. Every file must
+/// have `sample_rate`.
 inline SpokenDigits load_spoken_digits(const std::filesystem::path& dir,
                                        const std::vector<std::string>& speakers,
                                        const SpeechOptions& o, std::uint64_t seed) {
   TORCH_CHECK(!speakers.empty(), "load_spoken_digits: no speakers");
-  TORCH_CHECK(o.frames() >= 1 && o.frames() <= 10000, "SpeechOptions: frames must be in 1..10000, got ",
-              o.frames());
+  TORCH_CHECK(o.frames() >= 1 && o.frames() <= 10000 && o.hop() >= 1 && o.hop() <= 65536 &&
+                  o.n_fft() >= 2 && o.n_fft() <= 65536,
+              "SpeechOptions: frames must be in 1..10000, hop in 1..65536 and n_fft in 2..65536, "
+              "got ", o.frames(), ", ", o.hop(), ", ", o.n_fft());
   const LogMelOptions mel = LogMelOptions(o.sample_rate()).n_fft(o.n_fft()).hop(o.hop())
                                 .n_mels(o.n_mels()).f_max(o.f_max());
+  mel_filter_bank(mel);  // checks the remaining options before any file is read
   const std::int64_t length = o.hop() * (o.frames() - 1) + o.n_fft();
   std::vector<at::Tensor> features;
   std::vector<std::int64_t> digits, owners;
@@ -142,8 +169,8 @@ inline SpokenDigits load_spoken_digits(const std::filesystem::path& dir,
       const Wave wave = read_wav(path);
       TORCH_CHECK(wave.sample_rate == o.sample_rate(), "WAV file ", path.string(), ": sample rate ",
                   wave.sample_rate, ", expected ", o.sample_rate());
-      auto gen = at::detail::createCPUGenerator(seed * 1000003ULL + s * 10 + static_cast<std::uint64_t>(digit));
-      const at::Tensor noisy = add_noise(centre(wave.samples, length), o.snr_db(), gen);
+      auto gen = at::detail::createCPUGenerator(clip_seed(seed, speakers[s], digit));
+      const at::Tensor noisy = add_noise(centre(wave.samples, length), o.snr_db(), gen, wave.samples);
       features.push_back(log_mel_spectrogram(noisy, mel).unsqueeze(0));
       digits.push_back(digit);
       owners.push_back(static_cast<std::int64_t>(s));
