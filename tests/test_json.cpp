@@ -37,3 +37,32 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
   const nlohmann::json counts = step_counts_json(StepCounts{5, 2, 1});
   CHECK(counts == nlohmann::json{{"regular", 5}, {"rebalance_m0", 2}, {"rebalance_m1", 1}});
 }
+
+TEST_CASE("N-branch speeds, utilization and plan counts convert to JSON", "[json]") {
+  // accumulators θ_0 θ_1 θ_2, then θ_0' θ_1' θ_2': s = log10(100/1), log10(1/1), undefined
+  const nlohmann::json speed = NWaySpeedSummary::from_accumulators({1.0, 1.0, 0.0, 100.0, 1.0, 3.0});
+  CHECK(speed["speeds"][0].get<double>() == 2.0);
+  CHECK(speed["speeds"][1].get<double>() == 0.0);
+  CHECK(speed["speeds"][2].is_null());
+  CHECK(speed["imbalance"].is_null());  // a speed is undefined
+  CHECK(speed["fastest"].get<std::int64_t>() == -1);
+  const nlohmann::json defined = NWaySpeedSummary::from_speeds({0.5, -0.25, 0.25});
+  CHECK(defined["imbalance"].get<double>() == 0.75);
+  CHECK(defined["fastest"].get<std::int64_t>() == 0);
+
+  NWayUtilizationReport r;
+  r.accuracy = 0.5;
+  r.head_accuracy = {0.5, 0.25, 0.0};
+  r.cut_accuracy = {0.25, 0.25, 0.0};
+  r.utilization = {0.5, 0.0, NAN};
+  r.samples = 4;
+  const nlohmann::json j = r;
+  CHECK(j["head_accuracy"] == nlohmann::json::array({0.5, 0.25, 0.0}));
+  CHECK(j["utilization"][0].get<double>() == 0.5);
+  CHECK(j["utilization"][2].is_null());
+  CHECK(j["d_util"].is_null());
+  CHECK(j["samples"].get<std::int64_t>() == 4);
+
+  CHECK(plan_counts_json({7, 1, 2, 3}) ==
+        nlohmann::json{{"regular", 7}, {"rebalance_m0", 1}, {"rebalance_m1", 2}, {"rebalance_m2", 3}});
+}

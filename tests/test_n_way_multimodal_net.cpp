@@ -323,4 +323,9 @@ TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
   CHECK(StepPlan::from(StepKind::rebalance_m1) == StepPlan::hold(1));
   CHECK_FALSE(StepPlan::hold(0) == StepPlan::hold(1));
   CHECK(StepPlan::hold(2).held_branch() == std::optional<std::size_t>(2));
+  CHECK(to_step_kind(StepPlan::regular()) == StepKind::regular);
+  CHECK(to_step_kind(StepPlan::hold(0)) == StepKind::rebalance_m0);
+  CHECK(to_step_kind(StepPlan::hold(1)) == StepKind::rebalance_m1);
+  CHECK_THROWS_WITH(to_step_kind(StepPlan::hold(2)),
+                    Catch::Contains("holds branch 2; a two-branch step holds branch 0 or 1"));
 }

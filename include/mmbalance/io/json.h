@@ -4,12 +4,16 @@
 /// umbrella header: include it (and link `mmbalance::json`) where you write JSON.
 
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "mmbalance/balancing/balancer.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/metrics/n_way_utilization_probe.h"
 #include "mmbalance/metrics/utilization_probe.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 
@@ -18,13 +22,19 @@ inline nlohmann::json number_or_null(double v) {
   return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
 }
 
-/// {"regular": n, "rebalance_m0": n, "rebalance_m1": n}, named by `to_string(StepKind)`.
-inline nlohmann::json step_counts_json(const StepCounts& counts) {
+/// Steps per plan, [regular, branch 0 held, ..., branch N-1 held] as the `Balancer`
+/// counts them, as {"regular": n, "rebalance_m0": n, ...}, named by `to_string(StepPlan)`.
+inline nlohmann::json plan_counts_json(const std::vector<std::int64_t>& counts) {
   nlohmann::json j = nlohmann::json::object();
-  for (int k = 0; k < kNumStepKinds; ++k) {
-    j[std::string(to_string(static_cast<StepKind>(k)))] = counts[static_cast<std::size_t>(k)];
+  for (std::size_t i = 0; i < counts.size(); ++i) {
+    j[to_string(i == 0 ? StepPlan::regular() : StepPlan::hold(i - 1))] = counts[i];
   }
   return j;
+}
+
+/// {"regular": n, "rebalance_m0": n, "rebalance_m1": n}: `plan_counts_json` of two branches.
+inline nlohmann::json step_counts_json(const StepCounts& counts) {
+  return plan_counts_json(std::vector<std::int64_t>(counts.begin(), counts.end()));
 }
 
 inline void to_json(nlohmann::json& j, const SpeedSummary& s) {
@@ -41,6 +51,29 @@ inline void to_json(nlohmann::json& j, const UtilizationReport& r) {
        {"accuracy1_cut", number_or_null(r.accuracy1_cut)},
        {"u_m1_given_m0", number_or_null(r.u_m1_given_m0)},
        {"u_m0_given_m1", number_or_null(r.u_m0_given_m1)},
+       {"d_util", number_or_null(r.d_util)},
+       {"samples", r.samples}};
+}
+
+/// {"speeds": [s_0, ...], "imbalance": ..., "fastest": k}; undefined speeds are null.
+inline void to_json(nlohmann::json& j, const NWaySpeedSummary& s) {
+  nlohmann::json speeds = nlohmann::json::array();
+  for (const double v : s.speeds) speeds.push_back(number_or_null(v));
+  j = {{"speeds", speeds}, {"imbalance", number_or_null(s.imbalance)}, {"fastest", s.fastest}};
+}
+
+/// {"accuracy", "head_accuracy": [...], "cut_accuracy": [...], "utilization": [u_0, ...],
+/// "d_util", "samples"}; undefined values are null.
+inline void to_json(nlohmann::json& j, const NWayUtilizationReport& r) {
+  const auto numbers = [](const std::vector<double>& v) {
+    nlohmann::json a = nlohmann::json::array();
+    for (const double x : v) a.push_back(number_or_null(x));
+    return a;
+  };
+  j = {{"accuracy", number_or_null(r.accuracy)},
+       {"head_accuracy", numbers(r.head_accuracy)},
+       {"cut_accuracy", numbers(r.cut_accuracy)},
+       {"utilization", numbers(r.utilization)},
        {"d_util", number_or_null(r.d_util)},
        {"samples", r.samples}};
 }

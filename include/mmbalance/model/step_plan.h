@@ -8,6 +8,8 @@
 #include <ostream>
 #include <string>
 
+#include <c10/util/Exception.h>
+
 #include "mmbalance/model/step_kind.h"
 
 namespace mmbalance {
@@ -42,6 +44,16 @@ class StepPlan {
   constexpr explicit StepPlan(std::size_t branch) : held_(branch) {}
   std::optional<std::size_t> held_;
 };
+
+/// The `StepKind` of a plan of a two-branch network (the inverse of `StepPlan::from`); a
+/// plan holding a branch other than 0 or 1 throws, naming it.
+inline StepKind to_step_kind(const StepPlan& plan) {
+  if (plan.is_regular()) return StepKind::regular;
+  const std::size_t held = *plan.held_branch();
+  TORCH_CHECK(held < 2, "to_step_kind: the plan holds branch ", held,
+              "; a two-branch step holds branch 0 or 1");
+  return held == 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
+}
 
 /// "regular" or "rebalance_m<k>" (branch k held), the names of `StepKind` for N = 2.
 inline std::string to_string(const StepPlan& plan) {
