@@ -111,13 +111,13 @@ TEST_CASE("Colored splits: colour follows the label in training only", "[data]")
   CHECK(s.train.size() == 300);
   CHECK(s.validation.size() == 100);
   CHECK(s.test.size() == 200);
-  CHECK(s.train.x0.sizes().vec() == std::vector<int64_t>{300, 3, 28, 28});
+  CHECK(s.train.x[0].sizes().vec() == std::vector<int64_t>{300, 3, 28, 28});
   // Without noise a training colour is exactly the label's palette colour.
-  const auto colour = (s.train.x0 / s.train.x1).mean({2, 3});
+  const auto colour = (s.train.x[0] / s.train.x[1]).mean({2, 3});
   CHECK(torch::allclose(colour, palette().index_select(0, s.train.y), 1e-4, 1e-5));
   // In test the colour is independent of the label: it matches the label's colour
   // about one time in ten.
-  const auto test_colour = (s.test.x0 / s.test.x1).mean({2, 3});
+  const auto test_colour = (s.test.x[0] / s.test.x[1]).mean({2, 3});
   const auto same = (test_colour - palette().index_select(0, s.test.y)).abs().amax(1).lt(1e-4);
   CHECK(same.sum().item<int64_t>() < 50);
   CHECK_THROWS_WITH(make_colored_splits(gray, test, 300, 200, 0.0, 5),

@@ -37,7 +37,7 @@ inline Split colorize(const LabelledImages& gray, bool colour_follows_label, dou
   const at::Tensor colour =
       (palette().index_select(0, index) + std::sqrt(variance) * at::randn({n, 3}, gen))
           .clamp(0, 1);
-  return {gray.images * colour.view({n, 3, 1, 1}), gray.images, gray.labels};
+  return {{gray.images * colour.view({n, 3, 1, 1}), gray.images}, gray.labels};
 }
 
 inline LabelledImages take(const LabelledImages& d, const at::Tensor& index) {

@@ -88,29 +88,49 @@ struct CommonFlags {
   }
 };
 
-/// Trains `net` with the policy `cfg.policy` names; returns the summary (empty on ranks
-/// other than 0).
+/// Trains `net` with the policy `cfg.policy` names (the two-branch policies for a
+/// `MultiModalNet`, their N-branch forms for an `NWayMultiModalNet`); returns the summary
+/// (empty on ranks other than 0).
 template <class Net>
 nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
                                  const nlohmann::json& args,
                                  const c10::intrusive_ptr<CollectiveBackend>& pg) {
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
-  if (cfg.policy == "random") {
-    return train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);
+  const auto random = RandomOptions().seed(cfg.seed);
+  const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);
+  if constexpr (NWayNet<Net>) {
+    const std::size_t n = net->num_branches();
+    if (cfg.policy == "random") return train_and_evaluate(net, NWayRandomPolicy(n, random), data, cfg, args, pg);
+    return train_and_evaluate(net, NWayGuidedPolicy(n, guided), data, cfg, args, pg);
+  } else {
+    if (cfg.policy == "random") return train_and_evaluate(net, RandomPolicy(random), data, cfg, args, pg);
+    return train_and_evaluate(net, GuidedPolicy(guided), data, cfg, args, pg);
   }
-  return train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data,
-                            cfg, args, pg);
 }
 
 /// One line of results and where the summary is (rank 0).
 inline void print_summary(const nlohmann::json& summary, const std::filesystem::path& out) {
+  const auto& test = summary["test"];
   const auto& u = summary["utilization_test"];
-  std::printf("best epoch %d: test y %.2f%% y0 %.2f%% y1 %.2f%%, u(m1|m0) %s, u(m0|m1) %s, d_util %s\n",
-              summary["best_epoch"].get<int>() + 1, 100 * summary["test"]["y"].get<double>(),
-              100 * summary["test"]["y0"].get<double>(), 100 * summary["test"]["y1"].get<double>(),
-              u["u_m1_given_m0"].dump().c_str(), u["u_m0_given_m1"].dump().c_str(),
-              u["d_util"].dump().c_str());
-  std::printf("summary: %s\n", (out / "summary.json").string().c_str());
+  std::string line = "best epoch " + std::to_string(summary["best_epoch"].get<int>() + 1) +
+                     ": test y " + percent(test["y"].get<double>());
+  for (std::size_t k = 0; test.contains(numbered("y", k)); ++k) {
+    line += numbered(" y", k) + " " + percent(test[numbered("y", k)].get<double>());
+  }
+  if (u.contains("utilization")) {  // N branches: u_k
+    for (std::size_t k = 0; k < u["utilization"].size(); ++k) {
+      line += numbered(k == 0 ? ", u_" : " u_", k) + " " + u["utilization"][k].dump();
+    }
+  } else {
+    line += ", u(m1|m0) " + u["u_m1_given_m0"].dump() + ", u(m0|m1) " + u["u_m0_given_m1"].dump();
+  }
+  line += ", d_util " + u["d_util"].dump();
+  if (summary.contains("missing_modality_test")) {
+    for (const auto& [name, accuracy] : summary["missing_modality_test"].items()) {
+      line += "\n  " + name + ": test y " + percent(accuracy.get<double>());
+    }
+  }
+  std::printf("%s\nsummary: %s\n", line.c_str(), (out / "summary.json").string().c_str());
 }
 
 /// The body of an example's main(): runs it and turns errors into a message and exit 1.

@@ -1,26 +1,27 @@
 #pragma once
-// In-memory data of the example programs: both modalities and the labels per split.
+// In-memory data of the example programs: every modality and the labels per split.
 
 #include <cstdint>
 #include <functional>
 #include <optional>
-#include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 
 namespace mmbalance::examples {
 
-/// Makes the inputs (modality 0, modality 1) of the samples `ids` of a data source. With
-/// an `augment_seed` it applies training-time augmentation drawn from that seed (so a
-/// resumed run draws the same); without one, the evaluation transform.
-using InputLoader = std::function<std::pair<at::Tensor, at::Tensor>(
+/// Makes the inputs (one tensor per modality, in branch order) of the samples `ids` of a
+/// data source. With an `augment_seed` it applies training-time augmentation drawn from
+/// that seed (so a resumed run draws the same); without one, the evaluation transform.
+using InputLoader = std::function<std::vector<at::Tensor>(
     const at::Tensor& ids, std::optional<std::uint64_t> augment_seed)>;
 
-/// One split: modality 0, modality 1, labels. Either in memory (`x0`, `x1`; images may be
-/// uint8 0..255 to save memory) or loaded batch by batch (`load` with the source's `ids`
-/// of the split's rows). `model_input` turns a batch into floats in [0, 1].
+/// One split: every modality, labels. Either in memory (`x[k]` for modality k; images may
+/// be uint8 0..255 to save memory) or loaded batch by batch (`load` with the source's
+/// `ids` of the split's rows). `model_input` turns a batch into floats in [0, 1].
 struct Split {
-  at::Tensor x0, x1, y;
+  std::vector<at::Tensor> x;
+  at::Tensor y;
   InputLoader load{};
   at::Tensor ids{};
 
@@ -29,14 +30,18 @@ struct Split {
   /// Rows [begin, begin + length).
   Split slice(std::int64_t begin, std::int64_t length) const {
     auto part = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, begin, length) : t; };
-    return {part(x0), part(x1), part(y), load, part(ids)};
+    Split s{{}, part(y), load, part(ids)};
+    for (const at::Tensor& m : x) s.x.push_back(part(m));
+    return s;
   }
 
-  /// The inputs of rows `rows` (CPU, uint8 or float).
-  std::pair<at::Tensor, at::Tensor> inputs(const at::Tensor& rows,
-                                           std::optional<std::uint64_t> augment_seed = {}) const {
+  /// The inputs of rows `rows` (CPU, uint8 or float), one tensor per modality.
+  std::vector<at::Tensor> inputs(const at::Tensor& rows,
+                                 std::optional<std::uint64_t> augment_seed = {}) const {
     if (load) return load(ids.index_select(0, rows), augment_seed);
-    return {x0.index_select(0, rows), x1.index_select(0, rows)};
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& m : x) out.push_back(m.index_select(0, rows));
+    return out;
   }
 };
 

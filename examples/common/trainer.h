@@ -1,9 +1,11 @@
 #pragma once
 // The training driver shared by the example programs: a plain LibTorch loop with a
 // Balancer, JSON-lines logs, per-epoch checkpoints, selection of the best validation
-// epoch, the utilization probe on it and a summary JSON. With a process group it trains
-// data-parallel: each rank takes its share of every global batch and of the evaluation
-// data, and rank 0 alone writes files.
+// epoch, the utilization probe on it and a summary JSON. It trains two-branch networks
+// (`MultiModalNet`) and N-branch ones (`NWayMultiModalNet`, whose summary also holds the
+// accuracies with each modality missing). With a process group it trains data-parallel:
+// each rank takes its share of every global batch and of the evaluation data, and rank 0
+// alone writes files.
 
 #include <chrono>
 #include <cmath>
@@ -47,12 +49,56 @@ struct TrainConfig {
   std::string resume;
 };
 
-/// Accuracies of y, y0, y1 on a split.
+/// prefix followed by k, e.g. "y2" (a function: GCC 12 warns falsely on "y" + to_string(k)).
+inline std::string numbered(const char* prefix, std::size_t k) {
+  std::string s(prefix);
+  s += std::to_string(k);
+  return s;
+}
+
+/// "97.10%"
+inline std::string percent(double fraction) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f%%", 100 * fraction);
+  return text;
+}
+
+/// Accuracies of y and of each head on a split.
 struct Accuracy {
-  double y = 0, y0 = 0, y1 = 0;
+  double y = 0;
+  std::vector<double> heads;
 };
 
-inline nlohmann::json to_json(const Accuracy& a) { return {{"y", a.y}, {"y0", a.y0}, {"y1", a.y1}}; }
+/// {"y": ..., "y0": ..., "y1": ..., ...}
+inline nlohmann::json to_json(const Accuracy& a) {
+  nlohmann::json j = {{"y", a.y}};
+  for (std::size_t k = 0; k < a.heads.size(); ++k) j[numbered("y", k)] = a.heads[k];
+  return j;
+}
+
+/// "y 97.10% y0 96.00% y1 95.20%"
+inline std::string describe(const Accuracy& a) {
+  std::string s = "y " + percent(a.y);
+  for (std::size_t k = 0; k < a.heads.size(); ++k) s += numbered(" y", k) + " " + percent(a.heads[k]);
+  return s;
+}
+
+/// Whether `Net` is an N-branch network (inputs as a vector, steps as `StepPlan`s).
+template <class Net>
+concept NWayNet = requires(Net net, const std::vector<at::Tensor>& x) {
+  { net->forward(x, StepPlan::regular()) } -> std::same_as<NWayOutput>;
+};
+
+/// The heads and y of a training or evaluation pass of a two-branch or an N-branch net.
+template <class Net>
+NWayOutput forward_plan(Net& net, const std::vector<at::Tensor>& x, const StepPlan& plan) {
+  if constexpr (NWayNet<Net>) {
+    return net->forward(x, plan);
+  } else {
+    const ModelOutput out = net->forward(x.at(0), x.at(1), to_step_kind(plan));
+    return {out.y, {out.y0, out.y1}};
+  }
+}
 
 /// Rows [n * rank / world, n * (rank + 1) / world) of a split: one rank's share.
 inline Split shard(const Split& s, int rank, int world) {
@@ -67,32 +113,71 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
   return std::views::iota(std::int64_t{0}, count) |
          std::views::transform([s = std::move(s), batch_size, device](std::int64_t b) {
            const std::int64_t i = b * batch_size, len = std::min(batch_size, s.size() - i);
-           const auto [x0, x1] = s.inputs(at::arange(i, i + len, at::kLong));
-           return MultiModalBatch{model_input(x0, device), model_input(x1, device),
-                                  s.y.narrow(0, i, len).to(device)};
+           std::vector<at::Tensor> inputs;
+           for (const at::Tensor& x : s.inputs(at::arange(i, i + len, at::kLong))) {
+             inputs.push_back(model_input(x, device));
+           }
+           return NWayBatch{std::move(inputs), s.y.narrow(0, i, len).to(device)};
          });
 }
 
 /// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
-/// counts of all ranks).
+/// counts of all ranks) of y and every head of `forward(net, inputs)`.
+template <class Net, class Forward, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+Accuracy evaluate_with(Net& net, Forward&& forward, const Split& s, at::Device device,
+                       std::int64_t batch_size, SumAcrossRanks sum_across_ranks = {}) {
+  const mmbalance::EvalModeGuard<Net> eval_mode(net);
+  at::NoGradGuard no_grad;
+  at::Tensor counts;  // correct predictions of y, then of each head, then the sample count
+  for (const auto& b : as_batches(s, batch_size, device)) {
+    const NWayOutput out = forward(b.inputs);
+    std::vector<at::Tensor> correct{out.y.argmax(1).eq(b.target).sum()};
+    for (const at::Tensor& h : out.heads) {
+      correct.push_back(h.defined() ? h.argmax(1).eq(b.target).sum() : at::zeros_like(correct[0]));
+    }
+    correct.push_back(at::zeros_like(correct[0]));
+    if (!counts.defined()) counts = at::zeros({static_cast<std::int64_t>(correct.size())}, correct[0].options());
+    counts.add_(at::stack(correct));
+  }
+  TORCH_CHECK(counts.defined(), "evaluate: the split is empty");
+  counts[-1].fill_(s.size());
+  sum_across_ranks(counts);
+  const at::Tensor c = counts.to(at::kCPU).to(at::kDouble);
+  const double n = c[-1].item<double>();
+  Accuracy a{c[0].item<double>() / n, {}};
+  for (std::int64_t k = 1; k + 1 < c.size(0); ++k) a.heads.push_back(c[k].item<double>() / n);
+  return a;
+}
+
+/// Accuracies of y and every head over `s` (see `evaluate_with`).
 template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batch_size,
                   SumAcrossRanks sum_across_ranks = {}) {
-  const mmbalance::EvalModeGuard<Net> eval_mode(net);
-  // correct predictions of y, y0, y1, then the sample count
-  at::Tensor counts = at::zeros({4}, at::TensorOptions(at::kLong).device(device));
-  for (const auto& b : as_batches(s, batch_size, device)) {
-    const auto out = net->forward(b.x0, b.x1);
-    const at::Tensor& y = b.target;
-    counts.narrow(0, 0, 3).add_(at::stack({out.y.argmax(1).eq(y).sum(),
-                                           out.y0.argmax(1).eq(y).sum(),
-                                           out.y1.argmax(1).eq(y).sum()}));
-  }
-  counts[3].fill_(s.size());
-  sum_across_ranks(counts);
-  const at::Tensor c = counts.to(at::kCPU).to(at::kDouble);
-  const double n = c[3].item<double>();
-  return {c[0].item<double>() / n, c[1].item<double>() / n, c[2].item<double>() / n};
+  return evaluate_with(net, [&](const std::vector<at::Tensor>& x) {
+    return forward_plan(net, x, StepPlan::regular());
+  }, s, device, batch_size, sum_across_ranks);
+}
+
+/// The accuracy of y over `s` when the modalities `absent` are missing
+/// (`forward_missing`, N-branch nets with recorded squeeze averages).
+template <NWayNet Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const Split& s,
+                        at::Device device, std::int64_t batch_size, SumAcrossRanks sum_across_ranks = {}) {
+  return evaluate_with(net, [&](const std::vector<at::Tensor>& x) {
+    return net->forward_missing(x, absent);
+  }, s, device, batch_size, sum_across_ranks).y;
+}
+
+/// The learning speeds now: two branches {"d_speed", "s_m1_given_m0", "s_m0_given_m1"};
+/// N branches {"d_speed": the imbalance max_k s_k - min_k s_k, "speeds": [s_0, ...],
+/// "fastest"}.
+template <class BalancerT>
+nlohmann::json speeds_json(const BalancerT& balancer) {
+  if (balancer.branches() == 2) return balancer.speed();
+  nlohmann::json j = balancer.branch_speeds();
+  j["d_speed"] = j["imbalance"];
+  j.erase("imbalance");
+  return j;
 }
 
 namespace detail {
@@ -185,54 +270,58 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch) * 100003ULL +
                                    static_cast<std::uint64_t>(s));
     };
-    std::future<std::pair<at::Tensor, at::Tensor>> next_inputs;
+    std::future<std::vector<at::Tensor>> next_inputs;
     if (steps_per_epoch > 0) next_inputs = std::async(std::launch::async, load_step, 0);
     for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
       const auto [idx, rows] = step_rows(s);
-      const auto [cpu_x0, cpu_x1] = next_inputs.get();
+      std::vector<at::Tensor> x = next_inputs.get();
       if (s + 1 < steps_per_epoch) next_inputs = std::async(std::launch::async, load_step, s + 1);
-      const at::Tensor x0 = model_input(cpu_x0, device);
-      const at::Tensor x1 = model_input(cpu_x1, device);
+      for (at::Tensor& m : x) m = model_input(m, device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
-      const StepKind kind = balancer.next_step();
-      const ModelOutput out = net->forward(x0, x1, kind);
+      const StepPlan plan = balancer.next_plan();
+      const NWayOutput out = forward_plan(net, x, plan);
       // Each rank's mean loss weighted by its share of the rows, so that the average over
       // ranks is the mean over the global batch even when shares differ by one.
       const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
-      const ModalityLosses heads = modality_losses(out, y);
-      const at::Tensor loss0 = heads.loss0 * share, loss1 = heads.loss1 * share;
-      const at::Tensor loss = loss0 + loss1;
+      at::Tensor head_losses = at::stack(modality_losses(out, y)) * share;
+      const at::Tensor loss = head_losses.sum();
       optimizer.zero_grad();
       loss.backward();
       balancer.observe(dp ? dp->synchronize(loss) : loss);
       optimizer.step();
-      at::Tensor losses = at::stack({loss0.detach(), loss1.detach()});
+      head_losses = head_losses.detach();
       if (dp) {
-        dp->all_reduce_sum(losses);
-        losses.div_(world);
+        dp->all_reduce_sum(head_losses);
+        head_losses.div_(world);
       }
-      losses = losses.to(at::kCPU);
-      const double l0 = losses[0].item<double>(), l1 = losses[1].item<double>();
-      loss_sum += l0 + l1;
-      if (writer) log << nlohmann::json{{"type", "step"},
-                            {"epoch", epoch},
-                            {"step", balancer.step() - 1},
-                            {"kind", std::string(to_string(kind))},
-                            {"d_speed", mmbalance::number_or_null(balancer.last_d_speed())},
-                            {"loss", l0 + l1},
-                            {"loss0", l0},
-                            {"loss1", l1}}
-                 .dump()
-          << '\n';
-      const auto& c = balancer.epoch_step_counts();
-      char status[160];
-      std::snprintf(status, sizeof status, "loss %.3f d_speed %+.4f steps r/m0/m1 %lld/%lld/%lld",
-                    loss_sum / static_cast<double>(s + 1), balancer.last_d_speed(),
-                    static_cast<long long>(c[0]), static_cast<long long>(c[1]),
-                    static_cast<long long>(c[2]));
+      head_losses = head_losses.to(at::kCPU).to(at::kDouble);
+      const double step_loss = head_losses.sum().item<double>();
+      loss_sum += step_loss;
+      if (writer) {
+        nlohmann::json record{{"type", "step"},
+                              {"epoch", epoch},
+                              {"step", balancer.step() - 1},
+                              {"kind", to_string(plan)},
+                              {"d_speed", mmbalance::number_or_null(balancer.last_d_speed())},
+                              {"loss", step_loss}};
+        for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
+          record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
+        }
+        log << record.dump() << '\n';
+      }
+      std::string status = "loss ";
+      char number[32];
+      std::snprintf(number, sizeof number, "%.3f d_speed %+.4f steps r", loss_sum / static_cast<double>(s + 1),
+                    balancer.last_d_speed());
+      status += number;
+      for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);
+      for (std::size_t i = 0; i < balancer.epoch_plan_counts().size(); ++i) {
+        status += i == 0 ? " " : "/";
+        status += std::to_string(balancer.epoch_plan_counts()[i]);
+      }
       bar.update(s + 1, status);
     }
-    const StepCounts counts = balancer.epoch_step_counts();
+    const std::vector<std::int64_t> counts = balancer.epoch_plan_counts();
     balancer.end_epoch();
     if (dp) dp->synchronize_buffers();
     const auto accuracy_on = [&](const Split& split) {
@@ -240,17 +329,15 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     };
     const Accuracy val = accuracy_on(data.validation);
     const Accuracy test = accuracy_on(data.test);
-    const auto speed = balancer.speed();
-    nlohmann::json record = speed;  // d_speed, s_m1_given_m0, s_m0_given_m1 (io/json.h)
+    nlohmann::json record = speeds_json(balancer);
     record.update({{"type", "epoch"},
                    {"epoch", epoch},
                    {"validation", to_json(val)},
                    {"test", to_json(test)},
-                   {"steps", mmbalance::step_counts_json(counts)},
+                   {"steps", mmbalance::plan_counts_json(counts)},
                    {"seconds", bar.elapsed()}});
     if (writer) log << record.dump() << std::endl;
-    std::fprintf(stderr, "  validation y %.2f%% y0 %.2f%% y1 %.2f%% | test y %.2f%% y0 %.2f%% y1 %.2f%%\n",
-                 100 * val.y, 100 * val.y0, 100 * val.y1, 100 * test.y, 100 * test.y0, 100 * test.y1);
+    std::fprintf(stderr, "  validation %s | test %s\n", describe(val).c_str(), describe(test).c_str());
     if (!writer) continue;
     save_checkpoint(last_path.string(), net, optimizer, balancer);
     if (best["validation"].is_null() || val.y > best["validation"]["y"].get<double>()) {
@@ -266,20 +353,51 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     load_checkpoint(best_path.string(), net, optimizer, balancer);
   }
   if (dp) dp->broadcast_from_rank0();  // rank 0's best model on every rank
-  const UtilizationReport util = with_rank_sum([&](auto sum) {
-    return probe_utilization(net, as_batches(shard(data.train, rank, world), cfg.eval_batch_size, device),
-                             as_batches(shard(data.test, rank, world), cfg.eval_batch_size, device), sum);
-  });
+  auto train_batches = as_batches(shard(data.train, rank, world), cfg.eval_batch_size, device);
+  auto test_batches = as_batches(shard(data.test, rank, world), cfg.eval_batch_size, device);
+  nlohmann::json measured;
+  if constexpr (NWayNet<Net>) {
+    measured["utilization_test"] = with_rank_sum([&](auto sum) {
+      return probe_utilization(net, train_batches, test_batches, sum);
+    });
+    // The probe recorded the training-set squeeze averages that stand in for a missing
+    // modality: y's test accuracy without each modality, and with only each one.
+    nlohmann::json missing = nlohmann::json::object();
+    const std::size_t n_branches = balancer.branches();
+    for (std::size_t k = 0; k < n_branches; ++k) {
+      std::vector<std::size_t> others;
+      for (std::size_t j = 0; j < n_branches; ++j) {
+        if (j != k) others.push_back(j);
+      }
+      const auto accuracy = [&](const std::vector<std::size_t>& absent) {
+        return with_rank_sum([&](auto sum) {
+          return accuracy_without(net, absent, shard(data.test, rank, world), device, cfg.eval_batch_size, sum);
+        });
+      };
+      missing[numbered("without_m", k)] = accuracy({k});
+      if (n_branches > 2) missing[numbered("only_m", k)] = accuracy(others);
+    }
+    measured["missing_modality_test"] = missing;
+  } else {
+    const auto two_way = [](const NWayBatch& b) {
+      return MultiModalBatch{b.inputs.at(0), b.inputs.at(1), b.target};
+    };
+    measured["utilization_test"] = with_rank_sum([&](auto sum) {
+      return probe_utilization(net, train_batches | std::views::transform(two_way),
+                               test_batches | std::views::transform(two_way), sum);
+    });
+  }
   if (!writer) return {};
   nlohmann::json summary = {
       {"args", args},
       {"best_epoch", best["epoch"]},
       {"validation", best["validation"]},
       {"test", best["test"]},
-      {"utilization_test", util},
-      {"d_speed_at_best", mmbalance::number_or_null(balancer.speed().d_speed)},
-      {"steps_total", mmbalance::step_counts_json(balancer.total_step_counts())},
+      {"d_speed_at_best", speeds_json(balancer)["d_speed"]},
+      {"steps_total", mmbalance::plan_counts_json(balancer.total_plan_counts())},
       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count()}};
+  summary.update(measured);
+  if constexpr (NWayNet<Net>) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
   std::ofstream(summary_path) << summary.dump(1) << '\n';
   return summary;
 }

@@ -81,13 +81,13 @@ int run(int argc, char** argv) {
   const Splits data{load_mvcnn_views(train, image_size), load_mvcnn_views(validation, image_size),
                     load_mvcnn_views(index.test, image_size)};
   std::fprintf(stderr, "loaded %lldx%lld views: %lld train / %lld validation / %lld test, policy %s\n",
-               static_cast<long long>(data.train.x0.size(2)), static_cast<long long>(data.train.x0.size(3)),
+               static_cast<long long>(data.train.x[0].size(2)), static_cast<long long>(data.train.x[0].size(3)),
                static_cast<long long>(data.train.size()), static_cast<long long>(data.validation.size()),
                static_cast<long long>(data.test.size()), cfg.policy.c_str());
 
   nlohmann::json args = flags.json();
   args.update({{"dataset", "modelnet40"}, {"data_dir", data_dir}, {"view0", view0}, {"view1", view1},
-               {"image_size", data.train.x0.size(2)}, {"width", width}, {"small_stem", small_stem},
+               {"image_size", data.train.x[0].size(2)}, {"width", width}, {"small_stem", small_stem},
                {"data_seed", data_seed}, {"classes", index.classes.size()},
                {"train_size", data.train.size()}, {"validation_size", data.validation.size()},
                {"test_size", data.test.size()}});

@@ -101,7 +101,7 @@ inline Split load_mvcnn_views(const std::vector<MvcnnObject>& objects, int size)
   const int height = static_cast<int>(first.size(1)), width = static_cast<int>(first.size(2));
   const int out = size > 0 ? size : height;
   const auto n = static_cast<std::int64_t>(objects.size());
-  Split s{at::empty({n, 1, out, out}, at::kByte), at::empty({n, 1, out, out}, at::kByte),
+  Split s{{at::empty({n, 1, out, out}, at::kByte), at::empty({n, 1, out, out}, at::kByte)},
           at::empty({n}, at::kLong)};
   auto fit = [&](const at::Tensor& img) {
     if (height == out && width == out) return img;
@@ -111,8 +111,8 @@ inline Split load_mvcnn_views(const std::vector<MvcnnObject>& objects, int size)
   };
   for (std::int64_t i = 0; i < n; ++i) {
     const auto& o = objects[static_cast<std::size_t>(i)];
-    s.x0[i].copy_(fit(load_gray_png(o.view0, height, width)));
-    s.x1[i].copy_(fit(load_gray_png(o.view1, height, width)));
+    s.x[0][i].copy_(fit(load_gray_png(o.view0, height, width)));
+    s.x[1][i].copy_(fit(load_gray_png(o.view1, height, width)));
     s.y[i] = o.label;
   }
   return s;

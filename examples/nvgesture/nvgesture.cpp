@@ -30,7 +30,7 @@ ConvMMTMNet make_net(std::uint64_t seed, std::int64_t classes, std::int64_t widt
 }
 
 Split lazy_split(const InputLoader& load, at::Tensor labels, at::Tensor ids) {
-  return {at::Tensor(), at::Tensor(), labels.index_select(0, ids), load, std::move(ids)};
+  return {{}, labels.index_select(0, ids), load, std::move(ids)};
 }
 
 int run(int argc, char** argv) {

@@ -189,7 +189,7 @@ inline InputLoader nvgesture_loader(std::vector<GestureClip> clips, ClipShape sh
       rgb[i].copy_(load_clip(c.rgb, 3, shape, offset, top, left, flip));
       depth[i].copy_(load_clip(c.depth, 1, shape, offset, top, left, flip));
     }
-    return std::pair{rgb, depth};
+    return std::vector{rgb, depth};
   };
 }
 
