@@ -1,0 +1,182 @@
+// Three modalities: Colored-and-gray MNIST (colour image, gray image) plus the digit's
+// name spoken (espeak-ng voices from scripts/make-speech, noise at a stated SNR, log-mel
+// features), with balanced multi-modal learning for N branches. See docs/examples.md.
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <torch/nn/functional/loss.h>
+
+#include <mmbalance/distributed.h>
+
+#include "common/cli.h"
+#include "colored_mnist/colored_mnist_data.h"
+#include "colored_mnist/mnist_readers.h"
+#include "spoken_digits_data.h"
+
+using namespace mmbalance;
+using namespace mmbalance::examples;
+namespace fs = std::filesystem;
+
+namespace {
+
+using SpokenDigitNet = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+
+struct DataFlags {
+  std::string data_dir = MMBALANCE_DEFAULT_DATA_DIR;
+  std::string speech_dir;  // default: data_dir/speech
+  std::uint64_t data_seed = 0;
+  double colour_noise = 0.05;
+  double snr_db = -12.0;
+  std::int64_t train_size = 6400, validation_size = 1600, test_size = 2000;
+  std::int64_t validation_speakers = 20, test_speakers = 20;
+};
+
+/// The colour and gray digits of colored_mnist, and for each digit a clip of its label
+/// spoken by a speaker of the same split (training, validation and test speakers are
+/// disjoint). Audio features are standardized with the training clips' mean and std.
+Splits load_data(const DataFlags& f) {
+  const LabelledImages all = load_mnist_json(fs::path(f.data_dir) / "mnist" / "digits");
+  const std::int64_t n = all.labels.size(0);
+  TORCH_CHECK(f.train_size + f.validation_size + f.test_size <= n, "only ", n,
+              " MNIST digits found, fewer than --train-size + --validation-size + --test-size = ",
+              f.train_size + f.validation_size + f.test_size);
+  auto gen = at::detail::createCPUGenerator(f.data_seed + 7919);
+  const at::Tensor perm = at::randperm(n, gen, at::kLong);
+  const LabelledImages test = take(all, perm.narrow(0, 0, f.test_size));
+  const LabelledImages pool = take(all, perm.narrow(0, f.test_size, n - f.test_size));
+  Splits data = make_colored_splits(pool, test, f.train_size, f.validation_size, f.colour_noise, f.data_seed);
+
+  const fs::path speech = f.speech_dir.empty() ? fs::path(f.data_dir) / "speech" : fs::path(f.speech_dir);
+  const SpeakerSplit speakers = split_speakers(read_speakers(speech), f.validation_speakers,
+                                               f.test_speakers, f.data_seed + 104729);
+  const SpeechOptions options = SpeechOptions().snr_db(f.snr_db);
+  const SpokenDigits train_clips = load_spoken_digits(speech, speakers.train, options, f.data_seed);
+  const at::Tensor mean = train_clips.features.mean(), std = train_clips.features.std();
+  auto pairing = at::detail::createCPUGenerator(f.data_seed + 1299709);
+  const auto add_audio = [&](Split& split, const SpokenDigits& clips) {
+    const at::Tensor chosen = pair_with_clips(split.y, clips, pairing);
+    split.x.push_back(((clips.features - mean) / std).index_select(0, chosen));
+  };
+  add_audio(data.train, train_clips);
+  add_audio(data.validation, load_spoken_digits(speech, speakers.validation, options, f.data_seed));
+  add_audio(data.test, load_spoken_digits(speech, speakers.test, options, f.data_seed));
+  std::fprintf(stderr, "speakers: %zu train / %zu validation / %zu test, SNR %g dB\n",
+               speakers.train.size(), speakers.validation.size(), speakers.test.size(), f.snr_db);
+  return data;
+}
+
+ConvBranch image_branch(std::int64_t in_channels) {
+  return ConvBranch(ConvBranchOptions(in_channels, 10).channels({32, 64, 128, 128}).strides({1, 2, 2, 2}));
+}
+
+/// Log-mel input (1 x 40 x 96): stride 2 from the first stage keeps its cost near an
+/// image branch's.
+ConvBranch audio_branch() {
+  return ConvBranch(ConvBranchOptions(1, 10).channels({32, 64, 128, 128}).strides({2, 2, 2, 2}));
+}
+
+SpokenDigitNet make_net(std::uint64_t seed) {
+  at::manual_seed(seed);
+  return SpokenDigitNet(std::tuple{image_branch(3), image_branch(1), audio_branch()},
+                        {{{1, 1, 1}, NWayMMTM(NWayMMTMOptions({64, 64, 64}))},
+                         {{2, 2, 2}, NWayMMTM(NWayMMTMOptions({128, 128, 128}))},
+                         {{3, 3, 3}, NWayMMTM(NWayMMTMOptions({128, 128, 128}))}});
+}
+
+/// The audio branch trained alone (the uni-modal reference of the audio modality): its
+/// test accuracy at the best validation epoch. A plain loop: same optimizer, batch order
+/// and epochs as the multi-modal runs.
+nlohmann::json train_audio_only(const Splits& data, const TrainConfig& cfg) {
+  at::manual_seed(cfg.seed);
+  ConvBranch branch = audio_branch();
+  torch::optim::SGD optimizer(branch->parameters(), torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum));
+  const auto accuracy = [&](const Split& s) {
+    branch->eval();
+    at::NoGradGuard no_grad;
+    std::int64_t correct = 0;
+    for (std::int64_t i = 0; i < s.size(); i += cfg.eval_batch_size) {
+      const std::int64_t len = std::min(cfg.eval_batch_size, s.size() - i);
+      correct += branch->forward(s.x[2].narrow(0, i, len)).argmax(1).eq(s.y.narrow(0, i, len)).sum().item<std::int64_t>();
+    }
+    branch->train();
+    return static_cast<double>(correct) / static_cast<double>(s.size());
+  };
+  nlohmann::json best = {{"epoch", -1}, {"validation", -1.0}};
+  const std::int64_t n = data.train.size();
+  for (std::int64_t epoch = 0; epoch < cfg.epochs; ++epoch) {
+    auto gen = at::detail::createCPUGenerator(cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
+    const at::Tensor perm = at::randperm(n, gen, at::kLong);
+    for (std::int64_t i = 0; i < n; i += cfg.batch_size) {
+      const at::Tensor rows = perm.narrow(0, i, std::min(cfg.batch_size, n - i));
+      const at::Tensor loss = torch::nn::functional::cross_entropy(
+          branch->forward(data.train.x[2].index_select(0, rows)), data.train.y.index_select(0, rows));
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+    }
+    const double val = accuracy(data.validation), test = accuracy(data.test);
+    std::fprintf(stderr, "epoch %lld: audio alone validation %s test %s\n", static_cast<long long>(epoch + 1),
+                 percent(val).c_str(), percent(test).c_str());
+    if (val > best["validation"].get<double>()) best = {{"epoch", epoch}, {"validation", val}, {"test", test}};
+  }
+  return best;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Colored and gray MNIST digits plus the spoken digit: balanced learning over three "
+               "modalities (mmbalance)"};
+  DataFlags f;
+  bool audio_only = false;
+  CommonFlags flags;
+  app.add_option("--data-dir", f.data_dir, "where scripts/fetch-data put the digits")->capture_default_str();
+  app.add_option("--speech-dir", f.speech_dir, "scripts/make-speech's output (default DATA_DIR/speech)");
+  app.add_option("--data-seed", f.data_seed, "splits, colours, speakers, noise, pairing")->capture_default_str();
+  app.add_option("--colour-noise", f.colour_noise, "variance of the per-channel colour noise")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--snr-db", f.snr_db, "signal-to-noise ratio of the spoken digits, dB")
+      ->check(CLI::Range(-60.0, 200.0))->capture_default_str();
+  app.add_option("--train-size", f.train_size, "training digits")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--validation-size", f.validation_size, "validation digits")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--test-size", f.test_size, "test digits")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--validation-speakers", f.validation_speakers, "voices kept for validation")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--test-speakers", f.test_speakers, "voices kept for test")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_flag("--audio-only", audio_only,
+               "train the audio branch alone and report its accuracy (the audio's uni-modal reference)");
+  flags.add_to(app);
+  CLI11_PARSE(app, argc, argv);
+  const auto pg = flags.finish(f.data_seed);
+  const TrainConfig& cfg = flags.cfg;
+  TORCH_CHECK(!(audio_only && pg), "--audio-only runs in one process (--world-size 1)");
+
+  const Splits data = load_data(f);
+  std::fprintf(stderr, "%lld train / %lld validation / %lld test, policy %s\n",
+               static_cast<long long>(data.train.size()), static_cast<long long>(data.validation.size()),
+               static_cast<long long>(data.test.size()), audio_only ? "(audio alone)" : cfg.policy.c_str());
+  nlohmann::json args = flags.json();
+  args.update({{"data_seed", f.data_seed}, {"colour_noise", f.colour_noise}, {"snr_db", f.snr_db},
+               {"train_size", f.train_size}, {"validation_size", f.validation_size},
+               {"test_size", f.test_size}, {"validation_speakers", f.validation_speakers},
+               {"test_speakers", f.test_speakers}});
+  if (audio_only) {
+    fs::create_directories(cfg.out);
+    const nlohmann::json summary = {{"args", args}, {"audio_only", train_audio_only(data, cfg)}};
+    std::ofstream(cfg.out / "summary.json") << summary.dump(1) << '\n';
+    std::printf("audio alone: best epoch %d, test %s\n", summary["audio_only"]["epoch"].get<int>() + 1,
+                percent(summary["audio_only"]["test"].get<double>()).c_str());
+    return 0;
+  }
+  const nlohmann::json summary = train_with_policy(make_net(cfg.seed), data, cfg, args, pg);
+  if (flags.rank == 0) print_summary(summary, cfg.out);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return run_main("spoken_digits", [&] { return run(argc, argv); });
+}
