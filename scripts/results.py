@@ -143,6 +143,13 @@ def main():
               f"![d_speed during training, re-balancing steps marked]({rel}/d_speed.png)", "",
               f"![test accuracy of y, y0, y1 per epoch]({rel}/accuracy.png)", "",
               f"![conditional utilization rates]({rel}/utilization.png)", ""]
+    # The three-modality section (scripts/results_spoken_digits.py) stays as it was.
+    begin, end = "<!-- spoken_digits:begin", "<!-- spoken_digits:end -->"
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = f.read()
+        if begin in old and end in old:
+            lines += [old[old.index(begin):old.index(end) + len(end)], ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "plot.py"),
