@@ -55,6 +55,8 @@ def fmt(ms, scale=100.0, digits=2):
 
 
 def section(by, audio, command, rel):
+    if not by:
+        sys.exit("results_spoken_digits: no vanilla, random or guided runs given")
     a = next(iter(by.values()))[0]["summary"]["args"]
     seconds = sum(r["summary"]["seconds"] for runs in by.values() for r in runs)
     lines = [
@@ -63,9 +65,10 @@ def section(by, audio, command, rel):
         "",
         f"- command: `{command}`",
         f"- data: the Colored-and-gray MNIST digits ({a['train_size']} train / {a['validation_size']} "
-        f"validation / {a['test_size']} test) and, per digit, its name spoken by an espeak-ng voice of the "
-        f"same split ({a['validation_speakers']} validation and {a['test_speakers']} test voices, the rest "
-        f"for training; no voice in two splits), white noise at {a['snr_db']:g} dB SNR, 40 x 96 log-mel",
+        f"validation / {a['test_size']} test) and, per digit, its name spoken by an espeak-ng speaker of the "
+        f"same split ({a['validation_speakers']} validation and {a['test_speakers']} test speakers, the rest "
+        f"for training; no speaker in two splits, though voices recur at other speeds and pitches), white "
+        f"noise at {a['snr_db']:g} dB SNR, 40 x 96 log-mel",
         f"- training: {a['epochs']} epochs ({a['warmup_epochs']} warm-up), batch {a['batch_size']}, SGD lr "
         f"{a['lr']} momentum {a['momentum']}, guided alpha {a['alpha']} Q {a['Q']}; three-way MMTM after "
         f"stages 1, 2, 3 of each branch; checkpoint = best validation accuracy of y; "
@@ -123,7 +126,7 @@ def bars(by, keys, labels, ylabel, title, path, scale=100.0):
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(keys), 3.8))
     width = 0.8 / len(by)
     for i, (p, runs) in enumerate(by.items()):
-        ms = [mean_std([key(r["summary"]) for r in runs]) for key in keys]
+        ms = [mean_std([key(r["summary"]) for r in runs]) or (float("nan"), 0.0) for key in keys]
         xs = [j + (i - (len(by) - 1) / 2) * width for j in range(len(keys))]
         ax.bar(xs, [scale * m[0] for m in ms], width, yerr=[scale * m[1] for m in ms], capsize=2,
                color=COLOURS.get(p, "black"), label=p)

@@ -18,7 +18,8 @@ using InputLoader = std::function<std::vector<at::Tensor>(
 
 /// One split: every modality, labels. Either in memory (`x[k]` for modality k; images may
 /// be uint8 0..255 to save memory) or loaded batch by batch (`load` with the source's
-/// `ids` of the split's rows). `model_input` turns a batch into floats in [0, 1].
+/// `ids` of the split's rows). `model_input` turns a batch into floats (uint8 images into
+/// [0, 1]).
 struct Split {
   std::vector<at::Tensor> x;
   at::Tensor y;

@@ -121,6 +121,16 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
          });
 }
 
+/// The number of heads (branches) of a two-branch or an N-branch net.
+template <class Net>
+std::size_t num_heads(const Net& net) {
+  if constexpr (NWayNet<Net>) {
+    return net->num_branches();
+  } else {
+    return 2;
+  }
+}
+
 /// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
 /// counts of all ranks) of y and every head of `forward(net, inputs)`.
 template <class Net, class Forward, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
@@ -128,22 +138,23 @@ Accuracy evaluate_with(Net& net, Forward&& forward, const Split& s, at::Device d
                        std::int64_t batch_size, SumAcrossRanks sum_across_ranks = {}) {
   const mmbalance::EvalModeGuard<Net> eval_mode(net);
   at::NoGradGuard no_grad;
-  at::Tensor counts;  // correct predictions of y, then of each head, then the sample count
+  // Correct predictions of y, then of each head, then the sample count; a rank whose
+  // share is empty still adds its zeros.
+  const auto heads = static_cast<std::int64_t>(num_heads(net));
+  at::Tensor counts = at::zeros({heads + 2}, at::TensorOptions(at::kLong).device(device));
   for (const auto& b : as_batches(s, batch_size, device)) {
     const NWayOutput out = forward(b.inputs);
     std::vector<at::Tensor> correct{out.y.argmax(1).eq(b.target).sum()};
     for (const at::Tensor& h : out.heads) {
       correct.push_back(h.defined() ? h.argmax(1).eq(b.target).sum() : at::zeros_like(correct[0]));
     }
-    correct.push_back(at::zeros_like(correct[0]));
-    if (!counts.defined()) counts = at::zeros({static_cast<std::int64_t>(correct.size())}, correct[0].options());
-    counts.add_(at::stack(correct));
+    counts.narrow(0, 0, heads + 1).add_(at::stack(correct));
   }
-  TORCH_CHECK(counts.defined(), "evaluate: the split is empty");
   counts[-1].fill_(s.size());
   sum_across_ranks(counts);
   const at::Tensor c = counts.to(at::kCPU).to(at::kDouble);
   const double n = c[-1].item<double>();
+  TORCH_CHECK(n > 0, "accuracy over an empty split");
   Accuracy a{c[0].item<double>() / n, {}};
   for (std::int64_t k = 1; k + 1 < c.size(0); ++k) a.heads.push_back(c[k].item<double>() / n);
   return a;
@@ -309,11 +320,10 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         }
         log << record.dump() << '\n';
       }
-      std::string status = "loss ";
-      char number[32];
-      std::snprintf(number, sizeof number, "%.3f d_speed %+.4f steps r", loss_sum / static_cast<double>(s + 1),
-                    balancer.last_d_speed());
-      status += number;
+      char numbers[96];
+      std::snprintf(numbers, sizeof numbers, "loss %.3f d_speed %+.4f steps r",
+                    loss_sum / static_cast<double>(s + 1), balancer.last_d_speed());
+      std::string status = numbers;
       for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);
       for (std::size_t i = 0; i < balancer.epoch_plan_counts().size(); ++i) {
         status += i == 0 ? " " : "/";

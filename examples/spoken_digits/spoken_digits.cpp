@@ -1,12 +1,16 @@
 // Three modalities: Colored-and-gray MNIST (colour image, gray image) plus the digit's
-// name spoken (espeak-ng voices from scripts/make-speech, noise at a stated SNR, log-mel
+// name spoken (espeak-ng speakers from scripts/make-speech, noise at a stated SNR, log-mel
 // features), with balanced multi-modal learning for N branches. See docs/examples.md.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 #include <torch/nn/functional/loss.h>
+#include <torch/optim/sgd.h>
 
 #include <mmbalance/distributed.h>
 
@@ -35,35 +39,41 @@ struct DataFlags {
 
 /// The colour and gray digits of colored_mnist, and for each digit a clip of its label
 /// spoken by a speaker of the same split (training, validation and test speakers are
-/// disjoint). Audio features are standardized with the training clips' mean and std.
-Splits load_data(const DataFlags& f) {
-  const LabelledImages all = load_mnist_json(fs::path(f.data_dir) / "mnist" / "digits");
+/// disjoint; a speaker is one voice, variant, speed and pitch of scripts/make-speech's
+/// grid, so a voice recurs across splits at other speeds and pitches). Audio features are
+/// standardized with the training clips' mean and std.
+Splits load_data(const DataFlags& data_flags) {
+  const LabelledImages all = load_mnist_json(fs::path(data_flags.data_dir) / "mnist" / "digits");
   const std::int64_t n = all.labels.size(0);
-  TORCH_CHECK(f.train_size + f.validation_size + f.test_size <= n, "only ", n,
-              " MNIST digits found, fewer than --train-size + --validation-size + --test-size = ",
-              f.train_size + f.validation_size + f.test_size);
-  auto gen = at::detail::createCPUGenerator(f.data_seed + 7919);
+  // Each size alone first: their sum cannot overflow then.
+  TORCH_CHECK(data_flags.train_size <= n && data_flags.validation_size <= n && data_flags.test_size <= n &&
+                  data_flags.train_size + data_flags.validation_size + data_flags.test_size <= n,
+              "only ", n, " MNIST digits found, fewer than --train-size ", data_flags.train_size,
+              " + --validation-size ", data_flags.validation_size, " + --test-size ", data_flags.test_size);
+  auto gen = at::detail::createCPUGenerator(data_flags.data_seed + 7919);
   const at::Tensor perm = at::randperm(n, gen, at::kLong);
-  const LabelledImages test = take(all, perm.narrow(0, 0, f.test_size));
-  const LabelledImages pool = take(all, perm.narrow(0, f.test_size, n - f.test_size));
-  Splits data = make_colored_splits(pool, test, f.train_size, f.validation_size, f.colour_noise, f.data_seed);
+  const LabelledImages test = take(all, perm.narrow(0, 0, data_flags.test_size));
+  const LabelledImages pool = take(all, perm.narrow(0, data_flags.test_size, n - data_flags.test_size));
+  Splits data = make_colored_splits(pool, test, data_flags.train_size, data_flags.validation_size, data_flags.colour_noise, data_flags.data_seed);
 
-  const fs::path speech = f.speech_dir.empty() ? fs::path(f.data_dir) / "speech" : fs::path(f.speech_dir);
-  const SpeakerSplit speakers = split_speakers(read_speakers(speech), f.validation_speakers,
-                                               f.test_speakers, f.data_seed + 104729);
-  const SpeechOptions options = SpeechOptions().snr_db(f.snr_db);
-  const SpokenDigits train_clips = load_spoken_digits(speech, speakers.train, options, f.data_seed);
-  const at::Tensor mean = train_clips.features.mean(), std = train_clips.features.std();
-  auto pairing = at::detail::createCPUGenerator(f.data_seed + 1299709);
+  const fs::path speech = data_flags.speech_dir.empty() ? fs::path(data_flags.data_dir) / "speech" : fs::path(data_flags.speech_dir);
+  const SpeakerSplit speakers = split_speakers(read_speakers(speech), data_flags.validation_speakers,
+                                               data_flags.test_speakers, data_flags.data_seed + 104729);
+  const SpeechOptions options = SpeechOptions().snr_db(data_flags.snr_db);
+  const SpokenDigits train_clips = load_spoken_digits(speech, speakers.train, options, data_flags.data_seed);
+  const at::Tensor mean = train_clips.features.mean(), spread = train_clips.features.std();
+  TORCH_CHECK(spread.item<double>() > 0, "the training clips' features in ", speech.string(),
+              " are all equal: nothing to learn from the audio");
+  auto pairing = at::detail::createCPUGenerator(data_flags.data_seed + 1299709);
   const auto add_audio = [&](Split& split, const SpokenDigits& clips) {
     const at::Tensor chosen = pair_with_clips(split.y, clips, pairing);
-    split.x.push_back(((clips.features - mean) / std).index_select(0, chosen));
+    split.x.push_back(((clips.features - mean) / spread).index_select(0, chosen));
   };
   add_audio(data.train, train_clips);
-  add_audio(data.validation, load_spoken_digits(speech, speakers.validation, options, f.data_seed));
-  add_audio(data.test, load_spoken_digits(speech, speakers.test, options, f.data_seed));
+  add_audio(data.validation, load_spoken_digits(speech, speakers.validation, options, data_flags.data_seed));
+  add_audio(data.test, load_spoken_digits(speech, speakers.test, options, data_flags.data_seed));
   std::fprintf(stderr, "speakers: %zu train / %zu validation / %zu test, SNR %g dB\n",
-               speakers.train.size(), speakers.validation.size(), speakers.test.size(), f.snr_db);
+               speakers.train.size(), speakers.validation.size(), speakers.test.size(), data_flags.snr_db);
   return data;
 }
 
@@ -127,43 +137,46 @@ nlohmann::json train_audio_only(const Splits& data, const TrainConfig& cfg) {
 int run(int argc, char** argv) {
   CLI::App app{"Colored and gray MNIST digits plus the spoken digit: balanced learning over three "
                "modalities (mmbalance)"};
-  DataFlags f;
+  DataFlags data_flags;
   bool audio_only = false;
   CommonFlags flags;
-  app.add_option("--data-dir", f.data_dir, "where scripts/fetch-data put the digits")->capture_default_str();
-  app.add_option("--speech-dir", f.speech_dir, "scripts/make-speech's output (default DATA_DIR/speech)");
-  app.add_option("--data-seed", f.data_seed, "splits, colours, speakers, noise, pairing")->capture_default_str();
-  app.add_option("--colour-noise", f.colour_noise, "variance of the per-channel colour noise")
+  app.add_option("--data-dir", data_flags.data_dir, "where scripts/fetch-data put the digits")->capture_default_str();
+  app.add_option("--speech-dir", data_flags.speech_dir, "scripts/make-speech's output (default DATA_DIR/speech)");
+  app.add_option("--data-seed", data_flags.data_seed, "splits, colours, speakers, noise, pairing")->capture_default_str();
+  app.add_option("--colour-noise", data_flags.colour_noise, "variance of the per-channel colour noise")
       ->check(CLI::NonNegativeNumber)->capture_default_str();
-  app.add_option("--snr-db", f.snr_db, "signal-to-noise ratio of the spoken digits, dB")
+  app.add_option("--snr-db", data_flags.snr_db, "signal-to-noise ratio of the spoken digits, dB")
       ->check(CLI::Range(-60.0, 200.0))->capture_default_str();
-  app.add_option("--train-size", f.train_size, "training digits")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--validation-size", f.validation_size, "validation digits")
+  app.add_option("--train-size", data_flags.train_size, "training digits")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--validation-size", data_flags.validation_size, "validation digits")
       ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--test-size", f.test_size, "test digits")->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--validation-speakers", f.validation_speakers, "voices kept for validation")
+  app.add_option("--test-size", data_flags.test_size, "test digits")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--validation-speakers", data_flags.validation_speakers, "voices kept for validation")
       ->check(CLI::PositiveNumber)->capture_default_str();
-  app.add_option("--test-speakers", f.test_speakers, "voices kept for test")
+  app.add_option("--test-speakers", data_flags.test_speakers, "voices kept for test")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_flag("--audio-only", audio_only,
                "train the audio branch alone and report its accuracy (the audio's uni-modal reference)");
   flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
-  const auto pg = flags.finish(f.data_seed);
+  const auto pg = flags.finish(data_flags.data_seed);
   const TrainConfig& cfg = flags.cfg;
-  TORCH_CHECK(!(audio_only && pg), "--audio-only runs in one process (--world-size 1)");
+  TORCH_CHECK(!audio_only || (!pg && cfg.device == "cpu" && cfg.resume.empty()),
+              "--audio-only trains on the CPU in one process from scratch: no --world-size, "
+              "--device cuda or --resume");
 
-  const Splits data = load_data(f);
+  const Splits data = load_data(data_flags);
   std::fprintf(stderr, "%lld train / %lld validation / %lld test, policy %s\n",
                static_cast<long long>(data.train.size()), static_cast<long long>(data.validation.size()),
                static_cast<long long>(data.test.size()), audio_only ? "(audio alone)" : cfg.policy.c_str());
   nlohmann::json args = flags.json();
-  args.update({{"data_seed", f.data_seed}, {"colour_noise", f.colour_noise}, {"snr_db", f.snr_db},
-               {"train_size", f.train_size}, {"validation_size", f.validation_size},
-               {"test_size", f.test_size}, {"validation_speakers", f.validation_speakers},
-               {"test_speakers", f.test_speakers}});
+  args.update({{"data_seed", data_flags.data_seed}, {"colour_noise", data_flags.colour_noise}, {"snr_db", data_flags.snr_db},
+               {"train_size", data_flags.train_size}, {"validation_size", data_flags.validation_size},
+               {"test_size", data_flags.test_size}, {"validation_speakers", data_flags.validation_speakers},
+               {"test_speakers", data_flags.test_speakers}});
   if (audio_only) {
     fs::create_directories(cfg.out);
+    fs::remove(cfg.out / "summary.json");  // never leave an earlier run's summary behind
     const nlohmann::json summary = {{"args", args}, {"audio_only", train_audio_only(data, cfg)}};
     std::ofstream(cfg.out / "summary.json") << summary.dump(1) << '\n';
     std::printf("audio alone: best epoch %d, test %s\n", summary["audio_only"]["epoch"].get<int>() + 1,

@@ -1,7 +1,7 @@
 #pragma once
 // The audio side of the three-modality example: the spoken digit names scripts/make-speech
 // writes (one folder per speaker, 0.wav .. 9.wav, listed in speakers.tsv), split by
-// speaker (no voice is in two splits), with white noise at a stated signal-to-noise
+// speaker (no speaker, one voice/variant/speed/pitch, is in two splits), with white noise at a stated signal-to-noise
 // ratio, as fixed-size log-mel spectrograms; and the pairing of each image of a split
 // with a clip of its label spoken by one of that split's speakers.
 

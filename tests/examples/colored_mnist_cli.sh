@@ -51,6 +51,14 @@ for k in ("accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut"):
     assert 0 <= u[k] <= 1, (k, u[k])
 assert u["samples"] == 80
 assert 0 <= s["best_epoch"] < 3
+# the two-branch record names, which scripts and users read
+assert set(steps[0]) == {"type", "epoch", "step", "kind", "d_speed", "loss", "loss0", "loss1"}, steps[0]
+assert {"s_m1_given_m0", "s_m0_given_m1", "d_speed"} <= set(epochs[0]), epochs[0]
+assert set(epochs[0]["test"]) == {"y", "y0", "y1"}, epochs[0]["test"]
+assert set(s["steps_total"]) == {"regular", "rebalance_m0", "rebalance_m1"}, s["steps_total"]
+assert set(u) == {"accuracy", "accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut",
+                  "u_m1_given_m0", "u_m0_given_m1", "d_util", "samples"}, u
+assert "missing_modality_test" not in s and "speeds_at_best" not in s
 print("ok: logs, checkpoints and summary")
 PY
 

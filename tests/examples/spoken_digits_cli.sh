@@ -19,6 +19,8 @@ small=("${data[@]}" --validation-speakers 2 --test-speakers 2)
 
 expect_error "--policy" "$work/a" -- "$bin" --out "$work/a" --policy greedy
 expect_error "--snr-db" "$work/a" -- "$bin" --out "$work/a" --snr-db -100
+expect_error "--audio-only trains on the CPU" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" \
+  --audio-only --device cuda
 expect_error "run scripts/make-speech first" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" \
   --speech-dir "$work/none"
 expect_error "cannot take 5 validation and 4 test speakers from 8" "$work/a" -- "$bin" --out "$work/a" \
@@ -84,7 +86,8 @@ assert la == lb, "step logs differ"
 print("ok: resume is exact")
 PY
 
-# A random run draws over all four plans; the audio branch alone learns the tones.
+# A random run draws at least three of the four plans in 16 steps; the audio branch alone
+# learns the tones.
 "$bin" --out "$work/random" "${small[@]}" --epochs 3 --policy random >/dev/null 2>&1 || fail "the random run failed"
 /usr/bin/python3 - "$work/random" <<'PY'
 import json, sys
@@ -98,7 +101,7 @@ PY
 /usr/bin/python3 - "$work/audio" <<'PY'
 import json, sys
 a = json.load(open(f"{sys.argv[1]}/summary.json"))["audio_only"]
-assert 0 <= a["epoch"] < 3 and 0 <= a["test"] <= 1, a
+assert 0 <= a["epoch"] < 3 and 0.3 < a["test"] <= 1, a  # tones at 10 dB SNR: far above chance (0.1)
 print("ok: audio alone", a)
 PY
 echo "spoken_digits CLI: all checks passed"
