@@ -4,7 +4,9 @@
 
 #include "mmbalance/balancing/balancer.h"
 #include "mmbalance/balancing/guided.h"
+#include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/n_way_policy.h"
+#include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/random.h"
 #include "mmbalance/balancing/vanilla.h"

@@ -20,10 +20,12 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/model/loss.h"
 #include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
 #include "mmbalance/model/step_plan.h"
@@ -113,6 +115,7 @@ class Balancer {
       : options_(options),
         policy_(std::move(policy)),
         meter_(net->parameter_groups()),
+        branch_parameters_(branch_parameters_of(net->parameter_groups())),
         gate_means_(net->gate_means()),
         epoch_counts_(branches() + 1, 0),
         total_counts_(branches() + 1, 0) {
@@ -167,8 +170,33 @@ class Balancer {
     return plan;
   }
 
+  /// The step's training loss from its output: the sum over the heads of CE(head,
+  /// target), each averaged over the batch (`modality_specific_loss`). Call it between
+  /// `next_step()`/`next_plan()` and `observe()`; it hands the step's outputs to a policy
+  /// that modulates gradients (`ModulatesGradients`), which needs it.
+  at::Tensor loss(const NWayOutput& out, const at::Tensor& target) {
+    TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
+    TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
+                " heads, the network ", branches(), " branches");
+    const std::vector<at::Tensor> losses = modality_losses(out, target);
+    if constexpr (ModulatesGradients<Policy>) {
+      staged_heads_.clear();
+      for (const at::Tensor& h : out.heads) staged_heads_.push_back(h.detach());
+      staged_target_ = target;
+    }
+    at::Tensor sum = losses[0];
+    for (std::size_t k = 1; k < losses.size(); ++k) sum = sum + losses[k];
+    return sum;
+  }
+
+  /// The same for a two-branch network's output.
+  at::Tensor loss(const ModelOutput& out, const at::Tensor& target) {
+    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target);
+  }
+
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
-  /// feed the learning-speed meter (and the policy's `observe_d_speed`).
+  /// feed the learning-speed meter (and the policy's `observe_d_speed`); after warm-up a
+  /// policy that modulates gradients then changes them (from the outputs `loss()` saw).
   void observe(const at::Tensor& loss) {
     TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the "
                 "forward pass");
@@ -183,6 +211,13 @@ class Balancer {
       } else if (options_.check_every_step()) {
         check_rebalancing_step(loss, plan);
       }
+      if constexpr (ModulatesGradients<Policy>) {
+        if (!in_warmup()) {
+          TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(), " modulates "
+                      "gradients from the step's outputs; form the loss with balancer.loss(out, target)");
+          policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_});
+        }
+      }
     } catch (...) {
       abandon_step();
       throw;
@@ -191,6 +226,7 @@ class Balancer {
     // those of a step left out of the accumulators do not.
     for (auto& m : gate_means_) m->commit(gates_count);
     pending_.reset();
+    release_step_outputs();
     ++step_;
     ++epoch_counts_[plan_index(plan)];
     ++total_counts_[plan_index(plan)];
@@ -205,6 +241,7 @@ class Balancer {
     policy_ = policy_before_step_;
     for (auto& m : gate_means_) m->drop();
     pending_.reset();
+    release_step_outputs();
   }
 
   /// Marks the end of an epoch.
@@ -425,7 +462,21 @@ class Balancer {
   // Starts a step: drops gates staged outside a step.
   void begin_step(const StepPlan& plan) {
     for (auto& m : gate_means_) m->drop();
+    release_step_outputs();
     pending_ = plan;
+  }
+
+  // The outputs `loss()` kept for the gradient hook belong to one step.
+  void release_step_outputs() {
+    staged_heads_.clear();
+    staged_target_ = at::Tensor();
+  }
+
+  static std::vector<std::vector<at::Tensor>> branch_parameters_of(const ParameterGroups& g) {
+    return {g.theta0, g.theta1};
+  }
+  static std::vector<std::vector<at::Tensor>> branch_parameters_of(const NWayParameterGroups& g) {
+    return g.branch;
   }
 
   // Feeds the meter; returns, with checks off, the device flag of whether the step was
@@ -588,7 +639,11 @@ class Balancer {
   Policy policy_;
   Policy policy_before_step_ = policy_;
   LearningSpeedMeter meter_;
+  std::vector<std::vector<at::Tensor>> branch_parameters_;  // θ_k, for the gradient hook
   std::vector<RunningMean> gate_means_;
+  // The step's detached heads and targets, from loss(), for a gradient-modulating policy.
+  std::vector<at::Tensor> staged_heads_;
+  at::Tensor staged_target_;
   std::optional<StepPlan> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;

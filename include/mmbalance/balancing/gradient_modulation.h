@@ -1,0 +1,61 @@
+#pragma once
+/// \file
+/// The gradient-modulation hook of balancing policies: what a policy that rescales or
+/// perturbs branch gradients between `backward()` and the optimizer step (OGM-GE, AGM)
+/// receives from the `Balancer`, and which parameters it may change.
+
+#include <concepts>
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace mmbalance {
+
+/// Which parameters of a branch a gradient-modulating policy changes.
+enum class ModulatedParameters : std::uint8_t {
+  /// Weights of 3 or more dimensions: convolution kernels (OGM-GE's original choice).
+  conv_weights = 0,
+  /// Every parameter of 2 or more dimensions: all weights, no biases or norm scales.
+  non_bias = 1,
+  /// Every parameter of the branch.
+  all = 2,
+};
+
+constexpr std::string_view to_string(ModulatedParameters which) {
+  switch (which) {
+    case ModulatedParameters::conv_weights: return "conv_weights";
+    case ModulatedParameters::non_bias: return "non_bias";
+    case ModulatedParameters::all: return "all";
+  }
+  return "invalid";
+}
+
+/// Whether `which` selects parameter `p`.
+inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
+  switch (which) {
+    case ModulatedParameters::conv_weights: return p.dim() >= 3;
+    case ModulatedParameters::non_bias: return p.dim() >= 2;
+    case ModulatedParameters::all: return true;
+  }
+  return false;
+}
+
+/// What a policy's `modulate_gradients` hook receives after `backward()`: this step's
+/// logits of every branch's head (detached), the targets, and each branch's parameters
+/// θ_k, whose `.grad()` it may change in place.
+struct StepGradients {
+  const std::vector<at::Tensor>& heads;
+  const at::Tensor& target;
+  const std::vector<std::vector<at::Tensor>>& branch_parameters;
+};
+
+/// A policy that changes branch gradients after `backward()`, before the optimizer step.
+/// The `Balancer` calls the hook from `observe(loss)` on every step after warm-up, after
+/// the learning-speed meter has read the unmodulated gradients; the step's loss must come
+/// from `Balancer::loss(out, target)`, which hands the hook the step's outputs.
+template <class P>
+concept ModulatesGradients = requires(P& p, const StepGradients& g) { p.modulate_gradients(g); };
+
+}  // namespace mmbalance

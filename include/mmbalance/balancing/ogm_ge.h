@@ -1,0 +1,148 @@
+#pragma once
+/// \file
+/// OGM-GE (Peng et al., "Balanced multimodal learning via on-the-fly gradient modulation",
+/// CVPR 2022) as a policy: every step, the dominant modality's gradients are scaled down
+/// by 1 − tanh(α·ρ), and Gaussian noise with the gradient's own standard deviation is
+/// added (generalization enhancement). docs/policies.md gives the rule, its N-branch form
+/// and where it differs from the original code.
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/arg.h>
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/model/step_plan.h"
+
+namespace mmbalance {
+
+/// Options of `OGMGEPolicy`.
+///
+/// Example:
+/// ```
+/// Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.8).seed(7)),
+///                                BalancerOptions().warmup_epochs(0));
+/// ```
+struct OGMGEOptions {
+  /// Strength of the modulation, >= 0 (the original uses 0.1 on VGGSound to 0.8 on CREMA-D).
+  TORCH_ARG(double, alpha) = 0.1;
+  /// Generalization enhancement: add N(0, std(g)) to each modulated gradient g after
+  /// scaling (OGM-GE); false scales only (OGM).
+  TORCH_ARG(bool, noise) = true;
+  /// Which parameters of each branch are modulated (the original: conv weights).
+  TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::conv_weights;
+  /// Seed of the noise.
+  TORCH_ARG(std::uint64_t, seed) = 0;
+};
+
+/// On-the-fly gradient modulation with generalization enhancement, for any number of
+/// branches. Per step, from each branch k's head: the score s_k = Σ_i softmax(h_k)_i[y_i]
+/// over the batch, the discrepancy ratio ρ_k = s_k / mean_{j≠k} s_j (for two branches
+/// s_0 / s_1 and its inverse, the original's), and the coefficient k_k = 1 − tanh(α·ρ_k)
+/// where ρ_k > 1, else 1. Each selected parameter's gradient g of branch k becomes
+/// k_k·g, plus (noise) N(0, std(k_k·g) + 1e-8) drawn from the policy's seeded generator.
+/// All regular steps (no gates held). Computed on the gradients' device without a host
+/// read; the noise is drawn on the CPU and copied to the device.
+class OGMGEPolicy {
+ public:
+  explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
+    TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
+                "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());
+  }
+
+  StepPlan next_plan() const { return StepPlan::regular(); }
+
+  /// The coefficients k_k of one step (a tensor of N numbers on the heads' device).
+  static at::Tensor coefficients(const std::vector<at::Tensor>& heads, const at::Tensor& target,
+                                 double alpha) {
+    const auto n = static_cast<std::int64_t>(heads.size());
+    TORCH_CHECK(n >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ", n);
+    std::vector<at::Tensor> scores;
+    for (const at::Tensor& h : heads) {
+      TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
+                  "OGMGEPolicy: every head must be (batch, classes) logits for the ",
+                  target.size(0), " targets");
+      scores.push_back(at::softmax(h.detach(), 1).gather(1, target.view({-1, 1})).sum());
+    }
+    const at::Tensor s = at::stack(scores);
+    const at::Tensor others_mean = (s.sum() - s) / static_cast<double>(n - 1);
+    const at::Tensor ratio = s / others_mean;
+    return at::where(ratio > 1, 1 - at::tanh(alpha * ratio), at::ones_like(ratio));
+  }
+
+  void modulate_gradients(const StepGradients& step) {
+    TORCH_CHECK(step.heads.size() == step.branch_parameters.size(), "OGMGEPolicy: ",
+                step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
+    last_coefficients_ = coefficients(step.heads, step.target, options.alpha());
+    at::Generator gen = at::detail::createCPUGenerator(engine_());
+    for (std::size_t k = 0; k < step.branch_parameters.size(); ++k) {
+      const at::Tensor coefficient = last_coefficients_[static_cast<std::int64_t>(k)];
+      for (const at::Tensor& p : step.branch_parameters[k]) {
+        at::Tensor g = p.grad();
+        if (!g.defined() || !is_modulated(p, options.parameters())) continue;
+        g.mul_(coefficient.to(g.scalar_type()));
+        // std of a single number is undefined: such a gradient gets no noise.
+        if (options.noise() && g.numel() > 1) {
+          const at::Tensor draw = at::randn(g.sizes(), gen, at::TensorOptions(g.scalar_type()));
+          g.add_(draw.to(g.device(), /*non_blocking=*/true) * (g.std() + 1e-8));
+        }
+      }
+    }
+  }
+
+  /// k_k of the last modulated step (undefined before one, and after a resume).
+  const at::Tensor& last_coefficients() const { return last_coefficients_; }
+
+  void save(torch::serialize::OutputArchive& archive) const {
+    std::ostringstream state;
+    state << engine_;
+    archive.write("engine", state.str());
+    archive.write("alpha", options.alpha());
+    archive.write("noise", static_cast<std::int64_t>(options.noise()));
+    archive.write("parameters", static_cast<std::int64_t>(options.parameters()));
+    archive.write("seed", static_cast<std::int64_t>(options.seed()));
+  }
+
+  /// Restores the noise generator; other options throw, naming both values, and change
+  /// nothing.
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue state, alpha, noise, parameters, seed;
+    TORCH_CHECK(archive.try_read("engine", state) && state.isString() &&
+                    archive.try_read("alpha", alpha) && alpha.isDouble() &&
+                    archive.try_read("noise", noise) && noise.isInt() &&
+                    archive.try_read("parameters", parameters) && parameters.isInt() &&
+                    archive.try_read("seed", seed) && seed.isInt(),
+                "OGMGEPolicy: damaged state in checkpoint");
+    TORCH_CHECK(alpha.toDouble() == options.alpha(), "OGMGEPolicy: the checkpoint was made with "
+                "alpha ", alpha.toDouble(), ", this policy has alpha ", options.alpha());
+    TORCH_CHECK(noise.toInt() == static_cast<std::int64_t>(options.noise()), "OGMGEPolicy: the "
+                "checkpoint was made with noise ", noise.toInt() != 0 ? "on" : "off",
+                ", this policy has it ", options.noise() ? "on" : "off");
+    TORCH_CHECK(parameters.toInt() == static_cast<std::int64_t>(options.parameters()),
+                "OGMGEPolicy: the checkpoint was made modulating parameters ",
+                parameters.toInt(), ", this policy modulates ", to_string(options.parameters()));
+    TORCH_CHECK(static_cast<std::uint64_t>(seed.toInt()) == options.seed(), "OGMGEPolicy: the "
+                "checkpoint was made with seed ", static_cast<std::uint64_t>(seed.toInt()),
+                ", this policy has seed ", options.seed());
+    std::mt19937_64 engine;
+    std::istringstream in(state.toStringRef());
+    in >> engine;
+    TORCH_CHECK(!in.fail(), "OGMGEPolicy: corrupt generator state in checkpoint");
+    engine_ = engine;
+  }
+
+  OGMGEOptions options;
+
+ private:
+  std::mt19937_64 engine_;  // one draw per step seeds that step's noise
+  at::Tensor last_coefficients_;
+};
+
+}  // namespace mmbalance

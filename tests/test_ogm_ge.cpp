@@ -1,0 +1,265 @@
+// OGM-GE as a gradient-modulating policy: its coefficients against the paper's rule
+// computed by hand, its effect on each branch's gradients against an unmodulated twin, the
+// noise, warm-up, resume and bad input.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+
+#include <unistd.h>
+
+#include "support.h"
+
+using namespace mmbalance;
+using namespace mmbalance::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+// s = Σ_i softmax(logits_i)[y_i], written out.
+double score(const std::vector<std::vector<double>>& logits, const std::vector<int>& y) {
+  double s = 0;
+  for (std::size_t i = 0; i < logits.size(); ++i) {
+    double z = 0;
+    for (double v : logits[i]) z += std::exp(v);
+    s += std::exp(logits[i][static_cast<std::size_t>(y[i])]) / z;
+  }
+  return s;
+}
+
+at::Tensor as_tensor(const std::vector<std::vector<double>>& rows) {
+  std::vector<float> flat;
+  for (const auto& r : rows) flat.insert(flat.end(), r.begin(), r.end());
+  return at::tensor(flat).view({static_cast<std::int64_t>(rows.size()), -1});
+}
+
+// The unmodulated gradients of `net` on batch b: a twin with the same state, no balancer.
+std::vector<at::Tensor> plain_gradients(const Net& net, const MultiModalBatch& b) {
+  Net twin = small_net(99);
+  copy_state(net, twin);
+  twin->zero_grad();
+  modality_specific_loss(twin->forward(b.x0, b.x1), b.target).backward();
+  std::vector<at::Tensor> g;
+  for (const auto& p : twin->parameters()) g.push_back(p.grad().clone());
+  return g;
+}
+
+// One step of the balancer's loop with the loss formed by the balancer.
+template <class BalancerT>
+ModelOutput step(Net& net, BalancerT& balancer, const MultiModalBatch& b) {
+  const StepPlan plan = balancer.next_plan();
+  const ModelOutput out = net->forward(b.x0, b.x1, to_step_kind(plan));
+  const at::Tensor loss = balancer.loss(out, b.target);
+  net->zero_grad();
+  loss.backward();
+  balancer.observe(loss);
+  return out;
+}
+
+// Whether p is a parameter of branch `k` of the two-branch test net.
+bool in_branch(const Net& net, const at::Tensor& p, int k) {
+  const auto groups = net->parameter_groups();
+  for (const auto& q : k == 0 ? groups.theta0 : groups.theta1) {
+    if (q.is_same(p)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("OGM-GE coefficients follow the paper's rule, for two and three branches", "[ogm-ge]") {
+  const std::vector<int> y = {0, 1};
+  const std::vector<std::vector<double>> strong = {{2, 0, 0}, {0, 2, 0}}, weak = {{0, 0, 0}, {0.5, 0, 0}},
+                                         middle = {{1, 0, 0}, {0, 1, 0}};
+  const at::Tensor target = at::tensor({0, 1}, at::kLong);
+  // Two branches: ρ_0 = s_0 / s_1 > 1, so k_0 = 1 - tanh(α ρ_0) and k_1 = 1.
+  const double rho = score(strong, y) / score(weak, y);
+  REQUIRE(rho > 1);
+  const at::Tensor k = OGMGEPolicy::coefficients({as_tensor(strong), as_tensor(weak)}, target, 0.3);
+  CHECK(k[0].item<double>() == Approx(1 - std::tanh(0.3 * rho)).epsilon(1e-6));
+  CHECK(k[1].item<double>() == 1.0);
+  // Swapped heads: the coefficient moves with the dominant branch.
+  const at::Tensor swapped = OGMGEPolicy::coefficients({as_tensor(weak), as_tensor(strong)}, target, 0.3);
+  CHECK(swapped[1].item<double>() == Approx(1 - std::tanh(0.3 * rho)).epsilon(1e-6));
+  CHECK(swapped[0].item<double>() == 1.0);
+  // Equal modalities (ρ = 1): no modulation; α = 0: none either.
+  const at::Tensor equal = OGMGEPolicy::coefficients({as_tensor(middle), as_tensor(middle)}, target, 0.3);
+  CHECK(equal[0].item<double>() == 1.0);
+  CHECK(equal[1].item<double>() == 1.0);
+  const at::Tensor off = OGMGEPolicy::coefficients({as_tensor(strong), as_tensor(weak)}, target, 0.0);
+  CHECK(off[0].item<double>() == 1.0);
+  // Three branches: ρ_k = s_k / mean of the others' scores.
+  const double s0 = score(strong, y), s1 = score(middle, y), s2 = score(weak, y);
+  const double r0 = s0 / ((s1 + s2) / 2), r1 = s1 / ((s0 + s2) / 2), r2 = s2 / ((s0 + s1) / 2);
+  const at::Tensor three = OGMGEPolicy::coefficients(
+      {as_tensor(strong), as_tensor(middle), as_tensor(weak)}, target, 0.5);
+  const double expected[] = {r0 > 1 ? 1 - std::tanh(0.5 * r0) : 1.0, r1 > 1 ? 1 - std::tanh(0.5 * r1) : 1.0,
+                             r2 > 1 ? 1 - std::tanh(0.5 * r2) : 1.0};
+  REQUIRE(r0 > 1);
+  REQUIRE(r2 < 1);
+  for (int j = 0; j < 3; ++j) CHECK(three[j].item<double>() == Approx(expected[j]).epsilon(1e-6));
+}
+
+TEST_CASE("OGM scales the conv-weight gradients of each branch by its coefficient and nothing else",
+          "[ogm-ge]") {
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7).noise(false)),
+                                 BalancerOptions().warmup_epochs(0));
+  const auto b = small_batch(8, 11);
+  const std::vector<at::Tensor> plain = plain_gradients(net, b);
+  const ModelOutput out = step(net, balancer, b);
+  // The coefficients from the step's heads, by the paper's rule written out.
+  std::vector<std::vector<double>> h0, h1;
+  std::vector<int> y;
+  for (std::int64_t i = 0; i < 8; ++i) {
+    h0.push_back({}); h1.push_back({});
+    for (std::int64_t c = 0; c < 3; ++c) {
+      h0.back().push_back(out.y0[i][c].item<double>());
+      h1.back().push_back(out.y1[i][c].item<double>());
+    }
+    y.push_back(static_cast<int>(b.target[i].item<std::int64_t>()));
+  }
+  const double s0 = score(h0, y), s1 = score(h1, y);
+  const double k0 = s0 > s1 ? 1 - std::tanh(0.7 * s0 / s1) : 1.0, k1 = s1 > s0 ? 1 - std::tanh(0.7 * s1 / s0) : 1.0;
+  REQUIRE(std::min(k0, k1) < 0.9);  // this batch modulates something
+  const auto params = net->parameters();
+  int scaled = 0;
+  for (std::size_t j = 0; j < params.size(); ++j) {
+    const at::Tensor& p = params[j];
+    double k = 1.0;
+    if (p.dim() >= 3 && in_branch(net, p, 0)) k = k0;
+    if (p.dim() >= 3 && in_branch(net, p, 1)) k = k1;
+    if (k != 1.0) ++scaled;
+    CHECK(at::allclose(p.grad(), plain[j] * k, 1e-5, 1e-7));
+  }
+  CHECK(scaled == 2);  // the two conv kernels of the modulated branch
+  CHECK(balancer.policy().last_coefficients()[0].item<double>() == Approx(k0).epsilon(1e-5));
+}
+
+TEST_CASE("OGM-GE adds seeded noise with the scaled gradient's own std; none in warm-up", "[ogm-ge]") {
+  const auto b = small_batch(8, 11);
+  const auto run = [&](std::uint64_t seed, std::int64_t warmup) {
+    Net net = small_net(3);
+    Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7).seed(seed)),
+                                   BalancerOptions().warmup_epochs(warmup));
+    const std::vector<at::Tensor> plain = plain_gradients(net, b);
+    step(net, balancer, b);
+    const at::Tensor k = balancer.policy().last_coefficients();
+    std::vector<at::Tensor> grads, expected_scaled;
+    const auto params = net->parameters();
+    for (std::size_t j = 0; j < params.size(); ++j) {
+      grads.push_back(params[j].grad().clone());
+      double c = 1.0;
+      if (k.defined() && params[j].dim() >= 3) c = k[in_branch(net, params[j], 0) ? 0 : 1].item<double>();
+      expected_scaled.push_back(plain[j] * c);
+    }
+    return std::tuple{grads, expected_scaled, params};
+  };
+  const auto [grads, scaled, params] = run(5, 0);
+  for (std::size_t j = 0; j < params.size(); ++j) {
+    if (params[j].dim() < 3) {
+      CHECK(at::allclose(grads[j], scaled[j], 1e-5, 1e-7));  // not selected: untouched
+      continue;
+    }
+    // noise = g' - k g has the std of k g (2-sigma band of a sample std over >= 108 values)
+    const double noise_std = (grads[j] - scaled[j]).std().item<double>();
+    const double own_std = scaled[j].std().item<double>();
+    CHECK(noise_std > 0.7 * own_std);
+    CHECK(noise_std < 1.3 * own_std);
+  }
+  const auto [same_seed, s1, p1] = run(5, 0);
+  const auto [other_seed, s2, p2] = run(6, 0);
+  bool all_equal = true, any_differs = false;
+  for (std::size_t j = 0; j < grads.size(); ++j) {
+    all_equal = all_equal && at::equal(grads[j], same_seed[j]);
+    any_differs = any_differs || !at::equal(grads[j], other_seed[j]);
+  }
+  CHECK(all_equal);
+  CHECK(any_differs);
+  // In a warm-up epoch the policy is not consulted: the plain gradients.
+  const auto [warm, warm_expected, p3] = run(5, 1);
+  for (std::size_t j = 0; j < warm.size(); ++j) CHECK(at::allclose(warm[j], warm_expected[j], 1e-5, 1e-7));
+}
+
+TEST_CASE("OGM-GE on three branches scales each branch by its own coefficient", "[ogm-ge]") {
+  ThreeWay net = small_three_way(4);
+  ThreeWay twin = small_three_way(9);
+  copy_state(net, twin);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(2.0).noise(false)),
+                                 BalancerOptions().warmup_epochs(0));
+  const NWayBatch b = n_way_batch(3, 8, 21);
+  modality_specific_loss(twin->forward(b.inputs), b.target).backward();
+  const StepPlan plan = balancer.next_plan();
+  const NWayOutput out = net->forward(b.inputs, plan);
+  const at::Tensor loss = balancer.loss(out, b.target);
+  CHECK(loss.item<double>() == Approx(modality_specific_loss(out, b.target).item<double>()));
+  loss.backward();
+  balancer.observe(loss);
+  std::vector<double> s;
+  for (const auto& h : out.heads) {
+    const at::Tensor p = at::softmax(h.detach().to(at::kDouble), 1);
+    double sum = 0;
+    for (std::int64_t i = 0; i < 8; ++i) sum += p[i][b.target[i].item<std::int64_t>()].item<double>();
+    s.push_back(sum);
+  }
+  const auto twin_groups = twin->parameter_groups().branch;
+  const auto groups = net->parameter_groups().branch;
+  for (std::size_t k = 0; k < 3; ++k) {
+    const double rho = s[k] / ((s[0] + s[1] + s[2] - s[k]) / 2);
+    const double c = rho > 1 ? 1 - std::tanh(2.0 * rho) : 1.0;
+    for (std::size_t j = 0; j < groups[k].size(); ++j) {
+      const double expected = groups[k][j].dim() >= 3 ? c : 1.0;
+      CHECK(at::allclose(groups[k][j].grad(), twin_groups[k][j].grad() * expected, 1e-5, 1e-7));
+    }
+  }
+}
+
+TEST_CASE("OGM-GE resumes bit for bit mid-run", "[ogm-ge][checkpoint]") {
+  const fs::path dir = fs::temp_directory_path() / ("mmbalance_ogm_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string path = (dir / "ogm.pt").string();
+  const auto make = [] {
+    Net net = small_net(2);
+    auto opt = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    auto bal = std::make_shared<Balancer<OGMGEPolicy>>(net, OGMGEPolicy(OGMGEOptions().alpha(0.8).seed(3)),
+                                                       BalancerOptions().warmup_epochs(1));
+    return std::tuple{net, opt, bal};
+  };
+  const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<OGMGEPolicy>& bal, int first, int last) {
+    for (int i = first; i < last; ++i) {
+      step(net, bal, small_batch(8, static_cast<std::uint64_t>(100 + i)));
+      opt.step();
+      if ((i + 1) % 3 == 0) bal.end_epoch();
+    }
+  };
+  auto [a, opt_a, bal_a] = make();
+  train(a, *opt_a, *bal_a, 0, 5);
+  save_checkpoint(path, a, *opt_a, *bal_a);
+  train(a, *opt_a, *bal_a, 5, 10);
+  auto [b, opt_b, bal_b] = make();
+  load_checkpoint(path, b, *opt_b, *bal_b);
+  train(b, *opt_b, *bal_b, 5, 10);
+  CHECK(same_state(*a, *b));
+  // A checkpoint of another alpha is refused.
+  Net c = small_net(2);
+  torch::optim::SGD opt_c(c->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  Balancer<OGMGEPolicy> bal_c(c, OGMGEPolicy(OGMGEOptions().alpha(0.5).seed(3)), BalancerOptions().warmup_epochs(1));
+  CHECK_THROWS_WITH(load_checkpoint(path, c, opt_c, bal_c),
+                    Catch::Contains("made with alpha 0.8, this policy has alpha 0.5"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("OGM-GE refuses bad options and a loss not formed by the balancer", "[ogm-ge][bad-input]") {
+  CHECK_THROWS_WITH(OGMGEPolicy(OGMGEOptions().alpha(-1)), Catch::Contains("alpha must be a finite number >= 0, got -1"));
+  CHECK_THROWS_WITH(OGMGEPolicy(OGMGEOptions().alpha(NAN)), Catch::Contains("alpha must be a finite number"));
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(), BalancerOptions().warmup_epochs(0));
+  const auto b = small_batch(8, 1);
+  const StepKind kind = to_step_kind(balancer.next_plan());
+  const at::Tensor loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+  loss.backward();
+  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("form the loss with balancer.loss(out, target)"));
+  CHECK(balancer.step() == 0);  // the step was abandoned
+  CHECK_THROWS_WITH(balancer.loss(net->forward(b.x0, b.x1), b.target),
+                    Catch::Contains("call next_step() or next_plan() before the forward pass"));
+}
