@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -99,11 +100,13 @@ constexpr int kStepsPerEpoch = 4;
 
 // Steps [first, last) of a run in which step i's global batch comes from seed i and this
 // rank trains on its contiguous share of the rows; `sync` turns the local loss into the
-// one the balancer observes. Returns the step kinds (two branches, `small_batch`) or the
-// plans (an N-branch network, `n_way_batch`).
+// one the balancer observes, `sum` adds a policy's statistics up over the ranks. The loss
+// is the balancer's. Returns the step kinds (two branches, `small_batch`) or the plans (an
+// N-branch network, `n_way_batch`).
 template <class NetT, class BalancerT, class Sync>
 auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balancer, int first,
-                 int last, int rank, int world, Sync&& sync) {
+                 int last, int rank, int world, Sync&& sync,
+                 const std::function<void(at::Tensor&)>& sum = {}) {
   constexpr bool two_branches = std::is_same_v<NetT, Net>;
   std::vector<std::conditional_t<two_branches, StepKind, StepPlan>> kinds;
   const std::int64_t rows = kGlobalBatch / world;
@@ -114,19 +117,19 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
       if constexpr (two_branches) {
         const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepKind kind = balancer.next_step();
-        return std::pair(kind, modality_specific_loss(net->forward(share(b.x0), share(b.x1), kind),
-                                                      share(b.target)));
+        return std::pair(kind, balancer.loss(net->forward(share(b.x0), share(b.x1), kind),
+                                             share(b.target)));
       } else {
         const auto b = n_way_batch(net->num_branches(), kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepPlan plan = balancer.next_plan();
         std::vector<at::Tensor> inputs;
         for (const auto& x : b.inputs) inputs.push_back(share(x));
-        return std::pair(plan, modality_specific_loss(net->forward(inputs, plan), share(b.target)));
+        return std::pair(plan, balancer.loss(net->forward(inputs, plan), share(b.target)));
       }
     }();
     optimizer.zero_grad();
     loss.backward();
-    balancer.observe(sync(loss));
+    balancer.observe(sync(loss), sum);
     optimizer.step();
     kinds.push_back(kind);
     if ((i + 1) % kStepsPerEpoch == 0) balancer.end_epoch();
@@ -180,7 +183,7 @@ void check_matches_single_process(const Policy& policy, at::Device device = at::
     Balancer<Policy> balancer(net, policy);
     kinds[static_cast<std::size_t>(rank)] =
         train_share(net, opt, balancer, 0, kSteps, rank, 2,
-                    [&](const at::Tensor& l) { return dp.synchronize(l); });
+                    [&](const at::Tensor& l) { return dp.synchronize(l); }, dp.sum_across_ranks());
   }));
 
   CHECK(kinds[0] == kinds[1]);
@@ -210,6 +213,15 @@ TEST_CASE("DataParallel, three branches: 2 ranks take the same plans as one proc
   check_matches_single_process(NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)), at::kCPU,
                                small_three_way);
   check_matches_single_process(VanillaPolicy(), at::kCPU, small_three_way);
+}
+
+TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined batches",
+          "[distributed][ogm-ge]") {
+  // The scores are added up over the ranks before the coefficients, and the noise comes
+  // from the same seed on every rank and in the single process.
+  check_matches_single_process(OGMGEPolicy(OGMGEOptions().alpha(0.8).seed(4)));
+  check_matches_single_process(OGMGEPolicy(OGMGEOptions().alpha(0.8).noise(false)), at::kCPU,
+                               small_three_way);
 }
 
 TEST_CASE("CUDA: DataParallel over Gloo with the model on the GPU", "[distributed][cuda]") {

@@ -7,6 +7,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <thread>
 #include <typeinfo>
@@ -197,7 +198,10 @@ class Balancer {
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
   /// feed the learning-speed meter (and the policy's `observe_d_speed`); after warm-up a
   /// policy that modulates gradients then changes them (from the outputs `loss()` saw).
-  void observe(const at::Tensor& loss) {
+  /// Data-parallel, pass `dp.sum_across_ranks()` too: such a policy adds its statistics
+  /// up over the ranks with it (the other policies need nothing from it).
+  void observe(const at::Tensor& loss,
+               const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
     TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the "
                 "forward pass");
     const StepPlan plan = *pending_;
@@ -215,7 +219,8 @@ class Balancer {
         if (!in_warmup()) {
           TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(), " modulates "
                       "gradients from the step's outputs; form the loss with balancer.loss(out, target)");
-          policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_});
+          policy_.modulate_gradients(
+              StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks});
         }
       }
     } catch (...) {

@@ -6,6 +6,7 @@
 
 #include <concepts>
 #include <cstdint>
+#include <functional>
 #include <string_view>
 #include <vector>
 
@@ -43,18 +44,23 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
 }
 
 /// What a policy's `modulate_gradients` hook receives after `backward()`: this step's
-/// logits of every branch's head (detached), the targets, and each branch's parameters
-/// θ_k, whose `.grad()` it may change in place.
+/// logits of every branch's head (detached), the targets, each branch's parameters θ_k,
+/// whose `.grad()` it may change in place, and what adds a statistic up over the
+/// data-parallel ranks (in place; nothing in one process) so that every rank decides
+/// from the whole batch. In data-parallel training the gradients are the ranks' average
+/// already, identical on every rank.
 struct StepGradients {
   const std::vector<at::Tensor>& heads;
   const at::Tensor& target;
   const std::vector<std::vector<at::Tensor>>& branch_parameters;
+  const std::function<void(at::Tensor&)>& sum_across_ranks;
 };
 
 /// A policy that changes branch gradients after `backward()`, before the optimizer step.
 /// The `Balancer` calls the hook from `observe(loss)` on every step after warm-up, after
 /// the learning-speed meter has read the unmodulated gradients; the step's loss must come
-/// from `Balancer::loss(out, target)`, which hands the hook the step's outputs.
+/// from `Balancer::loss(out, target)`, which hands the hook the step's outputs, and in
+/// data-parallel training `observe` takes `dp.sum_across_ranks()` as its second argument.
 template <class P>
 concept ModulatesGradients = requires(P& p, const StepGradients& g) { p.modulate_gradients(g); };
 

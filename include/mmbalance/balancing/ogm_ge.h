@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -49,7 +50,10 @@ struct OGMGEOptions {
 /// where ρ_k > 1, else 1. Each selected parameter's gradient g of branch k becomes
 /// k_k·g, plus (noise) N(0, std(k_k·g) + 1e-8) drawn from the policy's seeded generator.
 /// All regular steps (no gates held). Computed on the gradients' device without a host
-/// read; the noise is drawn on the CPU and copied to the device.
+/// read; the noise is drawn on the CPU and copied to the device. Data-parallel: the
+/// scores are added up over the ranks, and every rank draws the same noise (construct the
+/// policy with the same seed on every rank, e.g. from `agree_on_seed`), so all ranks
+/// apply the same change to their identical averaged gradients.
 class OGMGEPolicy {
  public:
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
@@ -57,11 +61,14 @@ class OGMGEPolicy {
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());
   }
 
+  StepKind next_step() const { return StepKind::regular; }
   StepPlan next_plan() const { return StepPlan::regular(); }
 
-  /// The coefficients k_k of one step (a tensor of N numbers on the heads' device).
+  /// The coefficients k_k of one step (a tensor of N numbers on the heads' device); data-
+  /// parallel, `sum_across_ranks` adds the scores of every rank's share first.
   static at::Tensor coefficients(const std::vector<at::Tensor>& heads, const at::Tensor& target,
-                                 double alpha) {
+                                 double alpha,
+                                 const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
     const auto n = static_cast<std::int64_t>(heads.size());
     TORCH_CHECK(n >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ", n);
     std::vector<at::Tensor> scores;
@@ -71,7 +78,8 @@ class OGMGEPolicy {
                   target.size(0), " targets");
       scores.push_back(at::softmax(h.detach(), 1).gather(1, target.view({-1, 1})).sum());
     }
-    const at::Tensor s = at::stack(scores);
+    at::Tensor s = at::stack(scores);
+    if (sum_across_ranks) sum_across_ranks(s);
     const at::Tensor others_mean = (s.sum() - s) / static_cast<double>(n - 1);
     const at::Tensor ratio = s / others_mean;
     return at::where(ratio > 1, 1 - at::tanh(alpha * ratio), at::ones_like(ratio));
@@ -80,7 +88,7 @@ class OGMGEPolicy {
   void modulate_gradients(const StepGradients& step) {
     TORCH_CHECK(step.heads.size() == step.branch_parameters.size(), "OGMGEPolicy: ",
                 step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
-    last_coefficients_ = coefficients(step.heads, step.target, options.alpha());
+    last_coefficients_ = coefficients(step.heads, step.target, options.alpha(), step.sum_across_ranks);
     at::Generator gen = at::detail::createCPUGenerator(engine_());
     for (std::size_t k = 0; k < step.branch_parameters.size(); ++k) {
       const at::Tensor coefficient = last_coefficients_[static_cast<std::int64_t>(k)];
