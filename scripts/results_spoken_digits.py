@@ -2,7 +2,7 @@
 """The three-modality section of docs/results.md from spoken_digits run folders.
 
 usage: scripts/results_spoken_digits.py --results docs/results.md --figures DIR
-           --command CMD --audio-only AUDIO_RUN... -- RUN...
+           --command CMD [--notes FILE] --audio-only AUDIO_RUN... -- RUN...
 
 Replaces the block between the spoken_digits markers in --results (appends it if there is
 none; scripts/results.py keeps it when it rewrites the file) and writes into --figures:
@@ -54,7 +54,7 @@ def fmt(ms, scale=100.0, digits=2):
     return "n/a" if ms is None else f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
 
-def section(by, audio, command, rel):
+def section(by, audio, command, rel, notes):
     if not by:
         sys.exit("results_spoken_digits: no vanilla, random or guided runs given")
     a = next(iter(by.values()))[0]["summary"]["args"]
@@ -116,6 +116,8 @@ def section(by, audio, command, rel):
         leans = max(range(3), key=lambda k: cost[k])
         lines.append(f"- {p} leans most on the {NAMES[leans]}: test y changes by "
                      + ", ".join(f"{-100 * cost[k]:+.1f} points without the {NAMES[k]}" for k in range(3)) + ".")
+    if notes:
+        lines += ["", notes.strip()]
     lines += ["", f"![test accuracy of y and each head per epoch]({rel}/accuracy.png)", "",
               f"![accuracy with a modality missing]({rel}/missing.png)", "",
               f"![conditional utilization rates u_k]({rel}/utilization.png)", "", END]
@@ -176,6 +178,7 @@ def main():
     ap.add_argument("--results", required=True)
     ap.add_argument("--figures", required=True)
     ap.add_argument("--command", required=True)
+    ap.add_argument("--notes", help="hand-written notes appended to the section")
     ap.add_argument("--audio-only", nargs="+", required=True)
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
@@ -184,7 +187,8 @@ def main():
     by = {p: v for p, v in by.items() if v}
     audio = [load(r) for r in args.audio_only]
     rel = os.path.relpath(args.figures, os.path.dirname(args.results) or ".")
-    block = section(by, audio, args.command, rel)
+    notes = open(args.notes).read() if args.notes and os.path.exists(args.notes) else ""
+    block = section(by, audio, args.command, rel, notes)
     text = open(args.results).read() if os.path.exists(args.results) else ""
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
