@@ -263,3 +263,28 @@ TEST_CASE("OGM-GE refuses bad options and a loss not formed by the balancer", "[
   CHECK_THROWS_WITH(balancer.loss(net->forward(b.x0, b.x1), b.target),
                     Catch::Contains("call next_step() or next_plan() before the forward pass"));
 }
+
+TEST_CASE("OGM-GE: a non-finite gradient is refused by name before any gradient is modulated",
+          "[ogm-ge][bad-input]") {
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)), BalancerOptions().warmup_epochs(0));
+  const auto b = small_batch(8, 11);
+  const StepPlan plan = balancer.next_plan();
+  const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
+  loss.backward();
+  for (const auto& p : net->parameter_groups().theta0) {
+    if (p.dim() == 4) {  // the first conv kernel of branch 0
+      p.grad()[0][0][0][0] = NAN;
+      break;
+    }
+  }
+  std::vector<at::Tensor> before;
+  for (const auto& p : net->parameters()) before.push_back(p.grad().clone());
+  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("non-finite gradient in group theta0"));
+  const auto params = net->parameters();
+  for (std::size_t j = 0; j < params.size(); ++j) {
+    CHECK(at::allclose(params[j].grad(), before[j], 0, 0, /*equal_nan=*/true));  // untouched
+  }
+  CHECK_FALSE(balancer.policy().last_coefficients().defined());  // the policy never ran
+  CHECK(balancer.step() == 0);
+}
