@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
+#include <stdexcept>
 
 #include <unistd.h>
 
@@ -136,7 +138,7 @@ TEST_CASE("OGM scales the conv-weight gradients of each branch by its coefficien
   CHECK(balancer.policy().last_coefficients()[0].item<double>() == Approx(k0).epsilon(1e-5));
 }
 
-TEST_CASE("OGM-GE adds seeded noise with the scaled gradient's own std; none in warm-up", "[ogm-ge]") {
+TEST_CASE("OGM-GE adds seeded noise with the gradient's own std; none in warm-up", "[ogm-ge]") {
   const auto b = small_batch(8, 11);
   const auto run = [&](std::uint64_t seed, std::int64_t warmup) {
     Net net = small_net(3);
@@ -153,22 +155,25 @@ TEST_CASE("OGM-GE adds seeded noise with the scaled gradient's own std; none in 
       if (k.defined() && params[j].dim() >= 3) c = k[in_branch(net, params[j], 0) ? 0 : 1].item<double>();
       expected_scaled.push_back(plain[j] * c);
     }
-    return std::tuple{grads, expected_scaled, params};
+    return std::tuple{grads, expected_scaled, plain, params, k};
   };
-  const auto [grads, scaled, params] = run(5, 0);
+  const auto [grads, scaled, plain, params, k] = run(5, 0);
+  // A branch scaled to below 0.6: its noise then tells std(g) (the rule) from std(k g).
+  REQUIRE(std::min(k[0].item<double>(), k[1].item<double>()) < 0.6);
   for (std::size_t j = 0; j < params.size(); ++j) {
     if (params[j].dim() < 3) {
       CHECK(at::allclose(grads[j], scaled[j], 1e-5, 1e-7));  // not selected: untouched
       continue;
     }
-    // noise = g' - k g has the std of k g (2-sigma band of a sample std over >= 108 values)
+    // noise = g' - k g has the std of the unscaled g (the original's fixed code), within
+    // 30 % (a sample std over >= 108 values)
     const double noise_std = (grads[j] - scaled[j]).std().item<double>();
-    const double own_std = scaled[j].std().item<double>();
+    const double own_std = plain[j].std().item<double>();
     CHECK(noise_std > 0.7 * own_std);
     CHECK(noise_std < 1.3 * own_std);
   }
-  const auto [same_seed, s1, p1] = run(5, 0);
-  const auto [other_seed, s2, p2] = run(6, 0);
+  const auto [same_seed, s1, q1, p1, k1] = run(5, 0);
+  const auto [other_seed, s2, q2, p2, k2] = run(6, 0);
   bool all_equal = true, any_differs = false;
   for (std::size_t j = 0; j < grads.size(); ++j) {
     all_equal = all_equal && at::equal(grads[j], same_seed[j]);
@@ -177,7 +182,7 @@ TEST_CASE("OGM-GE adds seeded noise with the scaled gradient's own std; none in 
   CHECK(all_equal);
   CHECK(any_differs);
   // In a warm-up epoch the policy is not consulted: the plain gradients.
-  const auto [warm, warm_expected, p3] = run(5, 1);
+  const auto [warm, warm_expected, q3, p3, k3] = run(5, 1);
   for (std::size_t j = 0; j < warm.size(); ++j) CHECK(at::allclose(warm[j], warm_expected[j], 1e-5, 1e-7));
 }
 
@@ -287,4 +292,47 @@ TEST_CASE("OGM-GE: a non-finite gradient is refused by name before any gradient 
   }
   CHECK_FALSE(balancer.policy().last_coefficients().defined());  // the policy never ran
   CHECK(balancer.step() == 0);
+}
+
+TEST_CASE("OGM-GE: a hook that fails leaves the balancer and the gradients as they were",
+          "[ogm-ge][bad-input]") {
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)), BalancerOptions().warmup_epochs(0));
+  step(net, balancer, small_batch(8, 1));  // one accepted step: the meter has something
+  const std::string before = saved_bytes(balancer);
+  const auto b = small_batch(8, 2);
+  const StepPlan plan = balancer.next_plan();
+  const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
+  net->zero_grad();
+  loss.backward();
+  std::vector<at::Tensor> grads;
+  for (const auto& p : net->parameters()) grads.push_back(p.grad().clone());
+  const std::function<void(at::Tensor&)> failing_sum = [](at::Tensor&) {
+    throw std::runtime_error("all-reduce failed: rank 1 is gone");
+  };
+  CHECK_THROWS_WITH(balancer.observe(loss, failing_sum), Catch::Contains("rank 1 is gone"));
+  CHECK(saved_bytes(balancer) == before);  // meter, counters, policy's generator
+  CHECK(balancer.step() == 1);
+  const auto params = net->parameters();
+  for (std::size_t j = 0; j < params.size(); ++j) CHECK(at::equal(params[j].grad(), grads[j]));
+  // The same step again draws the same noise as a balancer that never failed.
+  Net twin = small_net(3);
+  copy_state(net, twin);
+  Balancer<OGMGEPolicy> fresh(twin, OGMGEPolicy(OGMGEOptions().alpha(0.7)), BalancerOptions().warmup_epochs(0));
+  step(twin, fresh, small_batch(8, 1));
+  copy_state(net, twin);
+  step(net, balancer, b);
+  step(twin, fresh, b);
+  const auto tp = twin->parameters();
+  for (std::size_t j = 0; j < params.size(); ++j) CHECK(at::equal(params[j].grad(), tp[j].grad()));
+}
+
+TEST_CASE("OGM-GE: a loss not formed by the balancer is refused in warm-up already", "[ogm-ge][bad-input]") {
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(), BalancerOptions().warmup_epochs(1));
+  const auto b = small_batch(8, 1);
+  const StepKind kind = balancer.next_step();
+  const at::Tensor loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+  loss.backward();
+  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("form the loss with balancer.loss(out, target)"));
 }

@@ -200,8 +200,11 @@ class Balancer {
   /// policy that modulates gradients then changes them (from the outputs `loss()` saw).
   /// Data-parallel, pass `dp.sum_across_ranks()` too: such a policy adds its statistics
   /// up over the ranks with it (the other policies need nothing from it).
-  void observe(const at::Tensor& loss,
-               const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
+  void observe(const at::Tensor& loss) { observe(loss, {}); }
+
+  /// `observe(loss)` in data-parallel training: `sum_across_ranks` (`dp.sum_across_ranks()`)
+  /// adds a modulating policy's statistics up over the ranks.
+  void observe(const at::Tensor& loss, const std::function<void(at::Tensor&)>& sum_across_ranks) {
     TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the "
                 "forward pass");
     const StepPlan plan = *pending_;
@@ -209,19 +212,26 @@ class Balancer {
     try {
       TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                   detail::shape_string(loss));
+      if constexpr (ModulatesGradients<Policy>) {  // in warm-up too: the loop is wrong from the start
+        TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(), " modulates "
+                    "gradients from the step's outputs; form the loss with balancer.loss(out, target)");
+      }
+      // The policy's gradient hook, after the checks and the meter's reading of the raw
+      // gradients but before anything is committed: if it throws, nothing has changed.
+      const auto modulate = [&] {
+        if constexpr (ModulatesGradients<Policy>) {
+          if (!in_warmup()) {
+            policy_.modulate_gradients(
+                StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks});
+          }
+        }
+      };
       deliver_lagged_speed(plan);
       if (plan.is_regular()) {
-        gates_count = observe_regular(loss);
-      } else if (options_.check_every_step()) {
-        check_rebalancing_step(loss, plan);
-      }
-      if constexpr (ModulatesGradients<Policy>) {
-        if (!in_warmup()) {
-          TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(), " modulates "
-                      "gradients from the step's outputs; form the loss with balancer.loss(out, target)");
-          policy_.modulate_gradients(
-              StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks});
-        }
+        gates_count = observe_regular(loss, modulate);
+      } else {
+        if (options_.check_every_step()) check_rebalancing_step(loss, plan);
+        modulate();
       }
     } catch (...) {
       abandon_step();
@@ -484,9 +494,11 @@ class Balancer {
     return g.branch;
   }
 
-  // Feeds the meter; returns, with checks off, the device flag of whether the step was
-  // valid (undefined with checks on: an invalid step has thrown).
-  at::Tensor observe_regular(const at::Tensor& loss) {
+  // Feeds the meter, running `modulate` once the raw gradients are measured (and checked)
+  // and before the meter changes; returns, with checks off, the device flag of whether the
+  // step was valid (undefined with checks on: an invalid step has thrown).
+  template <class Modulate>
+  at::Tensor observe_regular(const at::Tensor& loss, Modulate&& modulate) {
     const at::Tensor measurement = meter_.measure();
     const at::Tensor mu = LearningSpeedMeter::speeds(measurement);
     if (options_.check_every_step()) {
@@ -499,11 +511,13 @@ class Balancer {
       const double* v = host.data_ptr<double>();
       const std::size_t groups = meter_.num_groups();
       check_step(v[0], v + 1, v + 1 + groups, v + 1 + 2 * groups);
+      modulate();
       meter_.accumulate(mu);
       record_speed(v + 1 + 2 * groups);
       return {};
     }
     const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
+    modulate();
     meter_.accumulate_if(mu, valid);
     if constexpr (kObservesSpeeds) {
       if (in_warmup()) return valid;

@@ -20,6 +20,8 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/n_way_policy.h"
+#include "mmbalance/balancing/policy.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
@@ -34,8 +36,8 @@ namespace mmbalance {
 struct OGMGEOptions {
   /// Strength of the modulation, >= 0 (the original uses 0.1 on VGGSound to 0.8 on CREMA-D).
   TORCH_ARG(double, alpha) = 0.1;
-  /// Generalization enhancement: add N(0, std(g)) to each modulated gradient g after
-  /// scaling (OGM-GE); false scales only (OGM).
+  /// Generalization enhancement: add N(0, std(g)) to each selected gradient g (std of g
+  /// before scaling), in both branches (OGM-GE); false scales only (OGM).
   TORCH_ARG(bool, noise) = true;
   /// Which parameters of each branch are modulated (the original: conv weights).
   TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::conv_weights;
@@ -48,7 +50,7 @@ struct OGMGEOptions {
 /// over the batch, the discrepancy ratio ρ_k = s_k / mean_{j≠k} s_j (for two branches
 /// s_0 / s_1 and its inverse, the original's), and the coefficient k_k = 1 − tanh(α·ρ_k)
 /// where ρ_k > 1, else 1. Each selected parameter's gradient g of branch k becomes
-/// k_k·g, plus (noise) N(0, std(k_k·g) + 1e-8) drawn from the policy's seeded generator.
+/// k_k·g, plus (noise) N(0, std(g) + 1e-8) drawn from the policy's seeded generator.
 /// All regular steps (no gates held). Computed on the gradients' device without a host
 /// read; the noise is drawn on the CPU and copied to the device. Data-parallel: the
 /// scores are added up over the ranks, and every rank draws the same noise (construct the
@@ -59,6 +61,9 @@ class OGMGEPolicy {
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());
+    TORCH_CHECK(to_string(options.parameters()) != "invalid", "OGMGEPolicy: parameters must be "
+                "conv_weights, non_bias or all, got the value ",
+                static_cast<int>(options.parameters()));
   }
 
   StepKind next_step() const { return StepKind::regular; }
@@ -76,11 +81,12 @@ class OGMGEPolicy {
       TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
                   "OGMGEPolicy: every head must be (batch, classes) logits for the ",
                   target.size(0), " targets");
-      scores.push_back(at::softmax(h.detach(), 1).gather(1, target.view({-1, 1})).sum());
+      scores.push_back(at::softmax(h.detach().to(at::kFloat), 1).gather(1, target.unsqueeze(1)).sum());
     }
     at::Tensor s = at::stack(scores);
     if (sum_across_ranks) sum_across_ranks(s);
-    const at::Tensor others_mean = (s.sum() - s) / static_cast<double>(n - 1);
+    // Two branches: s_0 / s_1 and s_1 / s_0 exactly as the original divides.
+    const at::Tensor others_mean = n == 2 ? s.flip(0) : (s.sum() - s) / static_cast<double>(n - 1);
     const at::Tensor ratio = s / others_mean;
     return at::where(ratio > 1, 1 - at::tanh(alpha * ratio), at::ones_like(ratio));
   }
@@ -95,11 +101,15 @@ class OGMGEPolicy {
       for (const at::Tensor& p : step.branch_parameters[k]) {
         at::Tensor g = p.grad();
         if (!g.defined() || !is_modulated(p, options.parameters())) continue;
+        // The noise has the std of the gradient before scaling (the original's fixed code:
+        // grad * coeff + N(0, grad.std() + 1e-8)); std of a single number is undefined:
+        // such a gradient gets no noise.
+        const bool noisy = options.noise() && g.numel() > 1;
+        const at::Tensor spread = noisy ? g.std() : at::Tensor();
         g.mul_(coefficient.to(g.scalar_type()));
-        // std of a single number is undefined: such a gradient gets no noise.
-        if (options.noise() && g.numel() > 1) {
+        if (noisy) {
           const at::Tensor draw = at::randn(g.sizes(), gen, at::TensorOptions(g.scalar_type()));
-          g.add_(draw.to(g.device(), /*non_blocking=*/true) * (g.std() + 1e-8));
+          g.add_(draw.to(g.device(), /*non_blocking=*/true) * (spread + 1e-8));
         }
       }
     }
@@ -152,5 +162,8 @@ class OGMGEPolicy {
   std::mt19937_64 engine_;  // one draw per step seeds that step's noise
   at::Tensor last_coefficients_;
 };
+
+static_assert(BalancingPolicy<OGMGEPolicy> && NWayBalancingPolicy<OGMGEPolicy> &&
+              ModulatesGradients<OGMGEPolicy> && HasState<OGMGEPolicy>);
 
 }  // namespace mmbalance
