@@ -3,6 +3,7 @@
 // ranks), the policy dispatch and the final report.
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <string>
 
@@ -68,6 +69,9 @@ struct CommonFlags {
     cfg.out = out;
     at::set_num_threads(threads);
     if (world_size == 1) return {};
+    // A rank that dies closes its sockets; Gloo's next write to it must fail with EPIPE
+    // (a named error naming the rank) rather than kill this rank with SIGPIPE.
+    std::signal(SIGPIPE, SIG_IGN);
     auto pg = make_process_group(
         ProcessGroupOptions(store, rank, world_size)
             .hostname(dist_host)
