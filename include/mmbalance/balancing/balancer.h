@@ -179,14 +179,12 @@ class Balancer {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
                 " heads, the network ", branches(), " branches");
-    const std::vector<at::Tensor> losses = modality_losses(out, target);
+    at::Tensor sum = modality_specific_loss(out, target);
     if constexpr (ModulatesGradients<Policy>) {
       staged_heads_.clear();
       for (const at::Tensor& h : out.heads) staged_heads_.push_back(h.detach());
       staged_target_ = target;
     }
-    at::Tensor sum = losses[0];
-    for (std::size_t k = 1; k < losses.size(); ++k) sum = sum + losses[k];
     return sum;
   }
 
