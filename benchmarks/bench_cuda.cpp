@@ -93,7 +93,7 @@ void step_cuda(benchmark::State& state, Policy policy, bool checks, StepKind fix
       return;
     }
     const StepKind kind = balancer.next_step();
-    auto loss = modality_specific_loss(net->forward(data.x0, data.x1, kind), data.target);
+    auto loss = balancer.loss(net->forward(data.x0, data.x1, kind), data.target);
     optimizer.zero_grad();
     loss.backward();
     balancer.observe(loss);
@@ -134,6 +134,14 @@ struct Register {
       // Zero device-to-host syncs expected: d_speed reaches the policy one step late.
       ms(benchmark::RegisterBenchmark("CUDA_StepGuidedRegularLagged", [](benchmark::State& s) {
            step_cuda(s, kAlwaysRegular, false, StepKind::regular, false, SpeedRead::previous_step);
+         })->Arg(b));
+      // OGM-GE: scores, coefficients and noise on the device (the noise drawn on the CPU).
+      ms(benchmark::RegisterBenchmark("CUDA_StepOGMGE", [](benchmark::State& s) {
+           step_cuda(s, OGMGEPolicy(OGMGEOptions().alpha(0.5)), false, StepKind::regular, false);
+         })->Arg(b));
+      ms(benchmark::RegisterBenchmark("CUDA_StepOGM", [](benchmark::State& s) {
+           step_cuda(s, OGMGEPolicy(OGMGEOptions().alpha(0.5).noise(false)), false,
+                     StepKind::regular, false);
          })->Arg(b));
       ms(benchmark::RegisterBenchmark("CUDA_StepRebalance", [](benchmark::State& s) {
            step_cuda(s, VanillaPolicy(), false, StepKind::rebalance_m0, true);

@@ -341,6 +341,12 @@ void save_checkpoint(const std::string& path, const Net& net,
 
 namespace detail {
 
+// Where the model's tensors live: its first parameter's (or buffer's) device, else the CPU.
+inline at::Device model_device(const torch::nn::Module& net) {
+  for (const at::Tensor& p : net.parameters()) return p.device();
+  for (const at::Tensor& b : net.buffers()) return b.device();
+  return at::kCPU;
+}
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
 template <CheckpointModel Net, class BalancerT>
@@ -371,7 +377,10 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
   {
     std::istringstream payload(detail::read_checkpoint_payload(path));
     try {
-      archive.load_from(payload);
+      // Onto the model's device: LibTorch's reader would otherwise move each parameter to
+      // the device it was saved from (a GPU checkpoint made a CPU model a GPU one, and
+      // could not be read at all without CUDA).
+      archive.load_from(payload, detail::model_device(*net));
     } catch (const std::exception& e) {  // LibTorch's reader throws TorchScript errors too
       TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", detail::error_text(e));
     }
