@@ -350,7 +350,7 @@ class Balancer {
     const auto read_tensor = [&](const char* key) {
       at::Tensor t;
       TORCH_CHECK(archive.try_read(key, t), "Balancer::load: no '", key, "' in the balancer's record");
-      return t;
+      return t.to(at::kCPU);  // a checkpoint is read onto the model's device
     };
     const auto read_int = [&](const char* key) {
       const c10::IValue v = read_value(key);
@@ -424,7 +424,7 @@ class Balancer {
     TORCH_CHECK(!lagged_pending || options_.speed_read() == SpeedRead::previous_step,
                 "Balancer::load: the record holds speeds pending for SpeedRead::previous_step, "
                 "this balancer reads them with same_step");
-    if (lagged_pending) lagged = lagged.to(at::kDouble).contiguous();
+    if (lagged_pending) lagged = lagged.to(at::kCPU, at::kDouble).contiguous();
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
       torch::serialize::InputArchive nested;
