@@ -20,7 +20,8 @@ def medians(files):
         for b in data["benchmarks"]:
             merged["benchmarks"].append(b)
             if b.get("aggregate_name") == "median":
-                name = b["run_name"].split("/min_time")[0].split("/repeats")[0]
+                # bench_cuda's manually timed runs end in /manual_time
+                name = b["run_name"].split("/min_time")[0].split("/repeats")[0].removesuffix("/manual_time")
                 times[name] = b["real_time"] * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1}[b["time_unit"]]
                 for key, value in b.items():  # BM_StepsPaired's ratios, *_over_vanilla
                     if key.endswith("_over_vanilla"):
@@ -75,6 +76,8 @@ def main():
         ratio(f"CUDA guided (no checks) / vanilla, batch {b}", f"CUDA_StepGuidedRegularNoChecks/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
         ratio(f"CUDA guided (lagged d_speed) / vanilla, batch {b}", f"CUDA_StepGuidedRegularLagged/{b}", f"CUDA_StepVanilla/{b}", target, "<=")
         ratio(f"CUDA re-balancing / vanilla, batch {b}", f"CUDA_StepRebalance/{b}", f"CUDA_StepVanilla/{b}", 1.0, "<=")
+        ratio(f"CUDA OGM-GE / vanilla, batch {b}", f"CUDA_StepOGMGE/{b}", f"CUDA_StepVanilla/{b}", None, None)
+        ratio(f"CUDA OGM (no noise) / vanilla, batch {b}", f"CUDA_StepOGM/{b}", f"CUDA_StepVanilla/{b}", None, None)
 
     merged["ratios"] = rows
     with open(args.out, "w") as f:
