@@ -29,11 +29,16 @@ struct CommonFlags {
 
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy, "balancing policy")
-        ->check(CLI::IsMember({"vanilla", "random", "guided"}))->capture_default_str();
+        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge"}))->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
         ->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--ogm-alpha", cfg.ogm_alpha, "ogm-ge: modulation strength (the original: 0.1 to 0.8)")
+        ->check(CLI::NonNegativeNumber)->capture_default_str();
+    app.add_flag("--ogm-noise,!--no-ogm-noise", cfg.ogm_noise,
+                 "ogm-ge: add the generalization-enhancement noise (--no-ogm-noise: OGM)")
+        ->capture_default_str();
     app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
     app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
@@ -84,7 +89,8 @@ struct CommonFlags {
   /// The arguments every summary records.
   nlohmann::json json() const {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
-            {"Q", cfg.Q},             {"lr", cfg.lr},
+            {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
+            {"ogm_noise", cfg.ogm_noise}, {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
             {"seed", cfg.seed},       {"device", cfg.device},
@@ -100,6 +106,10 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
                                  const nlohmann::json& args,
                                  const c10::intrusive_ptr<CollectiveBackend>& pg) {
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
+  if (cfg.policy == "ogm-ge") {  // any number of branches; the same noise on every rank
+    const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed);
+    return train_and_evaluate(net, OGMGEPolicy(ogm), data, cfg, args, pg);
+  }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);
   if constexpr (NWayNet<Net>) {

@@ -36,6 +36,8 @@ struct TrainConfig {
   std::string policy = "guided";
   double alpha = 0.1;
   std::int64_t Q = 5;
+  double ogm_alpha = 0.1;
+  bool ogm_noise = true;
   double lr = 0.01;
   double momentum = 0.9;
   std::int64_t epochs = 10;
@@ -291,16 +293,24 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepPlan plan = balancer.next_plan();
       const NWayOutput out = forward_plan(net, x, plan);
-      // Each rank's mean loss weighted by its share of the rows, so that the average over
-      // ranks is the mean over the global batch even when shares differ by one.
+      // The balancer forms the loss (a gradient-modulating policy takes the step's heads
+      // from it). Each rank's mean loss weighted by its share of the rows, so that the
+      // average over ranks is the mean over the global batch even when shares differ by one.
       const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
-      at::Tensor head_losses = at::stack(modality_losses(out, y)) * share;
-      const at::Tensor loss = head_losses.sum();
+      const at::Tensor loss = balancer.loss(out, y) * share;
       optimizer.zero_grad();
       loss.backward();
-      balancer.observe(dp ? dp->synchronize(loss) : loss);
+      if (dp) {
+        balancer.observe(dp->synchronize(loss), dp->sum_across_ranks());
+      } else {
+        balancer.observe(loss);
+      }
       optimizer.step();
-      head_losses = head_losses.detach();
+      at::Tensor head_losses;  // for the log
+      {
+        torch::NoGradGuard no_grad;
+        head_losses = at::stack(modality_losses(out, y)) * share;
+      }
       if (dp) {
         dp->all_reduce_sum(head_losses);
         head_losses.div_(world);
@@ -317,6 +327,16 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                               {"loss", step_loss}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
+        }
+        if constexpr (requires { balancer.policy().last_coefficients(); }) {
+          // OGM-GE: each branch's gradient coefficient k_k (none in warm-up).
+          const at::Tensor& k = balancer.policy().last_coefficients();
+          if (k.defined() && !balancer.in_warmup()) {
+            const at::Tensor host = k.to(at::kCPU, at::kDouble);
+            for (std::int64_t j = 0; j < host.size(0); ++j) {
+              record[numbered("coefficient", static_cast<std::size_t>(j))] = host[j].item<double>();
+            }
+          }
         }
         log << record.dump() << '\n';
       }

@@ -17,6 +17,7 @@ small=(--train-size 240 --validation-size 80 --test-size 80
 expect_error "--bogus" "$work/a" -- "$bin" --out "$work/a" --bogus
 expect_error "--policy" "$work/a" -- "$bin" --out "$work/a" --policy greedy
 expect_error "--alpha" "$work/a" -- "$bin" --out "$work/a" --alpha -1
+expect_error "--ogm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge --ogm-alpha -1
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -76,5 +77,31 @@ la = [l for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
 lb = [l for l in open(f"{sys.argv[2]}/log.jsonl") if '"step"' in l]
 assert la == lb, "step logs differ"
 print("ok: resume is exact")
+PY
+# OGM-GE: every step regular; after the warm-up epoch each step logs both branches'
+# coefficients (the dominant branch's in (0, 1), the other's 1); interrupted after 2 epochs
+# and resumed, the same steps, coefficients and losses (the noise generator resumes too).
+ogm=(--policy ogm-ge --ogm-alpha 0.8)
+"$bin" --out "$work/ogm" "${small[@]}" --data-dir "$work/data" --epochs 3 "${ogm[@]}" >/dev/null 2>&1 \
+  || fail "the OGM-GE run failed"
+"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${ogm[@]}" >/dev/null 2>&1 \
+  || fail "the first OGM-GE part failed"
+"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${ogm[@]}" \
+  --resume "$work/ogm-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed OGM-GE part failed"
+/usr/bin/python3 - "$work/ogm" "$work/ogm-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+steps = [r for r in full if r["type"] == "step"]
+assert len(steps) == 3 * 8 and {s["kind"] for s in steps} == {"regular"}
+assert all("coefficient0" not in s for s in steps[:8]), "modulated in warm-up"
+for s in steps[8:]:
+    k = [s["coefficient0"], s["coefficient1"]]
+    assert max(k) == 1.0 and 0 < min(k) <= 1.0, s
+assert any(min(s["coefficient0"], s["coefficient1"]) < 1 for s in steps[8:]), "never modulated"
+assert [r for r in part if r["type"] == "step"] == steps, "resumed OGM-GE run differs"
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "ogm-ge" and a["args"]["ogm_alpha"] == 0.8 and a["args"]["ogm_noise"]
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: OGM-GE logs its coefficients and resumes exactly")
 PY
 echo "colored_mnist CLI: all checks passed"

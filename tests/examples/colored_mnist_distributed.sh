@@ -14,8 +14,9 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 source "$here/cli_helpers.sh"
 
 /usr/bin/python3 "$here/make_mnist_fixture.py" "$work/data/mnist/digits"
-small=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80
-       --batch-size 32 --threads 1 --policy guided --alpha 0 --Q 2)
+base=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80
+      --batch-size 32 --threads 1)
+small=("${base[@]}" --policy guided --alpha 0 --Q 2)
 
 # Flags that cannot form a group.
 out=$("$bin" --out "$work/x" "${small[@]}" --world-size 2 2>&1) && fail "no --store accepted"
@@ -40,6 +41,21 @@ s = json.load(open(f"{run}/summary.json"))
 assert s["args"]["world_size"] == 2
 assert s["utilization_test"]["samples"] == 80, s["utilization_test"]  # all ranks' shares
 print("ok: 2 ranks wrote one log and one summary")
+PY
+
+# OGM-GE over 2 ranks: rank 0 logs each step's coefficients, from the scores of both
+# ranks' shares, and the run ends with a summary.
+"$launch" 2 "$work/logs-ogm" "$bin" --out "$work/dist-ogm" "${base[@]}" --policy ogm-ge --ogm-alpha 0.8 \
+  --epochs 2 --dist-timeout 20 >/dev/null || fail "2-rank OGM-GE run failed: $(tail -n 3 "$work"/logs-ogm/rank-*.log)"
+/usr/bin/python3 - "$work/dist-ogm" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
+assert len(steps) == 16 and all("coefficient0" not in s for s in steps[:8])
+for s in steps[8:]:
+    k = [s["coefficient0"], s["coefficient1"]]
+    assert max(k) == 1.0 and 0 < min(k) <= 1.0, s
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "ogm-ge"
+print("ok: OGM-GE over 2 ranks")
 PY
 
 # Rank 0's checkpoint resumes in 1 process.

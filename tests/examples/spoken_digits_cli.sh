@@ -96,6 +96,20 @@ kinds = {s["kind"] for s in steps[8:]}
 assert len(kinds) >= 3, kinds
 print("ok: random plans", sorted(kinds))
 PY
+# OGM-GE on three branches: each step after warm-up logs three coefficients by the
+# N-branch rule (rho_k = s_k / mean of the others; k_k = 1 - tanh(alpha rho_k) where
+# rho_k > 1, else 1): the weakest branch keeps 1, at least one is scaled.
+"$bin" --out "$work/ogm" "${small[@]}" --epochs 2 --policy ogm-ge --ogm-alpha 0.5 >/dev/null 2>&1 \
+  || fail "the OGM-GE run failed"
+/usr/bin/python3 - "$work/ogm" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
+assert {s["kind"] for s in steps} == {"regular"} and len(steps) == 16
+for s in steps[8:]:
+    k = [s[f"coefficient{j}"] for j in range(3)]
+    assert all(0 < c <= 1 for c in k) and max(k) == 1.0 and min(k) < 1.0, s
+print("ok: OGM-GE on three branches")
+PY
 "$bin" --out "$work/audio" "${small[@]}" --epochs 3 --audio-only >"$work/audio.out" 2>&1 \
   || fail "the audio-only run failed: $(tail -5 "$work/audio.out")"
 /usr/bin/python3 - "$work/audio" <<'PY'
