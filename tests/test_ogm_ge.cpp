@@ -336,3 +336,90 @@ TEST_CASE("OGM-GE: a loss not formed by the balancer is refused in warm-up alrea
   loss.backward();
   CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("form the loss with balancer.loss(out, target)"));
 }
+
+TEST_CASE("OGM's parameter filter: conv kernels, every weight, or every parameter of a branch",
+          "[ogm-ge]") {
+  // The filters as the original and BalanceMM define them, by tensor rank: conv kernels
+  // have 4 dimensions, linear weights 2, biases and BatchNorm scales 1.
+  const std::vector<std::pair<ModulatedParameters, std::int64_t>> table = {
+      {ModulatedParameters::conv_weights, 3}, {ModulatedParameters::non_bias, 2},
+      {ModulatedParameters::all, 0}};
+  for (const auto& [which, min_dim] : table) {
+    Net net = small_net(3);
+    Balancer<OGMGEPolicy> balancer(
+        net, OGMGEPolicy(OGMGEOptions().alpha(0.7).noise(false).parameters(which)),
+        BalancerOptions().warmup_epochs(0));
+    const auto b = small_batch(8, 11);
+    const std::vector<at::Tensor> plain = plain_gradients(net, b);
+    step(net, balancer, b);
+    const at::Tensor k = balancer.policy().last_coefficients();
+    const int dominant = k[0].item<double>() < 1.0 ? 0 : 1;
+    const double kd = k[dominant].item<double>();
+    REQUIRE(kd < 0.9);
+    const auto params = net->parameters();
+    int selected_count = 0, scaled = 0, expected_scaled = 0;
+    for (std::size_t j = 0; j < params.size(); ++j) {
+      const bool selected = in_branch(net, params[j], dominant) && params[j].dim() >= min_dim;
+      selected_count += selected ? 1 : 0;
+      CHECK(at::allclose(params[j].grad(), plain[j] * (selected ? kd : 1.0), 1e-5, 1e-7));
+      // A conv bias before BatchNorm has a zero gradient: scaled or not, it looks the same.
+      if (plain[j].abs().max().item<double>() > 1e-4) {
+        expected_scaled += selected ? 1 : 0;
+        scaled += at::allclose(params[j].grad(), plain[j], 1e-5, 1e-7) ? 0 : 1;
+      }
+    }
+    // small_net's branch: 2 conv kernels, 1 linear weight, and 2 + 2 + 2 + 1 vectors
+    // (conv biases, BatchNorm scales and shifts, the head's bias)
+    CHECK(selected_count == (min_dim == 3 ? 2 : min_dim == 2 ? 3 : 10));
+    CHECK(scaled == expected_scaled);
+    CHECK(expected_scaled >= (min_dim == 0 ? 8 : selected_count));
+  }
+}
+
+TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes nothing",
+          "[ogm-ge][bad-input][checkpoint]") {
+  const auto saved = [](const OGMGEOptions& o) {
+    torch::serialize::OutputArchive out;
+    OGMGEPolicy(o).save(out);
+    std::stringstream bytes;
+    out.save_to(bytes);
+    return bytes.str();
+  };
+  const auto load_into = [](OGMGEPolicy& policy, const std::string& bytes) {
+    std::istringstream in(bytes);
+    torch::serialize::InputArchive archive;
+    archive.load_from(in);
+    policy.load(archive);
+  };
+  const OGMGEOptions base = OGMGEOptions().alpha(0.5).seed(3);
+  const std::string record = saved(base);
+  OGMGEPolicy other_noise(OGMGEOptions(base).noise(false));
+  CHECK_THROWS_WITH(load_into(other_noise, record),
+                    Catch::Contains("made with noise on, this policy has it off"));
+  OGMGEPolicy other_seed(OGMGEOptions(base).seed(4));
+  CHECK_THROWS_WITH(load_into(other_seed, record),
+                    Catch::Contains("made with seed 3, this policy has seed 4"));
+  OGMGEPolicy other_parameters(OGMGEOptions(base).parameters(ModulatedParameters::all));
+  CHECK_THROWS_WITH(load_into(other_parameters, record),
+                    Catch::Contains("this policy modulates all"));
+
+  // A generator state that is not one, and a record without it.
+  const auto with_engine = [&](const c10::IValue& engine) {
+    torch::serialize::OutputArchive out;
+    out.write("engine", engine);
+    out.write("alpha", 0.5);
+    out.write("noise", std::int64_t{1});
+    out.write("parameters", static_cast<std::int64_t>(ModulatedParameters::conv_weights));
+    out.write("seed", std::int64_t{3});
+    std::stringstream bytes;
+    out.save_to(bytes);
+    return bytes.str();
+  };
+  OGMGEPolicy policy(base);
+  const std::string before = saved_bytes(policy);
+  CHECK_THROWS_WITH(load_into(policy, with_engine(c10::IValue(std::string("12 x 7")))),
+                    Catch::Contains("corrupt generator state"));
+  CHECK_THROWS_WITH(load_into(policy, with_engine(c10::IValue(std::int64_t{5}))),
+                    Catch::Contains("damaged state in checkpoint"));
+  CHECK(saved_bytes(policy) == before);
+}
