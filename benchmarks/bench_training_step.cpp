@@ -6,7 +6,8 @@
 //   with check_every_step(false), and a re-balancing step (StepKind::rebalance_m0), taking
 //   turns; its counters are the ratios to vanilla;
 // - balancer only: next_step() + observe() on fixed gradients, i.e. what guided adds to a
-//   regular step, measured alone (more precise than any end-to-end ratio here).
+//   regular step, measured alone (more precise than any end-to-end ratio here);
+// - OGM-GE paired: vanilla, OGM-GE and OGM (no noise) taking turns, at batch 8 and 128.
 #include <array>
 #include <chrono>
 #include <functional>
@@ -86,6 +87,43 @@ void BM_StepsPaired(benchmark::State& state) {
   state.counters["rebalance_over_vanilla"] = seconds[3] / seconds[0];
 }
 
+// A step of a gradient-modulating policy: the balancer forms the loss.
+template <class Policy>
+void modulated_step(Setup& s, Balancer<Policy>& balancer) {
+  const StepKind kind = to_step_kind(balancer.next_plan());
+  auto loss = balancer.loss(s.net->forward(s.data.x0, s.data.x1, kind), s.data.target);
+  s.optimizer.zero_grad();
+  loss.backward();
+  balancer.observe(loss);
+  s.optimizer.step();
+}
+
+// Vanilla against OGM-GE and OGM (no noise), taking turns as in BM_StepsPaired.
+void BM_OGMGEPaired(benchmark::State& state) {
+  const std::int64_t b = state.range(0);
+  Setup vanilla(b), with_noise(b), without_noise(b);
+  Balancer<OGMGEPolicy> ogm_ge(with_noise.net, OGMGEPolicy(OGMGEOptions().alpha(0.5)),
+                               BalancerOptions().warmup_epochs(0));
+  Balancer<OGMGEPolicy> ogm(without_noise.net, OGMGEPolicy(OGMGEOptions().alpha(0.5).noise(false)),
+                            BalancerOptions().warmup_epochs(0));
+  const std::array<std::function<void()>, 3> steps{
+      [&] { vanilla_step(vanilla); }, [&] { modulated_step(with_noise, ogm_ge); },
+      [&] { modulated_step(without_noise, ogm); }};
+  std::array<double, 3> seconds{};
+  std::size_t turn = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < steps.size(); ++k) {
+      const std::size_t which = (k + turn) % steps.size();
+      const auto start = std::chrono::steady_clock::now();
+      steps[which]();
+      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    ++turn;
+  }
+  state.counters["ogm_ge_over_vanilla"] = seconds[1] / seconds[0];
+  state.counters["ogm_over_vanilla"] = seconds[2] / seconds[0];
+}
+
 void BM_BalancerObserveOnly(benchmark::State& state) {
   Setup s(state.range(0));
   GuidedBalancer balancer(s.net, GuidedPolicy(GuidedOptions().alpha(INFINITY)),
@@ -108,3 +146,4 @@ void BM_BalancerObserveOnly(benchmark::State& state) {
 MMBALANCE_STEP_BENCH(8);
 MMBALANCE_STEP_BENCH(32);
 MMBALANCE_STEP_BENCH(128);
+BENCHMARK(BM_OGMGEPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
