@@ -58,6 +58,25 @@ void BM_StepVanilla(benchmark::State& state) {
   for (auto _ : state) vanilla_step(s);
 }
 
+// Runs the steps in turns within each iteration, in rotating order, each timed alone;
+// returns each step's summed seconds.
+template <std::size_t N>
+std::array<double, N> time_in_turns(benchmark::State& state,
+                                    const std::array<std::function<void()>, N>& steps) {
+  std::array<double, N> seconds{};
+  std::size_t turn = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < N; ++k) {
+      const std::size_t which = (k + turn) % N;
+      const auto start = std::chrono::steady_clock::now();
+      steps[which]();
+      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    ++turn;
+  }
+  return seconds;
+}
+
 // The four kinds of step on four copies of the model take turns within each iteration,
 // in rotating order, each timed alone: whatever the machine does meanwhile hits all four
 // alike. The counters are ratios of their summed times.
@@ -71,17 +90,7 @@ void BM_StepsPaired(benchmark::State& state) {
       [&] { vanilla_step(vanilla); }, [&] { balanced_step(guided, guided_balancer); },
       [&] { balanced_step(unchecked, unchecked_balancer); },
       [&] { vanilla_step(rebalance, StepKind::rebalance_m0); }};
-  std::array<double, 4> seconds{};
-  std::size_t turn = 0;
-  for (auto _ : state) {
-    for (std::size_t k = 0; k < steps.size(); ++k) {
-      const std::size_t which = (k + turn) % steps.size();
-      const auto start = std::chrono::steady_clock::now();
-      steps[which]();
-      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-    ++turn;
-  }
+  const std::array<double, 4> seconds = time_in_turns(state, steps);
   state.counters["guided_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["guided_no_checks_over_vanilla"] = seconds[2] / seconds[0];
   state.counters["rebalance_over_vanilla"] = seconds[3] / seconds[0];
@@ -109,17 +118,7 @@ void BM_OGMGEPaired(benchmark::State& state) {
   const std::array<std::function<void()>, 3> steps{
       [&] { vanilla_step(vanilla); }, [&] { modulated_step(with_noise, ogm_ge); },
       [&] { modulated_step(without_noise, ogm); }};
-  std::array<double, 3> seconds{};
-  std::size_t turn = 0;
-  for (auto _ : state) {
-    for (std::size_t k = 0; k < steps.size(); ++k) {
-      const std::size_t which = (k + turn) % steps.size();
-      const auto start = std::chrono::steady_clock::now();
-      steps[which]();
-      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-    ++turn;
-  }
+  const std::array<double, 3> seconds = time_in_turns(state, steps);
   state.counters["ogm_ge_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["ogm_over_vanilla"] = seconds[2] / seconds[0];
 }
