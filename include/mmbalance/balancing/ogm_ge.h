@@ -115,7 +115,7 @@ class OGMGEPolicy {
     }
   }
 
-  /// k_k of the last modulated step (undefined before one, and after a resume).
+  /// k_k of the last modulated step (undefined before one; not part of the saved state).
   const at::Tensor& last_coefficients() const { return last_coefficients_; }
 
   void save(torch::serialize::OutputArchive& archive) const {

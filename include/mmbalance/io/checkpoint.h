@@ -341,11 +341,17 @@ void save_checkpoint(const std::string& path, const Net& net,
 
 namespace detail {
 
-// Where the model's tensors live: its first parameter's (or buffer's) device, else the CPU.
-inline at::Device model_device(const torch::nn::Module& net) {
-  for (const at::Tensor& p : net.parameters()) return p.device();
-  for (const at::Tensor& b : net.buffers()) return b.device();
-  return at::kCPU;
+// The one device all the model's parameters and buffers are on; none when they are spread
+// over several devices (or there are none).
+inline c10::optional<at::Device> model_device(const torch::nn::Module& net) {
+  c10::optional<at::Device> device;
+  for (const auto& tensors : {net.parameters(), net.buffers()}) {
+    for (const at::Tensor& t : tensors) {
+      if (!device) device = t.device();
+      if (*device != t.device()) return c10::nullopt;
+    }
+  }
+  return device;
 }
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
@@ -365,7 +371,8 @@ void restore_states(torch::serialize::InputArchive& archive, Net& net,
 
 }  // namespace detail
 
-/// Restores what `save_checkpoint` wrote; tensors go to the model's device. Everything is
+/// Restores what `save_checkpoint` wrote; tensors go to the model's device (a model spread
+/// over several devices: each where it was saved). Everything is
 /// checked before anything is kept: a file that is not a checkpoint, another architecture
 /// or module options (e.g. gate_scale), another policy type or balancer options, an
 /// optimizer of another type, or a damaged record gives a c10::Error naming the file and
@@ -379,7 +386,8 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
     try {
       // Onto the model's device: LibTorch's reader would otherwise move each parameter to
       // the device it was saved from (a GPU checkpoint made a CPU model a GPU one, and
-      // could not be read at all without CUDA).
+      // could not be read at all without CUDA). A model spread over several devices gets
+      // each tensor back where it was saved, as LibTorch does.
       archive.load_from(payload, detail::model_device(*net));
     } catch (const std::exception& e) {  // LibTorch's reader throws TorchScript errors too
       TORCH_CHECK(false, "cannot read checkpoint ", path, ": ", detail::error_text(e));
