@@ -8,7 +8,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <random>
-#include <sstream>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -16,6 +15,7 @@
 
 #include "mmbalance/balancing/guided.h"
 #include "mmbalance/balancing/random.h"
+#include "mmbalance/detail/engine_state.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/step_plan.h"
 
@@ -135,9 +135,7 @@ class NWayRandomPolicy {
   std::size_t branches() const { return branches_; }
 
   void save(torch::serialize::OutputArchive& archive) const {
-    std::ostringstream state;
-    state << engine_;
-    archive.write("engine", state.str());
+    archive.write("engine", detail::engine_state(engine_));
     archive.write("seed", static_cast<std::int64_t>(options.seed()));
     archive.write("branches", static_cast<std::int64_t>(branches_));
   }
@@ -155,11 +153,7 @@ class NWayRandomPolicy {
     TORCH_CHECK(static_cast<std::uint64_t>(seed.toInt()) == options.seed(),
                 "NWayRandomPolicy: the checkpoint was made with seed ",
                 static_cast<std::uint64_t>(seed.toInt()), ", this policy has seed ", options.seed());
-    std::mt19937_64 engine;
-    std::istringstream in(state.toStringRef());
-    in >> engine;
-    TORCH_CHECK(!in.fail(), "NWayRandomPolicy: corrupt generator state in checkpoint");
-    engine_ = engine;
+    engine_ = detail::engine_from_state(state, "NWayRandomPolicy");
   }
 
   RandomOptions options;

@@ -5,13 +5,13 @@
 
 #include <cstdint>
 #include <random>
-#include <sstream>
 #include <string>
 
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/detail/engine_state.h"
 
 namespace mmbalance {
 
@@ -37,9 +37,7 @@ class RandomPolicy {
   }
 
   void save(torch::serialize::OutputArchive& archive) const {
-    std::ostringstream state;
-    state << engine_;
-    archive.write("engine", state.str());
+    archive.write("engine", detail::engine_state(engine_));
     archive.write("seed", static_cast<std::int64_t>(options.seed()));
   }
 
@@ -52,11 +50,7 @@ class RandomPolicy {
                 "RandomPolicy: the checkpoint was made with seed ",
                 seed.isInt() ? std::to_string(static_cast<std::uint64_t>(seed.toInt())) : "?",
                 ", this policy has seed ", options.seed());
-    std::mt19937_64 engine;
-    std::istringstream in(state.toStringRef());
-    in >> engine;
-    TORCH_CHECK(!in.fail(), "RandomPolicy: corrupt generator state in checkpoint");
-    engine_ = engine;
+    engine_ = detail::engine_from_state(state, "RandomPolicy");
   }
 
   RandomOptions options;
