@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <stdexcept>
 
 #include <unistd.h>
@@ -402,6 +403,9 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
   OGMGEPolicy other_parameters(OGMGEOptions(base).parameters(ModulatedParameters::all));
   CHECK_THROWS_WITH(load_into(other_parameters, record),
                     Catch::Contains("this policy modulates all"));
+  OGMGEPolicy other_end(OGMGEOptions(base).modulation_ends(50));
+  CHECK_THROWS_WITH(load_into(other_end, record),
+                    Catch::Contains("made with modulation_ends 9223372036854775807, this policy has 50"));
 
   // A generator state that is not one, and a record without it.
   const auto with_engine = [&](const c10::IValue& engine) {
@@ -411,6 +415,7 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
     out.write("noise", std::int64_t{1});
     out.write("parameters", static_cast<std::int64_t>(ModulatedParameters::conv_weights));
     out.write("seed", std::int64_t{3});
+    out.write("modulation_ends", std::numeric_limits<std::int64_t>::max());
     std::stringstream bytes;
     out.save_to(bytes);
     return bytes.str();
@@ -422,4 +427,30 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
   CHECK_THROWS_WITH(load_into(policy, with_engine(c10::IValue(std::int64_t{5}))),
                     Catch::Contains("damaged state in checkpoint"));
   CHECK(saved_bytes(policy) == before);
+}
+
+TEST_CASE("OGM-GE modulates up to modulation_ends, then leaves the gradients alone", "[ogm-ge]") {
+  Net net = small_net(3);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7).modulation_ends(1)),
+                                 BalancerOptions().warmup_epochs(0));
+  CHECK_THROWS_WITH(OGMGEPolicy(OGMGEOptions().modulation_ends(-1)),
+                    Catch::Contains("modulation_ends must be an epoch >= 0, got -1"));
+  const auto b = small_batch(8, 11);
+  for (const std::int64_t epoch : {0, 1, 2, 3}) {
+    REQUIRE(balancer.epoch() == epoch);
+    const std::vector<at::Tensor> plain = plain_gradients(net, b);
+    step(net, balancer, b);
+    const at::Tensor k = balancer.policy().last_coefficients();
+    const auto params = net->parameters();
+    bool changed = false;
+    for (std::size_t j = 0; j < params.size(); ++j) changed |= !at::equal(params[j].grad(), plain[j]);
+    if (epoch <= 1) {  // epochs 0 and 1 modulate: scaled and noisy
+      CHECK(k.min().item<double>() < 1.0);
+      CHECK(changed);
+    } else {  // afterwards plain gradients, bit for bit: no scale, no noise
+      CHECK(k.min().item<double>() == 1.0);
+      CHECK_FALSE(changed);
+    }
+    balancer.end_epoch();
+  }
 }

@@ -39,6 +39,9 @@ struct CommonFlags {
     app.add_flag("--ogm-noise,!--no-ogm-noise", cfg.ogm_noise,
                  "ogm-ge: add the generalization-enhancement noise (--no-ogm-noise: OGM)")
         ->capture_default_str();
+    app.add_option("--ogm-modulation-ends", cfg.ogm_modulation_ends,
+                   "ogm-ge: last epoch that modulates, counting from 0 (default: all)")
+        ->check(CLI::NonNegativeNumber);
     app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
     app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
@@ -90,7 +93,8 @@ struct CommonFlags {
   nlohmann::json json() const {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
-            {"ogm_noise", cfg.ogm_noise}, {"lr", cfg.lr},
+            {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", cfg.ogm_modulation_ends},
+            {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
             {"seed", cfg.seed},       {"device", cfg.device},
@@ -107,7 +111,8 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
                                  const c10::intrusive_ptr<CollectiveBackend>& pg) {
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
   if (cfg.policy == "ogm-ge") {  // any number of branches; the same noise on every rank
-    const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed);
+    const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed)
+                         .modulation_ends(cfg.ogm_modulation_ends);
     return train_and_evaluate(net, OGMGEPolicy(ogm), data, cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);

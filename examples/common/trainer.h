@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <limits>
 #include <optional>
 #include <ranges>
 #include <string>
@@ -38,6 +39,7 @@ struct TrainConfig {
   std::int64_t Q = 5;
   double ogm_alpha = 0.1;
   bool ogm_noise = true;
+  std::int64_t ogm_modulation_ends = std::numeric_limits<std::int64_t>::max();
   double lr = 0.01;
   double momentum = 0.9;
   std::int64_t epochs = 10;

@@ -220,7 +220,7 @@ class Balancer {
         if constexpr (ModulatesGradients<Policy>) {
           if (!in_warmup()) {
             policy_.modulate_gradients(
-                StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks});
+                StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks, epoch_});
           }
         }
       };

@@ -48,12 +48,13 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
 /// whose `.grad()` it may change in place, and what adds a statistic up over the
 /// data-parallel ranks (in place; nothing in one process) so that every rank decides
 /// from the whole batch. In data-parallel training the gradients are the ranks' average
-/// already, identical on every rank.
+/// already, identical on every rank. `epoch` is the balancer's epoch (counting warm-up).
 struct StepGradients {
   const std::vector<at::Tensor>& heads;
   const at::Tensor& target;
   const std::vector<std::vector<at::Tensor>>& branch_parameters;
   const std::function<void(at::Tensor&)>& sum_across_ranks;
+  std::int64_t epoch = 0;
 };
 
 /// A policy that changes branch gradients after `backward()`, before the optimizer step.

@@ -9,8 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,6 +22,7 @@
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/detail/engine_state.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
@@ -43,6 +44,11 @@ struct OGMGEOptions {
   TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::conv_weights;
   /// Seed of the noise.
   TORCH_ARG(std::uint64_t, seed) = 0;
+  /// The last epoch (counting from 0, warm-up included) that modulates; later steps are
+  /// plain (the original's `--modulation_ends`, 50 there). Modulation starts after the
+  /// balancer's warm-up (`BalancerOptions::warmup_epochs`, the original's
+  /// `--modulation_starts`). Default: never ends.
+  TORCH_ARG(std::int64_t, modulation_ends) = std::numeric_limits<std::int64_t>::max();
 };
 
 /// On-the-fly gradient modulation with generalization enhancement, for any number of
@@ -61,6 +67,8 @@ class OGMGEPolicy {
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());
+    TORCH_CHECK(options.modulation_ends() >= 0, "OGMGEPolicy: modulation_ends must be an "
+                "epoch >= 0, got ", options.modulation_ends());
     TORCH_CHECK(to_string(options.parameters()) != "invalid", "OGMGEPolicy: parameters must be "
                 "conv_weights, non_bias or all, got the value ",
                 static_cast<int>(options.parameters()));
@@ -94,6 +102,11 @@ class OGMGEPolicy {
   void modulate_gradients(const StepGradients& step) {
     TORCH_CHECK(step.heads.size() == step.branch_parameters.size(), "OGMGEPolicy: ",
                 step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
+    if (step.epoch > options.modulation_ends()) {  // past the modulation epochs: plain SGD
+      last_coefficients_ = at::ones({static_cast<std::int64_t>(step.heads.size())},
+                                    step.heads.front().options().dtype(at::kFloat));
+      return;
+    }
     last_coefficients_ = coefficients(step.heads, step.target, options.alpha(), step.sum_across_ranks);
     at::Generator gen = at::detail::createCPUGenerator(engine_());
     for (std::size_t k = 0; k < step.branch_parameters.size(); ++k) {
@@ -119,25 +132,28 @@ class OGMGEPolicy {
   const at::Tensor& last_coefficients() const { return last_coefficients_; }
 
   void save(torch::serialize::OutputArchive& archive) const {
-    std::ostringstream state;
-    state << engine_;
-    archive.write("engine", state.str());
+    archive.write("engine", detail::engine_state(engine_));
     archive.write("alpha", options.alpha());
     archive.write("noise", static_cast<std::int64_t>(options.noise()));
     archive.write("parameters", static_cast<std::int64_t>(options.parameters()));
     archive.write("seed", static_cast<std::int64_t>(options.seed()));
+    archive.write("modulation_ends", options.modulation_ends());
   }
 
   /// Restores the noise generator; other options throw, naming both values, and change
   /// nothing.
   void load(torch::serialize::InputArchive& archive) {
-    c10::IValue state, alpha, noise, parameters, seed;
+    c10::IValue state, alpha, noise, parameters, seed, ends;
     TORCH_CHECK(archive.try_read("engine", state) && state.isString() &&
                     archive.try_read("alpha", alpha) && alpha.isDouble() &&
                     archive.try_read("noise", noise) && noise.isInt() &&
                     archive.try_read("parameters", parameters) && parameters.isInt() &&
                     archive.try_read("seed", seed) && seed.isInt(),
                 "OGMGEPolicy: damaged state in checkpoint");
+    // Records written before modulation_ends existed modulate in every epoch.
+    const bool has_ends = archive.try_read("modulation_ends", ends);
+    TORCH_CHECK(!has_ends || ends.isInt(), "OGMGEPolicy: damaged state in checkpoint");
+    const std::int64_t saved_ends = has_ends ? ends.toInt() : std::numeric_limits<std::int64_t>::max();
     TORCH_CHECK(alpha.toDouble() == options.alpha(), "OGMGEPolicy: the checkpoint was made with "
                 "alpha ", alpha.toDouble(), ", this policy has alpha ", options.alpha());
     TORCH_CHECK(noise.toInt() == static_cast<std::int64_t>(options.noise()), "OGMGEPolicy: the "
@@ -149,11 +165,10 @@ class OGMGEPolicy {
     TORCH_CHECK(static_cast<std::uint64_t>(seed.toInt()) == options.seed(), "OGMGEPolicy: the "
                 "checkpoint was made with seed ", static_cast<std::uint64_t>(seed.toInt()),
                 ", this policy has seed ", options.seed());
-    std::mt19937_64 engine;
-    std::istringstream in(state.toStringRef());
-    in >> engine;
-    TORCH_CHECK(!in.fail(), "OGMGEPolicy: corrupt generator state in checkpoint");
-    engine_ = engine;
+    TORCH_CHECK(saved_ends == options.modulation_ends(), "OGMGEPolicy: the checkpoint was "
+                "made with modulation_ends ", saved_ends, ", this policy has ",
+                options.modulation_ends());
+    engine_ = detail::engine_from_state(state, "OGMGEPolicy");
   }
 
   OGMGEOptions options;
