@@ -203,3 +203,45 @@ TEST_CASE("CUDA: OGM-GE modulates on the GPU as on the CPU, noise included", "[c
     CHECK(max_abs_difference(cpu, gpu) < 1e-3);
   }
 }
+
+TEST_CASE("CUDA: a checkpoint with speeds pending (SpeedRead::previous_step) resumes on the GPU",
+          "[cuda][checkpoint]") {
+  if (!torch::cuda::is_available()) return;
+  const at::Device cuda(at::kCUDA, 0);
+  const std::string dir = std::filesystem::temp_directory_path() /
+                          ("mmbalance_cuda_lagged_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto options =
+      BalancerOptions().warmup_epochs(0).check_every_step(false).speed_read(SpeedRead::previous_step);
+  const auto train = [](Net& net, torch::optim::SGD& opt, GuidedBalancer& bal, const at::Device& dev,
+                        int first, int last) {
+    std::vector<StepKind> kinds;
+    for (int i = first; i < last; ++i) {
+      auto b = small_batch(8, static_cast<std::uint64_t>(i));
+      const StepKind kind = bal.next_step();
+      auto loss = bal.loss(net->forward(b.x0.to(dev), b.x1.to(dev), kind), b.target.to(dev));
+      opt.zero_grad();
+      loss.backward();
+      bal.observe(loss);
+      opt.step();
+      kinds.push_back(kind);
+    }
+    return kinds;
+  };
+  Net cpu = small_net(43);
+  auto opt_cpu = make_sgd(cpu);
+  GuidedBalancer bal_cpu(cpu, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)), options);
+  train(cpu, opt_cpu, bal_cpu, at::kCPU, 0, 3);
+  save_checkpoint(dir + "/lagged.pt", cpu, opt_cpu, bal_cpu);
+
+  Net gpu = small_net(44);
+  gpu->to(cuda);
+  auto opt_gpu = make_sgd(gpu);
+  GuidedBalancer bal_gpu(gpu, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)), options);
+  load_checkpoint(dir + "/lagged.pt", gpu, opt_gpu, bal_gpu);
+  CHECK(bal_gpu.meter().accumulated().device() == cuda);
+  // The pending speeds reach the policy on the GPU as they do on the CPU.
+  CHECK(train(gpu, opt_gpu, bal_gpu, cuda, 3, 9) == train(cpu, opt_cpu, bal_cpu, at::kCPU, 3, 9));
+  CHECK(max_abs_difference(cpu, gpu) < 1e-3);
+  std::filesystem::remove_all(dir);
+}
