@@ -405,28 +405,48 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
                     Catch::Contains("this policy modulates all"));
   OGMGEPolicy other_end(OGMGEOptions(base).modulation_ends(50));
   CHECK_THROWS_WITH(load_into(other_end, record),
-                    Catch::Contains("made with modulation_ends 9223372036854775807, this policy has 50"));
+                    Catch::Contains("made with modulation_ends never (the default), this policy has 50"));
+  OGMGEPolicy ends_50(OGMGEOptions(base).modulation_ends(50));
+  OGMGEPolicy default_end(base);
+  CHECK_THROWS_WITH(load_into(default_end, saved(OGMGEOptions(base).modulation_ends(50))),
+                    Catch::Contains("made with modulation_ends 50, this policy has never (the default)"));
 
-  // A generator state that is not one, and a record without it.
-  const auto with_engine = [&](const c10::IValue& engine) {
+  // Records written field by field: a generator state that is not one or not text, one
+  // from before modulation_ends existed, one whose modulation_ends is not a number.
+  const auto record_with = [&](const c10::IValue& engine, const c10::optional<c10::IValue>& ends) {
     torch::serialize::OutputArchive out;
     out.write("engine", engine);
     out.write("alpha", 0.5);
     out.write("noise", std::int64_t{1});
     out.write("parameters", static_cast<std::int64_t>(ModulatedParameters::conv_weights));
     out.write("seed", std::int64_t{3});
-    out.write("modulation_ends", std::numeric_limits<std::int64_t>::max());
+    if (ends) out.write("modulation_ends", *ends);
     std::stringstream bytes;
     out.save_to(bytes);
     return bytes.str();
   };
+  const c10::IValue never(std::numeric_limits<std::int64_t>::max());
   OGMGEPolicy policy(base);
   const std::string before = saved_bytes(policy);
-  CHECK_THROWS_WITH(load_into(policy, with_engine(c10::IValue(std::string("12 x 7")))),
+  CHECK_THROWS_WITH(load_into(policy, record_with(c10::IValue(std::string("12 x 7")), never)),
                     Catch::Contains("corrupt generator state"));
-  CHECK_THROWS_WITH(load_into(policy, with_engine(c10::IValue(std::int64_t{5}))),
+  CHECK_THROWS_WITH(load_into(policy, record_with(c10::IValue(std::int64_t{5}), never)),
+                    Catch::Contains("damaged state in checkpoint"));
+  std::ostringstream seeded;  // the standard's text form of an engine seeded with 3
+  seeded << std::mt19937_64(3);
+  const c10::IValue engine_state(seeded.str());
+  CHECK_THROWS_WITH(load_into(policy, record_with(engine_state, c10::IValue(std::string("50")))),
                     Catch::Contains("damaged state in checkpoint"));
   CHECK(saved_bytes(policy) == before);
+
+  // An older record (no modulation_ends) is one that never ends: a default policy takes
+  // it, one with an end refuses it.
+  const std::string older = record_with(engine_state, c10::nullopt);
+  OGMGEPolicy never_ends(base);
+  CHECK_NOTHROW(load_into(never_ends, older));
+  CHECK(saved_bytes(never_ends) == saved(base));
+  CHECK_THROWS_WITH(load_into(ends_50, older),
+                    Catch::Contains("made with modulation_ends never (the default), this policy has 50"));
 }
 
 TEST_CASE("OGM-GE modulates up to modulation_ends, then leaves the gradients alone", "[ogm-ge]") {
@@ -439,7 +459,9 @@ TEST_CASE("OGM-GE modulates up to modulation_ends, then leaves the gradients alo
   for (const std::int64_t epoch : {0, 1, 2, 3}) {
     REQUIRE(balancer.epoch() == epoch);
     const std::vector<at::Tensor> plain = plain_gradients(net, b);
+    const std::string policy_before = saved_bytes(balancer.policy());  // holds the generator
     step(net, balancer, b);
+    const bool drew = saved_bytes(balancer.policy()) != policy_before;
     const at::Tensor k = balancer.policy().last_coefficients();
     const auto params = net->parameters();
     bool changed = false;
@@ -447,9 +469,11 @@ TEST_CASE("OGM-GE modulates up to modulation_ends, then leaves the gradients alo
     if (epoch <= 1) {  // epochs 0 and 1 modulate: scaled and noisy
       CHECK(k.min().item<double>() < 1.0);
       CHECK(changed);
-    } else {  // afterwards plain gradients, bit for bit: no scale, no noise
+      CHECK(drew);
+    } else {  // afterwards plain gradients, bit for bit: no scale, no noise, no draw
       CHECK(k.min().item<double>() == 1.0);
       CHECK_FALSE(changed);
+      CHECK_FALSE(drew);
     }
     balancer.end_epoch();
   }

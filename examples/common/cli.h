@@ -5,6 +5,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 #include <ATen/Parallel.h>
@@ -74,6 +75,12 @@ struct CommonFlags {
     if (rank >= world_size) {
       throw CLI::ValidationError("--rank", "must be below --world-size " + std::to_string(world_size));
     }
+    if (cfg.policy == "ogm-ge" && cfg.ogm_modulation_ends < cfg.warmup_epochs) {
+      // The window would close inside the warm-up, where nothing is modulated.
+      throw CLI::ValidationError("--ogm-modulation-ends", "is " + std::to_string(cfg.ogm_modulation_ends) +
+                                 ", before the first epoch after warm-up (--warmup-epochs " +
+                                 std::to_string(cfg.warmup_epochs) + "): no step would be modulated");
+    }
     cfg.out = out;
     at::set_num_threads(threads);
     if (world_size == 1) return {};
@@ -89,11 +96,17 @@ struct CommonFlags {
     return pg;
   }
 
+  /// The last modulated epoch, or null where the modulation never ends.
+  nlohmann::json ogm_modulation_ends_json() const {
+    if (cfg.ogm_modulation_ends == std::numeric_limits<std::int64_t>::max()) return nullptr;
+    return cfg.ogm_modulation_ends;
+  }
+
   /// The arguments every summary records.
   nlohmann::json json() const {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
-            {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", cfg.ogm_modulation_ends},
+            {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
             {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},

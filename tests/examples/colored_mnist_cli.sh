@@ -19,6 +19,8 @@ expect_error "--policy" "$work/a" -- "$bin" --out "$work/a" --policy greedy
 expect_error "--alpha" "$work/a" -- "$bin" --out "$work/a" --alpha -1
 expect_error "--ogm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge --ogm-alpha -1
 expect_error "--ogm-modulation-ends" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends -2
+expect_error "--ogm-modulation-ends: is 0, before the first epoch after warm-up" "$work/a" -- \
+  "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends 0 --warmup-epochs 1
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -81,30 +83,33 @@ print("ok: resume is exact")
 PY
 # OGM-GE: every step regular; after the warm-up epoch each step logs both branches'
 # coefficients (the dominant branch's in (0, 1), the other's 1), and after
-# --ogm-modulation-ends (epoch 1) both are 1; interrupted after 2 epochs and resumed, the
-# same steps, coefficients and losses (the noise generator resumes too).
-ogm=(--policy ogm-ge --ogm-alpha 0.8 --ogm-modulation-ends 1)
-"$bin" --out "$work/ogm" "${small[@]}" --data-dir "$work/data" --epochs 3 "${ogm[@]}" >/dev/null 2>&1 \
+# --ogm-modulation-ends (epoch 2) both are 1; interrupted after 2 epochs (inside the
+# window) and resumed, the same steps, coefficients and losses (the noise generator
+# resumes too).
+ogm=(--policy ogm-ge --ogm-alpha 0.8 --ogm-modulation-ends 2)
+"$bin" --out "$work/ogm" "${small[@]}" --data-dir "$work/data" --epochs 4 "${ogm[@]}" >/dev/null 2>&1 \
   || fail "the OGM-GE run failed"
 "$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${ogm[@]}" >/dev/null 2>&1 \
   || fail "the first OGM-GE part failed"
-"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${ogm[@]}" \
+"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 4 "${ogm[@]}" \
   --resume "$work/ogm-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed OGM-GE part failed"
 /usr/bin/python3 - "$work/ogm" "$work/ogm-part" <<'PY'
 import json, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
 steps = [r for r in full if r["type"] == "step"]
-assert len(steps) == 3 * 8 and {s["kind"] for s in steps} == {"regular"}
+assert len(steps) == 4 * 8 and {s["kind"] for s in steps} == {"regular"}
 assert all("coefficient0" not in s for s in steps[:8]), "modulated in warm-up"
-for s in steps[8:16]:
+for s in steps[8:24]:
     k = [s["coefficient0"], s["coefficient1"]]
     assert max(k) == 1.0 and 0 < min(k) <= 1.0, s
-assert any(min(s["coefficient0"], s["coefficient1"]) < 1 for s in steps[8:16]), "never modulated"
-assert all(s["coefficient0"] == s["coefficient1"] == 1.0 for s in steps[16:]), "modulated after epoch 1"
+for epoch in (1, 2):
+    assert any(min(s["coefficient0"], s["coefficient1"]) < 1 for s in steps[8 * epoch:8 * epoch + 8]), \
+        f"never modulated in epoch {epoch}"
+assert all(s["coefficient0"] == s["coefficient1"] == 1.0 for s in steps[24:]), "modulated after epoch 2"
 assert [r for r in part if r["type"] == "step"] == steps, "resumed OGM-GE run differs"
 a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
 assert a["args"]["policy"] == "ogm-ge" and a["args"]["ogm_alpha"] == 0.8 and a["args"]["ogm_noise"]
-assert a["args"]["ogm_modulation_ends"] == 1
+assert a["args"]["ogm_modulation_ends"] == 2
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: OGM-GE logs its coefficients and resumes exactly")
 PY

@@ -108,6 +108,8 @@ assert {s["kind"] for s in steps} == {"regular"} and len(steps) == 16
 for s in steps[8:]:
     k = [s[f"coefficient{j}"] for j in range(3)]
     assert all(0 < c <= 1 for c in k) and max(k) == 1.0 and min(k) < 1.0, s
+args = json.load(open(f"{sys.argv[1]}/summary.json"))["args"]
+assert args["ogm_modulation_ends"] is None, "a window that never ends is recorded as null"
 print("ok: OGM-GE on three branches")
 PY
 "$bin" --out "$work/audio" "${small[@]}" --epochs 3 --audio-only >"$work/audio.out" 2>&1 \

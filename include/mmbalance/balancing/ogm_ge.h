@@ -1,9 +1,10 @@
 #pragma once
 /// \file
 /// OGM-GE (Peng et al., "Balanced multimodal learning via on-the-fly gradient modulation",
-/// CVPR 2022) as a policy: every step, the dominant modality's gradients are scaled down
-/// by 1 − tanh(α·ρ), and Gaussian noise with the gradient's own standard deviation is
-/// added (generalization enhancement). docs/policies.md gives the rule, its N-branch form
+/// CVPR 2022) as a policy: every step from the end of the balancer's warm-up to the
+/// epoch `modulation_ends`, the dominant modality's gradients are scaled down by
+/// 1 − tanh(α·ρ), and Gaussian noise with the gradient's own standard deviation is added
+/// (generalization enhancement). docs/policies.md gives the rule, its N-branch form
 /// and where it differs from the original code.
 
 #include <cmath>
@@ -82,13 +83,10 @@ class OGMGEPolicy {
   static at::Tensor coefficients(const std::vector<at::Tensor>& heads, const at::Tensor& target,
                                  double alpha,
                                  const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
+    check_heads(heads, target);
     const auto n = static_cast<std::int64_t>(heads.size());
-    TORCH_CHECK(n >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ", n);
     std::vector<at::Tensor> scores;
     for (const at::Tensor& h : heads) {
-      TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
-                  "OGMGEPolicy: every head must be (batch, classes) logits for the ",
-                  target.size(0), " targets");
       scores.push_back(at::softmax(h.detach().to(at::kFloat), 1).gather(1, target.unsqueeze(1)).sum());
     }
     at::Tensor s = at::stack(scores);
@@ -102,6 +100,8 @@ class OGMGEPolicy {
   void modulate_gradients(const StepGradients& step) {
     TORCH_CHECK(step.heads.size() == step.branch_parameters.size(), "OGMGEPolicy: ",
                 step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
+    // Checked in every epoch, so that bad heads are named before the window ends too.
+    check_heads(step.heads, step.target);
     if (step.epoch > options.modulation_ends()) {  // past the modulation epochs: plain SGD
       last_coefficients_ = at::ones({static_cast<std::int64_t>(step.heads.size())},
                                     step.heads.front().options().dtype(at::kFloat));
@@ -128,7 +128,8 @@ class OGMGEPolicy {
     }
   }
 
-  /// k_k of the last modulated step (undefined before one; not part of the saved state).
+  /// k_k of the last step (undefined before one; all 1 after `modulation_ends`; not part
+  /// of the saved state).
   const at::Tensor& last_coefficients() const { return last_coefficients_; }
 
   void save(torch::serialize::OutputArchive& archive) const {
@@ -166,14 +167,32 @@ class OGMGEPolicy {
                 "checkpoint was made with seed ", static_cast<std::uint64_t>(seed.toInt()),
                 ", this policy has seed ", options.seed());
     TORCH_CHECK(saved_ends == options.modulation_ends(), "OGMGEPolicy: the checkpoint was "
-                "made with modulation_ends ", saved_ends, ", this policy has ",
-                options.modulation_ends());
+                "made with modulation_ends ", epoch_text(saved_ends), ", this policy has ",
+                epoch_text(options.modulation_ends()));
     engine_ = detail::engine_from_state(state, "OGMGEPolicy");
   }
 
   OGMGEOptions options;
 
  private:
+  static void check_heads(const std::vector<at::Tensor>& heads, const at::Tensor& target) {
+    TORCH_CHECK(heads.size() >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ",
+                heads.size());
+    TORCH_CHECK(target.defined() && target.dim() == 1, "OGMGEPolicy: the targets must be a "
+                "(batch) tensor of class indices");
+    for (const at::Tensor& h : heads) {
+      TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
+                  "OGMGEPolicy: every head must be (batch, classes) logits for the ",
+                  target.size(0), " targets");
+    }
+  }
+
+  // modulation_ends as a person reads it: the default never ends.
+  static std::string epoch_text(std::int64_t epoch) {
+    return epoch == std::numeric_limits<std::int64_t>::max() ? "never (the default)"
+                                                             : std::to_string(epoch);
+  }
+
   std::mt19937_64 engine_;  // one draw per step seeds that step's noise
   at::Tensor last_coefficients_;
 };
