@@ -27,6 +27,13 @@ inline Net small_net(std::uint64_t seed = 0, std::int64_t classes = 3) {
              {{0, MMTM(MMTMOptions(4, 4))}, {1, MMTM(MMTMOptions(8, 8))}});
 }
 
+/// `small_net`'s late-fusion twin: the same branches, no fusion modules.
+inline Net small_late_net(std::uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  const auto opts = [](std::int64_t in) { return ConvBranchOptions(in, 3).channels({4, 8}).strides({1, 2}); };
+  return Net(ConvBranch(opts(3)), ConvBranch(opts(1)), std::vector<FusionTap<MMTM>>{});
+}
+
 /// Options of a 3-class ConvBranch with the given stages.
 inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
                                         std::vector<std::int64_t> strides) {

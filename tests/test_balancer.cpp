@@ -813,3 +813,74 @@ TEST_CASE("A policy that throws, or a plan out of range, leaves the policy and t
   CHECK_THROWS_WITH(out_of_range.next_plan(), Catch::Contains("holds branch 7"));
   for (std::size_t i = 0; i < staged.size(); ++i) CHECK(torch::equal(net->gate_means()[i]->staged(), staged[i]));
 }
+
+// A policy of the user's that holds branch 0 every step and does not declare it.
+struct AlwaysHoldsBranch0 {
+  int calls = 0;
+  StepPlan next_plan() {
+    ++calls;
+    return StepPlan::hold(0);
+  }
+};
+
+TEST_CASE("Late fusion: policies that hold fusion gates are refused by name, a re-balancing "
+          "plan is refused when chosen, vanilla and OGM-GE train", "[balancer][late-fusion][bad-input]") {
+  Net net = small_late_net(41);
+  const std::string refused = "chooses re-balancing steps, which hold the fusion modules' gates, "
+                              "and this network has no fusion modules (late fusion)";
+  CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy()), Catch::Contains("GuidedPolicy " + refused));
+  CHECK_THROWS_WITH(Balancer<RandomPolicy>(net, RandomPolicy()), Catch::Contains("RandomPolicy " + refused));
+  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(2)),
+                    Catch::Contains("NWayGuidedPolicy " + refused));
+  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(2)),
+                    Catch::Contains("NWayRandomPolicy " + refused));
+
+  Balancer<AlwaysHoldsBranch0> holds(net, AlwaysHoldsBranch0(), BalancerOptions().warmup_epochs(0));
+  for (int attempt = 0; attempt < 2; ++attempt) {  // refused, and the policy's call undone
+    CHECK_THROWS_WITH(holds.next_plan(), Catch::Contains("holds branch 0, a re-balancing step, and "
+                                                         "this network has no fusion modules"));
+    CHECK(holds.policy().calls == 0);
+  }
+
+  // Vanilla: the same steps as plain training; no fusion path, so no learning speed.
+  Net plain = small_late_net(41);
+  VanillaBalancer vanilla(net);
+  auto opt = make_sgd(net);
+  auto plain_opt = make_sgd(plain);
+  CHECK(train_steps(net, opt, vanilla, 0, 6) == std::vector<StepKind>(6, StepKind::regular));
+  for (int i = 0; i < 6; ++i) {
+    const auto b = small_batch(8, static_cast<std::uint64_t>(i));
+    auto loss = modality_specific_loss(plain->forward(b.x0, b.x1), b.target);
+    plain_opt.zero_grad();
+    loss.backward();
+    plain_opt.step();
+  }
+  CHECK(same_parameters(*net, *plain));
+  CHECK(std::isnan(vanilla.last_d_speed()));
+  CHECK(vanilla.meter().steps() == 6);
+  // Checks off: the steps are valid on the device (no fusion path makes no step NaN).
+  Net unchecked_net = small_late_net(43);
+  VanillaBalancer unchecked(unchecked_net, VanillaPolicy(), BalancerOptions().check_every_step(false));
+  auto unchecked_opt = make_sgd(unchecked_net);
+  train_steps(unchecked_net, unchecked_opt, unchecked, 0, 3);
+  CHECK(unchecked.meter().steps() == 3);
+  CHECK(unchecked.meter().skipped() == 0);
+
+  // OGM-GE scales the dominant branch as on any network.
+  Net ogm_net = small_late_net(42);
+  Balancer<OGMGEPolicy> ogm(ogm_net, OGMGEPolicy(OGMGEOptions().alpha(0.9)), BalancerOptions().warmup_epochs(0));
+  auto ogm_opt = make_sgd(ogm_net);
+  for (int i = 0; i < 2; ++i) {
+    const auto b = small_batch(8, static_cast<std::uint64_t>(i));
+    const StepKind kind = ogm.next_step();
+    auto loss = ogm.loss(ogm_net->forward(b.x0, b.x1, kind), b.target);
+    ogm_opt.zero_grad();
+    loss.backward();
+    ogm.observe(loss);
+    ogm_opt.step();
+  }
+  const at::Tensor k = ogm.policy().last_coefficients();
+  REQUIRE(k.defined());
+  CHECK(k.max().item<double>() == 1.0);
+  CHECK(k.min().item<double>() < 1.0);
+}

@@ -220,9 +220,39 @@ TEST_CASE("NWaySpeedSummary from a table of accumulators", "[meter][n-way]") {
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {
   auto net = small_net(5);
   auto groups = net->parameter_groups();
-  groups.theta1_fusion.clear();
+  groups.theta1_fusion.clear();  // one fusion path but not the other: no network has that
   CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta1'") &&
-                                                    Catch::Contains("is empty"));
+                                                    Catch::Contains("is empty (a late-fusion"));
+  groups = net->parameter_groups();
+  groups.theta0.clear();
+  CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta0 (branch 0) is empty"));
+  groups = net->parameter_groups();  // a late-fusion network with an empty branch
+  groups.theta0_fusion.clear();
+  groups.theta1_fusion.clear();
+  groups.theta1.clear();
+  CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta1 (branch 1) is empty"));
+}
+
+TEST_CASE("LearningSpeedMeter on a late-fusion network: the branches' mu as computed naively, "
+          "0 for the absent fusion paths, undefined speeds", "[meter][late-fusion]") {
+  auto net = mmbalance::testing::small_late_net(6);
+  LearningSpeedMeter meter(net->parameter_groups());
+  CHECK(meter.late_fusion());
+  CHECK_FALSE(LearningSpeedMeter(small_net(6)->parameter_groups()).late_fusion());
+  for (std::uint64_t step = 0; step < 2; ++step) {
+    backward_once(net, step);
+    const auto naive = naive_mu(net->parameter_groups());  // 0 / 0 for the empty groups
+    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    CHECK(mu[0].item<double>() == Approx(naive[0]).epsilon(1e-6));
+    CHECK(mu[1].item<double>() == Approx(naive[1]).epsilon(1e-6));
+    CHECK(mu[2].item<double>() == 0.0);
+    CHECK(mu[3].item<double>() == 0.0);
+    meter.accumulate(mu);
+  }
+  const auto s = meter.summary();
+  CHECK(std::isnan(s.s_m1_given_m0));
+  CHECK(std::isnan(s.s_m0_given_m1));
+  CHECK(std::isnan(s.d_speed));
 }
 
 TEST_CASE("The meter's CPU sums of squares equal LibTorch's", "[meter]") {

@@ -6,6 +6,9 @@
 
 using namespace mmbalance;
 using mmbalance::testing::small_net;
+using mmbalance::testing::Net;
+using mmbalance::testing::small_batch;
+using mmbalance::testing::small_late_net;
 
 namespace {
 std::set<const void*> ids(const std::vector<at::Tensor>& ts) {
@@ -153,4 +156,31 @@ TEST_CASE("A regular forward stages the gates in training mode only; other steps
   CHECK(staged_rows() == std::vector<double>{6.0, 6.0});
   // Only staged: the committed means are still those of a zero excitation.
   for (auto& mean : net->gate_means()) CHECK(mean->samples.item<double>() == 0.0);
+}
+
+TEST_CASE("Late fusion (no fusion modules): each head is its branch alone, y their mean, and "
+          "the probe finds no cross-modal use", "[model][late-fusion]") {
+  Net net = small_late_net(31);
+  const auto b = small_batch(8, 32);
+  const ModelOutput out = net->forward(b.x0, b.x1);
+  // Each head is the branch's own forward over its own modality, nothing else.
+  CHECK(torch::allclose(out.y0, net->branch0->forward(b.x0)));
+  CHECK(torch::allclose(out.y1, net->branch1->forward(b.x1)));
+  CHECK(torch::allclose(out.y, (out.y0 + out.y1) * 0.5));
+  const ModelOutput other_m1 = net->forward(b.x0, b.x1 + 1);
+  CHECK(torch::equal(other_m1.y0, out.y0));
+  CHECK_FALSE(torch::equal(other_m1.y1, out.y1));
+  const ParameterGroups groups = net->parameter_groups();
+  CHECK(groups.theta0_fusion.empty());
+  CHECK(groups.theta1_fusion.empty());
+  CHECK(groups.theta0.size() + groups.theta1.size() == net->parameters().size());
+  CHECK(net->gate_means().empty());
+
+  // Cutting a modality off a branch that never sees it changes nothing: u = 0 both ways.
+  const std::vector<MultiModalBatch> train = {small_batch(8, 33)};
+  const std::vector<MultiModalBatch> eval = {b, small_batch(8, 34)};
+  const UtilizationReport r = probe_utilization(net, train, eval);
+  CHECK(r.accuracy0_cut == r.accuracy0);
+  CHECK(r.accuracy1_cut == r.accuracy1);
+  CHECK(r.d_util == 0.0);
 }

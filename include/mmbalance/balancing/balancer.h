@@ -133,6 +133,12 @@ class Balancer {
       TORCH_CHECK(policy_.branches() == branches(), "Balancer: the policy balances ",
                   policy_.branches(), " branches, this network has ", branches());
     }
+    if constexpr (HoldsFusionGates<Policy>) {
+      TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
+                  "steps, which hold the fusion modules' gates, and this network has no fusion "
+                  "modules (late fusion): use a policy that needs none (VanillaPolicy, "
+                  "OGMGEPolicy) or a network with fusion modules");
+    }
   }
 
   /// The kind of the coming step (two branches; `next_plan()` is the same for any number).
@@ -145,6 +151,7 @@ class Balancer {
                 "network has ", branches(), "; use next_plan()");
     check_observed("Balancer::next_step");
     const StepKind kind = ask_policy([&] { return in_warmup() ? StepKind::regular : policy_.next_step(); });
+    check_plan(StepPlan::from(kind));
     begin_step(StepPlan::from(kind));
     return kind;
   }
@@ -162,11 +169,7 @@ class Balancer {
         return StepPlan::from(policy_.next_step());
       }
     });
-    if (!plan.is_regular() && *plan.held_branch() >= branches()) {
-      policy_ = policy_before_step_;
-      TORCH_CHECK(false, "Balancer::next_plan: the policy holds branch ", *plan.held_branch(),
-                  ", the network has ", branches(), " branches (0..", branches() - 1, ")");
-    }
+    check_plan(plan);
     begin_step(plan);
     return plan;
   }
@@ -472,6 +475,22 @@ class Balancer {
     }
   }
 
+  // A plan the network cannot run throws and leaves the policy as it was.
+  void check_plan(const StepPlan& plan) {
+    if (plan.is_regular()) return;
+    if (*plan.held_branch() >= branches()) {
+      policy_ = policy_before_step_;
+      TORCH_CHECK(false, "Balancer: the policy holds branch ", *plan.held_branch(),
+                  ", the network has ", branches(), " branches (0..", branches() - 1, ")");
+    }
+    if (gate_means_.empty()) {
+      policy_ = policy_before_step_;
+      TORCH_CHECK(false, "Balancer: the policy holds branch ", *plan.held_branch(), ", a "
+                  "re-balancing step, and this network has no fusion modules whose gates it "
+                  "could hold (late fusion)");
+    }
+  }
+
   // Starts a step: drops gates staged outside a step.
   void begin_step(const StepPlan& plan) {
     for (auto& m : gate_means_) m->drop();
@@ -585,7 +604,9 @@ class Balancer {
                   const double* next) const {
     TORCH_CHECK(std::isfinite(loss), "Balancer: non-finite loss ", loss, " in step ", step_,
                 " (regular)");
-    for (std::size_t g = 0; g < meter_.num_groups(); ++g) {
+    // A late-fusion network's fusion groups are empty: nothing there to check.
+    const std::size_t checked = meter_.late_fusion() ? branches() : meter_.num_groups();
+    for (std::size_t g = 0; g < checked; ++g) {
       const std::string group = meter_.group_name(g);
       TORCH_CHECK(std::isfinite(grad_sq[g]), "Balancer: non-finite gradient in group ", group,
                   " (squared norm ", grad_sq[g], ") in step ", step_);

@@ -32,6 +32,8 @@ struct GuidedOptions {
 /// the value of the last regular step.
 class GuidedPolicy {
  public:
+  static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
+
   enum class Mode : std::uint8_t { regular = 0, rebalance = 1 };
 
   explicit GuidedPolicy(const GuidedOptions& options = {}) : options(options) {
@@ -104,6 +106,6 @@ class GuidedPolicy {
 };
 
 static_assert(BalancingPolicy<GuidedPolicy> && ObservesSpeed<GuidedPolicy> &&
-              HasState<GuidedPolicy>);
+              HasState<GuidedPolicy> && HoldsFusionGates<GuidedPolicy>);
 
 }  // namespace mmbalance

@@ -40,6 +40,8 @@ concept ObservesBranchSpeeds = requires(P& p, const NWaySpeedSummary& s) { p.obs
 /// imbalance is d_speed and the fastest branch is 0 exactly when d_speed > 0).
 class NWayGuidedPolicy {
  public:
+  static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
+
   explicit NWayGuidedPolicy(std::size_t branches, const GuidedOptions& options = {})
       : options(options), branches_(branches) {
     TORCH_CHECK(branches >= 2, "NWayGuidedPolicy: needs at least 2 branches, got ", branches);
@@ -121,6 +123,8 @@ class NWayGuidedPolicy {
 /// `RandomPolicy` with the same seed, step for step.
 class NWayRandomPolicy {
  public:
+  static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
+
   explicit NWayRandomPolicy(std::size_t branches, const RandomOptions& options = {})
       : options(options), branches_(branches), engine_(options.seed()) {
     TORCH_CHECK(branches >= 2, "NWayRandomPolicy: needs at least 2 branches, got ", branches);
@@ -164,7 +168,8 @@ class NWayRandomPolicy {
 };
 
 static_assert(NWayBalancingPolicy<NWayGuidedPolicy> && ObservesBranchSpeeds<NWayGuidedPolicy> &&
-              HasState<NWayGuidedPolicy>);
-static_assert(NWayBalancingPolicy<NWayRandomPolicy> && HasState<NWayRandomPolicy>);
+              HasState<NWayGuidedPolicy> && HoldsFusionGates<NWayGuidedPolicy>);
+static_assert(NWayBalancingPolicy<NWayRandomPolicy> && HasState<NWayRandomPolicy> &&
+              HoldsFusionGates<NWayRandomPolicy>);
 
 }  // namespace mmbalance

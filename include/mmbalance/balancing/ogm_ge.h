@@ -197,7 +197,7 @@ class OGMGEPolicy {
   at::Tensor last_coefficients_;
 };
 
-static_assert(BalancingPolicy<OGMGEPolicy> && NWayBalancingPolicy<OGMGEPolicy> &&
+static_assert(BalancingPolicy<OGMGEPolicy> && NWayBalancingPolicy<OGMGEPolicy> && !HoldsFusionGates<OGMGEPolicy> &&
               ModulatesGradients<OGMGEPolicy> && HasState<OGMGEPolicy>);
 
 }  // namespace mmbalance

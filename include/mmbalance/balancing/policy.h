@@ -17,6 +17,10 @@ namespace mmbalance {
 ///   once per regular step; a policy without it costs no read.
 /// - `start_epoch(std::int64_t)`: called when an epoch after warm-up begins.
 /// - `save(OutputArchive&) const` / `load(InputArchive&)`: the policy's own state.
+/// - `static constexpr bool holds_fusion_gates = true`: the policy chooses re-balancing
+///   steps, which hold fusion modules' gates; a `Balancer` refuses it at construction on a
+///   network without fusion modules (late fusion), where such a step is a regular one.
+///   (Any policy's re-balancing plan on such a network is refused when it is chosen.)
 /// Policies must be copyable: the balancer restores a copy when it rejects a step.
 template <class P>
 concept BalancingPolicy = std::copyable<P> && requires(P& p) {
@@ -28,6 +32,9 @@ concept ObservesSpeed = requires(P& p, double d) { p.observe_d_speed(d); };
 
 template <class P>
 concept HasEpochHook = requires(P& p, std::int64_t e) { p.start_epoch(e); };
+
+template <class P>
+concept HoldsFusionGates = requires { requires P::holds_fusion_gates; };
 
 template <class P>
 concept HasState = requires(const P& cp, P& p, torch::serialize::OutputArchive& out,

@@ -27,6 +27,8 @@ struct RandomOptions {
 
 class RandomPolicy {
  public:
+  static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
+
   explicit RandomPolicy(const RandomOptions& options = {})
       : options(options), engine_(options.seed()) {}
 
@@ -59,6 +61,6 @@ class RandomPolicy {
   std::mt19937_64 engine_;
 };
 
-static_assert(BalancingPolicy<RandomPolicy> && HasState<RandomPolicy>);
+static_assert(BalancingPolicy<RandomPolicy> && HasState<RandomPolicy> && HoldsFusionGates<RandomPolicy>);
 
 }  // namespace mmbalance

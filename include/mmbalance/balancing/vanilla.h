@@ -13,6 +13,6 @@ struct VanillaPolicy {
   StepPlan next_plan() const { return StepPlan::regular(); }
 };
 
-static_assert(BalancingPolicy<VanillaPolicy>);
+static_assert(BalancingPolicy<VanillaPolicy> && !HoldsFusionGates<VanillaPolicy>);
 
 }  // namespace mmbalance

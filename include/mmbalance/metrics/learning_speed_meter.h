@@ -120,12 +120,16 @@ class LearningSpeedMeter {
                                                {groups.theta0_fusion, groups.theta1_fusion}}) {}
 
   /// The 2N groups of an N-branch network: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for N = 2
-  /// the `Group` order). Every tensor the meter returns has one entry per group.
+  /// the `Group` order). Every tensor the meter returns has one entry per group. A
+  /// late-fusion network has no fusion paths: all of θ_k' empty; such a group's μ is 0
+  /// (nothing moves), so the speeds s_k are undefined (NaN) rather than the step.
   explicit LearningSpeedMeter(const NWayParameterGroups& groups) {
     TORCH_CHECK(groups.branch.size() >= 2 && groups.fusion.size() == groups.branch.size(),
                 "LearningSpeedMeter: needs the groups of N >= 2 branches and as many fusion "
                 "paths, got ", groups.branch.size(), " and ", groups.fusion.size());
     branches_ = groups.branch.size();
+    late_fusion_ = std::all_of(groups.fusion.begin(), groups.fusion.end(),
+                               [](const auto& g) { return g.empty(); });
     std::vector<const std::vector<at::Tensor>*> lists;
     for (const auto& g : groups.branch) lists.push_back(&g);
     for (const auto& g : groups.fusion) lists.push_back(&g);
@@ -134,8 +138,10 @@ class LearningSpeedMeter {
     std::vector<std::vector<bool>> member;
     group_numel_.assign(count, 0);
     for (std::size_t g = 0; g < count; ++g) {
-      TORCH_CHECK(!lists[g]->empty(), "LearningSpeedMeter: parameter group ", group_name(g),
-                  " is empty");
+      TORCH_CHECK(!lists[g]->empty() || (late_fusion_ && g >= branches_),
+                  "LearningSpeedMeter: parameter group ", group_name(g), " is empty",
+                  g >= branches_ ? " (a late-fusion network has no fusion path at all; this "
+                                   "one has some)" : "");
       for (const auto& p : *lists[g]) {
         TORCH_CHECK(p.defined(), "LearningSpeedMeter: undefined parameter in group ",
                     group_name(g));
@@ -155,8 +161,15 @@ class LearningSpeedMeter {
     for (std::int64_t i = 0; i < n; ++i)
       for (std::size_t g = 0; g < count; ++g) acc[i][static_cast<std::int64_t>(g)] = member[static_cast<std::size_t>(i)][g];
     accumulated_ = at::zeros({static_cast<std::int64_t>(count)}, at::kDouble);
+    if (late_fusion_) {  // ||θ||² of an empty group reads 1, so its μ = 0 / 1
+      empty_groups_ = at::zeros({static_cast<std::int64_t>(count)}, at::kDouble);
+      empty_groups_.narrow(0, static_cast<std::int64_t>(branches_), static_cast<std::int64_t>(branches_)).fill_(1.0);
+    }
     follow_device();
   }
+
+  /// Whether the network has no fusion paths (late fusion): every θ_k' is empty.
+  bool late_fusion() const { return late_fusion_; }
 
   /// How many groups (2N for N branches).
   std::size_t num_groups() const { return 2 * branches_; }
@@ -271,7 +284,9 @@ class LearningSpeedMeter {
     sq = sq.view({with_parameters ? 2 : 1, -1, 1});
     // A masked sum, not a product with a 0/1 matrix: 0 * NaN would spread one bad
     // gradient into every group.
-    return at::where(membership_, sq, 0.0).sum(1);
+    at::Tensor sums = at::where(membership_, sq, 0.0).sum(1);
+    if (with_parameters && late_fusion_) sums[1].add_(empty_groups_);
+    return sums;
   }
 
   // Keeps the accumulators where the parameters are; a model moved after the meter was
@@ -283,6 +298,7 @@ class LearningSpeedMeter {
     membership_ = membership_.to(device);
     accumulated_ = accumulated_.to(device);
     if (skipped_.defined()) skipped_ = skipped_.to(device);
+    if (empty_groups_.defined()) empty_groups_ = empty_groups_.to(device);
     zero_ = at::zeros({}, params_.front().options());
   }
 
@@ -290,6 +306,8 @@ class LearningSpeedMeter {
   at::Tensor membership_;   // (distinct parameters, groups): true where a parameter is in a group
   at::Tensor accumulated_;  // M per group
   at::Tensor zero_;         // stands in for a missing gradient
+  bool late_fusion_ = false;
+  at::Tensor empty_groups_;  // late fusion: 1 for each (empty) fusion group, else 0
   at::Device device_{at::kCPU};
   std::size_t branches_ = 0;
   std::vector<std::int64_t> group_numel_;
