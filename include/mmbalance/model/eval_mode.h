@@ -2,20 +2,36 @@
 /// \file
 /// A scope in eval mode without gradients, for evaluation passes over a model.
 
+#include <memory>
+#include <utility>
+#include <vector>
+
 #include <ATen/core/grad_mode.h>
+#include <torch/nn/module.h>
 
 namespace mmbalance {
 
 /// Puts `net` (a module handle) in eval mode without gradients for the scope and gives
-/// it back its training mode afterwards, also when the scope is left by an exception:
+/// every submodule back its own training mode afterwards (a BatchNorm kept in eval mode
+/// inside a training network stays so), also when the scope is left by an exception:
 /// ```
-/// { EvalModeGuard eval(net); auto out = net->forward(x0, x1); ... }  // mode restored here
+/// { EvalModeGuard eval(net); auto out = net->forward(x0, x1); ... }  // modes restored here
 /// ```
 template <class Net>
 class EvalModeGuard {
  public:
-  explicit EvalModeGuard(Net& net) : net_(net), was_training_(net->is_training()) { net_->eval(); }
-  ~EvalModeGuard() { net_->train(was_training_); }
+  explicit EvalModeGuard(Net& net) : net_(net), was_training_(net->is_training()) {
+    if constexpr (requires { net->modules(/*include_self=*/true); }) {
+      for (const auto& m : net->modules(/*include_self=*/true)) modes_.emplace_back(m, m->is_training());
+    }
+    net_->eval();
+  }
+  ~EvalModeGuard() {
+    net_->train(was_training_);
+    // modules() lists parents before their children, and train() sets a module's whole
+    // subtree: each module ends with its own mode.
+    for (const auto& [module, training] : modes_) module->train(training);
+  }
   EvalModeGuard(const EvalModeGuard&) = delete;
   EvalModeGuard& operator=(const EvalModeGuard&) = delete;
 
@@ -23,6 +39,7 @@ class EvalModeGuard {
   at::NoGradGuard no_grad_;
   Net& net_;
   bool was_training_;
+  std::vector<std::pair<std::shared_ptr<torch::nn::Module>, bool>> modes_;
 };
 
 }  // namespace mmbalance
