@@ -111,8 +111,8 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
   std::vector<std::conditional_t<two_branches, StepKind, StepPlan>> kinds;
   const std::int64_t rows = kGlobalBatch / world;
   const at::Device device = net->parameters().front().device();
+  const auto share = [&](const at::Tensor& t) { return t.narrow(0, rank * rows, rows).to(device); };
   for (int i = first; i < last; ++i) {
-    auto share = [&](const at::Tensor& t) { return t.narrow(0, rank * rows, rows).to(device); };
     auto [kind, loss] = [&] {
       if constexpr (two_branches) {
         const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
@@ -132,7 +132,26 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
     balancer.observe(sync(loss), sum);
     optimizer.step();
     kinds.push_back(kind);
-    if ((i + 1) % kStepsPerEpoch == 0) balancer.end_epoch();
+    if ((i + 1) % kStepsPerEpoch != 0) continue;
+    using Policy = std::remove_cvref_t<decltype(balancer.policy())>;
+    if constexpr (ObservesEpochLosses<Policy> && two_branches) {
+      // A training sample (seeds 900, 901) and held-out data (950, 951), each rank its rows.
+      const auto shard = [&](std::uint64_t seed) {
+        std::vector<MultiModalBatch> batches;
+        for (std::uint64_t s = seed; s < seed + 2; ++s) {
+          const auto b = small_batch(kGlobalBatch, s);
+          batches.push_back({share(b.x0), share(b.x1), share(b.target)});
+        }
+        return batches;
+      };
+      if (sum) {
+        balancer.end_epoch(net, shard(900), shard(950), sum);
+      } else {
+        balancer.end_epoch(net, shard(900), shard(950));
+      }
+    } else {
+      balancer.end_epoch();
+    }
   }
   return kinds;
 }
@@ -222,6 +241,13 @@ TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined
   check_matches_single_process(OGMGEPolicy(OGMGEOptions().alpha(0.8).seed(4)));
   check_matches_single_process(OGMGEPolicy(OGMGEOptions().alpha(0.8).noise(false)), at::kCPU,
                                small_three_way);
+}
+
+TEST_CASE("DataParallel, Gradient-Blending: 2 ranks weigh the losses as one process on the "
+          "combined batches", "[distributed][gblend]") {
+  // Losses measured on each rank's rows and added up over the ranks: the same weights
+  // everywhere (without the sums in head_losses the ranks' weights, and models, differ).
+  check_matches_single_process(GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
 }
 
 TEST_CASE("CUDA: DataParallel over Gloo with the model on the GPU", "[distributed][cuda]") {

@@ -3,8 +3,10 @@
 /// mmbalance: balanced multi-modal learning on LibTorch. The umbrella header.
 
 #include "mmbalance/balancing/balancer.h"
-#include "mmbalance/balancing/guided.h"
+#include "mmbalance/balancing/gradient_blending.h"
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/guided.h"
+#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/policy.h"
@@ -19,6 +21,7 @@
 #include "mmbalance/fusion/n_way_mmtm.h"
 #include "mmbalance/fusion/running_mean.h"
 #include "mmbalance/io/checkpoint.h"
+#include "mmbalance/metrics/head_losses.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/metrics/n_way_utilization_probe.h"
 #include "mmbalance/metrics/utilization_probe.h"

@@ -22,6 +22,7 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/vanilla.h"
@@ -175,20 +176,25 @@ class Balancer {
   }
 
   /// The step's training loss from its output: the sum over the heads of CE(head,
-  /// target), each averaged over the batch (`modality_specific_loss`). Call it between
-  /// `next_step()`/`next_plan()` and `observe()`; it hands the step's outputs to a policy
-  /// that modulates gradients (`ModulatesGradients`), which needs it.
+  /// target), each averaged over the batch (`modality_specific_loss`); after warm-up, with
+  /// a policy that weights the losses (`WeighsLosses`), Σ_k w_k·CE(head_k) + w_y·CE(y).
+  /// Call it between `next_step()`/`next_plan()` and `observe()`; it hands the step's
+  /// outputs to a policy that modulates gradients (`ModulatesGradients`), which needs it.
   at::Tensor loss(const NWayOutput& out, const at::Tensor& target) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
                 " heads, the network ", branches(), " branches");
-    at::Tensor sum = modality_specific_loss(out, target);
-    if constexpr (ModulatesGradients<Policy>) {
+    at::Tensor total;
+    if constexpr (WeighsLosses<Policy>) {
+      if (!in_warmup()) total = weighted_loss(out, target);
+    }
+    if (!total.defined()) total = modality_specific_loss(out, target);
+    if constexpr (kFormsLoss) {
       staged_heads_.clear();
       for (const at::Tensor& h : out.heads) staged_heads_.push_back(h.detach());
       staged_target_ = target;
     }
-    return sum;
+    return total;
   }
 
   /// The same for a two-branch network's output.
@@ -213,9 +219,11 @@ class Balancer {
     try {
       TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                   detail::shape_string(loss));
-      if constexpr (ModulatesGradients<Policy>) {  // in warm-up too: the loop is wrong from the start
-        TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(), " modulates "
-                    "gradients from the step's outputs; form the loss with balancer.loss(out, target)");
+      if constexpr (kFormsLoss) {  // in warm-up too: the loop is wrong from the start
+        TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(),
+                    ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
+                                               : " weighs the step's losses",
+                    "; form the loss with balancer.loss(out, target)");
       }
       // The policy's gradient hook, after the checks and the meter's reading of the raw
       // gradients but before anything is committed: if it throws, nothing has changed.
@@ -260,10 +268,51 @@ class Balancer {
     release_step_outputs();
   }
 
-  /// Marks the end of an epoch.
+  /// Marks the end of an epoch. With a policy that measures generalization
+  /// (`ObservesEpochLosses`, e.g. `GradientBlendingPolicy`), an epoch at whose end it
+  /// measures needs `end_epoch(net, train_sample, held_out)` instead, and this throws.
   void end_epoch() {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
+    if constexpr (ObservesEpochLosses<Policy>) {
+      TORCH_CHECK(!measures_at_epoch_end(), "Balancer::end_epoch: ", policy_type(), " measures "
+                  "every head's loss at the end of this epoch: call end_epoch(net, train_sample, "
+                  "held_out)");
+    }
+    advance_epoch();
+  }
+
+  /// Marks the end of an epoch; where the policy measures generalization at this boundary
+  /// (`ObservesEpochLosses`), first measures every head's mean loss (`head_losses`: eval
+  /// mode, no gradients) on `train_sample` (batches of training data) and on `held_out`
+  /// (batches kept out of training) and hands both to the policy. Other policies ignore
+  /// the data. Data-parallel: each rank passes its shards and `dp.sum_across_ranks()`.
+  /// Empty data, or losses the policy refuses, throw and change nothing.
+  template <class Net, class TrainSample, class HeldOut,
+            std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+  void end_epoch(Net& net, TrainSample&& train_sample, HeldOut&& held_out,
+                 SumAcrossRanks sum_across_ranks = {}) {
+    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
+                ") was not observed");
+    if constexpr (ObservesEpochLosses<Policy>) {
+      if (measures_at_epoch_end()) {
+        const EpochLosses losses{head_losses(net, train_sample, sum_across_ranks),
+                                 head_losses(net, held_out, sum_across_ranks),
+                                 epoch_ + 1 - options_.warmup_epochs()};
+        const Policy before = policy_;
+        try {
+          policy_.observe_epoch_losses(losses);
+        } catch (...) {
+          policy_ = before;
+          throw;
+        }
+      }
+    }
+    advance_epoch();
+  }
+
+ private:
+  void advance_epoch() {
     ++epoch_;
     std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
     if constexpr (HasEpochHook<Policy>) {
@@ -271,6 +320,15 @@ class Balancer {
     }
   }
 
+  // Whether the policy measures at the end of the current epoch (epochs after warm-up
+  // done then: 0 at the end of warm-up).
+  bool measures_at_epoch_end() const {
+    const std::int64_t done = epoch_ + 1 - options_.warmup_epochs();
+    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy_.wants_epoch_losses(done);
+    return false;
+  }
+
+ public:
   bool in_warmup() const { return epoch_ < options_.warmup_epochs(); }
   std::int64_t epoch() const { return epoch_; }
   std::int64_t step() const { return step_; }
@@ -491,6 +549,18 @@ class Balancer {
     }
   }
 
+  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read).
+  at::Tensor weighted_loss(const NWayOutput& out, const at::Tensor& target) const {
+    const LossWeights w = policy_.loss_weights();
+    TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
+                w.heads.size(), " heads, the network has ", branches());
+    const std::vector<at::Tensor> per_head = modality_losses(out, target);
+    at::Tensor total = per_head[0] * w.heads[0];
+    for (std::size_t k = 1; k < per_head.size(); ++k) total = total + per_head[k] * w.heads[k];
+    if (w.fused != 0) total = total + at::cross_entropy_loss(out.y, target) * w.fused;
+    return total;
+  }
+
   // Starts a step: drops gates staged outside a step.
   void begin_step(const StepPlan& plan) {
     for (auto& m : gate_means_) m->drop();
@@ -672,6 +742,8 @@ class Balancer {
   }
 
   static constexpr bool kObservesSpeeds = ObservesSpeed<Policy> || ObservesBranchSpeeds<Policy>;
+  // Policies that need the loss formed by `loss()` (and the step's outputs it stages).
+  static constexpr bool kFormsLoss = ModulatesGradients<Policy> || WeighsLosses<Policy>;
 
   BalancerOptions options_;
   Policy policy_;

@@ -1,0 +1,49 @@
+#pragma once
+/// \file
+/// The loss-weighting and epoch-loss hooks of balancing policies: a policy that weights
+/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, and one that
+/// measures generalization receives every head's loss on training and held-out data at
+/// the epoch boundaries it asks for.
+
+#include <concepts>
+#include <cstdint>
+#include <vector>
+
+#include "mmbalance/metrics/head_losses.h"
+
+namespace mmbalance {
+
+/// The weights of a step's loss: `Balancer::loss(out, target)` is
+/// Σ_k heads[k]·CE(head_k, target) + fused·CE(y, target), each CE averaged over the batch
+/// (y: the network's fused output, the mean of the heads). Without a loss-weighting
+/// policy the balancer's loss is every head's CE with weight 1 and the fused one 0.
+struct LossWeights {
+  std::vector<double> heads;
+  double fused = 0.0;
+};
+
+/// A policy that weights the step's losses; the `Balancer` asks for the weights in every
+/// `loss()` after warm-up (in warm-up the loss is the unweighted one).
+template <class P>
+concept WeighsLosses = requires(const P& p) {
+  { p.loss_weights() } -> std::convertible_to<LossWeights>;
+};
+
+/// Every head's mean loss on a sample of the training data and on held-out data, at the
+/// end of epoch `epochs` after warm-up (0: the end of the warm-up itself).
+struct EpochLosses {
+  HeadLosses train, held_out;
+  std::int64_t epochs = 0;
+};
+
+/// A policy that measures generalization at epoch boundaries: `wants_epoch_losses(e)`
+/// says whether it needs the losses when `e` epochs after warm-up are done (0: the end of
+/// warm-up); if so, `Balancer::end_epoch(net, train_sample, held_out)` measures them and
+/// calls `observe_epoch_losses`. A plain `end_epoch()` at such a boundary is refused.
+template <class P>
+concept ObservesEpochLosses = requires(P& p, const P& cp, const EpochLosses& losses, std::int64_t e) {
+  { cp.wants_epoch_losses(e) } -> std::same_as<bool>;
+  p.observe_epoch_losses(losses);
+};
+
+}  // namespace mmbalance
