@@ -245,3 +245,50 @@ TEST_CASE("CUDA: a checkpoint with speeds pending (SpeedRead::previous_step) res
   CHECK(max_abs_difference(cpu, gpu) < 1e-3);
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("CUDA: a Gradient-Blending checkpoint from the CPU resumes on the GPU, where the losses "
+          "are then measured", "[cuda][gblend][checkpoint]") {
+  if (!torch::cuda::is_available()) return;
+  const at::Device cuda(at::kCUDA, 0);
+  const std::string dir = std::filesystem::temp_directory_path() /
+                          ("mmbalance_cuda_gblend_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto policy = [] { return GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)); };
+  const std::vector<MultiModalBatch> train = {small_batch(8, 100)}, held_out = {small_batch(8, 200)};
+  // An epoch of 3 steps on `device`, then its end (measured).
+  const auto epoch = [&](Net& net, torch::optim::SGD& opt, Balancer<GradientBlendingPolicy>& balancer,
+                         at::Device device, std::uint64_t seed) {
+    for (std::uint64_t i = 0; i < 3; ++i) {
+      const auto b = small_batch(8, seed + i);
+      const StepKind kind = balancer.next_step();
+      const at::Tensor loss =
+          balancer.loss(net->forward(b.x0.to(device), b.x1.to(device), kind), b.target.to(device));
+      opt.zero_grad();
+      loss.backward();
+      balancer.observe(loss);
+      opt.step();
+    }
+    balancer.end_epoch(net, train, held_out);
+  };
+  Net cpu = small_net(8);
+  auto opt_cpu = make_sgd(cpu);
+  Balancer<GradientBlendingPolicy> bal_cpu(cpu, policy());
+  for (std::uint64_t e = 0; e < 3; ++e) epoch(cpu, opt_cpu, bal_cpu, at::kCPU, 10 * e);
+  REQUIRE(bal_cpu.policy().estimates() == 2);
+  save_checkpoint(dir + "/gblend.pt", cpu, opt_cpu, bal_cpu);
+
+  Net gpu = small_net(9);
+  gpu->to(cuda);
+  auto opt_gpu = make_sgd(gpu);
+  Balancer<GradientBlendingPolicy> bal_gpu(gpu, policy());
+  load_checkpoint(dir + "/gblend.pt", gpu, opt_gpu, bal_gpu);
+  CHECK(bal_gpu.policy().loss_weights().heads == bal_cpu.policy().loss_weights().heads);
+  CHECK(bal_gpu.policy().loss_weights().fused == bal_cpu.policy().loss_weights().fused);
+  CHECK(saved_bytes(bal_gpu.policy()) == saved_bytes(bal_cpu.policy()));
+  epoch(gpu, opt_gpu, bal_gpu, cuda, 30);
+  epoch(cpu, opt_cpu, bal_cpu, at::kCPU, 30);
+  CHECK(bal_gpu.policy().estimates() == 3);
+  const LossWeights g = bal_gpu.policy().loss_weights();
+  CHECK(g.heads[0] + g.heads[1] + g.fused == Approx(1.0));
+  std::filesystem::remove_all(dir);
+}

@@ -134,13 +134,20 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
     kinds.push_back(kind);
     if ((i + 1) % kStepsPerEpoch != 0) continue;
     using Policy = std::remove_cvref_t<decltype(balancer.policy())>;
-    if constexpr (ObservesEpochLosses<Policy> && two_branches) {
+    if constexpr (ObservesEpochLosses<Policy>) {
       // A training sample (seeds 900, 901) and held-out data (950, 951), each rank its rows.
       const auto shard = [&](std::uint64_t seed) {
-        std::vector<MultiModalBatch> batches;
+        std::vector<std::conditional_t<two_branches, MultiModalBatch, NWayBatch>> batches;
         for (std::uint64_t s = seed; s < seed + 2; ++s) {
-          const auto b = small_batch(kGlobalBatch, s);
-          batches.push_back({share(b.x0), share(b.x1), share(b.target)});
+          if constexpr (two_branches) {
+            const auto b = small_batch(kGlobalBatch, s);
+            batches.push_back({share(b.x0), share(b.x1), share(b.target)});
+          } else {
+            const auto b = n_way_batch(net->num_branches(), kGlobalBatch, s);
+            std::vector<at::Tensor> inputs;
+            for (const auto& x : b.inputs) inputs.push_back(share(x));
+            batches.push_back({std::move(inputs), share(b.target)});
+          }
         }
         return batches;
       };
@@ -177,9 +184,10 @@ double max_relative_difference(const torch::nn::Module& a, const torch::nn::Modu
 // On CUDA, cuDNN picks other kernels for other batch sizes (and may use TF32), so the
 // one-process run agrees only to about 1e-3 and its step kinds are not compared: a d_speed
 // near 0 may take the other sign. The ranks must still agree with each other exactly.
+// Returns the policies as they end: one process's, rank 0's, rank 1's.
 template <class Policy, class NetT = Net>
-void check_matches_single_process(const Policy& policy, at::Device device = at::kCPU,
-                                  NetT make_net(std::uint64_t) = two_branch_net) {
+std::vector<Policy> check_matches_single_process(const Policy& policy, at::Device device = at::kCPU,
+                                                 NetT make_net(std::uint64_t) = two_branch_net) {
   constexpr int kSteps = 16;
   const double tolerance = device.is_cuda() ? 1e-3 : 1e-5;
   NetT single = make_net(0);
@@ -193,6 +201,7 @@ void check_matches_single_process(const Policy& policy, at::Device device = at::
   // Rank 1 starts from other weights: DataParallel must replace them with rank 0's.
   std::vector<NetT> nets{make_net(0), make_net(1)};
   std::vector<std::remove_const_t<decltype(single_kinds)>> kinds(2);
+  std::vector<Policy> policies(2, policy);
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
     NetT& net = nets[static_cast<std::size_t>(rank)];
     net->to(device);
@@ -203,6 +212,7 @@ void check_matches_single_process(const Policy& policy, at::Device device = at::
     kinds[static_cast<std::size_t>(rank)] =
         train_share(net, opt, balancer, 0, kSteps, rank, 2,
                     [&](const at::Tensor& l) { return dp.synchronize(l); }, dp.sum_across_ranks());
+    policies[static_cast<std::size_t>(rank)] = balancer.policy();
   }));
 
   CHECK(kinds[0] == kinds[1]);
@@ -211,6 +221,7 @@ void check_matches_single_process(const Policy& policy, at::Device device = at::
   CHECK(max_relative_difference(*nets[1], *single) < tolerance);
   // Step for step the same parameters on both ranks, bit for bit.
   CHECK(same_state(*nets[0], *nets[1]));
+  return {single_balancer.policy(), policies[0], policies[1]};
 }
 
 }  // namespace
@@ -243,11 +254,44 @@ TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined
                                small_three_way);
 }
 
+// Gradient-Blending that keeps the weights of every estimate, for comparing them all.
+struct BlendHistory : GradientBlendingPolicy {
+  using GradientBlendingPolicy::GradientBlendingPolicy;
+  std::vector<LossWeights> history;
+  void observe_epoch_losses(const EpochLosses& losses) {
+    GradientBlendingPolicy::observe_epoch_losses(losses);
+    history.push_back(loss_weights());
+  }
+};
+
 TEST_CASE("DataParallel, Gradient-Blending: 2 ranks weigh the losses as one process on the "
           "combined batches", "[distributed][gblend]") {
-  // Losses measured on each rank's rows and added up over the ranks: the same weights
-  // everywhere (without the sums in head_losses the ranks' weights, and models, differ).
-  check_matches_single_process(GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
+  // Losses measured on each rank's rows and added up over the ranks: at every boundary the
+  // same weights on every rank, those of one process. (The averaged gradients keep the
+  // ranks' models equal whatever their weights, so the weights are compared themselves.)
+  for (const std::size_t branches : {2, 3}) {
+    const BlendHistory policy(branches, GradientBlendingOptions().super_epoch(1));
+    const auto ended = branches == 2 ? check_matches_single_process(policy)
+                                     : check_matches_single_process(policy, at::kCPU, small_three_way);
+    const auto& single = ended[0].history;
+    REQUIRE(single.size() == 4);  // the ends of epochs 0 (warm-up) to 3
+    REQUIRE(ended[1].history.size() == 4);
+    REQUIRE(ended[2].history.size() == 4);
+    double moved = 0;
+    for (std::size_t e = 0; e < single.size(); ++e) {
+      const LossWeights& rank0 = ended[1].history[e];
+      const LossWeights& rank1 = ended[2].history[e];
+      CHECK(rank0.heads == rank1.heads);
+      CHECK(rank0.fused == rank1.fused);
+      // The weights amplify the 1e-6 differences of the losses (G / dO^2).
+      for (std::size_t k = 0; k < branches; ++k) {
+        CHECK(rank0.heads[k] == Approx(single[e].heads[k]).epsilon(1e-4).margin(1e-9));
+        moved += std::abs(rank0.heads[k] - 1.0 / static_cast<double>(branches + 1));
+      }
+      CHECK(rank0.fused == Approx(single[e].fused).epsilon(1e-4).margin(1e-9));
+    }
+    CHECK(moved > 1e-3);  // not uniform throughout
+  }
 }
 
 TEST_CASE("CUDA: DataParallel over Gloo with the model on the GPU", "[distributed][cuda]") {

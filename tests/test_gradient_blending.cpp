@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -66,6 +67,13 @@ TEST_CASE("Gradient-Blending weights follow G / O^2 on a hand-computed table", "
   // head 0: G 0.1, dO 0 -> 1e7; head 1: G 0.3, dO 0.2 -> 7.5; fused: G 0.3, dO 0.2 -> 7.5
   CHECK(steady[0] == Approx(1e7 / (1e7 + 15)).epsilon(1e-12));
   CHECK(steady[1] == Approx(7.5 / (1e7 + 15)).epsilon(1e-9));
+  // One modality perfect (head 1: L^T = L^V = 0 throughout): it gains nothing, so the
+  // floor; head 0: G 0.2, dO 0.1 -> 20; fused: G 0.1, dO 0.1 -> 10.
+  const auto perfect = GradientBlendingPolicy::blend_weights(measured({0.5, 0}, 0.4, {1.0, 0}, 0.6),
+                                                             measured({0.2, 0}, 0.2, {0.8, 0}, 0.5));
+  CHECK(perfect[0] == Approx(20 / (30 + 1e-8)).epsilon(1e-12));
+  CHECK(perfect[1] == Approx(1e-8 / (30 + 1e-8)).epsilon(1e-9));
+  CHECK(perfect[2] == Approx(10 / (30 + 1e-8)).epsilon(1e-12));
 }
 
 TEST_CASE("Gradient-Blending: uniform weights until two measurements, then the rule; every "
@@ -94,7 +102,9 @@ TEST_CASE("Gradient-Blending refuses bad options and non-finite losses, changing
           "[gblend][bad-input]") {
   CHECK_THROWS_WITH(GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(0)),
                     Catch::Contains("super_epoch must be >= 1 epoch, got 0"));
-  CHECK_THROWS_WITH(GradientBlendingPolicy(1), Catch::Contains("needs 2 or more branches, got 1"));
+  CHECK_THROWS_WITH(GradientBlendingPolicy(1), Catch::Contains("needs 2 to 4096 branches, got 1"));
+  CHECK_THROWS_WITH(GradientBlendingPolicy(std::numeric_limits<std::size_t>::max()),
+                    Catch::Contains("needs 2 to 4096 branches, got 18446744073709551615"));
   GradientBlendingPolicy policy(2);
   policy.observe_epoch_losses(measured({1, 1}, 1, {1.2, 1.3}, 1.1));
   const std::string before = saved_bytes(policy);
@@ -149,6 +159,8 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
   CHECK(std::abs(w.heads[0] - 1.0 / 3) + std::abs(w.heads[1] - 1.0 / 3) > 1e-6);
 }
 
+// Wiring: the balancer measures at the right boundaries and hands the policy what
+// head_losses measures there (the rule itself is checked against hand tables above).
 TEST_CASE("Gradient-Blending measures the losses it is given: the first estimate equals the rule "
           "applied to head_losses at the boundaries", "[gblend][balancer]") {
   Net net = small_net(62);
@@ -188,7 +200,14 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
                                     "this epoch: call end_epoch(net, train_sample, held_out)"));
   const std::vector<MultiModalBatch> empty;
   CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), empty),
-                    Catch::Contains("head_losses: the data is empty"));
+                    Catch::Contains("Balancer::end_epoch: held_out: head_losses: the data is empty"));
+  CHECK_THROWS_WITH(balancer.end_epoch(net, empty, batches(1, 1)),
+                    Catch::Contains("Balancer::end_epoch: train_sample: head_losses: the data is empty"));
+  // Held-out data the network turns into non-finite losses: the policy's named refusal.
+  std::vector<MultiModalBatch> poisoned = batches(3, 1);
+  poisoned[0].x0.fill_(std::numeric_limits<float>::quiet_NaN());
+  CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), poisoned),
+                    Catch::Contains("non-finite loss nan at the end of epoch 0 after warm-up (held-out data)"));
   CHECK(saved_bytes(balancer) == before);
   CHECK(balancer.epoch() == 0);
   CHECK(net->is_training());
@@ -198,19 +217,22 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
 
 TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]") {
   const auto train = batches(500, 2), held_out = batches(600, 2);
-  const auto options = GradientBlendingOptions().super_epoch(1);
-  // Epoch e: steps 3e .. 3e+2; every epoch end measures.
+  // Measured at the ends of epochs 0 (warm-up), 2 and 4; the run is cut after epoch 1,
+  // inside a super-epoch, so the first measurement must come through the checkpoint.
+  const auto options = GradientBlendingOptions().super_epoch(2);
+  // Epoch e: steps 3e .. 3e+2.
   const auto run_epochs = [&](Net& net, torch::optim::SGD& opt, Balancer<GradientBlendingPolicy>& balancer,
                               int first, int last) {
     for (int e = first; e < last; ++e) {
       for (int i = 0; i < 3; ++i) step(net, opt, balancer, small_batch(8, static_cast<std::uint64_t>(3 * e + i)));
-      balancer.end_epoch(net, train, held_out);
+      balancer.end_epoch(net, train, held_out);  // measures where the policy asks
     }
   };
   Net whole = small_net(64);
   auto whole_opt = make_sgd(whole);
   Balancer<GradientBlendingPolicy> whole_balancer(whole, GradientBlendingPolicy(2, options));
-  run_epochs(whole, whole_opt, whole_balancer, 0, 4);
+  run_epochs(whole, whole_opt, whole_balancer, 0, 5);
+  REQUIRE(whole_balancer.policy().estimates() == 2);
 
   Net first = small_net(64);
   auto first_opt = make_sgd(first);
@@ -237,7 +259,7 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
   torch::serialize::InputArchive in;
   in.load_from(bytes);
   second_balancer.load(in);
-  run_epochs(second, second_opt, second_balancer, 2, 4);
+  run_epochs(second, second_opt, second_balancer, 2, 5);
   CHECK(saved_bytes(second_balancer) == saved_bytes(whole_balancer));
   CHECK(second_balancer.policy().loss_weights().heads == whole_balancer.policy().loss_weights().heads);
   const auto a = whole->parameters(), b = second->parameters();
@@ -338,4 +360,71 @@ TEST_CASE("head_losses: every head's and y's mean CE over the batches, as comput
   bad[0].target = bad[0].target.narrow(0, 0, 3);
   CHECK_THROWS_WITH(head_losses(net, bad), Catch::Contains("batch 8, got [3]"));
   CHECK(net->is_training());
+}
+
+TEST_CASE("Gradient-Blending on three branches through the Balancer: four weights, the loss "
+          "by hand, measurements from N-branch batches", "[gblend][balancer][n-way]") {
+  ThreeWay net = small_three_way(66);
+  // Known weights: heads G 0.2, 0.1, 0.3 with dO 0.2, 0.1, 0.3 -> 5, 10, 10/3; fused G 0.2,
+  // dO 0.2 -> 5.
+  GradientBlendingPolicy policy(3);
+  policy.observe_epoch_losses(measured({1.0, 1.0, 1.0}, 1.0, {1.2, 1.2, 1.2}, 1.2));
+  policy.observe_epoch_losses(measured({0.6, 0.8, 0.4}, 0.6, {1.0, 1.1, 0.9}, 1.0));
+  const double total = 5 + 10 + 10.0 / 3 + 5;
+  Balancer<GradientBlendingPolicy> balancer(net, policy, BalancerOptions().warmup_epochs(0));
+  const NWayBatch b = n_way_batch(3, 8, 5);
+  const NWayOutput out = net->forward(b.inputs, balancer.next_plan());
+  const at::Tensor loss = balancer.loss(out, b.target);
+  const at::Tensor mean_of_heads = (out.heads[0] + out.heads[1] + out.heads[2]) / 3;
+  const double expected = (5 * at::cross_entropy_loss(out.heads[0], b.target).item<double>() +
+                           10 * at::cross_entropy_loss(out.heads[1], b.target).item<double>() +
+                           10.0 / 3 * at::cross_entropy_loss(out.heads[2], b.target).item<double>() +
+                           5 * at::cross_entropy_loss(mean_of_heads, b.target).item<double>()) / total;
+  CHECK(loss.item<double>() == Approx(expected).epsilon(1e-6));
+  balancer.abandon_step();
+
+  // Online, measured on N-branch batches: four weights that move.
+  auto opt = make_sgd(net);
+  Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(3, GradientBlendingOptions().super_epoch(1)));
+  const std::vector<NWayBatch> train = {n_way_batch(3, 8, 100), n_way_batch(3, 8, 101)};
+  const std::vector<NWayBatch> held_out = {n_way_batch(3, 8, 200)};
+  for (int e = 0; e < 3; ++e) {
+    for (std::uint64_t i = 0; i < 3; ++i) {
+      const NWayBatch s = n_way_batch(3, 8, 10 + i);
+      const StepPlan plan = online.next_plan();
+      const at::Tensor l = online.loss(net->forward(s.inputs, plan), s.target);
+      opt.zero_grad();
+      l.backward();
+      online.observe(l);
+      opt.step();
+    }
+    online.end_epoch(net, train, held_out);
+  }
+  CHECK(online.policy().estimates() == 2);
+  const LossWeights w = online.policy().loss_weights();
+  REQUIRE(w.heads.size() == 3);
+  CHECK(w.heads[0] + w.heads[1] + w.heads[2] + w.fused == Approx(1.0));
+  CHECK(std::abs(w.heads[0] - 0.25) + std::abs(w.heads[1] - 0.25) + std::abs(w.heads[2] - 0.25) > 1e-6);
+}
+
+TEST_CASE("Gradient-Blending trains a late-fusion network: the weights move, the loss is "
+          "theirs", "[gblend][balancer][late-fusion]") {
+  Net net = small_late_net(67);
+  auto opt = make_sgd(net);
+  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
+  const auto train = batches(800, 2), held_out = batches(900, 2);
+  for (int e = 0; e < 3; ++e) {
+    for (std::uint64_t i = 0; i < 3; ++i) step(net, opt, balancer, small_batch(8, 30 + i));
+    balancer.end_epoch(net, train, held_out);
+  }
+  CHECK(balancer.policy().estimates() == 2);
+  const LossWeights w = balancer.policy().loss_weights();
+  CHECK(w.heads[0] + w.heads[1] + w.fused == Approx(1.0));
+  const auto b = small_batch(8, 9);
+  const ModelOutput out = net->forward(b.x0, b.x1, balancer.next_step());
+  const double expected = w.heads[0] * at::cross_entropy_loss(out.y0, b.target).item<double>() +
+                          w.heads[1] * at::cross_entropy_loss(out.y1, b.target).item<double>() +
+                          w.fused * at::cross_entropy_loss(out.y, b.target).item<double>();
+  CHECK(balancer.loss(out, b.target).item<double>() == Approx(expected).epsilon(1e-6));
+  balancer.abandon_step();
 }

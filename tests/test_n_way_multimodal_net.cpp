@@ -329,3 +329,39 @@ TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
   CHECK_THROWS_WITH(to_step_kind(StepPlan::hold(2)),
                     Catch::Contains("holds branch 2; a two-branch step holds branch 0 or 1"));
 }
+
+TEST_CASE("A three-branch network without fusion modules (late fusion): each head its own "
+          "branch; re-balancing policies refused, OGM-GE and Gradient-Blending train it",
+          "[n-way-net][late-fusion]") {
+  torch::manual_seed(81);
+  testing::ThreeWay net(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
+                                   ConvBranch(branch_options(1, {5, 8}, {2, 1})),
+                                   ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
+                        std::vector<NWayFusionTap<NWayMMTM>>{});
+  const NWayBatch b = testing::n_way_batch(3, 8, 82);
+  const NWayOutput out = net->forward(b.inputs);
+  CHECK(torch::allclose(out.heads[1], std::get<1>(net->branches)->forward(b.inputs[1])));
+  CHECK(torch::allclose(out.y, (out.heads[0] + out.heads[1] + out.heads[2]) / 3));
+  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(3)),
+                    Catch::Contains("NWayGuidedPolicy chooses re-balancing steps"));
+  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(3)),
+                    Catch::Contains("no fusion modules (late fusion)"));
+
+  auto opt = testing::make_sgd(net);
+  Balancer<OGMGEPolicy> ogm(net, OGMGEPolicy(OGMGEOptions().alpha(0.9)), BalancerOptions().warmup_epochs(0));
+  const StepPlan plan = ogm.next_plan();
+  const at::Tensor loss = ogm.loss(net->forward(b.inputs, plan), b.target);
+  opt.zero_grad();
+  loss.backward();
+  ogm.observe(loss);
+  opt.step();
+  CHECK(ogm.meter().steps() == 1);
+  CHECK(std::isnan(ogm.last_d_speed()));
+  CHECK(ogm.policy().last_coefficients().max().item<double>() == 1.0);
+  CHECK(ogm.policy().last_coefficients().min().item<double>() < 1.0);
+
+  Balancer<GradientBlendingPolicy> blend(net, GradientBlendingPolicy(3), BalancerOptions().warmup_epochs(0));
+  const at::Tensor blended = blend.loss(net->forward(b.inputs, blend.next_plan()), b.target);
+  CHECK(std::isfinite(blended.item<double>()));
+  blend.abandon_step();
+}

@@ -9,7 +9,9 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <string>
 #include <thread>
+#include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
@@ -138,7 +140,7 @@ class Balancer {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
                   "modules (late fusion): use a policy that needs none (VanillaPolicy, "
-                  "OGMGEPolicy) or a network with fusion modules");
+                  "OGMGEPolicy, GradientBlendingPolicy) or a network with fusion modules");
     }
   }
 
@@ -296,8 +298,22 @@ class Balancer {
                 ") was not observed");
     if constexpr (ObservesEpochLosses<Policy>) {
       if (measures_at_epoch_end()) {
-        const EpochLosses losses{head_losses(net, train_sample, sum_across_ranks),
-                                 head_losses(net, held_out, sum_across_ranks),
+        // An empty std::function (as observe() takes for one process) adds nothing up.
+        const auto sum = [&](at::Tensor& t) {
+          if constexpr (std::is_same_v<SumAcrossRanks, std::function<void(at::Tensor&)>>) {
+            if (!sum_across_ranks) return;
+          }
+          sum_across_ranks(t);
+        };
+        const auto measure = [&](auto&& data, const char* which) {
+          try {
+            return head_losses(net, data, sum);
+          } catch (const c10::Error& e) {
+            C10_THROW_ERROR(Error, std::string("Balancer::end_epoch: ") + which + ": " +
+                                       e.what_without_backtrace());
+          }
+        };
+        const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
                                  epoch_ + 1 - options_.warmup_epochs()};
         const Policy before = policy_;
         try {

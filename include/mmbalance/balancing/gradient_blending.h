@@ -50,8 +50,8 @@ struct GradientBlendingOptions {
 class GradientBlendingPolicy {
  public:
   explicit GradientBlendingPolicy(std::size_t branches, const GradientBlendingOptions& options = {})
-      : options(options), branches_(branches), weights_(branches + 1, 1.0 / static_cast<double>(branches + 1)) {
-    TORCH_CHECK(branches >= 2, "GradientBlendingPolicy: needs 2 or more branches, got ", branches);
+      : options(options), branches_(checked_branches(branches)),
+        weights_(branches + 1, 1.0 / static_cast<double>(branches + 1)) {
     TORCH_CHECK(options.super_epoch() >= 1, "GradientBlendingPolicy: super_epoch must be >= 1 "
                 "epoch, got ", options.super_epoch());
   }
@@ -159,6 +159,13 @@ class GradientBlendingPolicy {
   GradientBlendingOptions options;
 
  private:
+  // Checked before anything is sized by it.
+  static std::size_t checked_branches(std::size_t branches) {
+    TORCH_CHECK(branches >= 2 && branches <= 4096, "GradientBlendingPolicy: needs 2 to 4096 "
+                "branches, got ", branches);
+    return branches;
+  }
+
   static std::vector<double> flat(const HeadLosses& l) {
     std::vector<double> v = l.heads;
     v.push_back(l.fused);
@@ -176,7 +183,8 @@ class GradientBlendingPolicy {
                 "GradientBlendingPolicy: '", key, "' in the checkpoint must hold ", branches_ + 1,
                 " doubles, got ", t.defined() ? std::string(c10::toString(t.scalar_type())) : "",
                 detail::shape_string(t));
-    const at::Tensor c = t.contiguous();
+    // A checkpoint loaded onto a GPU model holds its tensors there: read them on the host.
+    const at::Tensor c = t.to(at::kCPU).contiguous();
     std::vector<double> v(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
     for (const double x : v) {
       TORCH_CHECK(std::isfinite(x), "GradientBlendingPolicy: non-finite '", key, "' in checkpoint");

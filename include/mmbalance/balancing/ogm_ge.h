@@ -178,8 +178,8 @@ class OGMGEPolicy {
   static void check_heads(const std::vector<at::Tensor>& heads, const at::Tensor& target) {
     TORCH_CHECK(heads.size() >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ",
                 heads.size());
-    TORCH_CHECK(target.defined() && target.dim() == 1, "OGMGEPolicy: the targets must be a "
-                "(batch) tensor of class indices");
+    TORCH_CHECK(target.defined() && target.dim() == 1 && target.scalar_type() == at::kLong,
+                "OGMGEPolicy: the targets must be a (batch) int64 tensor of class indices");
     for (const at::Tensor& h : heads) {
       TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
                   "OGMGEPolicy: every head must be (batch, classes) logits for the ",

@@ -21,6 +21,9 @@ namespace mmbalance {
 ///   steps, which hold fusion modules' gates; a `Balancer` refuses it at construction on a
 ///   network without fusion modules (late fusion), where such a step is a regular one.
 ///   (Any policy's re-balancing plan on such a network is refused when it is chosen.)
+/// - `modulate_gradients(const StepGradients&)` (balancing/gradient_modulation.h),
+///   `loss_weights()` and `wants_epoch_losses` / `observe_epoch_losses`
+///   (balancing/loss_weighting.h): policies that change gradients or weight the losses.
 /// Policies must be copyable: the balancer restores a copy when it rejects a step.
 template <class P>
 concept BalancingPolicy = std::copyable<P> && requires(P& p) {
@@ -34,7 +37,7 @@ template <class P>
 concept HasEpochHook = requires(P& p, std::int64_t e) { p.start_epoch(e); };
 
 template <class P>
-concept HoldsFusionGates = requires { requires P::holds_fusion_gates; };
+concept HoldsFusionGates = requires { requires bool(P::holds_fusion_gates); };
 
 template <class P>
 concept HasState = requires(const P& cp, P& p, torch::serialize::OutputArchive& out,
