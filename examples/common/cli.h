@@ -30,7 +30,7 @@ struct CommonFlags {
 
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy, "balancing policy")
-        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge"}))->capture_default_str();
+        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend"}))->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
@@ -43,6 +43,12 @@ struct CommonFlags {
     app.add_option("--ogm-modulation-ends", cfg.ogm_modulation_ends,
                    "ogm-ge: last epoch that modulates, counting from 0 (default: all)")
         ->check(CLI::NonNegativeNumber);
+    app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
+                   "gblend: epochs between re-estimates of the loss weights")
+        ->check(CLI::PositiveNumber)->capture_default_str();
+    app.add_option("--gblend-held-out", cfg.gblend_held_out,
+                   "gblend: fraction of the training rows held out to measure generalization")
+        ->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
     app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
@@ -81,6 +87,23 @@ struct CommonFlags {
                                  ", before the first epoch after warm-up (--warmup-epochs " +
                                  std::to_string(cfg.warmup_epochs) + "): no step would be modulated");
     }
+    if (cfg.policy == "gblend") {
+      if (!(cfg.gblend_held_out > 0 && cfg.gblend_held_out < 1)) {
+        throw CLI::ValidationError("--gblend-held-out", "must be a fraction strictly between 0 and 1, got " +
+                                   nlohmann::json(cfg.gblend_held_out).dump());
+      }
+      // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that
+      // stops before a later epoch trains with uniform weights throughout: said, not refused
+      // (it may be the first part of a run resumed with more epochs).
+      const std::int64_t first = cfg.warmup_epochs > 0 ? cfg.warmup_epochs + cfg.gblend_super_epoch - 1
+                                                       : 2 * cfg.gblend_super_epoch - 1;
+      if (first + 1 >= cfg.epochs) {
+        std::fprintf(stderr, "warning: --gblend-super-epoch %lld: the first estimate of the loss weights "
+                     "ends epoch %lld; no epoch of these %lld uses it\n",
+                     static_cast<long long>(cfg.gblend_super_epoch), static_cast<long long>(first),
+                     static_cast<long long>(cfg.epochs));
+      }
+    }
     cfg.out = out;
     at::set_num_threads(threads);
     if (world_size == 1) return {};
@@ -107,6 +130,7 @@ struct CommonFlags {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
             {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
+            {"gblend_super_epoch", cfg.gblend_super_epoch}, {"gblend_held_out", cfg.gblend_held_out},
             {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
@@ -127,6 +151,11 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
     const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed)
                          .modulation_ends(cfg.ogm_modulation_ends);
     return train_and_evaluate(net, OGMGEPolicy(ogm), data, cfg, args, pg);
+  }
+  if (cfg.policy == "gblend") {  // any number of branches; trains on the rows not held out
+    const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
+    return train_and_evaluate(net, GradientBlendingPolicy(num_heads(net), gblend),
+                              hold_out(data, cfg.gblend_held_out), cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);

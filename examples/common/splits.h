@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 namespace mmbalance::examples {
 
@@ -48,7 +49,23 @@ struct Split {
 
 struct Splits {
   Split train, validation, test;
+  /// Rows taken out of the training data for a policy that measures generalization
+  /// (Gradient-Blending); none otherwise.
+  std::optional<Split> held_out{};
 };
+
+/// `data` with the last `fraction` of its training rows moved to `held_out` (the training
+/// rows are in random order already); at least one row stays on each side.
+inline Splits hold_out(const Splits& data, double fraction) {
+  const std::int64_t n = data.train.size();
+  const auto held = static_cast<std::int64_t>(static_cast<double>(n) * fraction);
+  TORCH_CHECK(held >= 1 && held < n, "holding out ", fraction, " of ", n, " training rows leaves ",
+              held, " held out and ", n - held, " to train on; both need at least one");
+  Splits out = data;
+  out.train = data.train.slice(0, n - held);
+  out.held_out = data.train.slice(n - held, held);
+  return out;
+}
 
 /// A batch on `device` as the model takes it: floats; uint8 images scaled to [0, 1].
 inline at::Tensor model_input(const at::Tensor& x, at::Device device) {

@@ -40,6 +40,8 @@ struct TrainConfig {
   double ogm_alpha = 0.1;
   bool ogm_noise = true;
   std::int64_t ogm_modulation_ends = std::numeric_limits<std::int64_t>::max();
+  std::int64_t gblend_super_epoch = 2;
+  double gblend_held_out = 0.1;
   double lr = 0.01;
   double momentum = 0.9;
   std::int64_t epochs = 10;
@@ -220,6 +222,10 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   const at::Device device(cfg.device);
   TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),
               "--device cuda: no CUDA device is available");
+  if constexpr (ObservesEpochLosses<Policy>) {
+    TORCH_CHECK(data.held_out && data.held_out->size() > 0,
+                "the policy measures generalization: the data needs held-out rows (hold_out)");
+  }
   const int rank = pg ? pg->getRank() : 0;
   const int world = pg ? pg->getSize() : 1;
   const bool writer = rank == 0;
@@ -354,8 +360,31 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       bar.update(s + 1, status);
     }
     const std::vector<std::int64_t> counts = balancer.epoch_plan_counts();
-    balancer.end_epoch();
+    // The ranks' BatchNorm statistics averaged first: the losses below, the evaluation and
+    // the checkpoint all see the one model.
     if (dp) dp->synchronize_buffers();
+    if constexpr (ObservesEpochLosses<Policy>) {
+      // Every head's loss on the held-out rows and on as many training rows (this rank's
+      // shares; the sums cover all ranks).
+      const Split& held = *data.held_out;
+      const Split train_sample = data.train.slice(0, std::min(held.size(), n));
+      const auto model_batches = [&](const Split& s) {
+        auto batches = as_batches(shard(s, rank, world), cfg.eval_batch_size, device);
+        if constexpr (NWayNet<Net>) {
+          return batches;
+        } else {
+          return batches | std::views::transform([](const NWayBatch& b) {
+                   return MultiModalBatch{b.inputs.at(0), b.inputs.at(1), b.target};
+                 });
+        }
+      };
+      with_rank_sum([&](auto sum) {
+        balancer.end_epoch(net, model_batches(train_sample), model_batches(held), sum);
+        return 0;
+      });
+    } else {
+      balancer.end_epoch();
+    }
     const auto accuracy_on = [&](const Split& split) {
       return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, cfg.eval_batch_size, sum); });
     };
@@ -368,6 +397,14 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                    {"test", to_json(test)},
                    {"steps", mmbalance::plan_counts_json(counts)},
                    {"seconds", bar.elapsed()}});
+    if constexpr (WeighsLosses<Policy>) {
+      // The loss weights of the next epoch, each head's then the fused output's (null while
+      // it is a warm-up epoch, whose loss is unweighted).
+      const LossWeights w = balancer.policy().loss_weights();
+      nlohmann::json weights = w.heads;
+      weights.push_back(w.fused);
+      record["loss_weights"] = balancer.in_warmup() ? nlohmann::json(nullptr) : weights;
+    }
     if (writer) log << record.dump() << std::endl;
     std::fprintf(stderr, "  validation %s | test %s\n", describe(val).c_str(), describe(test).c_str());
     if (!writer) continue;
@@ -429,6 +466,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       {"steps_total", mmbalance::plan_counts_json(balancer.total_plan_counts())},
       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count()}};
   summary.update(measured);
+  if (data.held_out) {  // trained on the rest (args record the sizes before holding out)
+    summary["rows"] = {{"train", data.train.size()}, {"held_out", data.held_out->size()}};
+  }
   if constexpr (NWayNet<Net>) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
   std::ofstream(summary_path) << summary.dump(1) << '\n';
   return summary;

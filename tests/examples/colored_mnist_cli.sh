@@ -21,6 +21,10 @@ expect_error "--ogm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge -
 expect_error "--ogm-modulation-ends" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends -2
 expect_error "--ogm-modulation-ends: is 0, before the first epoch after warm-up" "$work/a" -- \
   "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends 0 --warmup-epochs 1
+expect_error "--gblend-held-out: must be a fraction strictly between 0 and 1, got 0" "$work/a" -- \
+  "$bin" --out "$work/a" --policy gblend --gblend-held-out 0
+expect_error "--gblend-held-out" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-held-out 1.5
+expect_error "--gblend-super-epoch" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-super-epoch 0
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -112,5 +116,38 @@ assert a["args"]["policy"] == "ogm-ge" and a["args"]["ogm_alpha"] == 0.8 and a["
 assert a["args"]["ogm_modulation_ends"] == 2
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: OGM-GE logs its coefficients and resumes exactly")
+PY
+expect_error "holding out 0.001 of 240 training rows leaves 0 held out" "$work/a" -- \
+  "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/data" --policy gblend --gblend-held-out 0.001
+# Gradient-Blending: trains on 216 of the 240 rows (the last 24 held out: 7 steps an
+# epoch); uniform loss weights until the second measurement (the end of warm-up epoch 0,
+# then every epoch with --gblend-super-epoch 1), then weights that sum to 1 and differ;
+# interrupted after 2 epochs and resumed, the same steps, weights and result.
+gb=(--policy gblend --gblend-super-epoch 1)
+"$bin" --out "$work/gb" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" >/dev/null 2>&1 \
+  || fail "the Gradient-Blending run failed"
+"$bin" --out "$work/gb-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${gb[@]}" >"$work/gb-part.out" 2>&1 \
+  || fail "the first Gradient-Blending part failed"
+grep -qF "warning: --gblend-super-epoch 1: the first estimate of the loss weights ends epoch 1; no epoch of these 2 uses it" \
+  "$work/gb-part.out" || fail "no warning that the first part never uses estimated weights"
+"$bin" --out "$work/gb-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" \
+  --resume "$work/gb-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed Gradient-Blending part failed"
+/usr/bin/python3 - "$work/gb" "$work/gb-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+steps = [r for r in full if r["type"] == "step"]
+assert len(steps) == 3 * 7 and {s["kind"] for s in steps} == {"regular"}, len(steps)
+epochs = [r for r in full if r["type"] == "epoch"]
+assert epochs[0]["loss_weights"] == [1 / 3] * 3, epochs[0]  # one measurement so far
+for e in epochs[1:]:
+    w = e["loss_weights"]
+    assert len(w) == 3 and abs(sum(w) - 1) < 1e-9 and min(w) > 0 and w != [1 / 3] * 3, w
+assert [r for r in part if r["type"] == "step"] == steps, "resumed Gradient-Blending run differs"
+assert [r["loss_weights"] for r in part if r["type"] == "epoch"] == [e["loss_weights"] for e in epochs]
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "gblend" and a["args"]["gblend_super_epoch"] == 1
+assert a["args"]["gblend_held_out"] == 0.1 and a["rows"] == {"train": 216, "held_out": 24}, a["rows"]
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: Gradient-Blending logs its weights, holds out rows and resumes exactly")
 PY
 echo "colored_mnist CLI: all checks passed"

@@ -58,6 +58,19 @@ assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "ogm-
 print("ok: OGM-GE over 2 ranks")
 PY
 
+# Gradient-Blending over 2 ranks: the losses of both ranks' held-out shares make one set
+# of weights, logged by rank 0.
+"$launch" 2 "$work/logs-gb" "$bin" --out "$work/dist-gb" "${base[@]}" --policy gblend --gblend-super-epoch 1 \
+  --epochs 3 --dist-timeout 20 >/dev/null || fail "2-rank Gradient-Blending run failed: $(tail -n 3 "$work"/logs-gb/rank-*.log)"
+/usr/bin/python3 - "$work/dist-gb" <<'PY'
+import json, sys
+epochs = [r for r in map(json.loads, open(f"{sys.argv[1]}/log.jsonl")) if r["type"] == "epoch"]
+assert len(epochs) == 3 and epochs[0]["loss_weights"] == [1 / 3] * 3
+assert all(abs(sum(e["loss_weights"]) - 1) < 1e-9 for e in epochs) and epochs[2]["loss_weights"] != [1 / 3] * 3
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "gblend"
+print("ok: Gradient-Blending over 2 ranks")
+PY
+
 # Rank 0's checkpoint resumes in 1 process.
 "$bin" --out "$work/dist" "${small[@]}" --epochs 3 --resume "$work/dist/checkpoint-last.pt" >/dev/null 2>&1 \
   || fail "1-process resume of the 2-rank checkpoint failed"

@@ -112,6 +112,16 @@ args = json.load(open(f"{sys.argv[1]}/summary.json"))["args"]
 assert args["ogm_modulation_ends"] is None, "a window that never ends is recorded as null"
 print("ok: OGM-GE on three branches")
 PY
+# Gradient-Blending on three branches: four loss weights (three heads, then y).
+"$bin" --out "$work/gb" "${small[@]}" --epochs 3 --policy gblend --gblend-super-epoch 1 >/dev/null 2>&1 \
+  || fail "the Gradient-Blending run failed"
+/usr/bin/python3 - "$work/gb" <<'PY'
+import json, sys
+epochs = [r for r in map(json.loads, open(f"{sys.argv[1]}/log.jsonl")) if r["type"] == "epoch"]
+assert [len(e["loss_weights"]) for e in epochs] == [4, 4, 4], epochs
+assert epochs[0]["loss_weights"] == [0.25] * 4 and abs(sum(epochs[-1]["loss_weights"]) - 1) < 1e-9
+print("ok: Gradient-Blending on three branches")
+PY
 "$bin" --out "$work/audio" "${small[@]}" --epochs 3 --audio-only >"$work/audio.out" 2>&1 \
   || fail "the audio-only run failed: $(tail -5 "$work/audio.out")"
 /usr/bin/python3 - "$work/audio" <<'PY'
