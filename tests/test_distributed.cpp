@@ -187,9 +187,10 @@ double max_relative_difference(const torch::nn::Module& a, const torch::nn::Modu
 // Returns the policies as they end: one process's, rank 0's, rank 1's.
 template <class Policy, class NetT = Net>
 std::vector<Policy> check_matches_single_process(const Policy& policy, at::Device device = at::kCPU,
-                                                 NetT make_net(std::uint64_t) = two_branch_net) {
+                                                 NetT make_net(std::uint64_t) = two_branch_net,
+                                                 double cpu_tolerance = 1e-5) {
   constexpr int kSteps = 16;
-  const double tolerance = device.is_cuda() ? 1e-3 : 1e-5;
+  const double tolerance = device.is_cuda() ? 1e-3 : cpu_tolerance;
   NetT single = make_net(0);
   single->to(device);
   freeze_batch_norm(single);
@@ -271,8 +272,11 @@ TEST_CASE("DataParallel, Gradient-Blending: 2 ranks weigh the losses as one proc
   // ranks' models equal whatever their weights, so the weights are compared themselves.)
   for (const std::size_t branches : {2, 3}) {
     const BlendHistory policy(branches, GradientBlendingOptions().super_epoch(1));
-    const auto ended = branches == 2 ? check_matches_single_process(policy)
-                                     : check_matches_single_process(policy, at::kCPU, small_three_way);
+    // The rule divides by squared differences of losses, so the 1e-7 differences between
+    // batches of 4 and of 8 rows (other kernels) reach the weights, then the parameters:
+    // compared within 1e-2 (without the sums over the ranks they differ by 0.4).
+    const auto ended = branches == 2 ? check_matches_single_process(policy, at::kCPU, two_branch_net, 1e-2)
+                                     : check_matches_single_process(policy, at::kCPU, small_three_way, 1e-2);
     const auto& single = ended[0].history;
     REQUIRE(single.size() == 4);  // the ends of epochs 0 (warm-up) to 3
     REQUIRE(ended[1].history.size() == 4);
@@ -283,12 +287,11 @@ TEST_CASE("DataParallel, Gradient-Blending: 2 ranks weigh the losses as one proc
       const LossWeights& rank1 = ended[2].history[e];
       CHECK(rank0.heads == rank1.heads);
       CHECK(rank0.fused == rank1.fused);
-      // The weights amplify the 1e-6 differences of the losses (G / dO^2).
       for (std::size_t k = 0; k < branches; ++k) {
-        CHECK(rank0.heads[k] == Approx(single[e].heads[k]).epsilon(1e-4).margin(1e-9));
+        CHECK(rank0.heads[k] == Approx(single[e].heads[k]).epsilon(1e-3).margin(1e-6));
         moved += std::abs(rank0.heads[k] - 1.0 / static_cast<double>(branches + 1));
       }
-      CHECK(rank0.fused == Approx(single[e].fused).epsilon(1e-4).margin(1e-9));
+      CHECK(rank0.fused == Approx(single[e].fused).epsilon(1e-3).margin(1e-6));
     }
     CHECK(moved > 1e-3);  // not uniform throughout
   }
