@@ -255,43 +255,57 @@ TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined
                                small_three_way);
 }
 
-// Gradient-Blending that keeps the weights of every estimate, for comparing them all.
+// Gradient-Blending that keeps every measurement and the weights after it.
 struct BlendHistory : GradientBlendingPolicy {
   using GradientBlendingPolicy::GradientBlendingPolicy;
-  std::vector<LossWeights> history;
-  void observe_epoch_losses(const EpochLosses& losses) {
-    GradientBlendingPolicy::observe_epoch_losses(losses);
-    history.push_back(loss_weights());
+  std::vector<EpochLosses> losses;
+  std::vector<LossWeights> weights;
+  void observe_epoch_losses(const EpochLosses& measured) {
+    GradientBlendingPolicy::observe_epoch_losses(measured);
+    losses.push_back(measured);
+    weights.push_back(loss_weights());
   }
 };
 
-TEST_CASE("DataParallel, Gradient-Blending: 2 ranks weigh the losses as one process on the "
-          "combined batches", "[distributed][gblend]") {
-  // Losses measured on each rank's rows and added up over the ranks: at every boundary the
-  // same weights on every rank, those of one process. (The averaged gradients keep the
-  // ranks' models equal whatever their weights, so the weights are compared themselves.)
+TEST_CASE("DataParallel, Gradient-Blending: 2 ranks measure the losses of one process on the "
+          "combined batches and weigh them alike", "[distributed][gblend]") {
+  // Each rank measures its rows and the sums cover both: the losses of one process (to
+  // rounding), bit-equal on the ranks, and each rank's weights the rule applied to them.
+  // (The averaged gradients keep the ranks' models equal whatever their weights.)
   for (const std::size_t branches : {2, 3}) {
     const BlendHistory policy(branches, GradientBlendingOptions().super_epoch(1));
     // The rule divides by squared differences of losses, so the 1e-7 differences between
     // batches of 4 and of 8 rows (other kernels) reach the weights, then the parameters:
-    // compared within 1e-2 (without the sums over the ranks they differ by 0.4).
+    // those compared within 1e-2 (without the sums over the ranks they differ by 0.4).
     const auto ended = branches == 2 ? check_matches_single_process(policy, at::kCPU, two_branch_net, 1e-2)
                                      : check_matches_single_process(policy, at::kCPU, small_three_way, 1e-2);
-    const auto& single = ended[0].history;
-    REQUIRE(single.size() == 4);  // the ends of epochs 0 (warm-up) to 3
-    REQUIRE(ended[1].history.size() == 4);
-    REQUIRE(ended[2].history.size() == 4);
+    const BlendHistory &single = ended[0], &rank0 = ended[1], &rank1 = ended[2];
+    REQUIRE(single.losses.size() == 4);  // the ends of epochs 0 (warm-up) to 3
+    REQUIRE(rank0.losses.size() == 4);
+    REQUIRE(rank1.losses.size() == 4);
+    const auto flat = [](const EpochLosses& l) {
+      std::vector<double> v = l.train.heads;
+      v.push_back(l.train.fused);
+      v.insert(v.end(), l.held_out.heads.begin(), l.held_out.heads.end());
+      v.push_back(l.held_out.fused);
+      return v;
+    };
     double moved = 0;
-    for (std::size_t e = 0; e < single.size(); ++e) {
-      const LossWeights& rank0 = ended[1].history[e];
-      const LossWeights& rank1 = ended[2].history[e];
-      CHECK(rank0.heads == rank1.heads);
-      CHECK(rank0.fused == rank1.fused);
-      for (std::size_t k = 0; k < branches; ++k) {
-        CHECK(rank0.heads[k] == Approx(single[e].heads[k]).epsilon(1e-3).margin(1e-6));
-        moved += std::abs(rank0.heads[k] - 1.0 / static_cast<double>(branches + 1));
+    for (std::size_t e = 0; e < 4; ++e) {
+      CHECK(flat(rank0.losses[e]) == flat(rank1.losses[e]));
+      CHECK(rank0.losses[e].held_out.samples == 16);  // both ranks' 8 rows of 2 batches
+      const std::vector<double> ranks = flat(rank0.losses[e]), one = flat(single.losses[e]);
+      for (std::size_t j = 0; j < one.size(); ++j) CHECK(ranks[j] == Approx(one[j]).epsilon(1e-6));
+      CHECK(rank0.weights[e].heads == rank1.weights[e].heads);
+      CHECK(rank0.weights[e].fused == rank1.weights[e].fused);
+      if (e > 0) {
+        const std::vector<double> rule = GradientBlendingPolicy::blend_weights(rank0.losses[e - 1], rank0.losses[e]);
+        for (std::size_t k = 0; k < branches; ++k) {
+          CHECK(rank0.weights[e].heads[k] == rule[k]);
+          moved += std::abs(rule[k] - 1.0 / static_cast<double>(branches + 1));
+        }
+        CHECK(rank0.weights[e].fused == rule[branches]);
       }
-      CHECK(rank0.fused == Approx(single[e].fused).epsilon(1e-3).margin(1e-6));
     }
     CHECK(moved > 1e-3);  // not uniform throughout
   }

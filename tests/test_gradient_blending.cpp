@@ -428,3 +428,14 @@ TEST_CASE("Gradient-Blending trains a late-fusion network: the weights move, the
   CHECK(balancer.loss(out, b.target).item<double>() == Approx(expected).epsilon(1e-6));
   balancer.abandon_step();
 }
+
+TEST_CASE("The three-argument end_epoch works with every policy: one that measures nothing "
+          "ignores the data", "[gblend][balancer]") {
+  Net net = small_net(68);
+  auto opt = make_sgd(net);
+  VanillaBalancer balancer(net);
+  step(net, opt, balancer, small_batch(8, 1));
+  const std::vector<MultiModalBatch> empty;
+  balancer.end_epoch(net, empty, empty);  // nothing measured, so even no data will do
+  CHECK(balancer.epoch() == 1);
+}

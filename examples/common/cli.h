@@ -45,7 +45,7 @@ struct CommonFlags {
         ->check(CLI::NonNegativeNumber);
     app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
                    "gblend: epochs between re-estimates of the loss weights")
-        ->check(CLI::PositiveNumber)->capture_default_str();
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
     app.add_option("--gblend-held-out", cfg.gblend_held_out,
                    "gblend: fraction of the training rows held out to measure generalization")
         ->check(CLI::Range(0.0, 1.0))->capture_default_str();
@@ -95,12 +95,14 @@ struct CommonFlags {
       // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that
       // stops before a later epoch trains with uniform weights throughout: said, not refused
       // (it may be the first part of a run resumed with more epochs).
-      const std::int64_t first = cfg.warmup_epochs > 0 ? cfg.warmup_epochs + cfg.gblend_super_epoch - 1
-                                                       : 2 * cfg.gblend_super_epoch - 1;
-      if (first + 1 >= cfg.epochs) {
+      // (In doubles: no overflow for absurd --warmup-epochs.)
+      const double super_epoch = static_cast<double>(cfg.gblend_super_epoch);
+      const double first = cfg.warmup_epochs > 0 ? static_cast<double>(cfg.warmup_epochs) + super_epoch - 1
+                                                 : 2 * super_epoch - 1;
+      if (first + 1 >= static_cast<double>(cfg.epochs) && rank == 0) {
         std::fprintf(stderr, "warning: --gblend-super-epoch %lld: the first estimate of the loss weights "
-                     "ends epoch %lld; no epoch of these %lld uses it\n",
-                     static_cast<long long>(cfg.gblend_super_epoch), static_cast<long long>(first),
+                     "ends epoch %.0f; no epoch of these %lld uses it\n",
+                     static_cast<long long>(cfg.gblend_super_epoch), first,
                      static_cast<long long>(cfg.epochs));
       }
     }
@@ -155,7 +157,7 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
   if (cfg.policy == "gblend") {  // any number of branches; trains on the rows not held out
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
     return train_and_evaluate(net, GradientBlendingPolicy(num_heads(net), gblend),
-                              hold_out(data, cfg.gblend_held_out), cfg, args, pg);
+                              hold_out(data, cfg.gblend_held_out, "--gblend-held-out"), cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);

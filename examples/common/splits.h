@@ -1,9 +1,11 @@
 #pragma once
 // In-memory data of the example programs: every modality and the labels per split.
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -54,13 +56,16 @@ struct Splits {
   std::optional<Split> held_out{};
 };
 
-/// `data` with the last `fraction` of its training rows moved to `held_out` (the training
-/// rows are in random order already); at least one row stays on each side.
-inline Splits hold_out(const Splits& data, double fraction) {
+/// `data` with the last floor(n · `fraction`) of its n training rows moved to `held_out`
+/// (the training rows are in random order already); at least one row must stay on each
+/// side, or the error names `flag`.
+inline Splits hold_out(const Splits& data, double fraction, const std::string& flag) {
   const std::int64_t n = data.train.size();
-  const auto held = static_cast<std::int64_t>(static_cast<double>(n) * fraction);
-  TORCH_CHECK(held >= 1 && held < n, "holding out ", fraction, " of ", n, " training rows leaves ",
-              held, " held out and ", n - held, " to train on; both need at least one");
+  // floor, with a margin for products such as 0.29 * 100 = 28.999...
+  const auto held = static_cast<std::int64_t>(std::floor(static_cast<double>(n) * fraction + 1e-9));
+  TORCH_CHECK(held >= 1 && held < n, flag, " ", fraction, ": holding out that part of ", n,
+              " training rows leaves ", held, " held out and ", n - held,
+              " to train on; both need at least one");
   Splits out = data;
   out.train = data.train.slice(0, n - held);
   out.held_out = data.train.slice(n - held, held);

@@ -117,7 +117,7 @@ assert a["args"]["ogm_modulation_ends"] == 2
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: OGM-GE logs its coefficients and resumes exactly")
 PY
-expect_error "holding out 0.001 of 240 training rows leaves 0 held out" "$work/a" -- \
+expect_error "--gblend-held-out 0.001: holding out that part of 240 training rows leaves 0 held out" "$work/a" -- \
   "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/data" --policy gblend --gblend-held-out 0.001
 # Gradient-Blending: trains on 216 of the 240 rows (the last 24 held out: 7 steps an
 # epoch); uniform loss weights until the second measurement (the end of warm-up epoch 0,

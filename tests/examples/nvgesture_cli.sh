@@ -87,4 +87,16 @@ lb = [l for l in open(f"{sys.argv[2]}/log.jsonl") if '"step"' in l]
 assert la == lb, "step logs differ"
 print("ok: resume is exact")
 PY
+# Gradient-Blending on clips loaded batch by batch: the held-out rows and the training
+# sample go through the same loader.
+"$bin" --out "$work/gb" --data-dir "$work/nv" "${small[@]}" --epochs 3 --policy gblend --gblend-super-epoch 1 \
+  --gblend-held-out 0.2 >/dev/null 2>&1 || fail "the Gradient-Blending run failed"
+/usr/bin/python3 - "$work/gb" <<'PY'
+import json, sys
+epochs = [r for r in map(json.loads, open(f"{sys.argv[1]}/log.jsonl")) if r["type"] == "epoch"]
+assert len(epochs) == 3 and all(abs(sum(e["loss_weights"]) - 1) < 1e-9 for e in epochs), epochs
+rows = json.load(open(f"{sys.argv[1]}/summary.json"))["rows"]
+assert rows["held_out"] >= 1 and rows["train"] >= 1, rows
+print("ok: Gradient-Blending on lazily loaded clips")
+PY
 echo "nvgesture CLI: all checks passed"

@@ -43,9 +43,9 @@ struct GradientBlendingOptions {
 /// branch head, then the fused output y; uniform (1 / (N + 1)) until the first estimate.
 /// At the end of warm-up and of every super-epoch the `Balancer` hands the policy every
 /// head's mean loss on a training sample (L^T) and on held-out data (L^V); from two
-/// consecutive measurements (n, n + N) of head k:
-///   G_k = max(0, L^V_n − L^V_{n+N}),  O = L^V − L^T,
-///   w_k = max(1e-8, G_k / max(1e-8, (O_{n+N} − O_n)²)),  normalised to sum 1
+/// consecutive measurements (epochs n and n + S, S = `super_epoch`) of head k:
+///   G_k = max(0, L^V_n − L^V_{n+S}),  O = L^V − L^T,
+///   w_k = max(1e-8, G_k / max(1e-8, (O_{n+S} − O_n)²)),  normalised to sum 1
 /// (the paper's w ∝ G / O² with tsai's online clamps). All regular steps.
 class GradientBlendingPolicy {
  public:
