@@ -269,8 +269,10 @@ struct BlendHistory : GradientBlendingPolicy {
 
 TEST_CASE("DataParallel, Gradient-Blending: 2 ranks measure the losses of one process on the "
           "combined batches and weigh them alike", "[distributed][gblend]") {
-  // Each rank measures its rows and the sums cover both: the losses of one process (to
-  // rounding), bit-equal on the ranks, and each rank's weights the rule applied to them.
+  // Each rank measures its rows and the sums cover both: the losses of one process (within
+  // 1e-4: its model drifts from the ranks' by the amplified rounding below; without the
+  // sums they differ by 1e-2), bit-equal on the ranks, and each rank's weights the rule
+  // applied to them.
   // (The averaged gradients keep the ranks' models equal whatever their weights.)
   for (const std::size_t branches : {2, 3}) {
     const BlendHistory policy(branches, GradientBlendingOptions().super_epoch(1));
@@ -295,7 +297,7 @@ TEST_CASE("DataParallel, Gradient-Blending: 2 ranks measure the losses of one pr
       CHECK(flat(rank0.losses[e]) == flat(rank1.losses[e]));
       CHECK(rank0.losses[e].held_out.samples == 16);  // both ranks' 8 rows of 2 batches
       const std::vector<double> ranks = flat(rank0.losses[e]), one = flat(single.losses[e]);
-      for (std::size_t j = 0; j < one.size(); ++j) CHECK(ranks[j] == Approx(one[j]).epsilon(1e-6));
+      for (std::size_t j = 0; j < one.size(); ++j) CHECK(ranks[j] == Approx(one[j]).epsilon(1e-4));
       CHECK(rank0.weights[e].heads == rank1.weights[e].heads);
       CHECK(rank0.weights[e].fused == rank1.weights[e].fused);
       if (e > 0) {
