@@ -160,6 +160,15 @@ std::string saved_bytes(const T& thing) {
   return s.str();
 }
 
+/// Loads `bytes` (from `saved_bytes`, or an archive written by hand) into `thing`.
+template <class T>
+void load_saved(T& thing, const std::string& bytes) {
+  std::istringstream in(bytes);
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  thing.load(archive);
+}
+
 /// An optimizer's state as bytes, in parameter order: each group's options, then each
 /// parameter's state. Unlike `saved_bytes(optimizer)` it does not depend on the order of
 /// LibTorch's state map (keyed by address), which can change when the same state is loaded

@@ -268,21 +268,15 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
 
 TEST_CASE("Gradient-Blending state from other options, or damaged, is refused and changes nothing",
           "[gblend][checkpoint][bad-input]") {
-  const auto load_into = [](GradientBlendingPolicy& policy, const std::string& bytes) {
-    std::istringstream in(bytes);
-    torch::serialize::InputArchive archive;
-    archive.load_from(in);
-    policy.load(archive);
-  };
   GradientBlendingPolicy measured_once(2, GradientBlendingOptions().super_epoch(2));
   measured_once.observe_epoch_losses(measured({1, 1}, 1, {1.2, 1.3}, 1.1));
   const std::string record = saved_bytes(measured_once);
 
   GradientBlendingPolicy other_super(2, GradientBlendingOptions().super_epoch(3));
-  CHECK_THROWS_WITH(load_into(other_super, record),
+  CHECK_THROWS_WITH(load_saved(other_super, record),
                     Catch::Contains("made with super_epoch 2, this policy has 3"));
   GradientBlendingPolicy three(3, GradientBlendingOptions().super_epoch(2));
-  CHECK_THROWS_WITH(load_into(three, record), Catch::Contains("made for 2 branches, this policy has 3"));
+  CHECK_THROWS_WITH(load_saved(three, record), Catch::Contains("made for 2 branches, this policy has 3"));
 
   // Records written field by field.
   const auto record_with = [](const at::Tensor& weights, std::int64_t measurements, const at::Tensor& previous) {
@@ -303,21 +297,21 @@ TEST_CASE("Gradient-Blending state from other options, or damaged, is refused an
   const at::Tensor uniform = at::full({3}, 1.0 / 3, at::kDouble);
   GradientBlendingPolicy policy(2, GradientBlendingOptions().super_epoch(2));
   const std::string before = saved_bytes(policy);
-  CHECK_THROWS_WITH(load_into(policy, record_with(at::full({2}, 0.5, at::kDouble), 0, {})),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(at::full({2}, 0.5, at::kDouble), 0, {})),
                     Catch::Contains("'weights' in the checkpoint must hold 3 doubles, got Double[2]"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(at::full({3}, 0.5, at::kDouble), 0, {})),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(at::full({3}, 0.5, at::kDouble), 0, {})),
                     Catch::Contains("weights sum to 1.5, not 1"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(at::tensor({0.5, NAN, 0.5}, at::kDouble), 0, {})),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(at::tensor({0.5, NAN, 0.5}, at::kDouble), 0, {})),
                     Catch::Contains("non-finite 'weights'"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(uniform.to(at::kFloat), 0, {})),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(uniform.to(at::kFloat), 0, {})),
                     Catch::Contains("'weights' in the checkpoint must hold 3 doubles, got Float[3]"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(uniform, -1, {})), Catch::Contains("damaged state"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(uniform, 1, {})),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(uniform, -1, {})), Catch::Contains("damaged state"));
+  CHECK_THROWS_WITH(load_saved(policy, record_with(uniform, 1, {})),
                     Catch::Contains("damaged state in checkpoint (the last measurement)"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(uniform, 1, at::full({3}, INFINITY, at::kDouble))),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(uniform, 1, at::full({3}, INFINITY, at::kDouble))),
                     Catch::Contains("non-finite 'previous_train'"));
   CHECK(saved_bytes(policy) == before);
-  CHECK_NOTHROW(load_into(policy, record_with(uniform, 1, at::ones({3}, at::kDouble))));
+  CHECK_NOTHROW(load_saved(policy, record_with(uniform, 1, at::ones({3}, at::kDouble))));
   CHECK(policy.estimates() == 0);
 }
 

@@ -386,29 +386,23 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
     out.save_to(bytes);
     return bytes.str();
   };
-  const auto load_into = [](OGMGEPolicy& policy, const std::string& bytes) {
-    std::istringstream in(bytes);
-    torch::serialize::InputArchive archive;
-    archive.load_from(in);
-    policy.load(archive);
-  };
   const OGMGEOptions base = OGMGEOptions().alpha(0.5).seed(3);
   const std::string record = saved(base);
   OGMGEPolicy other_noise(OGMGEOptions(base).noise(false));
-  CHECK_THROWS_WITH(load_into(other_noise, record),
+  CHECK_THROWS_WITH(load_saved(other_noise, record),
                     Catch::Contains("made with noise on, this policy has it off"));
   OGMGEPolicy other_seed(OGMGEOptions(base).seed(4));
-  CHECK_THROWS_WITH(load_into(other_seed, record),
+  CHECK_THROWS_WITH(load_saved(other_seed, record),
                     Catch::Contains("made with seed 3, this policy has seed 4"));
   OGMGEPolicy other_parameters(OGMGEOptions(base).parameters(ModulatedParameters::all));
-  CHECK_THROWS_WITH(load_into(other_parameters, record),
+  CHECK_THROWS_WITH(load_saved(other_parameters, record),
                     Catch::Contains("this policy modulates all"));
   OGMGEPolicy other_end(OGMGEOptions(base).modulation_ends(50));
-  CHECK_THROWS_WITH(load_into(other_end, record),
+  CHECK_THROWS_WITH(load_saved(other_end, record),
                     Catch::Contains("made with modulation_ends never (the default), this policy has 50"));
   OGMGEPolicy ends_50(OGMGEOptions(base).modulation_ends(50));
   OGMGEPolicy default_end(base);
-  CHECK_THROWS_WITH(load_into(default_end, saved(OGMGEOptions(base).modulation_ends(50))),
+  CHECK_THROWS_WITH(load_saved(default_end, saved(OGMGEOptions(base).modulation_ends(50))),
                     Catch::Contains("made with modulation_ends 50, this policy has never (the default)"));
 
   // Records written field by field: a generator state that is not one or not text, one
@@ -428,14 +422,14 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
   const c10::IValue never(std::numeric_limits<std::int64_t>::max());
   OGMGEPolicy policy(base);
   const std::string before = saved_bytes(policy);
-  CHECK_THROWS_WITH(load_into(policy, record_with(c10::IValue(std::string("12 x 7")), never)),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(c10::IValue(std::string("12 x 7")), never)),
                     Catch::Contains("corrupt generator state"));
-  CHECK_THROWS_WITH(load_into(policy, record_with(c10::IValue(std::int64_t{5}), never)),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(c10::IValue(std::int64_t{5}), never)),
                     Catch::Contains("damaged state in checkpoint"));
   std::ostringstream seeded;  // the standard's text form of an engine seeded with 3
   seeded << std::mt19937_64(3);
   const c10::IValue engine_state(seeded.str());
-  CHECK_THROWS_WITH(load_into(policy, record_with(engine_state, c10::IValue(std::string("50")))),
+  CHECK_THROWS_WITH(load_saved(policy, record_with(engine_state, c10::IValue(std::string("50")))),
                     Catch::Contains("damaged state in checkpoint"));
   CHECK(saved_bytes(policy) == before);
 
@@ -443,9 +437,9 @@ TEST_CASE("OGM-GE state from other options, or damaged, is refused and changes n
   // it, one with an end refuses it.
   const std::string older = record_with(engine_state, c10::nullopt);
   OGMGEPolicy never_ends(base);
-  CHECK_NOTHROW(load_into(never_ends, older));
+  CHECK_NOTHROW(load_saved(never_ends, older));
   CHECK(saved_bytes(never_ends) == saved(base));
-  CHECK_THROWS_WITH(load_into(ends_50, older),
+  CHECK_THROWS_WITH(load_saved(ends_50, older),
                     Catch::Contains("made with modulation_ends never (the default), this policy has 50"));
 }
 

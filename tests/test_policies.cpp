@@ -109,18 +109,12 @@ TEST_CASE("RandomPolicy refuses a generator record that is not one, and changes 
     out.save_to(bytes);
     return bytes.str();
   };
-  const auto load_into = [](RandomPolicy& policy, const std::string& bytes) {
-    std::istringstream in(bytes);
-    torch::serialize::InputArchive archive;
-    archive.load_from(in);
-    policy.load(archive);
-  };
   RandomPolicy p(RandomOptions().seed(9));
   p.next_step();
   const RandomPolicy before = p;
-  CHECK_THROWS_WITH(load_into(p, record(c10::IValue(std::int64_t{5}))),
+  CHECK_THROWS_WITH(mmbalance::testing::load_saved(p, record(c10::IValue(std::int64_t{5}))),
                     Catch::Contains("RandomPolicy: damaged state in checkpoint"));
-  CHECK_THROWS_WITH(load_into(p, record(c10::IValue(std::string("12 x 7")))),
+  CHECK_THROWS_WITH(mmbalance::testing::load_saved(p, record(c10::IValue(std::string("12 x 7")))),
                     Catch::Contains("RandomPolicy: corrupt generator state in checkpoint"));
   RandomPolicy untouched = before;
   for (int i = 0; i < 20; ++i) CHECK(p.next_step() == untouched.next_step());

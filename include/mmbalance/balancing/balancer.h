@@ -315,13 +315,7 @@ class Balancer {
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
                                  epoch_ + 1 - options_.warmup_epochs()};
-        const Policy before = policy_;
-        try {
-          policy_.observe_epoch_losses(losses);
-        } catch (...) {
-          policy_ = before;
-          throw;
-        }
+        ask_policy([&] { policy_.observe_epoch_losses(losses); });
       }
     }
     advance_epoch();
@@ -536,8 +530,8 @@ class Balancer {
                 ") was not observed; call observe(loss) after backward()");
   }
 
-  // The policy's decision, with its state kept for `abandon_step` and put back if the
-  // policy throws.
+  // The policy's decision (or its update at an epoch end), with its state kept for
+  // `abandon_step` and put back if the policy throws.
   template <class Decide>
   auto ask_policy(Decide&& decide) {
     policy_before_step_ = policy_;
