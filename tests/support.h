@@ -34,6 +34,17 @@ inline Net small_late_net(std::uint64_t seed = 0) {
   return Net(ConvBranch(opts(3)), ConvBranch(opts(1)), std::vector<FusionTap<MMTM>>{});
 }
 
+/// `small_late_net` with heads that lean to different classes from the start (branch 0's
+/// to class 1, branch 1's strongly to class 0): rows where the fused output is wrong
+/// because of branch 1 make the multimodal and uni-modal gradients of branch 0 conflict.
+inline Net leaning_late_net(std::uint64_t seed = 0) {
+  Net net = small_late_net(seed);
+  torch::NoGradGuard no_grad;
+  net->branch0->classifier->bias.copy_(at::tensor({0.0F, 5.0F, 0.0F}));
+  net->branch1->classifier->bias.copy_(at::tensor({10.0F, 0.0F, 0.0F}));
+  return net;
+}
+
 /// Options of a 3-class ConvBranch with the given stages.
 inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_t> channels,
                                         std::vector<std::int64_t> strides) {

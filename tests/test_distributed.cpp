@@ -255,6 +255,22 @@ TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined
                                small_three_way);
 }
 
+TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process on the combined "
+          "batches", "[distributed][mmpareto]") {
+  // Each rank's fused gradients are averaged over the ranks (as DataParallel averages the
+  // gradients) before the cosine test and the min-norm weights; MMTM, late fusion, three
+  // branches.
+  check_matches_single_process(MMParetoPolicy(2));
+  check_matches_single_process(MMParetoPolicy(3, MMParetoOptions().gamma(1.2)), at::kCPU, small_three_way);
+  // Heads that lean apart make branch 0's gradients conflict, where the min-norm weights
+  // depend on the averaged g_m: the same conflicts on the ranks as in one process.
+  const auto ended = check_matches_single_process(MMParetoPolicy(2), at::kCPU, leaning_late_net);
+  const at::Tensor single = ended[0].conflict_steps();
+  CHECK(single[0].item<std::int64_t>() > 0);
+  CHECK(at::equal(ended[1].conflict_steps(), single));
+  CHECK(at::equal(ended[2].conflict_steps(), single));
+}
+
 // Gradient-Blending that keeps every measurement and the weights after it.
 struct BlendHistory : GradientBlendingPolicy {
   using GradientBlendingPolicy::GradientBlendingPolicy;

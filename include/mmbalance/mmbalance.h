@@ -7,6 +7,7 @@
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/guided.h"
 #include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/balancing/mmpareto.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/policy.h"

@@ -21,6 +21,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Type.h>
 #include <torch/arg.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
@@ -140,7 +141,7 @@ class Balancer {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
                   "modules (late fusion): use a policy that needs none (VanillaPolicy, "
-                  "OGMGEPolicy, GradientBlendingPolicy) or a network with fusion modules");
+                  "OGMGEPolicy, GradientBlendingPolicy, MMParetoPolicy) or a network with fusion modules");
     }
   }
 
@@ -181,11 +182,17 @@ class Balancer {
   /// target), each averaged over the batch (`modality_specific_loss`); after warm-up, with
   /// a policy that weights the losses (`WeighsLosses`), Σ_k w_k·CE(head_k) + w_y·CE(y).
   /// Call it between `next_step()`/`next_plan()` and `observe()`; it hands the step's
-  /// outputs to a policy that modulates gradients (`ModulatesGradients`), which needs it.
-  at::Tensor loss(const NWayOutput& out, const at::Tensor& target) {
+  /// outputs to a policy that modulates gradients (`ModulatesGradients`), which needs it,
+  /// and for one that `NeedsFusedGradients` computes ∂(scale·CE(y))/∂θ_k after warm-up (one
+  /// backward pass of CE(y), keeping the graph for your `backward()`; added up over the
+  /// calls of one step, for gradient accumulation). `scale` multiplies the returned loss:
+  /// pass the factor you would multiply it by (e.g. a data-parallel rank's share of an
+  /// uneven global batch) so that such a policy sees its gradients scaled alike.
+  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
                 " heads, the network ", branches(), " branches");
+    TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
     at::Tensor total;
     if constexpr (WeighsLosses<Policy>) {
       if (!in_warmup()) total = weighted_loss(out, target);
@@ -196,12 +203,15 @@ class Balancer {
       for (const at::Tensor& h : out.heads) staged_heads_.push_back(h.detach());
       staged_target_ = target;
     }
-    return total;
+    if constexpr (NeedsFusedGradients<Policy>) {
+      if (!in_warmup()) stage_fused_gradients(out, target, scale);
+    }
+    return scale == 1.0 ? total : total * scale;
   }
 
   /// The same for a two-branch network's output.
-  at::Tensor loss(const ModelOutput& out, const at::Tensor& target) {
-    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target);
+  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, double scale = 1.0) {
+    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, scale);
   }
 
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
@@ -232,8 +242,13 @@ class Balancer {
       const auto modulate = [&] {
         if constexpr (ModulatesGradients<Policy>) {
           if (!in_warmup()) {
-            policy_.modulate_gradients(
-                StepGradients{staged_heads_, staged_target_, branch_parameters_, sum_across_ranks, epoch_});
+            if constexpr (NeedsFusedGradients<Policy>) {
+              TORCH_CHECK(staged_fused_gradients_.size() == branches(), "Balancer::observe: ",
+                          policy_type(), " needs the fused loss's gradients, which loss() computes "
+                          "after warm-up; form this step's loss with balancer.loss(out, target)");
+            }
+            policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_,
+                                                     sum_across_ranks, epoch_, staged_fused_gradients_});
           }
         }
       };
@@ -582,6 +597,57 @@ class Balancer {
   void release_step_outputs() {
     staged_heads_.clear();
     staged_target_ = at::Tensor();
+    staged_fused_gradients_.clear();
+  }
+
+  // Adds ∂(scale·CE(y, target))/∂θ_k to the step's staged fused gradients (several loss()
+  // calls in one step: accumulated micro-batches, as backward() adds their gradients up).
+  void stage_fused_gradients(const NWayOutput& out, const at::Tensor& target, double scale) {
+    std::vector<std::vector<at::Tensor>> fresh = fused_gradients(out, target, scale);
+    if (staged_fused_gradients_.empty()) {
+      staged_fused_gradients_ = std::move(fresh);
+      return;
+    }
+    for (std::size_t k = 0; k < fresh.size(); ++k) {
+      for (std::size_t i = 0; i < fresh[k].size(); ++i) {
+        at::Tensor& staged = staged_fused_gradients_[k][i];
+        if (staged.defined()) staged = staged + fresh[k][i];
+      }
+    }
+  }
+
+  // ∂(scale·CE(y, target))/∂θ_k for every branch parameter that requires a gradient
+  // (undefined for the others; zeros for one the fused output does not reach), the graph kept.
+  std::vector<std::vector<at::Tensor>> fused_gradients(const NWayOutput& out, const at::Tensor& target,
+                                                       double scale) const {
+    TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type(),
+                " needs the gradient of the fused output's loss, and the output does not "
+                "require a gradient (computed under NoGradGuard, or every parameter frozen?)");
+    std::vector<at::Tensor> inputs;
+    for (const auto& group : branch_parameters_) {
+      for (const at::Tensor& p : group) {
+        if (p.requires_grad()) inputs.push_back(p);
+      }
+    }
+    const at::Tensor fused = scale == 1.0 ? at::cross_entropy_loss(out.y, target)
+                                          : at::cross_entropy_loss(out.y, target) * scale;
+    const std::vector<at::Tensor> grads =
+        inputs.empty() ? std::vector<at::Tensor>{}
+                       : torch::autograd::grad({fused}, inputs, {}, /*retain_graph=*/true,
+                                               /*create_graph=*/false, /*allow_unused=*/true);
+    std::vector<std::vector<at::Tensor>> result(branch_parameters_.size());
+    std::size_t next = 0;
+    for (std::size_t k = 0; k < branch_parameters_.size(); ++k) {
+      for (const at::Tensor& p : branch_parameters_[k]) {
+        if (!p.requires_grad()) {
+          result[k].emplace_back();
+          continue;
+        }
+        const at::Tensor& g = grads[next++];
+        result[k].push_back(g.defined() ? g : at::zeros_like(p));
+      }
+    }
+    return result;
   }
 
   static std::vector<std::vector<at::Tensor>> branch_parameters_of(const ParameterGroups& g) {
@@ -764,6 +830,8 @@ class Balancer {
   // The step's detached heads and targets, from loss(), for a gradient-modulating policy.
   std::vector<at::Tensor> staged_heads_;
   at::Tensor staged_target_;
+  // ∂CE(y)/∂θ_k of the step, for a policy that `NeedsFusedGradients` (after warm-up).
+  std::vector<std::vector<at::Tensor>> staged_fused_gradients_;
   std::optional<StepPlan> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;

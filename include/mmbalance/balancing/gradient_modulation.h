@@ -49,12 +49,19 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
 /// data-parallel ranks (in place; nothing in one process) so that every rank decides
 /// from the whole batch. In data-parallel training the gradients are the ranks' average
 /// already, identical on every rank. `epoch` is the balancer's epoch (counting warm-up).
+/// For a policy that `NeedsFusedGradients`, `fused_gradients[k][i]` is the gradient of the
+/// fused output's loss CE(y, target) alone with respect to `branch_parameters[k][i]`
+/// (undefined for a parameter that does not require a gradient), this rank's own: it is
+/// not averaged over the ranks. Empty for other policies.
 struct StepGradients {
   const std::vector<at::Tensor>& heads;
   const at::Tensor& target;
   const std::vector<std::vector<at::Tensor>>& branch_parameters;
   const std::function<void(at::Tensor&)>& sum_across_ranks;
   std::int64_t epoch = 0;
+  const std::vector<std::vector<at::Tensor>>& fused_gradients = kNoFusedGradients;
+
+  static inline const std::vector<std::vector<at::Tensor>> kNoFusedGradients{};
 };
 
 /// A policy that changes branch gradients after `backward()`, before the optimizer step.
@@ -64,5 +71,14 @@ struct StepGradients {
 /// data-parallel training `observe` takes `dp.sum_across_ranks()` as its second argument.
 template <class P>
 concept ModulatesGradients = requires(P& p, const StepGradients& g) { p.modulate_gradients(g); };
+
+/// A gradient-modulating policy that compares the fused loss's gradient on each branch
+/// with the step's whole gradient (MMPareto) declares
+/// `static constexpr bool needs_fused_gradients = true`. After warm-up,
+/// `Balancer::loss(out, target)` then computes ∂CE(y)/∂θ_k with `torch::autograd::grad`
+/// (keeping the graph for your `backward()`: one extra backward pass, no extra forward)
+/// and hands it to the hook as `StepGradients::fused_gradients`.
+template <class P>
+concept NeedsFusedGradients = ModulatesGradients<P> && requires { requires bool(P::needs_fused_gradients); };
 
 }  // namespace mmbalance
