@@ -30,7 +30,7 @@ struct CommonFlags {
 
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy, "balancing policy")
-        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend"}))->capture_default_str();
+        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto"}))->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
@@ -49,6 +49,9 @@ struct CommonFlags {
     app.add_option("--gblend-held-out", cfg.gblend_held_out,
                    "gblend: fraction of the training rows held out to measure generalization")
         ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    app.add_option("--mmpareto-gamma", cfg.mmpareto_gamma,
+                   "mmpareto: the magnitude rule's factor on every combined gradient (the original: 1.5)")
+        ->check(CLI::Range(1e-6, 1e6))->capture_default_str();
     app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
     app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--epochs", cfg.epochs, "epochs in all (including warm-up)")
@@ -133,6 +136,7 @@ struct CommonFlags {
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
             {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
             {"gblend_super_epoch", cfg.gblend_super_epoch}, {"gblend_held_out", cfg.gblend_held_out},
+            {"mmpareto_gamma", cfg.mmpareto_gamma},
             {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
@@ -158,6 +162,10 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
     return train_and_evaluate(net, GradientBlendingPolicy(num_heads(net), gblend),
                               hold_out(data, cfg.gblend_held_out, "--gblend-held-out"), cfg, args, pg);
+  }
+  if (cfg.policy == "mmpareto") {  // any number of branches; late fusion too
+    const auto mmpareto = MMParetoOptions().gamma(cfg.mmpareto_gamma);
+    return train_and_evaluate(net, MMParetoPolicy(num_heads(net), mmpareto), data, cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);

@@ -42,6 +42,7 @@ struct TrainConfig {
   std::int64_t ogm_modulation_ends = std::numeric_limits<std::int64_t>::max();
   std::int64_t gblend_super_epoch = 2;
   double gblend_held_out = 0.1;
+  double mmpareto_gamma = 1.5;
   double lr = 0.01;
   double momentum = 0.9;
   std::int64_t epochs = 10;
@@ -197,6 +198,14 @@ nlohmann::json speeds_json(const BalancerT& balancer) {
   return j;
 }
 
+/// MMPareto: the steps so far in which each branch's multimodal and uni-modal gradients
+/// conflicted (one host read).
+template <class Policy>
+nlohmann::json conflict_steps_json(const Policy& policy) {
+  const at::Tensor counts = policy.conflict_steps().to(at::kCPU).contiguous();
+  return std::vector<std::int64_t>(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + counts.numel());
+}
+
 namespace detail {
 inline std::string read_text(const std::filesystem::path& p) {
   std::ifstream in(p);
@@ -303,9 +312,10 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const NWayOutput out = forward_plan(net, x, plan);
       // The balancer forms the loss (a gradient-modulating policy takes the step's heads
       // from it). Each rank's mean loss weighted by its share of the rows, so that the
-      // average over ranks is the mean over the global batch even when shares differ by one.
+      // average over ranks is the mean over the global batch even when shares differ by
+      // one; the balancer scales what it computes from the loss alike.
       const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
-      const at::Tensor loss = balancer.loss(out, y) * share;
+      const at::Tensor loss = balancer.loss(out, y, share);
       optimizer.zero_grad();
       loss.backward();
       if (dp) {
@@ -343,6 +353,16 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
             const at::Tensor host = k.to(at::kCPU, at::kDouble);
             for (std::int64_t j = 0; j < host.size(0); ++j) {
               record[numbered("coefficient", static_cast<std::size_t>(j))] = host[j].item<double>();
+            }
+          }
+        }
+        if constexpr (requires { balancer.policy().last_fused_weights(); }) {
+          // MMPareto: each branch's weight on the multimodal gradient (0.5: no conflict).
+          const at::Tensor& c = balancer.policy().last_fused_weights();
+          if (c.defined() && !balancer.in_warmup()) {
+            const at::Tensor host = c.to(at::kCPU, at::kDouble);
+            for (std::int64_t j = 0; j < host.size(0); ++j) {
+              record[numbered("fused_weight", static_cast<std::size_t>(j))] = host[j].item<double>();
             }
           }
         }
@@ -404,6 +424,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       nlohmann::json weights = w.heads;
       weights.push_back(w.fused);
       record["loss_weights"] = balancer.in_warmup() ? nlohmann::json(nullptr) : weights;
+    }
+    if constexpr (requires { balancer.policy().conflict_steps(); }) {
+      record["conflict_steps"] = conflict_steps_json(balancer.policy());
     }
     if (writer) log << record.dump() << std::endl;
     std::fprintf(stderr, "  validation %s | test %s\n", describe(val).c_str(), describe(test).c_str());
@@ -468,6 +491,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   summary.update(measured);
   if (data.held_out) {  // trained on the rest (args record the sizes before holding out)
     summary["rows"] = {{"train", data.train.size()}, {"held_out", data.held_out->size()}};
+  }
+  if constexpr (requires { balancer.policy().conflict_steps(); }) {
+    summary["conflict_steps_total"] = conflict_steps_json(balancer.policy());
   }
   if constexpr (NWayNet<Net>) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
   std::ofstream(summary_path) << summary.dump(1) << '\n';

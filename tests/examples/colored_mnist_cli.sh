@@ -25,6 +25,8 @@ expect_error "--gblend-held-out: must be a fraction strictly between 0 and 1, go
   "$bin" --out "$work/a" --policy gblend --gblend-held-out 0
 expect_error "--gblend-held-out" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-held-out 1.5
 expect_error "--gblend-super-epoch" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-super-epoch 0
+expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma 0
+expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma -1.5
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -149,5 +151,39 @@ assert a["args"]["policy"] == "gblend" and a["args"]["gblend_super_epoch"] == 1
 assert a["args"]["gblend_held_out"] == 0.1 and a["rows"] == {"train": 216, "held_out": 24}, a["rows"]
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: Gradient-Blending logs its weights, holds out rows and resumes exactly")
+PY
+# MMPareto: every step regular; after the warm-up epoch each step logs each branch's
+# weight on the multimodal gradient (0.5 where it agrees with the uni-modal one, in (0, 1)
+# otherwise), each epoch the running count of conflicting steps (the steps whose weight is
+# not 0.5); interrupted
+# after 2 epochs and resumed, the same steps, weights, counts and result.
+mp=(--policy mmpareto --mmpareto-gamma 1.2)
+"$bin" --out "$work/mp" "${small[@]}" --data-dir "$work/data" --epochs 3 "${mp[@]}" >/dev/null 2>&1 \
+  || fail "the MMPareto run failed"
+"$bin" --out "$work/mp-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${mp[@]}" >/dev/null 2>&1 \
+  || fail "the first MMPareto part failed"
+"$bin" --out "$work/mp-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${mp[@]}" \
+  --resume "$work/mp-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed MMPareto part failed"
+/usr/bin/python3 - "$work/mp" "$work/mp-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+steps = [r for r in full if r["type"] == "step"]
+assert len(steps) == 3 * 8 and {s["kind"] for s in steps} == {"regular"}
+assert all("fused_weight0" not in s for s in steps[:8]), "combined in warm-up"
+conflicts = [0, 0]
+for s in steps[8:]:
+    for k in range(2):
+        c = s[f"fused_weight{k}"]
+        assert 0 < c < 1, s
+        conflicts[k] += c != 0.5
+epochs = [r for r in full if r["type"] == "epoch"]
+assert epochs[0]["conflict_steps"] == [0, 0] and epochs[-1]["conflict_steps"] == conflicts, (epochs, conflicts)
+assert [r for r in part if r["type"] == "step"] == steps, "resumed MMPareto run differs"
+assert [r["conflict_steps"] for r in part if r["type"] == "epoch"] == [e["conflict_steps"] for e in epochs]
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "mmpareto" and a["args"]["mmpareto_gamma"] == 1.2
+assert a["conflict_steps_total"] == epochs[-1]["conflict_steps"], a["conflict_steps_total"]
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: MMPareto logs its weights and conflicts and resumes exactly; conflicts", conflicts)
 PY
 echo "colored_mnist CLI: all checks passed"

@@ -71,6 +71,19 @@ assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "gble
 print("ok: Gradient-Blending over 2 ranks")
 PY
 
+# MMPareto over 2 ranks: both ranks' fused gradients make one combination per branch,
+# logged by rank 0.
+"$launch" 2 "$work/logs-mp" "$bin" --out "$work/dist-mp" "${base[@]}" --policy mmpareto \
+  --epochs 2 --dist-timeout 20 >/dev/null || fail "2-rank MMPareto run failed: $(tail -n 3 "$work"/logs-mp/rank-*.log)"
+/usr/bin/python3 - "$work/dist-mp" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
+assert len(steps) == 16 and all("fused_weight0" not in s for s in steps[:8])
+assert all(0 < s[f"fused_weight{k}"] < 1 for s in steps[8:] for k in range(2))
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "mmpareto"
+print("ok: MMPareto over 2 ranks")
+PY
+
 # Rank 0's checkpoint resumes in 1 process.
 "$bin" --out "$work/dist" "${small[@]}" --epochs 3 --resume "$work/dist/checkpoint-last.pt" >/dev/null 2>&1 \
   || fail "1-process resume of the 2-rank checkpoint failed"

@@ -122,6 +122,17 @@ assert [len(e["loss_weights"]) for e in epochs] == [4, 4, 4], epochs
 assert epochs[0]["loss_weights"] == [0.25] * 4 and abs(sum(epochs[-1]["loss_weights"]) - 1) < 1e-9
 print("ok: Gradient-Blending on three branches")
 PY
+# MMPareto on three branches: three weights per step after warm-up, three counts.
+"$bin" --out "$work/mp" "${small[@]}" --epochs 2 --policy mmpareto >/dev/null 2>&1 \
+  || fail "the MMPareto run failed"
+/usr/bin/python3 - "$work/mp" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl")]
+steps = [r for r in recs if r["type"] == "step"]
+assert all(0 < s[f"fused_weight{k}"] < 1 for s in steps[8:] for k in range(3))
+assert [len(r["conflict_steps"]) for r in recs if r["type"] == "epoch"] == [3, 3]
+print("ok: MMPareto on three branches")
+PY
 "$bin" --out "$work/audio" "${small[@]}" --epochs 3 --audio-only >"$work/audio.out" 2>&1 \
   || fail "the audio-only run failed: $(tail -5 "$work/audio.out")"
 /usr/bin/python3 - "$work/audio" <<'PY'
