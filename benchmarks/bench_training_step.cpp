@@ -7,7 +7,10 @@
 //   turns; its counters are the ratios to vanilla;
 // - balancer only: next_step() + observe() on fixed gradients, i.e. what guided adds to a
 //   regular step, measured alone (more precise than any end-to-end ratio here);
-// - OGM-GE paired: vanilla, OGM-GE and OGM (no noise) taking turns, at batch 8 and 128.
+// - OGM-GE paired: vanilla, OGM-GE and OGM (no noise) taking turns, at batch 8 and 128;
+// - loss methods paired: vanilla, Gradient-Blending (a step's cost: the weighted loss; its
+//   measurement at the end of a super-epoch is per epoch) and MMPareto (one more backward
+//   pass of CE(y) and the combination) taking turns, at batch 8 and 128.
 #include <array>
 #include <chrono>
 #include <functional>
@@ -96,7 +99,7 @@ void BM_StepsPaired(benchmark::State& state) {
   state.counters["rebalance_over_vanilla"] = seconds[3] / seconds[0];
 }
 
-// A step of a gradient-modulating policy: the balancer forms the loss.
+// A step of a policy that needs the balancer's loss (gradient modulation, loss weights).
 template <class Policy>
 void modulated_step(Setup& s, Balancer<Policy>& balancer) {
   const StepKind kind = to_step_kind(balancer.next_plan());
@@ -123,6 +126,21 @@ void BM_OGMGEPaired(benchmark::State& state) {
   state.counters["ogm_over_vanilla"] = seconds[2] / seconds[0];
 }
 
+// Vanilla against Gradient-Blending and MMPareto, taking turns as in BM_StepsPaired.
+void BM_LossMethodsPaired(benchmark::State& state) {
+  const std::int64_t b = state.range(0);
+  Setup vanilla(b), blended(b), pareto(b);
+  Balancer<GradientBlendingPolicy> gblend(blended.net, GradientBlendingPolicy(2),
+                                          BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> mmpareto(pareto.net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  const std::array<std::function<void()>, 3> steps{
+      [&] { vanilla_step(vanilla); }, [&] { modulated_step(blended, gblend); },
+      [&] { modulated_step(pareto, mmpareto); }};
+  const std::array<double, 3> seconds = time_in_turns(state, steps);
+  state.counters["gblend_over_vanilla"] = seconds[1] / seconds[0];
+  state.counters["mmpareto_over_vanilla"] = seconds[2] / seconds[0];
+}
+
 void BM_BalancerObserveOnly(benchmark::State& state) {
   Setup s(state.range(0));
   GuidedBalancer balancer(s.net, GuidedPolicy(GuidedOptions().alpha(INFINITY)),
@@ -146,3 +164,4 @@ MMBALANCE_STEP_BENCH(8);
 MMBALANCE_STEP_BENCH(32);
 MMBALANCE_STEP_BENCH(128);
 BENCHMARK(BM_OGMGEPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
+BENCHMARK(BM_LossMethodsPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
