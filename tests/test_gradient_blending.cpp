@@ -200,9 +200,17 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
                                     "this epoch: call end_epoch(net, train_sample, held_out)"));
   const std::vector<MultiModalBatch> empty;
   CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), empty),
-                    Catch::Contains("Balancer::end_epoch: held_out: head_losses: the data is empty"));
+                    Catch::Contains("head_losses: the data is empty") &&
+                        Catch::Contains("Balancer::end_epoch: measuring held_out"));
   CHECK_THROWS_WITH(balancer.end_epoch(net, empty, batches(1, 1)),
-                    Catch::Contains("Balancer::end_epoch: train_sample: head_losses: the data is empty"));
+                    Catch::Contains("head_losses: the data is empty") &&
+                        Catch::Contains("Balancer::end_epoch: measuring train_sample"));
+  // A failure's own type survives (a caller may retry after freeing memory on this one).
+  const auto out_of_memory = [](at::Tensor&) { TORCH_CHECK_WITH(OutOfMemoryError, false, "simulated: out of memory"); };
+  CHECK_THROWS_AS(balancer.end_epoch(net, batches(1, 1), batches(1, 1), out_of_memory), c10::OutOfMemoryError);
+  CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), batches(1, 1), out_of_memory),
+                    Catch::Contains("simulated: out of memory") &&
+                        Catch::Contains("Balancer::end_epoch: measuring train_sample"));
   // Held-out data the network turns into non-finite losses: the policy's named refusal.
   std::vector<MultiModalBatch> poisoned = batches(3, 1);
   poisoned[0].x0.fill_(std::numeric_limits<float>::quiet_NaN());

@@ -553,3 +553,31 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
     for (std::size_t e = 0; e < got.size(); ++e) CHECK(got[e] == Approx(expected[p][e]).margin(1e-4 * scale));
   }
 }
+
+TEST_CASE("MMPareto: a loss() call that throws leaves what the step's earlier calls staged",
+          "[mmpareto][bad-input]") {
+  // A step with one good micro-batch and one whose output has no graph: the second call is
+  // refused and the step goes on as if only the first had been made.
+  const MultiModalBatch b = small_batch(8, 41);
+  const auto gradients = [&](bool failed_second_call) {
+    Net net = leaning_late_net(5);
+    Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+    balancer.next_plan();
+    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1), b.target);
+    loss.backward();
+    if (failed_second_call) {
+      ModelOutput detached;
+      {
+        torch::NoGradGuard no_grad;
+        detached = net->forward(b.x0, b.x1);
+      }
+      CHECK_THROWS_WITH(balancer.loss(detached, b.target), Catch::Contains("does not require a gradient"));
+    }
+    balancer.observe(loss);
+    std::vector<at::Tensor> g;
+    for (const auto& p : net->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  const auto once = gradients(false), after_failure = gradients(true);
+  for (std::size_t i = 0; i < once.size(); ++i) CHECK(at::equal(once[i], after_failure[i]));
+}

@@ -472,3 +472,30 @@ TEST_CASE("OGM-GE modulates up to modulation_ends, then leaves the gradients alo
     balancer.end_epoch();
   }
 }
+
+TEST_CASE("OGM-GE with gradient accumulation scores every micro-batch of the step", "[ogm-ge]") {
+  // Two micro-batches of 4 rows, each through balancer.loss, one observe: the coefficients
+  // of their heads and targets joined, not of the last micro-batch alone.
+  Net net = small_net(12);
+  Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.9).noise(false)),
+                                 BalancerOptions().warmup_epochs(0));
+  const auto b = small_batch(8, 13);
+  const StepKind kind = to_step_kind(balancer.next_plan());
+  std::vector<at::Tensor> h0, h1, targets;
+  at::Tensor last;
+  for (std::int64_t part = 0; part < 2; ++part) {
+    const at::Tensor x0 = b.x0.narrow(0, 4 * part, 4), x1 = b.x1.narrow(0, 4 * part, 4),
+                     y = b.target.narrow(0, 4 * part, 4);
+    const ModelOutput out = net->forward(x0, x1, kind);
+    h0.push_back(out.y0.detach());
+    h1.push_back(out.y1.detach());
+    targets.push_back(y);
+    last = balancer.loss(out, y);
+    last.backward();
+  }
+  balancer.observe(last);
+  const at::Tensor joined = OGMGEPolicy::coefficients({at::cat(h0), at::cat(h1)}, at::cat(targets), 0.9);
+  const at::Tensor only_last = OGMGEPolicy::coefficients({h0[1], h1[1]}, targets[1], 0.9);
+  REQUIRE_FALSE(at::allclose(joined, only_last));  // the two readings differ here
+  CHECK(at::allclose(balancer.policy().last_coefficients(), joined));
+}

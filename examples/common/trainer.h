@@ -346,25 +346,20 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
         }
-        if constexpr (requires { balancer.policy().last_coefficients(); }) {
-          // OGM-GE: each branch's gradient coefficient k_k (none in warm-up).
-          const at::Tensor& k = balancer.policy().last_coefficients();
-          if (k.defined() && !balancer.in_warmup()) {
-            const at::Tensor host = k.to(at::kCPU, at::kDouble);
-            for (std::int64_t j = 0; j < host.size(0); ++j) {
-              record[numbered("coefficient", static_cast<std::size_t>(j))] = host[j].item<double>();
-            }
+        // A policy's number per branch for this step, as name0, name1, ... (none in warm-up).
+        const auto per_branch = [&](const char* name, const at::Tensor& values) {
+          if (!values.defined() || balancer.in_warmup()) return;
+          const at::Tensor host = values.to(at::kCPU, at::kDouble);
+          for (std::int64_t j = 0; j < host.size(0); ++j) {
+            record[numbered(name, static_cast<std::size_t>(j))] = host[j].item<double>();
           }
+        };
+        if constexpr (requires { balancer.policy().last_coefficients(); }) {
+          per_branch("coefficient", balancer.policy().last_coefficients());  // OGM-GE: k_k
         }
         if constexpr (requires { balancer.policy().last_fused_weights(); }) {
-          // MMPareto: each branch's weight on the multimodal gradient (0.5: no conflict).
-          const at::Tensor& c = balancer.policy().last_fused_weights();
-          if (c.defined() && !balancer.in_warmup()) {
-            const at::Tensor host = c.to(at::kCPU, at::kDouble);
-            for (std::int64_t j = 0; j < host.size(0); ++j) {
-              record[numbered("fused_weight", static_cast<std::size_t>(j))] = host[j].item<double>();
-            }
-          }
+          // MMPareto: the weight on the multimodal gradient (0.5: no conflict).
+          per_branch("fused_weight", balancer.policy().last_fused_weights());
         }
         log << record.dump() << '\n';
       }

@@ -129,6 +129,7 @@ PY
 import json, sys
 recs = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl")]
 steps = [r for r in recs if r["type"] == "step"]
+assert len(steps) == 16 and all("fused_weight0" not in s for s in steps[:8])
 assert all(0 < s[f"fused_weight{k}"] < 1 for s in steps[8:] for k in range(3))
 assert [len(r["conflict_steps"]) for r in recs if r["type"] == "epoch"] == [3, 3]
 print("ok: MMPareto on three branches")

@@ -187,7 +187,9 @@ class Balancer {
   /// backward pass of CE(y), keeping the graph for your `backward()`; added up over the
   /// calls of one step, for gradient accumulation). `scale` multiplies the returned loss:
   /// pass the factor you would multiply it by (e.g. a data-parallel rank's share of an
-  /// uneven global batch) so that such a policy sees its gradients scaled alike.
+  /// uneven global batch) so that such a policy sees its gradients scaled alike. With
+  /// gradient accumulation call it for each micro-batch: the heads and targets of a step's
+  /// calls are joined (rows in call order). If it throws, what it staged before stays.
   at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
@@ -199,12 +201,20 @@ class Balancer {
     }
     if (!total.defined()) total = modality_specific_loss(out, target);
     if constexpr (kFormsLoss) {
-      staged_heads_.clear();
-      for (const at::Tensor& h : out.heads) staged_heads_.push_back(h.detach());
-      staged_target_ = target;
-    }
-    if constexpr (NeedsFusedGradients<Policy>) {
-      if (!in_warmup()) stage_fused_gradients(out, target, scale);
+      // Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
+      std::vector<at::Tensor> heads;
+      for (std::size_t k = 0; k < out.heads.size(); ++k) {
+        const at::Tensor h = out.heads[k].detach();
+        heads.push_back(staged_heads_.empty() ? h : at::cat({staged_heads_[k], h}));
+      }
+      at::Tensor targets = staged_heads_.empty() ? target : at::cat({staged_target_, target});
+      std::vector<std::vector<at::Tensor>> fused;
+      if constexpr (NeedsFusedGradients<Policy>) {
+        if (!in_warmup()) fused = accumulated_fused_gradients(out, target, scale);
+      }
+      staged_heads_ = std::move(heads);
+      staged_target_ = std::move(targets);
+      staged_fused_gradients_ = std::move(fused);
     }
     return scale == 1.0 ? total : total * scale;
   }
@@ -242,11 +252,6 @@ class Balancer {
       const auto modulate = [&] {
         if constexpr (ModulatesGradients<Policy>) {
           if (!in_warmup()) {
-            if constexpr (NeedsFusedGradients<Policy>) {
-              TORCH_CHECK(staged_fused_gradients_.size() == branches(), "Balancer::observe: ",
-                          policy_type(), " needs the fused loss's gradients, which loss() computes "
-                          "after warm-up; form this step's loss with balancer.loss(out, target)");
-            }
             policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_,
                                                      sum_across_ranks, epoch_, staged_fused_gradients_});
           }
@@ -323,9 +328,9 @@ class Balancer {
         const auto measure = [&](auto&& data, const char* which) {
           try {
             return head_losses(net, data, sum);
-          } catch (const c10::Error& e) {
-            C10_THROW_ERROR(Error, std::string("Balancer::end_epoch: ") + which + ": " +
-                                       e.what_without_backtrace());
+          } catch (c10::Error& e) {  // named where it happened, its type kept (e.g. out of memory)
+            e.add_context(std::string("Balancer::end_epoch: measuring ") + which);
+            throw;
           }
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
@@ -537,6 +542,7 @@ class Balancer {
     }
     policy_ = std::move(policy);
     pending_.reset();
+    release_step_outputs();
   }
 
  private:
@@ -600,20 +606,18 @@ class Balancer {
     staged_fused_gradients_.clear();
   }
 
-  // Adds ∂(scale·CE(y, target))/∂θ_k to the step's staged fused gradients (several loss()
+  // The step's staged fused gradients plus ∂(scale·CE(y, target))/∂θ_k (several loss()
   // calls in one step: accumulated micro-batches, as backward() adds their gradients up).
-  void stage_fused_gradients(const NWayOutput& out, const at::Tensor& target, double scale) {
-    std::vector<std::vector<at::Tensor>> fresh = fused_gradients(out, target, scale);
-    if (staged_fused_gradients_.empty()) {
-      staged_fused_gradients_ = std::move(fresh);
-      return;
-    }
-    for (std::size_t k = 0; k < fresh.size(); ++k) {
-      for (std::size_t i = 0; i < fresh[k].size(); ++i) {
-        at::Tensor& staged = staged_fused_gradients_[k][i];
-        if (staged.defined()) staged = staged + fresh[k][i];
+  std::vector<std::vector<at::Tensor>> accumulated_fused_gradients(const NWayOutput& out, const at::Tensor& target,
+                                                                   double scale) const {
+    std::vector<std::vector<at::Tensor>> sum = fused_gradients(out, target, scale);
+    if (staged_fused_gradients_.empty()) return sum;
+    for (std::size_t k = 0; k < sum.size(); ++k) {
+      for (std::size_t i = 0; i < sum[k].size(); ++i) {
+        if (sum[k][i].defined()) sum[k][i] = sum[k][i] + staged_fused_gradients_[k][i];
       }
     }
+    return sum;
   }
 
   // ∂(scale·CE(y, target))/∂θ_k for every branch parameter that requires a gradient

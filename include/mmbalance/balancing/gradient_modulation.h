@@ -50,9 +50,10 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
 /// from the whole batch. In data-parallel training the gradients are the ranks' average
 /// already, identical on every rank. `epoch` is the balancer's epoch (counting warm-up).
 /// For a policy that `NeedsFusedGradients`, `fused_gradients[k][i]` is the gradient of the
-/// fused output's loss CE(y, target) alone with respect to `branch_parameters[k][i]`
-/// (undefined for a parameter that does not require a gradient), this rank's own: it is
-/// not averaged over the ranks. Empty for other policies.
+/// fused output's loss alone, scale·CE(y, target) summed over the step's `loss()` calls,
+/// with respect to `branch_parameters[k][i]` (undefined for a parameter that does not
+/// require a gradient), this rank's own: it is not averaged over the ranks. Empty for
+/// other policies.
 struct StepGradients {
   const std::vector<at::Tensor>& heads;
   const at::Tensor& target;
