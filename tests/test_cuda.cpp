@@ -204,6 +204,37 @@ TEST_CASE("CUDA: OGM-GE modulates on the GPU as on the CPU, noise included", "[c
   }
 }
 
+TEST_CASE("CUDA: MMPareto combines on the GPU as on the CPU, conflicts included", "[cuda][mmpareto]") {
+  if (!torch::cuda::is_available()) return;
+  const at::Device cuda(at::kCUDA, 0);
+  // Heads leaning apart make branch 0's gradients conflict: the min-norm path runs too.
+  Net cpu = leaning_late_net(9), gpu = leaning_late_net(9);
+  gpu->to(cuda);
+  auto opt_cpu = make_sgd(cpu);
+  auto opt_gpu = make_sgd(gpu);
+  Balancer<MMParetoPolicy> bal_cpu(cpu, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> bal_gpu(gpu, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<MMParetoPolicy>& bal, const at::Device& device) {
+    for (int i = 0; i < 6; ++i) {
+      const auto b = small_batch(8, static_cast<std::uint64_t>(60 + i));
+      bal.next_plan();
+      const at::Tensor loss = bal.loss(net->forward(b.x0.to(device), b.x1.to(device)), b.target.to(device));
+      opt.zero_grad();
+      loss.backward();
+      bal.observe(loss);
+      opt.step();
+    }
+  };
+  train(cpu, opt_cpu, bal_cpu, at::kCPU);
+  train(gpu, opt_gpu, bal_gpu, cuda);
+  CHECK(bal_gpu.policy().conflict_steps().device() == cuda);
+  CHECK(bal_cpu.policy().conflict_steps()[0].item<std::int64_t>() > 0);
+  CHECK(bal_gpu.policy().conflict_steps()[0].item<std::int64_t>() > 0);
+  CHECK(torch::allclose(bal_cpu.policy().last_fused_weights(), bal_gpu.policy().last_fused_weights().cpu(),
+                        1e-3, 1e-4));
+  CHECK(max_abs_difference(cpu, gpu) < 1e-3);
+}
+
 TEST_CASE("CUDA: a checkpoint with speeds pending (SpeedRead::previous_step) resumes on the GPU",
           "[cuda][checkpoint]") {
   if (!torch::cuda::is_available()) return;
