@@ -117,14 +117,14 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
       if constexpr (two_branches) {
         const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepKind kind = balancer.next_step();
-        return std::pair(kind, balancer.loss(net->forward(share(b.x0), share(b.x1), kind),
-                                             share(b.target)));
+        const at::Tensor x0 = share(b.x0), x1 = share(b.x1);
+        return std::pair(kind, balancer.loss(net->forward(x0, x1, kind), share(b.target), {x0, x1}));
       } else {
         const auto b = n_way_batch(net->num_branches(), kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepPlan plan = balancer.next_plan();
         std::vector<at::Tensor> inputs;
         for (const auto& x : b.inputs) inputs.push_back(share(x));
-        return std::pair(plan, balancer.loss(net->forward(inputs, plan), share(b.target)));
+        return std::pair(plan, balancer.loss(net->forward(inputs, plan), share(b.target), inputs));
       }
     }();
     optimizer.zero_grad();
@@ -269,6 +269,20 @@ TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process 
   CHECK(single[0].item<std::int64_t>() > 0);
   CHECK(at::equal(ended[1].conflict_steps(), single));
   CHECK(at::equal(ended[2].conflict_steps(), single));
+}
+
+TEST_CASE("DataParallel, AGM: 2 ranks scale the gradients of one process on the combined "
+          "batches", "[distributed][agm]") {
+  // Each rank runs the masked passes on its rows; the scores' sums and row counts are
+  // added up over the ranks before the coefficients: MMTM, late fusion, three branches.
+  const auto ended = check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)));
+  check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)), at::kCPU, leaning_late_net);
+  check_matches_single_process(AGMPolicy(3, AGMOptions().alpha(0.5)), at::kCPU, small_three_way);
+  // The running means are the same everywhere, and the coefficients did modulate.
+  for (const auto& p : ended) CHECK(at::allclose(p.running_scores(), ended[0].running_scores(), 1e-6, 1e-9));
+  CHECK(at::equal(ended[1].running_scores(), ended[2].running_scores()));
+  CHECK(ended[0].modulated_steps().item<std::int64_t>() > 0);
+  CHECK((ended[0].last_coefficients() - 1).abs().max().item<double>() > 1e-4);
 }
 
 // Gradient-Blending that keeps every measurement and the weights after it.

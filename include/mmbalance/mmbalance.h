@@ -2,6 +2,7 @@
 /// \file
 /// mmbalance: balanced multi-modal learning on LibTorch. The umbrella header.
 
+#include "mmbalance/balancing/agm.h"
 #include "mmbalance/balancing/balancer.h"
 #include "mmbalance/balancing/gradient_blending.h"
 #include "mmbalance/balancing/gradient_modulation.h"

@@ -30,6 +30,7 @@
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/model/eval_mode.h"
 #include "mmbalance/model/loss.h"
 #include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
@@ -124,6 +125,7 @@ class Balancer {
         gate_means_(net->gate_means()),
         epoch_counts_(branches() + 1, 0),
         total_counts_(branches() + 1, 0) {
+    if constexpr (NeedsMaskedOutputs<Policy>) fused_forward_ = fused_forward(net);
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
@@ -141,7 +143,7 @@ class Balancer {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
                   "modules (late fusion): use a policy that needs none (VanillaPolicy, "
-                  "OGMGEPolicy, GradientBlendingPolicy, MMParetoPolicy) or a network with fusion modules");
+                  "OGMGEPolicy, GradientBlendingPolicy, MMParetoPolicy, AGMPolicy) or a network with fusion modules");
     }
   }
 
@@ -190,38 +192,28 @@ class Balancer {
   /// uneven global batch) so that such a policy sees its gradients scaled alike. With
   /// gradient accumulation call it for each micro-batch: the heads and targets of a step's
   /// calls are joined (rows in call order). If it throws, what it staged before stays.
+  /// A policy that `NeedsMaskedOutputs` (AGM) needs the step's inputs: use the overload
+  /// that takes them.
   at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0) {
-    TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
-    TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
-                " heads, the network ", branches(), " branches");
-    TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
-    at::Tensor total;
-    if constexpr (WeighsLosses<Policy>) {
-      if (!in_warmup()) total = weighted_loss(out, target);
-    }
-    if (!total.defined()) total = modality_specific_loss(out, target);
-    if constexpr (kFormsLoss) {
-      // Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
-      std::vector<at::Tensor> heads;
-      for (std::size_t k = 0; k < out.heads.size(); ++k) {
-        const at::Tensor h = out.heads[k].detach();
-        heads.push_back(staged_heads_.empty() ? h : at::cat({staged_heads_[k], h}));
-      }
-      at::Tensor targets = staged_heads_.empty() ? target : at::cat({staged_target_, target});
-      std::vector<std::vector<at::Tensor>> fused;
-      if constexpr (NeedsFusedGradients<Policy>) {
-        if (!in_warmup()) fused = accumulated_fused_gradients(out, target, scale);
-      }
-      staged_heads_ = std::move(heads);
-      staged_target_ = std::move(targets);
-      staged_fused_gradients_ = std::move(fused);
-    }
-    return scale == 1.0 ? total : total * scale;
+    return form_loss(out, target, nullptr, scale);
+  }
+
+  /// `loss(out, target, scale)` with the step's inputs, one per branch in branch order,
+  /// from which a policy that `NeedsMaskedOutputs` (AGM) has the network's fused output
+  /// computed with modalities masked (2^N − 2 forward passes in eval mode without
+  /// gradient after warm-up, the absent inputs zeroed). Other policies ignore them.
+  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
+                  double scale = 1.0) {
+    return form_loss(out, target, &inputs, scale);
   }
 
   /// The same for a two-branch network's output.
   at::Tensor loss(const ModelOutput& out, const at::Tensor& target, double scale = 1.0) {
     return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, scale);
+  }
+  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
+                  double scale = 1.0) {
+    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, inputs, scale);
   }
 
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
@@ -253,7 +245,8 @@ class Balancer {
         if constexpr (ModulatesGradients<Policy>) {
           if (!in_warmup()) {
             policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_,
-                                                     sum_across_ranks, epoch_, staged_fused_gradients_});
+                                                     sum_across_ranks, epoch_, staged_fused_gradients_,
+                                                     staged_subset_outputs_});
           }
         }
       };
@@ -546,6 +539,91 @@ class Balancer {
   }
 
  private:
+  at::Tensor form_loss(const NWayOutput& out, const at::Tensor& target, const std::vector<at::Tensor>* inputs,
+                       double scale) {
+    TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
+    TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
+                " heads, the network ", branches(), " branches");
+    TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
+    if constexpr (NeedsMaskedOutputs<Policy>) {
+      TORCH_CHECK(inputs != nullptr, "Balancer::loss: ", policy_type(), " runs the network with "
+                  "modalities masked and needs the step's inputs: balancer.loss(out, target, {x0, x1, ...})");
+      check_inputs(*inputs, target);
+    }
+    at::Tensor total;
+    if constexpr (WeighsLosses<Policy>) {
+      if (!in_warmup()) total = weighted_loss(out, target);
+    }
+    if (!total.defined()) total = modality_specific_loss(out, target);
+    if constexpr (kFormsLoss) {
+      // Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
+      std::vector<at::Tensor> heads;
+      for (std::size_t k = 0; k < out.heads.size(); ++k) {
+        const at::Tensor h = out.heads[k].detach();
+        heads.push_back(staged_heads_.empty() ? h : at::cat({staged_heads_[k], h}));
+      }
+      at::Tensor targets = staged_heads_.empty() ? target : at::cat({staged_target_, target});
+      std::vector<std::vector<at::Tensor>> fused;
+      if constexpr (NeedsFusedGradients<Policy>) {
+        if (!in_warmup()) fused = accumulated_fused_gradients(out, target, scale);
+      }
+      std::vector<at::Tensor> subsets;
+      if constexpr (NeedsMaskedOutputs<Policy>) {
+        if (!in_warmup()) subsets = accumulated_subset_outputs(out, *inputs);
+      }
+      staged_heads_ = std::move(heads);
+      staged_target_ = std::move(targets);
+      staged_fused_gradients_ = std::move(fused);
+      staged_subset_outputs_ = std::move(subsets);
+    }
+    return scale == 1.0 ? total : total * scale;
+  }
+
+  // The inputs a masking policy runs the network on: one per branch, a row per target.
+  void check_inputs(const std::vector<at::Tensor>& inputs, const at::Tensor& target) const {
+    TORCH_CHECK(inputs.size() == branches(), "Balancer::loss: ", inputs.size(), " inputs for a "
+                "network of ", branches(), " branches");
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      TORCH_CHECK(inputs[k].defined() && inputs[k].dim() >= 1 && target.defined() && target.dim() >= 1 &&
+                      inputs[k].size(0) == target.size(0),
+                  "Balancer::loss: input ", k, " is ", detail::shape_string(inputs[k]), ", the targets ",
+                  detail::shape_string(target), "; every input needs a row per target");
+    }
+  }
+
+  // The network's fused output y on given inputs, for a policy's masked passes: eval mode
+  // (every submodule's own mode restored after), no gradient, a regular plan.
+  template <class Net>
+  static std::function<at::Tensor(const std::vector<at::Tensor>&)> fused_forward(Net net) {
+    return [net](const std::vector<at::Tensor>& x) mutable {
+      EvalModeGuard<Net> eval(net);
+      if constexpr (requires { net->forward(x, StepPlan::regular()); }) {
+        return net->forward(x, StepPlan::regular()).y;
+      } else {
+        return net->forward(x[0], x[1]).y;
+      }
+    };
+  }
+
+  // The step's staged masked outputs with this call's rows appended: y with the modalities
+  // of each bit mask present (0: not run; all: the step's own y).
+  std::vector<at::Tensor> accumulated_subset_outputs(const NWayOutput& out, const std::vector<at::Tensor>& inputs) const {
+    const std::size_t all = (std::size_t{1} << branches()) - 1;
+    std::vector<at::Tensor> v(all + 1);
+    for (std::size_t s = 1; s < all; ++s) {
+      std::vector<at::Tensor> masked;
+      for (std::size_t k = 0; k < inputs.size(); ++k) {
+        masked.push_back(s & (std::size_t{1} << k) ? inputs[k] : at::zeros_like(inputs[k]));
+      }
+      v[s] = fused_forward_(masked);
+    }
+    v[all] = out.y.detach();
+    if (!staged_subset_outputs_.empty()) {
+      for (std::size_t s = 1; s <= all; ++s) v[s] = at::cat({staged_subset_outputs_[s], v[s]});
+    }
+    return v;
+  }
+
   void check_observed(const char* caller) const {
     TORCH_CHECK(!pending_, caller, ": the previous step (", to_string(*pending_),
                 ") was not observed; call observe(loss) after backward()");
@@ -604,6 +682,7 @@ class Balancer {
     staged_heads_.clear();
     staged_target_ = at::Tensor();
     staged_fused_gradients_.clear();
+    staged_subset_outputs_.clear();
   }
 
   // The step's staged fused gradients plus ∂(scale·CE(y, target))/∂θ_k (several loss()
@@ -836,6 +915,10 @@ class Balancer {
   at::Tensor staged_target_;
   // ∂CE(y)/∂θ_k of the step, for a policy that `NeedsFusedGradients` (after warm-up).
   std::vector<std::vector<at::Tensor>> staged_fused_gradients_;
+  // y with modalities masked, for a policy that `NeedsMaskedOutputs` (after warm-up).
+  std::vector<at::Tensor> staged_subset_outputs_;
+  // Runs the network for those masked passes (only for such a policy).
+  std::function<at::Tensor(const std::vector<at::Tensor>&)> fused_forward_;
   std::optional<StepPlan> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;

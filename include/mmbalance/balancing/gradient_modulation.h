@@ -53,7 +53,10 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
 /// fused output's loss alone, scale·CE(y, target) summed over the step's `loss()` calls,
 /// with respect to `branch_parameters[k][i]` (undefined for a parameter that does not
 /// require a gradient), this rank's own: it is not averaged over the ranks. Empty for
-/// other policies.
+/// other policies. For a policy that `NeedsMaskedOutputs`, `subset_outputs[S]` is the fused
+/// output y of the step's rows with only the modalities in bit mask S present (the
+/// others' inputs zeroed; eval mode, no gradient), `subset_outputs[2^N − 1]` the step's own
+/// y (detached) and `subset_outputs[0]` undefined; empty for other policies.
 struct StepGradients {
   const std::vector<at::Tensor>& heads;
   const at::Tensor& target;
@@ -61,8 +64,10 @@ struct StepGradients {
   const std::function<void(at::Tensor&)>& sum_across_ranks;
   std::int64_t epoch = 0;
   const std::vector<std::vector<at::Tensor>>& fused_gradients = kNoFusedGradients;
+  const std::vector<at::Tensor>& subset_outputs = kNoSubsetOutputs;
 
   static inline const std::vector<std::vector<at::Tensor>> kNoFusedGradients{};
+  static inline const std::vector<at::Tensor> kNoSubsetOutputs{};
 };
 
 /// A policy that changes branch gradients after `backward()`, before the optimizer step.
@@ -81,5 +86,14 @@ concept ModulatesGradients = requires(P& p, const StepGradients& g) { p.modulate
 /// and hands it to the hook as `StepGradients::fused_gradients`.
 template <class P>
 concept NeedsFusedGradients = ModulatesGradients<P> && requires { requires bool(P::needs_fused_gradients); };
+
+/// A gradient-modulating policy that measures what each modality contributes by masking
+/// the others (AGM) declares `static constexpr bool needs_masked_outputs = true`. Its loop
+/// passes the step's inputs, `balancer.loss(out, target, {x0, x1})`, and after warm-up the
+/// balancer runs the network on them once per proper non-empty subset of modalities (eval
+/// mode, no gradient, the absent inputs zeroed: 2^N − 2 forward passes) and hands the
+/// outputs to the hook as `StepGradients::subset_outputs`.
+template <class P>
+concept NeedsMaskedOutputs = ModulatesGradients<P> && requires { requires bool(P::needs_masked_outputs); };
 
 }  // namespace mmbalance
