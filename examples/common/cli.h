@@ -30,7 +30,7 @@ struct CommonFlags {
 
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy, "balancing policy")
-        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto"}))->capture_default_str();
+        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"}))->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
@@ -51,6 +51,11 @@ struct CommonFlags {
         ->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--mmpareto-gamma", cfg.mmpareto_gamma,
                    "mmpareto: the magnitude rule's factor on every combined gradient (the original: 1.5)")
+        ->check(CLI::Range(1e-6, 1e6))->capture_default_str();
+    app.add_option("--agm-alpha", cfg.agm_alpha, "agm: modulation strength (the original: 0.1)")
+        ->check(CLI::Range(0.0, 1e3))->capture_default_str();
+    app.add_option("--agm-max-gap", cfg.agm_max_gap,
+                   "agm: cap on the running-mean ratio minus the step's ratio in the coefficient (the original: 10)")
         ->check(CLI::Range(1e-6, 1e6))->capture_default_str();
     app.add_option("--lr", cfg.lr, "SGD learning rate")->check(CLI::PositiveNumber)->capture_default_str();
     app.add_option("--momentum", cfg.momentum, "SGD momentum")->check(CLI::Range(0.0, 1.0))->capture_default_str();
@@ -137,6 +142,7 @@ struct CommonFlags {
             {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
             {"gblend_super_epoch", cfg.gblend_super_epoch}, {"gblend_held_out", cfg.gblend_held_out},
             {"mmpareto_gamma", cfg.mmpareto_gamma},
+            {"agm_alpha", cfg.agm_alpha}, {"agm_max_gap", cfg.agm_max_gap},
             {"lr", cfg.lr},
             {"momentum", cfg.momentum}, {"epochs", cfg.epochs},
             {"warmup_epochs", cfg.warmup_epochs}, {"batch_size", cfg.batch_size},
@@ -166,6 +172,10 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
   if (cfg.policy == "mmpareto") {  // any number of branches; late fusion too
     const auto mmpareto = MMParetoOptions().gamma(cfg.mmpareto_gamma);
     return train_and_evaluate(net, MMParetoPolicy(num_heads(net), mmpareto), data, cfg, args, pg);
+  }
+  if (cfg.policy == "agm") {  // any number of branches (2^N - 2 masked passes a step); late fusion too
+    const auto agm = AGMOptions().alpha(cfg.agm_alpha).max_gap(cfg.agm_max_gap);
+    return train_and_evaluate(net, AGMPolicy(num_heads(net), agm), data, cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);

@@ -43,6 +43,8 @@ struct TrainConfig {
   std::int64_t gblend_super_epoch = 2;
   double gblend_held_out = 0.1;
   double mmpareto_gamma = 1.5;
+  double agm_alpha = 0.1;
+  double agm_max_gap = 10.0;
   double lr = 0.01;
   double momentum = 0.9;
   std::int64_t epochs = 10;
@@ -311,11 +313,11 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const StepPlan plan = balancer.next_plan();
       const NWayOutput out = forward_plan(net, x, plan);
       // The balancer forms the loss (a gradient-modulating policy takes the step's heads
-      // from it). Each rank's mean loss weighted by its share of the rows, so that the
-      // average over ranks is the mean over the global batch even when shares differ by
-      // one; the balancer scales what it computes from the loss alike.
+      // from it, AGM the inputs for its masked passes). Each rank's mean loss weighted by
+      // its share of the rows, so that the average over ranks is the mean over the global
+      // batch even when shares differ by one; the balancer scales what it computes alike.
       const double share = static_cast<double>(idx.size(0) * world) / static_cast<double>(rows);
-      const at::Tensor loss = balancer.loss(out, y, share);
+      const at::Tensor loss = balancer.loss(out, y, x, share);
       optimizer.zero_grad();
       loss.backward();
       if (dp) {
@@ -355,7 +357,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
           }
         };
         if constexpr (requires { balancer.policy().last_coefficients(); }) {
-          per_branch("coefficient", balancer.policy().last_coefficients());  // OGM-GE: k_k
+          per_branch("coefficient", balancer.policy().last_coefficients());  // OGM-GE, AGM: k_k
         }
         if constexpr (requires { balancer.policy().last_fused_weights(); }) {
           // MMPareto: the weight on the multimodal gradient (0.5: no conflict).
@@ -422,6 +424,11 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     }
     if constexpr (requires { balancer.policy().conflict_steps(); }) {
       record["conflict_steps"] = conflict_steps_json(balancer.policy());
+    }
+    if constexpr (requires { balancer.policy().running_scores(); }) {
+      // AGM: the running means of each branch's mono-modal score (what r̄ is made of).
+      const at::Tensor scores = balancer.policy().running_scores().to(at::kCPU).contiguous();
+      record["running_scores"] = std::vector<double>(scores.data_ptr<double>(), scores.data_ptr<double>() + scores.numel());
     }
     if (writer) log << record.dump() << std::endl;
     std::fprintf(stderr, "  validation %s | test %s\n", describe(val).c_str(), describe(test).c_str());

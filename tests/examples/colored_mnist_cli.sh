@@ -27,6 +27,8 @@ expect_error "--gblend-held-out" "$work/a" -- "$bin" --out "$work/a" --policy gb
 expect_error "--gblend-super-epoch" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-super-epoch 0
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma 0
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma -1.5
+expect_error "--agm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-alpha -0.1
+expect_error "--agm-max-gap" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-max-gap 0
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -185,5 +187,34 @@ assert a["args"]["policy"] == "mmpareto" and a["args"]["mmpareto_gamma"] == 1.2
 assert a["conflict_steps_total"] == epochs[-1]["conflict_steps"], a["conflict_steps_total"]
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: MMPareto logs its weights and conflicts and resumes exactly; conflicts", conflicts)
+PY
+# AGM: every step regular; after the warm-up epoch each step logs each branch's
+# coefficient, which moves away from 1 (exp(alpha * (r_mean - r)), capped); each epoch the
+# running mean scores (zeros in warm-up); interrupted after 2 epochs and resumed, the same
+# steps, coefficients, scores and result.
+agm=(--policy agm --agm-alpha 0.5 --agm-max-gap 7)
+"$bin" --out "$work/agm" "${small[@]}" --data-dir "$work/data" --epochs 3 "${agm[@]}" >/dev/null 2>&1 \
+  || fail "the AGM run failed"
+"$bin" --out "$work/agm-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${agm[@]}" >/dev/null 2>&1 \
+  || fail "the first AGM part failed"
+"$bin" --out "$work/agm-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${agm[@]}" \
+  --resume "$work/agm-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed AGM part failed"
+/usr/bin/python3 - "$work/agm" "$work/agm-part" <<'PY'
+import json, math, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+steps = [r for r in full if r["type"] == "step"]
+assert len(steps) == 3 * 8 and {s["kind"] for s in steps} == {"regular"}
+assert all("coefficient0" not in s for s in steps[:8]), "modulated in warm-up"
+coefficients = [s[f"coefficient{k}"] for s in steps[8:] for k in range(2)]
+assert all(0 < c <= math.exp(0.5 * 7) * (1 + 1e-12) for c in coefficients), coefficients
+assert max(abs(c - 1) for c in coefficients) > 1e-3, "no modulation"
+epochs = [r for r in full if r["type"] == "epoch"]
+assert epochs[0]["running_scores"] == [0, 0] and all(s > 0 for s in epochs[-1]["running_scores"]), epochs
+assert [r for r in part if r["type"] == "step"] == steps, "resumed AGM run differs"
+assert [r["running_scores"] for r in part if r["type"] == "epoch"] == [e["running_scores"] for e in epochs]
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "agm" and a["args"]["agm_alpha"] == 0.5 and a["args"]["agm_max_gap"] == 7
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: AGM logs its coefficients and running scores and resumes exactly")
 PY
 echo "colored_mnist CLI: all checks passed"

@@ -84,6 +84,18 @@ assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "mmpa
 print("ok: MMPareto over 2 ranks")
 PY
 
+# AGM over 2 ranks: both ranks' masked passes make one set of scores, logged by rank 0.
+"$launch" 2 "$work/logs-agm" "$bin" --out "$work/dist-agm" "${base[@]}" --policy agm --agm-alpha 0.5 \
+  --epochs 2 --dist-timeout 20 >/dev/null || fail "2-rank AGM run failed: $(tail -n 3 "$work"/logs-agm/rank-*.log)"
+/usr/bin/python3 - "$work/dist-agm" <<'PY'
+import json, sys
+steps = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
+assert len(steps) == 16 and all("coefficient0" not in s for s in steps[:8])
+assert all(s[f"coefficient{k}"] > 0 for s in steps[8:] for k in range(2))
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "agm"
+print("ok: AGM over 2 ranks")
+PY
+
 # Rank 0's checkpoint resumes in 1 process.
 "$bin" --out "$work/dist" "${small[@]}" --epochs 3 --resume "$work/dist/checkpoint-last.pt" >/dev/null 2>&1 \
   || fail "1-process resume of the 2-rank checkpoint failed"

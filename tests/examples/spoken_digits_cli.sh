@@ -134,6 +134,19 @@ assert all(0 < s[f"fused_weight{k}"] < 1 for s in steps[8:] for k in range(3))
 assert [len(r["conflict_steps"]) for r in recs if r["type"] == "epoch"] == [3, 3]
 print("ok: MMPareto on three branches")
 PY
+# AGM on three branches: 6 masked passes a step, three coefficients and running scores.
+"$bin" --out "$work/agm" "${small[@]}" --epochs 2 --policy agm --agm-alpha 0.5 >/dev/null 2>&1 \
+  || fail "the AGM run failed"
+/usr/bin/python3 - "$work/agm" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl")]
+steps = [r for r in recs if r["type"] == "step"]
+assert len(steps) == 16 and all("coefficient0" not in s for s in steps[:8])
+assert all(s[f"coefficient{k}"] > 0 for s in steps[8:] for k in range(3))
+assert max(abs(s[f"coefficient{k}"] - 1) for s in steps[8:] for k in range(3)) > 1e-4
+assert [len(r["running_scores"]) for r in recs if r["type"] == "epoch"] == [3, 3]
+print("ok: AGM on three branches")
+PY
 "$bin" --out "$work/audio" "${small[@]}" --epochs 3 --audio-only >"$work/audio.out" 2>&1 \
   || fail "the audio-only run failed: $(tail -5 "$work/audio.out")"
 /usr/bin/python3 - "$work/audio" <<'PY'
