@@ -103,7 +103,7 @@ void BM_StepsPaired(benchmark::State& state) {
 template <class Policy>
 void modulated_step(Setup& s, Balancer<Policy>& balancer) {
   const StepKind kind = to_step_kind(balancer.next_plan());
-  auto loss = balancer.loss(s.net->forward(s.data.x0, s.data.x1, kind), s.data.target);
+  auto loss = balancer.loss(s.net->forward(s.data.x0, s.data.x1, kind), s.data.target, {s.data.x0, s.data.x1});
   s.optimizer.zero_grad();
   loss.backward();
   balancer.observe(loss);
@@ -126,19 +126,21 @@ void BM_OGMGEPaired(benchmark::State& state) {
   state.counters["ogm_over_vanilla"] = seconds[2] / seconds[0];
 }
 
-// Vanilla against Gradient-Blending and MMPareto, taking turns as in BM_StepsPaired.
+// Vanilla against Gradient-Blending, MMPareto and AGM, taking turns as in BM_StepsPaired.
 void BM_LossMethodsPaired(benchmark::State& state) {
   const std::int64_t b = state.range(0);
-  Setup vanilla(b), blended(b), pareto(b);
+  Setup vanilla(b), blended(b), pareto(b), adaptive(b);
   Balancer<GradientBlendingPolicy> gblend(blended.net, GradientBlendingPolicy(2),
                                           BalancerOptions().warmup_epochs(0));
   Balancer<MMParetoPolicy> mmpareto(pareto.net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
-  const std::array<std::function<void()>, 3> steps{
+  Balancer<AGMPolicy> agm(adaptive.net, AGMPolicy(2), BalancerOptions().warmup_epochs(0));
+  const std::array<std::function<void()>, 4> steps{
       [&] { vanilla_step(vanilla); }, [&] { modulated_step(blended, gblend); },
-      [&] { modulated_step(pareto, mmpareto); }};
-  const std::array<double, 3> seconds = time_in_turns(state, steps);
+      [&] { modulated_step(pareto, mmpareto); }, [&] { modulated_step(adaptive, agm); }};
+  const std::array<double, 4> seconds = time_in_turns(state, steps);
   state.counters["gblend_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["mmpareto_over_vanilla"] = seconds[2] / seconds[0];
+  state.counters["agm_over_vanilla"] = seconds[3] / seconds[0];
 }
 
 void BM_BalancerObserveOnly(benchmark::State& state) {
