@@ -108,14 +108,12 @@ template <class NetT>
 std::vector<at::Tensor> masked_outputs(NetT& net, const std::vector<at::Tensor>& x) {
   const std::size_t all = (std::size_t{1} << x.size()) - 1;
   std::vector<at::Tensor> v(all + 1);
-  torch::NoGradGuard no_grad;
-  net->eval();
+  EvalModeGuard<NetT> eval(net);
   for (std::size_t s = 1; s < all; ++s) {
     std::vector<at::Tensor> masked;
     for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : at::zeros_like(x[k]));
     v[s] = forward(net, masked).y.to(at::kDouble);
   }
-  net->train();
   return v;
 }
 
@@ -140,6 +138,17 @@ void check_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tens
                                  double alpha) {
   const std::size_t n = x.size();
   copy_state(net, twin);
+  // A BatchNorm frozen in eval mode inside the training network stays frozen.
+  const auto first_norm = [](auto& model) {
+    for (const auto& m : model->modules(/*include_self=*/false)) {
+      if (m->name().find("BatchNorm") != std::string::npos) return m;
+    }
+    return std::shared_ptr<torch::nn::Module>();
+  };
+  const auto frozen = first_norm(net);
+  REQUIRE(frozen);
+  frozen->eval();
+  first_norm(twin)->eval();
   // The twin: the train-mode step as the balancer's, then the masked outputs (eval mode,
   // with the BatchNorm statistics that step updated).
   // A plain balancer commits the twin's gates as the AGM one commits the network's.
@@ -195,7 +204,7 @@ void check_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tens
     INFO(b.key());
     CHECK(at::equal(b.value(), tb[b.key()]));
   }
-  for (const auto& m : net->modules()) CHECK(m->is_training());
+  for (const auto& m : net->modules()) CHECK(m->is_training() == (m != frozen));
 }
 
 }  // namespace
@@ -243,6 +252,8 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   const at::Tensor t2 = at::tensor({1, 0}, at::kLong);
   const double s_a2 = std::log(4.0 / 3), s_v2 = std::log(4.0);
 
+  // The original's ratio exp(s_v − s_a): the public collection's N-modality
+  // exp(N/(N−1)(s_m − s̄)) is its inverse and fails these checks.
   const double alpha = 0.7;
   double train_a = 0, train_v = 0;
   const auto [k_a1, k_v1] = original_step(s_a1, s_v1, train_a, train_v, 1, alpha, 10);
@@ -270,9 +281,6 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   CHECK(policy.running_scores()[1].item<double>() == Approx(train_v).epsilon(1e-12));
   CHECK(policy.modulated_steps().item<std::int64_t>() == 2);
   CHECK(at::allclose(params[0][0].grad(), at::full({2, 3}, k_a2, at::kDouble)));
-  // The public collection's N-modality ratio exp(N/(N−1)(s_m − s̄)) is the inverse: it
-  // would slow the lagging modality down.
-  CHECK(std::exp(0.7 * (1 - std::exp(s_a1 - s_v1))) < 1);
 
   // The parameter filter: conv weights only leaves a 2-d weight alone; all scales biases.
   AGMPolicy conv(2, AGMOptions().alpha(alpha).parameters(ModulatedParameters::conv_weights));
@@ -347,6 +355,9 @@ TEST_CASE("AGM through the Balancer: the loss is CE(y), masked passes give the r
   check_step_through_balancer(small_three_way(4), small_three_way(99), c.inputs, c.target, 0.5);
 }
 
+template <class B>
+concept LossWithoutInputs = requires(B& b, const ModelOutput& out, const at::Tensor& target) { b.loss(out, target); };
+
 TEST_CASE("AGM in warm-up: the plain loss, no masked passes; the inputs are needed from the start",
           "[agm]") {
   Net net = small_net(7), twin = small_net(99);
@@ -356,7 +367,8 @@ TEST_CASE("AGM in warm-up: the plain loss, no masked passes; the inputs are need
   Balancer<AGMPolicy> balancer(net, AGMPolicy(2), BalancerOptions().warmup_epochs(1));
   balancer.next_plan();
   const ModelOutput out = net->forward(b.x0, b.x1);
-  CHECK_THROWS_WITH(balancer.loss(out, b.target), Catch::Contains("needs the step's inputs"));
+  // Without the inputs there is no loss() to call (a compile-time error for AGM).
+  static_assert(!LossWithoutInputs<Balancer<AGMPolicy>> && LossWithoutInputs<Balancer<VanillaPolicy>>);
   const at::Tensor loss = balancer.loss(out, b.target, {b.x0, b.x1});
   CHECK(loss.item<double>() == Approx(modality_specific_loss(out, b.target).item<double>()));
   loss.backward();
@@ -366,7 +378,7 @@ TEST_CASE("AGM in warm-up: the plain loss, no masked passes; the inputs are need
   CHECK_FALSE(balancer.policy().last_coefficients().defined());
 }
 
-TEST_CASE("AGM: the micro-batches of one step are scored together", "[agm]") {
+TEST_CASE("AGM: the micro-batches of one step are scored together; a failed call keeps the earlier ones", "[agm]") {
   // Without BatchNorm a row's outputs do not depend on the other rows: two loss() calls on
   // halves give the coefficients of one call on the whole batch.
   const auto make = [] {
@@ -388,6 +400,10 @@ TEST_CASE("AGM: the micro-batches of one step are scored together", "[agm]") {
   at::Tensor l2;
   for (std::int64_t h = 0; h < 2; ++h) {
     const at::Tensor x0 = b.x0.narrow(0, 4 * h, 4), x1 = b.x1.narrow(0, 4 * h, 4);
+    if (h == 1) {  // a call that throws (inputs of other rows) keeps what the first one staged
+      CHECK_THROWS_WITH(two.loss(halves->forward(x0, x1), b.target.narrow(0, 4, 4), {x0, x1.narrow(0, 0, 2)}),
+                        Catch::Contains("input 1 is [2, 1, 8, 8]"));
+    }
     const at::Tensor part = two.loss(halves->forward(x0, x1), b.target.narrow(0, 4 * h, 4), {x0, x1}, 0.5);
     part.backward();
     l2 = l2.defined() ? l2 + part : part;
@@ -396,6 +412,45 @@ TEST_CASE("AGM: the micro-batches of one step are scored together", "[agm]") {
   CHECK(at::allclose(one.policy().last_coefficients(), two.policy().last_coefficients(), 1e-5, 1e-7));
   CHECK(at::allclose(one.policy().last_scores(), two.policy().last_scores(), 1e-5, 1e-7));
   CHECK((one.policy().last_coefficients() - 1).abs().max().item<double>() > 1e-4);
+}
+
+TEST_CASE("AGM with checks on: a non-finite gradient is refused by name before the coefficients, "
+          "an abandoned step leaves the running means", "[agm]") {
+  Net net = small_net(15);
+  // BatchNorm frozen: a forward pass changes nothing, so equal steps score equally.
+  for (const auto& m : net->modules(/*include_self=*/false)) {
+    if (m->name().find("BatchNorm") != std::string::npos) m->eval();
+  }
+  Balancer<AGMPolicy> balancer(net, AGMPolicy(2), BalancerOptions().warmup_epochs(0));
+  const MultiModalBatch b = small_batch(8, 15);
+  const auto step = [&](bool poison) {
+    balancer.next_plan();
+    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1), b.target, {b.x0, b.x1});
+    net->zero_grad();
+    loss.backward();
+    if (poison) {
+      torch::NoGradGuard no_grad;
+      net->parameter_groups().theta1.front().mutable_grad().view(-1)[0] = NAN;
+    }
+    balancer.observe(loss);
+  };
+  CHECK_THROWS_WITH(step(true), Catch::Contains("non-finite gradient"));
+  CHECK(balancer.policy().modulated_steps().item<std::int64_t>() == 0);
+  CHECK(at::equal(balancer.policy().running_scores(), at::zeros({2}, at::kDouble)));
+  step(false);
+  const at::Tensor after_one = balancer.policy().running_scores().clone();
+  CHECK(balancer.policy().modulated_steps().item<std::int64_t>() == 1);
+  // An abandoned step (the forward pass and loss() done on other rows, then given up)
+  // changes nothing: the next step on the same rows and parameters scores as the first,
+  // so the running means stay.
+  const MultiModalBatch other = small_batch(4, 16);
+  balancer.next_plan();
+  (void)balancer.loss(net->forward(other.x0, other.x1), other.target, {other.x0, other.x1});
+  balancer.abandon_step();
+  step(false);
+  CHECK(balancer.policy().modulated_steps().item<std::int64_t>() == 2);
+  CHECK(at::allclose(balancer.policy().running_scores(), after_one, 1e-12, 0));
+  CHECK(balancer.step() == 2);
 }
 
 TEST_CASE("AGM resumes bit for bit mid-run, running scores included", "[agm][checkpoint]") {
@@ -442,6 +497,10 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
   CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().alpha(NAN)), Catch::Contains("alpha must be a finite number"));
   CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().max_gap(0)), Catch::Contains("max_gap must be a finite number > 0, got 0"));
   CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().max_gap(INFINITY)), Catch::Contains("max_gap must be a finite"));
+  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().alpha(10).max_gap(10)),
+                    Catch::Contains("alpha * max_gap must be <= 80 (the coefficient exp(alpha * max_gap) would "
+                                    "overflow), got alpha 10 and max_gap 10"));
+  CHECK_NOTHROW(AGMPolicy(2, AGMOptions().alpha(8).max_gap(10)));
   CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().parameters(static_cast<ModulatedParameters>(7))),
                     Catch::Contains("parameters must be"));
   CHECK_THROWS_WITH(AGMPolicy::mono_modal_responses({at::Tensor(), rows({{1}}), rows({{1}})}),
@@ -497,6 +556,8 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
                     Catch::Contains("damaged step count"));
   CHECK_THROWS_WITH(load_saved(fresh, damaged(at::tensor({1.0, 1.0}, at::kDouble), at::zeros({2}, at::kLong))),
                     Catch::Contains("damaged step count"));
+  CHECK_THROWS_WITH(load_saved(fresh, damaged(at::tensor({1.0, 1.0}, at::kDouble), at::zeros({}, at::kLong))),
+                    Catch::Contains("running scores without a step"));
   CHECK_THROWS(load_saved(fresh, std::string("not an archive")));
   CHECK(saved_bytes(fresh) == fresh_bytes);
   load_saved(fresh, bytes);

@@ -235,6 +235,55 @@ TEST_CASE("CUDA: MMPareto combines on the GPU as on the CPU, conflicts included"
   CHECK(max_abs_difference(cpu, gpu) < 1e-3);
 }
 
+TEST_CASE("CUDA: AGM's masked passes and coefficients on the GPU as on the CPU; a CPU checkpoint "
+          "resumes on the GPU", "[cuda][agm][checkpoint]") {
+  if (!torch::cuda::is_available()) return;
+  const at::Device cuda(at::kCUDA, 0);
+  Net cpu = small_net(10), gpu = small_net(10);
+  gpu->to(cuda);
+  auto opt_cpu = make_sgd(cpu);
+  auto opt_gpu = make_sgd(gpu);
+  const auto agm = AGMOptions().alpha(0.5);
+  Balancer<AGMPolicy> bal_cpu(cpu, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> bal_gpu(gpu, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
+  const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<AGMPolicy>& bal, const at::Device& device,
+                        int first, int last) {
+    for (int i = first; i < last; ++i) {
+      const auto b = small_batch(8, static_cast<std::uint64_t>(70 + i));
+      const at::Tensor x0 = b.x0.to(device), x1 = b.x1.to(device);
+      bal.next_plan();
+      const at::Tensor loss = bal.loss(net->forward(x0, x1), b.target.to(device), {x0, x1});
+      opt.zero_grad();
+      loss.backward();
+      bal.observe(loss);
+      opt.step();
+    }
+  };
+  train(cpu, opt_cpu, bal_cpu, at::kCPU, 0, 4);
+  train(gpu, opt_gpu, bal_gpu, cuda, 0, 4);
+  CHECK(bal_gpu.policy().running_scores().device() == cuda);
+  CHECK(bal_gpu.policy().modulated_steps().device() == cuda);
+  CHECK(torch::allclose(bal_cpu.policy().running_scores(), bal_gpu.policy().running_scores().cpu(), 1e-3, 1e-5));
+  CHECK(torch::allclose(bal_cpu.policy().last_coefficients(), bal_gpu.policy().last_coefficients().cpu(), 1e-3, 1e-5));
+  CHECK(max_abs_difference(cpu, gpu) < 1e-3);
+
+  // The CPU run's checkpoint, loaded into a GPU model and balancer, continues there.
+  const std::string dir = std::filesystem::temp_directory_path() / ("mmbalance_cuda_agm_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  save_checkpoint(dir + "/agm.pt", cpu, opt_cpu, bal_cpu);
+  Net resumed = small_net(99);
+  resumed->to(cuda);
+  auto opt_resumed = make_sgd(resumed);
+  Balancer<AGMPolicy> bal_resumed(resumed, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
+  load_checkpoint(dir + "/agm.pt", resumed, opt_resumed, bal_resumed);
+  train(cpu, opt_cpu, bal_cpu, at::kCPU, 4, 6);
+  train(resumed, opt_resumed, bal_resumed, cuda, 4, 6);
+  CHECK(bal_resumed.policy().modulated_steps().cpu().item<std::int64_t>() == 6);
+  CHECK(torch::allclose(bal_cpu.policy().running_scores(), bal_resumed.policy().running_scores().cpu(), 1e-3, 1e-5));
+  CHECK(max_abs_difference(cpu, resumed) < 1e-3);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("CUDA: a checkpoint with speeds pending (SpeedRead::previous_step) resumes on the GPU",
           "[cuda][checkpoint]") {
   if (!torch::cuda::is_available()) return;

@@ -99,9 +99,11 @@ constexpr int kGlobalBatch = 8;
 constexpr int kStepsPerEpoch = 4;
 
 // Steps [first, last) of a run in which step i's global batch comes from seed i and this
-// rank trains on its contiguous share of the rows; `sync` turns the local loss into the
-// one the balancer observes, `sum` adds a policy's statistics up over the ranks. The loss
-// is the balancer's. Returns the step kinds (two branches, `small_batch`) or the plans (an
+// rank trains on its contiguous share of the rows (rows·rank/world to rows·(rank+1)/world:
+// uneven for 3 ranks), its loss scaled by its share (rows_r·world/rows, passed to
+// balancer.loss) so that the ranks' average is the global batch's mean; `sync` turns the
+// local loss into the one the balancer observes, `sum` adds a policy's statistics up over
+// the ranks. Returns the step kinds (two branches, `small_batch`) or the plans (an
 // N-branch network, `n_way_batch`).
 template <class NetT, class BalancerT, class Sync>
 auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balancer, int first,
@@ -109,22 +111,23 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
                  const std::function<void(at::Tensor&)>& sum = {}) {
   constexpr bool two_branches = std::is_same_v<NetT, Net>;
   std::vector<std::conditional_t<two_branches, StepKind, StepPlan>> kinds;
-  const std::int64_t rows = kGlobalBatch / world;
+  const std::int64_t begin = kGlobalBatch * rank / world, end = kGlobalBatch * (rank + 1) / world;
+  const double scale = static_cast<double>((end - begin) * world) / kGlobalBatch;
   const at::Device device = net->parameters().front().device();
-  const auto share = [&](const at::Tensor& t) { return t.narrow(0, rank * rows, rows).to(device); };
+  const auto share = [&](const at::Tensor& t) { return t.narrow(0, begin, end - begin).to(device); };
   for (int i = first; i < last; ++i) {
     auto [kind, loss] = [&] {
       if constexpr (two_branches) {
         const auto b = small_batch(kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepKind kind = balancer.next_step();
         const at::Tensor x0 = share(b.x0), x1 = share(b.x1);
-        return std::pair(kind, balancer.loss(net->forward(x0, x1, kind), share(b.target), {x0, x1}));
+        return std::pair(kind, balancer.loss(net->forward(x0, x1, kind), share(b.target), {x0, x1}, scale));
       } else {
         const auto b = n_way_batch(net->num_branches(), kGlobalBatch, static_cast<std::uint64_t>(i));
         const StepPlan plan = balancer.next_plan();
         std::vector<at::Tensor> inputs;
         for (const auto& x : b.inputs) inputs.push_back(share(x));
-        return std::pair(plan, balancer.loss(net->forward(inputs, plan), share(b.target), inputs));
+        return std::pair(plan, balancer.loss(net->forward(inputs, plan), share(b.target), inputs, scale));
       }
     }();
     optimizer.zero_grad();
@@ -188,7 +191,7 @@ double max_relative_difference(const torch::nn::Module& a, const torch::nn::Modu
 template <class Policy, class NetT = Net>
 std::vector<Policy> check_matches_single_process(const Policy& policy, at::Device device = at::kCPU,
                                                  NetT make_net(std::uint64_t) = two_branch_net,
-                                                 double cpu_tolerance = 1e-5) {
+                                                 double cpu_tolerance = 1e-5, int world = 2) {
   constexpr int kSteps = 16;
   const double tolerance = device.is_cuda() ? 1e-3 : cpu_tolerance;
   NetT single = make_net(0);
@@ -199,11 +202,12 @@ std::vector<Policy> check_matches_single_process(const Policy& policy, at::Devic
   const auto single_kinds = train_share(single, single_opt, single_balancer, 0, kSteps, 0, 1,
                                         [](const at::Tensor& l) { return l; });
 
-  // Rank 1 starts from other weights: DataParallel must replace them with rank 0's.
-  std::vector<NetT> nets{make_net(0), make_net(1)};
-  std::vector<std::remove_const_t<decltype(single_kinds)>> kinds(2);
-  std::vector<Policy> policies(2, policy);
-  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+  // Ranks 1.. start from other weights: DataParallel must replace them with rank 0's.
+  std::vector<NetT> nets;
+  for (int r = 0; r < world; ++r) nets.push_back(make_net(static_cast<std::uint64_t>(r)));
+  std::vector<std::remove_const_t<decltype(single_kinds)>> kinds(static_cast<std::size_t>(world));
+  std::vector<Policy> policies(static_cast<std::size_t>(world), policy);
+  rethrow_any(run_ranks(world, [&](int rank, auto pg) {
     NetT& net = nets[static_cast<std::size_t>(rank)];
     net->to(device);
     freeze_batch_norm(net);
@@ -211,18 +215,22 @@ std::vector<Policy> check_matches_single_process(const Policy& policy, at::Devic
     auto opt = make_sgd(net);
     Balancer<Policy> balancer(net, policy);
     kinds[static_cast<std::size_t>(rank)] =
-        train_share(net, opt, balancer, 0, kSteps, rank, 2,
+        train_share(net, opt, balancer, 0, kSteps, rank, world,
                     [&](const at::Tensor& l) { return dp.synchronize(l); }, dp.sum_across_ranks());
     policies[static_cast<std::size_t>(rank)] = balancer.policy();
   }));
 
-  CHECK(kinds[0] == kinds[1]);
   if (!device.is_cuda()) CHECK(kinds[0] == single_kinds);
-  CHECK(max_relative_difference(*nets[0], *single) < tolerance);
-  CHECK(max_relative_difference(*nets[1], *single) < tolerance);
-  // Step for step the same parameters on both ranks, bit for bit.
-  CHECK(same_state(*nets[0], *nets[1]));
-  return {single_balancer.policy(), policies[0], policies[1]};
+  std::vector<Policy> ended{single_balancer.policy()};
+  for (int r = 0; r < world; ++r) {
+    const auto i = static_cast<std::size_t>(r);
+    CHECK(kinds[i] == kinds[0]);
+    CHECK(max_relative_difference(*nets[i], *single) < tolerance);
+    // Step for step the same parameters on every rank, bit for bit.
+    CHECK(same_state(*nets[i], *nets[0]));
+    ended.push_back(policies[i]);
+  }
+  return ended;
 }
 
 }  // namespace
@@ -283,6 +291,18 @@ TEST_CASE("DataParallel, AGM: 2 ranks scale the gradients of one process on the 
   CHECK(at::equal(ended[1].running_scores(), ended[2].running_scores()));
   CHECK(ended[0].modulated_steps().item<std::int64_t>() > 0);
   CHECK((ended[0].last_coefficients() - 1).abs().max().item<double>() > 1e-4);
+}
+
+TEST_CASE("DataParallel, uneven shares: 3 ranks of 2, 3 and 3 rows, each loss scaled by its share "
+          "through balancer.loss, match one process", "[distributed][agm][mmpareto]") {
+  // The scale reaches what the balancer computes from the loss (MMPareto's fused
+  // gradients) and the scores' row counts (AGM), so unequal shares average correctly.
+  check_matches_single_process(VanillaPolicy(), at::kCPU, two_branch_net, 1e-5, 3);
+  check_matches_single_process(MMParetoPolicy(2), at::kCPU, leaning_late_net, 1e-5, 3);
+  const auto ended = check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)), at::kCPU, two_branch_net, 1e-5, 3);
+  for (std::size_t r = 1; r < ended.size(); ++r) {
+    CHECK(at::allclose(ended[r].running_scores(), ended[0].running_scores(), 1e-6, 1e-9));
+  }
 }
 
 // Gradient-Blending that keeps every measurement and the weights after it.

@@ -41,8 +41,8 @@ struct AGMOptions {
   /// The cap on r̄ − r in the coefficient exp(α·min(r̄ − r, max_gap)), > 0 (the original:
   /// 10; the public collection: 7).
   TORCH_ARG(double, max_gap) = 10.0;
-  /// Which parameters of each branch are scaled (the original: every parameter of a
-  /// modality's encoder whose gradient is not 1-d, i.e. no biases or norm scales).
+  /// Which parameters of each branch are scaled (the public collection: every parameter
+  /// of a modality's encoder whose gradient is not 1-d, i.e. no biases or norm scales).
   TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::non_bias;
 };
 
@@ -61,7 +61,9 @@ struct AGMOptions {
 ///   branch m becomes k_m · g;
 /// - ŝ_m ← ŝ_m·(t − 1)/t + s_m/t over the t steps modulated so far (ŝ = 0 before the first).
 /// A branch that pulls ahead of its usual lead is slowed, one that falls behind sped up.
-/// Computed on the device without a host read. A step whose scores are not finite is
+/// k ≤ exp(α·max_gap), so α·max_gap ≤ `kMaxExponent` keeps k finite in float; k may
+/// underflow to 0 (a branch far ahead of its usual lead gets no update that step, as in
+/// the original). Computed on the device without a host read. A step whose scores are not finite is
 /// left as it is (k = 1), does not move the running means and is counted in
 /// `skipped_steps()`. Data-parallel: the scores' sums and row counts are added up over the
 /// ranks, so every rank computes the same coefficients.
@@ -70,6 +72,9 @@ class AGMPolicy {
   static constexpr bool needs_masked_outputs = true;
   /// 2^N − 2 masked forward passes per step: beyond this many branches that is absurd.
   static constexpr std::size_t kMaxBranches = 12;
+  /// The largest α·max_gap: exp(80) ≈ 5.5e34 is finite in float (not in half: keep
+  /// α·max_gap ≤ 11 for half-precision gradients).
+  static constexpr double kMaxExponent = 80;
 
   explicit AGMPolicy(std::size_t branches, const AGMOptions& options = {})
       : options(options), branches_(branches) {
@@ -79,6 +84,9 @@ class AGMPolicy {
                 "AGMPolicy: alpha must be a finite number >= 0, got ", options.alpha());
     TORCH_CHECK(std::isfinite(options.max_gap()) && options.max_gap() > 0,
                 "AGMPolicy: max_gap must be a finite number > 0, got ", options.max_gap());
+    TORCH_CHECK(options.alpha() * options.max_gap() <= kMaxExponent, "AGMPolicy: alpha * max_gap must be <= ",
+                kMaxExponent, " (the coefficient exp(alpha * max_gap) would overflow), got alpha ",
+                options.alpha(), " and max_gap ", options.max_gap());
     TORCH_CHECK(to_string(options.parameters()) != "invalid", "AGMPolicy: parameters must be "
                 "conv_weights, non_bias or all, got the value ", static_cast<int>(options.parameters()));
   }
@@ -151,9 +159,11 @@ class AGMPolicy {
     if (step.sum_across_ranks) step.sum_across_ranks(totals);
     const at::Tensor scores = totals.narrow(0, 0, static_cast<std::int64_t>(branches_)) / totals[-1];
 
-    const auto device = scores.device();
-    const at::Tensor running = running_scores().to(device);
-    const at::Tensor steps = modulated_steps().to(device);
+    // Zeros before the first step made where the scores are: no copy to the device.
+    const at::Tensor running = running_scores_.defined() ? running_scores_.to(scores.device())
+                                                         : at::zeros({static_cast<std::int64_t>(branches_)}, scores.options());
+    const at::Tensor steps = steps_.defined() ? steps_.to(scores.device()) : at::zeros({}, scores.options().dtype(at::kLong));
+    const at::Tensor skipped = skipped_.defined() ? skipped_.to(scores.device()) : at::zeros_like(steps);
     const double spread = static_cast<double>(branches_) / static_cast<double>(branches_ - 1);
     const at::Tensor ratio = at::exp((scores.mean() - scores) * spread);
     const at::Tensor usual = at::exp((running.mean() - running) * spread);
@@ -164,16 +174,20 @@ class AGMPolicy {
     // Out of place: the balancer keeps a copy of the policy (sharing these tensors) to restore.
     running_scores_ = at::where(valid, running * ((t - 1) / t) + scores / t, running);
     steps_ = steps + valid.to(at::kLong);
-    skipped_ = skipped_steps().to(device) + (~valid).to(at::kLong);
+    skipped_ = skipped + (~valid).to(at::kLong);
     last_scores_ = scores;
     last_coefficients_ = k;
 
+    std::vector<at::Tensor> per_dtype;  // k in one gradient dtype, converted once
     for (std::size_t m = 0; m < branches_; ++m) {
-      const at::Tensor coefficient = k[static_cast<std::int64_t>(m)];
       for (const at::Tensor& p : step.branch_parameters[m]) {
         at::Tensor g = p.grad();
         if (!g.defined() || !is_modulated(p, options.parameters())) continue;
-        g.mul_(coefficient.to(g.device(), g.scalar_type()));
+        if (per_dtype.empty() || per_dtype.front().scalar_type() != g.scalar_type() ||
+            per_dtype.front().device() != g.device()) {
+          per_dtype = {k.to(g.device(), g.scalar_type())};
+        }
+        g.mul_(per_dtype.front()[static_cast<std::int64_t>(m)]);
       }
     }
   }
@@ -230,10 +244,14 @@ class AGMPolicy {
                       count->item<std::int64_t>() >= 0 && count->item<std::int64_t>() < (std::int64_t{1} << 62),
                   "AGMPolicy: damaged step count in checkpoint: ", detail::shape_string(*count));
     }
+    // Before the first step the running means are zeros.
+    TORCH_CHECK(steps.item<std::int64_t>() > 0 || (running == 0).all().item<bool>(),
+                "AGMPolicy: damaged state in checkpoint: running scores without a step");
     const at::Device device = running_scores_.defined() ? running_scores_.device() : at::Device(at::kCPU);
     running_scores_ = running.to(device).clone();
     steps_ = steps.to(device).clone();
     skipped_ = skipped.to(device).clone();
+    last_scores_ = last_coefficients_ = at::Tensor();  // the last step's, not the loaded run's
   }
 
   AGMOptions options;

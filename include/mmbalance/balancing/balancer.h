@@ -125,7 +125,7 @@ class Balancer {
         gate_means_(net->gate_means()),
         epoch_counts_(branches() + 1, 0),
         total_counts_(branches() + 1, 0) {
-    if constexpr (NeedsMaskedOutputs<Policy>) fused_forward_ = fused_forward(net);
+    if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
@@ -192,9 +192,11 @@ class Balancer {
   /// uneven global batch) so that such a policy sees its gradients scaled alike. With
   /// gradient accumulation call it for each micro-batch: the heads and targets of a step's
   /// calls are joined (rows in call order). If it throws, what it staged before stays.
-  /// A policy that `NeedsMaskedOutputs` (AGM) needs the step's inputs: use the overload
-  /// that takes them.
-  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0) {
+  /// A policy that `NeedsMaskedOutputs` (AGM) needs the step's inputs: it has only the
+  /// overloads that take them.
+  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0)
+    requires(!NeedsMaskedOutputs<Policy>)
+  {
     return form_loss(out, target, nullptr, scale);
   }
 
@@ -208,7 +210,9 @@ class Balancer {
   }
 
   /// The same for a two-branch network's output.
-  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, double scale = 1.0) {
+  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, double scale = 1.0)
+    requires(!NeedsMaskedOutputs<Policy>)
+  {
     return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, scale);
   }
   at::Tensor loss(const ModelOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
@@ -545,11 +549,7 @@ class Balancer {
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
                 " heads, the network ", branches(), " branches");
     TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
-    if constexpr (NeedsMaskedOutputs<Policy>) {
-      TORCH_CHECK(inputs != nullptr, "Balancer::loss: ", policy_type(), " runs the network with "
-                  "modalities masked and needs the step's inputs: balancer.loss(out, target, {x0, x1, ...})");
-      check_inputs(*inputs, target);
-    }
+    if constexpr (NeedsMaskedOutputs<Policy>) check_inputs(*inputs, target);  // only overloads with inputs
     at::Tensor total;
     if constexpr (WeighsLosses<Policy>) {
       if (!in_warmup()) total = weighted_loss(out, target);
@@ -591,35 +591,37 @@ class Balancer {
     }
   }
 
-  // The network's fused output y on given inputs, for a policy's masked passes: eval mode
-  // (every submodule's own mode restored after), no gradient, a regular plan.
+  // The network's fused output y with the modalities of every proper non-empty subset
+  // present (bit mask s; the others' inputs zeroed), for a policy's masked passes: eval
+  // mode (every submodule's own mode restored after), no gradient, a regular plan.
   template <class Net>
-  static std::function<at::Tensor(const std::vector<at::Tensor>&)> fused_forward(Net net) {
+  static std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net) {
     return [net](const std::vector<at::Tensor>& x) mutable {
       EvalModeGuard<Net> eval(net);
-      if constexpr (requires { net->forward(x, StepPlan::regular()); }) {
-        return net->forward(x, StepPlan::regular()).y;
-      } else {
-        return net->forward(x[0], x[1]).y;
+      std::vector<at::Tensor> zeros;
+      for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
+      const std::size_t all = (std::size_t{1} << x.size()) - 1;
+      std::vector<at::Tensor> v(all + 1);
+      for (std::size_t s = 1; s < all; ++s) {
+        std::vector<at::Tensor> masked;
+        for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
+        if constexpr (requires { net->forward(masked, StepPlan::regular()); }) {
+          v[s] = net->forward(masked, StepPlan::regular()).y;
+        } else {
+          v[s] = net->forward(masked[0], masked[1]).y;
+        }
       }
+      return v;
     };
   }
 
   // The step's staged masked outputs with this call's rows appended: y with the modalities
   // of each bit mask present (0: not run; all: the step's own y).
   std::vector<at::Tensor> accumulated_subset_outputs(const NWayOutput& out, const std::vector<at::Tensor>& inputs) const {
-    const std::size_t all = (std::size_t{1} << branches()) - 1;
-    std::vector<at::Tensor> v(all + 1);
-    for (std::size_t s = 1; s < all; ++s) {
-      std::vector<at::Tensor> masked;
-      for (std::size_t k = 0; k < inputs.size(); ++k) {
-        masked.push_back(s & (std::size_t{1} << k) ? inputs[k] : at::zeros_like(inputs[k]));
-      }
-      v[s] = fused_forward_(masked);
-    }
-    v[all] = out.y.detach();
+    std::vector<at::Tensor> v = masked_forward_(inputs);
+    v.back() = out.y.detach();
     if (!staged_subset_outputs_.empty()) {
-      for (std::size_t s = 1; s <= all; ++s) v[s] = at::cat({staged_subset_outputs_[s], v[s]});
+      for (std::size_t s = 1; s < v.size(); ++s) v[s] = at::cat({staged_subset_outputs_[s], v[s]});
     }
     return v;
   }
@@ -663,10 +665,20 @@ class Balancer {
     const LossWeights w = policy_.loss_weights();
     TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
-    const std::vector<at::Tensor> per_head = modality_losses(out, target);
-    at::Tensor total = per_head[0] * w.heads[0];
-    for (std::size_t k = 1; k < per_head.size(); ++k) total = total + per_head[k] * w.heads[k];
-    if (w.fused != 0) total = total + at::cross_entropy_loss(out.y, target) * w.fused;
+    TORCH_CHECK(target.dim() == 1 && out.y.defined() && target.size(0) == out.y.size(0),
+                "Balancer::loss: target must be (batch) class indices with batch ",
+                out.y.defined() ? out.y.size(0) : std::int64_t{0}, ", got ", detail::shape_string(target));
+    // Terms of weight 0 are left out: no work, and an infinite loss there does not make
+    // the sum NaN (0·inf).
+    at::Tensor total;
+    const auto add = [&](const at::Tensor& logits, double weight) {
+      if (weight == 0) return;
+      const at::Tensor term = at::cross_entropy_loss(logits, target) * weight;
+      total = total.defined() ? total + term : term;
+    };
+    for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);
+    add(out.y, w.fused);
+    TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type(), " weighs every loss 0");
     return total;
   }
 
@@ -918,7 +930,7 @@ class Balancer {
   // y with modalities masked, for a policy that `NeedsMaskedOutputs` (after warm-up).
   std::vector<at::Tensor> staged_subset_outputs_;
   // Runs the network for those masked passes (only for such a policy).
-  std::function<at::Tensor(const std::vector<at::Tensor>&)> fused_forward_;
+  std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward_;
   std::optional<StepPlan> pending_;
   std::int64_t step_ = 0;
   std::int64_t epoch_ = 0;
