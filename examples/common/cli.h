@@ -95,6 +95,12 @@ struct CommonFlags {
                                  ", before the first epoch after warm-up (--warmup-epochs " +
                                  std::to_string(cfg.warmup_epochs) + "): no step would be modulated");
     }
+    if (cfg.policy == "agm" && cfg.agm_alpha * cfg.agm_max_gap > AGMPolicy::kMaxExponent) {
+      // The largest coefficient exp(alpha * max_gap) must stay finite.
+      throw CLI::ValidationError("--agm-alpha", "times --agm-max-gap must be at most " +
+                                 std::to_string(static_cast<int>(AGMPolicy::kMaxExponent)) + ", got " +
+                                 nlohmann::json(cfg.agm_alpha).dump() + " * " + nlohmann::json(cfg.agm_max_gap).dump());
+    }
     if (cfg.policy == "gblend") {
       if (!(cfg.gblend_held_out > 0 && cfg.gblend_held_out < 1)) {
         throw CLI::ValidationError("--gblend-held-out", "must be a fraction strictly between 0 and 1, got " +

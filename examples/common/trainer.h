@@ -288,6 +288,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     const at::Tensor perm = at::randperm(n, gen, at::kLong);
     ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
                     steps_per_epoch);
+    const auto train_start = std::chrono::steady_clock::now();
     double loss_sum = 0;
     // This rank's rows of step s's global batch.
     const auto step_rows = [&](std::int64_t s) {
@@ -405,6 +406,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     const auto accuracy_on = [&](const Split& split) {
       return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, cfg.eval_batch_size, sum); });
     };
+    // The epoch's training: its steps and the policy's epoch-end measurement, not the
+    // evaluation below (what a method costs, for comparisons).
+    const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - train_start).count();
     const Accuracy val = accuracy_on(data.validation);
     const Accuracy test = accuracy_on(data.test);
     nlohmann::json record = speeds_json(balancer);
@@ -413,6 +417,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                    {"validation", to_json(val)},
                    {"test", to_json(test)},
                    {"steps", mmbalance::plan_counts_json(counts)},
+                   {"train_seconds", train_seconds},
                    {"seconds", bar.elapsed()}});
     if constexpr (WeighsLosses<Policy>) {
       // The loss weights of the next epoch, each head's then the fused output's (null while

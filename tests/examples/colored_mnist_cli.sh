@@ -29,6 +29,11 @@ expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmp
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma -1.5
 expect_error "--agm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-alpha -0.1
 expect_error "--agm-max-gap" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-max-gap 0
+expect_error "--agm-alpha: times --agm-max-gap must be at most 80, got 10.0 * 10.0" "$work/a" -- \
+  "$bin" --out "$work/a" --policy agm --agm-alpha 10 --agm-max-gap 10
+expect_error "--fusion" "$work/a" -- "$bin" --out "$work/a" --fusion early
+expect_error "no fusion modules (late fusion)" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" \
+  --data-dir "$work/data" --fusion late --policy guided
 expect_error "--out is required" "$work/a" -- "$bin"
 expect_error "does not exist" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/none"
 cp -r "$work/data" "$work/corrupt"
@@ -217,4 +222,18 @@ assert a["args"]["policy"] == "agm" and a["args"]["agm_alpha"] == 0.5 and a["arg
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: AGM logs its coefficients and running scores and resumes exactly")
 PY
+# The late-fusion twin: the same branches without fusion modules (no fusion parameters
+# in the checkpoint); nothing to cut, so the probe's utilization is 0; AGM trains on it.
+"$bin" --out "$work/late" "${small[@]}" --data-dir "$work/data" --epochs 2 --fusion late --policy agm \
+  >/dev/null 2>&1 || fail "the late-fusion AGM run failed"
+/usr/bin/python3 - "$work/late" <<'PY'
+import json, sys
+a = json.load(open(f"{sys.argv[1]}/summary.json"))
+assert a["args"]["fusion"] == "late" and a["args"]["policy"] == "agm", a["args"]
+u = a["utilization_test"]
+assert u["u_m1_given_m0"] == 0 and u["u_m0_given_m1"] == 0 and u["d_util"] == 0, u
+print("ok: the late-fusion twin trains with AGM")
+PY
+expect_error "was made for another architecture" "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
+  --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"
 echo "colored_mnist CLI: all checks passed"
