@@ -413,6 +413,9 @@ TEST_CASE("MMPareto refuses bad options, networks and losses by name", "[mmparet
     detached = net->forward(b.x0, b.x1);
   }
   CHECK_THROWS_WITH(balancer.loss(detached, b.target), Catch::Contains("does not require a gradient"));
+  // Targets for other rows: the weighted loss names both sizes.
+  CHECK_THROWS_WITH(balancer.loss(net->forward(b.x0, b.x1), b.target.narrow(0, 0, 4)),
+                    Catch::Contains("Balancer::loss: target must be (batch) class indices with batch 8, got [4]"));
   balancer.abandon_step();
   // A non-finite gradient is refused by the balancer before the policy runs.
   balancer.next_plan();

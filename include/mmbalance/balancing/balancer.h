@@ -665,9 +665,10 @@ class Balancer {
     const LossWeights w = policy_.loss_weights();
     TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
-    TORCH_CHECK(target.dim() == 1 && out.y.defined() && target.size(0) == out.y.size(0),
+    TORCH_CHECK(target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
                 "Balancer::loss: target must be (batch) class indices with batch ",
-                out.y.defined() ? out.y.size(0) : std::int64_t{0}, ", got ", detail::shape_string(target));
+                out.heads[0].defined() ? out.heads[0].size(0) : std::int64_t{0}, ", got ",
+                detail::shape_string(target));
     // Terms of weight 0 are left out: no work, and an infinite loss there does not make
     // the sum NaN (0·inf).
     at::Tensor total;
