@@ -2,7 +2,8 @@
 """Writes docs/comparison.md from the colored_mnist runs of scripts/compare.
 
 usage: scripts/results_compare.py --out docs/comparison.md --figures docs/figures/comparison \
-           --chosen RESULTS/chosen.json --command "..." [--notes FILE] RUN_DIR [RUN_DIR ...]
+           --chosen RESULTS/chosen.json --command "..." --jobs N --wall-seconds S \
+           --selection SELECTION_RUN... [--notes FILE] -- RUN_DIR [RUN_DIR ...]
 
 Runs are grouped by dataset, fusion (mmtm or late, from the summary's arguments) and
 policy; each group's rows give the mean ± std over its seeds.
@@ -35,6 +36,7 @@ def load(run):
         sys.exit(f"results_compare: {path} missing: run {run} did not finish")
     with open(path) as f:
         s = json.load(f)
+    # Time per step after warm-up, where the methods differ (warm-up is plain training).
     train_seconds, steps, curve = 0.0, 0, []
     with open(os.path.join(run, "log.jsonl")) as f:
         for n, line in enumerate(f, 1):
@@ -43,9 +45,10 @@ def load(run):
             except json.JSONDecodeError as e:
                 sys.exit(f"results_compare: {run}/log.jsonl:{n}: not JSON ({e})")
             if rec.get("type") == "epoch":
-                train_seconds += rec.get("train_seconds", float("nan"))
-                steps += sum(rec["steps"].values())
                 curve.append(rec["test"]["y"])
+                if rec["epoch"] >= s["args"]["warmup_epochs"]:
+                    train_seconds += rec.get("train_seconds", float("nan"))
+                    steps += sum(rec["steps"].values())
     s["seconds_per_step"] = train_seconds / steps if steps else float("nan")
     s["curve"] = curve
     return s
@@ -63,11 +66,18 @@ def main():
     ap.add_argument("--figures", required=True)
     ap.add_argument("--chosen", required=True)
     ap.add_argument("--command", required=True)
+    ap.add_argument("--jobs", type=int, required=True)
+    ap.add_argument("--wall-seconds", type=float, required=True)
+    ap.add_argument("--selection", nargs="*", default=[])
     ap.add_argument("--notes")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
     with open(args.chosen) as f:
         chosen = json.load(f)
+    # Run time of every run, the selection runs not chosen included (a chosen one is a table run too).
+    table_dirs = {os.path.realpath(r) for r in args.runs}
+    selection_seconds = sum(load(r)["seconds"] for r in args.selection if os.path.realpath(r) not in table_dirs)
+    all_runs = len(table_dirs | {os.path.realpath(r) for r in args.selection})
 
     groups = {}
     total = 0.0
@@ -86,22 +96,30 @@ def main():
         "",
         f"- command: `{args.command}`",
         f"- machine: {machine()}",
-        f"- date: {datetime.date.today().isoformat()}; total run time {total / 60:.1f} min for "
-        f"{len(args.runs)} runs (two at a time, one LibTorch thread each)",
+        f"- date: {datetime.date.today().isoformat()}; {all_runs} runs ({len(args.runs)} in the tables, the "
+        f"rest the selection's other values), {args.jobs} at a time with one LibTorch thread each: "
+        f"{(total + selection_seconds) / 60:.1f} min of run time in all; the last invocation of the "
+        f"script took {args.wall_seconds / 60:.1f} min of wall time (less where earlier runs were kept)",
         f"- training: batch {first['batch_size']}, SGD lr {first['lr']} momentum {first['momentum']}, "
         f"{first['warmup_epochs']} warm-up epoch(s) of plain training for every method, the same "
         "epochs for every method of a dataset; checkpoint = best validation accuracy of y; colour "
         f"noise variance {first['colour_noise']}",
         "- hyper-parameters, chosen on the validation set of MNIST with the MMTM network and the "
-        "first seed from two values each (the original's default first), then used everywhere: "
-        + ", ".join(f"{m} `{v}`" for m, v in sorted(chosen.items())) + "; vanilla and random have none",
+        "first seed from two values each (the examples' default first, the original's where it has "
+        "one), then used everywhere: "
+        + ", ".join(f"{m} `{v}`" for m, v in sorted(chosen.items())) + "; vanilla and random have none. "
+        "A tuned method's first-seed MNIST MMTM run is its selection run with the chosen value",
+        "- Gradient-Blending trains on the training rows less the 10 % it holds out to measure "
+        "generalization (the sizes given below are before that)",
         "- guided and random hold fusion gates: they do not run on the late-fusion twin",
-        "- time per step: the epochs' training time (steps and a policy's epoch-end "
-        "measurement, no evaluation) per step, over vanilla's on the same network and data; "
-        "runs shared the machine two at a time, so take it as an indication "
+        "- time per step: the training time of the epochs after warm-up (steps and a policy's "
+        "epoch-end measurement, no evaluation) per step, over vanilla's on the same network and "
+        "data; runs shared the machine, so take it as an indication "
         "([performance.md](performance.md) has paired measurements)",
-        "- published numbers: the paper's Colored-and-gray MNIST table (vanilla, random, guided on "
-        "MMTM); OGM-GE, Gradient-Blending, MMPareto and AGM publish none on this construction",
+        "- published numbers: the greedy-learning paper's Colored-and-gray MNIST table (vanilla, "
+        "random, guided on MMTM). MMPareto's paper also evaluates on CG-MNIST (its repository lists "
+        "the dataset), but its table was not available offline here and is not shown; OGM-GE, "
+        "Gradient-Blending and AGM publish no numbers on this construction",
         "",
     ]
     for (dataset, fusion), by in sorted(groups.items(), key=lambda kv: (kv[0][0] != "mnist", kv[0][1] != "mmtm")):
@@ -114,8 +132,8 @@ def main():
             f"{a['train_size']} train / {a['validation_size']} validation / {a['test_size']} test "
             f"rows, {a['epochs']} epochs. Test accuracy in % (mean ± std over seeds) at the best "
             "validation epoch; d_util and d_speed there (d_speed: none without fusion modules); "
-            "steps regular / re-balance m0 / m1 up to the best epoch, per seed; time per step over "
-            "the whole run.",
+            "steps regular / re-balance m0 / m1 up to the best epoch, per seed; time per step after "
+            "warm-up.",
             "",
             "| method | setting | seeds | y | y0 (colour) | y1 (gray) | d_util | d_speed | steps | time per step / vanilla | paper (y) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -128,6 +146,8 @@ def main():
                 values = sorted({str(r["args"][ARG_OF[flag]]) for r in runs})
                 setting = f"{flag} {', '.join(values)}"
             u = [r["utilization_test"] for r in runs]
+            # Nothing to cut without fusion modules: d_util is 0 by construction there.
+            d_util = fmt(mean_std([x["d_util"] for x in u]), 1, 3) if fusion == "mmtm" else "n/a"
             step = mean_std([r["seconds_per_step"] for r in runs])[0]
             ratio = f"{step / vanilla_step:.2f}" if vanilla_step == vanilla_step and step == step else "n/a"
             paper = published(PAPER, p, 2) if dataset == "mnist" and fusion == "mmtm" else "—"
@@ -135,7 +155,7 @@ def main():
                 f"| {p} | {setting} | {len(runs)} | {fmt(mean_std([r['test']['y'] for r in runs]), 100)} | "
                 f"{fmt(mean_std([r['test']['y0'] for r in runs]), 100)} | "
                 f"{fmt(mean_std([r['test']['y1'] for r in runs]), 100)} | "
-                f"{fmt(mean_std([x['d_util'] for x in u]), 1, 3)} | "
+                f"{d_util} | "
                 f"{fmt(mean_std([r['d_speed_at_best'] for r in runs]), 1, 3)} | "
                 f"{' ; '.join(steps_text(r['steps_total']) for r in runs)} | {ratio} | {paper} |")
         lines.append("")
