@@ -358,7 +358,7 @@ TEST_CASE("AGM through the Balancer: the loss is CE(y), masked passes give the r
 template <class B>
 concept LossWithoutInputs = requires(B& b, const ModelOutput& out, const at::Tensor& target) { b.loss(out, target); };
 
-TEST_CASE("AGM in warm-up: the plain loss, no masked passes; the inputs are needed from the start",
+TEST_CASE("AGM in warm-up: the plain loss, no masked passes, the inputs are needed from the start",
           "[agm]") {
   Net net = small_net(7), twin = small_net(99);
   copy_state(net, twin);
@@ -378,7 +378,7 @@ TEST_CASE("AGM in warm-up: the plain loss, no masked passes; the inputs are need
   CHECK_FALSE(balancer.policy().last_coefficients().defined());
 }
 
-TEST_CASE("AGM: the micro-batches of one step are scored together; a failed call keeps the earlier ones", "[agm]") {
+TEST_CASE("AGM: the micro-batches of one step are scored together, a failed call keeps the earlier ones", "[agm]") {
   // Without BatchNorm a row's outputs do not depend on the other rows: two loss() calls on
   // halves give the coefficients of one call on the whole batch.
   const auto make = [] {

@@ -235,7 +235,7 @@ TEST_CASE("CUDA: MMPareto combines on the GPU as on the CPU, conflicts included"
   CHECK(max_abs_difference(cpu, gpu) < 1e-3);
 }
 
-TEST_CASE("CUDA: AGM's masked passes and coefficients on the GPU as on the CPU; a CPU checkpoint "
+TEST_CASE("CUDA: AGM's masked passes and coefficients on the GPU as on the CPU, a CPU checkpoint "
           "resumes on the GPU", "[cuda][agm][checkpoint]") {
   if (!torch::cuda::is_available()) return;
   const at::Device cuda(at::kCUDA, 0);

@@ -76,7 +76,7 @@ TEST_CASE("Gradient-Blending weights follow G / O^2 on a hand-computed table", "
   CHECK(perfect[2] == Approx(10 / (30 + 1e-8)).epsilon(1e-12));
 }
 
-TEST_CASE("Gradient-Blending: uniform weights until two measurements, then the rule; every "
+TEST_CASE("Gradient-Blending: uniform weights until two measurements, then the rule, every "
           "super_epoch epochs", "[gblend]") {
   GradientBlendingPolicy policy(2, GradientBlendingOptions().super_epoch(3));
   const LossWeights initial = policy.loss_weights();

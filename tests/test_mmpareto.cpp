@@ -471,7 +471,7 @@ TEST_CASE("MMPareto state from other options, or damaged, is refused and changes
   CHECK(saved_bytes(policy) == before);
 }
 
-TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with the loss; "
+TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with the loss, "
           "micro-batches add them up as backward() adds the gradients", "[mmpareto]") {
   // The conflicting construction of the test above: the same branch-0 input in every row.
   const MultiModalBatch r = small_batch(8, 31);

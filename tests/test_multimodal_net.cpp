@@ -136,7 +136,7 @@ TEST_CASE("forward_probe's live half equals the normal eval forward", "[model]")
   CHECK_THROWS_WITH(net->forward_probe(batch.x0, batch.x1), Catch::Contains("needs eval mode"));
 }
 
-TEST_CASE("A regular forward stages the gates in training mode only; other steps never",
+TEST_CASE("A regular forward stages the gates in training mode only, other steps never",
           "[model]") {
   auto net = small_net(5);
   auto batch = mmbalance::testing::small_batch(6, 5);

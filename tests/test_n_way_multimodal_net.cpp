@@ -331,7 +331,7 @@ TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
 }
 
 TEST_CASE("A three-branch network without fusion modules (late fusion): each head its own "
-          "branch; re-balancing policies refused, OGM-GE and Gradient-Blending train it",
+          "branch, re-balancing policies refused, OGM-GE and Gradient-Blending train it",
           "[n-way-net][late-fusion]") {
   torch::manual_seed(81);
   testing::ThreeWay net(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),

@@ -139,7 +139,7 @@ TEST_CASE("OGM scales the conv-weight gradients of each branch by its coefficien
   CHECK(balancer.policy().last_coefficients()[0].item<double>() == Approx(k0).epsilon(1e-5));
 }
 
-TEST_CASE("OGM-GE adds seeded noise with the gradient's own std; none in warm-up", "[ogm-ge]") {
+TEST_CASE("OGM-GE adds seeded noise with the gradient's own std, none in warm-up", "[ogm-ge]") {
   const auto b = small_batch(8, 11);
   const auto run = [&](std::uint64_t seed, std::int64_t warmup) {
     Net net = small_net(3);

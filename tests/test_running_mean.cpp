@@ -80,7 +80,7 @@ TEST_CASE("RunningMean keeps exact double counts under the model's dtype moves",
   CHECK(m->mean.scalar_type() == at::kDouble);
 }
 
-TEST_CASE("RunningMean: committed state saves and clones; staged rows do not travel",
+TEST_CASE("RunningMean: committed state saves and clones, staged rows do not travel",
           "[running_mean]") {
   RunningMean m(2);
   m->stage(torch::tensor({{1.0, 3.0}}));
