@@ -114,11 +114,12 @@ class AGMPolicy {
                   "with modalities ", s, " (bit mask) is ", detail::shape_string(v), ", the full one ",
                   detail::shape_string(full), "; every subset needs (rows, classes) logits");
     }
-    std::vector<double> weight(n);  // |S|!(N − |S| − 1)!/N! for |S| = 0 .. N − 1
-    for (std::size_t size = 0; size < n; ++size) {
-      weight[size] = std::exp(std::lgamma(size + 1.0) + std::lgamma(static_cast<double>(n - size)) -
-                              std::lgamma(n + 1.0));
-    }
+    // |S|!(N − |S| − 1)!/N! for |S| = 0 .. N − 1. Factorials up to 12! are exact in a
+    // double; no std::lgamma, which writes the global signgam (a data race across threads).
+    std::vector<double> factorial(n + 1, 1.0);
+    for (std::size_t i = 1; i <= n; ++i) factorial[i] = factorial[i - 1] * static_cast<double>(i);
+    std::vector<double> weight(n);
+    for (std::size_t size = 0; size < n; ++size) weight[size] = factorial[size] * factorial[n - size - 1] / factorial[n];
     const auto value = [&](std::size_t s) { return subset_outputs[s].to(wide(subset_outputs[s])); };
     std::vector<at::Tensor> responses;
     for (std::size_t m = 0; m < n; ++m) {
