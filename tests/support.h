@@ -2,12 +2,15 @@
 // Small models and data shared by the tests.
 
 #include <concepts>
+#include <filesystem>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #include <torch/torch.h>
 
@@ -221,6 +224,60 @@ std::string optimizer_state(const Optimizer& optimizer) {
 template <class NetT>
 torch::optim::SGD make_sgd(NetT& net) {
   return torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+}
+
+/// One forward pass as N-branch logits: a two-branch network's (y, y0, y1) as (y, heads).
+inline NWayOutput forward_heads(Net& net, const std::vector<at::Tensor>& x) {
+  const ModelOutput out = net->forward(x[0], x[1]);
+  return {out.y, {out.y0, out.y1}};
+}
+inline NWayOutput forward_heads(ThreeWay& net, const std::vector<at::Tensor>& x) { return net->forward(x); }
+
+/// θ_k of every branch: a two-branch network's θ0, θ1, an N-way network's groups.
+inline std::vector<std::vector<at::Tensor>> branches_of(const Net& net) {
+  const auto g = net->parameter_groups();
+  return {g.theta0, g.theta1};
+}
+template <class NetT>
+std::vector<std::vector<at::Tensor>> branches_of(const NetT& net) {
+  return net->parameter_groups().branch;
+}
+
+/// Resume mid-run: run a trains steps [0, 7) (an epoch ends every 3 steps), is checked by
+/// `at_save(balancer)` and saved, then trains [7, 14); run b (a fresh `make()`) loads that
+/// checkpoint and trains [7, 14) too. `make()` returns (net, optimizer, balancer), the
+/// last two as shared pointers; `loss_of(net, balancer, i)` forms step i's loss after
+/// `next_plan()`. Returns both runs, for the caller to compare.
+template <class Make, class LossOf, class AtSave>
+auto runs_resumed_mid_run(const std::string& name, Make make, LossOf loss_of, AtSave at_save) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("mmbalance_" + name + "_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string path = (dir / "run.pt").string();
+  const auto train = [&](auto& run, int first, int last) {
+    auto& net = std::get<0>(run);
+    auto& opt = *std::get<1>(run);
+    auto& bal = *std::get<2>(run);
+    for (int i = first; i < last; ++i) {
+      bal.next_plan();
+      const at::Tensor loss = loss_of(net, bal, i);
+      opt.zero_grad();
+      loss.backward();
+      bal.observe(loss);
+      opt.step();
+      if ((i + 1) % 3 == 0) bal.end_epoch();
+    }
+  };
+  auto a = make();
+  train(a, 0, 7);
+  at_save(*std::get<2>(a));
+  save_checkpoint(path, std::get<0>(a), *std::get<1>(a), *std::get<2>(a));
+  train(a, 7, 14);
+  auto b = make();
+  load_checkpoint(path, std::get<0>(b), *std::get<1>(b), *std::get<2>(b));
+  train(b, 7, 14);
+  fs::remove_all(dir);
+  return std::pair{a, b};
 }
 
 }  // namespace mmbalance::testing

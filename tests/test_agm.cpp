@@ -6,17 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <functional>
 #include <numeric>
-
-#include <unistd.h>
 
 #include "support.h"
 
 using namespace mmbalance;
 using namespace mmbalance::testing;
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -96,12 +92,6 @@ std::vector<at::Tensor> naive_shapley(const std::vector<at::Tensor>& v, std::siz
   return phi;
 }
 
-NWayOutput forward(Net& net, const std::vector<at::Tensor>& x) {
-  const ModelOutput out = net->forward(x[0], x[1]);
-  return {out.y, {out.y0, out.y1}};
-}
-NWayOutput forward(ThreeWay& net, const std::vector<at::Tensor>& x) { return net->forward(x); }
-
 // A network's fused output with only the modalities of each bit mask present (the others
 // zeroed), in eval mode without gradient, computed here independently of the balancer.
 template <class NetT>
@@ -112,19 +102,9 @@ std::vector<at::Tensor> masked_outputs(NetT& net, const std::vector<at::Tensor>&
   for (std::size_t s = 1; s < all; ++s) {
     std::vector<at::Tensor> masked;
     for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : at::zeros_like(x[k]));
-    v[s] = forward(net, masked).y.to(at::kDouble);
+    v[s] = forward_heads(net, masked).y.to(at::kDouble);
   }
   return v;
-}
-
-template <class NetT>
-std::vector<std::vector<at::Tensor>> branches_of(const NetT& net) {
-  if constexpr (std::is_same_v<NetT, Net>) {
-    const auto g = net->parameter_groups();
-    return {g.theta0, g.theta1};
-  } else {
-    return net->parameter_groups().branch;
-  }
 }
 
 // One AGM step of `net` on (x, target) through the Balancer against what it should be,
@@ -154,7 +134,7 @@ void check_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tens
   // A plain balancer commits the twin's gates as the AGM one commits the network's.
   Balancer<VanillaPolicy> plain(twin, VanillaPolicy(), BalancerOptions().warmup_epochs(0));
   plain.next_plan();
-  const NWayOutput twin_out = forward(twin, x);
+  const NWayOutput twin_out = forward_heads(twin, x);
   std::vector<at::Tensor> v = masked_outputs(twin, x);
   v.back() = twin_out.y.detach().to(at::kDouble);
   const std::vector<at::Tensor> phi = naive_shapley(v, n);
@@ -179,7 +159,7 @@ void check_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tens
 
   Balancer<AGMPolicy> balancer(net, AGMPolicy(n, AGMOptions().alpha(alpha)), BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
-  const NWayOutput out = forward(net, x);
+  const NWayOutput out = forward_heads(net, x);
   const at::Tensor loss = balancer.loss(out, target, x);
   CHECK(loss.item<double>() == Approx(at::cross_entropy_loss(out.y, target).item<double>()).epsilon(1e-12));
   net->zero_grad();
@@ -454,9 +434,6 @@ TEST_CASE("AGM with checks on: a non-finite gradient is refused by name before t
 }
 
 TEST_CASE("AGM resumes bit for bit mid-run, running scores included", "[agm][checkpoint]") {
-  const fs::path dir = fs::temp_directory_path() / ("mmbalance_agm_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  const std::string path = (dir / "agm.pt").string();
   const auto make = [] {
     Net net = small_net(2);
     auto opt = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
@@ -464,30 +441,17 @@ TEST_CASE("AGM resumes bit for bit mid-run, running scores included", "[agm][che
                                                      BalancerOptions().warmup_epochs(1));
     return std::tuple{net, opt, bal};
   };
-  const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<AGMPolicy>& bal, int first, int last) {
-    for (int i = first; i < last; ++i) {
-      bal.next_plan();
-      const auto b = small_batch(8, static_cast<std::uint64_t>(200 + i));
-      const at::Tensor loss = bal.loss(net->forward(b.x0, b.x1), b.target, {b.x0, b.x1});
-      opt.zero_grad();
-      loss.backward();
-      bal.observe(loss);
-      opt.step();
-      if ((i + 1) % 3 == 0) bal.end_epoch();
-    }
+  const auto loss_of = [](Net& net, Balancer<AGMPolicy>& bal, int i) {
+    const auto b = small_batch(8, static_cast<std::uint64_t>(200 + i));
+    return bal.loss(net->forward(b.x0, b.x1), b.target, {b.x0, b.x1});
   };
-  auto [a, opt_a, bal_a] = make();
-  train(a, *opt_a, *bal_a, 0, 7);
-  REQUIRE(bal_a->policy().modulated_steps().item<std::int64_t>() == 4);  // the running means are state
-  save_checkpoint(path, a, *opt_a, *bal_a);
-  train(a, *opt_a, *bal_a, 7, 14);
-  auto [b, opt_b, bal_b] = make();
-  load_checkpoint(path, b, *opt_b, *bal_b);
-  train(b, *opt_b, *bal_b, 7, 14);
-  CHECK(same_state(*a, *b));
-  CHECK(at::equal(bal_a->policy().running_scores(), bal_b->policy().running_scores()));
-  CHECK(saved_bytes(bal_a->policy()) == saved_bytes(bal_b->policy()));
-  fs::remove_all(dir);
+  const auto [a, b] = runs_resumed_mid_run("agm", make, loss_of, [](const Balancer<AGMPolicy>& bal) {
+    REQUIRE(bal.policy().modulated_steps().item<std::int64_t>() == 4);  // the running means are state
+  });
+  CHECK(same_state(*std::get<0>(a), *std::get<0>(b)));
+  const AGMPolicy &ended_a = std::get<2>(a)->policy(), &ended_b = std::get<2>(b)->policy();
+  CHECK(at::equal(ended_a.running_scores(), ended_b.running_scores()));
+  CHECK(saved_bytes(ended_a) == saved_bytes(ended_b));
 }
 
 TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothing", "[agm][bad-input]") {

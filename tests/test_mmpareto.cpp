@@ -5,17 +5,13 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
-#include <filesystem>
 #include <functional>
 #include <sstream>
-
-#include <unistd.h>
 
 #include "support.h"
 
 using namespace mmbalance;
 using namespace mmbalance::testing;
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -91,22 +87,6 @@ void run_hook(MMParetoPolicy& policy, const HookInput& in) {
   policy.modulate_gradients(StepGradients{heads, target, in.params, one_process, 1, in.fused});
 }
 
-// A branch's parameters: ConvMMTMNet's θ0/θ1, or an N-way network's θ_k.
-std::vector<std::vector<at::Tensor>> branches_of(const Net& net) {
-  const auto g = net->parameter_groups();
-  return {g.theta0, g.theta1};
-}
-template <class NetT>
-std::vector<std::vector<at::Tensor>> branches_of(const NetT& net) {
-  return net->parameter_groups().branch;
-}
-
-NWayOutput forward(Net& net, const NWayBatch& b) {
-  const ModelOutput out = net->forward(b.inputs[0], b.inputs[1]);
-  return {out.y, {out.y0, out.y1}};
-}
-NWayOutput forward(ThreeWay& net, const NWayBatch& b) { return net->forward(b.inputs); }
-
 // What MMPareto should make of one step of `net` on `b`, from a twin with the same state:
 // per branch, the original's rule applied to m = ∂CE(y)/∂θ_k and u = (∂(CE(y) + Σ CE_k)/∂θ_k) − m.
 template <class NetT>
@@ -114,7 +94,7 @@ std::vector<std::pair<Grads, double>> expected_step(const NetT& net, NetT twin, 
   copy_state(net, twin);
   const auto grads_of = [&](bool whole) {
     twin->zero_grad();
-    const NWayOutput out = forward(twin, b);
+    const NWayOutput out = forward_heads(twin, b.inputs);
     at::Tensor loss = at::cross_entropy_loss(out.y, b.target);
     if (whole) loss = loss + modality_specific_loss(out, b.target);
     loss.backward();
@@ -144,7 +124,7 @@ void check_step_through_balancer(NetT net, NetT twin, const NWayBatch& b, double
   Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(n, MMParetoOptions().gamma(gamma)),
                                     BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
-  const NWayOutput out = forward(net, b);
+  const NWayOutput out = forward_heads(net, b.inputs);
   const at::Tensor loss = balancer.loss(out, b.target);
   // The loss: the multimodal CE plus every uni-modal CE, each with weight 1.
   double by_hand = at::cross_entropy_loss(out.y, b.target).item<double>();
@@ -350,39 +330,23 @@ TEST_CASE("MMPareto in warm-up: the plain loss and gradients, no fused gradients
 }
 
 TEST_CASE("MMPareto resumes bit for bit mid-run, conflict counts included", "[mmpareto][checkpoint]") {
-  const fs::path dir = fs::temp_directory_path() / ("mmbalance_mmpareto_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  const std::string path = (dir / "mmpareto.pt").string();
   const auto make = [] {
     Net net = leaning_late_net(2);
     auto opt = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
     auto bal = std::make_shared<Balancer<MMParetoPolicy>>(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(1));
     return std::tuple{net, opt, bal};
   };
-  const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<MMParetoPolicy>& bal, int first, int last) {
-    for (int i = first; i < last; ++i) {
-      bal.next_plan();
-      const auto b = small_batch(8, static_cast<std::uint64_t>(100 + i));
-      const at::Tensor loss = bal.loss(net->forward(b.x0, b.x1), b.target);
-      opt.zero_grad();
-      loss.backward();
-      bal.observe(loss);
-      opt.step();
-      if ((i + 1) % 3 == 0) bal.end_epoch();
-    }
+  const auto loss_of = [](Net& net, Balancer<MMParetoPolicy>& bal, int i) {
+    const auto b = small_batch(8, static_cast<std::uint64_t>(100 + i));
+    return bal.loss(net->forward(b.x0, b.x1), b.target);
   };
-  auto [a, opt_a, bal_a] = make();
-  train(a, *opt_a, *bal_a, 0, 7);
-  REQUIRE(bal_a->policy().conflict_steps().sum().item<std::int64_t>() > 0);  // the counts are state
-  save_checkpoint(path, a, *opt_a, *bal_a);
-  train(a, *opt_a, *bal_a, 7, 14);
-  auto [b, opt_b, bal_b] = make();
-  load_checkpoint(path, b, *opt_b, *bal_b);
-  train(b, *opt_b, *bal_b, 7, 14);
-  CHECK(same_state(*a, *b));
-  CHECK(at::equal(bal_a->policy().conflict_steps(), bal_b->policy().conflict_steps()));
-  CHECK(saved_bytes(bal_a->policy()) == saved_bytes(bal_b->policy()));
-  fs::remove_all(dir);
+  const auto [a, b] = runs_resumed_mid_run("mmpareto", make, loss_of, [](const Balancer<MMParetoPolicy>& bal) {
+    REQUIRE(bal.policy().conflict_steps().sum().item<std::int64_t>() > 0);  // the counts are state
+  });
+  CHECK(same_state(*std::get<0>(a), *std::get<0>(b)));
+  const MMParetoPolicy &ended_a = std::get<2>(a)->policy(), &ended_b = std::get<2>(b)->policy();
+  CHECK(at::equal(ended_a.conflict_steps(), ended_b.conflict_steps()));
+  CHECK(saved_bytes(ended_a) == saved_bytes(ended_b));
 }
 
 TEST_CASE("MMPareto refuses bad options, networks and losses by name", "[mmpareto][bad-input]") {
@@ -524,7 +488,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   const auto grads_of = [&](bool whole) {
     twin->zero_grad();
     for (int h = 0; h < 2; ++h) {
-      const NWayOutput out = forward(twin, half(h));
+      const NWayOutput out = forward_heads(twin, half(h).inputs);
       at::Tensor loss = at::cross_entropy_loss(out.y, half(h).target);
       if (whole) loss = loss + modality_specific_loss(out, half(h).target);
       loss.backward();
@@ -543,7 +507,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   accumulator.next_plan();
   at::Tensor last;
   for (int h = 0; h < 2; ++h) {
-    last = accumulator.loss(forward(accumulating, half(h)), half(h).target);
+    last = accumulator.loss(forward_heads(accumulating, half(h).inputs), half(h).target);
     last.backward();
   }
   accumulator.observe(last);
