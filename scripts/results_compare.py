@@ -54,6 +54,14 @@ def load(run):
     return s
 
 
+def cell(values, scale=1.0, digits=2):
+    """mean ± std over seeds; one seed's value alone (a std of one run says nothing)."""
+    values = [v for v in values if v is not None]  # JSON null: undefined (e.g. no fusion modules)
+    if len(values) == 1 and values[0] == values[0]:
+        return f"{values[0] * scale:.{digits}f}"
+    return fmt(mean_std(values), scale, digits)
+
+
 def steps_text(s):
     """Regular steps first, then each branch held in branch order (the JSON's keys are sorted)."""
     held = sorted((k for k in s if k != "regular"), key=lambda k: (len(k), k))
@@ -130,7 +138,7 @@ def main():
             f"## {NAMES.get(dataset, dataset)}, {FUSIONS.get(fusion, fusion)}",
             "",
             f"{a['train_size']} train / {a['validation_size']} validation / {a['test_size']} test "
-            f"rows, {a['epochs']} epochs. Test accuracy in % (mean ± std over seeds) at the best "
+            f"rows, {a['epochs']} epochs. Test accuracy in % (mean ± std over seeds; one seed: its value) at the best "
             "validation epoch; d_util and d_speed there (d_speed: none without fusion modules); "
             "steps regular / re-balance m0 / m1 up to the best epoch, per seed; time per step after "
             "warm-up.",
@@ -147,16 +155,16 @@ def main():
                 setting = f"{flag} {', '.join(values)}"
             u = [r["utilization_test"] for r in runs]
             # Nothing to cut without fusion modules: d_util is 0 by construction there.
-            d_util = fmt(mean_std([x["d_util"] for x in u]), 1, 3) if fusion == "mmtm" else "n/a"
+            d_util = cell([x["d_util"] for x in u], 1, 3) if fusion == "mmtm" else "n/a"
             step = mean_std([r["seconds_per_step"] for r in runs])[0]
             ratio = f"{step / vanilla_step:.2f}" if vanilla_step == vanilla_step and step == step else "n/a"
             paper = published(PAPER, p, 2) if dataset == "mnist" and fusion == "mmtm" else "—"
             lines.append(
-                f"| {p} | {setting} | {len(runs)} | {fmt(mean_std([r['test']['y'] for r in runs]), 100)} | "
-                f"{fmt(mean_std([r['test']['y0'] for r in runs]), 100)} | "
-                f"{fmt(mean_std([r['test']['y1'] for r in runs]), 100)} | "
+                f"| {p} | {setting} | {len(runs)} | {cell([r['test']['y'] for r in runs], 100)} | "
+                f"{cell([r['test']['y0'] for r in runs], 100)} | "
+                f"{cell([r['test']['y1'] for r in runs], 100)} | "
                 f"{d_util} | "
-                f"{fmt(mean_std([r['d_speed_at_best'] for r in runs]), 1, 3)} | "
+                f"{cell([r['d_speed_at_best'] for r in runs], 1, 3)} | "
                 f"{' ; '.join(steps_text(r['steps_total']) for r in runs)} | {ratio} | {paper} |")
         lines.append("")
     if args.notes and os.path.exists(args.notes):
