@@ -195,6 +195,72 @@ TEST_CASE("A rejected re-balancing step restores the policy's window", "[balance
   CHECK(balancer.policy().window_step() == 0);
 }
 
+namespace {
+
+// A user's policy with the epoch hook: it records the epochs it was told of and throws
+// while `fail` is set (shared by its copies, so the test can set it from outside).
+struct EpochRecorder {
+  std::vector<std::int64_t> started;
+  std::shared_ptr<bool> fail = std::make_shared<bool>(false);
+  StepKind next_step() { return StepKind::regular; }
+  void start_epoch(std::int64_t e) {
+    TORCH_CHECK(!*fail, "simulated: start_epoch failed");
+    started.push_back(e);
+  }
+};
+
+// The same with epoch losses it wants at every boundary (epochs after warm-up recorded).
+struct MeasuringEpochRecorder : EpochRecorder {
+  std::vector<std::int64_t> measured;
+  bool wants_epoch_losses(std::int64_t) const { return true; }
+  void observe_epoch_losses(const EpochLosses& losses) { measured.push_back(losses.epochs); }
+};
+
+}  // namespace
+
+TEST_CASE("A policy's start_epoch hook is told each epoch after warm-up, and one that throws "
+          "leaves the epoch and the policy as they were", "[balancer][bad-input]") {
+  Net net = small_net(19);
+  auto opt = make_sgd(net);
+  Balancer<EpochRecorder> balancer(net, EpochRecorder(), BalancerOptions().warmup_epochs(2));
+  train_steps(net, opt, balancer, 0, 12, 4);  // three epochs ended: epochs 1 and 2 of warm-up, then 0
+  // Epoch 2 (the first after warm-up) and epoch 3: the hook's 0 and 1; none in warm-up.
+  CHECK(balancer.policy().started == std::vector<std::int64_t>{0, 1});
+  CHECK(balancer.epoch() == 3);
+  train_steps(net, opt, balancer, 12, 14, 100);  // two steps into epoch 3
+  *balancer.policy().fail = true;
+  CHECK_THROWS_WITH(balancer.end_epoch(), Catch::Contains("simulated: start_epoch failed"));
+  CHECK(balancer.epoch() == 3);
+  CHECK(balancer.epoch_step_counts() == StepCounts{2, 0, 0});
+  *balancer.policy().fail = false;
+  balancer.end_epoch();
+  CHECK(balancer.epoch() == 4);
+  CHECK(balancer.policy().started == std::vector<std::int64_t>{0, 1, 2});
+  CHECK(balancer.epoch_step_counts() == StepCounts{0, 0, 0});
+}
+
+TEST_CASE("A start_epoch hook that throws after the policy took the epoch's losses undoes "
+          "both", "[balancer][bad-input]") {
+  Net net = small_net(20);
+  auto opt = make_sgd(net);
+  Balancer<MeasuringEpochRecorder> balancer(net, MeasuringEpochRecorder(), BalancerOptions().warmup_epochs(1));
+  const std::vector<MultiModalBatch> sample{small_batch(4, 301)}, held_out{small_batch(4, 302)};
+  train_steps(net, opt, balancer, 0, 1, 100);
+  balancer.end_epoch(net, sample, held_out);  // the end of warm-up: measured (0), epoch 0 starts
+  CHECK(balancer.policy().measured == std::vector<std::int64_t>{0});
+  CHECK(balancer.policy().started == std::vector<std::int64_t>{0});
+  train_steps(net, opt, balancer, 1, 2, 100);
+  *balancer.policy().fail = true;
+  CHECK_THROWS_WITH(balancer.end_epoch(net, sample, held_out), Catch::Contains("simulated: start_epoch failed"));
+  CHECK(balancer.policy().measured == std::vector<std::int64_t>{0});
+  CHECK(balancer.epoch() == 1);
+  *balancer.policy().fail = false;
+  balancer.end_epoch(net, sample, held_out);
+  CHECK(balancer.policy().measured == std::vector<std::int64_t>{0, 1});
+  CHECK(balancer.policy().started == std::vector<std::int64_t>{0, 1});
+  CHECK(balancer.epoch() == 2);
+}
+
 TEST_CASE("Balancer enforces the call order", "[balancer][bad-input]") {
   auto net = small_net(16);
   VanillaBalancer balancer(net);

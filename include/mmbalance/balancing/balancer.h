@@ -298,6 +298,7 @@ class Balancer {
                   "every head's loss at the end of this epoch: call end_epoch(net, train_sample, "
                   "held_out)");
     }
+    ask_policy([&] { start_next_epoch(); });
     advance_epoch();
   }
 
@@ -306,7 +307,8 @@ class Balancer {
   /// mode, no gradients) on `train_sample` (batches of training data) and on `held_out`
   /// (batches kept out of training) and hands both to the policy. Other policies ignore
   /// the data. Data-parallel: each rank passes its shards and `dp.sum_across_ranks()`.
-  /// Empty data, or losses the policy refuses, throw and change nothing.
+  /// Empty data, or losses the policy refuses, throw and change nothing (as does a
+  /// policy's `start_epoch` hook that throws, in either form of `end_epoch`).
   template <class Net, class TrainSample, class HeldOut,
             std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
   void end_epoch(Net& net, TrainSample&& train_sample, HeldOut&& held_out,
@@ -332,19 +334,32 @@ class Balancer {
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
                                  epoch_ + 1 - options_.warmup_epochs()};
-        ask_policy([&] { policy_.observe_epoch_losses(losses); });
+        // One decision: a start_epoch hook that throws also undoes what the losses changed.
+        ask_policy([&] {
+          policy_.observe_epoch_losses(losses);
+          start_next_epoch();
+        });
+        advance_epoch();
+        return;
       }
     }
+    ask_policy([&] { start_next_epoch(); });
     advance_epoch();
   }
 
  private:
+  // The policy's hook for the epoch about to begin, if it is after warm-up; the balancer
+  // moves to that epoch (advance_epoch) only once the policy has taken it.
+  void start_next_epoch() {
+    if constexpr (HasEpochHook<Policy>) {
+      const std::int64_t next = epoch_ + 1;
+      if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
+    }
+  }
+
   void advance_epoch() {
     ++epoch_;
     std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
-    if constexpr (HasEpochHook<Policy>) {
-      if (!in_warmup()) policy_.start_epoch(epoch_ - options_.warmup_epochs());
-    }
   }
 
   // Whether the policy measures at the end of the current epoch (epochs after warm-up

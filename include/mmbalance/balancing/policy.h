@@ -15,7 +15,10 @@ namespace mmbalance {
 /// - `observe_d_speed(double)`: called after every regular step with the current
 ///   d_speed. A policy with this hook makes the balancer read d_speed from the device
 ///   once per regular step; a policy without it costs no read.
-/// - `start_epoch(std::int64_t)`: called when an epoch after warm-up begins.
+/// - `start_epoch(std::int64_t)`: called by `end_epoch` when an epoch after warm-up begins,
+///   numbered from the end of warm-up (0 for the first; with no warm-up, epoch 0 begins at
+///   construction unannounced and the first call is 1). If it throws, `end_epoch` changes
+///   nothing: the epoch that was ending goes on.
 /// - `save(OutputArchive&) const` / `load(InputArchive&)`: the policy's own state.
 /// - `static constexpr bool holds_fusion_gates = true`: the policy chooses re-balancing
 ///   steps, which hold fusion modules' gates; a `Balancer` refuses it at construction on a
