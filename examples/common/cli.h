@@ -3,6 +3,7 @@
 // ranks), the policy dispatch and the final report.
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <limits>
@@ -88,6 +89,17 @@ struct CommonFlags {
     }
     if (rank >= world_size) {
       throw CLI::ValidationError("--rank", "must be below --world-size " + std::to_string(world_size));
+    }
+    // The range checks let NaN through (every comparison with it is false), and a run's
+    // settings must be finite to be recorded in run.json and matched on resume.
+    for (const auto& [flag, value] :
+         {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--gblend-held-out", cfg.gblend_held_out},
+          {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
+          {"--agm-max-gap", cfg.agm_max_gap}, {"--lr", cfg.lr}, {"--momentum", cfg.momentum},
+          {"--dist-timeout", dist_timeout}}) {
+      if (!std::isfinite(value)) {
+        throw CLI::ValidationError(flag, "must be a finite number, got " + std::to_string(value));
+      }
     }
     if (cfg.policy == "ogm-ge" && cfg.ogm_modulation_ends < cfg.warmup_epochs) {
       // The window would close inside the warm-up, where nothing is modulated.

@@ -208,12 +208,109 @@ nlohmann::json conflict_steps_json(const Policy& policy) {
   return std::vector<std::int64_t>(counts.data_ptr<std::int64_t>(), counts.data_ptr<std::int64_t>() + counts.numel());
 }
 
-namespace detail {
-inline std::string read_text(const std::filesystem::path& p) {
-  std::ifstream in(p);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+/// The JSON object in `path` (one this program wrote: best.json, run.json). A file that is
+/// missing, unreadable, larger than 1 MiB or not a JSON object is an error naming it.
+inline nlohmann::json read_json_object(const std::filesystem::path& path) {
+  std::error_code error;
+  const auto bytes = std::filesystem::file_size(path, error);
+  TORCH_CHECK(!error, path.string(), ": cannot read it (", error.message(), ")");
+  TORCH_CHECK(bytes <= (1u << 20), path.string(), " has ", bytes, " bytes; this program writes a few hundred");
+  std::ifstream in(path);
+  TORCH_CHECK(in, path.string(), ": cannot read it");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  TORCH_CHECK(!j.is_discarded() && j.is_object(), path.string(), " is not a valid JSON object");
+  return j;
 }
-}  // namespace detail
+
+/// The settings a resumed run may change: they do not change what is computed beyond the
+/// order of floating-point sums (device, threads, ranks), where the data is read from, or
+/// how long the run goes on.
+inline bool may_change_on_resume(const std::string& setting) {
+  for (const char* s : {"epochs", "device", "threads", "world_size", "data_dir"}) {
+    if (setting == s) return true;
+  }
+  return false;
+}
+
+/// A resumed run continues the run its checkpoint came from: `args` must equal the
+/// settings recorded beside the checkpoint (run.json) in all but `may_change_on_resume`.
+inline void check_resume_settings(const std::filesystem::path& checkpoint, const nlohmann::json& args) {
+  const std::filesystem::path recorded = checkpoint.parent_path() / "run.json";
+  TORCH_CHECK(std::filesystem::exists(recorded), "--resume ", checkpoint.string(), ": ", recorded.string(),
+              " is missing; it records the settings the checkpoint was made with, which a resumed run keeps");
+  const nlohmann::json saved = read_json_object(recorded);
+  nlohmann::json keys = nlohmann::json::object();
+  for (const auto& [key, value] : saved.items()) keys[key] = true;
+  for (const auto& [key, value] : args.items()) keys[key] = true;
+  for (const auto& [key, unused] : keys.items()) {
+    if (may_change_on_resume(key)) continue;
+    const nlohmann::json then = saved.contains(key) ? saved[key] : nlohmann::json("(not recorded)");
+    const nlohmann::json now = args.contains(key) ? args[key] : nlohmann::json("(not set)");
+    TORCH_CHECK(then == now, "--resume ", checkpoint.string(), ": the run was made with ", key, " = ",
+                then.dump(), ", this one has ", now.dump(), " (", recorded.string(), "); a resumed run "
+                "keeps the settings of the run it continues (it may change epochs, device, threads, "
+                "ranks and the data's folder)");
+  }
+}
+
+/// Keeps the records of `log` (log.jsonl) before epoch `epoch`, where a resumed run goes on:
+/// a run stopped mid-epoch (killed) logged steps that its last checkpoint does not hold and
+/// that the resumed run logs again. A line cut off by the kill (or one that is not a record
+/// of this program, or longer than any it writes) ends what is kept; what is dropped is said.
+inline void keep_log_before(const std::filesystem::path& log, std::int64_t epoch) {
+  if (!std::filesystem::exists(log)) return;
+  constexpr std::size_t kMaxLine = 1 << 20;  // a step or epoch record has a few hundred bytes
+  std::uintmax_t kept = 0;
+  {
+    std::ifstream in(log, std::ios::binary);
+    TORCH_CHECK(in, log.string(), ": cannot read it");
+    std::string line;
+    for (;;) {
+      line.clear();
+      bool ended = false;
+      for (char c; line.size() <= kMaxLine && in.get(c);) {
+        if (c == '\n') {
+          ended = true;
+          break;
+        }
+        line.push_back(c);
+      }
+      if (!ended) break;
+      const nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (record.is_discarded() || !record.is_object() || !record.contains("epoch") ||
+          !record["epoch"].is_number_integer() || record["epoch"].get<std::int64_t>() >= epoch) {
+        break;
+      }
+      kept += line.size() + 1;
+    }
+  }
+  const std::uintmax_t size = std::filesystem::file_size(log);
+  if (kept == size) return;
+  std::fprintf(stderr, "%s: dropped its last %ju bytes (records of epoch %lld on, which the checkpoint "
+               "does not hold, or a damaged line)\n", log.string().c_str(), size - kept,
+               static_cast<long long>(epoch));
+  std::filesystem::resize_file(log, kept);
+}
+
+/// Whether `j` is an accuracy record as `to_json(Accuracy)` writes it: y and each head's.
+inline bool is_accuracy(const nlohmann::json& j) {
+  if (!j.is_object() || !j.contains("y")) return false;
+  for (const auto& [name, value] : j.items()) {
+    if (!value.is_number()) return false;
+  }
+  return true;
+}
+
+/// Writes `j` to `path` by way of a temporary file, so a reader never sees half of it.
+inline void write_json_atomically(const std::filesystem::path& path, const nlohmann::json& j) {
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << j.dump(1) << '\n';
+    TORCH_CHECK(out.good(), "cannot write ", tmp.string());
+  }
+  std::filesystem::rename(tmp, path);
+}
 
 /// Trains `net` on `data.train` with the policy of `cfg`, logs to `cfg.out`/log.jsonl,
 /// checkpoints every epoch (`checkpoint-last.pt`, `checkpoint-best.pt` by validation
@@ -237,6 +334,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     TORCH_CHECK(data.held_out && data.held_out->size() > 0,
                 "the policy measures generalization: the data needs held-out rows (hold_out)");
   }
+  if (!cfg.resume.empty()) check_resume_settings(cfg.resume, args);  // before anything is written
   const int rank = pg ? pg->getRank() : 0;
   const int world = pg ? pg->getSize() : 1;
   const bool writer = rank == 0;
@@ -250,6 +348,10 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   const fs::path last_path = cfg.out / "checkpoint-last.pt";
   const fs::path best_path = cfg.out / "checkpoint-best.pt";
   const fs::path best_info_path = cfg.out / "best.json";
+  if (writer && cfg.resume.empty()) {
+    // A new run: an earlier run's checkpoints must not be resumed as this one's.
+    for (const fs::path& p : {last_path, best_path, best_info_path}) fs::remove(p);
+  }
 
   net->to(device);
   torch::optim::SGD optimizer(net->parameters(),
@@ -261,11 +363,16 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   if (!cfg.resume.empty()) {
     load_checkpoint(cfg.resume, net, optimizer, balancer);
     if (writer && fs::exists(best_info_path)) {
-      best = nlohmann::json::parse(detail::read_text(best_info_path));
+      best = read_json_object(best_info_path);
+      TORCH_CHECK(best.contains("epoch") && best["epoch"].is_number_integer() && best["epoch"].get<std::int64_t>() >= 0 &&
+                      best.contains("validation") && is_accuracy(best["validation"]) && best.contains("test") &&
+                      is_accuracy(best["test"]),
+                  best_info_path.string(), " does not hold the best epoch and its validation and test accuracies");
     }
     std::fprintf(stderr, "resumed from %s at epoch %lld\n", cfg.resume.c_str(),
                  static_cast<long long>(balancer.epoch()));
   }
+  if (writer) write_json_atomically(cfg.out / "run.json", args);  // what a resume of this run must keep
   std::optional<DataParallel<Net>> dp;
   if (pg) dp.emplace(net, pg);
   // Runs f with what adds counts up over the ranks.
@@ -274,6 +381,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   };
   std::ofstream log;
   if (writer) {
+    if (!cfg.resume.empty()) keep_log_before(cfg.out / "log.jsonl", balancer.epoch());
     log.open(cfg.out / "log.jsonl", cfg.resume.empty() ? std::ios::trunc : std::ios::app);
     TORCH_CHECK(log, "cannot write ", (cfg.out / "log.jsonl").string());
   }
@@ -442,7 +550,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     if (best["validation"].is_null() || val.y > best["validation"]["y"].get<double>()) {
       save_checkpoint(best_path.string(), net, optimizer, balancer);
       best = {{"epoch", epoch}, {"validation", to_json(val)}, {"test", to_json(test)}};
-      std::ofstream(best_info_path) << best.dump(1) << '\n';
+      write_json_atomically(best_info_path, best);
     }
   }
   if (writer) {

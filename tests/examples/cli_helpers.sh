@@ -21,3 +21,16 @@ expect_outputs() {
     [[ -s "$1/$f" ]] || fail "missing $1/$f"
   done
 }
+
+# run_and_resume NAME PART EPOCHS COMMAND...: COMMAND (the program and its flags but --out
+# and --epochs) run for EPOCHS epochs into $work/NAME, and into $work/NAME-part for PART
+# epochs (its output kept in $work/NAME-part.out) then resumed there to EPOCHS: the two
+# folders must end alike.
+run_and_resume() {
+  local name=$1 part=$2 epochs=$3
+  shift 3
+  "$@" --out "$work/$name" --epochs "$epochs" >/dev/null 2>&1 || fail "the $name run failed"
+  "$@" --out "$work/$name-part" --epochs "$part" >"$work/$name-part.out" 2>&1 || fail "the first $name part failed"
+  "$@" --out "$work/$name-part" --epochs "$epochs" --resume "$work/$name-part/checkpoint-last.pt" >/dev/null 2>&1 \
+    || fail "the resumed $name part failed"
+}

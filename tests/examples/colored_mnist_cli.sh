@@ -26,6 +26,8 @@ expect_error "--gblend-held-out: must be a fraction strictly between 0 and 1, go
 expect_error "--gblend-held-out" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-held-out 1.5
 expect_error "--gblend-super-epoch" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-super-epoch 0
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma 0
+expect_error "--lr: must be a finite number, got nan" "$work/a" -- "$bin" --out "$work/a" --lr nan
+expect_error "--agm-alpha: must be a finite number, got nan" "$work/a" -- "$bin" --out "$work/a" --agm-alpha nan
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma -1.5
 expect_error "--agm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-alpha -0.1
 expect_error "--agm-max-gap" "$work/a" -- "$bin" --out "$work/a" --policy agm --agm-max-gap 0
@@ -44,8 +46,6 @@ expect_error "4.json is not valid JSON" "$work/a" -- "$bin" --out "$work/a" "${s
 cp "$work/data/mnist/digits/4.json" "$work/corrupt/mnist/digits/4.json"
 rm "$work/corrupt/mnist/digits/7.json"
 expect_error "7.json: file is missing" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/corrupt"
-echo "not a checkpoint" > "$work/junk.pt"
-expect_error "junk.pt" "$work/b" -- "$bin" --out "$work/b" "${small[@]}" --data-dir "$work/data" --epochs 2 --resume "$work/junk.pt"
 
 # A short guided run (alpha 0: every regular step after warm-up opens a window).
 "$bin" --out "$work/full" "${small[@]}" --data-dir "$work/data" --epochs 3 --policy guided --alpha 0 --Q 2 >/dev/null 2>&1 \
@@ -94,18 +94,60 @@ lb = [l for l in open(f"{sys.argv[2]}/log.jsonl") if '"step"' in l]
 assert la == lb, "step logs differ"
 print("ok: resume is exact")
 PY
+# A resume keeps the settings of the run it continues (run.json beside the checkpoint):
+# another seed, learning rate or policy option is refused by name before anything is
+# written; epochs, threads and the output folder may change.
+guided=("${small[@]}" --data-dir "$work/data" --policy guided --Q 2)
+ckpt="$work/part/checkpoint-last.pt"
+expect_error "--resume $ckpt: the run was made with seed = 0, this one has 1" "$work/other" -- \
+  "$bin" --out "$work/other" "${guided[@]}" --alpha 0 --epochs 3 --seed 1 --resume "$ckpt"
+expect_error "the run was made with lr = 0.01, this one has 0.02" "$work/other" -- \
+  "$bin" --out "$work/other" "${guided[@]}" --alpha 0 --epochs 3 --lr 0.02 --resume "$ckpt"
+expect_error "the run was made with alpha = 0.0, this one has 0.1" "$work/other" -- \
+  "$bin" --out "$work/other" "${guided[@]}" --alpha 0.1 --epochs 3 --resume "$ckpt"
+[[ ! -e "$work/other" ]] || fail "a refused resume created its output folder"
+"$bin" --out "$work/other" "${guided[@]}" --alpha 0 --epochs 4 --resume "$ckpt" >/dev/null 2>&1 \
+  || fail "a resume into another folder with more epochs failed"
+grep -qF '"epochs": 4' "$work/other/run.json" || fail "run.json of the longer run does not say 4 epochs"
+# Hostile run.json and best.json: named, nothing written.
+cp -r "$work/part" "$work/bad"
+rm "$work/bad/summary.json"
+bad=("$bin" --out "$work/bad" "${guided[@]}" --alpha 0 --epochs 3 --resume "$work/bad/checkpoint-last.pt")
+printf '{"seed": 0,' >"$work/bad/run.json"
+expect_error "$work/bad/run.json is not a valid JSON object" "$work/bad" -- "${bad[@]}"
+truncate -s 3M "$work/bad/run.json"
+expect_error "$work/bad/run.json has 3145728 bytes" "$work/bad" -- "${bad[@]}"
+rm "$work/bad/run.json"
+expect_error "$work/bad/run.json is missing" "$work/bad" -- "${bad[@]}"
+cp "$work/part/run.json" "$work/bad/run.json"
+echo '{"epoch": "one", "validation": {"y": 0.5}, "test": {"y": 0.5}}' >"$work/bad/best.json"
+expect_error "$work/bad/best.json does not hold the best epoch" "$work/bad" -- "${bad[@]}"
+echo '{"epoch": 0, "validation": {"y": 0.5}}' >"$work/bad/best.json"
+expect_error "$work/bad/best.json does not hold the best epoch and its validation and test accuracies" "$work/bad" -- \
+  "${bad[@]}"
+head -c 20 "$work/part/best.json" >"$work/bad/best.json"
+expect_error "$work/bad/best.json is not a valid JSON object" "$work/bad" -- "${bad[@]}"
+cp "$work/part/best.json" "$work/bad/best.json"
+echo "not a checkpoint" >"$work/bad/checkpoint-last.pt"
+expect_error "checkpoint $work/bad/checkpoint-last.pt is not an mmbalance checkpoint" "$work/bad" -- "${bad[@]}"
+# A run killed in its second epoch: the log holds steps its last checkpoint does not (and a
+# line cut off). Resumed, the log is the uninterrupted run's: those steps logged once.
+"$bin" --out "$work/cut" "${guided[@]}" --alpha 0 --epochs 1 >/dev/null 2>&1 || fail "the run to cut failed"
+grep -m 3 '"epoch":1,' "$work/full/log.jsonl" >>"$work/cut/log.jsonl"
+printf '{"d_speed":0.1,"epo' >>"$work/cut/log.jsonl"
+"$bin" --out "$work/cut" "${guided[@]}" --alpha 0 --epochs 3 --resume "$work/cut/checkpoint-last.pt" >/dev/null 2>&1 \
+  || fail "the resume of the cut run failed"
+diff <(grep -v '"type":"epoch"' "$work/full/log.jsonl") <(grep -v '"type":"epoch"' "$work/cut/log.jsonl") >/dev/null \
+  || fail "the resumed log of a run killed mid-epoch is not the uninterrupted run's"
+[[ $(grep -c '"type":"epoch"' "$work/cut/log.jsonl") == 3 ]] || fail "the cut run's log lacks epoch records"
+echo "ok: a resume keeps the run's settings; its log drops what the checkpoint does not hold"
 # OGM-GE: every step regular; after the warm-up epoch each step logs both branches'
 # coefficients (the dominant branch's in (0, 1), the other's 1), and after
 # --ogm-modulation-ends (epoch 2) both are 1; interrupted after 2 epochs (inside the
 # window) and resumed, the same steps, coefficients and losses (the noise generator
 # resumes too).
 ogm=(--policy ogm-ge --ogm-alpha 0.8 --ogm-modulation-ends 2)
-"$bin" --out "$work/ogm" "${small[@]}" --data-dir "$work/data" --epochs 4 "${ogm[@]}" >/dev/null 2>&1 \
-  || fail "the OGM-GE run failed"
-"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${ogm[@]}" >/dev/null 2>&1 \
-  || fail "the first OGM-GE part failed"
-"$bin" --out "$work/ogm-part" "${small[@]}" --data-dir "$work/data" --epochs 4 "${ogm[@]}" \
-  --resume "$work/ogm-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed OGM-GE part failed"
+run_and_resume ogm 2 4 "$bin" "${small[@]}" --data-dir "$work/data" "${ogm[@]}"
 /usr/bin/python3 - "$work/ogm" "$work/ogm-part" <<'PY'
 import json, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
@@ -133,14 +175,13 @@ expect_error "--gblend-held-out 0.001: holding out that part of 240 training row
 # then every epoch with --gblend-super-epoch 1), then weights that sum to 1 and differ;
 # interrupted after 2 epochs and resumed, the same steps, weights and result.
 gb=(--policy gblend --gblend-super-epoch 1)
-"$bin" --out "$work/gb" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" >/dev/null 2>&1 \
-  || fail "the Gradient-Blending run failed"
-"$bin" --out "$work/gb-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${gb[@]}" >"$work/gb-part.out" 2>&1 \
-  || fail "the first Gradient-Blending part failed"
+run_and_resume gb 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${gb[@]}"
 grep -qF "warning: --gblend-super-epoch 1: the first estimate of the loss weights ends epoch 1; no epoch of these 2 uses it" \
   "$work/gb-part.out" || fail "no warning that the first part never uses estimated weights"
-"$bin" --out "$work/gb-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" \
-  --resume "$work/gb-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed Gradient-Blending part failed"
+# Another held-out share would train on other rows: refused.
+expect_error "the run was made with gblend_held_out = 0.1, this one has 0.2" "$work/gb-other" -- \
+  "$bin" --out "$work/gb-other" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" --gblend-held-out 0.2 \
+  --resume "$work/gb-part/checkpoint-last.pt"
 /usr/bin/python3 - "$work/gb" "$work/gb-part" <<'PY'
 import json, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
@@ -165,12 +206,7 @@ PY
 # not 0.5); interrupted
 # after 2 epochs and resumed, the same steps, weights, counts and result.
 mp=(--policy mmpareto --mmpareto-gamma 1.2)
-"$bin" --out "$work/mp" "${small[@]}" --data-dir "$work/data" --epochs 3 "${mp[@]}" >/dev/null 2>&1 \
-  || fail "the MMPareto run failed"
-"$bin" --out "$work/mp-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${mp[@]}" >/dev/null 2>&1 \
-  || fail "the first MMPareto part failed"
-"$bin" --out "$work/mp-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${mp[@]}" \
-  --resume "$work/mp-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed MMPareto part failed"
+run_and_resume mp 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${mp[@]}"
 /usr/bin/python3 - "$work/mp" "$work/mp-part" <<'PY'
 import json, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
@@ -198,12 +234,7 @@ PY
 # running mean scores (zeros in warm-up); interrupted after 2 epochs and resumed, the same
 # steps, coefficients, scores and result.
 agm=(--policy agm --agm-alpha 0.5 --agm-max-gap 7)
-"$bin" --out "$work/agm" "${small[@]}" --data-dir "$work/data" --epochs 3 "${agm[@]}" >/dev/null 2>&1 \
-  || fail "the AGM run failed"
-"$bin" --out "$work/agm-part" "${small[@]}" --data-dir "$work/data" --epochs 2 "${agm[@]}" >/dev/null 2>&1 \
-  || fail "the first AGM part failed"
-"$bin" --out "$work/agm-part" "${small[@]}" --data-dir "$work/data" --epochs 3 "${agm[@]}" \
-  --resume "$work/agm-part/checkpoint-last.pt" >/dev/null 2>&1 || fail "the resumed AGM part failed"
+run_and_resume agm 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${agm[@]}"
 /usr/bin/python3 - "$work/agm" "$work/agm-part" <<'PY'
 import json, math, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
@@ -234,6 +265,6 @@ u = a["utilization_test"]
 assert u["u_m1_given_m0"] == 0 and u["u_m0_given_m1"] == 0 and u["d_util"] == 0, u
 print("ok: the late-fusion twin trains with AGM")
 PY
-expect_error "was made for another architecture" "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
+expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"
 echo "colored_mnist CLI: all checks passed"

@@ -38,8 +38,6 @@ expect_error "cannot decode image $work/broken/chair/train/chair_0003.obj.shaded
 broken; cp "$work/big/lamp/test/lamp_0001.obj.shaded_v007.png" "$work/broken/lamp/test/lamp_0001.obj.shaded_v007.png"
 expect_error "lamp_0001.obj.shaded_v007.png is 40x40 pixels; the other views are 32x32" "$work/a" -- \
   "$bin" --out "$work/a" --data-dir "$work/broken" "${small[@]}"
-echo "not a checkpoint" > "$work/junk.pt"
-expect_error "junk.pt" "$work/a" -- "$bin" --out "$work/a" --data-dir "$work/mv" "${small[@]}" --resume "$work/junk.pt"
 
 # A short run learns the fixture (front and rear bars tell the class apart).
 "$bin" --out "$work/run" --data-dir "$work/mv" "${small[@]}" --epochs 8 --lr 0.05 --momentum 0.9 \
@@ -63,6 +61,15 @@ assert s["args"]["train_size"] == 21 and s["args"]["validation_size"] == 9 and s
 assert s["utilization_test"]["samples"] == 12
 print("ok: a short run learns the fixture; logs, checkpoints and summary")
 PY
+
+# A damaged checkpoint (beside the run's settings) is named; nothing is written.
+run_flags=(--data-dir "$work/mv" "${small[@]}" --epochs 8 --lr 0.05 --momentum 0.9 --validation-size 9
+           --policy guided --alpha 0 --Q 2)
+cp -r "$work/run" "$work/junk"
+rm "$work/junk/summary.json"
+echo "not a checkpoint" >"$work/junk/checkpoint-last.pt"
+expect_error "checkpoint $work/junk/checkpoint-last.pt is not an mmbalance checkpoint" "$work/junk" -- \
+  "$bin" --out "$work/junk" "${run_flags[@]}" --resume "$work/junk/checkpoint-last.pt"
 
 # Resized views (32 -> 16 pixels).
 "$bin" --out "$work/resized" --data-dir "$work/mv" "${small[@]}" --epochs 1 --image-size 16 >/dev/null 2>&1 \
