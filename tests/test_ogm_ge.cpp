@@ -103,6 +103,24 @@ TEST_CASE("OGM-GE coefficients follow the paper's rule, for two and three branch
   for (int j = 0; j < 3; ++j) CHECK(three[j].item<double>() == Approx(expected[j]).epsilon(1e-6));
 }
 
+TEST_CASE("OGM-GE at the edges: a perfect branch against one whose score underflows, and two "
+          "that score 0", "[ogm-ge]") {
+  const at::Tensor target = at::tensor({0, 1}, at::kLong);
+  // Logits 200 apart: the true class's softmax is 1 for the perfect head and exactly 0 (in
+  // float) for the hopeless one.
+  const at::Tensor perfect = at::tensor({200.0, 0.0, 0.0, 200.0}).reshape({2, 2});
+  const at::Tensor hopeless = at::tensor({0.0, 200.0, 200.0, 0.0}).reshape({2, 2});
+  // ρ_0 = 2 / 0 = inf: k_0 = 1 - tanh(inf) = 0, the dominant branch stops (as in the
+  // original); ρ_1 = 0 / 2: k_1 = 1.
+  const at::Tensor k = OGMGEPolicy::coefficients({perfect, hopeless}, target, 0.1);
+  CHECK(k[0].item<double>() == 0.0);
+  CHECK(k[1].item<double>() == 1.0);
+  // Both score 0: ρ = 0 / 0 is not > 1, so nothing is modulated.
+  const at::Tensor none = OGMGEPolicy::coefficients({hopeless, hopeless}, target, 0.1);
+  CHECK(none[0].item<double>() == 1.0);
+  CHECK(none[1].item<double>() == 1.0);
+}
+
 TEST_CASE("OGM scales the conv-weight gradients of each branch by its coefficient and nothing else",
           "[ogm-ge]") {
   Net net = small_net(3);
