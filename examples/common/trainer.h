@@ -611,7 +611,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     summary["conflict_steps_total"] = conflict_steps_json(balancer.policy());
   }
   if constexpr (NWayNet<Net>) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
-  std::ofstream(summary_path) << summary.dump(1) << '\n';
+  write_json_atomically(summary_path, summary);  // its presence means the run finished
   return summary;
 }
 

@@ -178,7 +178,7 @@ int run(int argc, char** argv) {
     fs::create_directories(cfg.out);
     fs::remove(cfg.out / "summary.json");  // never leave an earlier run's summary behind
     const nlohmann::json summary = {{"args", args}, {"audio_only", train_audio_only(data, cfg)}};
-    std::ofstream(cfg.out / "summary.json") << summary.dump(1) << '\n';
+    write_json_atomically(cfg.out / "summary.json", summary);
     std::printf("audio alone: best epoch %d, test %s\n", summary["audio_only"]["epoch"].get<int>() + 1,
                 percent(summary["audio_only"]["test"].get<double>()).c_str());
     return 0;

@@ -298,7 +298,6 @@ class Balancer {
                   "every head's loss at the end of this epoch: call end_epoch(net, train_sample, "
                   "held_out)");
     }
-    ask_policy([&] { start_next_epoch(); });
     advance_epoch();
   }
 
@@ -334,30 +333,26 @@ class Balancer {
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
                                  epoch_ + 1 - options_.warmup_epochs()};
-        // One decision: a start_epoch hook that throws also undoes what the losses changed.
-        ask_policy([&] {
-          policy_.observe_epoch_losses(losses);
-          start_next_epoch();
-        });
-        advance_epoch();
+        advance_epoch([&] { policy_.observe_epoch_losses(losses); });
         return;
       }
     }
-    ask_policy([&] { start_next_epoch(); });
     advance_epoch();
   }
 
  private:
-  // The policy's hook for the epoch about to begin, if it is after warm-up; the balancer
-  // moves to that epoch (advance_epoch) only once the policy has taken it.
-  void start_next_epoch() {
-    if constexpr (HasEpochHook<Policy>) {
-      const std::int64_t next = epoch_ + 1;
-      if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
-    }
-  }
-
-  void advance_epoch() {
+  // Moves to the next epoch. What the policy takes from the ending epoch (`take`: its
+  // losses, if measured) and its start_epoch hook for the next one, if after warm-up, are
+  // one decision made before the counters move: if either throws, nothing has changed.
+  template <class Take = void (*)()>
+  void advance_epoch(Take&& take = [] {}) {
+    ask_policy([&] {
+      take();
+      if constexpr (HasEpochHook<Policy>) {
+        const std::int64_t next = epoch_ + 1;
+        if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
+      }
+    });
     ++epoch_;
     std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
   }
