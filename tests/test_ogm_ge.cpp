@@ -313,6 +313,55 @@ TEST_CASE("OGM-GE: a non-finite gradient is refused by name before any gradient 
   CHECK(balancer.step() == 0);
 }
 
+TEST_CASE("OGM-GE with an all-zero branch gradient: refused by name with checks on, finite "
+          "with them off", "[ogm-ge][bad-input]") {
+  const auto b = small_batch(8, 12);
+  const auto zero_branch0 = [](Net& net) {
+    for (const auto& p : net->parameter_groups().theta0) {
+      if (p.grad().defined()) p.grad().zero_();
+    }
+  };
+  SECTION("checks on: a branch that never had a gradient is named, nothing is modulated") {
+    Net net = small_net(4);
+    Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)), BalancerOptions().warmup_epochs(0));
+    const StepPlan plan = balancer.next_plan();
+    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
+    loss.backward();
+    zero_branch0(net);
+    std::vector<at::Tensor> before;
+    for (const auto& p : net->parameters()) before.push_back(p.grad().clone());
+    CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("group theta0") &&
+                                                  Catch::Contains("zero gradient in every regular step"));
+    const auto params = net->parameters();
+    for (std::size_t j = 0; j < params.size(); ++j) CHECK(at::equal(params[j].grad(), before[j]));
+    CHECK_FALSE(balancer.policy().last_coefficients().defined());
+    CHECK(balancer.step() == 0);
+  }
+  SECTION("checks off: the zero gradient gets only the noise floor N(0, 1e-8), no NaN") {
+    Net net = small_net(4);
+    Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)),
+                                   BalancerOptions().warmup_epochs(0).check_every_step(false));
+    const StepPlan plan = balancer.next_plan();
+    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
+    loss.backward();
+    zero_branch0(net);
+    balancer.observe(loss);
+    CHECK(at::isfinite(balancer.policy().last_coefficients()).all().item<bool>());
+    for (const auto& p : net->parameter_groups().theta0) {
+      const at::Tensor g = p.grad();
+      REQUIRE(at::isfinite(g).all().item<bool>());
+      // std(0) = 0: the noise is N(0, 1e-8) on the conv kernels (|draw| < 10 sigma), the
+      // others stay exactly 0.
+      if (p.dim() >= 3) {
+        CHECK(g.abs().max().item<double>() < 1e-7);
+        CHECK(g.abs().max().item<double>() > 0);
+      } else {
+        CHECK(g.abs().max().item<double>() == 0);
+      }
+    }
+  }
+}
+
 TEST_CASE("OGM-GE: a hook that fails leaves the balancer and the gradients as they were",
           "[ogm-ge][bad-input]") {
   Net net = small_net(3);

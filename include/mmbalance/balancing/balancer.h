@@ -182,7 +182,8 @@ class Balancer {
 
   /// The step's training loss from its output: the sum over the heads of CE(head,
   /// target), each averaged over the batch (`modality_specific_loss`); after warm-up, with
-  /// a policy that weights the losses (`WeighsLosses`), Σ_k w_k·CE(head_k) + w_y·CE(y).
+  /// a policy that weights the losses (`WeighsLosses`), Σ_k w_k·CE(head_k) + w_y·CE(y),
+  /// plus the term of a policy that adds one (`AddsAuxiliaryLoss`).
   /// Call it between `next_step()`/`next_plan()` and `observe()`; it hands the step's
   /// outputs to a policy that modulates gradients (`ModulatesGradients`), which needs it,
   /// and for one that `NeedsFusedGradients` computes ∂(scale·CE(y))/∂θ_k after warm-up (one
@@ -240,7 +241,7 @@ class Balancer {
       if constexpr (kFormsLoss) {  // in warm-up too: the loop is wrong from the start
         TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(),
                     ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
-                                               : " weighs the step's losses",
+                                               : " forms the step's loss (weights or a term of its own)",
                     "; form the loss with balancer.loss(out, target)");
       }
       // The policy's gradient hook, after the checks and the meter's reading of the raw
@@ -565,6 +566,9 @@ class Balancer {
       if (!in_warmup()) total = weighted_loss(out, target);
     }
     if (!total.defined()) total = modality_specific_loss(out, target);
+    if constexpr (AddsAuxiliaryLoss<Policy>) {
+      if (!in_warmup()) total = with_auxiliary_loss(total, out, target);
+    }
     if constexpr (kFormsLoss) {
       // Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
       std::vector<at::Tensor> heads;
@@ -691,6 +695,22 @@ class Balancer {
     add(out.y, w.fused);
     TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type(), " weighs every loss 0");
     return total;
+  }
+
+  // The loss plus the policy's own term (`AddsAuxiliaryLoss`), which must be a scalar on
+  // the loss's device and, when the loss carries a gradient, carry one too.
+  at::Tensor with_auxiliary_loss(const at::Tensor& total, const NWayOutput& out, const at::Tensor& target) const {
+    const at::Tensor term = policy_.auxiliary_loss(out, target);
+    if (!term.defined()) return total;
+    TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type(),
+                "'s auxiliary loss must be a floating-point scalar, got ", term.scalar_type(), " ",
+                detail::shape_string(term));
+    TORCH_CHECK(term.device() == total.device(), "Balancer::loss: ", policy_type(), "'s auxiliary loss is on ",
+                term.device(), ", the step's loss on ", total.device());
+    TORCH_CHECK(term.requires_grad() || !total.requires_grad(), "Balancer::loss: ", policy_type(),
+                "'s auxiliary loss carries no gradient while the output does (computed from detached "
+                "tensors?): it would change the loss's value and train nothing");
+    return total + term.reshape({}).to(total.scalar_type());
   }
 
   // Starts a step: drops gates staged outside a step.
@@ -925,7 +945,7 @@ class Balancer {
 
   static constexpr bool kObservesSpeeds = ObservesSpeed<Policy> || ObservesBranchSpeeds<Policy>;
   // Policies that need the loss formed by `loss()` (and the step's outputs it stages).
-  static constexpr bool kFormsLoss = ModulatesGradients<Policy> || WeighsLosses<Policy>;
+  static constexpr bool kFormsLoss = ModulatesGradients<Policy> || WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy>;
 
   BalancerOptions options_;
   Policy policy_;

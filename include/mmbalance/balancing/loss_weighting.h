@@ -1,7 +1,8 @@
 #pragma once
 /// \file
 /// The loss-weighting and epoch-loss hooks of balancing policies: a policy that weights
-/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, and one that
+/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, one that adds
+/// a term of its own (a regulariser) computes it from the step's output, and one that
 /// measures generalization receives every head's loss on training and held-out data at
 /// the epoch boundaries it asks for.
 
@@ -9,7 +10,10 @@
 #include <cstdint>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include "mmbalance/metrics/head_losses.h"
+#include "mmbalance/model/n_way_multimodal_net.h"
 
 namespace mmbalance {
 
@@ -27,6 +31,18 @@ struct LossWeights {
 template <class P>
 concept WeighsLosses = requires(const P& p) {
   { p.loss_weights() } -> std::convertible_to<LossWeights>;
+};
+
+/// A policy that adds a term of its own to the step's loss: after warm-up
+/// `Balancer::loss(out, target)` is the (weighted) cross-entropies plus
+/// `auxiliary_loss(out, target)`, from the step's output as the network returned it (not
+/// detached: the term's gradient reaches the parameters through the same `backward()`).
+/// The term is a scalar on the output's device; an undefined tensor adds nothing this
+/// step. A term that carries no gradient while the output does (computed from detached
+/// tensors) is refused by name: it would change the loss's value and nothing else.
+template <class P>
+concept AddsAuxiliaryLoss = requires(const P& p, const NWayOutput& out, const at::Tensor& target) {
+  { p.auxiliary_loss(out, target) } -> std::convertible_to<at::Tensor>;
 };
 
 /// Every head's mean loss on a sample of the training data and on held-out data, at the

@@ -25,8 +25,9 @@ namespace mmbalance {
 ///   network without fusion modules (late fusion), where such a step is a regular one.
 ///   (Any policy's re-balancing plan on such a network is refused when it is chosen.)
 /// - `modulate_gradients(const StepGradients&)` (balancing/gradient_modulation.h),
-///   `loss_weights()` and `wants_epoch_losses` / `observe_epoch_losses`
-///   (balancing/loss_weighting.h): policies that change gradients or weight the losses.
+///   `loss_weights()`, `auxiliary_loss(out, target)` and `wants_epoch_losses` /
+///   `observe_epoch_losses` (balancing/loss_weighting.h): policies that change gradients,
+///   weight the losses or add a term of their own.
 /// Policies must be copyable: the balancer restores a copy when it rejects a step.
 template <class P>
 concept BalancingPolicy = std::copyable<P> && requires(P& p) {
