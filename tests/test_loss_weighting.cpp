@@ -34,15 +34,29 @@ struct DetachedTermPolicy : VanillaPolicy {
   }
 };
 
-// A term of the wrong shape, of an integer type, or none (undefined) at all.
+// A term of the wrong shape, of an integer type, on another device, none (undefined) at
+// all, or in double precision (taken in the loss's own).
 struct ShapedTermPolicy : VanillaPolicy {
   int kind = 0;
   at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) const {
     if (kind == 0) return out.heads[0].mean(1);                      // one per row
     if (kind == 1) return at::ones({}, out.y.options().dtype(at::kLong));
-    return {};
+    if (kind == 2) return at::ones({}, at::TensorOptions().device(at::kMeta));
+    if (kind == 3) return {};
+    return out.heads[0].to(at::kDouble).mean().reshape({1}) * 0.25;
   }
 };
+
+// Hooks the balancer would not see without `const`: it refuses to compile with them.
+struct NonConstTermPolicy : VanillaPolicy {
+  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) { return out.y.mean(); }
+};
+struct NonConstWeightsPolicy : VanillaPolicy {
+  LossWeights loss_weights() { return {{1.0, 1.0}, 0.0}; }
+};
+static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && !MisdeclaresLossHook<FusedDistillationPolicy>);
+static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && MisdeclaresLossHook<NonConstTermPolicy>);
+static_assert(MisdeclaresLossHook<NonConstWeightsPolicy> && !MisdeclaresLossHook<VanillaPolicy>);
 
 // Weights and a term together: 0.25·CE(y0) + 0.5·CE(y1) + 1·CE(y) + 0.1·mean(y0).
 struct WeightsAndTermPolicy : VanillaPolicy {
@@ -131,8 +145,8 @@ TEST_CASE("An auxiliary term on three branches covers every head", "[balancer][l
   balancer.abandon_step();
 }
 
-TEST_CASE("A detached, misshapen or integer auxiliary term is refused by name; an undefined one "
-          "adds nothing", "[balancer][loss]") {
+TEST_CASE("A detached, misshapen, integer or misplaced auxiliary term is refused by name; an "
+          "undefined one adds nothing, a double one is taken in the loss's precision", "[balancer][loss]") {
   Net net = small_net(74);
   const auto b = small_batch(8, 6);
   {
@@ -148,7 +162,7 @@ TEST_CASE("A detached, misshapen or integer auxiliary term is refused by name; a
     balancer.abandon_step();
   }
   ShapedTermPolicy policy;
-  for (int kind : {0, 1, 2}) {
+  for (int kind : {0, 1, 2, 3, 4}) {
     policy.kind = kind;
     Balancer<ShapedTermPolicy> balancer(net, policy, BalancerOptions().warmup_epochs(0));
     const ModelOutput out = net->forward(b.x0, b.x1, balancer.next_step());
@@ -158,9 +172,15 @@ TEST_CASE("A detached, misshapen or integer auxiliary term is refused by name; a
     } else if (kind == 1) {
       CHECK_THROWS_WITH(balancer.loss(out, b.target), Catch::Contains("must be a floating-point scalar") &&
                                                           Catch::Contains("Long"));
+    } else if (kind == 2) {
+      CHECK_THROWS_WITH(balancer.loss(out, b.target), Catch::Contains("auxiliary loss is on meta") &&
+                                                          Catch::Contains("the step's loss on cpu"));
     } else {
-      CHECK(balancer.loss(out, b.target).item<double>() ==
-            Approx(ce(out.y0, b.target) + ce(out.y1, b.target)).epsilon(1e-6));
+      const double term = kind == 3 ? 0.0 : 0.25 * out.y0.to(at::kDouble).mean().item<double>();
+      const at::Tensor loss = balancer.loss(out, b.target);
+      CHECK(loss.scalar_type() == at::kFloat);
+      CHECK(loss.dim() == 0);
+      CHECK(loss.item<double>() == Approx(ce(out.y0, b.target) + ce(out.y1, b.target) + term).epsilon(1e-6));
     }
     balancer.abandon_step();
   }

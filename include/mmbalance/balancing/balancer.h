@@ -111,6 +111,10 @@ concept BalanceableModel = requires(Net net) {
 /// ```
 template <AnyBalancingPolicy Policy = VanillaPolicy>
 class Balancer {
+  static_assert(!MisdeclaresLossHook<Policy>,
+                "Balancer: the policy's loss_weights() or auxiliary_loss(out, target) would go unused: "
+                "declare it const, returning LossWeights or a tensor");
+
  public:
   /// `net` is a `MultiModalNet` or `NWayMultiModalNet` handle (any `BalanceableModel`); the
   /// balancer keeps its parameter groups and the handles of its fusion modules' gate

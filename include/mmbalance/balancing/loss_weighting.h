@@ -45,6 +45,15 @@ concept AddsAuxiliaryLoss = requires(const P& p, const NWayOutput& out, const at
   { p.auxiliary_loss(out, target) } -> std::convertible_to<at::Tensor>;
 };
 
+/// A policy that declares `loss_weights()` or `auxiliary_loss(out, target)` without
+/// `const` (or returning another type): the `Balancer` would not see the hook, so it
+/// refuses to compile with such a policy.
+template <class P>
+concept MisdeclaresLossHook =
+    (!WeighsLosses<P> && requires(P& p) { p.loss_weights(); }) ||
+    (!AddsAuxiliaryLoss<P> &&
+     requires(P& p, const NWayOutput& out, const at::Tensor& target) { p.auxiliary_loss(out, target); });
+
 /// Every head's mean loss on a sample of the training data and on held-out data, at the
 /// end of epoch `epochs` after warm-up (0: the end of the warm-up itself).
 struct EpochLosses {
