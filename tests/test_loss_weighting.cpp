@@ -51,11 +51,19 @@ struct ShapedTermPolicy : VanillaPolicy {
 struct NonConstTermPolicy : VanillaPolicy {
   at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) { return out.y.mean(); }
 };
+struct TwoBranchTermPolicy : VanillaPolicy {  // the two-branch output: not the hook's
+  at::Tensor auxiliary_loss(const ModelOutput& out, const at::Tensor&) const { return out.y.mean(); }
+};
+struct TemplatedTermPolicy : VanillaPolicy {  // a template the balancer cannot call as const
+  template <class Out>
+  at::Tensor auxiliary_loss(const Out& out, const at::Tensor&) { return out.y.mean(); }
+};
 struct NonConstWeightsPolicy : VanillaPolicy {
   LossWeights loss_weights() { return {{1.0, 1.0}, 0.0}; }
 };
 static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && !MisdeclaresLossHook<FusedDistillationPolicy>);
 static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && MisdeclaresLossHook<NonConstTermPolicy>);
+static_assert(MisdeclaresLossHook<TwoBranchTermPolicy> && MisdeclaresLossHook<TemplatedTermPolicy>);
 static_assert(MisdeclaresLossHook<NonConstWeightsPolicy> && !MisdeclaresLossHook<VanillaPolicy>);
 
 // Weights and a term together: 0.25·CE(y0) + 0.5·CE(y1) + 1·CE(y) + 0.1·mean(y0).

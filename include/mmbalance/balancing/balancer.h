@@ -113,7 +113,8 @@ template <AnyBalancingPolicy Policy = VanillaPolicy>
 class Balancer {
   static_assert(!MisdeclaresLossHook<Policy>,
                 "Balancer: the policy's loss_weights() or auxiliary_loss(out, target) would go unused: "
-                "declare it const, returning LossWeights or a tensor");
+                "declare `LossWeights loss_weights() const` or `at::Tensor auxiliary_loss(const "
+                "NWayOutput&, const at::Tensor&) const`");
 
  public:
   /// `net` is a `MultiModalNet` or `NWayMultiModalNet` handle (any `BalanceableModel`); the
