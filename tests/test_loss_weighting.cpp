@@ -153,7 +153,8 @@ TEST_CASE("An auxiliary term on three branches covers every head", "[balancer][l
   balancer.abandon_step();
 }
 
-TEST_CASE("A detached, misshapen, integer or misplaced auxiliary term is refused by name; an "
+// (No semicolon in a test's name: CTest's discovery would split it in two.)
+TEST_CASE("A detached, misshapen, integer or misplaced auxiliary term is refused by name, an "
           "undefined one adds nothing, a double one is taken in the loss's precision", "[balancer][loss]") {
   Net net = small_net(74);
   const auto b = small_batch(8, 6);
