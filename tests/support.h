@@ -143,6 +143,19 @@ std::vector<StepKind> train_steps(Net& net, torch::optim::Optimizer& optimizer,
   return kinds;
 }
 
+/// One step of the README's loop with the loss formed by the balancer (any policy, two
+/// branches); returns the loss.
+template <class BalancerT>
+at::Tensor balanced_step(Net& net, torch::optim::Optimizer& optimizer, BalancerT& balancer, const MultiModalBatch& b) {
+  const StepKind kind = balancer.next_step();
+  at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, kind), b.target);
+  optimizer.zero_grad();
+  loss.backward();
+  balancer.observe(loss);
+  optimizer.step();
+  return loss;
+}
+
 /// `train_steps` for an N-branch network (batches from `n_way_batch`); returns the plans.
 template <class NetT, class BalancerT>
 std::vector<StepPlan> train_plans(NetT& net, torch::optim::Optimizer& optimizer,

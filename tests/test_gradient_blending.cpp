@@ -17,18 +17,6 @@ EpochLosses measured(std::vector<double> train_heads, double train_fused, std::v
   return {{std::move(train_heads), train_fused, 10}, {std::move(held_heads), held_fused, 10}, epochs};
 }
 
-// One step through the balancer with its loss; returns the loss.
-template <class BalancerT>
-at::Tensor step(Net& net, torch::optim::Optimizer& opt, BalancerT& balancer, const MultiModalBatch& b) {
-  const StepKind kind = balancer.next_step();
-  at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, kind), b.target);
-  opt.zero_grad();
-  loss.backward();
-  balancer.observe(loss);
-  opt.step();
-  return loss;
-}
-
 std::vector<MultiModalBatch> batches(std::uint64_t first, int count) {
   std::vector<MultiModalBatch> out;
   for (int i = 0; i < count; ++i) out.push_back(small_batch(8, first + static_cast<std::uint64_t>(i)));
@@ -150,7 +138,7 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
   Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
   const auto train = batches(100, 2), held_out = batches(200, 2);
   for (int e = 0; e < 3; ++e) {
-    for (std::uint64_t i = 0; i < 3; ++i) step(net, opt, online, small_batch(8, 10 + i));
+    for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, online, small_batch(8, 10 + i));
     online.end_epoch(net, train, held_out);  // e = 0: the end of warm-up, the first measurement
   }
   CHECK(online.policy().estimates() == 2);
@@ -168,11 +156,11 @@ TEST_CASE("Gradient-Blending measures the losses it is given: the first estimate
   Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(2)),
                                             BalancerOptions().warmup_epochs(1));
   const auto train = batches(300, 2), held_out = batches(400, 2);
-  step(net, opt, balancer, small_batch(8, 1));
+  balanced_step(net, opt, balancer, small_batch(8, 1));
   const HeadLosses t0 = head_losses(net, train), v0 = head_losses(net, held_out);
   balancer.end_epoch(net, train, held_out);
   for (int e = 0; e < 2; ++e) {
-    for (std::uint64_t i = 0; i < 3; ++i) step(net, opt, balancer, small_batch(8, 20 + i));
+    for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, balancer, small_batch(8, 20 + i));
     if (e == 0) {
       // Not a super-epoch boundary: nothing measured, and a plain end_epoch() will do.
       balancer.end_epoch();
@@ -193,7 +181,7 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
   Net net = small_net(63);
   auto opt = make_sgd(net);
   Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2), BalancerOptions().warmup_epochs(1));
-  step(net, opt, balancer, small_batch(8, 1));
+  balanced_step(net, opt, balancer, small_batch(8, 1));
   const std::string before = saved_bytes(balancer);
   CHECK_THROWS_WITH(balancer.end_epoch(),
                     Catch::Contains("GradientBlendingPolicy measures every head's loss at the end of "
@@ -232,7 +220,7 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
   const auto run_epochs = [&](Net& net, torch::optim::SGD& opt, Balancer<GradientBlendingPolicy>& balancer,
                               int first, int last) {
     for (int e = first; e < last; ++e) {
-      for (int i = 0; i < 3; ++i) step(net, opt, balancer, small_batch(8, static_cast<std::uint64_t>(3 * e + i)));
+      for (int i = 0; i < 3; ++i) balanced_step(net, opt, balancer, small_batch(8, static_cast<std::uint64_t>(3 * e + i)));
       balancer.end_epoch(net, train, held_out);  // measures where the policy asks
     }
   };
@@ -416,7 +404,7 @@ TEST_CASE("Gradient-Blending trains a late-fusion network: the weights move, the
   Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
   const auto train = batches(800, 2), held_out = batches(900, 2);
   for (int e = 0; e < 3; ++e) {
-    for (std::uint64_t i = 0; i < 3; ++i) step(net, opt, balancer, small_batch(8, 30 + i));
+    for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, balancer, small_batch(8, 30 + i));
     balancer.end_epoch(net, train, held_out);
   }
   CHECK(balancer.policy().estimates() == 2);
@@ -436,7 +424,7 @@ TEST_CASE("The three-argument end_epoch works with every policy: one that measur
   Net net = small_net(68);
   auto opt = make_sgd(net);
   VanillaBalancer balancer(net);
-  step(net, opt, balancer, small_batch(8, 1));
+  balanced_step(net, opt, balancer, small_batch(8, 1));
   const std::vector<MultiModalBatch> empty;
   balancer.end_epoch(net, empty, empty);  // nothing measured, so even no data will do
   CHECK(balancer.epoch() == 1);

@@ -205,21 +205,13 @@ TEST_CASE("observe refuses, from the first step, a loss that a term-adding polic
   CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("balancer.loss(out, target)"));
 }
 
-TEST_CASE("A policy with an auxiliary term trains through the six-line loop", "[balancer][loss]") {
+TEST_CASE("A policy with an auxiliary term trains through the README's loop", "[balancer][loss]") {
   Net net = small_net(76);
   auto opt = make_sgd(net);
   Balancer<FusedDistillationPolicy> balancer(net, FusedDistillationPolicy{}, BalancerOptions().warmup_epochs(0));
   const auto b = small_batch(16, 8);
   double first = 0, last = 0;
-  for (int i = 0; i < 30; ++i) {
-    const StepKind kind = balancer.next_step();
-    at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, kind), b.target);
-    opt.zero_grad();
-    loss.backward();
-    balancer.observe(loss);
-    opt.step();
-    (i == 0 ? first : last) = loss.item<double>();
-  }
+  for (int i = 0; i < 30; ++i) (i == 0 ? first : last) = balanced_step(net, opt, balancer, b).item<double>();
   CHECK(last < first);
   CHECK(balancer.total_step_counts()[0] == 30);
 }

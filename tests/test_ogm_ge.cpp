@@ -316,18 +316,20 @@ TEST_CASE("OGM-GE: a non-finite gradient is refused by name before any gradient 
 TEST_CASE("OGM-GE with an all-zero branch gradient: refused by name with checks on, finite "
           "with them off", "[ogm-ge][bad-input]") {
   const auto b = small_batch(8, 12);
-  const auto zero_branch0 = [](Net& net) {
+  // A step's forward and backward passes, then branch 0's gradients zeroed; the loss.
+  const auto zeroed_step = [&b](Net& net, Balancer<OGMGEPolicy>& balancer) {
+    const StepPlan plan = balancer.next_plan();
+    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
+    loss.backward();
     for (const auto& p : net->parameter_groups().theta0) {
       if (p.grad().defined()) p.grad().zero_();
     }
+    return loss;
   };
   SECTION("checks on: a branch that never had a gradient is named, nothing is modulated") {
     Net net = small_net(4);
     Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)), BalancerOptions().warmup_epochs(0));
-    const StepPlan plan = balancer.next_plan();
-    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
-    loss.backward();
-    zero_branch0(net);
+    const at::Tensor loss = zeroed_step(net, balancer);
     std::vector<at::Tensor> before;
     for (const auto& p : net->parameters()) before.push_back(p.grad().clone());
     CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("group theta0") &&
@@ -341,11 +343,7 @@ TEST_CASE("OGM-GE with an all-zero branch gradient: refused by name with checks 
     Net net = small_net(4);
     Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(0.7)),
                                    BalancerOptions().warmup_epochs(0).check_every_step(false));
-    const StepPlan plan = balancer.next_plan();
-    const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
-    loss.backward();
-    zero_branch0(net);
-    balancer.observe(loss);
+    balancer.observe(zeroed_step(net, balancer));
     CHECK(at::isfinite(balancer.policy().last_coefficients()).all().item<bool>());
     for (const auto& p : net->parameter_groups().theta0) {
       const at::Tensor g = p.grad();
