@@ -207,7 +207,7 @@ TEST_CASE("NVGesture list files and frames: mutations load or are refused naming
   CHECK(b.refused > 0);
 }
 
-TEST_CASE("Checkpoints: mutations are refused naming the file, nothing changed", "[corrupt]") {
+TEST_CASE("Checkpoints: mutations are refused naming the file, nothing changed", "[corrupt][libtorch_leak]") {
   using namespace mmbalance;
   using namespace mmbalance::testing;
   auto net = small_net(40);
