@@ -61,10 +61,14 @@ struct TemplatedTermPolicy : VanillaPolicy {  // a template the balancer cannot 
 struct NonConstWeightsPolicy : VanillaPolicy {
   LossWeights loss_weights() { return {{1.0, 1.0}, 0.0}; }
 };
-static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && !MisdeclaresLossHook<FusedDistillationPolicy>);
-static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && MisdeclaresLossHook<NonConstTermPolicy>);
-static_assert(MisdeclaresLossHook<TwoBranchTermPolicy> && MisdeclaresLossHook<TemplatedTermPolicy>);
-static_assert(MisdeclaresLossHook<NonConstWeightsPolicy> && !MisdeclaresLossHook<VanillaPolicy>);
+// Declared but not callable as the hook: what detail::PolicyHooksCheck refuses
+// (tests/compile_fail/misdeclared_hooks.cpp shows the messages).
+static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<FusedDistillationPolicy>);
+static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<NonConstTermPolicy>);
+static_assert(!AddsAuxiliaryLoss<TwoBranchTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<TwoBranchTermPolicy>);
+static_assert(!AddsAuxiliaryLoss<TemplatedTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<TemplatedTermPolicy>);
+static_assert(!WeighsLosses<NonConstWeightsPolicy> && mmbalance::detail::DeclaresLossWeights<NonConstWeightsPolicy>);
+static_assert(!mmbalance::detail::DeclaresLossWeights<VanillaPolicy> && !mmbalance::detail::DeclaresAuxiliaryLoss<VanillaPolicy>);
 
 // Weights and a term together: 0.25·CE(y0) + 0.5·CE(y1) + 1·CE(y) + 0.1·mean(y0).
 struct WeightsAndTermPolicy : VanillaPolicy {

@@ -28,6 +28,7 @@
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/policy_hooks.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/eval_mode.h"
@@ -76,11 +77,6 @@ struct BalancerOptions {
 /// What the balancer has done so far, per step kind (two branches).
 using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 
-/// What a `Balancer` takes as a policy: a two-branch `BalancingPolicy` (step kinds) or an
-/// `NWayBalancingPolicy` (step plans).
-template <class P>
-concept AnyBalancingPolicy = BalancingPolicy<P> || NWayBalancingPolicy<P>;
-
 /// What a `Balancer` takes as a network: parameter groups the learning-speed meter
 /// measures (`ParameterGroups` or `NWayParameterGroups`) and the fusion modules' gate means.
 /// `MultiModalNet` and `NWayMultiModalNet` handles are.
@@ -109,12 +105,12 @@ concept BalanceableModel = requires(Net net) {
 ///   StepPlan plan = balancer.next_plan();
 ///   auto loss = modality_specific_loss(net->forward({x0, x1, x2}, plan), batch.target);
 /// ```
-template <AnyBalancingPolicy Policy = VanillaPolicy>
+/// `Policy` is a two-branch `BalancingPolicy` (step kinds) or an `NWayBalancingPolicy`
+/// (step plans); a member it declares in a form the balancer would not call (see
+/// balancing/policy_hooks.h) is a compile error naming the member and the form expected.
+template <class Policy = VanillaPolicy>
 class Balancer {
-  static_assert(!MisdeclaresLossHook<Policy>,
-                "Balancer: the policy's loss_weights() or auxiliary_loss(out, target) would go unused: "
-                "declare `LossWeights loss_weights() const` or `at::Tensor auxiliary_loss(const "
-                "NWayOutput&, const at::Tensor&) const`");
+  static_assert(detail::PolicyHooksCheck<Policy>::ok);
 
  public:
   /// `net` is a `MultiModalNet` or `NWayMultiModalNet` handle (any `BalanceableModel`); the

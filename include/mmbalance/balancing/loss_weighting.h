@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 
 #include "mmbalance/metrics/head_losses.h"
-#include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/n_way_multimodal_net.h"
 
 namespace mmbalance {
@@ -45,18 +44,6 @@ template <class P>
 concept AddsAuxiliaryLoss = requires(const P& p, const NWayOutput& out, const at::Tensor& target) {
   { p.auxiliary_loss(out, target) } -> std::convertible_to<at::Tensor>;
 };
-
-/// A policy that declares `loss_weights()` without `const` or returning another type, or
-/// an `auxiliary_loss` that is not `AddsAuxiliaryLoss` (not const, another return type, or
-/// taking a two-branch `ModelOutput` or other parameters): the `Balancer` would not see
-/// the hook, so it refuses to compile with such a policy.
-template <class P>
-concept MisdeclaresLossHook =
-    (!WeighsLosses<P> && requires(P& p) { p.loss_weights(); }) ||
-    (!AddsAuxiliaryLoss<P> &&
-     (requires { &P::auxiliary_loss; } ||
-      requires(P& p, const NWayOutput& out, const at::Tensor& target) { p.auxiliary_loss(out, target); } ||
-      requires(P& p, const ModelOutput& out, const at::Tensor& target) { p.auxiliary_loss(out, target); }));
 
 /// Every head's mean loss on a sample of the training data and on held-out data, at the
 /// end of epoch `epochs` after warm-up (0: the end of the warm-up itself).
