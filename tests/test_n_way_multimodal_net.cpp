@@ -227,6 +227,41 @@ TEST_CASE("NWayMultiModalNet::forward_missing skips absent branches, the others 
                     Catch::Contains("modality 2 needs a batch"));
 }
 
+TEST_CASE("NWayMultiModalNet::forward_missing runs in eval mode whatever mode the network is "
+          "in, and leaves each module's mode and every buffer as it was", "[n-way-net]") {
+  ThreeWay net = small_three_way(74);
+  net->eval();
+  net->record_squeeze(three_inputs(6, 76));
+  for (auto& m : net->squeeze_means()) m->commit();
+  const auto x = three_inputs(4, 75);
+  const NWayOutput in_eval = net->forward_missing({x[0], at::Tensor(), x[2]}, {1});
+
+  // In training mode (as the utilization probe leaves a network), with one BatchNorm kept
+  // in eval mode by the user.
+  net->train();
+  std::shared_ptr<torch::nn::Module> frozen;
+  std::size_t batch_norms = 0;
+  for (const auto& m : net->modules(/*include_self=*/false)) {
+    if (m->name().find("BatchNorm") == std::string::npos) continue;
+    ++batch_norms;
+    if (!frozen) (frozen = m)->eval();
+  }
+  REQUIRE(batch_norms >= 2);
+  std::vector<at::Tensor> before;
+  for (const at::Tensor& b : net->buffers()) before.push_back(b.clone());
+  const NWayOutput in_training = net->forward_missing({x[0], at::Tensor(), x[2]}, {1});
+  CHECK(torch::equal(in_training.heads[0], in_eval.heads[0]));
+  CHECK(torch::equal(in_training.y, in_eval.y));
+  const auto after = net->buffers();
+  REQUIRE(after.size() == before.size());
+  for (std::size_t i = 0; i < after.size(); ++i) CHECK(torch::equal(after[i], before[i]));
+  CHECK(net->is_training());
+  CHECK_FALSE(frozen->is_training());
+  for (const auto& m : net->modules(/*include_self=*/false)) {
+    if (m != frozen) CHECK(m->is_training());
+  }
+}
+
 TEST_CASE("NWayMultiModalNet stages gates only in regular training steps", "[n-way-net]") {
   ThreeWay net = small_three_way(63);
   const auto x = three_inputs(5, 64);

@@ -21,6 +21,7 @@
 #include "mmbalance/detail/check.h"
 #include "mmbalance/fusion/fusion_context.h"
 #include "mmbalance/fusion/fusion_module.h"
+#include "mmbalance/model/eval_mode.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
@@ -118,9 +119,13 @@ class NWayMultiModalNetImpl : public torch::nn::Module {
   /// fusion module reads their training-set average squeeze vectors in their place (as
   /// recorded for the utilization probe, `record_squeeze_averages`), and `y` is the mean
   /// of the present heads; an absent branch's head is an undefined tensor. Gates are not
-  /// staged. Reads one number per fusion module from the device (are averages recorded?).
+  /// staged. Runs in eval mode whatever mode the network is in (BatchNorm uses and keeps
+  /// its running statistics; each module's own mode is restored); gradients as the caller
+  /// has them. Reads one number per fusion module from the device (are averages recorded?).
   NWayOutput forward_missing(const std::vector<at::Tensor>& inputs,
                              const std::vector<std::size_t>& absent) {
+    auto* self = this;
+    const EvalModeScope eval(self);
     NWayFusionContext ctx;
     ctx.sides.assign(kBranches, SideMode::live);
     for (const std::size_t k : absent) {
