@@ -63,12 +63,12 @@ struct NonConstWeightsPolicy : VanillaPolicy {
 };
 // Declared but not callable as the hook: what detail::PolicyHooksCheck refuses
 // (tests/compile_fail/misdeclared_hooks.cpp shows the messages).
-static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<FusedDistillationPolicy>);
-static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<NonConstTermPolicy>);
-static_assert(!AddsAuxiliaryLoss<TwoBranchTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<TwoBranchTermPolicy>);
-static_assert(!AddsAuxiliaryLoss<TemplatedTermPolicy> && mmbalance::detail::DeclaresAuxiliaryLoss<TemplatedTermPolicy>);
-static_assert(!WeighsLosses<NonConstWeightsPolicy> && mmbalance::detail::DeclaresLossWeights<NonConstWeightsPolicy>);
-static_assert(!mmbalance::detail::DeclaresLossWeights<VanillaPolicy> && !mmbalance::detail::DeclaresAuxiliaryLoss<VanillaPolicy>);
+static_assert(AddsAuxiliaryLoss<FusedDistillationPolicy> && mmbalance::detail::HasMember_auxiliary_loss<FusedDistillationPolicy>);
+static_assert(!AddsAuxiliaryLoss<NonConstTermPolicy> && mmbalance::detail::HasMember_auxiliary_loss<NonConstTermPolicy>);
+static_assert(!AddsAuxiliaryLoss<TwoBranchTermPolicy> && mmbalance::detail::HasMember_auxiliary_loss<TwoBranchTermPolicy>);
+static_assert(!AddsAuxiliaryLoss<TemplatedTermPolicy> && mmbalance::detail::HasMember_auxiliary_loss<TemplatedTermPolicy>);
+static_assert(!WeighsLosses<NonConstWeightsPolicy> && mmbalance::detail::HasMember_loss_weights<NonConstWeightsPolicy>);
+static_assert(!mmbalance::detail::HasMember_loss_weights<VanillaPolicy> && !mmbalance::detail::HasMember_auxiliary_loss<VanillaPolicy>);
 
 // Weights and a term together: 0.25·CE(y0) + 0.5·CE(y1) + 1·CE(y) + 0.1·mean(y0).
 struct WeightsAndTermPolicy : VanillaPolicy {

@@ -1,27 +1,43 @@
-# Builds a target that must not compile and checks that the compiler said every
-# `// expect: MESSAGE` line of its source. Run with cmake -P (see tests/CMakeLists.txt):
-#   -DBUILD_DIR=... -DTARGET=... -DSOURCE=...
+# Builds a target that must not compile and checks that the compiler refused each policy
+# of its source for the reason its `// expect(Policy): MESSAGE` line gives: MESSAGE must
+# appear in the compiler's report on Policy (from "PolicyHooksCheck<Policy>" to the next
+# instantiation), so one case's message cannot stand in for another's. Run with
+# cmake -P (see tests/CMakeLists.txt): -DBUILD_DIR=... -DTARGET=... -DSOURCE=...
 execute_process(COMMAND ${CMAKE_COMMAND} --build "${BUILD_DIR}" --target "${TARGET}"
                 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 string(APPEND out "${err}")
 if(rc EQUAL 0)
   message(FATAL_ERROR "${TARGET} compiled: every case in ${SOURCE} must be refused")
 endif()
-file(STRINGS "${SOURCE}" expectations REGEX "^// expect: ")
+file(STRINGS "${SOURCE}" expectations REGEX "^// expect\\(")
 list(LENGTH expectations count)
 if(count EQUAL 0)
-  message(FATAL_ERROR "no '// expect:' lines in ${SOURCE}")
+  message(FATAL_ERROR "no '// expect(Policy):' lines in ${SOURCE}")
 endif()
 set(missing "")
 foreach(line IN LISTS expectations)
-  string(REGEX REPLACE "^// expect: " "" expected "${line}")
-  string(FIND "${out}" "${expected}" at)
+  if(NOT line MATCHES "^// expect\\(([A-Za-z0-9_]+)\\): (.+)$")
+    message(FATAL_ERROR "malformed line in ${SOURCE}: ${line}")
+  endif()
+  set(policy "${CMAKE_MATCH_1}")
+  set(expected "${CMAKE_MATCH_2}")
+  string(FIND "${out}" "PolicyHooksCheck<${policy}>" at)
   if(at EQUAL -1)
-    string(APPEND missing "\n  ${expected}")
+    string(APPEND missing "\n  ${policy}: no report on it")
+    continue()
+  endif()
+  string(SUBSTRING "${out}" ${at} -1 report)
+  string(FIND "${report}" "In instantiation of" next)
+  if(next GREATER -1)
+    string(SUBSTRING "${report}" 0 ${next} report)
+  endif()
+  string(FIND "${report}" "${expected}" found)
+  if(found EQUAL -1)
+    string(APPEND missing "\n  ${policy}: ${expected}")
   endif()
 endforeach()
 if(missing)
-  message(FATAL_ERROR "${TARGET} failed to compile, but without these messages:${missing}\n"
+  message(FATAL_ERROR "${TARGET} failed to compile, but not with these messages:${missing}\n"
                       "compiler output:\n${out}")
 endif()
-message(STATUS "${TARGET}: refused with all ${count} expected messages")
+message(STATUS "${TARGET}: each of the ${count} policies refused with its expected message")

@@ -15,11 +15,15 @@
 /// | loss term | `at::Tensor auxiliary_loss(const NWayOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
 /// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` |
+/// | branch count | `std::size_t branches() const` (checked against the network's) | — |
 ///
+/// These names are the hooks': a member of one of them in any form (overloaded, a
+/// template, private, inherited from two bases) must be the form above.
 /// docs/policies.md ("The hooks") says when each is called and what it may change.
 
 #include <concepts>
 #include <cstdint>
+#include <type_traits>
 
 #include <torch/serialize/archive.h>
 
@@ -27,84 +31,143 @@
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
-#include "mmbalance/model/multimodal_net.h"
-#include "mmbalance/model/n_way_multimodal_net.h"
 
 namespace mmbalance::detail {
 
-// "Declares a member of this name": its address can be taken (one, non-template
-// overload), or a call of a near-miss form compiles (non-const object, non-const
-// argument, two-branch output type), which also finds overloaded and template members.
+// HasMember_NAME<P>: P has a member NAME in any form (overloaded, a template, private,
+// inherited from two bases, a data member): a class deriving from P and from one with a
+// member NAME finds the name ambiguous exactly then. For a final P, only a member whose
+// address can be taken is seen.
+#define MMBALANCE_DETAIL_MEMBER_DETECTOR(name)                                               \
+  struct WithMember_##name {                                                                 \
+    void name();                                                                             \
+  };                                                                                         \
+  template <class P>                                                                         \
+  struct MemberProbe_##name : P, WithMember_##name {};                                       \
+  template <class P>                                                                         \
+  concept HasMember_##name = (std::is_class_v<P> && !std::is_final_v<P> &&                   \
+                              !requires { &MemberProbe_##name<P>::name; }) ||                \
+                             requires { &P::name; };
+MMBALANCE_DETAIL_MEMBER_DETECTOR(next_plan)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(next_step)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_speeds)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_d_speed)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(start_epoch)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(save)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(load)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(modulate_gradients)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(loss_weights)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(auxiliary_loss)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(wants_epoch_losses)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_losses)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(holds_fusion_gates)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_fused_gradients)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_masked_outputs)
+#undef MMBALANCE_DETAIL_MEMBER_DETECTOR
+
+// The plan hooks' call forms, without the copyability the policy concepts add.
 template <class P>
-concept DeclaresObserveSpeeds =
-    requires { &P::observe_speeds; } || requires(P& p, NWaySpeedSummary& s) { p.observe_speeds(s); };
+concept PlansSteps = requires(P& p) {
+  { p.next_plan() } -> std::same_as<StepPlan>;
+};
 template <class P>
-concept DeclaresObserveDSpeed = requires { &P::observe_d_speed; };
+concept ChoosesStepKinds = requires(P& p) {
+  { p.next_step() } -> std::same_as<StepKind>;
+};
+
+// Converts to double and nothing else: a hook taking int or float would truncate d_speed.
+struct ExactlyDouble {
+  template <class T>
+    requires std::same_as<T, double>
+  operator T() const {
+    return 0.0;
+  }
+};
 template <class P>
-concept DeclaresStartEpoch = requires { &P::start_epoch; };
+concept TakesDSpeedAsDouble = requires(P& p, ExactlyDouble d) { p.observe_d_speed(d); };
+
+// The class that declares a member function whose address is `M`.
+template <class M>
+struct DeclaringClass;
+template <class R, class C>
+struct DeclaringClass<R C::*> {
+  using type = C;
+};
+// next_step and next_plan declared in different classes (one inherited, e.g. from
+// VanillaPolicy): `Balancer::next_plan()` would call the inherited one.
 template <class P>
-concept DeclaresState = requires { &P::save; } || requires { &P::load; } ||
-    requires(P& p, torch::serialize::OutputArchive& out) { p.save(out); };
-template <class P>
-concept DeclaresModulateGradients = requires { &P::modulate_gradients; } ||
-    requires(P& p, StepGradients& g) { p.modulate_gradients(g); };
-template <class P>
-concept DeclaresLossWeights = requires { &P::loss_weights; } || requires(P& p) { p.loss_weights(); };
-template <class P>
-concept DeclaresAuxiliaryLoss =
-    requires { &P::auxiliary_loss; } ||
-    requires(P& p, const NWayOutput& out, const at::Tensor& target) { p.auxiliary_loss(out, target); } ||
-    requires(P& p, const ModelOutput& out, const at::Tensor& target) { p.auxiliary_loss(out, target); };
-template <class P>
-concept DeclaresEpochLosses = requires { &P::wants_epoch_losses; } || requires { &P::observe_epoch_losses; } ||
-    requires(P& p, EpochLosses& l) { p.observe_epoch_losses(l); };
-template <class P>
-concept DeclaresNextPlan = requires { &P::next_plan; };
-template <class P>
-concept DeclaresNextStep = requires { &P::next_step; };
+concept PlanHooksFromDifferentClasses =
+    requires { &P::next_step; &P::next_plan; } &&
+    !std::same_as<typename DeclaringClass<decltype(&P::next_step)>::type,
+                  typename DeclaringClass<decltype(&P::next_plan)>::type>;
+
+// A flag is read at compile time: declared, it must be a constant.
+#define MMBALANCE_DETAIL_FLAG(name)                                                          \
+  template <class P>                                                                         \
+  concept ReadableFlag_##name = requires { typename std::bool_constant<bool(P::name)>; };    \
+  template <class P>                                                                         \
+  concept FlagSet_##name = ReadableFlag_##name<P> && bool(P::name);
+MMBALANCE_DETAIL_FLAG(holds_fusion_gates)
+MMBALANCE_DETAIL_FLAG(needs_fused_gradients)
+MMBALANCE_DETAIL_FLAG(needs_masked_outputs)
+#undef MMBALANCE_DETAIL_FLAG
 
 /// Instantiated by `Balancer<P>`: each assertion names the member and the form the
-/// balancer calls. A policy passes when every member it declares has that form.
+/// balancer calls. A policy passes when every hook name it has is in that form.
 template <class P>
 struct PolicyHooksCheck {
-  static_assert(BalancingPolicy<P> || NWayBalancingPolicy<P> || DeclaresNextPlan<P> || DeclaresNextStep<P>,
+  static_assert(HasMember_next_plan<P> || HasMember_next_step<P>,
                 "Balancer: the policy has no plan: declare `StepPlan next_plan()` (any number of "
                 "branches) or `StepKind next_step()` (two branches)");
-  static_assert(!DeclaresNextPlan<P> || NWayBalancingPolicy<P>,
-                "Balancer: the policy's next_plan is not `StepPlan next_plan()` (non-const, no "
-                "parameters, returning StepPlan)");
-  static_assert(!DeclaresNextStep<P> || DeclaresNextPlan<P> || BalancingPolicy<P>,
-                "Balancer: the policy's next_step is not `StepKind next_step()` (non-const, no "
-                "parameters, returning StepKind)");
+  static_assert(!HasMember_next_plan<P> || PlansSteps<P>,
+                "Balancer: the policy's next_plan is not `StepPlan next_plan()` (callable on a "
+                "non-const policy, no parameters, returning StepPlan)");
+  static_assert(!HasMember_next_step<P> || ChoosesStepKinds<P>,
+                "Balancer: the policy's next_step is not `StepKind next_step()` (callable on a "
+                "non-const policy, no parameters, returning StepKind)");
+  static_assert(!PlanHooksFromDifferentClasses<P>,
+                "Balancer: the policy's next_step and next_plan come from different classes (one "
+                "inherited): balancer.next_plan() would call one and balancer.next_step() the "
+                "other; declare both in the policy's own class");
   static_assert(std::copyable<P>, "Balancer: the policy must be copyable (the balancer keeps a "
                 "copy to restore when it rejects a step)");
-  static_assert(!DeclaresObserveSpeeds<P> || ObservesBranchSpeeds<P>,
+  static_assert(!HasMember_observe_speeds<P> || ObservesBranchSpeeds<P>,
                 "Balancer: the policy's observe_speeds would never be called: declare `void "
                 "observe_speeds(const NWaySpeedSummary&)`");
-  static_assert(!DeclaresObserveDSpeed<P> || ObservesSpeed<P>,
-                "Balancer: the policy's observe_d_speed would never be called: declare `void "
-                "observe_d_speed(double)`");
-  static_assert(!DeclaresStartEpoch<P> || HasEpochHook<P>,
+  static_assert(!HasMember_observe_d_speed<P> || (ObservesSpeed<P> && TakesDSpeedAsDouble<P>),
+                "Balancer: the policy's observe_d_speed would never be called, or get d_speed "
+                "truncated: declare `void observe_d_speed(double)`");
+  static_assert(!(HasMember_observe_speeds<P> && HasMember_observe_d_speed<P>),
+                "Balancer: the policy has both observe_speeds and observe_d_speed; the balancer "
+                "calls only observe_speeds: declare one");
+  static_assert(!HasMember_start_epoch<P> || HasEpochHook<P>,
                 "Balancer: the policy's start_epoch would never be called: declare `void "
                 "start_epoch(std::int64_t)`");
-  static_assert(!DeclaresState<P> || HasState<P>,
+  static_assert(!(HasMember_save<P> || HasMember_load<P>) || HasState<P>,
                 "Balancer: the policy's state would be left out of every checkpoint: declare "
                 "both `void save(torch::serialize::OutputArchive&) const` and `void "
                 "load(torch::serialize::InputArchive&)`");
-  static_assert(!DeclaresModulateGradients<P> || ModulatesGradients<P>,
+  static_assert(!HasMember_modulate_gradients<P> || ModulatesGradients<P>,
                 "Balancer: the policy's modulate_gradients would never be called: declare `void "
                 "modulate_gradients(const StepGradients&)`");
-  static_assert(!DeclaresLossWeights<P> || WeighsLosses<P>,
+  static_assert(!HasMember_loss_weights<P> || WeighsLosses<P>,
                 "Balancer: the policy's loss_weights would go unused: declare `LossWeights "
                 "loss_weights() const`");
-  static_assert(!DeclaresAuxiliaryLoss<P> || AddsAuxiliaryLoss<P>,
+  static_assert(!HasMember_auxiliary_loss<P> || AddsAuxiliaryLoss<P>,
                 "Balancer: the policy's auxiliary_loss would go unused: declare `at::Tensor "
                 "auxiliary_loss(const NWayOutput&, const at::Tensor&) const`");
-  static_assert(!DeclaresEpochLosses<P> || ObservesEpochLosses<P>,
+  static_assert(!(HasMember_wants_epoch_losses<P> || HasMember_observe_epoch_losses<P>) ||
+                    ObservesEpochLosses<P>,
                 "Balancer: the policy's epoch-loss hooks would never be called: declare both "
                 "`bool wants_epoch_losses(std::int64_t) const` and `void "
                 "observe_epoch_losses(const EpochLosses&)`");
-  static_assert(!(requires { P::needs_fused_gradients; } || requires { P::needs_masked_outputs; }) ||
+  static_assert((!HasMember_holds_fusion_gates<P> || ReadableFlag_holds_fusion_gates<P>) &&
+                    (!HasMember_needs_fused_gradients<P> || ReadableFlag_needs_fused_gradients<P>) &&
+                    (!HasMember_needs_masked_outputs<P> || ReadableFlag_needs_masked_outputs<P>),
+                "Balancer: the policy's holds_fusion_gates, needs_fused_gradients or "
+                "needs_masked_outputs cannot be read at compile time: declare it `static "
+                "constexpr bool`");
+  static_assert(!(FlagSet_needs_fused_gradients<P> || FlagSet_needs_masked_outputs<P>) ||
                     ModulatesGradients<P>,
                 "Balancer: needs_fused_gradients and needs_masked_outputs hand their tensors to "
                 "modulate_gradients, which the policy lacks: declare `void "
