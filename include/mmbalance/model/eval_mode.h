@@ -20,8 +20,10 @@ template <class Net>
 class EvalModeScope {
  public:
   explicit EvalModeScope(Net& net) : net_(net), was_training_(net->is_training()) {
-    if constexpr (requires { net->modules(/*include_self=*/true); }) {
-      for (const auto& m : net->modules(/*include_self=*/true)) modes_.emplace_back(m, m->is_training());
+    // Without the module itself, whose mode was_training_ keeps: modules(true) needs the
+    // module to be owned by a shared_ptr, which a module's own `this` may not be.
+    if constexpr (requires { net->modules(/*include_self=*/false); }) {
+      for (const auto& m : net->modules(/*include_self=*/false)) modes_.emplace_back(m, m->is_training());
     }
     net_->eval();
   }
