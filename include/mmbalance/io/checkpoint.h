@@ -20,6 +20,7 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/detail/check.h"
+#include "mmbalance/detail/libtorch_compat.h"
 
 namespace mmbalance {
 
@@ -354,6 +355,28 @@ inline c10::optional<at::Device> model_device(const torch::nn::Module& net) {
   return device;
 }
 
+// LibTorch 1.x's optimizers key each parameter's state by its address written in
+// hexadecimal ("0x55d0..."), 2.x's in decimal, which 2.x reads back with std::stoull: every
+// 1.x key reads as 0, and every parameter would get one parameter's state (momentum of
+// another shape, or silently the wrong one). Refused instead.
+inline void check_optimizer_keys_readable(torch::serialize::InputArchive& optim) {
+#if MMBALANCE_LIBTORCH_AT_LEAST(2, 0)
+  torch::serialize::InputArchive groups, group;
+  c10::IValue key;
+  if (!optim.try_read("param_groups", groups) || !groups.try_read("param_groups/0", group) ||
+      !group.try_read("params/0", key) || !key.isString()) {
+    return;  // not LibTorch's layout: its own reader reports what is wrong
+  }
+  TORCH_CHECK(key.toStringRef().rfind("0x", 0) != 0,
+              "its optimizer state was written by LibTorch 1.x, which keys parameters by "
+              "hexadecimal address ('", key.toStringRef(), "'): LibTorch ", TORCH_VERSION,
+              " would read every key as 0 and give all parameters one parameter's state. "
+              "Resume it with LibTorch 1.x");
+#else
+  (void)optim;
+#endif
+}
+
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
 template <CheckpointModel Net, class BalancerT>
 void restore_states(torch::serialize::InputArchive& archive, Net& net,
@@ -363,6 +386,7 @@ void restore_states(torch::serialize::InputArchive& archive, Net& net,
   TORCH_CHECK(archive.try_read("model", model) && archive.try_read("optimizer", optim) &&
                   archive.try_read("balancer", bal) && archive.try_read("grad_defined", grad_defined),
               "a model, optimizer, balancer or gradient record is missing");
+  check_optimizer_keys_readable(optim);
   balancer.load(bal);  // first: it checks everything before it changes anything
   net->load(model);
   optimizer.load(optim);
