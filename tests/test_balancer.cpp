@@ -529,8 +529,8 @@ TEST_CASE("Resuming with other options is refused, naming the option and both va
   CHECK_THROWS_WITH(load_into(other_read),
                     Catch::Contains("speed_read same_step, this balancer has previous_step"));
   RandomBalancer other_policy(net, RandomPolicy(), BalancerOptions().warmup_epochs(0));
-  CHECK_THROWS_WITH(load_into(other_policy), Catch::Contains("made with policy mmbalance::GuidedPolicy") &&
-                                                 Catch::Contains("this balancer has mmbalance::RandomPolicy"));
+  CHECK_THROWS_WITH(load_into(other_policy), Catch::Contains("made with policy 'mmbalance.guided'") &&
+                                                 Catch::Contains("this balancer's policy is 'mmbalance.random'"));
   // The same options resume; the window goes on to exactly 5 steps.
   GuidedBalancer same(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
                       BalancerOptions().warmup_epochs(0));

@@ -334,7 +334,7 @@ TEST_CASE("A checkpoint that does not fit the balancer or the optimizer is refus
   SECTION("another policy type") {
     CHECK_THROWS_WITH(load_checkpoint(path, target, target_opt, random),
                       Catch::Contains("cannot restore checkpoint " + path) &&
-                          Catch::Contains("made with policy mmbalance::GuidedPolicy") &&
+                          Catch::Contains("made with policy 'mmbalance.guided'") &&
                           Catch::Contains("unchanged"));
   }
   SECTION("an optimizer of another type (after the model was already loaded)") {

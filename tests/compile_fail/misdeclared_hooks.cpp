@@ -124,3 +124,24 @@ struct MaskedOutputsWithoutHook : VanillaPolicy {
   static constexpr bool needs_masked_outputs = true;
 };
 static_assert(sizeof(Balancer<MaskedOutputsWithoutHook>) > 0);
+
+// State without a name for it in checkpoints (it used to be the compiler's type name).
+// expect(StateWithoutIdentity): the policy has state (save/load) but no checkpoint identity
+struct StateWithoutIdentity {
+  StepPlan next_plan() { return StepPlan::regular(); }
+  void save(torch::serialize::OutputArchive&) const {}
+  void load(torch::serialize::InputArchive&) {}
+};
+static_assert(sizeof(Balancer<StateWithoutIdentity>) > 0);
+
+// expect(IdentityNotConstant): checkpoint_identity cannot be read at compile time
+struct IdentityNotConstant : VanillaPolicy {
+  static inline PolicyIdentity checkpoint_identity{"acme.not_constant", 1};
+};
+static_assert(sizeof(Balancer<IdentityNotConstant>) > 0);
+
+// expect(IdentityVersionZero): checkpoint_identity needs a non-empty name and a version of at least 1
+struct IdentityVersionZero : VanillaPolicy {
+  static constexpr PolicyIdentity checkpoint_identity{"acme.version_zero", 0};
+};
+static_assert(sizeof(Balancer<IdentityVersionZero>) > 0);

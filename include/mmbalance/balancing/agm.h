@@ -18,6 +18,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
@@ -69,6 +70,8 @@ struct AGMOptions {
 /// ranks, so every rank computes the same coefficients.
 class AGMPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.agm", 1};
   static constexpr bool needs_masked_outputs = true;
   /// 2^N − 2 masked forward passes per step: beyond this many branches that is absurd.
   static constexpr std::size_t kMaxBranches = 12;

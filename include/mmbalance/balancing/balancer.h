@@ -29,6 +29,7 @@
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_hooks.h"
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/eval_mode.h"
@@ -412,7 +413,9 @@ class Balancer {
   /// state (mode, window counter, generator, options).
   void save(torch::serialize::OutputArchive& archive) const {
     TORCH_CHECK(!pending_, "Balancer::save: a step is in progress (", to_string(*pending_), ")");
-    archive.write("policy_type", policy_type());
+    const detail::SavedPolicyIdentity identity = detail::policy_identity<Policy>();
+    archive.write("policy_name", identity.name);
+    archive.write("policy_version", identity.version);
     archive.write("branches", static_cast<std::int64_t>(branches()));
     archive.write("accumulated", meter_.accumulated().to(at::kCPU));
     archive.write("group_numel", numel_tensor());
@@ -437,7 +440,8 @@ class Balancer {
   }
 
   /// Restores a state written by `save`. Everything is read and checked first; on any
-  /// error (another number of branches, another policy type, other parameter groups,
+  /// error (another number of branches, another policy (by its `checkpoint_identity`; a
+  /// record from before identities by its C++ type), other parameter groups,
   /// another warm-up, a policy whose options differ, a damaged record) it throws a
   /// c10::Error saying what differs, and changes nothing. A two-branch record of an earlier
   /// version (no branch count, the speeds as named numbers) loads too.
@@ -469,11 +473,8 @@ class Balancer {
     TORCH_CHECK(branch_count == static_cast<std::int64_t>(branches()), "Balancer::load: the "
                 "checkpoint was made for a network of ", branch_count, " branches, this one has ",
                 branches());
-    const c10::IValue type = read_value("policy_type");
-    TORCH_CHECK(type.isString() && type.toStringRef() == policy_type(),
-                "Balancer::load: the checkpoint was made with policy ",
-                type.isString() ? type.toStringRef() : std::string("(unreadable)"),
-                ", this balancer has ", policy_type());
+    const detail::SavedPolicyIdentity saved_policy = detail::read_policy_identity(archive);
+    detail::check_policy_identity<Policy>(saved_policy);
     const at::Tensor numel = read_tensor("group_numel");
     TORCH_CHECK(numel.scalar_type() == at::kLong &&
                     numel.numel() == static_cast<std::int64_t>(meter_.num_groups()) &&
@@ -530,7 +531,16 @@ class Balancer {
       torch::serialize::InputArchive nested;
       TORCH_CHECK(archive.try_read("policy", nested), "Balancer::load: no policy state");
       try {
-        policy.load(nested);
+        if constexpr (ReadsEarlierVersions<Policy>) {
+          const std::int64_t current = detail::policy_identity<Policy>().version;
+          if (saved_policy.version != 0 && saved_policy.version < current) {
+            policy.load(nested, saved_policy.version);
+          } else {
+            policy.load(nested);
+          }
+        } else {
+          policy.load(nested);
+        }
       } catch (const std::exception& e) {  // LibTorch's archive throws its own types too
         TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ",
                     detail::error_text(e));

@@ -18,6 +18,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
@@ -49,6 +50,8 @@ struct GradientBlendingOptions {
 /// (the paper's w ∝ G / O² with tsai's online clamps). All regular steps.
 class GradientBlendingPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.gradient_blending", 1};
   explicit GradientBlendingPolicy(std::size_t branches, const GradientBlendingOptions& options = {})
       : options(options), branches_(checked_branches(branches)),
         weights_(branches + 1, 1.0 / static_cast<double>(branches + 1)) {

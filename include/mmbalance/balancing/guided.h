@@ -9,6 +9,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/policy.h"
 
 namespace mmbalance {
@@ -32,6 +33,8 @@ struct GuidedOptions {
 /// the value of the last regular step.
 class GuidedPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.guided", 1};
   static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
 
   enum class Mode : std::uint8_t { regular = 0, rebalance = 1 };

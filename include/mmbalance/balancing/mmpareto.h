@@ -18,6 +18,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
@@ -57,6 +58,8 @@ struct MMParetoOptions {
 /// gradients, so every rank combines the same gradients identically.
 class MMParetoPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
   static constexpr bool needs_fused_gradients = true;
 
   explicit MMParetoPolicy(std::size_t branches, const MMParetoOptions& options = {})

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/guided.h"
 #include "mmbalance/balancing/random.h"
 #include "mmbalance/detail/engine_state.h"
@@ -40,6 +41,8 @@ concept ObservesBranchSpeeds = requires(P& p, const NWaySpeedSummary& s) { p.obs
 /// imbalance is d_speed and the fastest branch is 0 exactly when d_speed > 0).
 class NWayGuidedPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.guided_n_way", 1};
   static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
 
   explicit NWayGuidedPolicy(std::size_t branches, const GuidedOptions& options = {})
@@ -123,6 +126,8 @@ class NWayGuidedPolicy {
 /// `RandomPolicy` with the same seed, step for step.
 class NWayRandomPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.random_n_way", 1};
   static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
 
   explicit NWayRandomPolicy(std::size_t branches, const RandomOptions& options = {})

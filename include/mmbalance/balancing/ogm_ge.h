@@ -20,6 +20,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
@@ -65,6 +66,8 @@ struct OGMGEOptions {
 /// apply the same change to their identical averaged gradients.
 class OGMGEPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.ogm_ge", 1};
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());

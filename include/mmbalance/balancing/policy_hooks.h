@@ -9,7 +9,8 @@
 /// | plan (required, one of two) | `StepPlan next_plan()` / `StepKind next_step()` (two branches) | `NWayBalancingPolicy` / `BalancingPolicy` |
 /// | speeds | `void observe_speeds(const NWaySpeedSummary&)` / `void observe_d_speed(double)` | `ObservesBranchSpeeds` / `ObservesSpeed` |
 /// | epoch start | `void start_epoch(std::int64_t)` | `HasEpochHook` |
-/// | state | `void save(torch::serialize::OutputArchive&) const` and `void load(torch::serialize::InputArchive&)` | `HasState` |
+/// | state | `void save(torch::serialize::OutputArchive&) const` and `void load(torch::serialize::InputArchive&)`, with `static constexpr PolicyIdentity checkpoint_identity` | `HasState`, `DeclaresCheckpointIdentity` |
+/// | earlier formats | `void load(torch::serialize::InputArchive&, std::int64_t version)` | `ReadsEarlierVersions` |
 /// | gradients | `void modulate_gradients(const StepGradients&)` | `ModulatesGradients` |
 /// | loss weights | `LossWeights loss_weights() const` | `WeighsLosses` |
 /// | loss term | `at::Tensor auxiliary_loss(const NWayOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
@@ -31,6 +32,7 @@
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/policy_identity.h"
 
 namespace mmbalance::detail {
 
@@ -63,6 +65,7 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_losses)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(holds_fusion_gates)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_fused_gradients)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_masked_outputs)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(checkpoint_identity)
 #undef MMBALANCE_DETAIL_MEMBER_DETECTOR
 
 // The plan hooks' call forms, without the copyability the policy concepts add.
@@ -112,6 +115,19 @@ MMBALANCE_DETAIL_FLAG(needs_fused_gradients)
 MMBALANCE_DETAIL_FLAG(needs_masked_outputs)
 #undef MMBALANCE_DETAIL_FLAG
 
+// A declared identity has a name and a version from 1 (0 marks records without one).
+template <class P>
+constexpr bool identity_well_formed() {
+  if constexpr (DeclaresCheckpointIdentity<P>) {
+    constexpr PolicyIdentity id = P::checkpoint_identity;
+    return !id.name.empty() && id.version >= 1;
+  } else {
+    return true;
+  }
+}
+template <class P>
+concept IdentityWellFormed = identity_well_formed<P>();
+
 /// Instantiated by `Balancer<P>`: each assertion names the member and the form the
 /// balancer calls. A policy passes when every hook name it has is in that form.
 template <class P>
@@ -147,6 +163,17 @@ struct PolicyHooksCheck {
                 "Balancer: the policy's state would be left out of every checkpoint: declare "
                 "both `void save(torch::serialize::OutputArchive&) const` and `void "
                 "load(torch::serialize::InputArchive&)`");
+  static_assert(!HasMember_checkpoint_identity<P> || DeclaresCheckpointIdentity<P>,
+                "Balancer: the policy's checkpoint_identity cannot be read at compile time: "
+                "declare `static constexpr mmbalance::PolicyIdentity checkpoint_identity{\"name\", "
+                "version}`");
+  static_assert(!HasState<P> || DeclaresCheckpointIdentity<P>,
+                "Balancer: the policy has state (save/load) but no checkpoint identity: declare "
+                "`static constexpr mmbalance::PolicyIdentity checkpoint_identity{\"your.policy\", 1}` "
+                "(a name kept across renames, the version of what save writes)");
+  static_assert(IdentityWellFormed<P>,
+                "Balancer: the policy's checkpoint_identity needs a non-empty name and a version "
+                "of at least 1");
   static_assert(!HasMember_modulate_gradients<P> || ModulatesGradients<P>,
                 "Balancer: the policy's modulate_gradients would never be called: declare `void "
                 "modulate_gradients(const StepGradients&)`");

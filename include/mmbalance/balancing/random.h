@@ -10,6 +10,7 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/engine_state.h"
 
@@ -27,6 +28,8 @@ struct RandomOptions {
 
 class RandomPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.random", 1};
   static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
 
   explicit RandomPolicy(const RandomOptions& options = {})

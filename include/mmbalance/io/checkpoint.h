@@ -398,7 +398,7 @@ void restore_states(torch::serialize::InputArchive& archive, Net& net,
 /// Restores what `save_checkpoint` wrote; tensors go to the model's device (a model spread
 /// over several devices: each where it was saved). Everything is
 /// checked before anything is kept: a file that is not a checkpoint, another architecture
-/// or module options (e.g. gate_scale), another policy type or balancer options, an
+/// or module options (e.g. gate_scale), another policy (`checkpoint_identity`) or balancer options, an
 /// optimizer of another type, or a damaged record gives a c10::Error naming the file and
 /// what differs, with the model, the optimizer and the balancer as they were.
 template <CheckpointModel Net, class BalancerT>
