@@ -57,12 +57,16 @@ int main(int argc, char** argv) try {
   ConvMMTMNet net(ConvBranch(ConvBranchOptions(3, 10)), ConvBranch(ConvBranchOptions(1, 10)),
                   {{1, MMTM(64, 64)}, {2, MMTM(128, 128)}, {3, MMTM(128, 128)}});
   torch::optim::SGD optimizer(net->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
-  GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(5)));
+  // The policy is this one line: e.g. Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy());
+  // (docs/policies.md lists them; Gradient-Blending also wants end_epoch(net, train, held_out)).
+  Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(5)));
 
   for (int epoch = 0; epoch < epochs; ++epoch) {
     for (const auto& b : train) {
       const StepKind kind = balancer.next_step();
-      auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+      // The policy's loss (guided: CE(y0) + CE(y1)); the inputs are for policies that mask
+      // modalities (AGM), the others ignore them.
+      auto loss = balancer.loss(net->forward(b.x0, b.x1, kind), b.target, {b.x0, b.x1});
       optimizer.zero_grad();
       loss.backward();
       balancer.observe(loss);
