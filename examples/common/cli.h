@@ -32,7 +32,7 @@ struct CommonFlags {
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy, "balancing policy")
         ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"}))->capture_default_str();
-    app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed|")
+    app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
         ->check(CLI::PositiveNumber)->capture_default_str();
