@@ -3,6 +3,7 @@
 
 #include <concepts>
 #include <filesystem>
+#include <set>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -94,6 +95,40 @@ inline NWayBatch n_way_batch(std::size_t branches, std::int64_t n, std::uint64_t
   std::vector<at::Tensor> x;
   for (std::size_t k = 0; k < branches; ++k) x.push_back(at::randn({n, channels[k], 8, 8}, gen));
   return {std::move(x), at::randint(3, {n}, gen)};
+}
+
+/// A tensor's values as doubles, in row-major order.
+inline std::vector<double> as_doubles(const at::Tensor& t) {
+  const at::Tensor c = t.detach().to(at::kCPU, at::kDouble).contiguous().flatten();
+  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
+}
+
+/// True if the two lists have the same length and bitwise equal tensors.
+inline bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!torch::equal(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+/// The tensors' identities (their TensorImpl addresses).
+inline std::set<const void*> tensor_ids(const std::vector<at::Tensor>& tensors) {
+  std::set<const void*> out;
+  for (const auto& t : tensors) out.insert(t.unsafeGetTensorImpl());
+  return out;
+}
+
+/// `small_net(seed)` as a function of the seed alone (for callers taking Net(*)(uint64_t)).
+inline Net two_branch_net(std::uint64_t seed) { return small_net(seed); }
+
+/// An empty directory <tmp>/mmbalance_<group>_<pid>/<name>, made afresh.
+inline std::filesystem::path fresh_test_dir(const std::string& group, const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("mmbalance_" + group + "_" + std::to_string(::getpid())) / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
 }
 
 /// The saved state of `from` loaded into `to` (same submodule names and shapes).

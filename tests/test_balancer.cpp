@@ -45,12 +45,6 @@ bool same_buffers_but_gate_means(const torch::nn::Module& a, const torch::nn::Mo
   return true;
 }
 
-bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  for (size_t i = 0; i < a.size(); ++i)
-    if (!torch::equal(a[i], b[i])) return false;
-  return a.size() == b.size();
-}
-
 }  // namespace
 
 TEST_CASE("Vanilla training through the Balancer equals plain training bit for bit",

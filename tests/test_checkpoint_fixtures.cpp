@@ -24,7 +24,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kSavedAt = 6, kEnd = 14, kStepsPerEpoch = 4;
+constexpr int kSavedAt = 6, kEnd = 14, kFixtureStepsPerEpoch = 4;
 
 // Fixtures written by each LibTorch major version: a run continues as its writer's did only
 // on the same major version (2.x's zero_grad() sets gradients to none, 1.x's to zero, so
@@ -50,7 +50,7 @@ StepPlan two_branch_step(Net& net, torch::optim::Optimizer& opt, BalancerT& bal,
   loss.backward();
   bal.observe(loss);
   opt.step();
-  if ((i + 1) % kStepsPerEpoch == 0) bal.end_epoch(net, epoch_batches(500), epoch_batches(600));
+  if ((i + 1) % kFixtureStepsPerEpoch == 0) bal.end_epoch(net, epoch_batches(500), epoch_batches(600));
   return StepPlan::from(kind);
 }
 
@@ -63,7 +63,7 @@ StepPlan three_branch_step(ThreeWay& net, torch::optim::Optimizer& opt, Balancer
   loss.backward();
   bal.observe(loss);
   opt.step();
-  if ((i + 1) % kStepsPerEpoch == 0) bal.end_epoch();
+  if ((i + 1) % kFixtureStepsPerEpoch == 0) bal.end_epoch();
   return plan;
 }
 
@@ -139,8 +139,6 @@ Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer
   };
   return {std::move(name), write, check};
 }
-
-Net two_branch_net(std::uint64_t seed) { return small_net(seed); }
 
 template <class Policy>
 Scenario two_branch(std::string name, Policy policy, BalancerOptions options = {}) {

@@ -8,17 +8,14 @@
 #include "colored_mnist/colored_mnist_data.h"
 #include "colored_mnist/mnist_readers.h"
 
+#include "support.h"
+
 using namespace mmbalance::examples;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("mmbalance_data_" + std::to_string(::getpid())) / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path fresh_data_dir(const std::string& name) { return mmbalance::testing::fresh_test_dir("data", name); }
 
 void write(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
 
@@ -46,7 +43,7 @@ void write_digits(const fs::path& dir, int per_class) {
 }  // namespace
 
 TEST_CASE("MNIST JSON digits load with labels from the file name", "[data]") {
-  auto dir = fresh_dir("json_ok");
+  auto dir = fresh_data_dir("json_ok");
   write_digits(dir, 2);
   const auto d = load_mnist_json(dir);
   CHECK(d.images.sizes().vec() == std::vector<int64_t>{20, 1, 28, 28});
@@ -58,7 +55,7 @@ TEST_CASE("MNIST JSON digits load with labels from the file name", "[data]") {
 TEST_CASE("MNIST JSON: missing, corrupt or malformed files are named", "[data][bad-input]") {
   CHECK_THROWS_WITH(load_mnist_json("/nonexistent/digits"),
                     Catch::Contains("/nonexistent/digits does not exist"));
-  auto dir = fresh_dir("json_bad");
+  auto dir = fresh_data_dir("json_bad");
   CHECK_THROWS_WITH(load_mnist_json(dir), Catch::Contains("0.json") && Catch::Contains("missing"));
   write_digits(dir, 1);
   write(dir / "3.json", "{\"data\": [0, 0.5,");
@@ -74,7 +71,7 @@ TEST_CASE("MNIST JSON: missing, corrupt or malformed files are named", "[data][b
 }
 
 TEST_CASE("IDX files load and are checked strictly", "[data][bad-input]") {
-  auto dir = fresh_dir("idx");
+  auto dir = fresh_data_dir("idx");
   write(dir / "images", idx({3, 28, 28}, 3 * 784, 255));
   write(dir / "labels", idx({3}, 3, 4));
   const auto d = load_idx_pair(dir / "images", dir / "labels");

@@ -166,7 +166,6 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
   return kinds;
 }
 
-Net two_branch_net(std::uint64_t seed) { return small_net(seed); }
 
 // Largest |a - b| / max(|b|) over every parameter and buffer.
 double max_relative_difference(const torch::nn::Module& a, const torch::nn::Module& b) {

@@ -17,7 +17,7 @@ EpochLosses measured(std::vector<double> train_heads, double train_fused, std::v
   return {{std::move(train_heads), train_fused, 10}, {std::move(held_heads), held_fused, 10}, epochs};
 }
 
-std::vector<MultiModalBatch> batches(std::uint64_t first, int count) {
+std::vector<MultiModalBatch> small_batches(std::uint64_t first, int count) {
   std::vector<MultiModalBatch> out;
   for (int i = 0; i < count; ++i) out.push_back(small_batch(8, first + static_cast<std::uint64_t>(i)));
   return out;
@@ -136,7 +136,7 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
   // Trained through measured boundaries, the weights move away from uniform.
   auto opt = make_sgd(net);
   Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
-  const auto train = batches(100, 2), held_out = batches(200, 2);
+  const auto train = small_batches(100, 2), held_out = small_batches(200, 2);
   for (int e = 0; e < 3; ++e) {
     for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, online, small_batch(8, 10 + i));
     online.end_epoch(net, train, held_out);  // e = 0: the end of warm-up, the first measurement
@@ -155,7 +155,7 @@ TEST_CASE("Gradient-Blending measures the losses it is given: the first estimate
   auto opt = make_sgd(net);
   Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(2)),
                                             BalancerOptions().warmup_epochs(1));
-  const auto train = batches(300, 2), held_out = batches(400, 2);
+  const auto train = small_batches(300, 2), held_out = small_batches(400, 2);
   balanced_step(net, opt, balancer, small_batch(8, 1));
   const HeadLosses t0 = head_losses(net, train), v0 = head_losses(net, held_out);
   balancer.end_epoch(net, train, held_out);
@@ -187,32 +187,32 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
                     Catch::Contains("GradientBlendingPolicy measures every head's loss at the end of "
                                     "this epoch: call end_epoch(net, train_sample, held_out)"));
   const std::vector<MultiModalBatch> empty;
-  CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), empty),
+  CHECK_THROWS_WITH(balancer.end_epoch(net, small_batches(1, 1), empty),
                     Catch::Contains("head_losses: the data is empty") &&
                         Catch::Contains("Balancer::end_epoch: measuring held_out"));
-  CHECK_THROWS_WITH(balancer.end_epoch(net, empty, batches(1, 1)),
+  CHECK_THROWS_WITH(balancer.end_epoch(net, empty, small_batches(1, 1)),
                     Catch::Contains("head_losses: the data is empty") &&
                         Catch::Contains("Balancer::end_epoch: measuring train_sample"));
   // A failure's own type survives (a caller may retry after freeing memory on this one).
   const auto out_of_memory = [](at::Tensor&) { TORCH_CHECK_WITH(OutOfMemoryError, false, "simulated: out of memory"); };
-  CHECK_THROWS_AS(balancer.end_epoch(net, batches(1, 1), batches(1, 1), out_of_memory), c10::OutOfMemoryError);
-  CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), batches(1, 1), out_of_memory),
+  CHECK_THROWS_AS(balancer.end_epoch(net, small_batches(1, 1), small_batches(1, 1), out_of_memory), c10::OutOfMemoryError);
+  CHECK_THROWS_WITH(balancer.end_epoch(net, small_batches(1, 1), small_batches(1, 1), out_of_memory),
                     Catch::Contains("simulated: out of memory") &&
                         Catch::Contains("Balancer::end_epoch: measuring train_sample"));
   // Held-out data the network turns into non-finite losses: the policy's named refusal.
-  std::vector<MultiModalBatch> poisoned = batches(3, 1);
+  std::vector<MultiModalBatch> poisoned = small_batches(3, 1);
   poisoned[0].x0.fill_(std::numeric_limits<float>::quiet_NaN());
-  CHECK_THROWS_WITH(balancer.end_epoch(net, batches(1, 1), poisoned),
+  CHECK_THROWS_WITH(balancer.end_epoch(net, small_batches(1, 1), poisoned),
                     Catch::Contains("non-finite loss nan at the end of epoch 0 after warm-up (held-out data)"));
   CHECK(saved_bytes(balancer) == before);
   CHECK(balancer.epoch() == 0);
   CHECK(net->is_training());
-  balancer.end_epoch(net, batches(1, 1), batches(2, 1));
+  balancer.end_epoch(net, small_batches(1, 1), small_batches(2, 1));
   CHECK(balancer.epoch() == 1);
 }
 
 TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]") {
-  const auto train = batches(500, 2), held_out = batches(600, 2);
+  const auto train = small_batches(500, 2), held_out = small_batches(600, 2);
   // Measured at the ends of epochs 0 (warm-up), 2 and 4; the run is cut after epoch 1,
   // inside a super-epoch, so the first measurement must come through the checkpoint.
   const auto options = GradientBlendingOptions().super_epoch(2);
@@ -314,7 +314,7 @@ TEST_CASE("Gradient-Blending state from other options, or damaged, is refused an
 TEST_CASE("head_losses: every head's and y's mean CE over the batches, as computed per batch",
           "[gblend][head-losses]") {
   Net net = small_net(65);
-  const auto data = batches(700, 3);
+  const auto data = small_batches(700, 3);
   double sums[3] = {0, 0, 0};
   std::int64_t count = 0;
   {
@@ -402,7 +402,7 @@ TEST_CASE("Gradient-Blending trains a late-fusion network: the weights move, the
   Net net = small_late_net(67);
   auto opt = make_sgd(net);
   Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
-  const auto train = batches(800, 2), held_out = batches(900, 2);
+  const auto train = small_batches(800, 2), held_out = small_batches(900, 2);
   for (int e = 0; e < 3; ++e) {
     for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, balancer, small_batch(8, 30 + i));
     balancer.end_epoch(net, train, held_out);

@@ -54,11 +54,6 @@ std::pair<Grads, double> reference(const Grads& m, const Grads& u, double gamma)
   return {out, c};
 }
 
-std::vector<double> values(const at::Tensor& t) {
-  const at::Tensor c = t.detach().to(at::kCPU, at::kDouble).contiguous().flatten();
-  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
-}
-
 at::Tensor tensor_of(const std::vector<double>& v) { return at::tensor(v, at::kDouble); }
 
 // Parameters whose .grad() holds m + u, and the fused gradients m, as the balancer hands them.
@@ -101,7 +96,7 @@ std::vector<std::pair<Grads, double>> expected_step(const NetT& net, NetT twin, 
     std::vector<Grads> g;
     for (const auto& branch : branches_of(twin)) {
       g.emplace_back();
-      for (const auto& p : branch) g.back().push_back(values(p.grad()));
+      for (const auto& p : branch) g.back().push_back(as_doubles(p.grad()));
     }
     return g;
   };
@@ -141,7 +136,7 @@ void check_step_through_balancer(NetT net, NetT twin, const NWayBatch& b, double
           Approx(c).epsilon(1e-4));
     conflicts += c != 0.5;
     for (std::size_t p = 0; p < branches[k].size(); ++p) {
-      const std::vector<double> got = values(branches[k][p].grad());
+      const std::vector<double> got = as_doubles(branches[k][p].grad());
       double scale = 1e-12;
       for (double v : grads[p]) scale = std::max(scale, std::abs(v));
       for (std::size_t e = 0; e < got.size(); ++e) CHECK(got[e] == Approx(grads[p][e]).margin(1e-4 * scale));
@@ -165,8 +160,8 @@ TEST_CASE("MMPareto combines conflicting gradients with the min-norm weights (th
   const HookInput in = hook_input(m, u);
   run_hook(policy, in);
   const double norm_a = std::sqrt(8.0 * 8.0 + 10.0 * 10.0);
-  const std::vector<double> a = values(in.params[0][0].grad()), b = values(in.params[0][1].grad()),
-                            c = values(in.params[1][0].grad());
+  const std::vector<double> a = as_doubles(in.params[0][0].grad()), b = as_doubles(in.params[0][1].grad()),
+                            c = as_doubles(in.params[1][0].grad());
   CHECK(a[0] == Approx(1.5 * 8 / norm_a).epsilon(1e-12));
   CHECK(a[1] == Approx(1.5 * 10 / norm_a).epsilon(1e-12));
   CHECK(b[0] == Approx(-1.5).epsilon(1e-12));
@@ -174,7 +169,7 @@ TEST_CASE("MMPareto combines conflicting gradients with the min-norm weights (th
   CHECK(c[1] == Approx(1.5 * 1).epsilon(1e-12));
   CHECK(policy.last_fused_weights()[0].item<double>() == Approx(9.0 / 14).epsilon(1e-12));
   CHECK(policy.last_fused_weights()[1].item<double>() == 0.5);
-  CHECK((values(policy.conflict_steps()) == std::vector<double>{1, 0}));
+  CHECK((as_doubles(policy.conflict_steps()) == std::vector<double>{1, 0}));
   // The written-out original gives the same numbers (so the later tests may trust it).
   const auto [ref, weight] = reference(m[0], u[0], 1.5);
   CHECK(weight == Approx(9.0 / 14));
@@ -191,16 +186,16 @@ TEST_CASE("MMPareto at the edges: agreeing gradients are only scaled by gamma, z
   // Parallel gradients (equal directions): exactly γ times the whole gradient.
   const HookInput parallel = hook_input({{{1, 2}}, {{0.5, -1}}}, {{{2, 4}}, {{1, -2}}});
   run_hook(policy, parallel);
-  CHECK((values(parallel.params[0][0].grad()) == std::vector<double>{1.25 * 3, 1.25 * 6}));
-  CHECK((values(parallel.params[1][0].grad()) == std::vector<double>{1.25 * 1.5, 1.25 * -3}));
+  CHECK((as_doubles(parallel.params[0][0].grad()) == std::vector<double>{1.25 * 3, 1.25 * 6}));
+  CHECK((as_doubles(parallel.params[1][0].grad()) == std::vector<double>{1.25 * 1.5, 1.25 * -3}));
   // All zero: zero, not NaN (the original divides 0 by 0 here).
   const HookInput zero = hook_input({{{0, 0}}, {{0, 0}}}, {{{0, 0}}, {{0, 0}}});
   run_hook(policy, zero);
-  CHECK((values(zero.params[0][0].grad()) == std::vector<double>{0, 0}));
+  CHECK((as_doubles(zero.params[0][0].grad()) == std::vector<double>{0, 0}));
   // m = 0: the solver's end c = 0.999 puts 0.002·u, stretched back to ‖u‖: γ·u.
   const HookInput no_fused = hook_input({{{0, 0}}, {{1, 0}}}, {{{3, -4}}, {{0, 1}}});
   run_hook(policy, no_fused);
-  const std::vector<double> g = values(no_fused.params[0][0].grad());
+  const std::vector<double> g = as_doubles(no_fused.params[0][0].grad());
   CHECK(g[0] == Approx(1.25 * 3).epsilon(1e-9));
   CHECK(g[1] == Approx(1.25 * -4).epsilon(1e-9));
   CHECK(policy.last_fused_weights()[0].item<double>() == Approx(0.999));
@@ -208,14 +203,14 @@ TEST_CASE("MMPareto at the edges: agreeing gradients are only scaled by gamma, z
   const HookInput no_unimodal = hook_input({{{3, 4}}, {{1, 1}}}, {{{0, 0}}, {{1, 1}}});
   run_hook(policy, no_unimodal);
   CHECK(policy.last_fused_weights()[0].item<double>() == Approx(0.001));
-  const std::vector<double> h = values(no_unimodal.params[0][0].grad());
+  const std::vector<double> h = as_doubles(no_unimodal.params[0][0].grad());
   CHECK(h[0] == Approx(1.25 * 3).epsilon(1e-9));
   CHECK(h[1] == Approx(1.25 * 4).epsilon(1e-9));
   // Exactly opposite with equal norms: the min-norm point is 0, and the update is 0.
   const HookInput opposite = hook_input({{{1, 0}}, {{1, 0}}}, {{{-1, 0}}, {{1, 0}}});
   run_hook(policy, opposite);
-  CHECK((values(opposite.params[0][0].grad()) == std::vector<double>{0, 0}));
-  CHECK((values(policy.conflict_steps()) == std::vector<double>{4, 2}));  // zero, no_fused, no_unimodal, opposite / zero, no_fused
+  CHECK((as_doubles(opposite.params[0][0].grad()) == std::vector<double>{0, 0}));
+  CHECK((as_doubles(policy.conflict_steps()) == std::vector<double>{4, 2}));  // zero, no_fused, no_unimodal, opposite / zero, no_fused
   // A parameter whose combination is exactly 0 while its gradient is not (the original
   // divides ‖g_p‖ by 0 and writes NaN): its gradient becomes 0. Branch 0: a = (1, 0)/(1, 0)
   // and b = (3)/(-1): ‖m‖² = 10, m·u = 1 - 3 = -2, ‖u‖² = 2, so c = (2 + 2) / (10 + 2 + 4) = ¼;
@@ -224,8 +219,8 @@ TEST_CASE("MMPareto at the edges: agreeing gradients are only scaled by gamma, z
   const HookInput vanishing = hook_input({{{1, 0}, {3}}, {{1, 0}}}, {{{1, 0}, {-1}}, {{1, 0}}});
   run_hook(fresh, vanishing);
   CHECK(fresh.last_fused_weights()[0].item<double>() == 0.25);
-  CHECK(values(vanishing.params[0][1].grad())[0] == 0);
-  CHECK((values(vanishing.params[0][0].grad()) == std::vector<double>{1.25 * 2, 0}));
+  CHECK(as_doubles(vanishing.params[0][1].grad())[0] == 0);
+  CHECK((as_doubles(vanishing.params[0][0].grad()) == std::vector<double>{1.25 * 2, 0}));
 }
 
 TEST_CASE("MMPareto's parameter filter: unselected parameters keep their gradient and do not "
@@ -249,8 +244,8 @@ TEST_CASE("MMPareto's parameter filter: unselected parameters keep their gradien
   }
   MMParetoPolicy policy(2, MMParetoOptions().gamma(2).parameters(ModulatedParameters::non_bias));
   run_hook(policy, in);
-  CHECK((values(in.params[0][0].grad()) == std::vector<double>{-4}));
-  CHECK((values(in.params[0][1].grad()) == std::vector<double>{4, 4}));
+  CHECK((as_doubles(in.params[0][0].grad()) == std::vector<double>{-4}));
+  CHECK((as_doubles(in.params[0][1].grad()) == std::vector<double>{4, 4}));
   CHECK(policy.last_fused_weights()[0].item<double>() == 0.5);
   // With every parameter the same branch conflicts: m·u = -5 + 2 = -3.
   HookInput all = hook_input({{{1}, {1, 1}}, {{1, 1}}}, {{{-5}, {1, 1}}, {{1, 1}}});
@@ -402,7 +397,7 @@ TEST_CASE("MMPareto state from other options, or damaged, is refused and changes
   const std::string record = saved_bytes(trained);
   MMParetoPolicy fresh(2, MMParetoOptions().gamma(1.5));
   load_saved(fresh, record);
-  CHECK((values(fresh.conflict_steps()) == std::vector<double>{1, 0}));
+  CHECK((as_doubles(fresh.conflict_steps()) == std::vector<double>{1, 0}));
 
   MMParetoPolicy other_gamma(2, MMParetoOptions().gamma(2));
   CHECK_THROWS_WITH(load_saved(other_gamma, record), Catch::Contains("made with gamma 1.5, this policy has gamma 2"));
@@ -497,7 +492,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
       loss.backward();
     }
     Grads g;
-    for (const auto& p : twin->parameter_groups().theta0) g.push_back(values(p.grad()));
+    for (const auto& p : twin->parameter_groups().theta0) g.push_back(as_doubles(p.grad()));
     return g;
   };
   const Grads m = grads_of(false), whole = grads_of(true);
@@ -517,7 +512,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   CHECK(accumulator.policy().last_fused_weights()[0].item<double>() == Approx(expected_c).epsilon(1e-4));
   const auto theta0 = accumulating->parameter_groups().theta0;
   for (std::size_t p = 0; p < theta0.size(); ++p) {
-    const std::vector<double> got = values(theta0[p].grad());
+    const std::vector<double> got = as_doubles(theta0[p].grad());
     double scale = 1e-12;
     for (double v : expected[p]) scale = std::max(scale, std::abs(v));
     for (std::size_t e = 0; e < got.size(); ++e) CHECK(got[e] == Approx(expected[p][e]).margin(1e-4 * scale));

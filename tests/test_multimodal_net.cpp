@@ -9,24 +9,17 @@ using mmbalance::testing::small_net;
 using mmbalance::testing::Net;
 using mmbalance::testing::small_batch;
 using mmbalance::testing::small_late_net;
-
-namespace {
-std::set<const void*> ids(const std::vector<at::Tensor>& ts) {
-  std::set<const void*> s;
-  for (const auto& t : ts) s.insert(t.unsafeGetTensorImpl());
-  return s;
-}
-}  // namespace
+using mmbalance::testing::tensor_ids;
 
 TEST_CASE("Parameter groups partition the parameters as specified", "[model]") {
   auto net = small_net();
   const auto groups = net->parameter_groups();
-  const auto all = ids(net->parameters());
-  const auto t0 = ids(groups.theta0), t1 = ids(groups.theta1);
-  const auto f0 = ids(groups.theta0_fusion), f1 = ids(groups.theta1_fusion);
+  const auto all = tensor_ids(net->parameters());
+  const auto t0 = tensor_ids(groups.theta0), t1 = tensor_ids(groups.theta1);
+  const auto f0 = tensor_ids(groups.theta0_fusion), f1 = tensor_ids(groups.theta1_fusion);
 
-  CHECK(t0 == ids(net->branch0->parameters()));
-  CHECK(t1 == ids(net->branch1->parameters()));
+  CHECK(t0 == tensor_ids(net->branch0->parameters()));
+  CHECK(t1 == tensor_ids(net->branch1->parameters()));
   std::set<const void*> shared, fusion;
   for (const auto& tap : net->taps) {
     for (const auto& p : tap.module->squeeze->parameters()) shared.insert(p.unsafeGetTensorImpl());

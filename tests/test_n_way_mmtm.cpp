@@ -7,11 +7,12 @@
 #include "support.h"
 
 using namespace mmbalance;
+using mmbalance::testing::as_doubles;
 
 namespace {
 
 // Every parameter of the module set to a fixed, distinct value.
-void fill_deterministic(torch::nn::Module& m) {
+void fill_n_way_deterministic(torch::nn::Module& m) {
   torch::NoGradGuard no_grad;
   double v = 0.11;
   for (auto& p : m.parameters()) {
@@ -69,13 +70,8 @@ at::Tensor apply_gates(const at::Tensor& x, const Rows& gates) {
   return out;
 }
 
-std::vector<double> values(const at::Tensor& t) {
-  at::Tensor c = t.to(at::kDouble).contiguous();
-  return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
-}
-
 // Three inputs of different channel counts and spatial shapes, double precision.
-std::vector<at::Tensor> three_inputs(int64_t n, uint64_t seed) {
+std::vector<at::Tensor> three_mixed_inputs(int64_t n, uint64_t seed) {
   auto gen = at::detail::createCPUGenerator(seed);
   return {at::randn({n, 3, 4, 4}, gen).to(at::kDouble), at::randn({n, 2, 5}, gen).to(at::kDouble),
           at::randn({n, 4, 2, 3}, gen).to(at::kDouble)};
@@ -84,7 +80,7 @@ std::vector<at::Tensor> three_inputs(int64_t n, uint64_t seed) {
 NWayMMTM three_way(double scale) {
   NWayMMTM m(NWayMMTMOptions({3, 2, 4}).ratio(3).gate_scale(scale));
   m->to(at::kDouble);
-  fill_deterministic(*m);
+  fill_n_way_deterministic(*m);
   return m;
 }
 
@@ -95,7 +91,7 @@ TEST_CASE("NWayMMTM with three inputs matches a hand computation, live", "[n-way
     NWayMMTM m = three_way(scale);
     CHECK(m->squeeze->weight.size(0) == 6);  // 2 * (3 + 2 + 4) / 3
     CHECK(m->squeeze->weight.size(1) == 9);
-    const auto x = three_inputs(3, 7);
+    const auto x = three_mixed_inputs(3, 7);
     const auto out = m->forward(x);
     REQUIRE(out.size() == 3);
     const Rows s0 = squeeze_rows(x[0]), s1 = squeeze_rows(x[1]), s2 = squeeze_rows(x[2]);
@@ -110,11 +106,11 @@ TEST_CASE("NWayMMTM with three inputs matches a hand computation, live", "[n-way
 TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses the mean",
           "[n-way-mmtm]") {
   NWayMMTM m = three_way(2.0);
-  const auto x = three_inputs(4, 8);
+  const auto x = three_mixed_inputs(4, 8);
   const Rows s0 = squeeze_rows(x[0]), s1 = squeeze_rows(x[1]), s2 = squeeze_rows(x[2]);
 
   // Squeeze averages over two recorded batches: the mean over their 4 + 2 samples.
-  const auto extra = three_inputs(2, 9);
+  const auto extra = three_mixed_inputs(2, 9);
   NWayFusionContext record;
   record.record_squeeze = true;
   m->forward(x, record);
@@ -128,7 +124,7 @@ TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses 
       for (const auto& row : all_rows) sum += row[c];
       avg[k].push_back(sum / 6.0);
     }
-    CHECK_THAT(values(m->squeeze_average(k)), Catch::Approx(avg[k]).epsilon(1e-12));
+    CHECK_THAT(as_doubles(m->squeeze_average(k)), Catch::Approx(avg[k]).epsilon(1e-12));
   }
 
   // Side 1 cut: its gate reads its own squeeze and the averages of sides 0 and 2; the
@@ -156,7 +152,7 @@ TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses 
   for (const auto& row : g2) {
     for (size_t c = 0; c < 4; ++c) mean2[c] += row[c] / 4.0;
   }
-  CHECK_THAT(values(m->gate_average(2)), Catch::Approx(mean2).epsilon(1e-12));
+  CHECK_THAT(as_doubles(m->gate_average(2)), Catch::Approx(mean2).epsilon(1e-12));
   NWayFusionContext held2;
   held2.sides = {SideMode::live, SideMode::live, SideMode::held_gate};
   const auto held = m->forward(x, held2);
@@ -170,8 +166,8 @@ TEST_CASE("NWayMMTM: averaged squeeze replaces every other side, held gate uses 
 TEST_CASE("NWayMMTM absent side: the others read its training-set average, it has no output",
           "[n-way-mmtm]") {
   NWayMMTM m = three_way(2.0);
-  const auto x = three_inputs(4, 12);
-  const auto recorded = three_inputs(5, 13);
+  const auto x = three_mixed_inputs(4, 12);
+  const auto recorded = three_mixed_inputs(5, 13);
   NWayFusionContext record;
   record.record_squeeze = true;
   m->forward(recorded, record);
@@ -218,7 +214,7 @@ TEST_CASE("NWayMMTM absent side: the others read its training-set average, it ha
 TEST_CASE("NWayMMTM live_rows: the leading rows run live, the rest as the modes say",
           "[n-way-mmtm]") {
   NWayMMTM m = three_way(2.0);
-  const auto x = three_inputs(3, 10);
+  const auto x = three_mixed_inputs(3, 10);
   NWayFusionContext record;
   record.record_squeeze = true;
   m->forward(x, record);
@@ -339,7 +335,7 @@ TEST_CASE("NWayMMTM clones deeply and keeps every side", "[n-way-mmtm]") {
   REQUIRE(copy->excite.size() == 3);
   CHECK(testing::same_state(*m, *copy));
   CHECK_FALSE(copy->excite[2]->weight.is_same(m->excite[2]->weight));
-  const auto x = three_inputs(2, 11);
+  const auto x = three_mixed_inputs(2, 11);
   const auto a = m->forward(x), b = copy->forward(x);
   for (size_t k = 0; k < 3; ++k) CHECK(torch::equal(a[k], b[k]));
 }

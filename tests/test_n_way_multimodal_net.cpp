@@ -16,6 +16,8 @@ using testing::small_three_way;
 using testing::small_two_way;
 using testing::ThreeWay;
 using testing::TwoWay;
+using testing::all_equal;
+using testing::tensor_ids;
 
 
 std::vector<at::Tensor> three_inputs(std::int64_t n, std::uint64_t seed) {
@@ -39,20 +41,6 @@ std::vector<at::Tensor> naive_heads(ThreeWay& net, std::vector<at::Tensor> h,
   h[2] = b2->forward_stage(1, h[2]);
   h = net->taps[1].module->forward(h, ctx);
   return {b0->head(h[0]), b1->head(h[1]), b2->head(h[2])};
-}
-
-bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!torch::equal(a[i], b[i])) return false;
-  }
-  return true;
-}
-
-std::set<const void*> ids(const std::vector<at::Tensor>& ps) {
-  std::set<const void*> out;
-  for (const auto& p : ps) out.insert(p.unsafeGetTensorImpl());
-  return out;
 }
 
 // A ConvBranch with dropout after every stage in training mode: a branch that draws
@@ -281,22 +269,22 @@ TEST_CASE("NWayMultiModalNet parameter groups: each branch, and each side's fusi
   const NWayParameterGroups g = net->parameter_groups();
   REQUIRE(g.branch.size() == 3);
   REQUIRE(g.fusion.size() == 3);
-  CHECK(ids(g.branch[0]) == ids(std::get<0>(net->branches)->parameters()));
-  CHECK(ids(g.branch[1]) == ids(std::get<1>(net->branches)->parameters()));
-  CHECK(ids(g.branch[2]) == ids(std::get<2>(net->branches)->parameters()));
+  CHECK(tensor_ids(g.branch[0]) == tensor_ids(std::get<0>(net->branches)->parameters()));
+  CHECK(tensor_ids(g.branch[1]) == tensor_ids(std::get<1>(net->branches)->parameters()));
+  CHECK(tensor_ids(g.branch[2]) == tensor_ids(std::get<2>(net->branches)->parameters()));
   for (std::size_t k = 0; k < 3; ++k) {
     std::set<const void*> expect;
     for (const auto& tap : net->taps) {
       for (const auto& p : tap.module->squeeze->parameters()) expect.insert(p.unsafeGetTensorImpl());
       for (const auto& p : tap.module->excite[k]->parameters()) expect.insert(p.unsafeGetTensorImpl());
     }
-    CHECK(ids(g.fusion[k]) == expect);
+    CHECK(tensor_ids(g.fusion[k]) == expect);
   }
   // Every parameter of the network is in a branch group or a fusion group.
   std::set<const void*> all;
-  for (const auto& group : g.branch) all.merge(ids(group));
-  for (const auto& group : g.fusion) all.merge(ids(group));
-  CHECK(all == ids(net->parameters()));
+  for (const auto& group : g.branch) all.merge(tensor_ids(group));
+  for (const auto& group : g.fusion) all.merge(tensor_ids(group));
+  CHECK(all == tensor_ids(net->parameters()));
 }
 
 TEST_CASE("NWayMultiModalNet clones deeply", "[n-way-net]") {

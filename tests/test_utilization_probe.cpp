@@ -7,7 +7,7 @@ using namespace mmbalance::testing;
 
 namespace {
 
-std::vector<MultiModalBatch> batches(int n, std::uint64_t seed) {
+std::vector<MultiModalBatch> probe_batches(int n, std::uint64_t seed) {
   std::vector<MultiModalBatch> out;
   for (int i = 0; i < n; ++i) out.push_back(small_batch(8, seed + static_cast<std::uint64_t>(i)));
   return out;
@@ -52,8 +52,8 @@ void blind_joint_layers_to(Net& net, int side) {
 TEST_CASE("Utilization probe: branch 0 that cannot use m1 gives u(m1|m0) = 0", "[probe]") {
   auto net = small_net(21);
   blind_joint_layers_to(net, 1);
-  auto train = batches(3, 100);
-  auto eval = batches(4, 200);
+  auto train = probe_batches(3, 100);
+  auto eval = probe_batches(4, 200);
   label_half_by_each_head(net, eval);
   const auto r = probe_utilization(net, train, eval);
   CHECK(r.samples == 32);
@@ -67,8 +67,8 @@ TEST_CASE("Utilization probe: branch 0 that cannot use m1 gives u(m1|m0) = 0", "
 TEST_CASE("Utilization probe: the symmetric case gives u(m0|m1) = 0", "[probe]") {
   auto net = small_net(22);
   blind_joint_layers_to(net, 0);
-  auto train = batches(2, 300);
-  auto eval = batches(3, 400);
+  auto train = probe_batches(2, 300);
+  auto eval = probe_batches(3, 400);
   label_half_by_each_head(net, eval);
   const auto r = probe_utilization(net, train, eval);
   CHECK(r.accuracy1 >= 0.5);
@@ -82,8 +82,8 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
     torch::NoGradGuard ng;  // make the gates depend strongly on the squeeze vectors
     for (auto& tap : net->taps) tap.module->squeeze->weight.mul_(20.0);
   }
-  auto train = batches(3, 500);
-  auto eval = batches(4, 600);
+  auto train = probe_batches(3, 500);
+  auto eval = probe_batches(4, 600);
   label_half_by_each_head(net, eval);
 
   const auto before = net->taps[0].module->gate_mean->mean.clone();
@@ -154,11 +154,11 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
 TEST_CASE("Utilization probe rejects empty evaluation data and bad targets",
           "[probe][bad-input]") {
   auto net = small_net(24);
-  auto train = batches(1, 1);
+  auto train = probe_batches(1, 1);
   std::vector<MultiModalBatch> empty;
   CHECK_THROWS_WITH(probe_utilization(net, train, empty),
                     Catch::Contains("evaluation data is empty"));
-  auto bad = batches(1, 2);
+  auto bad = probe_batches(1, 2);
   bad[0].target = bad[0].target.narrow(0, 0, 3);
   CHECK_THROWS_WITH(probe_utilization(net, train, bad), Catch::Contains("batch 8, got [3]"));
   CHECK(net->is_training());
@@ -166,8 +166,8 @@ TEST_CASE("Utilization probe rejects empty evaluation data and bad targets",
 
 TEST_CASE("Utilization probe in two halves: record once, evaluate several sets", "[probe]") {
   auto net = small_net(25);
-  auto train = batches(3, 300);
-  auto validation = batches(2, 400), test = batches(3, 500);
+  auto train = probe_batches(3, 300);
+  auto validation = probe_batches(2, 400), test = probe_batches(3, 500);
   label_half_by_each_head(net, validation);
   label_half_by_each_head(net, test);
   const auto whole_validation = probe_utilization(net, train, validation);
@@ -192,7 +192,7 @@ TEST_CASE("Utilization probe in two halves: record once, evaluate several sets",
   CHECK(fresh->is_training());
 
   // Recording again replaces the averages: on other data the cut heads change.
-  record_squeeze_averages(fresh, batches(3, 900));
+  record_squeeze_averages(fresh, probe_batches(3, 900));
   const auto t0 = fresh->taps[0].module->squeeze_mean->mean.clone();
   record_squeeze_averages(fresh, train);
   CHECK_FALSE(torch::equal(t0, fresh->taps[0].module->squeeze_mean->mean));
@@ -202,7 +202,7 @@ TEST_CASE("Utilization probe in two halves: record once, evaluate several sets",
 TEST_CASE("A training-set pass with record_squeeze returns forward's outputs and records the "
           "averages", "[probe]") {
   auto net = small_net(26);
-  auto train = batches(3, 600);
+  auto train = probe_batches(3, 600);
   record_squeeze_averages(net, train);
   const auto want = net->taps[1].module->squeeze_mean->mean.clone();
 
