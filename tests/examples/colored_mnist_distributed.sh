@@ -14,7 +14,7 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 source "$here/cli_helpers.sh"
 
 /usr/bin/python3 "$here/make_mnist_fixture.py" "$work/data/mnist/digits"
-base=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80
+base=(--data-dir "$work/data" --width 8 --train-size 240 --validation-size 80 --test-size 80
       --batch-size 32 --threads 1)
 small=("${base[@]}" --policy guided --alpha 0 --Q 2)
 

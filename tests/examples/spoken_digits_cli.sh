@@ -13,7 +13,7 @@ source "$(dirname "$0")/cli_helpers.sh"
 
 /usr/bin/python3 "$(dirname "$0")/make_mnist_fixture.py" "$work/data/mnist/digits"
 /usr/bin/python3 "$(dirname "$0")/make_speech_fixture.py" "$work/data/speech" 8
-data=(--data-dir "$work/data" --train-size 240 --validation-size 80 --test-size 80 --snr-db 10
+data=(--data-dir "$work/data" --width 8 --train-size 240 --validation-size 80 --test-size 80 --snr-db 10
       --batch-size 32 --threads 1)
 small=("${data[@]}" --validation-speakers 2 --test-speakers 2)
 
