@@ -53,6 +53,9 @@ class DutyCyclePolicy {
                     archive.try_read("period", period) && period.isInt() &&
                     archive.try_read("threshold", threshold) && threshold.isDouble(),
                 "DutyCyclePolicy: damaged state in checkpoint");
+    TORCH_CHECK(steps.toInt() >= 0 && fastest.toInt() >= -1 && std::isfinite(spread.toDouble()) &&
+                    spread.toDouble() >= 0,
+                "DutyCyclePolicy: state out of range in checkpoint");
     TORCH_CHECK(period.toInt() == period_ && threshold.toDouble() == threshold_,
                 "DutyCyclePolicy: the checkpoint was made with period ", period.toInt(), " and threshold ",
                 threshold.toDouble(), ", this policy has ", period_, " and ", threshold_);

@@ -71,7 +71,7 @@ def section(by, audio, command, rel, notes):
         f"for training; no speaker in two splits, though voices recur at other speeds and pitches), white "
         f"noise at {a['snr_db']:g} dB SNR, 40 x 96 log-mel",
         f"- training: {a['epochs']} epochs ({a['warmup_epochs']} warm-up), batch {a['batch_size']}, SGD lr "
-        f"{a['lr']} momentum {a['momentum']}, guided alpha {a['alpha']} Q {a['Q']}; three-way MMTM after "
+        f"{a['lr']} momentum {a['momentum']}, guided alpha {a['alpha']} (a bound on the spread max s_k - min s_k of the three speeds) Q {a['Q']}; three-way MMTM after "
         f"stages 1, 2, 3 of each branch; checkpoint = best validation accuracy of y; "
         f"{seconds / 60:.1f} min of training for {sum(len(v) for v in by.values())} runs",
         f"- audio alone (the audio branch trained by itself, same recipe): "

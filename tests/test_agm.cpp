@@ -32,7 +32,7 @@ std::vector<std::vector<at::Tensor>> ones_gradients(std::size_t branches) {
 }
 
 // One hook call with the given masked outputs and targets.
-void run_hook(AGMPolicy& policy, const std::vector<at::Tensor>& subsets, const at::Tensor& target,
+void run_agm_hook(AGMPolicy& policy, const std::vector<at::Tensor>& subsets, const at::Tensor& target,
               const std::vector<std::vector<at::Tensor>>& params) {
   const std::vector<at::Tensor> heads;
   const std::function<void(at::Tensor&)> one_process;
@@ -114,7 +114,7 @@ std::vector<at::Tensor> masked_outputs(NetT& net, const std::vector<at::Tensor>&
 // every non-1-d parameter of a branch. Also: the balancer's passes change no buffer (a
 // BatchNorm's running statistics) and leave every module in training mode.
 template <class NetT>
-void check_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tensor>& x, const at::Tensor& target,
+void check_agm_step_through_balancer(NetT net, NetT twin, const std::vector<at::Tensor>& x, const at::Tensor& target,
                                  double alpha) {
   const std::size_t n = x.size();
   copy_state(net, twin);
@@ -241,7 +241,7 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
 
   AGMPolicy policy(2, AGMOptions().alpha(alpha));
   auto params = ones_gradients(2);
-  run_hook(policy, additive(a1, b1), t1, params);
+  run_agm_hook(policy, additive(a1, b1), t1, params);
   CHECK(policy.last_scores()[0].item<double>() == Approx(s_a1).epsilon(1e-12));
   CHECK(policy.last_scores()[1].item<double>() == Approx(s_v1).epsilon(1e-12));
   CHECK(policy.last_coefficients()[0].item<double>() == Approx(k_a1).epsilon(1e-12));
@@ -254,7 +254,7 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   CHECK(k_v1 < 1);
 
   params = ones_gradients(2);
-  run_hook(policy, additive(a2, b2), t2, params);
+  run_agm_hook(policy, additive(a2, b2), t2, params);
   CHECK(policy.last_coefficients()[0].item<double>() == Approx(k_a2).epsilon(1e-12));
   CHECK(policy.last_coefficients()[1].item<double>() == Approx(k_v2).epsilon(1e-12));
   CHECK(policy.running_scores()[0].item<double>() == Approx(train_a).epsilon(1e-12));
@@ -265,11 +265,11 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   // The parameter filter: conv weights only leaves a 2-d weight alone; all scales biases.
   AGMPolicy conv(2, AGMOptions().alpha(alpha).parameters(ModulatedParameters::conv_weights));
   params = ones_gradients(2);
-  run_hook(conv, additive(a1, b1), t1, params);
+  run_agm_hook(conv, additive(a1, b1), t1, params);
   CHECK(at::equal(params[0][0].grad(), at::ones({2, 3}, at::kDouble)));
   AGMPolicy all(2, AGMOptions().alpha(alpha).parameters(ModulatedParameters::all));
   params = ones_gradients(2);
-  run_hook(all, additive(a1, b1), t1, params);
+  run_agm_hook(all, additive(a1, b1), t1, params);
   CHECK(at::allclose(params[0][1].grad(), at::full({3}, k_a1, at::kDouble)));
 }
 
@@ -281,7 +281,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   for (int i = 0; i < 3; ++i) {
     auto params = ones_gradients(2);
     const at::Tensor a = rows({{0, l3 * i}, {1, -2}});
-    run_hook(equal, additive(a, a.clone()), at::tensor({1, 0}, at::kLong), params);
+    run_agm_hook(equal, additive(a, a.clone()), at::tensor({1, 0}, at::kLong), params);
     CHECK(at::equal(equal.last_coefficients(), at::ones({2}, at::kDouble)));
     CHECK(at::equal(params[0][0].grad(), at::ones({2, 3}, at::kDouble)));
   }
@@ -293,11 +293,11 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
     auto params = ones_gradients(2);
     // a: right with odds e^20 : 1, b: wrong with odds e^5 : 1.
     const at::Tensor sure = rows({{20, 0}}), unsure = rows({{0, 5}});
-    run_hook(policy, additive(sure, unsure), at::tensor({0}, at::kLong), params);
+    run_agm_hook(policy, additive(sure, unsure), at::tensor({0}, at::kLong), params);
     const double gap = policy.running_scores()[1].item<double>() - policy.running_scores()[0].item<double>();
     CHECK(gap == Approx(std::log1p(std::exp(5.0)) - std::log1p(std::exp(-20.0))).epsilon(1e-12));
     params = ones_gradients(2);
-    run_hook(policy, additive(sure, sure.clone()), at::tensor({0}, at::kLong), params);
+    run_agm_hook(policy, additive(sure, sure.clone()), at::tensor({0}, at::kLong), params);
     CHECK(policy.last_coefficients()[0].item<double>() == Approx(std::exp(0.1 * cap)).epsilon(1e-12));
     CHECK(policy.last_coefficients()[1].item<double>() ==
           Approx(std::exp(0.1 * (std::exp(-gap) - 1))).epsilon(1e-12));
@@ -306,7 +306,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   // One modality perfect, the other lost: a row with p < 1e-8 scores −log 1e-8.
   AGMPolicy lost(2);
   auto params = ones_gradients(2);
-  run_hook(lost, additive(rows({{50, 0}}), rows({{-50, 0}})), at::tensor({0}, at::kLong), params);
+  run_agm_hook(lost, additive(rows({{50, 0}}), rows({{-50, 0}})), at::tensor({0}, at::kLong), params);
   CHECK(lost.last_scores()[0].item<double>() == Approx(0).margin(1e-15));
   CHECK(lost.last_scores()[1].item<double>() == Approx(kCap).epsilon(1e-12));
   CHECK(lost.last_coefficients()[0].item<double>() == Approx(std::exp(0.1 * (1 - std::exp(kCap)))).margin(1e-12));
@@ -314,10 +314,10 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   // Non-finite responses: k = 1, gradients, running means and the count of steps unchanged.
   AGMPolicy policy(2);
   params = ones_gradients(2);
-  run_hook(policy, additive(rows({{0, l3}}), rows({{0, 0}})), at::tensor({1}, at::kLong), params);
+  run_agm_hook(policy, additive(rows({{0, l3}}), rows({{0, 0}})), at::tensor({1}, at::kLong), params);
   const at::Tensor before = policy.running_scores().clone();
   params = ones_gradients(2);
-  run_hook(policy, additive(rows({{NAN, 0}}), rows({{0, 0}})), at::tensor({1}, at::kLong), params);
+  run_agm_hook(policy, additive(rows({{NAN, 0}}), rows({{0, 0}})), at::tensor({1}, at::kLong), params);
   CHECK(at::equal(policy.last_coefficients(), at::ones({2}, at::kDouble)));
   CHECK(at::equal(params[0][0].grad(), at::ones({2, 3}, at::kDouble)));
   CHECK(at::equal(policy.running_scores(), before));
@@ -329,10 +329,10 @@ TEST_CASE("AGM through the Balancer: the loss is CE(y), masked passes give the r
           "each branch's gradient is scaled by its coefficient, on MMTM, late-fusion and "
           "three-branch networks", "[agm][n-way]") {
   const MultiModalBatch b = small_batch(8, 31);
-  check_step_through_balancer(small_net(4), small_net(99), {b.x0, b.x1}, b.target, 0.5);
-  check_step_through_balancer(leaning_late_net(4), small_late_net(99), {b.x0, b.x1}, b.target, 0.5);
+  check_agm_step_through_balancer(small_net(4), small_net(99), {b.x0, b.x1}, b.target, 0.5);
+  check_agm_step_through_balancer(leaning_late_net(4), small_late_net(99), {b.x0, b.x1}, b.target, 0.5);
   const NWayBatch c = n_way_batch(3, 8, 32);
-  check_step_through_balancer(small_three_way(4), small_three_way(99), c.inputs, c.target, 0.5);
+  check_agm_step_through_balancer(small_three_way(4), small_three_way(99), c.inputs, c.target, 0.5);
 }
 
 template <class B>

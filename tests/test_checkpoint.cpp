@@ -331,7 +331,7 @@ TEST_CASE("A checkpoint that does not fit the balancer or the optimizer is refus
   const auto opt_before = optimizer_state(target_opt);
   const auto balancer_before = saved_bytes(random);
 
-  SECTION("another policy type") {
+  SECTION("another policy") {
     CHECK_THROWS_WITH(load_checkpoint(path, target, target_opt, random),
                       Catch::Contains("cannot restore checkpoint " + path) &&
                           Catch::Contains("made with policy 'mmbalance.guided'") &&

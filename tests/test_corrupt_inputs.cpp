@@ -25,8 +25,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_corrupt_dir(const std::string& name) { return mmbalance::testing::fresh_test_dir("corrupt", name); }
-
 std::string read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
@@ -113,7 +111,7 @@ std::string idx_bytes(std::vector<std::uint32_t> dims, std::uint8_t value) {
 std::string png_bytes(int w, int h, int channels, int seed) {
   std::vector<unsigned char> pixels(static_cast<std::size_t>(w * h * channels));
   for (std::size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<unsigned char>((i * 37 + seed) % 251);
-  const fs::path tmp = fresh_corrupt_dir("png") / "image.png";
+  const fs::path tmp = mmbalance::testing::fresh_test_dir("corrupt", "png") / "image.png";
   REQUIRE(stbi_write_png(tmp.c_str(), w, h, channels, pixels.data(), w * channels) != 0);
   return read_bytes(tmp);
 }
@@ -121,7 +119,7 @@ std::string png_bytes(int w, int h, int channels, int seed) {
 }  // namespace
 
 TEST_CASE("IDX files: mutations load or are refused naming the file", "[corrupt]") {
-  const fs::path dir = fresh_corrupt_dir("idx");
+  const fs::path dir = mmbalance::testing::fresh_test_dir("corrupt", "idx");
   const fs::path images = dir / "train-images-idx3-ubyte", labels = dir / "train-labels-idx1-ubyte";
   const std::string good_images = idx_bytes({5, 28, 28}, 7), good_labels = idx_bytes({5}, 1);
   write_bytes(images, good_images);
@@ -135,7 +133,7 @@ TEST_CASE("IDX files: mutations load or are refused naming the file", "[corrupt]
 }
 
 TEST_CASE("The digits' JSON files: mutations load or are refused naming the file", "[corrupt]") {
-  const fs::path dir = fresh_corrupt_dir("json");
+  const fs::path dir = mmbalance::testing::fresh_test_dir("corrupt", "json");
   std::string one_digit = "{\"data\": [";
   for (int i = 0; i < 784; ++i) one_digit += std::string(i ? "," : "") + (i % 5 ? "0" : "0.75");
   one_digit += "]}";
@@ -148,7 +146,7 @@ TEST_CASE("The digits' JSON files: mutations load or are refused naming the file
 
 TEST_CASE("MVCNN view PNGs and trees: mutations load or are refused naming the file",
           "[corrupt]") {
-  const fs::path root = fresh_corrupt_dir("mvcnn");
+  const fs::path root = mmbalance::testing::fresh_test_dir("corrupt", "mvcnn");
   for (const char* cls : {"chair", "lamp"}) {
     for (const char* split : {"train", "test"}) {
       fs::create_directories(root / cls / split);
@@ -171,7 +169,7 @@ TEST_CASE("MVCNN view PNGs and trees: mutations load or are refused naming the f
 
 TEST_CASE("NVGesture list files and frames: mutations load or are refused naming the file",
           "[corrupt]") {
-  const fs::path root = fresh_corrupt_dir("nvgesture");
+  const fs::path root = mmbalance::testing::fresh_test_dir("corrupt", "nvgesture");
   const fs::path clip = root / "Video_data" / "class_01" / "subject1_r0";
   for (const char* video : {"sk_color_all", "sk_depth_all"}) {
     fs::create_directories(clip / video);
@@ -209,7 +207,7 @@ TEST_CASE("Checkpoints: mutations are refused naming the file, nothing changed",
   auto opt = make_sgd(net);
   GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
   train_steps(net, opt, balancer, 0, 5, 4);
-  const fs::path path = fresh_corrupt_dir("checkpoint") / "run.pt";
+  const fs::path path = mmbalance::testing::fresh_test_dir("corrupt", "checkpoint") / "run.pt";
   save_checkpoint(path.string(), net, opt, balancer);
   const auto before = net.clone();
   const std::string good = read_bytes(path);

@@ -7,8 +7,6 @@
 #include <iterator>
 #include <string>
 
-#include <unistd.h>
-
 #include <custom_policy.h>
 
 #include "support.h"
@@ -37,6 +35,20 @@ TEST_CASE("DutyCyclePolicy holds the fastest branch on every period-th step whil
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == StepPlan::hold(1));  // step 12
   CHECK_THROWS_WITH(DutyCyclePolicy(0, 0.1), Catch::Contains("period must be >= 1, got 0"));
+}
+
+TEST_CASE("DutyCyclePolicy runs in the README's two-branch loop (next_step) unchanged but for the "
+          "balancer's type", "[custom_policy][balancer]") {
+  Net net = small_net(4);
+  auto opt = make_sgd(net);
+  Balancer<DutyCyclePolicy> balancer(net, DutyCyclePolicy(2, 0.0), BalancerOptions().warmup_epochs(0));
+  const std::vector<StepKind> kinds = train_steps(net, opt, balancer, 0, 8);
+  // Steps 2, 4, 6, 8 are due, each after a regular step whose speeds were measured (a
+  // spread above 0): each holds a branch; the odd steps are regular.
+  for (std::size_t i = 0; i < kinds.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK((kinds[i] != StepKind::regular) == ((i + 1) % 2 == 0));
+  }
   CHECK_THROWS_WITH(DutyCyclePolicy(2, -1.0), Catch::Contains("threshold must be >= 0"));
 }
 
@@ -71,20 +83,20 @@ TEST_CASE("DutyCyclePolicy trained through the balancer on three branches: each 
   }
   CHECK(holds >= 3);
 
-  // Saved after 6 steps, resumed into fresh objects: the same plans and parameters.
-  const auto dir = std::filesystem::temp_directory_path() / ("mmbalance_custom_policy_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  // Saved after 5 steps (an odd count: a policy that resumed from a reset state would be
+  // due on other steps), resumed into fresh objects: the same plans and parameters.
+  const auto dir = fresh_test_dir("custom_policy", "resume");
   const std::string path = (dir / "run.pt").string();
   ThreeWay first = small_three_way(5);
   auto first_opt = make_sgd(first);
   auto first_balancer = make(first);
-  auto resumed_plans = train_plans(first, first_opt, first_balancer, 0, 6, 1000);
+  auto resumed_plans = train_plans(first, first_opt, first_balancer, 0, 5, 1000);
   save_checkpoint(path, first, first_opt, first_balancer);
   ThreeWay resumed = small_three_way(77);
   auto resumed_opt = make_sgd(resumed);
   auto resumed_balancer = make(resumed);
   load_checkpoint(path, resumed, resumed_opt, resumed_balancer);
-  const auto rest = train_plans(resumed, resumed_opt, resumed_balancer, 6, 12, 1000);
+  const auto rest = train_plans(resumed, resumed_opt, resumed_balancer, 5, 12, 1000);
   resumed_plans.insert(resumed_plans.end(), rest.begin(), rest.end());
   CHECK(resumed_plans == plans);
   CHECK(same_state(*resumed, *net));

@@ -15,8 +15,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_data_dir(const std::string& name) { return mmbalance::testing::fresh_test_dir("data", name); }
-
 void write(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
 
 std::string idx(std::vector<std::uint32_t> dims, std::size_t data_bytes, std::uint8_t value = 7,
@@ -43,7 +41,7 @@ void write_digits(const fs::path& dir, int per_class) {
 }  // namespace
 
 TEST_CASE("MNIST JSON digits load with labels from the file name", "[data]") {
-  auto dir = fresh_data_dir("json_ok");
+  auto dir = mmbalance::testing::fresh_test_dir("data", "json_ok");
   write_digits(dir, 2);
   const auto d = load_mnist_json(dir);
   CHECK(d.images.sizes().vec() == std::vector<int64_t>{20, 1, 28, 28});
@@ -55,7 +53,7 @@ TEST_CASE("MNIST JSON digits load with labels from the file name", "[data]") {
 TEST_CASE("MNIST JSON: missing, corrupt or malformed files are named", "[data][bad-input]") {
   CHECK_THROWS_WITH(load_mnist_json("/nonexistent/digits"),
                     Catch::Contains("/nonexistent/digits does not exist"));
-  auto dir = fresh_data_dir("json_bad");
+  auto dir = mmbalance::testing::fresh_test_dir("data", "json_bad");
   CHECK_THROWS_WITH(load_mnist_json(dir), Catch::Contains("0.json") && Catch::Contains("missing"));
   write_digits(dir, 1);
   write(dir / "3.json", "{\"data\": [0, 0.5,");
@@ -71,7 +69,7 @@ TEST_CASE("MNIST JSON: missing, corrupt or malformed files are named", "[data][b
 }
 
 TEST_CASE("IDX files load and are checked strictly", "[data][bad-input]") {
-  auto dir = fresh_data_dir("idx");
+  auto dir = mmbalance::testing::fresh_test_dir("data", "idx");
   write(dir / "images", idx({3, 28, 28}, 3 * 784, 255));
   write(dir / "labels", idx({3}, 3, 4));
   const auto d = load_idx_pair(dir / "images", dir / "labels");

@@ -31,10 +31,54 @@ struct Versioned {
   }
 };
 
-// The same policy under another C++ name (a rename, or a move to another namespace).
-struct RenamedGuided : GuidedPolicy {
-  using GuidedPolicy::GuidedPolicy;
+// One policy under two C++ names (a rename, or a move to another namespace): the same
+// declared identity and state format.
+template <int Name>
+struct Counter {
+  static constexpr PolicyIdentity checkpoint_identity{"test.counter", 1};
+  std::int64_t count = 0;
+  StepPlan next_plan() {
+    ++count;
+    return StepPlan::regular();
+  }
+  void save(torch::serialize::OutputArchive& archive) const { archive.write("count", count); }
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue v;
+    archive.read("count", v);
+    count = v.toInt();
+  }
 };
+
+// A vanilla balancer's record with its identity entries replaced by `write_identity`'s, as
+// an earlier version (or a damaged file) would have it.
+template <class WriteIdentity>
+std::string record_with(WriteIdentity write_identity) {
+  Net net = small_net(3);
+  VanillaBalancer vanilla(net);
+  torch::serialize::InputArchive in;
+  std::istringstream bytes(saved_bytes(vanilla));
+  in.load_from(bytes);
+  torch::serialize::OutputArchive out;
+  for (const std::string key : {"branches", "meter_steps", "step", "epoch", "skipped", "warmup_epochs",
+                                "speed_read"}) {
+    c10::IValue v;
+    REQUIRE(in.try_read(key, v));
+    out.write(key, v);
+  }
+  for (const std::string key : {"accumulated", "group_numel", "last_speeds", "epoch_counts", "total_counts"}) {
+    at::Tensor t;
+    REQUIRE(in.try_read(key, t));
+    out.write(key, t);
+  }
+  write_identity(out);
+  std::stringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+std::string record_with_type(const std::string& type) {
+  return record_with([&](torch::serialize::OutputArchive& out) { out.write("policy_type", type); });
+}
 
 template <class From, class To>
 void save_then_load(From from, To& to) {
@@ -61,9 +105,13 @@ TEST_CASE("A balancer's record names its policy by the identity the policy decla
   CHECK(version.toInt() == 1);
   CHECK_FALSE(in.try_read("policy_type", type));
 
-  // A renamed type with the same identity loads it; another policy does not.
-  Balancer<RenamedGuided> renamed(net, RenamedGuided());
-  CHECK_NOTHROW(load_saved(renamed, saved_bytes(guided)));
+  // A renamed type with the same identity loads it, state and all; another policy does not.
+  Balancer<Counter<0>> before_rename(net, Counter<0>{}, BalancerOptions().warmup_epochs(0));
+  auto opt = make_sgd(net);
+  train_steps(net, opt, before_rename, 0, 1);  // next_step() on a policy with only next_plan()
+  Balancer<Counter<1>> renamed(net, Counter<1>{}, BalancerOptions().warmup_epochs(0));
+  load_saved(renamed, saved_bytes(before_rename));
+  CHECK(renamed.policy().count == 1);
   RandomBalancer random(net, RandomPolicy());
   CHECK_THROWS_WITH(load_saved(random, saved_bytes(guided)),
                     Catch::Contains("made with policy 'mmbalance.guided'") &&
@@ -107,30 +155,6 @@ TEST_CASE("Records from before identities name the policy by its C++ type: the l
   struct UserPolicy {
     StepPlan next_plan() { return StepPlan::regular(); }
   };
-  const auto record_with_type = [](const std::string& type) {
-    Net net = small_net(3);
-    VanillaBalancer vanilla(net);
-    torch::serialize::InputArchive in;
-    std::istringstream bytes(saved_bytes(vanilla));
-    in.load_from(bytes);
-    // Rewritten as an earlier version wrote it: every record but the identity, then policy_type.
-    torch::serialize::OutputArchive out;
-    for (const std::string key : {"branches", "meter_steps", "step", "epoch", "skipped", "warmup_epochs",
-                                  "speed_read"}) {
-      c10::IValue v;
-      REQUIRE(in.try_read(key, v));
-      out.write(key, v);
-    }
-    for (const std::string key : {"accumulated", "group_numel", "last_speeds", "epoch_counts", "total_counts"}) {
-      at::Tensor t;
-      REQUIRE(in.try_read(key, t));
-      out.write(key, t);
-    }
-    out.write("policy_type", type);
-    std::stringstream s;
-    out.save_to(s);
-    return s.str();
-  };
   Net net = small_net(3);
   VanillaBalancer vanilla(net);
   CHECK_NOTHROW(load_saved(vanilla, record_with_type("mmbalance::VanillaPolicy")));
@@ -140,4 +164,38 @@ TEST_CASE("Records from before identities name the policy by its C++ type: the l
                     Catch::Contains("made with policy 'mmbalance.vanilla'"));
   CHECK_THROWS_WITH(load_saved(vanilla, record_with_type("SomeoneElsesPolicy")),
                     Catch::Contains("made with policy 'SomeoneElsesPolicy'"));
+}
+
+TEST_CASE("A damaged identity record is refused, naming what is wrong, and changes nothing",
+          "[policy_identity][checkpoint][bad-input]") {
+  Net net = small_net(3);
+  VanillaBalancer vanilla(net);
+  const std::string before = saved_bytes(vanilla);
+  const auto refused = [&](const std::string& record, const std::string& message) {
+    CHECK_THROWS_WITH(load_saved(vanilla, record), Catch::Contains(message));
+    CHECK(saved_bytes(vanilla) == before);
+  };
+  refused(record_with([](auto& out) {
+            out.write("policy_name", std::int64_t{7});
+            out.write("policy_version", std::int64_t{1});
+          }),
+          "damaged policy name or version");
+  refused(record_with([](auto& out) { out.write("policy_name", std::string("mmbalance.vanilla")); }),
+          "damaged policy name or version");
+  refused(record_with([](auto& out) {
+            out.write("policy_name", std::string("mmbalance.vanilla"));
+            out.write("policy_version", std::int64_t{-3});
+          }),
+          "negative policy format version -3");
+  refused(record_with([](auto& out) {
+            out.write("policy_name", std::string("mmbalance.vanilla"));
+            out.write("policy_version", std::int64_t{0});
+          }),
+          "format version 0, which no declared identity has");
+  refused(record_with([](auto&) {}), "names no policy");
+  // The same record with a sound identity loads.
+  CHECK_NOTHROW(load_saved(vanilla, record_with([](auto& out) {
+                  out.write("policy_name", std::string("mmbalance.vanilla"));
+                  out.write("policy_version", std::int64_t{1});
+                })));
 }

@@ -225,6 +225,12 @@ inline nlohmann::json read_json_object(const std::filesystem::path& path) {
 /// The settings a resumed run may change: they do not change what is computed beyond the
 /// order of floating-point sums (device, threads, ranks), where the data is read from, or
 /// how long the run goes on.
+// Settings added after runs were recorded without them, with the value those runs had.
+inline nlohmann::json recorded_default(const std::string& setting) {
+  if (setting == "width") return 32;  // --width (colored_mnist, spoken_digits) came later
+  return "(not recorded)";
+}
+
 inline bool may_change_on_resume(const std::string& setting) {
   for (const char* s : {"epochs", "device", "threads", "world_size", "data_dir"}) {
     if (setting == s) return true;
@@ -244,7 +250,7 @@ inline void check_resume_settings(const std::filesystem::path& checkpoint, const
   for (const auto& [key, value] : args.items()) keys[key] = true;
   for (const auto& [key, unused] : keys.items()) {
     if (may_change_on_resume(key)) continue;
-    const nlohmann::json then = saved.contains(key) ? saved[key] : nlohmann::json("(not recorded)");
+    const nlohmann::json then = saved.contains(key) ? saved[key] : recorded_default(key);
     const nlohmann::json now = args.contains(key) ? args[key] : nlohmann::json("(not set)");
     TORCH_CHECK(then == now, "--resume ", checkpoint.string(), ": the run was made with ", key, " = ",
                 then.dump(), ", this one has ", now.dump(), " (", recorded.string(), "); a resumed run "

@@ -145,3 +145,18 @@ struct IdentityVersionZero : VanillaPolicy {
   static constexpr PolicyIdentity checkpoint_identity{"acme.version_zero", 0};
 };
 static_assert(sizeof(Balancer<IdentityVersionZero>) > 0);
+
+// expect(IdentityNameEmpty): checkpoint_identity needs a non-empty name and a version of at least 1
+struct IdentityNameEmpty : VanillaPolicy {
+  static constexpr PolicyIdentity checkpoint_identity{"", 1};
+};
+static_assert(sizeof(Balancer<IdentityNameEmpty>) > 0);
+
+// A state of its own saved under the identity inherited from a library policy: its
+// checkpoints would load into VanillaPolicy and back.
+// expect(OwnStateUnderLibraryName): saves a state of its own under a library policy's checkpoint_identity
+struct OwnStateUnderLibraryName : VanillaPolicy {
+  void save(torch::serialize::OutputArchive&) const {}
+  void load(torch::serialize::InputArchive&) {}
+};
+static_assert(sizeof(Balancer<OwnStateUnderLibraryName>) > 0);

@@ -268,6 +268,8 @@ class AGMPolicy {
   at::Tensor running_scores_, steps_, skipped_;
   at::Tensor last_scores_, last_coefficients_;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<AGMPolicy> = true;
 
 static_assert(BalancingPolicy<AGMPolicy> && NWayBalancingPolicy<AGMPolicy> && !HoldsFusionGates<AGMPolicy> &&
               ModulatesGradients<AGMPolicy> && NeedsMaskedOutputs<AGMPolicy> && WeighsLosses<AGMPolicy> &&

@@ -151,14 +151,20 @@ class Balancer {
 
   /// The kind of the coming step (two branches; `next_plan()` is the same for any number).
   /// Must alternate with `observe()`. Gates staged outside a step (a forward pass of your
-  /// own in training mode) are dropped here: only the step's own forward passes count.
-  StepKind next_step()
-    requires BalancingPolicy<Policy>
-  {
+  /// own in training mode) are dropped here: only the step's own forward passes count. A
+  /// policy with only `next_plan()` decides it too: its plan as a `StepKind`.
+  StepKind next_step() {
     TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
                 "network has ", branches(), "; use next_plan()");
     check_observed("Balancer::next_step");
-    const StepKind kind = ask_policy([&] { return in_warmup() ? StepKind::regular : policy_.next_step(); });
+    const StepKind kind = ask_policy([&] {
+      if (in_warmup()) return StepKind::regular;
+      if constexpr (BalancingPolicy<Policy>) {
+        return policy_.next_step();
+      } else {
+        return to_step_kind(policy_.next_plan());
+      }
+    });
     check_plan(StepPlan::from(kind));
     begin_step(StepPlan::from(kind));
     return kind;

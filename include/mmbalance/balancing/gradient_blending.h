@@ -200,6 +200,8 @@ class GradientBlendingPolicy {
   std::optional<EpochLosses> previous_;    // the last measurement
   std::int64_t measurements_ = 0;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<GradientBlendingPolicy> = true;
 
 static_assert(BalancingPolicy<GradientBlendingPolicy> && NWayBalancingPolicy<GradientBlendingPolicy> &&
               WeighsLosses<GradientBlendingPolicy> && ObservesEpochLosses<GradientBlendingPolicy> &&

@@ -107,6 +107,8 @@ class GuidedPolicy {
   std::int64_t window_step_ = 0;
   double last_d_speed_ = 0.0;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<GuidedPolicy> = true;
 
 static_assert(BalancingPolicy<GuidedPolicy> && ObservesSpeed<GuidedPolicy> &&
               HasState<GuidedPolicy> && HoldsFusionGates<GuidedPolicy>);

@@ -219,6 +219,8 @@ class MMParetoPolicy {
   at::Tensor last_fused_weights_;
   at::Tensor conflict_steps_;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<MMParetoPolicy> = true;
 
 static_assert(BalancingPolicy<MMParetoPolicy> && NWayBalancingPolicy<MMParetoPolicy> &&
               !HoldsFusionGates<MMParetoPolicy> && ModulatesGradients<MMParetoPolicy> &&

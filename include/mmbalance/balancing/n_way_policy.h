@@ -120,6 +120,8 @@ class NWayGuidedPolicy {
   std::size_t held_ = 0;          // the branch the open (or last) window holds
   std::int64_t window_step_ = 0;  // steps of the window taken
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<NWayGuidedPolicy> = true;
 
 /// Random balancing for N branches: each step drawn uniformly from the N + 1 plans
 /// (regular, hold 0, ..., hold N-1) with a seeded mt19937_64. For N = 2 the same draws as
@@ -171,6 +173,8 @@ class NWayRandomPolicy {
   std::size_t branches_;
   std::mt19937_64 engine_;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<NWayRandomPolicy> = true;
 
 static_assert(NWayBalancingPolicy<NWayGuidedPolicy> && ObservesBranchSpeeds<NWayGuidedPolicy> &&
               HasState<NWayGuidedPolicy> && HoldsFusionGates<NWayGuidedPolicy>);

@@ -199,6 +199,8 @@ class OGMGEPolicy {
   std::mt19937_64 engine_;  // one draw per step seeds that step's noise
   at::Tensor last_coefficients_;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<OGMGEPolicy> = true;
 
 static_assert(BalancingPolicy<OGMGEPolicy> && NWayBalancingPolicy<OGMGEPolicy> && !HoldsFusionGates<OGMGEPolicy> &&
               ModulatesGradients<OGMGEPolicy> && HasState<OGMGEPolicy>);

@@ -128,6 +128,18 @@ constexpr bool identity_well_formed() {
 template <class P>
 concept IdentityWellFormed = identity_well_formed<P>();
 
+// A policy that saves a state of its own (declares save) under a library policy's name,
+// inherited: a checkpoint of it would load into that library policy and back.
+template <class P>
+constexpr bool owns_state_under_library_name() {
+  if constexpr (HasState<P> && DeclaresCheckpointIdentity<P> && requires { &P::save; }) {
+    constexpr PolicyIdentity id = P::checkpoint_identity;
+    return id.name.starts_with("mmbalance.") && !kLibraryPolicy<typename DeclaringClass<decltype(&P::save)>::type>;
+  } else {
+    return false;
+  }
+}
+
 /// Instantiated by `Balancer<P>`: each assertion names the member and the form the
 /// balancer calls. A policy passes when every hook name it has is in that form.
 template <class P>
@@ -174,6 +186,10 @@ struct PolicyHooksCheck {
   static_assert(IdentityWellFormed<P>,
                 "Balancer: the policy's checkpoint_identity needs a non-empty name and a version "
                 "of at least 1");
+  static_assert(!owns_state_under_library_name<P>(),
+                "Balancer: the policy saves a state of its own under a library policy's "
+                "checkpoint_identity (\"mmbalance.\" names are the library's): declare its own, "
+                "e.g. `static constexpr mmbalance::PolicyIdentity checkpoint_identity{\"acme.policy\", 1}`");
   static_assert(!HasMember_modulate_gradients<P> || ModulatesGradients<P>,
                 "Balancer: the policy's modulate_gradients would never be called: declare `void "
                 "modulate_gradients(const StepGradients&)`");

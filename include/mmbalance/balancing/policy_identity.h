@@ -53,6 +53,11 @@ concept ReadsEarlierVersions = requires(P& p, torch::serialize::InputArchive& in
 
 namespace detail {
 
+// The library's own policies (each header specializes this): only their state may be
+// saved under a name beginning "mmbalance.".
+template <class P>
+inline constexpr bool kLibraryPolicy = false;
+
 /// The identity a `Balancer<P>` writes: the declared one, or for a stateless policy that
 /// declares none its demangled type name (which depends on the compiler), version 0.
 struct SavedPolicyIdentity {
@@ -93,6 +98,8 @@ inline SavedPolicyIdentity read_policy_identity(torch::serialize::InputArchive& 
   if (archive.try_read("policy_name", name)) {
     TORCH_CHECK(name.isString() && archive.try_read("policy_version", version) && version.isInt(),
                 "Balancer::load: damaged policy name or version in the balancer's record");
+    TORCH_CHECK(version.toInt() >= 0, "Balancer::load: negative policy format version ", version.toInt(),
+                " in the balancer's record");
     return {name.toStringRef(), version.toInt()};
   }
   c10::IValue type;
@@ -110,11 +117,15 @@ template <class P>
 void check_policy_identity(const SavedPolicyIdentity& saved) {
   const SavedPolicyIdentity mine = policy_identity<P>();
   const std::string type = c10::demangle(typeid(P).name());
+  // Version 0: a record naming the policy by its C++ type (from before identities, or of a
+  // stateless policy that declares none).
   const bool same_type_before_names = saved.version == 0 && saved.name == type;
   TORCH_CHECK(saved.name == mine.name || same_type_before_names,
               "Balancer::load: the checkpoint was made with policy '", saved.name,
               "', this balancer's policy is '", mine.name, "' (", type, ")");
   if (same_type_before_names) return;
+  TORCH_CHECK(saved.version >= 1 || mine.version == 0, "Balancer::load: the checkpoint holds ", saved.name,
+              " state of format version 0, which no declared identity has");
   TORCH_CHECK(saved.version <= mine.version, "Balancer::load: the checkpoint holds ", saved.name,
               " state of format version ", saved.version, ", newer than this policy's (",
               mine.version, "): it was written by a newer mmbalance");

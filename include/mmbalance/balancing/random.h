@@ -63,6 +63,8 @@ class RandomPolicy {
  private:
   std::mt19937_64 engine_;
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<RandomPolicy> = true;
 
 static_assert(BalancingPolicy<RandomPolicy> && HasState<RandomPolicy> && HoldsFusionGates<RandomPolicy>);
 

@@ -15,6 +15,8 @@ struct VanillaPolicy {
   StepKind next_step() const { return StepKind::regular; }
   StepPlan next_plan() const { return StepPlan::regular(); }
 };
+template <>
+inline constexpr bool detail::kLibraryPolicy<VanillaPolicy> = true;
 
 static_assert(BalancingPolicy<VanillaPolicy> && !HoldsFusionGates<VanillaPolicy>);
 

@@ -10,9 +10,12 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <set>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -355,26 +358,50 @@ inline c10::optional<at::Device> model_device(const torch::nn::Module& net) {
   return device;
 }
 
-// LibTorch 1.x's optimizers key each parameter's state by its address written in
-// hexadecimal ("0x55d0..."), 2.x's in decimal, which 2.x reads back with std::stoull: every
-// 1.x key reads as 0, and every parameter would get one parameter's state (momentum of
-// another shape, or silently the wrong one). Refused instead.
+// Whether this LibTorch keys optimizer state by the parameter's address (2.x) rather than
+// by a text (1.x).
+inline constexpr bool kOptimizerStateKeyedByAddress = std::is_same_v<
+    typename std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type, void*>;
+
+// LibTorch 1.x's optimizers write each parameter's state under its address in hexadecimal
+// ("0x55d0..."); a LibTorch that keys state by address reads the keys back with
+// std::stoull, which turns every such key into 0: the first parameter would get the state
+// read last and the others an empty (moved-from) one, which the next step trips over.
+// Refused instead, as is any key that is not a distinct decimal number.
 inline void check_optimizer_keys_readable(torch::serialize::InputArchive& optim) {
-#if MMBALANCE_LIBTORCH_AT_LEAST(2, 0)
-  torch::serialize::InputArchive groups, group;
-  c10::IValue key;
-  if (!optim.try_read("param_groups", groups) || !groups.try_read("param_groups/0", group) ||
-      !group.try_read("params/0", key) || !key.isString()) {
-    return;  // not LibTorch's layout: its own reader reports what is wrong
+  if constexpr (kOptimizerStateKeyedByAddress) {
+    torch::serialize::InputArchive groups;
+    at::Tensor group_count;
+    // Not LibTorch's layout: its own reader reports what is wrong.
+    if (!optim.try_read("param_groups", groups) || !groups.try_read("param_groups/size", group_count) ||
+        group_count.numel() != 1) {
+      return;
+    }
+    std::set<std::string> seen;
+    for (std::int64_t g = 0; g < group_count.item<std::int64_t>(); ++g) {
+      torch::serialize::InputArchive group;
+      at::Tensor size;
+      if (!groups.try_read("param_groups/" + std::to_string(g), group) || !group.try_read("params/size", size) ||
+          size.numel() != 1) {
+        return;
+      }
+      for (std::int64_t i = 0; i < size.item<std::int64_t>(); ++i) {
+        c10::IValue key;
+        if (!group.try_read("params/" + std::to_string(i), key) || !key.isString()) return;
+        const std::string& k = key.toStringRef();
+        TORCH_CHECK(k.rfind("0x", 0) != 0,
+                    "its optimizer state was written by LibTorch 1.x, which keys parameters by "
+                    "hexadecimal address ('", k, "'): LibTorch ", TORCH_VERSION,
+                    " would read every key as 0 and leave the parameters without their state. "
+                    "Resume it with LibTorch 1.x");
+        TORCH_CHECK(!k.empty() && std::all_of(k.begin(), k.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+                        seen.insert(k).second,
+                    "its optimizer record keys a parameter by '", k, "', not a distinct decimal address");
+      }
+    }
+  } else {
+    (void)optim;
   }
-  TORCH_CHECK(key.toStringRef().rfind("0x", 0) != 0,
-              "its optimizer state was written by LibTorch 1.x, which keys parameters by "
-              "hexadecimal address ('", key.toStringRef(), "'): LibTorch ", TORCH_VERSION,
-              " would read every key as 0 and give all parameters one parameter's state. "
-              "Resume it with LibTorch 1.x");
-#else
-  (void)optim;
-#endif
 }
 
 // Loads the four records of `archive` (a checkpoint or a snapshot) into the three states.
