@@ -205,7 +205,9 @@ TEST_CASE("Checkpoints written by an earlier mmbalance load and continue as the 
 #if TORCH_VERSION_MAJOR >= 2
 TEST_CASE("A checkpoint whose optimizer state LibTorch 1.x wrote is refused by 2.x, naming the file, "
           "nothing changed", "[checkpoint][fixtures][bad-input]") {
-  // 2.x would read every parameter's key as 0: momentum of one parameter for all of them.
+  // 2.x would read every parameter's key as 0: the first parameter would get the state read
+  // last, the others none.
+  static_assert(mmbalance::detail::kOptimizerStateKeyedByAddress);
   Net net = small_net(77), before = small_net(77);
   auto opt = make_sgd(net);
   GuidedBalancer bal(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)));

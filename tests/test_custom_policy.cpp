@@ -35,6 +35,7 @@ TEST_CASE("DutyCyclePolicy holds the fastest branch on every period-th step whil
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == StepPlan::hold(1));  // step 12
   CHECK_THROWS_WITH(DutyCyclePolicy(0, 0.1), Catch::Contains("period must be >= 1, got 0"));
+  CHECK_THROWS_WITH(DutyCyclePolicy(2, -1.0), Catch::Contains("threshold must be >= 0"));
 }
 
 TEST_CASE("DutyCyclePolicy runs in the README's two-branch loop (next_step) unchanged but for the "
@@ -42,14 +43,21 @@ TEST_CASE("DutyCyclePolicy runs in the README's two-branch loop (next_step) unch
   Net net = small_net(4);
   auto opt = make_sgd(net);
   Balancer<DutyCyclePolicy> balancer(net, DutyCyclePolicy(2, 0.0), BalancerOptions().warmup_epochs(0));
-  const std::vector<StepKind> kinds = train_steps(net, opt, balancer, 0, 8);
   // Steps 2, 4, 6, 8 are due, each after a regular step whose speeds were measured (a
-  // spread above 0): each holds a branch; the odd steps are regular.
-  for (std::size_t i = 0; i < kinds.size(); ++i) {
+  // spread above 0): each holds the branch the balancer last reported fastest
+  // (rebalance_m0 holds branch 0); the odd steps are regular.
+  std::int64_t fastest = -1;
+  for (int i = 0; i < 8; ++i) {
     INFO("step " << i + 1);
-    CHECK((kinds[i] != StepKind::regular) == ((i + 1) % 2 == 0));
+    const StepKind kind = train_steps(net, opt, balancer, i, i + 1, 1000).front();
+    if ((i + 1) % 2 == 0) {
+      REQUIRE(fastest >= 0);
+      CHECK(kind == (fastest == 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1));
+    } else {
+      CHECK(kind == StepKind::regular);
+      fastest = balancer.last_branch_speeds().fastest;
+    }
   }
-  CHECK_THROWS_WITH(DutyCyclePolicy(2, -1.0), Catch::Contains("threshold must be >= 0"));
 }
 
 TEST_CASE("DutyCyclePolicy trained through the balancer on three branches: each plan is its rule "
@@ -119,4 +127,19 @@ TEST_CASE("The docs show the example policy and branch as the files hold them", 
   };
   CHECK(read("docs/policies.md").find("```cpp\n" + read("examples/custom_policy.h") + "```") != std::string::npos);
   CHECK(read("docs/concepts.md").find("```cpp\n" + read("examples/signal_branch.h") + "```") != std::string::npos);
+}
+
+TEST_CASE("next_step() refuses a plan-only policy's plan that holds a branch a two-branch network "
+          "lacks, the policy as it was", "[custom_policy][balancer][bad-input]") {
+  struct HoldsBranchTwo {
+    std::int64_t plans = 0;
+    StepPlan next_plan() {
+      ++plans;
+      return StepPlan::hold(2);
+    }
+  };
+  Net net = small_net(4);
+  Balancer<HoldsBranchTwo> balancer(net, HoldsBranchTwo{}, BalancerOptions().warmup_epochs(0));
+  CHECK_THROWS_WITH(balancer.next_step(), Catch::Contains("the policy holds branch 2, the network has 2 branches"));
+  CHECK(balancer.policy().plans == 0);
 }

@@ -169,7 +169,9 @@ TEST_CASE("Records from before identities name the policy by its C++ type: the l
 TEST_CASE("A damaged identity record is refused, naming what is wrong, and changes nothing",
           "[policy_identity][checkpoint][bad-input]") {
   Net net = small_net(3);
+  auto opt = make_sgd(net);
   VanillaBalancer vanilla(net);
+  train_steps(net, opt, vanilla, 0, 3);  // a state unlike the records' (a fresh balancer's)
   const std::string before = saved_bytes(vanilla);
   const auto refused = [&](const std::string& record, const std::string& message) {
     CHECK_THROWS_WITH(load_saved(vanilla, record), Catch::Contains(message));

@@ -162,7 +162,9 @@ class Balancer {
       if constexpr (BalancingPolicy<Policy>) {
         return policy_.next_step();
       } else {
-        return to_step_kind(policy_.next_plan());
+        const StepPlan plan = policy_.next_plan();
+        check_plan(plan);  // a branch the network lacks: refused by name
+        return to_step_kind(plan);
       }
     });
     check_plan(StepPlan::from(kind));

@@ -377,8 +377,8 @@ inline void check_optimizer_keys_readable(torch::serialize::InputArchive& optim)
         group_count.numel() != 1) {
       return;
     }
-    std::set<std::string> seen;
     for (std::int64_t g = 0; g < group_count.item<std::int64_t>(); ++g) {
+      std::set<std::string> seen;
       torch::serialize::InputArchive group;
       at::Tensor size;
       if (!groups.try_read("param_groups/" + std::to_string(g), group) || !group.try_read("params/size", size) ||
@@ -396,7 +396,7 @@ inline void check_optimizer_keys_readable(torch::serialize::InputArchive& optim)
                     "Resume it with LibTorch 1.x");
         TORCH_CHECK(!k.empty() && std::all_of(k.begin(), k.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
                         seen.insert(k).second,
-                    "its optimizer record keys a parameter by '", k, "', not a distinct decimal address");
+                    "its optimizer record keys a parameter by '", k, "', not a decimal address distinct within its group");
       }
     }
   } else {
