@@ -219,6 +219,35 @@ TEST_CASE("A checkpoint whose optimizer state LibTorch 1.x wrote is refused by 2
   CHECK(opt.state().empty());
   CHECK(bal.step() == 0);
 }
+
+// An optimizer record in LibTorch's layout with the given parameter keys (one group).
+torch::serialize::InputArchive optimizer_record_with_keys(const std::vector<std::string>& keys) {
+  torch::serialize::OutputArchive optim, groups, group;
+  group.write("params/size", at::tensor(static_cast<std::int64_t>(keys.size())));
+  for (std::size_t i = 0; i < keys.size(); ++i) group.write("params/" + std::to_string(i), keys[i]);
+  groups.write("param_groups/size", at::tensor(std::int64_t{1}));
+  groups.write("param_groups/0", group);
+  optim.write("param_groups", groups);
+  std::stringstream bytes;
+  optim.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  return in;
+}
+
+TEST_CASE("Every parameter key of an optimizer record must be a decimal address distinct within its "
+          "group, under LibTorch 2.x", "[checkpoint][bad-input]") {
+  using mmbalance::detail::check_optimizer_keys_readable;
+  auto sound = optimizer_record_with_keys({"94123", "94500", "95001"});
+  CHECK_NOTHROW(check_optimizer_keys_readable(sound));
+  auto hex_later = optimizer_record_with_keys({"94123", "94500", "0x55d0aa"});
+  CHECK_THROWS_WITH(check_optimizer_keys_readable(hex_later), Catch::Contains("written by LibTorch 1.x") &&
+                                                                  Catch::Contains("'0x55d0aa'"));
+  auto repeated = optimizer_record_with_keys({"94123", "94500", "94500"});
+  CHECK_THROWS_WITH(check_optimizer_keys_readable(repeated), Catch::Contains("'94500', not a decimal address distinct"));
+  auto not_a_number = optimizer_record_with_keys({"94123", "12ab"});
+  CHECK_THROWS_WITH(check_optimizer_keys_readable(not_a_number), Catch::Contains("'12ab'"));
+}
 #else
 TEST_CASE("LibTorch 1.x loads a checkpoint that LibTorch 2.x wrote, each parameter's momentum its own",
           "[checkpoint][fixtures]") {
