@@ -157,19 +157,17 @@ class Balancer {
     TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
                 "network has ", branches(), "; use next_plan()");
     check_observed("Balancer::next_step");
-    const StepKind kind = ask_policy([&] {
-      if (in_warmup()) return StepKind::regular;
+    const StepPlan plan = ask_policy([&] {
+      if (in_warmup()) return StepPlan::regular();
       if constexpr (BalancingPolicy<Policy>) {
-        return policy_.next_step();
+        return StepPlan::from(policy_.next_step());
       } else {
-        const StepPlan plan = policy_.next_plan();
-        check_plan(plan);  // a branch the network lacks: refused by name
-        return to_step_kind(plan);
+        return policy_.next_plan();
       }
     });
-    check_plan(StepPlan::from(kind));
-    begin_step(StepPlan::from(kind));
-    return kind;
+    check_plan(plan);  // a branch the network lacks (a plan-only policy's): refused by name
+    begin_step(plan);
+    return to_step_kind(plan);
   }
 
   /// The plan of the coming step: regular, or which branch is held (re-balanced). Must
