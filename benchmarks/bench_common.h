@@ -28,9 +28,9 @@ inline ConvMMTMNet colored_mnist_net(std::int64_t width = 1, std::uint64_t seed 
 template <std::size_t>
 using ConvBranchFor = ConvBranch;
 
-/// The colored-MNIST network with N branches (`NWayMultiModalNet`): branch 0 takes the
-/// colour image, the others a gray one, all of the shape above, with an N-way MMTM
-/// (ratio 4) after blocks 2, 3, 4. For N = 2 the parameters of `colored_mnist_net`.
+/// The colored-MNIST network with N branches: branch 0 takes the colour image, the others
+/// a gray one, all of the shape above, with an MMTM of N sides (ratio 4) after blocks 2,
+/// 3, 4. For N = 2 the parameters of `colored_mnist_net`.
 template <std::size_t N>
 auto colored_mnist_n_way_net(std::uint64_t seed = 0) {
   return [seed]<std::size_t... K>(std::index_sequence<K...>) {
@@ -39,10 +39,9 @@ auto colored_mnist_n_way_net(std::uint64_t seed = 0) {
     auto branch = [&](std::int64_t in) {
       return ConvBranch(ConvBranchOptions(in, 10).channels(ch).strides({1, 2, 2, 2}));
     };
-    using Net = NWayMultiModalNet<NWayMMTM, ConvBranchFor<K>...>;
+    using Net = MultiModalNet<ConvBranchFor<K>..., MMTM>;
     auto tap = [&](std::size_t stage) {
-      return NWayFusionTap<NWayMMTM>{std::vector<std::size_t>(N, stage),
-                                     NWayMMTM(NWayMMTMOptions(std::vector<std::int64_t>(N, ch[stage])))};
+      return FusionTap<MMTM>{stage, MMTM(MMTMOptions(std::vector<std::int64_t>(N, ch[stage])))};
     };
     return Net(std::tuple{branch(K == 0 ? 3 : 1)...}, {tap(1), tap(2), tap(3)});
   }(std::make_index_sequence<N>{});
@@ -89,16 +88,16 @@ inline ParameterGroups resnet18_pair_groups(at::Device device = at::kCPU) {
     s.insert(s.end(), {{40, 512}, {40}});
     return make(s);
   };
-  ParameterGroups g{resnet18(), resnet18(), {}, {}};
+  ParameterGroups g{{resnet18(), resnet18()}, {{}, {}}};
   for (std::int64_t c : {128, 256, 512}) {
     // MMTM(c, c): joint Linear(2c -> c), excitations Linear(c -> c)
     auto joint = make({{c, 2 * c}, {c}});
     auto e0 = make({{c, c}, {c}});
     auto e1 = make({{c, c}, {c}});
-    g.theta0_fusion.insert(g.theta0_fusion.end(), joint.begin(), joint.end());
-    g.theta0_fusion.insert(g.theta0_fusion.end(), e0.begin(), e0.end());
-    g.theta1_fusion.insert(g.theta1_fusion.end(), joint.begin(), joint.end());
-    g.theta1_fusion.insert(g.theta1_fusion.end(), e1.begin(), e1.end());
+    g.fusion[0].insert(g.fusion[0].end(), joint.begin(), joint.end());
+    g.fusion[0].insert(g.fusion[0].end(), e0.begin(), e0.end());
+    g.fusion[1].insert(g.fusion[1].end(), joint.begin(), joint.end());
+    g.fusion[1].insert(g.fusion[1].end(), e1.begin(), e1.end());
   }
   return g;
 }
@@ -106,7 +105,7 @@ inline ParameterGroups resnet18_pair_groups(at::Device device = at::kCPU) {
 /// Every distinct tensor of the four groups.
 inline std::vector<at::Tensor> distinct(const ParameterGroups& g) {
   std::vector<at::Tensor> out;
-  for (const auto* list : {&g.theta0, &g.theta1, &g.theta0_fusion, &g.theta1_fusion}) {
+  for (const auto* list : {&g.branch[0], &g.branch[1], &g.fusion[0], &g.fusion[1]}) {
     for (const auto& p : *list) {
       bool seen = false;
       for (const auto& q : out) seen = seen || q.is_same(p);
@@ -121,7 +120,7 @@ inline std::vector<at::Tensor> distinct(const ParameterGroups& g) {
 inline std::array<double, 4> naive_speeds(const ParameterGroups& g) {
   std::array<double, 4> mu{};
   int i = 0;
-  for (const auto* list : {&g.theta0, &g.theta1, &g.theta0_fusion, &g.theta1_fusion}) {
+  for (const auto* list : {&g.branch[0], &g.branch[1], &g.fusion[0], &g.fusion[1]}) {
     double gs = 0, ps = 0;
     for (const auto& p : *list) {
       gs += p.grad().pow(2).sum().item<double>();

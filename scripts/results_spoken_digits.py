@@ -89,8 +89,9 @@ def section(by, audio, command, rel, notes):
                      + " | " + ", ".join(str(r["summary"]["best_epoch"] + 1) for r in runs) + " |")
     lines += ["", "### Conditional utilization rates on the test set (best validation epoch)", "",
               "u_k = (A(f_k) − A(f_k')) / A(f_k): what the other modalities add to head k; "
-              "d_util = max − min; imbalance = max_k s_k − min_k s_k of the learning speeds.", "",
-              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | d_util | imbalance at best | "
+              "spread = max_k u_k − min_k u_k (for three branches there is no signed d_util); "
+              "imbalance = max_k s_k − min_k s_k of the learning speeds.", "",
+              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | spread | imbalance at best | "
               "steps up to the best epoch, per seed: regular / hold m0 / m1 / m2 |",
               "|---|---|---|---|---|---|---|"]
     for p, runs in by.items():
@@ -98,7 +99,7 @@ def section(by, audio, command, rel, notes):
         steps = " ; ".join("/".join(str(r["summary"]["steps_total"].get(k, 0)) for k in
                                     ("regular", "rebalance_m0", "rebalance_m1", "rebalance_m2")) for r in runs)
         lines.append(f"| {p} | " + " | ".join(fmt(mean_std([x["utilization"][k] for x in u]), 1, 3) for k in range(3))
-                     + f" | {fmt(mean_std([x['d_util'] for x in u]), 1, 3)} | "
+                     + f" | {fmt(mean_std([x.get('spread', x.get('d_util')) for x in u]), 1, 3)} | "
                      f"{fmt(mean_std([r['summary']['d_speed_at_best'] for r in runs]), 1, 3)} | {steps} |")
     lines += ["", "### A modality missing at test time (`forward_missing`, %, mean ± std)", "",
               "The absent branches do not run; every fusion module reads their training-set average "

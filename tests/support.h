@@ -55,16 +55,21 @@ inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_
   return ConvBranchOptions(in, 3).channels(std::move(channels)).strides(std::move(strides));
 }
 
-using TwoWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch>;
-using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+using TwoWay = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
+
+/// A two-branch fusion module's outputs as a pair.
+inline std::pair<at::Tensor, at::Tensor> as_pair(const std::vector<at::Tensor>& outputs) {
+  return {outputs.at(0), outputs.at(1)};
+}
+using ThreeWay = MultiModalNet<ConvBranch, ConvBranch, ConvBranch, MMTM>;
 
 /// The two-branch N-way twin of `small_net`: same shapes, same submodule names, so it
 /// loads a `small_net`'s saved state.
 inline TwoWay small_two_way() {
   return TwoWay(std::tuple{ConvBranch(branch_options(3, {4, 8}, {1, 2})),
                            ConvBranch(branch_options(1, {4, 8}, {1, 2}))},
-                {{{0, 0}, NWayMMTM(NWayMMTMOptions({4, 4}))},
-                 {{1, 1}, NWayMMTM(NWayMMTMOptions({8, 8}))}});
+                {{{0, 0}, MMTM(MMTMOptions({4, 4}))},
+                 {{1, 1}, MMTM(MMTMOptions({8, 8}))}});
 }
 
 /// Three branches with different stage counts, for 8x8 inputs: colour (3 stages), gray
@@ -74,8 +79,8 @@ inline ThreeWay small_three_way(std::uint64_t seed) {
   return ThreeWay(std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
                              ConvBranch(branch_options(1, {5, 8}, {2, 1})),
                              ConvBranch(branch_options(2, {3, 4}, {1, 2}))},
-                  {{{1, 0, 0}, NWayMMTM(NWayMMTMOptions({6, 5, 3}).ratio(2))},
-                   {{2, 1, 1}, NWayMMTM(NWayMMTMOptions({8, 8, 4}).ratio(2))}});
+                  {{{1, 0, 0}, MMTM(MMTMOptions({6, 5, 3}).ratio(2))},
+                   {{2, 1, 1}, MMTM(MMTMOptions({8, 8, 4}).ratio(2))}});
 }
 
 /// A fixed batch: colour image, gray image, labels.
@@ -88,7 +93,7 @@ inline MultiModalBatch small_batch(std::int64_t n, std::uint64_t seed, std::int6
 /// A fixed batch for an N-branch test network of up to three branches (colour image, gray
 /// image, a 2-channel third modality, then labels). For two branches it is
 /// `small_batch(n, seed)`: the same draws in the same order.
-inline NWayBatch n_way_batch(std::size_t branches, std::int64_t n, std::uint64_t seed) {
+inline Batch n_way_batch(std::size_t branches, std::int64_t n, std::uint64_t seed) {
   TORCH_CHECK(branches >= 2 && branches <= 3, "n_way_batch: 2 or 3 branches");
   auto gen = at::detail::createCPUGenerator(seed);
   const std::int64_t channels[] = {3, 1, 2};
@@ -274,18 +279,13 @@ torch::optim::SGD make_sgd(NetT& net) {
   return torch::optim::SGD(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 }
 
-/// One forward pass as N-branch logits: a two-branch network's (y, y0, y1) as (y, heads).
-inline NWayOutput forward_heads(Net& net, const std::vector<at::Tensor>& x) {
-  const ModelOutput out = net->forward(x[0], x[1]);
-  return {out.y, {out.y0, out.y1}};
+/// One forward pass's logits.
+template <class NetT>
+NetOutput forward_heads(NetT& net, const std::vector<at::Tensor>& x) {
+  return net->forward(x);
 }
-inline NWayOutput forward_heads(ThreeWay& net, const std::vector<at::Tensor>& x) { return net->forward(x); }
 
-/// θ_k of every branch: a two-branch network's θ0, θ1, an N-way network's groups.
-inline std::vector<std::vector<at::Tensor>> branches_of(const Net& net) {
-  const auto g = net->parameter_groups();
-  return {g.theta0, g.theta1};
-}
+/// θ_k of every branch.
 template <class NetT>
 std::vector<std::vector<at::Tensor>> branches_of(const NetT& net) {
   return net->parameter_groups().branch;

@@ -134,7 +134,7 @@ void check_agm_step_through_balancer(NetT net, NetT twin, const std::vector<at::
   // A plain balancer commits the twin's gates as the AGM one commits the network's.
   Balancer<VanillaPolicy> plain(twin, VanillaPolicy(), BalancerOptions().warmup_epochs(0));
   plain.next_plan();
-  const NWayOutput twin_out = forward_heads(twin, x);
+  const NetOutput twin_out = forward_heads(twin, x);
   std::vector<at::Tensor> v = masked_outputs(twin, x);
   v.back() = twin_out.y.detach().to(at::kDouble);
   const std::vector<at::Tensor> phi = naive_shapley(v, n);
@@ -159,7 +159,7 @@ void check_agm_step_through_balancer(NetT net, NetT twin, const std::vector<at::
 
   Balancer<AGMPolicy> balancer(net, AGMPolicy(n, AGMOptions().alpha(alpha)), BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
-  const NWayOutput out = forward_heads(net, x);
+  const NetOutput out = forward_heads(net, x);
   const at::Tensor loss = balancer.loss(out, target, x);
   CHECK(loss.item<double>() == Approx(at::cross_entropy_loss(out.y, target).item<double>()).epsilon(1e-12));
   net->zero_grad();
@@ -331,7 +331,7 @@ TEST_CASE("AGM through the Balancer: the loss is CE(y), masked passes give the r
   const MultiModalBatch b = small_batch(8, 31);
   check_agm_step_through_balancer(small_net(4), small_net(99), {b.x0, b.x1}, b.target, 0.5);
   check_agm_step_through_balancer(leaning_late_net(4), small_late_net(99), {b.x0, b.x1}, b.target, 0.5);
-  const NWayBatch c = n_way_batch(3, 8, 32);
+  const Batch c = n_way_batch(3, 8, 32);
   check_agm_step_through_balancer(small_three_way(4), small_three_way(99), c.inputs, c.target, 0.5);
 }
 
@@ -410,7 +410,7 @@ TEST_CASE("AGM with checks on: a non-finite gradient is refused by name before t
     loss.backward();
     if (poison) {
       torch::NoGradGuard no_grad;
-      net->parameter_groups().theta1.front().mutable_grad().view(-1)[0] = NAN;
+      net->parameter_groups().branch[1].front().mutable_grad().view(-1)[0] = NAN;
     }
     balancer.observe(loss);
   };

@@ -150,7 +150,7 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
     auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
     opt.zero_grad();
     loss.backward();
-    net->taps[1].module->excite1->weight.grad()[0][0] = NAN;
+    net->taps[1].module->excite[1]->weight.grad()[0][0] = NAN;
     CHECK_THROWS_WITH(balancer.observe(loss),
                       Catch::Contains("non-finite gradient in group theta1'"));
     CHECK(saved_bytes(balancer) == before);
@@ -548,7 +548,7 @@ struct HoldsBranchSevenFirst {
 
 // M per group after each regular step, summed here in double from every parameter of the
 // groups `net->parameter_groups()` lists: ||G||^2 / ||theta||^2, one group at a time.
-std::vector<double> naive_mu(const NWayParameterGroups& groups) {
+std::vector<double> naive_mu(const ParameterGroups& groups) {
   std::vector<double> mu;
   for (const auto* lists : {&groups.branch, &groups.fusion}) {
     for (const auto& group : *lists) {

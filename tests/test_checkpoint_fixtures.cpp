@@ -57,7 +57,7 @@ StepPlan two_branch_step(Net& net, torch::optim::Optimizer& opt, BalancerT& bal,
 
 template <class BalancerT>
 StepPlan three_branch_step(ThreeWay& net, torch::optim::Optimizer& opt, BalancerT& bal, int i) {
-  const NWayBatch b = n_way_batch(3, 8, static_cast<std::uint64_t>(i));
+  const Batch b = n_way_batch(3, 8, static_cast<std::uint64_t>(i));
   const StepPlan plan = bal.next_plan();
   const at::Tensor loss = bal.loss(net->forward(b.inputs, plan), b.target, b.inputs);
   opt.zero_grad();

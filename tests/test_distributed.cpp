@@ -140,7 +140,7 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
     if constexpr (ObservesEpochLosses<Policy>) {
       // A training sample (seeds 900, 901) and held-out data (950, 951), each rank its rows.
       const auto shard = [&](std::uint64_t seed) {
-        std::vector<std::conditional_t<two_branches, MultiModalBatch, NWayBatch>> batches;
+        std::vector<std::conditional_t<two_branches, MultiModalBatch, Batch>> batches;
         for (std::uint64_t s = seed; s < seed + 2; ++s) {
           if constexpr (two_branches) {
             const auto b = small_batch(kGlobalBatch, s);

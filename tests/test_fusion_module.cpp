@@ -27,14 +27,14 @@ UserNet user_net(std::uint64_t seed) {
 // The cut heads computed the naive way: stage by stage, every fusion module told to cut.
 std::pair<at::Tensor, at::Tensor> naive_cut(UserNet& net, const at::Tensor& x0, const at::Tensor& x1) {
   FusionContext cut;
-  cut.side0 = cut.side1 = SideMode::averaged_squeeze;
+  cut.sides = {SideMode::averaged_squeeze, SideMode::averaged_squeeze};
   at::Tensor h0 = x0, h1 = x1;
   std::size_t tap = 0;
   for (std::size_t i = 0; i < net->branch0->num_stages(); ++i) {
     h0 = net->branch0->forward_stage(i, h0);
     h1 = net->branch1->forward_stage(i, h1);
-    if (tap < net->taps.size() && net->taps[tap].stage == i) {
-      std::tie(h0, h1) = net->taps[tap].module->forward(h0, h1, cut);
+    if (tap < net->taps.size() && net->taps[tap].stages[0] == i) {
+      std::tie(h0, h1) = mmbalance::testing::as_pair(net->taps[tap].module->forward({h0, h1}, cut));
       ++tap;
     }
   }

@@ -340,7 +340,7 @@ TEST_CASE("head_losses: every head's and y's mean CE over the batches, as comput
   // N branches: the two-branch twin gives the same losses.
   TwoWay twin = small_two_way();
   copy_state(net, twin);
-  std::vector<NWayBatch> n_way;
+  std::vector<Batch> n_way;
   for (const auto& b : data) n_way.push_back({{b.x0, b.x1}, b.target});
   const HeadLosses twin_got = head_losses(twin, n_way);
   CHECK(twin_got.heads[0] == Approx(got.heads[0]).epsilon(1e-6));
@@ -362,8 +362,8 @@ TEST_CASE("Gradient-Blending on three branches through the Balancer: four weight
   policy.observe_epoch_losses(measured({0.6, 0.8, 0.4}, 0.6, {1.0, 1.1, 0.9}, 1.0));
   const double total = 5 + 10 + 10.0 / 3 + 5;
   Balancer<GradientBlendingPolicy> balancer(net, policy, BalancerOptions().warmup_epochs(0));
-  const NWayBatch b = n_way_batch(3, 8, 5);
-  const NWayOutput out = net->forward(b.inputs, balancer.next_plan());
+  const Batch b = n_way_batch(3, 8, 5);
+  const NetOutput out = net->forward(b.inputs, balancer.next_plan());
   const at::Tensor loss = balancer.loss(out, b.target);
   const at::Tensor mean_of_heads = (out.heads[0] + out.heads[1] + out.heads[2]) / 3;
   const double expected = (5 * at::cross_entropy_loss(out.heads[0], b.target).item<double>() +
@@ -376,11 +376,11 @@ TEST_CASE("Gradient-Blending on three branches through the Balancer: four weight
   // Online, measured on N-branch batches: four weights that move.
   auto opt = make_sgd(net);
   Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(3, GradientBlendingOptions().super_epoch(1)));
-  const std::vector<NWayBatch> train = {n_way_batch(3, 8, 100), n_way_batch(3, 8, 101)};
-  const std::vector<NWayBatch> held_out = {n_way_batch(3, 8, 200)};
+  const std::vector<Batch> train = {n_way_batch(3, 8, 100), n_way_batch(3, 8, 101)};
+  const std::vector<Batch> held_out = {n_way_batch(3, 8, 200)};
   for (int e = 0; e < 3; ++e) {
     for (std::uint64_t i = 0; i < 3; ++i) {
-      const NWayBatch s = n_way_batch(3, 8, 10 + i);
+      const Batch s = n_way_batch(3, 8, 10 + i);
       const StepPlan plan = online.next_plan();
       const at::Tensor l = online.loss(net->forward(s.inputs, plan), s.target);
       opt.zero_grad();

@@ -19,6 +19,9 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
 
   UtilizationReport r;
   r.accuracy = 0.75;
+  r.head_accuracy = {0.5, 0.0};
+  r.cut_accuracy = {0.25, 0.0};
+  r.utilization = {0.5, NAN};
   r.accuracy0 = 0.5;
   r.accuracy0_cut = 0.25;
   r.accuracy1 = 0.0;
@@ -31,8 +34,10 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
   CHECK(j["u_m1_given_m0"].get<double>() == 0.5);
   CHECK(j["u_m0_given_m1"].is_null());  // A(f1) = 0: undefined
   CHECK(j["d_util"].is_null());
+  CHECK(j["spread"].is_null());
+  CHECK(j["utilization"] == nlohmann::json::array({0.5, nullptr}));
   CHECK(j["samples"].get<std::int64_t>() == 8);
-  CHECK(j.size() == 9);
+  CHECK(j.size() == 13);  // the six of any network, and the seven two-branch names
 
   const nlohmann::json counts = step_counts_json(StepCounts{5, 2, 1});
   CHECK(counts == nlohmann::json{{"regular", 5}, {"rebalance_m0", 2}, {"rebalance_m1", 1}});
@@ -50,17 +55,19 @@ TEST_CASE("N-branch speeds, utilization and plan counts convert to JSON", "[json
   CHECK(defined["imbalance"].get<double>() == 0.75);
   CHECK(defined["fastest"].get<std::int64_t>() == 0);
 
-  NWayUtilizationReport r;
+  UtilizationReport r;
   r.accuracy = 0.5;
   r.head_accuracy = {0.5, 0.25, 0.0};
   r.cut_accuracy = {0.25, 0.25, 0.0};
   r.utilization = {0.5, 0.0, NAN};
+  r.spread = 0.5;
   r.samples = 4;
   const nlohmann::json j = r;
   CHECK(j["head_accuracy"] == nlohmann::json::array({0.5, 0.25, 0.0}));
   CHECK(j["utilization"][0].get<double>() == 0.5);
   CHECK(j["utilization"][2].is_null());
-  CHECK(j["d_util"].is_null());
+  CHECK(j["spread"].get<double>() == 0.5);
+  CHECK_FALSE(j.contains("d_util"));  // the signed value is for two branches only
   CHECK(j["samples"].get<std::int64_t>() == 4);
 
   CHECK(plan_counts_json({7, 1, 2, 3}) ==

@@ -16,8 +16,8 @@ namespace {
 
 // The official code's way: per parameter, two squared norms read to the host, summed there.
 std::array<double, 4> naive_mu(const ParameterGroups& g) {
-  std::array<const std::vector<at::Tensor>*, 4> lists{&g.theta0, &g.theta1, &g.theta0_fusion,
-                                                      &g.theta1_fusion};
+  std::array<const std::vector<at::Tensor>*, 4> lists{&g.branch[0], &g.branch[1], &g.fusion[0],
+                                                      &g.fusion[1]};
   std::array<double, 4> mu{};
   for (int i = 0; i < 4; ++i) {
     double gs = 0, ps = 0;
@@ -73,13 +73,13 @@ TEST_CASE("LearningSpeedMeter counts a shared parameter in both fusion groups", 
   double grad0 = 0, grad1 = 0, param0 = 0, param1 = 0;
   for (const auto& tap : net->taps) {
     const auto& f = tap.module;
-    for (const auto& layer : {f->squeeze, f->excite0}) {
+    for (const auto& layer : {f->squeeze, f->excite[0]}) {
       for (const auto& p : {layer->weight, layer->bias}) {
         param0 += p.pow(2).sum().item<double>();
         grad0 += p.grad().pow(2).sum().item<double>();
       }
     }
-    for (const auto& layer : {f->squeeze, f->excite1}) {
+    for (const auto& layer : {f->squeeze, f->excite[1]}) {
       for (const auto& p : {layer->weight, layer->bias}) {
         param1 += p.pow(2).sum().item<double>();
         grad1 += p.grad().pow(2).sum().item<double>();
@@ -124,16 +124,16 @@ TEST_CASE("LearningSpeedMeter::restore refuses counts it cannot hold, changing n
 
 TEST_CASE("LearningSpeedMeter for three branches equals a naive computation of s_k",
           "[meter][n-way]") {
-  using ThreeWay = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+  using ThreeWay = MultiModalNet<ConvBranch, ConvBranch, ConvBranch, MMTM>;
   torch::manual_seed(40);
   auto opts = [](std::int64_t in, std::vector<std::int64_t> c) {
     return ConvBranchOptions(in, 3).channels(c).strides(std::vector<std::int64_t>(c.size(), 1));
   };
   ThreeWay net(std::tuple{ConvBranch(opts(3, {4, 6})), ConvBranch(opts(1, {5, 8})),
                           ConvBranch(opts(2, {3, 4}))},
-               {{{0, 0, 0}, NWayMMTM(NWayMMTMOptions({4, 5, 3}))},
-                {{1, 1, 1}, NWayMMTM(NWayMMTMOptions({6, 8, 4}))}});
-  const NWayParameterGroups groups = net->parameter_groups();
+               {{{0, 0, 0}, MMTM(MMTMOptions({4, 5, 3}))},
+                {{1, 1, 1}, MMTM(MMTMOptions({6, 8, 4}))}});
+  const ParameterGroups groups = net->parameter_groups();
   LearningSpeedMeter meter(groups);
   REQUIRE(meter.num_groups() == 6);
   CHECK(meter.group_name(4) == "theta1' (fusion path into branch 1)");
@@ -159,7 +159,7 @@ TEST_CASE("LearningSpeedMeter for three branches equals a naive computation of s
                                  at::randn({6, 2, 6, 6}, gen)};
     const at::Tensor target = at::randint(3, {6}, gen);
     net->zero_grad();
-    const NWayOutput out = net->forward(x);
+    const NetOutput out = net->forward(x);
     at::Tensor loss = at::cross_entropy_loss(out.heads[0], target);
     for (std::size_t k = 1; k < 3; ++k) loss = loss + at::cross_entropy_loss(out.heads[k], target);
     loss.backward();
@@ -189,7 +189,7 @@ TEST_CASE("LearningSpeedMeter for two branches of an N-branch net is the two-bra
   backward_once(net, 42);
   const ParameterGroups g = net->parameter_groups();
   LearningSpeedMeter pair(g);
-  LearningSpeedMeter n_way(NWayParameterGroups{{g.theta0, g.theta1}, {g.theta0_fusion, g.theta1_fusion}});
+  LearningSpeedMeter n_way(ParameterGroups{{g.branch[0], g.branch[1]}, {g.fusion[0], g.fusion[1]}});
   CHECK(torch::equal(pair.measure(), n_way.measure()));
   pair.accumulate(LearningSpeedMeter::speeds(pair.measure()));
   n_way.accumulate(LearningSpeedMeter::speeds(n_way.measure()));
@@ -220,16 +220,16 @@ TEST_CASE("NWaySpeedSummary from a table of accumulators", "[meter][n-way]") {
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {
   auto net = small_net(5);
   auto groups = net->parameter_groups();
-  groups.theta1_fusion.clear();  // one fusion path but not the other: no network has that
+  groups.fusion[1].clear();  // one fusion path but not the other: no network has that
   CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta1'") &&
                                                     Catch::Contains("is empty (a late-fusion"));
   groups = net->parameter_groups();
-  groups.theta0.clear();
+  groups.branch[0].clear();
   CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta0 (branch 0) is empty"));
   groups = net->parameter_groups();  // a late-fusion network with an empty branch
-  groups.theta0_fusion.clear();
-  groups.theta1_fusion.clear();
-  groups.theta1.clear();
+  groups.fusion[0].clear();
+  groups.fusion[1].clear();
+  groups.branch[1].clear();
   CHECK_THROWS_WITH(LearningSpeedMeter(groups), Catch::Contains("theta1 (branch 1) is empty"));
 }
 

@@ -17,7 +17,7 @@ namespace {
 // that is detached on purpose (the heads move, y is not pulled toward them).
 struct FusedDistillationPolicy : VanillaPolicy {
   double lambda = 0.5;
-  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor& /*target*/) const {
+  at::Tensor auxiliary_loss(const NetOutput& out, const at::Tensor& /*target*/) const {
     const at::Tensor log_teacher = at::log_softmax(out.y, 1).detach();
     at::Tensor kl = at::zeros({}, out.y.options());
     for (const at::Tensor& head : out.heads) {
@@ -29,7 +29,7 @@ struct FusedDistillationPolicy : VanillaPolicy {
 
 // The public collection's ReconBoost defect: a regulariser built from detached tensors.
 struct DetachedTermPolicy : VanillaPolicy {
-  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) const {
+  at::Tensor auxiliary_loss(const NetOutput& out, const at::Tensor&) const {
     return (out.heads[0].detach() - out.heads[1].detach()).pow(2).mean();
   }
 };
@@ -38,7 +38,7 @@ struct DetachedTermPolicy : VanillaPolicy {
 // all, or in double precision (taken in the loss's own).
 struct ShapedTermPolicy : VanillaPolicy {
   int kind = 0;
-  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) const {
+  at::Tensor auxiliary_loss(const NetOutput& out, const at::Tensor&) const {
     if (kind == 0) return out.heads[0].mean(1);                      // one per row
     if (kind == 1) return at::ones({}, out.y.options().dtype(at::kLong));
     if (kind == 2) return at::ones({}, at::TensorOptions().device(at::kMeta));
@@ -49,7 +49,7 @@ struct ShapedTermPolicy : VanillaPolicy {
 
 // Hooks the balancer would not see without `const`: it refuses to compile with them.
 struct NonConstTermPolicy : VanillaPolicy {
-  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) { return out.y.mean(); }
+  at::Tensor auxiliary_loss(const NetOutput& out, const at::Tensor&) { return out.y.mean(); }
 };
 struct TwoBranchTermPolicy : VanillaPolicy {  // the two-branch output: not the hook's
   at::Tensor auxiliary_loss(const ModelOutput& out, const at::Tensor&) const { return out.y.mean(); }
@@ -73,7 +73,7 @@ static_assert(!mmbalance::detail::HasMember_loss_weights<VanillaPolicy> && !mmba
 // Weights and a term together: 0.25·CE(y0) + 0.5·CE(y1) + 1·CE(y) + 0.1·mean(y0).
 struct WeightsAndTermPolicy : VanillaPolicy {
   LossWeights loss_weights() const { return {{0.25, 0.5}, 1.0}; }
-  at::Tensor auxiliary_loss(const NWayOutput& out, const at::Tensor&) const { return out.heads[0].mean() * 0.1; }
+  at::Tensor auxiliary_loss(const NetOutput& out, const at::Tensor&) const { return out.heads[0].mean() * 0.1; }
 };
 
 double ce(const at::Tensor& logits, const at::Tensor& target) {
@@ -144,9 +144,9 @@ TEST_CASE("An auxiliary term is scaled with the loss and adds to a policy's loss
 
 TEST_CASE("An auxiliary term on three branches covers every head", "[balancer][loss][nway]") {
   ThreeWay net = small_three_way(73);
-  const NWayBatch b = n_way_batch(3, 8, 5);
+  const Batch b = n_way_batch(3, 8, 5);
   Balancer<FusedDistillationPolicy> balancer(net, FusedDistillationPolicy{}, BalancerOptions().warmup_epochs(0));
-  const NWayOutput out = net->forward(b.inputs, balancer.next_plan());
+  const NetOutput out = net->forward(b.inputs, balancer.next_plan());
   double expected = 0, kl = 0;
   for (const at::Tensor& h : out.heads) {
     expected += ce(h, b.target);

@@ -85,11 +85,11 @@ void run_hook(MMParetoPolicy& policy, const HookInput& in) {
 // What MMPareto should make of one step of `net` on `b`, from a twin with the same state:
 // per branch, the original's rule applied to m = ∂CE(y)/∂θ_k and u = (∂(CE(y) + Σ CE_k)/∂θ_k) − m.
 template <class NetT>
-std::vector<std::pair<Grads, double>> expected_step(const NetT& net, NetT twin, const NWayBatch& b, double gamma) {
+std::vector<std::pair<Grads, double>> expected_step(const NetT& net, NetT twin, const Batch& b, double gamma) {
   copy_state(net, twin);
   const auto grads_of = [&](bool whole) {
     twin->zero_grad();
-    const NWayOutput out = forward_heads(twin, b.inputs);
+    const NetOutput out = forward_heads(twin, b.inputs);
     at::Tensor loss = at::cross_entropy_loss(out.y, b.target);
     if (whole) loss = loss + modality_specific_loss(out, b.target);
     loss.backward();
@@ -113,13 +113,13 @@ std::vector<std::pair<Grads, double>> expected_step(const NetT& net, NetT twin, 
 }
 
 template <class NetT>
-void check_step_through_balancer(NetT net, NetT twin, const NWayBatch& b, double gamma) {
+void check_step_through_balancer(NetT net, NetT twin, const Batch& b, double gamma) {
   const std::size_t n = branches_of(net).size();
   const auto expected = expected_step(net, twin, b, gamma);
   Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(n, MMParetoOptions().gamma(gamma)),
                                     BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
-  const NWayOutput out = forward_heads(net, b.inputs);
+  const NetOutput out = forward_heads(net, b.inputs);
   const at::Tensor loss = balancer.loss(out, b.target);
   // The loss: the multimodal CE plus every uni-modal CE, each with weight 1.
   double by_hand = at::cross_entropy_loss(out.y, b.target).item<double>();
@@ -258,7 +258,7 @@ TEST_CASE("MMPareto through the Balancer: the loss is CE(y) + Σ CE_k and each b
           "is the original's combination, on MMTM, late-fusion and three-branch networks",
           "[mmpareto][n-way]") {
   const MultiModalBatch b = small_batch(8, 21);
-  const NWayBatch two{{b.x0, b.x1}, b.target};
+  const Batch two{{b.x0, b.x1}, b.target};
   check_step_through_balancer(small_net(4), small_net(99), two, 1.5);
   check_step_through_balancer(small_late_net(4), small_late_net(99), two, 1.5);
   check_step_through_balancer(small_three_way(4), small_three_way(99), n_way_batch(3, 8, 22), 0.7);
@@ -269,7 +269,7 @@ TEST_CASE("MMPareto through the Balancer: the loss is CE(y) + Σ CE_k and each b
   // (g_m pulls towards class 1, g_u barely): opposite directions on the shared features.
   Net late = leaning_late_net(8);
   const MultiModalBatch c = small_batch(8, 23);
-  const NWayBatch conflicting{{c.x0[0].expand_as(c.x0).contiguous(), c.x1}, at::tensor({0, 1, 0, 1, 0, 1, 0, 1}, at::kLong)};
+  const Batch conflicting{{c.x0[0].expand_as(c.x0).contiguous(), c.x1}, at::tensor({0, 1, 0, 1, 0, 1, 0, 1}, at::kLong)};
   const double c0 = expected_step(late, small_late_net(99), conflicting, 1.5)[0].second;
   CHECK(c0 != 0.5);  // the min-norm weights, not the equal ones
   check_step_through_balancer(late, small_late_net(99), conflicting, 1.5);
@@ -284,7 +284,7 @@ TEST_CASE("MMPareto in late fusion: the uni-modal gradient on a branch is its ow
   net->to(at::kDouble);
   const MultiModalBatch b = small_batch(8, 5);
   const ModelOutput out = net->forward(b.x0.to(at::kDouble), b.x1.to(at::kDouble));
-  const auto theta0 = net->parameter_groups().theta0;
+  const auto theta0 = net->parameter_groups().branch[0];
   const auto grads = [&](const at::Tensor& loss) {
     return torch::autograd::grad({loss}, theta0, {}, /*retain_graph=*/true);
   };
@@ -384,7 +384,7 @@ TEST_CASE("MMPareto refuses bad options, networks and losses by name", "[mmparet
   const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1), b.target);
   net->zero_grad();
   loss.backward();
-  net->parameter_groups().theta1.front().grad().view({-1})[0] = NAN;
+  net->parameter_groups().branch[1].front().grad().view({-1})[0] = NAN;
   CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("non-finite gradient in group theta1"));
   CHECK_FALSE(balancer.policy().last_fused_weights().defined());
   CHECK(balancer.step() == 0);
@@ -449,7 +449,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
     loss.backward();
     balancer.observe(loss);
     std::vector<at::Tensor> g;
-    for (const auto& p : net->parameter_groups().theta0) g.push_back(p.grad().clone());
+    for (const auto& p : net->branch0->parameters()) g.push_back(p.grad().clone());
     return std::pair(g, balancer.policy().last_fused_weights()[0].item<double>());
   };
   // Scaling m and u alike keeps c and scales the result: exactly scale times.
@@ -481,18 +481,18 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   Net accumulating = leaning_late_net(4), twin = small_late_net(99);
   copy_state(accumulating, twin);
   const auto half = [&](int h) {
-    return NWayBatch{{b.x0.narrow(0, 4 * h, 4), b.x1.narrow(0, 4 * h, 4)}, b.target.narrow(0, 4 * h, 4)};
+    return Batch{{b.x0.narrow(0, 4 * h, 4), b.x1.narrow(0, 4 * h, 4)}, b.target.narrow(0, 4 * h, 4)};
   };
   const auto grads_of = [&](bool whole) {
     twin->zero_grad();
     for (int h = 0; h < 2; ++h) {
-      const NWayOutput out = forward_heads(twin, half(h).inputs);
+      const NetOutput out = forward_heads(twin, half(h).inputs);
       at::Tensor loss = at::cross_entropy_loss(out.y, half(h).target);
       if (whole) loss = loss + modality_specific_loss(out, half(h).target);
       loss.backward();
     }
     Grads g;
-    for (const auto& p : twin->parameter_groups().theta0) g.push_back(as_doubles(p.grad()));
+    for (const auto& p : twin->branch0->parameters()) g.push_back(as_doubles(p.grad()));
     return g;
   };
   const Grads m = grads_of(false), whole = grads_of(true);
@@ -510,7 +510,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   }
   accumulator.observe(last);
   CHECK(accumulator.policy().last_fused_weights()[0].item<double>() == Approx(expected_c).epsilon(1e-4));
-  const auto theta0 = accumulating->parameter_groups().theta0;
+  const auto theta0 = accumulating->parameter_groups().branch[0];
   for (std::size_t p = 0; p < theta0.size(); ++p) {
     const std::vector<double> got = as_doubles(theta0[p].grad());
     double scale = 1e-12;

@@ -62,7 +62,7 @@ ModelOutput step(Net& net, BalancerT& balancer, const MultiModalBatch& b) {
 // Whether p is a parameter of branch `k` of the two-branch test net.
 bool in_branch(const Net& net, const at::Tensor& p, int k) {
   const auto groups = net->parameter_groups();
-  for (const auto& q : k == 0 ? groups.theta0 : groups.theta1) {
+  for (const auto& q : k == 0 ? groups.branch[0] : groups.branch[1]) {
     if (q.is_same(p)) return true;
   }
   return false;
@@ -211,10 +211,10 @@ TEST_CASE("OGM-GE on three branches scales each branch by its own coefficient", 
   copy_state(net, twin);
   Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(2.0).noise(false)),
                                  BalancerOptions().warmup_epochs(0));
-  const NWayBatch b = n_way_batch(3, 8, 21);
+  const Batch b = n_way_batch(3, 8, 21);
   modality_specific_loss(twin->forward(b.inputs), b.target).backward();
   const StepPlan plan = balancer.next_plan();
-  const NWayOutput out = net->forward(b.inputs, plan);
+  const NetOutput out = net->forward(b.inputs, plan);
   const at::Tensor loss = balancer.loss(out, b.target);
   CHECK(loss.item<double>() == Approx(modality_specific_loss(out, b.target).item<double>()));
   loss.backward();
@@ -296,7 +296,7 @@ TEST_CASE("OGM-GE: a non-finite gradient is refused by name before any gradient 
   const StepPlan plan = balancer.next_plan();
   const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
   loss.backward();
-  for (const auto& p : net->parameter_groups().theta0) {
+  for (const auto& p : net->branch0->parameters()) {
     if (p.dim() == 4) {  // the first conv kernel of branch 0
       p.grad()[0][0][0][0] = NAN;
       break;
@@ -321,7 +321,7 @@ TEST_CASE("OGM-GE with an all-zero branch gradient: refused by name with checks 
     const StepPlan plan = balancer.next_plan();
     const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1, to_step_kind(plan)), b.target);
     loss.backward();
-    for (const auto& p : net->parameter_groups().theta0) {
+    for (const auto& p : net->branch0->parameters()) {
       if (p.grad().defined()) p.grad().zero_();
     }
     return loss;
@@ -345,7 +345,7 @@ TEST_CASE("OGM-GE with an all-zero branch gradient: refused by name with checks 
                                    BalancerOptions().warmup_epochs(0).check_every_step(false));
     balancer.observe(zeroed_step(net, balancer));
     CHECK(at::isfinite(balancer.policy().last_coefficients()).all().item<bool>());
-    for (const auto& p : net->parameter_groups().theta0) {
+    for (const auto& p : net->branch0->parameters()) {
       const at::Tensor g = p.grad();
       REQUIRE(at::isfinite(g).all().item<bool>());
       // std(0) = 0: the noise is N(0, 1e-8) on the conv kernels (|draw| < 10 sigma), the

@@ -169,9 +169,8 @@ struct CommonFlags {
   }
 };
 
-/// Trains `net` with the policy `cfg.policy` names (the two-branch policies for a
-/// `MultiModalNet`, their N-branch forms for an `NWayMultiModalNet`); returns the summary
-/// (empty on ranks other than 0).
+/// Trains `net` with the policy `cfg.policy` names; returns the summary (empty on ranks
+/// other than 0).
 template <class Net>
 nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
                                  const nlohmann::json& args,
@@ -184,27 +183,26 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
   }
   if (cfg.policy == "gblend") {  // any number of branches; trains on the rows not held out
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
-    return train_and_evaluate(net, GradientBlendingPolicy(num_heads(net), gblend),
+    return train_and_evaluate(net, GradientBlendingPolicy(net->num_branches(), gblend),
                               hold_out(data, cfg.gblend_held_out, "--gblend-held-out"), cfg, args, pg);
   }
   if (cfg.policy == "mmpareto") {  // any number of branches; late fusion too
     const auto mmpareto = MMParetoOptions().gamma(cfg.mmpareto_gamma);
-    return train_and_evaluate(net, MMParetoPolicy(num_heads(net), mmpareto), data, cfg, args, pg);
+    return train_and_evaluate(net, MMParetoPolicy(net->num_branches(), mmpareto), data, cfg, args, pg);
   }
   if (cfg.policy == "agm") {  // any number of branches (2^N - 2 masked passes a step); late fusion too
     const auto agm = AGMOptions().alpha(cfg.agm_alpha).max_gap(cfg.agm_max_gap);
-    return train_and_evaluate(net, AGMPolicy(num_heads(net), agm), data, cfg, args, pg);
+    return train_and_evaluate(net, AGMPolicy(net->num_branches(), agm), data, cfg, args, pg);
   }
   const auto random = RandomOptions().seed(cfg.seed);
   const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);
-  if constexpr (NWayNet<Net>) {
-    const std::size_t n = net->num_branches();
+  const std::size_t n = net->num_branches();
+  if (n > 2) {
     if (cfg.policy == "random") return train_and_evaluate(net, NWayRandomPolicy(n, random), data, cfg, args, pg);
     return train_and_evaluate(net, NWayGuidedPolicy(n, guided), data, cfg, args, pg);
-  } else {
-    if (cfg.policy == "random") return train_and_evaluate(net, RandomPolicy(random), data, cfg, args, pg);
-    return train_and_evaluate(net, GuidedPolicy(guided), data, cfg, args, pg);
   }
+  if (cfg.policy == "random") return train_and_evaluate(net, RandomPolicy(random), data, cfg, args, pg);
+  return train_and_evaluate(net, GuidedPolicy(guided), data, cfg, args, pg);
 }
 
 /// One line of results and where the summary is (rank 0).
@@ -216,14 +214,15 @@ inline void print_summary(const nlohmann::json& summary, const std::filesystem::
   for (std::size_t k = 0; test.contains(numbered("y", k)); ++k) {
     line += numbered(" y", k) + " " + percent(test[numbered("y", k)].get<double>());
   }
-  if (u.contains("utilization")) {  // N branches: u_k
+  if (u.contains("d_util")) {  // two branches: the paper's names, d_util signed
+    line += ", u(m1|m0) " + u["u_m1_given_m0"].dump() + ", u(m0|m1) " + u["u_m0_given_m1"].dump() +
+            ", d_util " + u["d_util"].dump();
+  } else {
     for (std::size_t k = 0; k < u["utilization"].size(); ++k) {
       line += numbered(k == 0 ? ", u_" : " u_", k) + " " + u["utilization"][k].dump();
     }
-  } else {
-    line += ", u(m1|m0) " + u["u_m1_given_m0"].dump() + ", u(m0|m1) " + u["u_m0_given_m1"].dump();
+    line += ", spread " + u["spread"].dump();
   }
-  line += ", d_util " + u["d_util"].dump();
   if (summary.contains("missing_modality_test")) {
     for (const auto& [name, accuracy] : summary["missing_modality_test"].items()) {
       line += "\n  " + name + ": test y " + percent(accuracy.get<double>());

@@ -92,23 +92,6 @@ inline std::string describe(const Accuracy& a) {
   return s;
 }
 
-/// Whether `Net` is an N-branch network (inputs as a vector, steps as `StepPlan`s).
-template <class Net>
-concept NWayNet = requires(Net net, const std::vector<at::Tensor>& x) {
-  { net->forward(x, StepPlan::regular()) } -> std::same_as<NWayOutput>;
-};
-
-/// The heads and y of a training or evaluation pass of a two-branch or an N-branch net.
-template <class Net>
-NWayOutput forward_plan(Net& net, const std::vector<at::Tensor>& x, const StepPlan& plan) {
-  if constexpr (NWayNet<Net>) {
-    return net->forward(x, plan);
-  } else {
-    const ModelOutput out = net->forward(x.at(0), x.at(1), to_step_kind(plan));
-    return {out.y, {out.y0, out.y1}};
-  }
-}
-
 /// Rows [n * rank / world, n * (rank + 1) / world) of a split: one rank's share.
 inline Split shard(const Split& s, int rank, int world) {
   const std::int64_t begin = s.size() * rank / world, end = s.size() * (rank + 1) / world;
@@ -126,18 +109,8 @@ inline auto as_batches(Split s, std::int64_t batch_size, at::Device device = at:
            for (const at::Tensor& x : s.inputs(at::arange(i, i + len, at::kLong))) {
              inputs.push_back(model_input(x, device));
            }
-           return NWayBatch{std::move(inputs), s.y.narrow(0, i, len).to(device)};
+           return Batch{std::move(inputs), s.y.narrow(0, i, len).to(device)};
          });
-}
-
-/// The number of heads (branches) of a two-branch or an N-branch net.
-template <class Net>
-std::size_t num_heads(const Net& net) {
-  if constexpr (NWayNet<Net>) {
-    return net->num_branches();
-  } else {
-    return 2;
-  }
 }
 
 /// Accuracies over `s` (this rank's share of a split when `sum_across_ranks` adds the
@@ -149,10 +122,10 @@ Accuracy evaluate_with(Net& net, Forward&& forward, const Split& s, at::Device d
   at::NoGradGuard no_grad;
   // Correct predictions of y, then of each head, then the sample count; a rank whose
   // share is empty still adds its zeros.
-  const auto heads = static_cast<std::int64_t>(num_heads(net));
+  const auto heads = static_cast<std::int64_t>(net->num_branches());
   at::Tensor counts = at::zeros({heads + 2}, at::TensorOptions(at::kLong).device(device));
   for (const auto& b : as_batches(s, batch_size, device)) {
-    const NWayOutput out = forward(b.inputs);
+    const NetOutput out = forward(b.inputs);
     std::vector<at::Tensor> correct{out.y.argmax(1).eq(b.target).sum()};
     for (const at::Tensor& h : out.heads) {
       correct.push_back(h.defined() ? h.argmax(1).eq(b.target).sum() : at::zeros_like(correct[0]));
@@ -174,13 +147,13 @@ template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 Accuracy evaluate(Net& net, const Split& s, at::Device device, std::int64_t batch_size,
                   SumAcrossRanks sum_across_ranks = {}) {
   return evaluate_with(net, [&](const std::vector<at::Tensor>& x) {
-    return forward_plan(net, x, StepPlan::regular());
+    return net->forward(x, StepPlan::regular());
   }, s, device, batch_size, sum_across_ranks);
 }
 
 /// The accuracy of y over `s` when the modalities `absent` are missing
-/// (`forward_missing`, N-branch nets with recorded squeeze averages).
-template <NWayNet Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+/// (`forward_missing`, with recorded squeeze averages).
+template <class Net, std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
 double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const Split& s,
                         at::Device device, std::int64_t batch_size, SumAcrossRanks sum_across_ranks = {}) {
   return evaluate_with(net, [&](const std::vector<at::Tensor>& x) {
@@ -426,7 +399,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       for (at::Tensor& m : x) m = model_input(m, device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepPlan plan = balancer.next_plan();
-      const NWayOutput out = forward_plan(net, x, plan);
+      const NetOutput out = net->forward(x, plan);
       // The balancer forms the loss (a gradient-modulating policy takes the step's heads
       // from it, AGM the inputs for its masked passes). Each rank's mean loss weighted by
       // its share of the rows, so that the average over ranks is the mean over the global
@@ -501,14 +474,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const Split& held = *data.held_out;
       const Split train_sample = data.train.slice(0, std::min(held.size(), n));
       const auto model_batches = [&](const Split& s) {
-        auto batches = as_batches(shard(s, rank, world), cfg.eval_batch_size, device);
-        if constexpr (NWayNet<Net>) {
-          return batches;
-        } else {
-          return batches | std::views::transform([](const NWayBatch& b) {
-                   return MultiModalBatch{b.inputs.at(0), b.inputs.at(1), b.target};
-                 });
-        }
+        return as_batches(shard(s, rank, world), cfg.eval_batch_size, device);
       };
       with_rank_sum([&](auto sum) {
         balancer.end_epoch(net, model_batches(train_sample), model_batches(held), sum);
@@ -569,37 +535,27 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   auto train_batches = as_batches(shard(data.train, rank, world), cfg.eval_batch_size, device);
   auto test_batches = as_batches(shard(data.test, rank, world), cfg.eval_batch_size, device);
   nlohmann::json measured;
-  if constexpr (NWayNet<Net>) {
-    measured["utilization_test"] = with_rank_sum([&](auto sum) {
-      return probe_utilization(net, train_batches, test_batches, sum);
-    });
-    // The probe recorded the training-set squeeze averages that stand in for a missing
-    // modality: y's test accuracy without each modality, and with only each one.
-    nlohmann::json missing = nlohmann::json::object();
-    const std::size_t n_branches = balancer.branches();
-    for (std::size_t k = 0; k < n_branches; ++k) {
-      std::vector<std::size_t> others;
-      for (std::size_t j = 0; j < n_branches; ++j) {
-        if (j != k) others.push_back(j);
-      }
-      const auto accuracy = [&](const std::vector<std::size_t>& absent) {
-        return with_rank_sum([&](auto sum) {
-          return accuracy_without(net, absent, shard(data.test, rank, world), device, cfg.eval_batch_size, sum);
-        });
-      };
-      missing[numbered("without_m", k)] = accuracy({k});
-      if (n_branches > 2) missing[numbered("only_m", k)] = accuracy(others);
+  measured["utilization_test"] = with_rank_sum([&](auto sum) {
+    return probe_utilization(net, train_batches, test_batches, sum);
+  });
+  // The probe recorded the training-set squeeze averages that stand in for a missing
+  // modality: y's test accuracy without each modality, and with only each one.
+  nlohmann::json missing = nlohmann::json::object();
+  const std::size_t n_branches = balancer.branches();
+  for (std::size_t k = 0; k < n_branches; ++k) {
+    std::vector<std::size_t> others;
+    for (std::size_t j = 0; j < n_branches; ++j) {
+      if (j != k) others.push_back(j);
     }
-    measured["missing_modality_test"] = missing;
-  } else {
-    const auto two_way = [](const NWayBatch& b) {
-      return MultiModalBatch{b.inputs.at(0), b.inputs.at(1), b.target};
+    const auto accuracy = [&](const std::vector<std::size_t>& absent) {
+      return with_rank_sum([&](auto sum) {
+        return accuracy_without(net, absent, shard(data.test, rank, world), device, cfg.eval_batch_size, sum);
+      });
     };
-    measured["utilization_test"] = with_rank_sum([&](auto sum) {
-      return probe_utilization(net, train_batches | std::views::transform(two_way),
-                               test_batches | std::views::transform(two_way), sum);
-    });
+    missing[numbered("without_m", k)] = accuracy({k});
+    if (n_branches > 2) missing[numbered("only_m", k)] = accuracy(others);
   }
+  measured["missing_modality_test"] = missing;
   if (!writer) return {};
   nlohmann::json summary = {
       {"args", args},
@@ -616,7 +572,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   if constexpr (requires { balancer.policy().conflict_steps(); }) {
     summary["conflict_steps_total"] = conflict_steps_json(balancer.policy());
   }
-  if constexpr (NWayNet<Net>) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
+  if (balancer.branches() > 2) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
   write_json_atomically(summary_path, summary);  // its presence means the run finished
   return summary;
 }

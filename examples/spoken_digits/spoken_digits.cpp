@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-using SpokenDigitNet = NWayMultiModalNet<NWayMMTM, ConvBranch, ConvBranch, ConvBranch>;
+using SpokenDigitNet = MultiModalNet<ConvBranch, ConvBranch, ConvBranch, MMTM>;
 
 struct DataFlags {
   std::string data_dir = MMBALANCE_DEFAULT_DATA_DIR;
@@ -91,9 +91,9 @@ ConvBranch audio_branch(std::int64_t w) {
 SpokenDigitNet make_net(std::uint64_t seed, std::int64_t w) {
   at::manual_seed(seed);
   return SpokenDigitNet(std::tuple{image_branch(3, w), image_branch(1, w), audio_branch(w)},
-                        {{{1, 1, 1}, NWayMMTM(NWayMMTMOptions({2 * w, 2 * w, 2 * w}))},
-                         {{2, 2, 2}, NWayMMTM(NWayMMTMOptions({4 * w, 4 * w, 4 * w}))},
-                         {{3, 3, 3}, NWayMMTM(NWayMMTMOptions({4 * w, 4 * w, 4 * w}))}});
+                        {{{1, 1, 1}, MMTM(MMTMOptions({2 * w, 2 * w, 2 * w}))},
+                         {{2, 2, 2}, MMTM(MMTMOptions({4 * w, 4 * w, 4 * w}))},
+                         {{3, 3, 3}, MMTM(MMTMOptions({4 * w, 4 * w, 4 * w}))}});
 }
 
 /// The audio branch trained alone (the uni-modal reference of the audio modality): its

@@ -99,7 +99,7 @@ struct NonConstWeights : VanillaPolicy {
 static_assert(sizeof(Balancer<NonConstWeights>) > 0);
 
 // The two-branch output where the N-branch one is expected.
-// expect(TwoBranchTerm): auxiliary_loss would go unused: declare `at::Tensor auxiliary_loss(const NWayOutput&, const at::Tensor&) const`
+// expect(TwoBranchTerm): auxiliary_loss would go unused: declare `at::Tensor auxiliary_loss(const NetOutput&, const at::Tensor&) const`
 struct TwoBranchTerm : VanillaPolicy {
   at::Tensor auxiliary_loss(const ModelOutput& out, const at::Tensor&) const { return out.y.mean(); }
 };

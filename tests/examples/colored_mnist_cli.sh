@@ -74,8 +74,13 @@ assert {"s_m1_given_m0", "s_m0_given_m1", "d_speed"} <= set(epochs[0]), epochs[0
 assert set(epochs[0]["test"]) == {"y", "y0", "y1"}, epochs[0]["test"]
 assert set(s["steps_total"]) == {"regular", "rebalance_m0", "rebalance_m1"}, s["steps_total"]
 assert set(u) == {"accuracy", "accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut",
-                  "u_m1_given_m0", "u_m0_given_m1", "d_util", "samples"}, u
-assert "missing_modality_test" not in s and "speeds_at_best" not in s
+                  "u_m1_given_m0", "u_m0_given_m1", "d_util", "samples",
+                  "head_accuracy", "cut_accuracy", "utilization", "spread"}, u
+assert u["utilization"] == [u["u_m1_given_m0"], u["u_m0_given_m1"]], u
+# without m0, y is head 1 reading m0's training average: A(f1'), and the other way round
+assert s["missing_modality_test"] == {"without_m0": u["accuracy1_cut"],
+                                      "without_m1": u["accuracy0_cut"]}, s
+assert "speeds_at_best" not in s
 print("ok: logs, checkpoints and summary")
 PY
 

@@ -78,15 +78,6 @@ struct BalancerOptions {
 /// What the balancer has done so far, per step kind (two branches).
 using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 
-/// What a `Balancer` takes as a network: parameter groups the learning-speed meter
-/// measures (`ParameterGroups` or `NWayParameterGroups`) and the fusion modules' gate means.
-/// `MultiModalNet` and `NWayMultiModalNet` handles are.
-template <class Net>
-concept BalanceableModel = requires(Net net) {
-  LearningSpeedMeter(net->parameter_groups());
-  { net->gate_means() } -> std::same_as<std::vector<RunningMean>>;
-};
-
 /// Call `next_step()` before the forward pass, `observe(loss)` after `backward()` and
 /// before the optimizer step, `end_epoch()` after each epoch:
 /// ```
@@ -114,16 +105,16 @@ class Balancer {
   static_assert(detail::PolicyHooksCheck<Policy>::ok);
 
  public:
-  /// `net` is a `MultiModalNet` or `NWayMultiModalNet` handle (any `BalanceableModel`); the
+  /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the
   /// balancer keeps its parameter groups and the handles of its fusion modules' gate
   /// means. A two-branch policy (step kinds only) needs a network of two branches, an
   /// N-branch policy one of its own branch count.
-  template <BalanceableModel Net>
+  template <MultiModalModel Net>
   explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
       : options_(options),
         policy_(std::move(policy)),
         meter_(net->parameter_groups()),
-        branch_parameters_(branch_parameters_of(net->parameter_groups())),
+        branch_parameters_(net->parameter_groups().branch),
         gate_means_(net->gate_means()),
         epoch_counts_(branches() + 1, 0),
         total_counts_(branches() + 1, 0) {
@@ -203,7 +194,7 @@ class Balancer {
   /// calls are joined (rows in call order). If it throws, what it staged before stays.
   /// A policy that `NeedsMaskedOutputs` (AGM) needs the step's inputs: it has only the
   /// overloads that take them.
-  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, double scale = 1.0)
+  at::Tensor loss(const NetOutput& out, const at::Tensor& target, double scale = 1.0)
     requires(!NeedsMaskedOutputs<Policy>)
   {
     return form_loss(out, target, nullptr, scale);
@@ -213,20 +204,9 @@ class Balancer {
   /// from which a policy that `NeedsMaskedOutputs` (AGM) has the network's fused output
   /// computed with modalities masked (2^N − 2 forward passes in eval mode without
   /// gradient after warm-up, the absent inputs zeroed). Other policies ignore them.
-  at::Tensor loss(const NWayOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
+  at::Tensor loss(const NetOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
                   double scale = 1.0) {
     return form_loss(out, target, &inputs, scale);
-  }
-
-  /// The same for a two-branch network's output.
-  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, double scale = 1.0)
-    requires(!NeedsMaskedOutputs<Policy>)
-  {
-    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, scale);
-  }
-  at::Tensor loss(const ModelOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
-                  double scale = 1.0) {
-    return loss(NWayOutput{out.y, {out.y0, out.y1}}, target, inputs, scale);
   }
 
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
@@ -571,7 +551,7 @@ class Balancer {
   }
 
  private:
-  at::Tensor form_loss(const NWayOutput& out, const at::Tensor& target, const std::vector<at::Tensor>* inputs,
+  at::Tensor form_loss(const NetOutput& out, const at::Tensor& target, const std::vector<at::Tensor>* inputs,
                        double scale) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
@@ -636,11 +616,7 @@ class Balancer {
       for (std::size_t s = 1; s < all; ++s) {
         std::vector<at::Tensor> masked;
         for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
-        if constexpr (requires { net->forward(masked, StepPlan::regular()); }) {
-          v[s] = net->forward(masked, StepPlan::regular()).y;
-        } else {
-          v[s] = net->forward(masked[0], masked[1]).y;
-        }
+        v[s] = net->forward(masked, StepPlan::regular()).y;
       }
       return v;
     };
@@ -648,7 +624,7 @@ class Balancer {
 
   // The step's staged masked outputs with this call's rows appended: y with the modalities
   // of each bit mask present (0: not run; all: the step's own y).
-  std::vector<at::Tensor> accumulated_subset_outputs(const NWayOutput& out, const std::vector<at::Tensor>& inputs) const {
+  std::vector<at::Tensor> accumulated_subset_outputs(const NetOutput& out, const std::vector<at::Tensor>& inputs) const {
     std::vector<at::Tensor> v = masked_forward_(inputs);
     v.back() = out.y.detach();
     if (!staged_subset_outputs_.empty()) {
@@ -692,7 +668,7 @@ class Balancer {
   }
 
   // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read).
-  at::Tensor weighted_loss(const NWayOutput& out, const at::Tensor& target) const {
+  at::Tensor weighted_loss(const NetOutput& out, const at::Tensor& target) const {
     const LossWeights w = policy_.loss_weights();
     TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
@@ -716,7 +692,7 @@ class Balancer {
 
   // The loss plus the policy's own term (`AddsAuxiliaryLoss`), which must be a scalar on
   // the loss's device and, when the loss carries a gradient, carry one too.
-  at::Tensor with_auxiliary_loss(const at::Tensor& total, const NWayOutput& out, const at::Tensor& target) const {
+  at::Tensor with_auxiliary_loss(const at::Tensor& total, const NetOutput& out, const at::Tensor& target) const {
     const at::Tensor term = policy_.auxiliary_loss(out, target);
     if (!term.defined()) return total;
     TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type(),
@@ -747,7 +723,7 @@ class Balancer {
 
   // The step's staged fused gradients plus ∂(scale·CE(y, target))/∂θ_k (several loss()
   // calls in one step: accumulated micro-batches, as backward() adds their gradients up).
-  std::vector<std::vector<at::Tensor>> accumulated_fused_gradients(const NWayOutput& out, const at::Tensor& target,
+  std::vector<std::vector<at::Tensor>> accumulated_fused_gradients(const NetOutput& out, const at::Tensor& target,
                                                                    double scale) const {
     std::vector<std::vector<at::Tensor>> sum = fused_gradients(out, target, scale);
     if (staged_fused_gradients_.empty()) return sum;
@@ -761,7 +737,7 @@ class Balancer {
 
   // ∂(scale·CE(y, target))/∂θ_k for every branch parameter that requires a gradient
   // (undefined for the others; zeros for one the fused output does not reach), the graph kept.
-  std::vector<std::vector<at::Tensor>> fused_gradients(const NWayOutput& out, const at::Tensor& target,
+  std::vector<std::vector<at::Tensor>> fused_gradients(const NetOutput& out, const at::Tensor& target,
                                                        double scale) const {
     TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type(),
                 " needs the gradient of the fused output's loss, and the output does not "
@@ -791,13 +767,6 @@ class Balancer {
       }
     }
     return result;
-  }
-
-  static std::vector<std::vector<at::Tensor>> branch_parameters_of(const ParameterGroups& g) {
-    return {g.theta0, g.theta1};
-  }
-  static std::vector<std::vector<at::Tensor>> branch_parameters_of(const NWayParameterGroups& g) {
-    return g.branch;
   }
 
   // Feeds the meter, running `modulate` once the raw gradients are measured (and checked)

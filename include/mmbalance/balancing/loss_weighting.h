@@ -13,7 +13,7 @@
 #include <ATen/ATen.h>
 
 #include "mmbalance/metrics/head_losses.h"
-#include "mmbalance/model/n_way_multimodal_net.h"
+#include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
 
@@ -41,7 +41,7 @@ concept WeighsLosses = requires(const P& p) {
 /// step. A term that carries no gradient while the output does (computed from detached
 /// tensors) is refused by name: it would change the loss's value and nothing else.
 template <class P>
-concept AddsAuxiliaryLoss = requires(const P& p, const NWayOutput& out, const at::Tensor& target) {
+concept AddsAuxiliaryLoss = requires(const P& p, const NetOutput& out, const at::Tensor& target) {
   { p.auxiliary_loss(out, target) } -> std::convertible_to<at::Tensor>;
 };
 

@@ -13,7 +13,7 @@
 /// | earlier formats | `void load(torch::serialize::InputArchive&, std::int64_t version)` | `ReadsEarlierVersions` |
 /// | gradients | `void modulate_gradients(const StepGradients&)` | `ModulatesGradients` |
 /// | loss weights | `LossWeights loss_weights() const` | `WeighsLosses` |
-/// | loss term | `at::Tensor auxiliary_loss(const NWayOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
+/// | loss term | `at::Tensor auxiliary_loss(const NetOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
 /// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` |
 /// | branch count | `std::size_t branches() const` (checked against the network's) | — |
@@ -198,7 +198,7 @@ struct PolicyHooksCheck {
                 "loss_weights() const`");
   static_assert(!HasMember_auxiliary_loss<P> || AddsAuxiliaryLoss<P>,
                 "Balancer: the policy's auxiliary_loss would go unused: declare `at::Tensor "
-                "auxiliary_loss(const NWayOutput&, const at::Tensor&) const`");
+                "auxiliary_loss(const NetOutput&, const at::Tensor&) const`");
   static_assert(!(HasMember_wants_epoch_losses<P> || HasMember_observe_epoch_losses<P>) ||
                     ObservesEpochLosses<P>,
                 "Balancer: the policy's epoch-loss hooks would never be called: declare both "

@@ -1,7 +1,6 @@
 #pragma once
 /// \file
-/// `DataParallel`: data-parallel balanced training of a `MultiModalNet` (or an
-/// `NWayMultiModalNet`) over a c10d
+/// `DataParallel`: data-parallel balanced training of a `MultiModalNet` over a c10d
 /// process group, so that every rank measures the same d_speed and takes the same steps.
 
 #include <concepts>
@@ -20,6 +19,7 @@
 #include "mmbalance/detail/check.h"
 #include "mmbalance/distributed/collective.h"
 #include "mmbalance/fusion/running_mean.h"
+#include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
 
@@ -33,16 +33,6 @@ struct DataParallelOptions {
   /// Gradients are flattened into buckets of at most this many MiB; each bucket is one
   /// all-reduce, and all buckets are in flight together.
   TORCH_ARG(double, bucket_cap_mb) = 25.0;
-};
-
-/// What `DataParallel` takes as a network: its parameters and buffers, and its fusion
-/// modules' running means. `MultiModalNet` and `NWayMultiModalNet` handles are.
-template <class Net>
-concept DataParallelModel = requires(const Net& net) {
-  { net->parameters() } -> std::same_as<std::vector<at::Tensor>>;
-  { net->buffers() } -> std::same_as<std::vector<at::Tensor>>;
-  { net->gate_means() } -> std::same_as<std::vector<RunningMean>>;
-  { net->squeeze_means() } -> std::same_as<std::vector<RunningMean>>;
 };
 
 /// Call `synchronize(loss)` after `backward()` and hand what it returns to the balancer:
@@ -72,7 +62,7 @@ concept DataParallelModel = requires(const Net& net) {
 /// Every rank must call every collective method (`synchronize`, `synchronize_buffers`,
 /// `all_reduce_sum`, `barrier`) in the same order. A rank that dies or stops
 /// makes the others throw within the process group's timeout.
-template <DataParallelModel Net>
+template <MultiModalModel Net>
 class DataParallel {
  public:
   DataParallel(Net net, c10::intrusive_ptr<CollectiveBackend> process_group,

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -27,8 +28,8 @@
 
 namespace mmbalance {
 
-/// What checkpoints take as a network: a module handle (`MultiModalNet`,
-/// `NWayMultiModalNet`, or any `TORCH_MODULE` handle).
+/// What checkpoints take as a network: a module handle (`MultiModalNet`, or any
+/// `TORCH_MODULE` handle).
 template <class Net>
 concept CheckpointModel = requires(Net& net, const Net& saved, torch::serialize::OutputArchive& out,
                                    torch::serialize::InputArchive& in) {
@@ -87,6 +88,28 @@ inline void check_same_architecture(const std::string& saved, const std::string&
   TORCH_CHECK(false, "checkpoint ", source, " was made for another architecture: entry ", d.line,
               " is '", d.in_first, "' in the checkpoint but '", d.in_second, "' in this model (",
               d.lines_first, " vs ", d.lines_second, " parameters and buffers)");
+}
+
+/// A module description written before the two-branch network and MMTM became the N = 2
+/// case of the N-branch ones (and the N-branch ones lost their `NWay` names), in today's
+/// words: the same modules with the same options.
+inline std::string upgraded_module_description(const std::string& saved) {
+  static const std::regex two_branch_net(R"(mmbalance::MultiModalNet\(stages=\d+, taps=\[([^\]]*)\]\))");
+  static const std::regex two_branch_mmtm(R"(mmbalance::MMTM\(dim0=(\d+), dim1=(\d+), )");
+  static const std::regex n_way(R"(mmbalance::NWay(MultiModalNet|MMTM)\()");
+  std::string out = std::regex_replace(saved, n_way, "mmbalance::$1(");
+  out = std::regex_replace(out, two_branch_mmtm, "mmbalance::MMTM(dims=[$1, $2], ");
+  std::smatch m;
+  if (std::regex_search(out, m, two_branch_net)) {
+    std::string taps;  // each tap at the same stage of both branches
+    std::istringstream stages(m[1].str());
+    for (std::string stage; std::getline(stages, stage, ',');) {
+      stage.erase(0, stage.find_first_not_of(' '));
+      taps += (taps.empty() ? "(" : ", (") + stage + ", " + stage + ")";
+    }
+    out = m.prefix().str() + "mmbalance::MultiModalNet(branches=2, taps=[" + taps + "])" + m.suffix().str();
+  }
+  return out;
 }
 
 /// Throws naming the first line where two module descriptions differ.
@@ -452,7 +475,8 @@ void load_checkpoint(const std::string& path, Net& net, torch::optim::Optimizer&
   c10::IValue modules;
   TORCH_CHECK(archive.try_read("modules", modules) && modules.isString(), "checkpoint ", path,
               " has no module description");
-  detail::check_same_modules(modules.toStringRef(), module_description(*net), path);
+  detail::check_same_modules(detail::upgraded_module_description(modules.toStringRef()),
+                             module_description(*net), path);
   torch::serialize::OutputArchive snapshot;
   const std::string backup = detail::write_states(snapshot, net, optimizer, balancer);
   try {

@@ -11,7 +11,6 @@
 
 #include "mmbalance/balancing/balancer.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
-#include "mmbalance/metrics/n_way_utilization_probe.h"
 #include "mmbalance/metrics/utilization_probe.h"
 #include "mmbalance/model/step_plan.h"
 
@@ -43,18 +42,6 @@ inline void to_json(nlohmann::json& j, const SpeedSummary& s) {
        {"d_speed", number_or_null(s.d_speed)}};
 }
 
-inline void to_json(nlohmann::json& j, const UtilizationReport& r) {
-  j = {{"accuracy", number_or_null(r.accuracy)},
-       {"accuracy0", number_or_null(r.accuracy0)},
-       {"accuracy0_cut", number_or_null(r.accuracy0_cut)},
-       {"accuracy1", number_or_null(r.accuracy1)},
-       {"accuracy1_cut", number_or_null(r.accuracy1_cut)},
-       {"u_m1_given_m0", number_or_null(r.u_m1_given_m0)},
-       {"u_m0_given_m1", number_or_null(r.u_m0_given_m1)},
-       {"d_util", number_or_null(r.d_util)},
-       {"samples", r.samples}};
-}
-
 /// {"speeds": [s_0, ...], "imbalance": ..., "fastest": k}; undefined speeds are null.
 inline void to_json(nlohmann::json& j, const NWaySpeedSummary& s) {
   nlohmann::json speeds = nlohmann::json::array();
@@ -63,8 +50,10 @@ inline void to_json(nlohmann::json& j, const NWaySpeedSummary& s) {
 }
 
 /// {"accuracy", "head_accuracy": [...], "cut_accuracy": [...], "utilization": [u_0, ...],
-/// "d_util", "samples"}; undefined values are null.
-inline void to_json(nlohmann::json& j, const NWayUtilizationReport& r) {
+/// "spread", "samples"}, and for two branches also "accuracy0", "accuracy0_cut",
+/// "accuracy1", "accuracy1_cut", "u_m1_given_m0", "u_m0_given_m1" and the signed "d_util";
+/// undefined values are null.
+inline void to_json(nlohmann::json& j, const UtilizationReport& r) {
   const auto numbers = [](const std::vector<double>& v) {
     nlohmann::json a = nlohmann::json::array();
     for (const double x : v) a.push_back(number_or_null(x));
@@ -74,8 +63,17 @@ inline void to_json(nlohmann::json& j, const NWayUtilizationReport& r) {
        {"head_accuracy", numbers(r.head_accuracy)},
        {"cut_accuracy", numbers(r.cut_accuracy)},
        {"utilization", numbers(r.utilization)},
-       {"d_util", number_or_null(r.d_util)},
+       {"spread", number_or_null(r.spread)},
        {"samples", r.samples}};
+  if (r.head_accuracy.size() == 2) {
+    j["accuracy0"] = number_or_null(r.accuracy0);
+    j["accuracy0_cut"] = number_or_null(r.accuracy0_cut);
+    j["accuracy1"] = number_or_null(r.accuracy1);
+    j["accuracy1_cut"] = number_or_null(r.accuracy1_cut);
+    j["u_m1_given_m0"] = number_or_null(r.u_m1_given_m0);
+    j["u_m0_given_m1"] = number_or_null(r.u_m0_given_m1);
+    j["d_util"] = number_or_null(r.d_util);
+  }
 }
 
 }  // namespace mmbalance

@@ -18,7 +18,6 @@
 
 #include "mmbalance/detail/cpu_sums_of_squares.h"
 #include "mmbalance/model/multimodal_net.h"
-#include "mmbalance/model/n_way_multimodal_net.h"
 
 namespace mmbalance {
 
@@ -102,28 +101,22 @@ struct NWaySpeedSummary {
   }
 };
 
-/// Measures μ for the parameter groups of a network (the four of `ParameterGroups`, or the
-/// 2N of `NWayParameterGroups`) with one fused reduction over
-/// every distinct parameter and every gradient (`_foreach_norm` on a GPU; on the CPU one
-/// pass of our own, accumulated in double across blocks, since LibTorch's CPU
-/// `_foreach_norm` dispatches one reduction per tensor) and one masked sum per group. A
-/// parameter in several groups (MMTM's joint layer) is reduced once. Nothing is read to
+/// Measures μ for the 2N parameter groups of a network (`ParameterGroups`) with one fused
+/// reduction over every distinct parameter and every gradient (`_foreach_norm` on a GPU;
+/// on the CPU one pass of our own, accumulated in double across blocks, since LibTorch's
+/// CPU `_foreach_norm` dispatches one reduction per tensor) and one masked sum per group.
+/// A parameter in several groups (MMTM's joint layer) is reduced once. Nothing is read to
 /// the host unless asked for.
 ///
 /// Call `measure()` after `backward()` and before the optimizer step: ||θ|| is read at
 /// the point where the gradient was taken, as the official code does.
 class LearningSpeedMeter {
  public:
-  /// The four groups of a two-branch network, in `Group` order.
-  explicit LearningSpeedMeter(const ParameterGroups& groups)
-      : LearningSpeedMeter(NWayParameterGroups{{groups.theta0, groups.theta1},
-                                               {groups.theta0_fusion, groups.theta1_fusion}}) {}
-
   /// The 2N groups of an N-branch network: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for N = 2
   /// the `Group` order). Every tensor the meter returns has one entry per group. A
   /// late-fusion network has no fusion paths: all of θ_k' empty; such a group's μ is 0
   /// (nothing moves), so the speeds s_k are undefined (NaN) rather than the step.
-  explicit LearningSpeedMeter(const NWayParameterGroups& groups) {
+  explicit LearningSpeedMeter(const ParameterGroups& groups) {
     TORCH_CHECK(groups.branch.size() >= 2 && groups.fusion.size() == groups.branch.size(),
                 "LearningSpeedMeter: needs the groups of N >= 2 branches and as many fusion "
                 "paths, got ", groups.branch.size(), " and ", groups.fusion.size());

@@ -1,13 +1,16 @@
 #pragma once
 /// \file
-/// `MultiModalNet<Branch0, Branch1, Fusion>`: two uni-modal branches joined by fusion
-/// modules after chosen stages (intermediate fusion, docs/algorithm.md §1).
+/// `MultiModalNet<Branch0, Branch1, ..., Fusion>`: two or more uni-modal branches, of any
+/// types and stage counts, joined by fusion modules after chosen stages (intermediate
+/// fusion, docs/algorithm.md §1), and the concepts the library's other parts take as a
+/// network.
 
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -20,117 +23,234 @@
 #include "mmbalance/detail/check.h"
 #include "mmbalance/fusion/fusion_context.h"
 #include "mmbalance/fusion/fusion_module.h"
-#include "mmbalance/model/step_kind.h"
+#include "mmbalance/model/eval_mode.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 
-/// A fusion module placed after stage `stage` of both branches.
+/// A fusion module placed after stage `stages[k]` of each branch k.
 template <FusionModule Fusion>
 struct FusionTap {
-  std::size_t stage;
+  /// After stage `stage` of every branch (e.g. `{1, MMTM(64, 64)}`).
+  FusionTap(std::size_t stage, Fusion module) : stages{stage}, module(std::move(module)) {}
+  /// After stage `stages[k]` of branch k (e.g. `{{1, 1, 0}, MMTM(MMTMOptions({64, 64, 32}))}`).
+  FusionTap(std::vector<std::size_t> stages, Fusion module)
+      : stages(std::move(stages)), module(std::move(module)) {}
+
+  std::vector<std::size_t> stages;
   Fusion module;
 };
 
-/// Class logits of one forward pass: `y = (y0 + y1) / 2`.
-struct ModelOutput {
-  at::Tensor y, y0, y1;
+/// One forward pass: every branch's head logits, `y` their mean, and every branch's
+/// features (the tensor its head reads), in branch order.
+struct NetOutput {
+  at::Tensor y;
+  std::vector<at::Tensor> heads;
+  std::vector<at::Tensor> features;
 };
 
-/// Logits of the utilization probe's pass: the normal heads and the cut ones, where branch
-/// 0 sees only m0 (`y0_cut`, f0') and branch 1 sees only m1 (`y1_cut`, f1').
+/// What the two-branch `forward(x0, x1, kind)` returns: a `NetOutput` whose heads are also
+/// named, `y0` = heads[0] and `y1` = heads[1] (the same tensors); y = (y0 + y1) / 2.
+struct ModelOutput : NetOutput {
+  at::Tensor y0, y1;
+};
+
+/// Logits of the utilization probe's pass: the normal heads and the cut ones, where
+/// branch k sees only its own modality (f_k').
 struct ProbeOutput {
-  at::Tensor y0, y1, y0_cut, y1_cut;
+  std::vector<at::Tensor> heads, cut_heads;
 };
 
-/// The four parameter groups of docs/algorithm.md §3. The fusion groups share the parameters
-/// every path goes through (MMTM's joint layer).
+/// θ_k (every parameter of branch k) and θ_k' (the fusion parameters on the path into
+/// branch k), docs/algorithm.md §3.
 struct ParameterGroups {
-  std::vector<at::Tensor> theta0, theta1, theta0_fusion, theta1_fusion;
+  std::vector<std::vector<at::Tensor>> branch, fusion;
 };
 
-/// Two branches (satisfying `Branch`) and fusion modules (satisfying `FusionModule`) at
-/// strictly increasing stage indices. Both branches need the same number of stages.
-template <Branch Branch0, Branch Branch1, FusionModule Fusion>
+namespace detail {
+// Parts = Branch0, ..., BranchN-1, Fusion.
+template <class... Parts>
+struct NetParts {
+  static_assert(sizeof...(Parts) >= 3,
+                "MultiModalNet<Branch0, Branch1, ..., Fusion>: at least two branches, then the "
+                "fusion module type");
+  using All = std::tuple<Parts...>;
+  using Fusion = std::tuple_element_t<sizeof...(Parts) - 1, All>;
+  template <std::size_t... I>
+  static auto branches(std::index_sequence<I...>) -> std::tuple<std::tuple_element_t<I, All>...>;
+  using Branches = decltype(branches(std::make_index_sequence<sizeof...(Parts) - 1>{}));
+};
+template <class Tuple>
+constexpr bool all_branches() {
+  return []<std::size_t... I>(std::index_sequence<I...>) {
+    return (Branch<std::tuple_element_t<I, Tuple>> && ...);
+  }(std::make_index_sequence<std::tuple_size_v<Tuple>>{});
+}
+}  // namespace detail
+
+/// N >= 2 branches (each satisfying `Branch`, types may differ) and fusion modules
+/// (satisfying `FusionModule`). Tap t reads stage `taps[t].stages[k]` of branch k; per
+/// branch, the taps' stages are strictly increasing. Branches may have different numbers
+/// of stages. Two branches have a two-branch form of each entry point (`forward(x0, x1,
+/// kind)`, `branch0`, `branch1`), the same network.
+template <class... Parts>
 class MultiModalNetImpl : public torch::nn::Module {
  public:
+  using Fusion = typename detail::NetParts<Parts...>::Fusion;
+  /// `std::tuple<Branch0, ..., BranchN-1>`.
+  using Branches = typename detail::NetParts<Parts...>::Branches;
+  static_assert(detail::all_branches<Branches>(),
+                "MultiModalNet: every type but the last must satisfy Branch (branch/branch.h)");
+  static_assert(FusionModule<Fusion>,
+                "MultiModalNet: the last type must satisfy FusionModule (fusion/fusion_module.h)");
   using Tap = FusionTap<Fusion>;
+  static constexpr std::size_t kBranches = std::tuple_size_v<Branches>;
 
-  MultiModalNetImpl(Branch0 branch0_in, Branch1 branch1_in, std::vector<Tap> taps_in)
-      : branch0(std::move(branch0_in)), branch1(std::move(branch1_in)), taps(std::move(taps_in)) {
-    const std::size_t stages = branch0->num_stages();
-    TORCH_CHECK(branch1->num_stages() == stages, "MultiModalNet: branch 0 has ", stages,
-                " stages, branch 1 has ", branch1->num_stages(), "; both need the same number");
-    for (std::size_t k = 0; k < taps.size(); ++k) {
-      const Tap& tap = taps[k];
-      TORCH_CHECK(tap.stage < stages, "MultiModalNet: fusion tap ", k, " is at stage ", tap.stage,
-                  " but the branches have stages 0..", stages - 1);
-      TORCH_CHECK(k == 0 || taps[k - 1].stage < tap.stage, "MultiModalNet: fusion tap ", k,
-                  " is at stage ", tap.stage, ", after tap ", k - 1, " at stage ",
-                  taps[k - 1].stage, "; stages must be strictly increasing");
-      for (int side = 0; side < 2; ++side) {
-        const std::int64_t have = side == 0 ? branch0->stage_channels(tap.stage)
-                                            : branch1->stage_channels(tap.stage);
-        TORCH_CHECK(tap.module->channels(side) == have, "MultiModalNet: fusion tap ", k,
-                    " at stage ", tap.stage, " expects ", tap.module->channels(side),
-                    " channels from branch ", side, ", which has ", have, " there");
+  MultiModalNetImpl(Branches branches_in, std::vector<Tap> taps_in)
+      : branches(std::move(branches_in)),
+        taps(std::move(taps_in)),
+        branch0(std::get<0>(branches)),
+        branch1(std::get<1>(branches)) {
+    const std::vector<std::size_t> stages_of = stage_counts();
+    for (std::size_t t = 0; t < taps.size(); ++t) {
+      Tap& tap = taps[t];
+      if (tap.stages.size() == 1) tap.stages.assign(kBranches, tap.stages[0]);
+      TORCH_CHECK(tap.stages.size() == kBranches, "MultiModalNet: fusion tap ", t, " names ",
+                  tap.stages.size(), " stages; one, or one for each of the ", kBranches,
+                  " branches, is needed");
+      TORCH_CHECK(tap.module->num_inputs() == kBranches, "MultiModalNet: fusion tap ", t,
+                  " joins ", tap.module->num_inputs(), " branches, the network has ", kBranches);
+      for (std::size_t k = 0; k < kBranches; ++k) {
+        const std::size_t stage = tap.stages[k];
+        TORCH_CHECK(stage < stages_of[k], "MultiModalNet: fusion tap ", t, " reads stage ",
+                    stage, " of branch ", k, ", which has stages 0..", stages_of[k] - 1);
+        TORCH_CHECK(t == 0 || taps[t - 1].stages[k] < stage, "MultiModalNet: fusion tap ", t,
+                    " reads stage ", stage, " of branch ", k, ", tap ", t - 1, " stage ",
+                    taps[t - 1].stages[k], "; each branch's stages must be strictly increasing");
+        std::int64_t have = 0;
+        visit(k, [&](auto& b) { have = b->stage_channels(stage); });
+        TORCH_CHECK(tap.module->channels(k) == have, "MultiModalNet: fusion tap ", t,
+                    " expects ", tap.module->channels(k), " channels from branch ", k,
+                    ", whose stage ", stage, " has ", have);
       }
     }
-    register_module("branch0", branch0);
-    register_module("branch1", branch1);
-    for (std::size_t k = 0; k < taps.size(); ++k) {
-      register_module("fusion" + std::to_string(k), taps[k].module);
+    for (std::size_t k = 0; k < kBranches; ++k) {
+      visit(k, [&](auto& b) { register_module("branch" + std::to_string(k), b); });
+    }
+    for (std::size_t t = 0; t < taps.size(); ++t) {
+      register_module("fusion" + std::to_string(t), taps[t].module);
     }
   }
 
-  /// One forward pass in the mode `kind` asks for. A regular step in training mode also
-  /// stages its gates into the fusion modules' gate means, which the `Balancer` commits
-  /// when it accepts the step; nothing else touches them.
-  ModelOutput forward(const at::Tensor& x0, const at::Tensor& x1,
-                      StepKind kind = StepKind::regular) {
-    check_batch(x0, x1);
+  /// Two branches.
+  MultiModalNetImpl(std::tuple_element_t<0, Branches> branch0_in,
+                    std::tuple_element_t<1, Branches> branch1_in, std::vector<Tap> taps_in)
+    requires(kBranches == 2)
+      : MultiModalNetImpl(Branches(std::move(branch0_in), std::move(branch1_in)),
+                          std::move(taps_in)) {}
+
+  /// One forward pass with the branches held as `plan` says (a `StepKind` converts). A
+  /// regular step in training mode also stages its gates into the fusion modules' gate
+  /// means, which the `Balancer` commits when it accepts the step; nothing else touches
+  /// them.
+  NetOutput forward(const std::vector<at::Tensor>& inputs, StepPlan plan = StepPlan::regular()) {
+    check_inputs(inputs);
     FusionContext ctx;
-    ctx.side0 = kind == StepKind::rebalance_m0 ? SideMode::held_gate : SideMode::live;
-    ctx.side1 = kind == StepKind::rebalance_m1 ? SideMode::held_gate : SideMode::live;
-    ctx.stage_gates = kind == StepKind::regular && is_training();
-    return output(run(x0, x1, ctx));
+    if (const auto held = plan.held_branch()) {
+      TORCH_CHECK(*held < kBranches, "MultiModalNet: the step holds branch ", *held,
+                  ", the network has branches 0..", kBranches - 1);
+      ctx.sides.assign(kBranches, SideMode::live);
+      ctx.sides[*held] = SideMode::held_gate;
+    }
+    ctx.stage_gates = plan.is_regular() && is_training();
+    return output(run(inputs, ctx, {}));
   }
 
-  /// The normal and the cut network (f0', f1'). Stages up to the first fusion tap are the
-  /// same for both, so they run once. If the fusion modules handle `live_rows` (MMTM
-  /// does), the rest is one pass over the stacked batch [x; x]; otherwise two passes.
+  /// `forward({x0, x1}, kind)`, with the heads also named y0 and y1.
+  ModelOutput forward(const at::Tensor& x0, const at::Tensor& x1,
+                      StepPlan kind = StepPlan::regular())
+    requires(kBranches == 2)
+  {
+    NetOutput out = forward(std::vector<at::Tensor>{x0, x1}, kind);
+    ModelOutput named;
+    named.y0 = out.heads[0];
+    named.y1 = out.heads[1];
+    static_cast<NetOutput&>(named) = std::move(out);
+    return named;
+  }
+
+  /// Inference with missing modalities (a sensor that dropped out): the branches in
+  /// `absent` do not run (their inputs are ignored and may be undefined tensors), every
+  /// fusion module reads their training-set average squeeze vectors in their place (as
+  /// recorded for the utilization probe, `record_squeeze_averages`), and `y` is the mean
+  /// of the present heads; an absent branch's head and features are undefined tensors.
+  /// Gates are not staged. Runs in eval mode whatever mode the network is in (BatchNorm
+  /// uses and keeps its running statistics; each module's own mode is restored);
+  /// gradients as the caller has them. Reads one number per fusion module from the device
+  /// (are averages recorded?).
+  NetOutput forward_missing(const std::vector<at::Tensor>& inputs,
+                            const std::vector<std::size_t>& absent) {
+    auto* self = this;
+    const EvalModeScope eval(self);
+    FusionContext ctx;
+    ctx.sides.assign(kBranches, SideMode::live);
+    for (const std::size_t k : absent) {
+      TORCH_CHECK(k < kBranches, "MultiModalNet::forward_missing: modality ", k,
+                  " is out of range; the network has modalities 0..", kBranches - 1);
+      TORCH_CHECK(ctx.sides[k] != SideMode::absent, "MultiModalNet::forward_missing: "
+                  "modality ", k, " is listed twice");
+      ctx.sides[k] = SideMode::absent;
+    }
+    TORCH_CHECK(absent.size() < kBranches,
+                "MultiModalNet::forward_missing: every modality is absent");
+    check_inputs(inputs, ctx);
+    TORCH_CHECK(taps.empty() || has_squeeze_averages(),
+                "MultiModalNet::forward_missing: no squeeze averages recorded; run "
+                "record_squeeze_averages over the training data first");
+    return output(run(inputs, ctx, {}));
+  }
+
+  /// The normal and the cut networks (f_k' for every k) for the utilization probe. Stages
+  /// up to each branch's first tap run once for both; with `handles_live_rows` modules
+  /// (MMTM) the rest is one pass over the stacked batch [x; x], otherwise two passes.
   /// Needs eval mode and squeeze averages recorded with `record_squeeze` (not checked
   /// here, to keep device reads out of the loop: `evaluate_utilization` checks
   /// `has_squeeze_averages()` once).
-  ProbeOutput forward_probe(const at::Tensor& x0, const at::Tensor& x1) {
-    check_batch(x0, x1);
+  ProbeOutput forward_probe(const std::vector<at::Tensor>& inputs) {
+    check_inputs(inputs);
     TORCH_CHECK(!is_training(), "MultiModalNet::forward_probe needs eval mode (call eval())");
-    const std::int64_t n = x0.size(0);
-    const std::size_t shared = taps.empty() ? branch0->num_stages() : taps.front().stage + 1;
-    at::Tensor h0 = x0, h1 = x1;
-    for (std::size_t i = 0; i < shared; ++i) {
-      h0 = branch0->forward_stage(i, h0);
-      h1 = branch1->forward_stage(i, h1);
+    const std::int64_t n = inputs[0].size(0);
+    std::vector<at::Tensor> h = inputs;
+    std::vector<std::size_t> computed(kBranches, 0);
+    std::vector<std::size_t> shared = stage_counts();
+    if (!taps.empty()) {
+      for (std::size_t k = 0; k < kBranches; ++k) shared[k] = taps.front().stages[k] + 1;
     }
+    advance(h, computed, shared, {});
     FusionContext cut;
-    cut.side0 = cut.side1 = SideMode::averaged_squeeze;
+    cut.sides.assign(kBranches, SideMode::averaged_squeeze);
     if constexpr (handles_live_rows<Fusion>()) {
       cut.live_rows = n;
-      auto [y0, y1] = run(at::cat({h0, h0}, 0), at::cat({h1, h1}, 0), cut, shared);
-      return {y0.narrow(0, 0, n), y1.narrow(0, 0, n), y0.narrow(0, n, n), y1.narrow(0, n, n)};
+      std::vector<at::Tensor> stacked;
+      for (const auto& x : h) stacked.push_back(at::cat({x, x}, 0));
+      ProbeOutput out;
+      for (const auto& y : run(std::move(stacked), cut, computed).heads) {
+        out.heads.push_back(y.narrow(0, 0, n));
+        out.cut_heads.push_back(y.narrow(0, n, n));
+      }
+      return out;
     } else {
-      auto [y0, y1] = run(h0, h1, FusionContext{}, shared);
-      auto [y0_cut, y1_cut] = run(h0, h1, cut, shared);
-      return {std::move(y0), std::move(y1), std::move(y0_cut), std::move(y1_cut)};
+      return {run(h, FusionContext{}, computed).heads, run(h, cut, computed).heads};
     }
   }
 
   /// A live pass that stages the squeeze vectors into the fusion modules' squeeze means
   /// (the probe commits them after its pass over the training set).
-  ModelOutput record_squeeze(const at::Tensor& x0, const at::Tensor& x1) {
-    check_batch(x0, x1);
+  NetOutput record_squeeze(const std::vector<at::Tensor>& inputs) {
+    check_inputs(inputs);
     FusionContext ctx;
     ctx.record_squeeze = true;
-    return output(run(x0, x1, ctx));
+    return output(run(inputs, ctx, {}));
   }
 
   /// Whether every fusion module has committed squeeze averages (reads one number per
@@ -152,41 +272,70 @@ class MultiModalNetImpl : public torch::nn::Module {
     return detail::tap_means(taps, [](const auto& m) { return m.squeeze_mean; });
   }
 
-  /// θ0, θ1 (every parameter of each branch) and θ0', θ1' (each fusion module's
-  /// parameters on the path into that side), derived from structure, not names.
+  /// θ_k and θ_k' for every branch k, derived from structure, not names.
   ParameterGroups parameter_groups() const {
-    ParameterGroups groups{branch0->parameters(), branch1->parameters(), {}, {}};
-    for (const auto& tap : taps) {
-      for (const auto& p : tap.module->side_parameters(0)) groups.theta0_fusion.push_back(p);
-      for (const auto& p : tap.module->side_parameters(1)) groups.theta1_fusion.push_back(p);
+    ParameterGroups groups;
+    groups.fusion.resize(kBranches);
+    for (std::size_t k = 0; k < kBranches; ++k) {
+      visit(k, [&](const auto& b) { groups.branch.push_back(b->parameters()); });
+      for (const auto& tap : taps) {
+        for (const auto& p : tap.module->side_parameters(k)) groups.fusion[k].push_back(p);
+      }
     }
     return groups;
   }
+
+  /// How many branches (modalities) the network joins.
+  static constexpr std::size_t num_branches() { return kBranches; }
 
   /// Deep copy: new branches, new fusion modules, same values (and training mode).
   std::shared_ptr<torch::nn::Module> clone(
       const c10::optional<at::Device>& device = c10::nullopt) const override {
     std::vector<Tap> copied;
     copied.reserve(taps.size());
-    for (const auto& tap : taps) copied.push_back({tap.stage, clone_holder(tap.module, device)});
-    auto copy = std::make_shared<MultiModalNetImpl>(clone_holder(branch0, device),
-                                                    clone_holder(branch1, device),
-                                                    std::move(copied));
+    for (const auto& tap : taps) copied.push_back({tap.stages, clone_holder(tap.module, device)});
+    auto copy = std::make_shared<MultiModalNetImpl>(
+        std::apply([&](const auto&... b) { return Branches{clone_holder(b, device)...}; },
+                   branches),
+        std::move(copied));
     copy->train(is_training());
     return copy;
   }
 
   void pretty_print(std::ostream& stream) const override {
-    stream << "mmbalance::MultiModalNet(stages=" << branch0->num_stages() << ", taps=[";
-    for (std::size_t k = 0; k < taps.size(); ++k) stream << (k ? ", " : "") << taps[k].stage;
+    stream << "mmbalance::MultiModalNet(branches=" << kBranches << ", taps=[";
+    for (std::size_t t = 0; t < taps.size(); ++t) {
+      stream << (t ? ", " : "") << "(";
+      for (std::size_t k = 0; k < kBranches; ++k) stream << (k ? ", " : "") << taps[t].stages[k];
+      stream << ")";
+    }
     stream << "])";
   }
 
-  Branch0 branch0;
-  Branch1 branch1;
+  /// Calls `f(branch)` with branch `k` (the branches may have different types).
+  template <class F>
+  void visit(std::size_t k, F&& f) {
+    visit_impl(*this, k, f, std::make_index_sequence<kBranches>{});
+  }
+  template <class F>
+  void visit(std::size_t k, F&& f) const {
+    visit_impl(*this, k, f, std::make_index_sequence<kBranches>{});
+  }
+
+  Branches branches;
   std::vector<Tap> taps;
+  /// Handles of the first two branches (the same modules as in `branches`).
+  std::tuple_element_t<0, Branches> branch0;
+  std::tuple_element_t<1, Branches> branch1;
 
  private:
+  template <class Self, class F, std::size_t... I>
+  static void visit_impl(Self& self, std::size_t k, F& f, std::index_sequence<I...>) {
+    TORCH_CHECK(k < kBranches, "MultiModalNet: branch ", k, " is out of range 0..",
+                kBranches - 1);
+    ((k == I ? (f(std::get<I>(self.branches)), 0) : 0), ...);
+  }
+
   template <class Holder>
   static Holder clone_holder(const Holder& holder, const c10::optional<at::Device>& device) {
     auto impl = std::dynamic_pointer_cast<typename Holder::ContainedType>(holder->clone(device));
@@ -194,55 +343,116 @@ class MultiModalNetImpl : public torch::nn::Module {
     return Holder(std::move(impl));
   }
 
-  static void check_batch(const at::Tensor& x0, const at::Tensor& x1) {
-    TORCH_CHECK(x0.defined() && x1.defined() && x0.dim() >= 1 && x1.dim() >= 1,
-                "MultiModalNet: both modalities need a batch, got m0 ", detail::shape_string(x0),
-                " and m1 ", detail::shape_string(x1));
-    TORCH_CHECK(x0.size(0) == x1.size(0), "MultiModalNet: batch sizes differ: m0 has ", x0.size(0),
-                " samples ", detail::shape_string(x0), ", m1 has ", x1.size(0), " ",
-                detail::shape_string(x1));
+  // Every modality, or every present one (`ctx`), has a batch, all of one size.
+  static void check_inputs(const std::vector<at::Tensor>& inputs, const FusionContext& ctx = {}) {
+    TORCH_CHECK(inputs.size() == kBranches, "MultiModalNet: got ", inputs.size(),
+                " modalities for ", kBranches, " branches");
+    std::size_t first = kBranches;
+    for (std::size_t k = 0; k < kBranches; ++k) {
+      if (ctx.side(k) == SideMode::absent) continue;
+      if (first == kBranches) first = k;
+      TORCH_CHECK(inputs[k].defined() && inputs[k].dim() >= 1, "MultiModalNet: modality ", k,
+                  " needs a batch, got ", detail::shape_string(inputs[k]));
+      TORCH_CHECK(inputs[k].size(0) == inputs[first].size(0),
+                  "MultiModalNet: batch sizes differ: m", first, " has ", inputs[first].size(0),
+                  " samples ", detail::shape_string(inputs[first]), ", m", k, " has ",
+                  inputs[k].size(0), " ", detail::shape_string(inputs[k]));
+    }
   }
 
-  static ModelOutput output(std::pair<at::Tensor, at::Tensor> heads) {
-    auto& [y0, y1] = heads;
-    return {(y0 + y1) * 0.5, std::move(y0), std::move(y1)};
+  // y = the mean of the defined heads (all of them but in forward_missing): for two heads
+  // (y0 + y1) * 0.5.
+  static NetOutput output(NetOutput out) {
+    at::Tensor sum;
+    std::size_t present = 0;
+    for (const auto& h : out.heads) {
+      if (!h.defined()) continue;
+      sum = sum.defined() ? sum + h : h;
+      ++present;
+    }
+    out.y = sum * (1.0 / static_cast<double>(present));
+    return out;
   }
 
-  // Stages [computed, end) of both branches, each followed by its fusion tap, then the
-  // heads. Stages before `computed` were run by the caller; their taps still apply here.
-  std::pair<at::Tensor, at::Tensor> run(at::Tensor h0, at::Tensor h1, const FusionContext& ctx,
-                                        std::size_t computed = 0) {
-    std::size_t next_tap = 0;
-    for (std::size_t i = 0; i < branch0->num_stages(); ++i) {
-      if (i >= computed) {
-        h0 = branch0->forward_stage(i, h0);
-        h1 = branch1->forward_stage(i, h1);
-      }
-      if (next_tap < taps.size() && taps[next_tap].stage == i) {
-        std::tie(h0, h1) = taps[next_tap].module->forward(h0, h1, ctx);
-        ++next_tap;
+  // Every branch from stage `computed[k]` on (0 when empty), each tap applied once every
+  // branch has reached the stage it reads, then the heads (y left to `output`). Taps whose
+  // stages the caller already ran still apply here.
+  NetOutput run(std::vector<at::Tensor> h, const FusionContext& ctx,
+                const std::vector<std::size_t>& computed) {
+    std::vector<std::size_t> next(kBranches, 0);
+    if (!computed.empty()) next = computed;
+    std::vector<std::size_t> end(kBranches);
+    for (auto& tap : taps) {
+      for (std::size_t k = 0; k < kBranches; ++k) end[k] = tap.stages[k] + 1;
+      advance(h, next, end, ctx);
+      h = tap.module->forward(h, ctx);
+    }
+    advance(h, next, stage_counts(), ctx);
+    NetOutput out;
+    out.heads.resize(kBranches);
+    for (std::size_t k = 0; k < kBranches; ++k) {
+      if (ctx.side(k) != SideMode::absent) visit(k, [&](auto& b) { out.heads[k] = b->head(h[k]); });
+    }
+    out.features = std::move(h);
+    return out;
+  }
+
+  // Runs every branch that is not absent in `ctx` from stage next[k] up to (not
+  // including) stage end[k], one stage of each branch in turn, so that random draws inside
+  // branches (dropout) come in the same order whatever the depths.
+  void advance(std::vector<at::Tensor>& h, std::vector<std::size_t>& next,
+               const std::vector<std::size_t>& end, const FusionContext& ctx) {
+    for (bool ran = true; ran;) {
+      ran = false;
+      for (std::size_t k = 0; k < kBranches; ++k) {
+        if (ctx.side(k) == SideMode::absent || next[k] >= end[k]) continue;
+        visit(k, [&](auto& b) { h[k] = b->forward_stage(next[k], h[k]); });
+        ++next[k];
+        ran = true;
       }
     }
-    return {branch0->head(h0), branch1->head(h1)};
+  }
+
+  // Every branch's number of stages.
+  std::vector<std::size_t> stage_counts() const {
+    std::vector<std::size_t> counts(kBranches);
+    for (std::size_t k = 0; k < kBranches; ++k) visit(k, [&](const auto& b) { counts[k] = b->num_stages(); });
+    return counts;
   }
 };
 
-/// The `ModuleHolder` handle of `MultiModalNetImpl` (as torchvision's `ResNet<Block>`).
+/// The `ModuleHolder` handle of `MultiModalNetImpl` (as torchvision's `ResNet<Block>`):
+/// the branch types in branch order, then the fusion module type.
 ///
-/// Example:
+/// Example (two branches, an MMTM after stages 1, 2 and 3 of both):
 /// ```
 /// using Net = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
 /// Net net(ConvBranch(ConvBranchOptions(3, 10)), ConvBranch(ConvBranchOptions(1, 10)),
 ///         {{1, MMTM(64, 64)}, {2, MMTM(128, 128)}, {3, MMTM(128, 128)}});
 /// auto out = net->forward(x0, x1, StepKind::regular);  // out.y, out.y0, out.y1
 /// ```
-template <Branch Branch0, Branch Branch1, FusionModule Fusion>
-class MultiModalNet : public torch::nn::ModuleHolder<MultiModalNetImpl<Branch0, Branch1, Fusion>> {
+/// Example (camera, depth and IMU; the IMU branch has two stages):
+/// ```
+/// using Net3 = MultiModalNet<ConvBranch, ConvBranch, ConvBranch, MMTM>;
+/// Net3 net3(std::tuple{camera, depth, imu},
+///           {{{1, 1, 0}, MMTM(MMTMOptions({64, 64, 32}))},
+///            {{2, 2, 1}, MMTM(MMTMOptions({128, 128, 64}))}});
+/// auto out3 = net3->forward({x_camera, x_depth, x_imu}, StepPlan::hold(0));  // out3.y, out3.heads
+/// ```
+template <class... Parts>
+class MultiModalNet : public torch::nn::ModuleHolder<MultiModalNetImpl<Parts...>> {
  public:
-  using Impl = MultiModalNetImpl<Branch0, Branch1, Fusion>;
+  using Impl = MultiModalNetImpl<Parts...>;
   using torch::nn::ModuleHolder<Impl>::ModuleHolder;
 
-  MultiModalNet(Branch0 branch0, Branch1 branch1, std::vector<FusionTap<Fusion>> taps)
+  MultiModalNet(typename Impl::Branches branches, std::vector<FusionTap<typename Impl::Fusion>> taps)
+      : torch::nn::ModuleHolder<Impl>(std::make_shared<Impl>(std::move(branches), std::move(taps))) {}
+
+  /// Two branches.
+  MultiModalNet(std::tuple_element_t<0, typename Impl::Branches> branch0,
+                std::tuple_element_t<1, typename Impl::Branches> branch1,
+                std::vector<FusionTap<typename Impl::Fusion>> taps)
+    requires(Impl::kBranches == 2)
       : torch::nn::ModuleHolder<Impl>(
             std::make_shared<Impl>(std::move(branch0), std::move(branch1), std::move(taps))) {}
 
@@ -252,24 +462,35 @@ class MultiModalNet : public torch::nn::ModuleHolder<MultiModalNetImpl<Branch0, 
   }
 };
 
-/// What the library's other parts take as a network (the `Balancer`, the utilization
-/// probe, `DataParallel`, checkpoints): a `MultiModalNet` handle, or your own handle with
-/// these members.
+/// What the library's parts take as a network (the `Balancer`, `DataParallel`,
+/// `head_losses`): a `MultiModalNet` handle, or your own handle with these members.
 template <class Net>
-concept MultiModalModel = requires(Net net, const at::Tensor& x, StepKind kind) {
-  { net->forward(x, x, kind) } -> std::same_as<ModelOutput>;
-  { net->forward_probe(x, x) } -> std::same_as<ProbeOutput>;
-  { net->record_squeeze(x, x) } -> std::same_as<ModelOutput>;
+concept MultiModalModel = requires(Net net, const std::vector<at::Tensor>& x, StepPlan plan) {
+  { net->forward(x, plan) } -> std::same_as<NetOutput>;
+  { net->num_branches() } -> std::convertible_to<std::size_t>;
   { net->parameter_groups() } -> std::same_as<ParameterGroups>;
   { net->gate_means() } -> std::same_as<std::vector<RunningMean>>;
   { net->squeeze_means() } -> std::same_as<std::vector<RunningMean>>;
+  { *net } -> std::convertible_to<torch::nn::Module&>;  // parameters, modes, save, load
+};
+
+/// What the utilization probe takes: a `MultiModalModel` that also runs the cut networks
+/// f_k' (`forward_probe`) from recorded squeeze averages.
+template <class Net>
+concept ProbeableModel = MultiModalModel<Net> && requires(Net net, const std::vector<at::Tensor>& x) {
+  { net->forward_probe(x) } -> std::same_as<ProbeOutput>;
+  { net->record_squeeze(x) } -> std::same_as<NetOutput>;
   { net->has_squeeze_averages() } -> std::same_as<bool>;
   { net->reset_squeeze_averages() };
-  { net->parameters() } -> std::same_as<std::vector<at::Tensor>>;
-  { net->buffers() } -> std::same_as<std::vector<at::Tensor>>;
-  { net->is_training() } -> std::same_as<bool>;
-  { net->train(true) };
-  { *net } -> std::convertible_to<const torch::nn::Module&>;  // save, load, fingerprints
 };
+
+template <class Fusion, class... Branches>
+using NWayMultiModalNet [[deprecated("use MultiModalNet<Branches..., Fusion>")]] =
+    MultiModalNet<Branches..., Fusion>;
+template <class Fusion>
+using NWayFusionTap [[deprecated("use FusionTap")]] = FusionTap<Fusion>;
+using NWayOutput [[deprecated("use NetOutput")]] = NetOutput;
+using NWayProbeOutput [[deprecated("use ProbeOutput")]] = ProbeOutput;
+using NWayParameterGroups [[deprecated("use ParameterGroups")]] = ParameterGroups;
 
 }  // namespace mmbalance

@@ -23,15 +23,14 @@ class StepPlan {
   static constexpr StepPlan regular() { return StepPlan(); }
   /// Branch `branch` held (re-balanced).
   static constexpr StepPlan hold(std::size_t branch) { return StepPlan(branch); }
-  /// The two-branch step kinds: rebalance_m0 holds branch 0, rebalance_m1 branch 1.
-  static constexpr StepPlan from(StepKind kind) {
-    switch (kind) {
-      case StepKind::rebalance_m0: return hold(0);
-      case StepKind::rebalance_m1: return hold(1);
-      case StepKind::regular: break;
-    }
-    return regular();
-  }
+  /// A two-branch step kind, wherever a plan is expected: rebalance_m0 holds branch 0,
+  /// rebalance_m1 branch 1.
+  /* implicit */ constexpr StepPlan(StepKind kind)
+      : held_(kind == StepKind::rebalance_m0   ? std::optional<std::size_t>(0)
+              : kind == StepKind::rebalance_m1 ? std::optional<std::size_t>(1)
+                                               : std::nullopt) {}
+  /// The same, spelled out.
+  static constexpr StepPlan from(StepKind kind) { return StepPlan(kind); }
 
   constexpr bool is_regular() const { return !held_.has_value(); }
   /// The held branch; empty for a regular step.
