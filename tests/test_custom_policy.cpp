@@ -119,7 +119,7 @@ TEST_CASE("DutyCyclePolicy trained through the balancer on three branches: each 
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("The docs show the example policy and branch as the files hold them", "[custom_policy][docs]") {
+TEST_CASE("The docs show the example policy, branch and fusion module as the files hold them", "[custom_policy][docs]") {
   const auto read = [](const std::string& relative) {
     std::ifstream in(std::string(MMBALANCE_SOURCE_DIR) + "/" + relative);
     REQUIRE(in);
@@ -127,6 +127,7 @@ TEST_CASE("The docs show the example policy and branch as the files hold them", 
   };
   CHECK(read("docs/policies.md").find("```cpp\n" + read("examples/custom_policy.h") + "```") != std::string::npos);
   CHECK(read("docs/concepts.md").find("```cpp\n" + read("examples/signal_branch.h") + "```") != std::string::npos);
+  CHECK(read("docs/concepts.md").find("```cpp\n" + read("examples/concat_gate_fusion.h") + "```") != std::string::npos);
 }
 
 TEST_CASE("next_step() refuses a plan-only policy's plan that holds a branch a two-branch network "

@@ -104,3 +104,42 @@ TEST_CASE("The probe is right for a fusion module that ignores live_rows", "[fus
   CHECK(r.accuracy0_cut == y0_cut / 16);
   CHECK(r.accuracy1_cut == y1_cut / 16);
 }
+
+TEST_CASE("The user-written fusion module joins three branches and runs with a modality missing",
+          "[fusion_module]") {
+  using Net3 = MultiModalNet<ConvBranch, ConvBranch, ConvBranch, ConcatGate>;
+  torch::manual_seed(3);
+  auto opts = [](std::int64_t in) { return ConvBranchOptions(in, 3).channels({4, 8}).strides({1, 2}); };
+  Net3 net(std::tuple{ConvBranch(opts(3)), ConvBranch(opts(1)), ConvBranch(opts(2))},
+           {{1, ConcatGate(std::vector<std::int64_t>{8, 8, 8})}});
+  auto gen = at::detail::createCPUGenerator(4);
+  std::vector<Batch> train;
+  for (int i = 0; i < 2; ++i) {
+    train.push_back({{at::randn({6, 3, 8, 8}, gen), at::randn({6, 1, 8, 8}, gen) + 2.0,
+                      at::randn({6, 2, 8, 8}, gen)},
+                     at::randint(3, {6}, gen)});
+  }
+  record_squeeze_averages(net, train);
+  const std::vector<at::Tensor> x = {at::randn({5, 3, 8, 8}, gen), at::Tensor(), at::randn({5, 2, 8, 8}, gen)};
+  const NetOutput out = net->forward_missing(x, {1});
+
+  // By hand: branches 0 and 2 up to the tap, each side's gate from [s_0, average s_1, s_2].
+  net->eval();
+  torch::NoGradGuard no_grad;
+  auto& b0 = std::get<0>(net->branches);
+  auto& b2 = std::get<2>(net->branches);
+  const at::Tensor h0 = b0->forward_stage(1, b0->forward_stage(0, x[0]));
+  const at::Tensor h2 = b2->forward_stage(1, b2->forward_stage(0, x[2]));
+  auto& fusion = *net->taps[0].module;
+  const at::Tensor average1 = fusion.squeeze_mean->mean.narrow(0, 8, 8).to(at::kFloat).expand({5, 8});
+  const at::Tensor joint = at::cat({h0.mean({2, 3}), average1, h2.mean({2, 3})}, 1);
+  const at::Tensor y0 = b0->head(h0 * torch::sigmoid(fusion.gates[0](joint)).view({5, 8, 1, 1}));
+  const at::Tensor y2 = b2->head(h2 * torch::sigmoid(fusion.gates[2](joint)).view({5, 8, 1, 1}));
+  CHECK(torch::allclose(out.heads[0], y0, 1e-5, 1e-6));
+  CHECK(torch::allclose(out.heads[2], y2, 1e-5, 1e-6));
+  CHECK_FALSE(out.heads[1].defined());
+  CHECK(torch::allclose(out.y, (y0 + y2) * 0.5, 1e-5, 1e-6));
+  // The average stands in for modality 1: another average, other outputs.
+  fusion.squeeze_mean->mean.narrow(0, 8, 8).add_(1.0);
+  CHECK_FALSE(torch::allclose(net->forward_missing(x, {1}).heads[0], y0, 1e-4, 1e-5));
+}
