@@ -96,7 +96,7 @@ TEST_CASE("NWayMultiModalNet with two branches is MultiModalNet bit for bit",
   for (const StepKind kind : {StepKind::regular, StepKind::rebalance_m0, StepKind::rebalance_m1}) {
     CAPTURE(to_string(kind));
     const ModelOutput p = pair->forward(b.x0, b.x1, kind);
-    const NWayOutput q = n_way->forward({b.x0, b.x1}, StepPlan::from(kind));
+    const NWayOutput q = n_way->forward({b.x0, b.x1}, kind);
     CHECK(torch::equal(p.y, q.y));
     CHECK(torch::equal(p.y0, q.heads[0]));
     CHECK(torch::equal(p.y1, q.heads[1]));
@@ -341,9 +341,10 @@ TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
   CHECK(to_string(StepPlan::regular()) == "regular");
   CHECK(to_string(StepPlan::hold(3)) == "rebalance_m3");
   CHECK(to_string(StepPlan::hold(1)) == to_string(StepKind::rebalance_m1));
-  CHECK(StepPlan::from(StepKind::regular) == StepPlan::regular());
-  CHECK(StepPlan::from(StepKind::rebalance_m0) == StepPlan::hold(0));
-  CHECK(StepPlan::from(StepKind::rebalance_m1) == StepPlan::hold(1));
+  CHECK(StepPlan(StepKind::regular) == StepPlan::regular());
+  CHECK(StepPlan(StepKind::rebalance_m0) == StepPlan::hold(0));
+  CHECK(StepPlan(StepKind::rebalance_m1) == StepPlan::hold(1));
+  static_assert(StepPlan(StepKind::rebalance_m1) == StepPlan::hold(1));  // usable at compile time
   CHECK_FALSE(StepPlan::hold(0) == StepPlan::hold(1));
   CHECK(StepPlan::hold(2).held_branch() == std::optional<std::size_t>(2));
   CHECK(to_step_kind(StepPlan::regular()) == StepKind::regular);
@@ -365,9 +366,9 @@ TEST_CASE("A three-branch network without fusion modules (late fusion): each hea
   const NWayOutput out = net->forward(b.inputs);
   CHECK(torch::allclose(out.heads[1], std::get<1>(net->branches)->forward(b.inputs[1])));
   CHECK(torch::allclose(out.y, (out.heads[0] + out.heads[1] + out.heads[2]) / 3));
-  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(3)),
-                    Catch::Contains("NWayGuidedPolicy chooses re-balancing steps"));
-  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(3)),
+  CHECK_THROWS_WITH(Balancer<GuidedPolicy>(net, GuidedPolicy()),
+                    Catch::Contains("GuidedPolicy chooses re-balancing steps"));
+  CHECK_THROWS_WITH(Balancer<RandomPolicy>(net, RandomPolicy()),
                     Catch::Contains("no fusion modules (late fusion)"));
 
   auto opt = testing::make_sgd(net);
@@ -383,7 +384,7 @@ TEST_CASE("A three-branch network without fusion modules (late fusion): each hea
   CHECK(ogm.policy().last_coefficients().max().item<double>() == 1.0);
   CHECK(ogm.policy().last_coefficients().min().item<double>() < 1.0);
 
-  Balancer<GradientBlendingPolicy> blend(net, GradientBlendingPolicy(3), BalancerOptions().warmup_epochs(0));
+  Balancer<GradientBlendingPolicy> blend(net, GradientBlendingPolicy(), BalancerOptions().warmup_epochs(0));
   const at::Tensor blended = blend.loss(net->forward(b.inputs, blend.next_plan()), b.target);
   CHECK(std::isfinite(blended.item<double>()));
   blend.abandon_step();
