@@ -89,8 +89,8 @@ def section(by, audio, command, rel, notes):
                      + " | " + ", ".join(str(r["summary"]["best_epoch"] + 1) for r in runs) + " |")
     lines += ["", "### Conditional utilization rates on the test set (best validation epoch)", "",
               "u_k = (A(f_k) − A(f_k')) / A(f_k): what the other modalities add to head k; "
-              "d_util = max − min; imbalance = max_k s_k − min_k s_k of the learning speeds.", "",
-              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | d_util | imbalance at best | "
+              "d_util = max − min; spread = max_k s_k − min_k s_k of the learning speeds (the summary's d_speed_at_best for three branches).", "",
+              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | d_util | spread at best | "
               "steps up to the best epoch, per seed: regular / hold m0 / m1 / m2 |",
               "|---|---|---|---|---|---|---|"]
     for p, runs in by.items():
