@@ -130,10 +130,10 @@ void BM_OGMGEPaired(benchmark::State& state) {
 void BM_LossMethodsPaired(benchmark::State& state) {
   const std::int64_t b = state.range(0);
   Setup vanilla(b), blended(b), pareto(b), adaptive(b);
-  Balancer<GradientBlendingPolicy> gblend(blended.net, GradientBlendingPolicy(2),
+  Balancer<GradientBlendingPolicy> gblend(blended.net, GradientBlendingPolicy(),
                                           BalancerOptions().warmup_epochs(0));
-  Balancer<MMParetoPolicy> mmpareto(pareto.net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
-  Balancer<AGMPolicy> agm(adaptive.net, AGMPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> mmpareto(pareto.net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> agm(adaptive.net, AGMPolicy(), BalancerOptions().warmup_epochs(0));
   const std::array<std::function<void()>, 4> steps{
       [&] { vanilla_step(vanilla); }, [&] { modulated_step(blended, gblend); },
       [&] { modulated_step(pareto, mmpareto); }, [&] { modulated_step(adaptive, agm); }};

@@ -31,10 +31,10 @@ class DutyCyclePolicy {
     return mmbalance::StepPlan::regular();
   }
 
-  // Called after each regular step after warm-up whose speeds are defined. For two
-  // branches `imbalance` is the signed d_speed, for more the spread max s_k - min s_k.
-  void observe_speeds(const mmbalance::NWaySpeedSummary& speeds) {
-    spread_ = std::abs(speeds.imbalance);
+  // Called after each regular step after warm-up whose speeds are defined. The spread is
+  // max s_k - min s_k (for two branches |d_speed|; `speeds.d_speed` is the signed value).
+  void observe_speeds(const mmbalance::SpeedSummary& speeds) {
+    spread_ = speeds.spread;
     fastest_ = speeds.fastest;
   }
 
@@ -68,6 +68,6 @@ class DutyCyclePolicy {
   std::int64_t period_;
   double threshold_;
   std::int64_t steps_ = 0;     // steps planned so far
-  double spread_ = 0.0;        // |imbalance| last measured
+  double spread_ = 0.0;        // the spread last measured
   std::int64_t fastest_ = -1;  // the fastest branch last measured; -1: none yet
 };

@@ -90,8 +90,8 @@ def section(by, audio, command, rel, notes):
     lines += ["", "### Conditional utilization rates on the test set (best validation epoch)", "",
               "u_k = (A(f_k) − A(f_k')) / A(f_k): what the other modalities add to head k; "
               "spread = max_k u_k − min_k u_k (for three branches there is no signed d_util); "
-              "imbalance = max_k s_k − min_k s_k of the learning speeds.", "",
-              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | spread | imbalance at best | "
+              "speed spread = max_k s_k − min_k s_k of the learning speeds (the summary's d_speed_at_best for three branches).", "",
+              "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | spread | speed spread at best | "
               "steps up to the best epoch, per seed: regular / hold m0 / m1 / m2 |",
               "|---|---|---|---|---|---|---|"]
     for p, runs in by.items():

@@ -216,6 +216,14 @@ std::vector<StepPlan> train_plans(NetT& net, torch::optim::Optimizer& optimizer,
   return plans;
 }
 
+/// A policy told the branch count of a network, as a `Balancer` tells it (for policies
+/// used without one).
+template <class Policy>
+Policy for_branches(Policy policy, std::size_t branches) {
+  policy.set_branches(branches);
+  return policy;
+}
+
 /// What `thing.save(archive)` writes (a balancer, a policy), as bytes: equal bytes, equal
 /// state. For optimizers use `optimizer_state`.
 template <class T>

@@ -157,7 +157,7 @@ void check_agm_step_through_balancer(NetT net, NetT twin, const std::vector<at::
   twin_loss.backward();
   plain.observe(twin_loss);
 
-  Balancer<AGMPolicy> balancer(net, AGMPolicy(n, AGMOptions().alpha(alpha)), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> balancer(net, AGMPolicy(AGMOptions().alpha(alpha)), BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
   const NetOutput out = forward_heads(net, x);
   const at::Tensor loss = balancer.loss(out, target, x);
@@ -239,7 +239,7 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   const auto [k_a1, k_v1] = original_step(s_a1, s_v1, train_a, train_v, 1, alpha, 10);
   const auto [k_a2, k_v2] = original_step(s_a2, s_v2, train_a, train_v, 2, alpha, 10);
 
-  AGMPolicy policy(2, AGMOptions().alpha(alpha));
+  auto policy = for_branches(AGMPolicy(AGMOptions().alpha(alpha)), 2);
   auto params = ones_gradients(2);
   run_agm_hook(policy, additive(a1, b1), t1, params);
   CHECK(policy.last_scores()[0].item<double>() == Approx(s_a1).epsilon(1e-12));
@@ -263,11 +263,11 @@ TEST_CASE("AGM's coefficients over two hand-computed steps are the original's, a
   CHECK(at::allclose(params[0][0].grad(), at::full({2, 3}, k_a2, at::kDouble)));
 
   // The parameter filter: conv weights only leaves a 2-d weight alone; all scales biases.
-  AGMPolicy conv(2, AGMOptions().alpha(alpha).parameters(ModulatedParameters::conv_weights));
+  auto conv = for_branches(AGMPolicy(AGMOptions().alpha(alpha).parameters(ModulatedParameters::conv_weights)), 2);
   params = ones_gradients(2);
   run_agm_hook(conv, additive(a1, b1), t1, params);
   CHECK(at::equal(params[0][0].grad(), at::ones({2, 3}, at::kDouble)));
-  AGMPolicy all(2, AGMOptions().alpha(alpha).parameters(ModulatedParameters::all));
+  auto all = for_branches(AGMPolicy(AGMOptions().alpha(alpha).parameters(ModulatedParameters::all)), 2);
   params = ones_gradients(2);
   run_agm_hook(all, additive(a1, b1), t1, params);
   CHECK(at::allclose(params[0][1].grad(), at::full({3}, k_a1, at::kDouble)));
@@ -277,7 +277,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
           "row's loss is capped, non-finite scores leave the step as it is", "[agm]") {
   const double l3 = std::log(3.0);
   // Equal responses: s equal, r = r̄ = 1, k = 1 exactly, over several steps.
-  AGMPolicy equal(2, AGMOptions().alpha(2.0));
+  auto equal = for_branches(AGMPolicy(AGMOptions().alpha(2.0)), 2);
   for (int i = 0; i < 3; ++i) {
     auto params = ones_gradients(2);
     const at::Tensor a = rows({{0, l3 * i}, {1, -2}});
@@ -289,7 +289,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   // The cap: step 1 puts a 5 nats ahead (ŝ_v − ŝ_a = 5: r̄_a = e^5); step 2 equal (r = 1):
   // r̄_a − r_a = e^5 − 1 > max_gap, so k_a = exp(α·max_gap); k_v = exp(α·(e^−5 − 1)).
   for (const double cap : {10.0, 7.0}) {
-    AGMPolicy policy(2, AGMOptions().alpha(0.1).max_gap(cap));
+    auto policy = for_branches(AGMPolicy(AGMOptions().alpha(0.1).max_gap(cap)), 2);
     auto params = ones_gradients(2);
     // a: right with odds e^20 : 1, b: wrong with odds e^5 : 1.
     const at::Tensor sure = rows({{20, 0}}), unsure = rows({{0, 5}});
@@ -304,7 +304,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   }
 
   // One modality perfect, the other lost: a row with p < 1e-8 scores −log 1e-8.
-  AGMPolicy lost(2);
+  auto lost = for_branches(AGMPolicy(), 2);
   auto params = ones_gradients(2);
   run_agm_hook(lost, additive(rows({{50, 0}}), rows({{-50, 0}})), at::tensor({0}, at::kLong), params);
   CHECK(lost.last_scores()[0].item<double>() == Approx(0).margin(1e-15));
@@ -312,7 +312,7 @@ TEST_CASE("AGM at the edges: equal modalities are not modulated, the gap is capp
   CHECK(lost.last_coefficients()[0].item<double>() == Approx(std::exp(0.1 * (1 - std::exp(kCap)))).margin(1e-12));
 
   // Non-finite responses: k = 1, gradients, running means and the count of steps unchanged.
-  AGMPolicy policy(2);
+  auto policy = for_branches(AGMPolicy(), 2);
   params = ones_gradients(2);
   run_agm_hook(policy, additive(rows({{0, l3}}), rows({{0, 0}})), at::tensor({1}, at::kLong), params);
   const at::Tensor before = policy.running_scores().clone();
@@ -344,7 +344,7 @@ TEST_CASE("AGM in warm-up: the plain loss, no masked passes, the inputs are need
   copy_state(net, twin);
   const MultiModalBatch b = small_batch(8, 7);
   modality_specific_loss(twin->forward(b.x0, b.x1), b.target).backward();
-  Balancer<AGMPolicy> balancer(net, AGMPolicy(2), BalancerOptions().warmup_epochs(1));
+  Balancer<AGMPolicy> balancer(net, AGMPolicy(), BalancerOptions().warmup_epochs(1));
   balancer.next_plan();
   const ModelOutput out = net->forward(b.x0, b.x1);
   // Without the inputs there is no loss() to call (a compile-time error for AGM).
@@ -370,8 +370,8 @@ TEST_CASE("AGM: the micro-batches of one step are scored together, a failed call
   };
   const MultiModalBatch b = small_batch(8, 41);
   Net whole = make(), halves = make();
-  Balancer<AGMPolicy> one(whole, AGMPolicy(2, AGMOptions().alpha(1.0)), BalancerOptions().warmup_epochs(0));
-  Balancer<AGMPolicy> two(halves, AGMPolicy(2, AGMOptions().alpha(1.0)), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> one(whole, AGMPolicy(AGMOptions().alpha(1.0)), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> two(halves, AGMPolicy(AGMOptions().alpha(1.0)), BalancerOptions().warmup_epochs(0));
   one.next_plan();
   const at::Tensor l1 = one.loss(whole->forward(b.x0, b.x1), b.target, {b.x0, b.x1});
   l1.backward();
@@ -401,7 +401,7 @@ TEST_CASE("AGM with checks on: a non-finite gradient is refused by name before t
   for (const auto& m : net->modules(/*include_self=*/false)) {
     if (m->name().find("BatchNorm") != std::string::npos) m->eval();
   }
-  Balancer<AGMPolicy> balancer(net, AGMPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> balancer(net, AGMPolicy(), BalancerOptions().warmup_epochs(0));
   const MultiModalBatch b = small_batch(8, 15);
   const auto step = [&](bool poison) {
     balancer.next_plan();
@@ -437,7 +437,7 @@ TEST_CASE("AGM resumes bit for bit mid-run, running scores included", "[agm][che
   const auto make = [] {
     Net net = small_net(2);
     auto opt = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-    auto bal = std::make_shared<Balancer<AGMPolicy>>(net, AGMPolicy(2, AGMOptions().alpha(0.5)),
+    auto bal = std::make_shared<Balancer<AGMPolicy>>(net, AGMPolicy(AGMOptions().alpha(0.5)),
                                                      BalancerOptions().warmup_epochs(1));
     return std::tuple{net, opt, bal};
   };
@@ -455,17 +455,17 @@ TEST_CASE("AGM resumes bit for bit mid-run, running scores included", "[agm][che
 }
 
 TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothing", "[agm][bad-input]") {
-  CHECK_THROWS_WITH(AGMPolicy(1), Catch::Contains("needs 2 to 12 branches"));
-  CHECK_THROWS_WITH(AGMPolicy(13), Catch::Contains("got 13"));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().alpha(-0.5)), Catch::Contains("alpha must be a finite number >= 0, got -0.5"));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().alpha(NAN)), Catch::Contains("alpha must be a finite number"));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().max_gap(0)), Catch::Contains("max_gap must be a finite number > 0, got 0"));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().max_gap(INFINITY)), Catch::Contains("max_gap must be a finite"));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().alpha(10).max_gap(10)),
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(), 1), Catch::Contains("needs 2 to 12 branches"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(), 13), Catch::Contains("got 13"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().alpha(-0.5)), 2), Catch::Contains("alpha must be a finite number >= 0, got -0.5"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().alpha(NAN)), 2), Catch::Contains("alpha must be a finite number"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().max_gap(0)), 2), Catch::Contains("max_gap must be a finite number > 0, got 0"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().max_gap(INFINITY)), 2), Catch::Contains("max_gap must be a finite"));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().alpha(10).max_gap(10)), 2),
                     Catch::Contains("alpha * max_gap must be <= 80 (the coefficient exp(alpha * max_gap) would "
                                     "overflow), got alpha 10 and max_gap 10"));
-  CHECK_NOTHROW(AGMPolicy(2, AGMOptions().alpha(8).max_gap(10)));
-  CHECK_THROWS_WITH(AGMPolicy(2, AGMOptions().parameters(static_cast<ModulatedParameters>(7))),
+  CHECK_NOTHROW(for_branches(AGMPolicy(AGMOptions().alpha(8).max_gap(10)), 2));
+  CHECK_THROWS_WITH(for_branches(AGMPolicy(AGMOptions().parameters(static_cast<ModulatedParameters>(7))), 2),
                     Catch::Contains("parameters must be"));
   CHECK_THROWS_WITH(AGMPolicy::mono_modal_responses({at::Tensor(), rows({{1}}), rows({{1}})}),
                     Catch::Contains("every subset"));
@@ -473,7 +473,7 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
                     Catch::Contains("modalities 2 (bit mask)"));
 
   Net net = small_net(8);
-  Balancer<AGMPolicy> balancer(net, AGMPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> balancer(net, AGMPolicy(), BalancerOptions().warmup_epochs(0));
   const MultiModalBatch b = small_batch(8, 8);
   balancer.next_plan();
   const ModelOutput out = net->forward(b.x0, b.x1);
@@ -488,13 +488,13 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
   // State from other options, another branch count, or damaged, is refused.
   AGMPolicy trained = balancer.policy();
   const std::string bytes = saved_bytes(trained);
-  AGMPolicy other(2, AGMOptions().alpha(0.2));
+  auto other = for_branches(AGMPolicy(AGMOptions().alpha(0.2)), 2);
   CHECK_THROWS_WITH(load_saved(other, bytes), Catch::Contains("made with alpha 0.1, this policy has alpha 0.2"));
-  AGMPolicy gap(2, AGMOptions().max_gap(7));
+  auto gap = for_branches(AGMPolicy(AGMOptions().max_gap(7)), 2);
   CHECK_THROWS_WITH(load_saved(gap, bytes), Catch::Contains("max_gap 10, this policy has max_gap 7"));
-  AGMPolicy filter(2, AGMOptions().parameters(ModulatedParameters::all));
+  auto filter = for_branches(AGMPolicy(AGMOptions().parameters(ModulatedParameters::all)), 2);
   CHECK_THROWS_WITH(load_saved(filter, bytes), Catch::Contains("this policy modulates all"));
-  AGMPolicy three(3);
+  auto three = for_branches(AGMPolicy(), 3);
   CHECK_THROWS_WITH(load_saved(three, bytes), Catch::Contains("running scores of 2 branches, this policy has 3"));
   const auto damaged = [](const at::Tensor& running, const at::Tensor& steps) {
     torch::serialize::OutputArchive archive;
@@ -508,7 +508,7 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
     archive.save_to(out);
     return out.str();
   };
-  AGMPolicy fresh(2);
+  auto fresh = for_branches(AGMPolicy(), 2);
   const std::string fresh_bytes = saved_bytes(fresh);
   CHECK_THROWS_WITH(load_saved(fresh, damaged(at::tensor({NAN, 1.0}, at::kDouble), at::zeros({}, at::kLong))),
                     Catch::Contains("out of range"));

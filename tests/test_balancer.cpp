@@ -110,8 +110,8 @@ TEST_CASE("Random balancing through the Balancer is regular in warm-up, then mix
                           BalancerOptions().warmup_epochs(2));
   auto kinds = train_steps(net, opt, balancer, 0, 20, 4);
   for (int i = 0; i < 8; ++i) CHECK(kinds[i] == StepKind::regular);
-  RandomPolicy replay(RandomOptions().seed(5));
-  for (int i = 8; i < 20; ++i) CHECK(kinds[i] == replay.next_step());
+  auto replay = for_branches(RandomPolicy(RandomOptions().seed(5)), 2);
+  for (int i = 8; i < 20; ++i) CHECK(kinds[i] == replay.next_plan());
   const auto& counts = balancer.total_step_counts();
   CHECK(counts[0] + counts[1] + counts[2] == 20);
   CHECK(counts[1] + counts[2] > 0);
@@ -125,7 +125,7 @@ TEST_CASE("A rejected step leaves the balancer and the gate averages unchanged",
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 2, 100);  // regular, then re-balancing
   // Reach a regular step inside the guided cycle.
-  while (balancer.policy().mode() != GuidedPolicy::Mode::regular)
+  while (balancer.policy().window_open())
     train_steps(net, opt, balancer, 2, 3, 100);
   auto b = small_batch(8, 99);
 
@@ -178,7 +178,7 @@ TEST_CASE("A rejected re-balancing step restores the policy's window", "[balance
   GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 1, 100);
-  REQUIRE(balancer.policy().mode() == GuidedPolicy::Mode::rebalance);
+  REQUIRE(balancer.policy().window_open());
   const auto before = saved_bytes(balancer);
   const StepKind kind = balancer.next_step();
   REQUIRE(kind != StepKind::regular);
@@ -196,7 +196,7 @@ namespace {
 struct EpochRecorder {
   std::vector<std::int64_t> started;
   std::shared_ptr<bool> fail = std::make_shared<bool>(false);
-  StepKind next_step() { return StepKind::regular; }
+  StepPlan next_plan() { return StepKind::regular; }
   void start_epoch(std::int64_t e) {
     TORCH_CHECK(!*fail, "simulated: start_epoch failed");
     started.push_back(e);
@@ -348,7 +348,7 @@ TEST_CASE("A re-balancing step with a NaN gradient is rejected too, before the o
   GuidedBalancer balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)),
                           BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, balancer, 0, 1, 100);  // regular; alpha 0 opens a window
-  REQUIRE(balancer.policy().mode() == GuidedPolicy::Mode::rebalance);
+  REQUIRE(balancer.policy().window_open());
   const auto before = saved_bytes(balancer);
   const StepKind kind = balancer.next_step();
   REQUIRE(kind != StepKind::regular);
@@ -493,7 +493,7 @@ TEST_CASE("Resuming with other options is refused, naming the option and both va
   GuidedBalancer saved(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(5)),
                        BalancerOptions().warmup_epochs(0));
   train_steps(net, opt, saved, 0, 3, 100);  // mid-window: regular, then 2 of 5
-  REQUIRE(saved.policy().mode() == GuidedPolicy::Mode::rebalance);
+  REQUIRE(saved.policy().window_open());
   torch::serialize::OutputArchive out;
   saved.save(out);
   std::stringstream bytes;
@@ -574,11 +574,11 @@ TEST_CASE("N-branch balancer with two branches takes the two-branch balancer's s
   auto opt_twin = make_sgd(twin);
   const auto options = GuidedOptions().alpha(0.02).Q(2);
   GuidedBalancer pair_balancer(pair, GuidedPolicy(options));
-  Balancer<NWayGuidedPolicy> twin_balancer(twin, NWayGuidedPolicy(2, options));
+  Balancer<GuidedPolicy> twin_balancer(twin, GuidedPolicy(options));
   std::vector<StepPlan> pair_plans;
   std::vector<double> pair_speeds, twin_speeds;
   for (int i = 0; i < 20; ++i) {  // one epoch of warm-up, then guided
-    pair_plans.push_back(StepPlan::from(train_steps(pair, opt_pair, pair_balancer, i, i + 1, 4)[0]));
+    pair_plans.push_back(train_steps(pair, opt_pair, pair_balancer, i, i + 1, 4)[0]);
     pair_speeds.push_back(pair_balancer.last_d_speed());
     REQUIRE(train_plans(twin, opt_twin, twin_balancer, i, i + 1, 4)[0] == pair_plans.back());
     twin_speeds.push_back(twin_balancer.last_d_speed());
@@ -600,8 +600,8 @@ TEST_CASE("N-branch guided balancing holds the branch whose fusion path learns f
   auto opt = make_sgd(net);
   const double alpha = 0.05;
   const std::int64_t Q = 2;
-  Balancer<NWayGuidedPolicy> balancer(net, NWayGuidedPolicy(3, GuidedOptions().alpha(alpha).Q(Q)),
-                                      BalancerOptions().warmup_epochs(1));
+  Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(alpha).Q(Q)),
+                                  BalancerOptions().warmup_epochs(1));
   const auto groups = net->parameter_groups();
   std::vector<double> m(6, 0.0);  // the replay's accumulators
   std::int64_t window_left = 0;
@@ -625,12 +625,13 @@ TEST_CASE("N-branch guided balancing holds the branch whose fusion path learns f
       std::vector<double> s;
       for (std::size_t k = 0; k < 3; ++k) s.push_back(std::log10(m[3 + k] / m[k]));
       const auto hi = std::max_element(s.begin(), s.end());
-      const double imbalance = *hi - *std::min_element(s.begin(), s.end());
-      CHECK(balancer.last_d_speed() == Approx(imbalance).epsilon(1e-6));
+      const double spread = *hi - *std::min_element(s.begin(), s.end());
+      CHECK(balancer.last_speeds().spread == Approx(spread).epsilon(1e-6));
+      CHECK(std::isnan(balancer.last_d_speed()));  // signed d_speed: two branches only
       for (std::size_t k = 0; k < 3; ++k) {
-        CHECK(balancer.last_branch_speeds().speeds[k] == Approx(s[k]).epsilon(1e-6));
+        CHECK(balancer.last_speeds().speeds[k] == Approx(s[k]).epsilon(1e-6));
       }
-      if (!warmup && imbalance > alpha) {
+      if (!warmup && spread > alpha) {
         held = static_cast<std::size_t>(hi - s.begin());
         window_left = Q;
       }
@@ -647,7 +648,7 @@ TEST_CASE("N-branch random balancing: regular in warm-up, then the policy's draw
           "[balancer][n-way]") {
   ThreeWay net = small_three_way(92);
   auto opt = make_sgd(net);
-  Balancer<NWayRandomPolicy> balancer(net, NWayRandomPolicy(3, RandomOptions().seed(4)));
+  Balancer<RandomPolicy> balancer(net, RandomPolicy(RandomOptions().seed(4)));
   const auto plans = train_plans(net, opt, balancer, 0, 40, 4);
   // The draws written out: mt19937_64 seeded 4, each draw modulo 4 (0: regular, k: hold k-1).
   std::mt19937_64 engine(4);
@@ -672,12 +673,14 @@ TEST_CASE("N-branch random balancing: regular in warm-up, then the policy's draw
 TEST_CASE("N-branch balancer: policies of another branch count, plans out of range and "
           "two-branch calls are refused with the values", "[balancer][n-way][bad-input]") {
   ThreeWay net = small_three_way(93);
-  CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy()),
-                    Catch::Contains("chooses step kinds, which are for two branches; this network has 3"));
-  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(2)),
-                    Catch::Contains("the policy balances 2 branches, this network has 3"));
-  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(small_net(1), NWayRandomPolicy(3)),
-                    Catch::Contains("the policy balances 3 branches, this network has 2"));
+  // The deprecated N-branch constructors name a count, which the network's must match.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  CHECK_THROWS_WITH(GuidedBalancer(net, NWayGuidedPolicy(2, GuidedOptions())),
+                    Catch::Contains("the policy was made for 2 branches, the network has 3"));
+  CHECK_THROWS_WITH(RandomBalancer(small_net(1), NWayRandomPolicy(3, RandomOptions())),
+                    Catch::Contains("the policy was made for 3 branches, the network has 2"));
+#pragma GCC diagnostic pop
 
   Balancer<HoldsBranchSevenFirst> bad(net, HoldsBranchSevenFirst(), BalancerOptions().warmup_epochs(0));
   for (int attempt = 0; attempt < 2; ++attempt) {  // the policy's call is undone each time
@@ -692,19 +695,22 @@ TEST_CASE("N-branch balancer: policies of another branch count, plans out of ran
   train_plans(net, opt, vanilla, 0, 3, 100);  // vanilla runs on N branches through next_plan
   const std::vector<std::int64_t> three_regular = {3, 0, 0, 0};
   CHECK(vanilla.total_plan_counts() == three_regular);
-  // Checks on: the speeds are read every step; for N = 3, last_d_speed is max - min.
-  const auto now = vanilla.branch_speeds();
+  // Checks on: the speeds are read every step; for N = 3, the spread is max - min and
+  // there is no signed d_speed.
+  const auto now = vanilla.speed();
   const auto [lo, hi] = std::minmax_element(now.speeds.begin(), now.speeds.end());
-  CHECK(vanilla.last_d_speed() == Approx(*hi - *lo).epsilon(1e-12));
-  CHECK(vanilla.branch_speeds().speeds.size() == 3);
+  CHECK(vanilla.last_speeds().spread == Approx(*hi - *lo).epsilon(1e-12));
+  CHECK(std::isnan(vanilla.last_d_speed()));
+  CHECK(std::isnan(now.d_speed));
+  CHECK(vanilla.speed().speeds.size() == 3);
 }
 
 TEST_CASE("N-branch balancer: a re-balancing step with a NaN gradient in branch 2 is rejected, "
           "naming the group", "[balancer][n-way][bad-input]") {
   ThreeWay net = small_three_way(94);
   auto opt = make_sgd(net);
-  Balancer<NWayGuidedPolicy> balancer(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)),
-                                      BalancerOptions().warmup_epochs(0));
+  Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)),
+                                  BalancerOptions().warmup_epochs(0));
   train_plans(net, opt, balancer, 0, 1, 100);  // regular; alpha 0 opens a window
   const auto before = saved_bytes(balancer);
   const StepPlan plan = balancer.next_plan();
@@ -763,7 +769,7 @@ TEST_CASE("Balancer::load refuses a record of another branch count and reads the
   old_in.load_from(old_bytes);
   two_balancer.load(old_in);
   CHECK(two_balancer.last_d_speed() == 0.125);
-  CHECK(two_balancer.last_branch_speeds().fastest == 0);
+  CHECK(two_balancer.last_speeds().fastest == 0);
   CHECK(two_balancer.step() == 7);
   CHECK(two_balancer.total_step_counts() == (StepCounts{7, 0, 0}));
   CHECK(two_balancer.epoch_step_counts() == (StepCounts{3, 0, 0}));
@@ -773,7 +779,7 @@ TEST_CASE("Balancer::load refuses damaged three-branch records, naming the field
           "[balancer][n-way][bad-input]") {
   ThreeWay net = small_three_way(97);
   auto opt = make_sgd(net);
-  Balancer<NWayGuidedPolicy> balancer(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)));
+  Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
   train_plans(net, opt, balancer, 0, 6, 4);
   const auto before = saved_bytes(balancer);
   // The saved record copied key by key, with one field replaced.
@@ -813,12 +819,12 @@ TEST_CASE("Balancer::load refuses damaged three-branch records, naming the field
     return archive;
   };
   {  // the copy itself loads: the cases below differ from the saved record only in their field
-    Balancer<NWayGuidedPolicy> copy(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)));
+    Balancer<GuidedPolicy> copy(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
     copy.load(*with("step", balancer.step()));
     CHECK(saved_bytes(copy) == before);
   }
   {
-    Balancer<NWayGuidedPolicy> copy(net, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)));
+    Balancer<GuidedPolicy> copy(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)));
     CHECK_THROWS_WITH(copy.load(*with("branches", std::string("three"))),
                       Catch::Contains("'branches' is not an integer"));
   }
@@ -890,10 +896,6 @@ TEST_CASE("Late fusion: policies that hold fusion gates are refused by name, a r
                               "and this network has no fusion modules (late fusion)";
   CHECK_THROWS_WITH(GuidedBalancer(net, GuidedPolicy()), Catch::Contains("GuidedPolicy " + refused));
   CHECK_THROWS_WITH(Balancer<RandomPolicy>(net, RandomPolicy()), Catch::Contains("RandomPolicy " + refused));
-  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(2)),
-                    Catch::Contains("NWayGuidedPolicy " + refused));
-  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(2)),
-                    Catch::Contains("NWayRandomPolicy " + refused));
 
   Balancer<AlwaysHoldsBranch0> holds(net, AlwaysHoldsBranch0(), BalancerOptions().warmup_epochs(0));
   for (int attempt = 0; attempt < 2; ++attempt) {  // refused, and the policy's call undone

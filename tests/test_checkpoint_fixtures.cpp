@@ -52,7 +52,7 @@ StepPlan two_branch_step(Net& net, torch::optim::Optimizer& opt, BalancerT& bal,
   bal.observe(loss);
   opt.step();
   if ((i + 1) % kFixtureStepsPerEpoch == 0) bal.end_epoch(net, epoch_batches(500), epoch_batches(600));
-  return StepPlan::from(kind);
+  return kind;
 }
 
 template <class BalancerT>
@@ -114,7 +114,7 @@ Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer
     expected.write("step", bal.step());
     expected.write("epoch", bal.epoch());
     expected.write("total_plan_counts", at::tensor(bal.total_plan_counts(), at::kLong));
-    expected.write("last_speeds", at::tensor(bal.last_branch_speeds().speeds, at::kDouble));
+    expected.write("last_speeds", at::tensor(bal.last_speeds().speeds, at::kDouble));
     expected.save_to((dir / (name + ".expected")).string());
   };
   const auto check = [=](const fs::path& dir) {
@@ -148,7 +148,7 @@ Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer
     CHECK(bal.step() == want_step.toInt());
     CHECK(bal.epoch() == want_epoch.toInt());
     CHECK(at::equal(at::tensor(bal.total_plan_counts(), at::kLong), want_counts));
-    CHECK(at::allclose(at::tensor(bal.last_branch_speeds().speeds, at::kDouble), want_speeds, 1e-4, 1e-9));
+    CHECK(at::allclose(at::tensor(bal.last_speeds().speeds, at::kDouble), want_speeds, 1e-4, 1e-9));
     CHECK(at::allclose(flat(net->parameters()), want_parameters, 1e-4, 1e-6));
     CHECK(at::allclose(flat(net->buffers()), want_buffers, 1e-4, 1e-6));
     // The resumed policy state was exercised: after the resume, branches were held.
@@ -181,12 +181,12 @@ std::vector<Scenario> scenarios() {
                  BalancerOptions().check_every_step(false).speed_read(SpeedRead::previous_step)),
       two_branch("random", RandomPolicy(RandomOptions().seed(3))),
       two_branch("vanilla", VanillaPolicy()),
-      three_branch("guided_three", NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2))),
-      three_branch("random_three", NWayRandomPolicy(3, RandomOptions().seed(5))),
+      three_branch("guided_three", GuidedPolicy(GuidedOptions().alpha(0.0).Q(2))),
+      three_branch("random_three", RandomPolicy(RandomOptions().seed(5))),
       two_branch("ogm_ge", OGMGEPolicy(OGMGEOptions().alpha(0.7).seed(3)), no_warmup),
-      two_branch("agm", AGMPolicy(2, AGMOptions().alpha(0.5)), no_warmup),
-      two_branch("mmpareto", MMParetoPolicy(2, MMParetoOptions().gamma(1.5)), no_warmup),
-      two_branch("gradient_blending", GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1))),
+      two_branch("agm", AGMPolicy(AGMOptions().alpha(0.5)), no_warmup),
+      two_branch("mmpareto", MMParetoPolicy(MMParetoOptions().gamma(1.5)), no_warmup),
+      two_branch("gradient_blending", GradientBlendingPolicy(GradientBlendingOptions().super_epoch(1))),
   };
 }
 

@@ -125,18 +125,18 @@ TEST_CASE("CUDA: a checkpoint saved on the GPU resumes on the CPU, and one from 
   const std::string dir = std::filesystem::temp_directory_path() /
                           ("mmbalance_cuda_ckpt_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
-  const auto policy = [] { return NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)); };
+  const auto policy = [] { return GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)); };
   auto gpu = small_three_way(5);
   gpu->to(cuda);
   auto opt_gpu = make_sgd(gpu);
-  Balancer<NWayGuidedPolicy> bal_gpu(gpu, policy(), BalancerOptions().warmup_epochs(0));
+  Balancer<GuidedPolicy> bal_gpu(gpu, policy(), BalancerOptions().warmup_epochs(0));
   train_on(gpu, opt_gpu, bal_gpu, cuda, 0, 5);
   save_checkpoint(dir + "/gpu.pt", gpu, opt_gpu, bal_gpu);
 
   // GPU -> CPU: everything lands on the CPU model's device, and training goes on alike.
   auto cpu = small_three_way(6);
   auto opt_cpu = make_sgd(cpu);
-  Balancer<NWayGuidedPolicy> bal_cpu(cpu, policy(), BalancerOptions().warmup_epochs(0));
+  Balancer<GuidedPolicy> bal_cpu(cpu, policy(), BalancerOptions().warmup_epochs(0));
   load_checkpoint(dir + "/gpu.pt", cpu, opt_cpu, bal_cpu);
   CHECK(all_on(cpu, opt_cpu, at::kCPU));
   CHECK(max_abs_difference(cpu, gpu) == 0.0);
@@ -152,7 +152,7 @@ TEST_CASE("CUDA: a checkpoint saved on the GPU resumes on the CPU, and one from 
   auto back = small_three_way(7);
   back->to(cuda);
   auto opt_back = make_sgd(back);
-  Balancer<NWayGuidedPolicy> bal_back(back, policy(), BalancerOptions().warmup_epochs(0));
+  Balancer<GuidedPolicy> bal_back(back, policy(), BalancerOptions().warmup_epochs(0));
   load_checkpoint(dir + "/cpu.pt", back, opt_back, bal_back);
   CHECK(all_on(back, opt_back, cuda));
   CHECK(max_abs_difference(back, cpu) == 0.0);
@@ -170,8 +170,8 @@ TEST_CASE("CUDA: three branches, guided, train on the GPU as on the CPU", "[cuda
   auto opt_cpu = make_sgd(cpu);
   auto opt_gpu = make_sgd(gpu);
   const auto options = BalancerOptions().warmup_epochs(0);
-  Balancer<NWayGuidedPolicy> bal_cpu(cpu, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)), options);
-  Balancer<NWayGuidedPolicy> bal_gpu(gpu, NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)), options);
+  Balancer<GuidedPolicy> bal_cpu(cpu, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)), options);
+  Balancer<GuidedPolicy> bal_gpu(gpu, GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)), options);
   train_on(cpu, opt_cpu, bal_cpu, at::kCPU, 0, 8);
   train_on(gpu, opt_gpu, bal_gpu, cuda, 0, 8);
   // alpha = 0 opens a window after every regular step: re-balancing plans were taken.
@@ -212,8 +212,8 @@ TEST_CASE("CUDA: MMPareto combines on the GPU as on the CPU, conflicts included"
   gpu->to(cuda);
   auto opt_cpu = make_sgd(cpu);
   auto opt_gpu = make_sgd(gpu);
-  Balancer<MMParetoPolicy> bal_cpu(cpu, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
-  Balancer<MMParetoPolicy> bal_gpu(gpu, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> bal_cpu(cpu, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> bal_gpu(gpu, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<MMParetoPolicy>& bal, const at::Device& device) {
     for (int i = 0; i < 6; ++i) {
       const auto b = small_batch(8, static_cast<std::uint64_t>(60 + i));
@@ -244,8 +244,8 @@ TEST_CASE("CUDA: AGM's masked passes and coefficients on the GPU as on the CPU, 
   auto opt_cpu = make_sgd(cpu);
   auto opt_gpu = make_sgd(gpu);
   const auto agm = AGMOptions().alpha(0.5);
-  Balancer<AGMPolicy> bal_cpu(cpu, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
-  Balancer<AGMPolicy> bal_gpu(gpu, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> bal_cpu(cpu, AGMPolicy(agm), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> bal_gpu(gpu, AGMPolicy(agm), BalancerOptions().warmup_epochs(0));
   const auto train = [](Net& net, torch::optim::SGD& opt, Balancer<AGMPolicy>& bal, const at::Device& device,
                         int first, int last) {
     for (int i = first; i < last; ++i) {
@@ -274,7 +274,7 @@ TEST_CASE("CUDA: AGM's masked passes and coefficients on the GPU as on the CPU, 
   Net resumed = small_net(99);
   resumed->to(cuda);
   auto opt_resumed = make_sgd(resumed);
-  Balancer<AGMPolicy> bal_resumed(resumed, AGMPolicy(2, agm), BalancerOptions().warmup_epochs(0));
+  Balancer<AGMPolicy> bal_resumed(resumed, AGMPolicy(agm), BalancerOptions().warmup_epochs(0));
   load_checkpoint(dir + "/agm.pt", resumed, opt_resumed, bal_resumed);
   train(cpu, opt_cpu, bal_cpu, at::kCPU, 4, 6);
   train(resumed, opt_resumed, bal_resumed, cuda, 4, 6);
@@ -333,7 +333,7 @@ TEST_CASE("CUDA: a Gradient-Blending checkpoint from the CPU resumes on the GPU,
   const std::string dir = std::filesystem::temp_directory_path() /
                           ("mmbalance_cuda_gblend_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
-  const auto policy = [] { return GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)); };
+  const auto policy = [] { return for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(1)), 2); };
   const std::vector<MultiModalBatch> train = {small_batch(8, 100)}, held_out = {small_batch(8, 200)};
   // An epoch of 3 steps on `device`, then its end (measured).
   const auto epoch = [&](Net& net, torch::optim::SGD& opt, Balancer<GradientBlendingPolicy>& balancer,

@@ -2,6 +2,7 @@
 // written out here, trained through the balancer, and resumed from a checkpoint.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -22,15 +23,15 @@ TEST_CASE("DutyCyclePolicy holds the fastest branch on every period-th step whil
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);
-  p.observe_speeds(NWaySpeedSummary{{0.5, 0.1}, 0.4, 0});  // spread 0.4 > 0.2, branch 0 fastest
+  p.observe_speeds(SpeedSummary::from_speeds({0.5, 0.1}));  // spread 0.4 > 0.2, branch 0 fastest
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == StepPlan::hold(0));  // step 6
-  p.observe_speeds(NWaySpeedSummary{{0.2, 0.1, 0.05}, 0.15, 0});  // spread 0.15: within
+  p.observe_speeds(SpeedSummary::from_speeds({0.2, 0.1, 0.05}));  // spread 0.15: within
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);  // step 9, due
-  p.observe_speeds(NWaySpeedSummary{{-0.3, 0.2}, -0.5, 1});  // two branches: d_speed -0.5
+  p.observe_speeds(SpeedSummary::from_speeds({-0.3, 0.2}));  // d_speed -0.5: spread 0.5, branch 1
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == regular);
   CHECK(p.next_plan() == StepPlan::hold(1));  // step 12
@@ -55,7 +56,7 @@ TEST_CASE("DutyCyclePolicy runs in the README's two-branch loop (next_step) unch
       CHECK(kind == (fastest == 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1));
     } else {
       CHECK(kind == StepKind::regular);
-      fastest = balancer.last_branch_speeds().fastest;
+      fastest = balancer.last_speeds().fastest;
     }
   }
 }
@@ -83,9 +84,9 @@ TEST_CASE("DutyCyclePolicy trained through the balancer on three branches: each 
     holds += plan.is_regular() ? 0 : 1;
     plans.push_back(plan);
     if (plan.is_regular()) {
-      const NWaySpeedSummary& s = balancer.last_branch_speeds();
-      REQUIRE(std::isfinite(s.imbalance));
-      spread = std::abs(s.imbalance);
+      const SpeedSummary& s = balancer.last_speeds();
+      REQUIRE(std::isfinite(s.spread));
+      spread = *std::max_element(s.speeds.begin(), s.speeds.end()) - *std::min_element(s.speeds.begin(), s.speeds.end());
       fastest = s.fastest;
     }
   }

@@ -248,7 +248,7 @@ TEST_CASE("DataParallel, guided: 2 ranks take the same steps as one process", "[
 TEST_CASE("DataParallel, three branches: 2 ranks take the same plans as one process",
           "[distributed][n-way]") {
   // alpha = 0: a window after every regular step, holding the fastest branch.
-  check_matches_single_process(NWayGuidedPolicy(3, GuidedOptions().alpha(0.0).Q(2)), at::kCPU,
+  check_matches_single_process(GuidedPolicy(GuidedOptions().alpha(0.0).Q(2)), at::kCPU,
                                small_three_way);
   check_matches_single_process(VanillaPolicy(), at::kCPU, small_three_way);
 }
@@ -267,11 +267,11 @@ TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process 
   // Each rank's fused gradients are averaged over the ranks (as DataParallel averages the
   // gradients) before the cosine test and the min-norm weights; MMTM, late fusion, three
   // branches.
-  check_matches_single_process(MMParetoPolicy(2));
-  check_matches_single_process(MMParetoPolicy(3, MMParetoOptions().gamma(1.2)), at::kCPU, small_three_way);
+  check_matches_single_process(for_branches(MMParetoPolicy(), 2));
+  check_matches_single_process(for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.2)), 3), at::kCPU, small_three_way);
   // Heads that lean apart make branch 0's gradients conflict, where the min-norm weights
   // depend on the averaged g_m: the same conflicts on the ranks as in one process.
-  const auto ended = check_matches_single_process(MMParetoPolicy(2), at::kCPU, leaning_late_net);
+  const auto ended = check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net);
   const at::Tensor single = ended[0].conflict_steps();
   CHECK(single[0].item<std::int64_t>() > 0);
   CHECK(at::equal(ended[1].conflict_steps(), single));
@@ -282,9 +282,9 @@ TEST_CASE("DataParallel, AGM: 2 ranks scale the gradients of one process on the 
           "batches", "[distributed][agm]") {
   // Each rank runs the masked passes on its rows; the scores' sums and row counts are
   // added up over the ranks before the coefficients: MMTM, late fusion, three branches.
-  const auto ended = check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)));
-  check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)), at::kCPU, leaning_late_net);
-  check_matches_single_process(AGMPolicy(3, AGMOptions().alpha(0.5)), at::kCPU, small_three_way);
+  const auto ended = check_matches_single_process(for_branches(AGMPolicy(AGMOptions().alpha(0.5)), 2));
+  check_matches_single_process(for_branches(AGMPolicy(AGMOptions().alpha(0.5)), 2), at::kCPU, leaning_late_net);
+  check_matches_single_process(for_branches(AGMPolicy(AGMOptions().alpha(0.5)), 3), at::kCPU, small_three_way);
   // The running means are the same everywhere, and the coefficients did modulate.
   for (const auto& p : ended) CHECK(at::allclose(p.running_scores(), ended[0].running_scores(), 1e-6, 1e-9));
   CHECK(at::equal(ended[1].running_scores(), ended[2].running_scores()));
@@ -297,8 +297,8 @@ TEST_CASE("DataParallel, uneven shares: 3 ranks of 2, 3 and 3 rows, each loss sc
   // The scale reaches what the balancer computes from the loss (MMPareto's fused
   // gradients) and the scores' row counts (AGM), so unequal shares average correctly.
   check_matches_single_process(VanillaPolicy(), at::kCPU, two_branch_net, 1e-5, 3);
-  check_matches_single_process(MMParetoPolicy(2), at::kCPU, leaning_late_net, 1e-5, 3);
-  const auto ended = check_matches_single_process(AGMPolicy(2, AGMOptions().alpha(0.5)), at::kCPU, two_branch_net, 1e-5, 3);
+  check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net, 1e-5, 3);
+  const auto ended = check_matches_single_process(for_branches(AGMPolicy(AGMOptions().alpha(0.5)), 2), at::kCPU, two_branch_net, 1e-5, 3);
   for (std::size_t r = 1; r < ended.size(); ++r) {
     CHECK(at::allclose(ended[r].running_scores(), ended[0].running_scores(), 1e-6, 1e-9));
   }
@@ -324,7 +324,7 @@ TEST_CASE("DataParallel, Gradient-Blending: 2 ranks measure the losses of one pr
   // applied to them.
   // (The averaged gradients keep the ranks' models equal whatever their weights.)
   for (const std::size_t branches : {2, 3}) {
-    const BlendHistory policy(branches, GradientBlendingOptions().super_epoch(1));
+    const BlendHistory policy(GradientBlendingOptions().super_epoch(1));
     // The rule divides by squared differences of losses, so the 1e-7 differences between
     // batches of 4 and of 8 rows (other kernels) reach the weights, then the parameters:
     // those compared within 1e-2 (without the sums over the ranks they differ by 0.4).
@@ -449,21 +449,21 @@ TEST_CASE("DataParallel: a checkpoint from 2 ranks resumes in 1 process", "[dist
 
 TEST_CASE("DataParallel: the random policy draws the same steps on every rank",
           "[distributed]") {
-  std::vector<std::vector<StepKind>> draws(2);
+  std::vector<std::vector<StepPlan>> draws(2);
   std::vector<std::uint64_t> seeds(2);
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
     // Each rank asks for its own seed; rank 0's wins everywhere.
     const std::uint64_t seed = agree_on_seed(pg, 100 + static_cast<std::uint64_t>(rank));
     seeds[static_cast<std::size_t>(rank)] = seed;
-    RandomPolicy policy(RandomOptions().seed(seed));
-    for (int i = 0; i < 200; ++i) draws[static_cast<std::size_t>(rank)].push_back(policy.next_step());
+    auto policy = for_branches(RandomPolicy(RandomOptions().seed(seed)), 2);
+    for (int i = 0; i < 200; ++i) draws[static_cast<std::size_t>(rank)].push_back(policy.next_plan());
   }));
   CHECK(seeds[0] == 100);
   CHECK(seeds[1] == 100);
   CHECK(draws[0] == draws[1]);
-  RandomPolicy other(RandomOptions().seed(101));
-  std::vector<StepKind> other_draws;
-  for (int i = 0; i < 200; ++i) other_draws.push_back(other.next_step());
+  auto other = for_branches(RandomPolicy(RandomOptions().seed(101)), 2);
+  std::vector<StepPlan> other_draws;
+  for (int i = 0; i < 200; ++i) other_draws.push_back(other.next_plan());
   CHECK(other_draws != draws[0]);
 }
 

@@ -66,7 +66,7 @@ TEST_CASE("Gradient-Blending weights follow G / O^2 on a hand-computed table", "
 
 TEST_CASE("Gradient-Blending: uniform weights until two measurements, then the rule, every "
           "super_epoch epochs", "[gblend]") {
-  GradientBlendingPolicy policy(2, GradientBlendingOptions().super_epoch(3));
+  auto policy = for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(3)), 2);
   const LossWeights initial = policy.loss_weights();
   CHECK(initial.heads == std::vector<double>{1.0 / 3, 1.0 / 3});
   CHECK(initial.fused == 1.0 / 3);
@@ -88,12 +88,12 @@ TEST_CASE("Gradient-Blending: uniform weights until two measurements, then the r
 
 TEST_CASE("Gradient-Blending refuses bad options and non-finite losses, changing nothing",
           "[gblend][bad-input]") {
-  CHECK_THROWS_WITH(GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(0)),
+  CHECK_THROWS_WITH(for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(0)), 2),
                     Catch::Contains("super_epoch must be >= 1 epoch, got 0"));
-  CHECK_THROWS_WITH(GradientBlendingPolicy(1), Catch::Contains("needs 2 to 4096 branches, got 1"));
-  CHECK_THROWS_WITH(GradientBlendingPolicy(std::numeric_limits<std::size_t>::max()),
+  CHECK_THROWS_WITH(for_branches(GradientBlendingPolicy(), 1), Catch::Contains("needs 2 to 4096 branches, got 1"));
+  CHECK_THROWS_WITH(for_branches(GradientBlendingPolicy(), std::numeric_limits<std::size_t>::max()),
                     Catch::Contains("needs 2 to 4096 branches, got 18446744073709551615"));
-  GradientBlendingPolicy policy(2);
+  auto policy = for_branches(GradientBlendingPolicy(), 2);
   policy.observe_epoch_losses(measured({1, 1}, 1, {1.2, 1.3}, 1.1));
   const std::string before = saved_bytes(policy);
   CHECK_THROWS_WITH(policy.observe_epoch_losses(measured({0.5, NAN}, 0.5, {1, 1}, 1, 5)),
@@ -111,7 +111,7 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
   const auto b = small_batch(8, 7);
   // Warm-up: the unweighted loss, CE(y0) + CE(y1).
   {
-    Balancer<GradientBlendingPolicy> warming(net, GradientBlendingPolicy(2), BalancerOptions().warmup_epochs(1));
+    Balancer<GradientBlendingPolicy> warming(net, GradientBlendingPolicy(), BalancerOptions().warmup_epochs(1));
     const ModelOutput out = net->forward(b.x0, b.x1, warming.next_step());
     const at::Tensor loss = warming.loss(out, b.target);
     CHECK(loss.item<double>() == Approx((at::cross_entropy_loss(out.y0, b.target) +
@@ -120,7 +120,7 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
   }
   // A policy whose weights are known: head 0 G 0.2, dO 0.2 -> 5; head 1 G 0.1, dO 0.1 ->
   // 10; fused G 0.3, dO 0.3 -> 10 / 3.
-  GradientBlendingPolicy policy(2);
+  auto policy = for_branches(GradientBlendingPolicy(), 2);
   policy.observe_epoch_losses(measured({1.0, 1.0}, 1.0, {1.2, 1.2}, 1.2));
   policy.observe_epoch_losses(measured({0.6, 0.8}, 0.4, {1.0, 1.1}, 0.9));
   const double total = 5 + 10 + 10.0 / 3;
@@ -135,7 +135,7 @@ TEST_CASE("Gradient-Blending's loss through the Balancer is the weighted sum of 
 
   // Trained through measured boundaries, the weights move away from uniform.
   auto opt = make_sgd(net);
-  Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
+  Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(GradientBlendingOptions().super_epoch(1)));
   const auto train = small_batches(100, 2), held_out = small_batches(200, 2);
   for (int e = 0; e < 3; ++e) {
     for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, online, small_batch(8, 10 + i));
@@ -153,7 +153,7 @@ TEST_CASE("Gradient-Blending measures the losses it is given: the first estimate
           "applied to head_losses at the boundaries", "[gblend][balancer]") {
   Net net = small_net(62);
   auto opt = make_sgd(net);
-  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(2)),
+  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(GradientBlendingOptions().super_epoch(2)),
                                             BalancerOptions().warmup_epochs(1));
   const auto train = small_batches(300, 2), held_out = small_batches(400, 2);
   balanced_step(net, opt, balancer, small_batch(8, 1));
@@ -180,7 +180,7 @@ TEST_CASE("Gradient-Blending: a boundary that needs losses refuses a plain end_e
           "empty held-out data, changing nothing", "[gblend][balancer][bad-input]") {
   Net net = small_net(63);
   auto opt = make_sgd(net);
-  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2), BalancerOptions().warmup_epochs(1));
+  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(), BalancerOptions().warmup_epochs(1));
   balanced_step(net, opt, balancer, small_batch(8, 1));
   const std::string before = saved_bytes(balancer);
   CHECK_THROWS_WITH(balancer.end_epoch(),
@@ -226,13 +226,13 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
   };
   Net whole = small_net(64);
   auto whole_opt = make_sgd(whole);
-  Balancer<GradientBlendingPolicy> whole_balancer(whole, GradientBlendingPolicy(2, options));
+  Balancer<GradientBlendingPolicy> whole_balancer(whole, GradientBlendingPolicy(options));
   run_epochs(whole, whole_opt, whole_balancer, 0, 5);
   REQUIRE(whole_balancer.policy().estimates() == 2);
 
   Net first = small_net(64);
   auto first_opt = make_sgd(first);
-  Balancer<GradientBlendingPolicy> first_balancer(first, GradientBlendingPolicy(2, options));
+  Balancer<GradientBlendingPolicy> first_balancer(first, GradientBlendingPolicy(options));
   run_epochs(first, first_opt, first_balancer, 0, 2);
   torch::serialize::OutputArchive out;
   first_balancer.save(out);
@@ -251,7 +251,7 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
     i.load_from(s);
     second_opt.load(i);
   }
-  Balancer<GradientBlendingPolicy> second_balancer(second, GradientBlendingPolicy(2, options));
+  Balancer<GradientBlendingPolicy> second_balancer(second, GradientBlendingPolicy(options));
   torch::serialize::InputArchive in;
   in.load_from(bytes);
   second_balancer.load(in);
@@ -264,14 +264,14 @@ TEST_CASE("Gradient-Blending resumes bit for bit mid-run", "[gblend][checkpoint]
 
 TEST_CASE("Gradient-Blending state from other options, or damaged, is refused and changes nothing",
           "[gblend][checkpoint][bad-input]") {
-  GradientBlendingPolicy measured_once(2, GradientBlendingOptions().super_epoch(2));
+  auto measured_once = for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(2)), 2);
   measured_once.observe_epoch_losses(measured({1, 1}, 1, {1.2, 1.3}, 1.1));
   const std::string record = saved_bytes(measured_once);
 
-  GradientBlendingPolicy other_super(2, GradientBlendingOptions().super_epoch(3));
+  auto other_super = for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(3)), 2);
   CHECK_THROWS_WITH(load_saved(other_super, record),
                     Catch::Contains("made with super_epoch 2, this policy has 3"));
-  GradientBlendingPolicy three(3, GradientBlendingOptions().super_epoch(2));
+  auto three = for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(2)), 3);
   CHECK_THROWS_WITH(load_saved(three, record), Catch::Contains("made for 2 branches, this policy has 3"));
 
   // Records written field by field.
@@ -291,7 +291,7 @@ TEST_CASE("Gradient-Blending state from other options, or damaged, is refused an
     return bytes.str();
   };
   const at::Tensor uniform = at::full({3}, 1.0 / 3, at::kDouble);
-  GradientBlendingPolicy policy(2, GradientBlendingOptions().super_epoch(2));
+  auto policy = for_branches(GradientBlendingPolicy(GradientBlendingOptions().super_epoch(2)), 2);
   const std::string before = saved_bytes(policy);
   CHECK_THROWS_WITH(load_saved(policy, record_with(at::full({2}, 0.5, at::kDouble), 0, {})),
                     Catch::Contains("'weights' in the checkpoint must hold 3 doubles, got Double[2]"));
@@ -357,7 +357,7 @@ TEST_CASE("Gradient-Blending on three branches through the Balancer: four weight
   ThreeWay net = small_three_way(66);
   // Known weights: heads G 0.2, 0.1, 0.3 with dO 0.2, 0.1, 0.3 -> 5, 10, 10/3; fused G 0.2,
   // dO 0.2 -> 5.
-  GradientBlendingPolicy policy(3);
+  auto policy = for_branches(GradientBlendingPolicy(), 3);
   policy.observe_epoch_losses(measured({1.0, 1.0, 1.0}, 1.0, {1.2, 1.2, 1.2}, 1.2));
   policy.observe_epoch_losses(measured({0.6, 0.8, 0.4}, 0.6, {1.0, 1.1, 0.9}, 1.0));
   const double total = 5 + 10 + 10.0 / 3 + 5;
@@ -375,7 +375,7 @@ TEST_CASE("Gradient-Blending on three branches through the Balancer: four weight
 
   // Online, measured on N-branch batches: four weights that move.
   auto opt = make_sgd(net);
-  Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(3, GradientBlendingOptions().super_epoch(1)));
+  Balancer<GradientBlendingPolicy> online(net, GradientBlendingPolicy(GradientBlendingOptions().super_epoch(1)));
   const std::vector<Batch> train = {n_way_batch(3, 8, 100), n_way_batch(3, 8, 101)};
   const std::vector<Batch> held_out = {n_way_batch(3, 8, 200)};
   for (int e = 0; e < 3; ++e) {
@@ -401,7 +401,7 @@ TEST_CASE("Gradient-Blending trains a late-fusion network: the weights move, the
           "theirs", "[gblend][balancer][late-fusion]") {
   Net net = small_late_net(67);
   auto opt = make_sgd(net);
-  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(1)));
+  Balancer<GradientBlendingPolicy> balancer(net, GradientBlendingPolicy(GradientBlendingOptions().super_epoch(1)));
   const auto train = small_batches(800, 2), held_out = small_batches(900, 2);
   for (int e = 0; e < 3; ++e) {
     for (std::uint64_t i = 0; i < 3; ++i) balanced_step(net, opt, balancer, small_batch(8, 30 + i));

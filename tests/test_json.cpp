@@ -11,6 +11,9 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
   CHECK(speed["s_m1_given_m0"].get<double>() == 1.0);  // log10(10 / 1)
   CHECK(speed["s_m0_given_m1"].get<double>() == 0.0);  // log10(2 / 2)
   CHECK(speed["d_speed"].get<double>() == 1.0);
+  CHECK(speed["spread"].get<double>() == 1.0);
+  CHECK(speed["speeds"] == nlohmann::json::array({1.0, 0.0}));
+  CHECK(speed["fastest"].get<std::int64_t>() == 0);
   // A group with no gradient yet: undefined, and JSON has no NaN.
   const nlohmann::json undefined = SpeedSummary::from_accumulators({0.0, 2.0, 10.0, 2.0});
   CHECK(undefined["s_m1_given_m0"].is_null());
@@ -45,15 +48,19 @@ TEST_CASE("SpeedSummary and UtilizationReport convert to JSON, undefined values 
 
 TEST_CASE("N-branch speeds, utilization and plan counts convert to JSON", "[json]") {
   // accumulators θ_0 θ_1 θ_2, then θ_0' θ_1' θ_2': s = log10(100/1), log10(1/1), undefined
-  const nlohmann::json speed = NWaySpeedSummary::from_accumulators({1.0, 1.0, 0.0, 100.0, 1.0, 3.0});
+  const nlohmann::json speed = SpeedSummary::from_accumulators({1.0, 1.0, 0.0, 100.0, 1.0, 3.0});
   CHECK(speed["speeds"][0].get<double>() == 2.0);
   CHECK(speed["speeds"][1].get<double>() == 0.0);
   CHECK(speed["speeds"][2].is_null());
-  CHECK(speed["imbalance"].is_null());  // a speed is undefined
+  CHECK(speed["spread"].is_null());  // a speed is undefined
   CHECK(speed["fastest"].get<std::int64_t>() == -1);
-  const nlohmann::json defined = NWaySpeedSummary::from_speeds({0.5, -0.25, 0.25});
-  CHECK(defined["imbalance"].get<double>() == 0.75);
+  const nlohmann::json defined = SpeedSummary::from_speeds({0.5, -0.25, 0.25});
+  CHECK(defined["spread"].get<double>() == 0.75);
   CHECK(defined["fastest"].get<std::int64_t>() == 0);
+  // The signed two-branch values are not written for three branches.
+  CHECK_FALSE(defined.contains("d_speed"));
+  CHECK_FALSE(defined.contains("s_m1_given_m0"));
+  CHECK(defined.size() == 3);
 
   UtilizationReport r;
   r.accuracy = 0.5;

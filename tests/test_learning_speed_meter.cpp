@@ -172,15 +172,18 @@ TEST_CASE("LearningSpeedMeter for three branches equals a naive computation of s
     }
     meter.accumulate(mu);
   }
-  const NWaySpeedSummary s = meter.branch_speeds();
+  const SpeedSummary s = meter.summary();
   std::vector<double> speeds;
   for (int k = 0; k < 3; ++k) speeds.push_back(std::log10(m[3 + k] / m[k]));
   REQUIRE(s.speeds.size() == 3);
   for (int k = 0; k < 3; ++k) CHECK(s.speeds[k] == Approx(speeds[k]).epsilon(1e-6));
   const auto hi = std::max_element(speeds.begin(), speeds.end());
-  CHECK(s.imbalance == Approx(*hi - *std::min_element(speeds.begin(), speeds.end())).epsilon(1e-6));
+  CHECK(s.spread == Approx(*hi - *std::min_element(speeds.begin(), speeds.end())).epsilon(1e-6));
   CHECK(s.fastest == hi - speeds.begin());
-  CHECK_THROWS_WITH(meter.summary(), Catch::Contains("use branch_speeds()"));
+  // No signed two-branch values for three branches.
+  CHECK(std::isnan(s.d_speed));
+  CHECK(std::isnan(s.s_m1_given_m0));
+  CHECK(std::isnan(s.s_m0_given_m1));
 }
 
 TEST_CASE("LearningSpeedMeter for two branches of an N-branch net is the two-branch meter",
@@ -194,27 +197,37 @@ TEST_CASE("LearningSpeedMeter for two branches of an N-branch net is the two-bra
   pair.accumulate(LearningSpeedMeter::speeds(pair.measure()));
   n_way.accumulate(LearningSpeedMeter::speeds(n_way.measure()));
   const SpeedSummary a = pair.summary();
-  const NWaySpeedSummary b = n_way.branch_speeds();
+  const SpeedSummary b = n_way.summary();
   CHECK(b.speeds == std::vector<double>{a.s_m1_given_m0, a.s_m0_given_m1});
-  CHECK(b.imbalance == a.d_speed);  // signed, as the paper's d_speed
+  CHECK(b.d_speed == a.d_speed);
 }
 
-TEST_CASE("NWaySpeedSummary from a table of accumulators", "[meter][n-way]") {
+TEST_CASE("SpeedSummary from a table of accumulators", "[meter][n-way]") {
   // M: branches 1, 10, 100; fusion paths 10, 10, 10 -> s = 1, 0, -1.
-  const NWaySpeedSummary s = NWaySpeedSummary::from_accumulators({1, 10, 100, 10, 10, 10});
+  const SpeedSummary s = SpeedSummary::from_accumulators({1, 10, 100, 10, 10, 10});
   CHECK(s.speeds == std::vector<double>{1.0, 0.0, -1.0});
-  CHECK(s.imbalance == 2.0);
+  CHECK(s.spread == 2.0);
   CHECK(s.fastest == 0);
-  // Two branches: signed. A frozen group (M = 0): NaN, no fastest branch.
-  CHECK(NWaySpeedSummary::from_accumulators({100, 1, 10, 10}).imbalance == -2.0);
-  const NWaySpeedSummary frozen = NWaySpeedSummary::from_accumulators({1, 0, 1, 10, 10, 10});
+  CHECK(std::isnan(s.d_speed));  // three branches: no signed value
+  // Two branches: M 100, 1, then 10, 10 -> s = -1, 1: d_speed signed, the spread not.
+  const SpeedSummary two = SpeedSummary::from_accumulators({100, 1, 10, 10});
+  CHECK(two.d_speed == -2.0);
+  CHECK(two.spread == 2.0);
+  CHECK(two.s_m1_given_m0 == -1.0);
+  CHECK(two.s_m0_given_m1 == 1.0);
+  CHECK(two.fastest == 1);
+  // A frozen group (M = 0): NaN, no fastest branch.
+  const SpeedSummary frozen = SpeedSummary::from_accumulators({1, 0, 1, 10, 10, 10});
   CHECK(std::isnan(frozen.speeds[1]));
-  CHECK(std::isnan(frozen.imbalance));
+  CHECK(std::isnan(frozen.spread));
   CHECK(frozen.fastest == -1);
-  CHECK_THROWS_WITH(NWaySpeedSummary::from_accumulators({1, 2, 3}), Catch::Contains("got 3"));
+  const SpeedSummary frozen_two = SpeedSummary::from_accumulators({1, 0, 10, 10});
+  CHECK(std::isnan(frozen_two.d_speed));
+  CHECK(std::isnan(frozen_two.spread));
+  CHECK_THROWS_WITH(SpeedSummary::from_accumulators({1, 2, 3}), Catch::Contains("got 3"));
   // Ties: the lowest index is the fastest.
-  CHECK(NWaySpeedSummary::from_accumulators({1, 1, 10, 10, 10, 10}).fastest == 0);
-  CHECK(NWaySpeedSummary::from_accumulators({10, 1, 1, 10, 10, 10}).fastest == 1);
+  CHECK(SpeedSummary::from_accumulators({1, 1, 10, 10, 10, 10}).fastest == 0);
+  CHECK(SpeedSummary::from_accumulators({10, 1, 1, 10, 10, 10}).fastest == 1);
 }
 
 TEST_CASE("LearningSpeedMeter rejects empty groups", "[meter][bad-input]") {

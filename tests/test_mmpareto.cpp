@@ -116,7 +116,7 @@ template <class NetT>
 void check_step_through_balancer(NetT net, NetT twin, const Batch& b, double gamma) {
   const std::size_t n = branches_of(net).size();
   const auto expected = expected_step(net, twin, b, gamma);
-  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(n, MMParetoOptions().gamma(gamma)),
+  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(MMParetoOptions().gamma(gamma)),
                                     BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
   const NetOutput out = forward_heads(net, b.inputs);
@@ -156,7 +156,7 @@ TEST_CASE("MMPareto combines conflicting gradients with the min-norm weights (th
   // -1/7, whole |1 - 2| = 1, stretched to -1, times γ.
   // Branch 1 agrees: m·u = 1 > 0, weights ½: new = m + u = the whole gradient, times γ.
   const std::vector<Grads> m = {{{1, 0}, {1}}, {{1, 1}}}, u = {{{-1, 1}, {-2}}, {{1, 0}}};
-  MMParetoPolicy policy(2, MMParetoOptions().gamma(1.5));
+  auto policy = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5)), 2);
   const HookInput in = hook_input(m, u);
   run_hook(policy, in);
   const double norm_a = std::sqrt(8.0 * 8.0 + 10.0 * 10.0);
@@ -182,7 +182,7 @@ TEST_CASE("MMPareto combines conflicting gradients with the min-norm weights (th
 
 TEST_CASE("MMPareto at the edges: agreeing gradients are only scaled by gamma, zero ones stay "
           "zero, a missing multimodal gradient leaves the uni-modal one", "[mmpareto]") {
-  MMParetoPolicy policy(2, MMParetoOptions().gamma(1.25));
+  auto policy = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.25)), 2);
   // Parallel gradients (equal directions): exactly γ times the whole gradient.
   const HookInput parallel = hook_input({{{1, 2}}, {{0.5, -1}}}, {{{2, 4}}, {{1, -2}}});
   run_hook(policy, parallel);
@@ -215,7 +215,7 @@ TEST_CASE("MMPareto at the edges: agreeing gradients are only scaled by gamma, z
   // divides ‖g_p‖ by 0 and writes NaN): its gradient becomes 0. Branch 0: a = (1, 0)/(1, 0)
   // and b = (3)/(-1): ‖m‖² = 10, m·u = 1 - 3 = -2, ‖u‖² = 2, so c = (2 + 2) / (10 + 2 + 4) = ¼;
   // b's combination 2(¾ - ¾) = 0 with g_b = 2; a's 2(¼ + ¾, 0) = (2, 0) = g_a: γ·g_a.
-  MMParetoPolicy fresh(2, MMParetoOptions().gamma(1.25));
+  auto fresh = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.25)), 2);
   const HookInput vanishing = hook_input({{{1, 0}, {3}}, {{1, 0}}}, {{{1, 0}, {-1}}, {{1, 0}}});
   run_hook(fresh, vanishing);
   CHECK(fresh.last_fused_weights()[0].item<double>() == 0.25);
@@ -242,14 +242,14 @@ TEST_CASE("MMPareto's parameter filter: unselected parameters keep their gradien
       if (f.numel() == 2) f = f.view({1, 2});
     }
   }
-  MMParetoPolicy policy(2, MMParetoOptions().gamma(2).parameters(ModulatedParameters::non_bias));
+  auto policy = for_branches(MMParetoPolicy(MMParetoOptions().gamma(2).parameters(ModulatedParameters::non_bias)), 2);
   run_hook(policy, in);
   CHECK((as_doubles(in.params[0][0].grad()) == std::vector<double>{-4}));
   CHECK((as_doubles(in.params[0][1].grad()) == std::vector<double>{4, 4}));
   CHECK(policy.last_fused_weights()[0].item<double>() == 0.5);
   // With every parameter the same branch conflicts: m·u = -5 + 2 = -3.
   HookInput all = hook_input({{{1}, {1, 1}}, {{1, 1}}}, {{{-5}, {1, 1}}, {{1, 1}}});
-  MMParetoPolicy every(2, MMParetoOptions().gamma(2));
+  auto every = for_branches(MMParetoPolicy(MMParetoOptions().gamma(2)), 2);
   run_hook(every, all);
   CHECK(every.last_fused_weights()[0].item<double>() != 0.5);
 }
@@ -299,7 +299,7 @@ TEST_CASE("MMPareto in late fusion: the uni-modal gradient on a branch is its ow
   copy_state(mmtm, twin);
   const ModelOutput twin_out = twin->forward(b.x0, b.x1);
   (at::cross_entropy_loss(twin_out.y, b.target) + modality_specific_loss(twin_out, b.target)).backward();
-  Balancer<MMParetoPolicy> balancer(mmtm, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> balancer(mmtm, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
   const at::Tensor loss = balancer.loss(mmtm->forward(b.x0, b.x1), b.target);
   loss.backward();
@@ -315,7 +315,7 @@ TEST_CASE("MMPareto in warm-up: the plain loss and gradients, no fused gradients
   copy_state(net, twin);
   const MultiModalBatch b = small_batch(8, 7);
   modality_specific_loss(twin->forward(b.x0, b.x1), b.target).backward();
-  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(1));
+  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(1));
   balancer.next_plan();
   const ModelOutput out = net->forward(b.x0, b.x1);
   const at::Tensor loss = balancer.loss(out, b.target);
@@ -331,7 +331,7 @@ TEST_CASE("MMPareto resumes bit for bit mid-run, conflict counts included", "[mm
   const auto make = [] {
     Net net = leaning_late_net(2);
     auto opt = std::make_shared<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-    auto bal = std::make_shared<Balancer<MMParetoPolicy>>(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(1));
+    auto bal = std::make_shared<Balancer<MMParetoPolicy>>(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(1));
     return std::tuple{net, opt, bal};
   };
   const auto loss_of = [](Net& net, Balancer<MMParetoPolicy>& bal, int i) {
@@ -348,18 +348,18 @@ TEST_CASE("MMPareto resumes bit for bit mid-run, conflict counts included", "[mm
 }
 
 TEST_CASE("MMPareto refuses bad options, networks and losses by name", "[mmpareto][bad-input]") {
-  CHECK_THROWS_WITH(MMParetoPolicy(2, MMParetoOptions().gamma(0)), Catch::Contains("gamma must be a finite number > 0, got 0"));
-  CHECK_THROWS_WITH(MMParetoPolicy(2, MMParetoOptions().gamma(-1)), Catch::Contains("gamma must be a finite number > 0, got -1"));
-  CHECK_THROWS_WITH(MMParetoPolicy(2, MMParetoOptions().gamma(INFINITY)), Catch::Contains("gamma must be a finite number"));
-  CHECK_THROWS_WITH(MMParetoPolicy(2, MMParetoOptions().gamma(NAN)), Catch::Contains("gamma must be a finite number"));
-  CHECK_THROWS_WITH(MMParetoPolicy(1), Catch::Contains("needs 2 or more branches, got 1"));
-  CHECK_THROWS_WITH(MMParetoPolicy(2, MMParetoOptions().parameters(static_cast<ModulatedParameters>(7))),
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(MMParetoOptions().gamma(0)), 2), Catch::Contains("gamma must be a finite number > 0, got 0"));
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(MMParetoOptions().gamma(-1)), 2), Catch::Contains("gamma must be a finite number > 0, got -1"));
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(MMParetoOptions().gamma(INFINITY)), 2), Catch::Contains("gamma must be a finite number"));
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(MMParetoOptions().gamma(NAN)), 2), Catch::Contains("gamma must be a finite number"));
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(), 1), Catch::Contains("needs 2 or more branches, got 1"));
+  CHECK_THROWS_WITH(for_branches(MMParetoPolicy(MMParetoOptions().parameters(static_cast<ModulatedParameters>(7))), 2),
                     Catch::Contains("parameters must be conv_weights, non_bias or all, got the value 7"));
   Net net = small_net(3);
-  CHECK_THROWS_WITH(Balancer<MMParetoPolicy>(net, MMParetoPolicy(3)),
-                    Catch::Contains("the policy balances 3 branches, this network has 2"));
+  CHECK_THROWS_WITH(Balancer<MMParetoPolicy>(net, for_branches(MMParetoPolicy(), 3)),
+                    Catch::Contains("the policy was made for 3 branches, the network has 2"));
 
-  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   const auto b = small_batch(8, 1);
   // A loss formed without the balancer: refused, the step abandoned.
   balancer.next_plan();
@@ -392,18 +392,18 @@ TEST_CASE("MMPareto refuses bad options, networks and losses by name", "[mmparet
 
 TEST_CASE("MMPareto state from other options, or damaged, is refused and changes nothing",
           "[mmpareto][bad-input][checkpoint]") {
-  MMParetoPolicy trained(2, MMParetoOptions().gamma(1.5));
+  auto trained = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5)), 2);
   run_hook(trained, hook_input({{{1, 0}}, {{1, 1}}}, {{{-1, 1}}, {{1, 0}}}));
   const std::string record = saved_bytes(trained);
-  MMParetoPolicy fresh(2, MMParetoOptions().gamma(1.5));
+  auto fresh = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5)), 2);
   load_saved(fresh, record);
   CHECK((as_doubles(fresh.conflict_steps()) == std::vector<double>{1, 0}));
 
-  MMParetoPolicy other_gamma(2, MMParetoOptions().gamma(2));
+  auto other_gamma = for_branches(MMParetoPolicy(MMParetoOptions().gamma(2)), 2);
   CHECK_THROWS_WITH(load_saved(other_gamma, record), Catch::Contains("made with gamma 1.5, this policy has gamma 2"));
-  MMParetoPolicy other_parameters(2, MMParetoOptions().gamma(1.5).parameters(ModulatedParameters::conv_weights));
+  auto other_parameters = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5).parameters(ModulatedParameters::conv_weights)), 2);
   CHECK_THROWS_WITH(load_saved(other_parameters, record), Catch::Contains("this policy combines conv_weights"));
-  MMParetoPolicy three(3, MMParetoOptions().gamma(1.5));
+  auto three = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5)), 3);
   CHECK_THROWS_WITH(load_saved(three, record), Catch::Contains("counts conflicts of 2 branches, this policy has 3"));
 
   const auto record_with = [](const c10::IValue& gamma, const c10::optional<at::Tensor>& conflicts) {
@@ -415,7 +415,7 @@ TEST_CASE("MMPareto state from other options, or damaged, is refused and changes
     out.save_to(bytes);
     return bytes.str();
   };
-  MMParetoPolicy policy(2, MMParetoOptions().gamma(1.5));
+  auto policy = for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.5)), 2);
   load_saved(policy, record);
   const std::string before = saved_bytes(policy);
   CHECK_THROWS_WITH(load_saved(policy, record_with(c10::IValue(std::string("1.5")), at::zeros({2}, at::kLong))),
@@ -441,7 +441,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   // One step of `net`, the balancer's loss times `scale`, passed to loss() or not.
   const auto step_gradients = [&](double scale, bool tell_the_balancer) {
     Net net = leaning_late_net(3);
-    Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+    Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
     balancer.next_plan();
     const ModelOutput out = net->forward(b.x0, b.x1);
     const at::Tensor loss = tell_the_balancer ? balancer.loss(out, b.target, scale)
@@ -469,7 +469,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
   REQUIRE(c != 0.5);  // a conflict, where the weights depend on g_m against g_u
   CHECK(c_skewed != Approx(c).epsilon(1e-3));
   Net net = small_late_net(3);
-  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   balancer.next_plan();
   CHECK_THROWS_WITH(balancer.loss(net->forward(b.x0, b.x1), b.target, 0.0),
                     Catch::Contains("scale must be a finite number > 0, got 0"));
@@ -501,7 +501,7 @@ TEST_CASE("MMPareto: loss(out, target, scale) scales the fused gradients with th
     for (std::size_t e = 0; e < u[p].size(); ++e) u[p][e] -= m[p][e];
   }
   const auto [expected, expected_c] = reference(m, u, 1.5);
-  Balancer<MMParetoPolicy> accumulator(accumulating, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+  Balancer<MMParetoPolicy> accumulator(accumulating, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   accumulator.next_plan();
   at::Tensor last;
   for (int h = 0; h < 2; ++h) {
@@ -526,7 +526,7 @@ TEST_CASE("MMPareto: a loss() call that throws leaves what the step's earlier ca
   const MultiModalBatch b = small_batch(8, 41);
   const auto gradients = [&](bool failed_second_call) {
     Net net = leaning_late_net(5);
-    Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2), BalancerOptions().warmup_epochs(0));
+    Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
     balancer.next_plan();
     const at::Tensor loss = balancer.loss(net->forward(b.x0, b.x1), b.target);
     loss.backward();

@@ -317,7 +317,7 @@ TEST_CASE("MultiModalNet with two branches is the two-branch network of before, 
   CHECK(all_equal(pg.theta1_fusion, ng.fusion[1]));
 }
 
-TEST_CASE("NWayMultiModalNet with three branches of different depths matches a hand-wired "
+TEST_CASE("MultiModalNet with three branches of different depths matches a hand-wired "
           "network", "[n-way-net]") {
   ThreeWay net = small_three_way(60);
   const auto x = three_inputs(4, 61);
@@ -354,7 +354,7 @@ TEST_CASE("NWayMultiModalNet with three branches of different depths matches a h
   }
 }
 
-TEST_CASE("NWayMultiModalNet::forward_missing skips absent branches, the others read their "
+TEST_CASE("MultiModalNet::forward_missing skips absent branches, the others read their "
           "averages", "[n-way-net]") {
   ThreeWay net = small_three_way(74);
   net->eval();
@@ -403,7 +403,7 @@ TEST_CASE("NWayMultiModalNet::forward_missing skips absent branches, the others 
                     Catch::Contains("modality 2 needs a batch"));
 }
 
-TEST_CASE("NWayMultiModalNet::forward_missing runs in eval mode whatever mode the network is "
+TEST_CASE("MultiModalNet::forward_missing runs in eval mode whatever mode the network is "
           "in, and leaves each module's mode and every buffer as it was", "[n-way-net]") {
   ThreeWay net = small_three_way(74);
   net->eval();
@@ -438,7 +438,7 @@ TEST_CASE("NWayMultiModalNet::forward_missing runs in eval mode whatever mode th
   }
 }
 
-TEST_CASE("NWayMultiModalNet stages gates only in regular training steps", "[n-way-net]") {
+TEST_CASE("MultiModalNet stages gates only in regular training steps", "[n-way-net]") {
   ThreeWay net = small_three_way(63);
   const auto x = three_inputs(5, 64);
   net->forward(x, StepPlan::hold(2));
@@ -451,7 +451,7 @@ TEST_CASE("NWayMultiModalNet stages gates only in regular training steps", "[n-w
   for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);
 }
 
-TEST_CASE("NWayMultiModalNet parameter groups: each branch, and each side's fusion path",
+TEST_CASE("MultiModalNet parameter groups: each branch, and each side's fusion path",
           "[n-way-net]") {
   ThreeWay net = small_three_way(65);
   const ParameterGroups g = net->parameter_groups();
@@ -475,7 +475,7 @@ TEST_CASE("NWayMultiModalNet parameter groups: each branch, and each side's fusi
   CHECK(all == tensor_ids(net->parameters()));
 }
 
-TEST_CASE("NWayMultiModalNet clones deeply", "[n-way-net]") {
+TEST_CASE("MultiModalNet clones deeply", "[n-way-net]") {
   ThreeWay net = small_three_way(66);
   ThreeWay copy = net.clone();
   CHECK(testing::same_state(*net, *copy));
@@ -494,7 +494,7 @@ TEST_CASE("NWayMultiModalNet clones deeply", "[n-way-net]") {
   CHECK_FALSE(torch::equal(before[2], copy->forward(x).heads[2]));
 }
 
-TEST_CASE("NWayMultiModalNet rejects bad layouts and inputs with the values",
+TEST_CASE("MultiModalNet rejects bad layouts and inputs with the values",
           "[n-way-net][bad-input]") {
   auto branches = [] {
     return std::tuple{ConvBranch(branch_options(3, {4, 6, 8}, {1, 2, 1})),
@@ -529,9 +529,10 @@ TEST_CASE("StepPlan names and the two-branch step kinds", "[n-way-net]") {
   CHECK(to_string(StepPlan::regular()) == "regular");
   CHECK(to_string(StepPlan::hold(3)) == "rebalance_m3");
   CHECK(to_string(StepPlan::hold(1)) == to_string(StepKind::rebalance_m1));
-  CHECK(StepPlan::from(StepKind::regular) == StepPlan::regular());
-  CHECK(StepPlan::from(StepKind::rebalance_m0) == StepPlan::hold(0));
-  CHECK(StepPlan::from(StepKind::rebalance_m1) == StepPlan::hold(1));
+  CHECK(StepPlan(StepKind::regular) == StepPlan::regular());
+  CHECK(StepPlan(StepKind::rebalance_m0) == StepPlan::hold(0));
+  CHECK(StepPlan(StepKind::rebalance_m1) == StepPlan::hold(1));
+  static_assert(StepPlan(StepKind::rebalance_m1) == StepPlan::hold(1));  // usable at compile time
   CHECK_FALSE(StepPlan::hold(0) == StepPlan::hold(1));
   CHECK(StepPlan::hold(2).held_branch() == std::optional<std::size_t>(2));
   CHECK(to_step_kind(StepPlan::regular()) == StepKind::regular);
@@ -553,9 +554,9 @@ TEST_CASE("A three-branch network without fusion modules (late fusion): each hea
   const NetOutput out = net->forward(b.inputs);
   CHECK(torch::allclose(out.heads[1], std::get<1>(net->branches)->forward(b.inputs[1])));
   CHECK(torch::allclose(out.y, (out.heads[0] + out.heads[1] + out.heads[2]) / 3));
-  CHECK_THROWS_WITH(Balancer<NWayGuidedPolicy>(net, NWayGuidedPolicy(3)),
-                    Catch::Contains("NWayGuidedPolicy chooses re-balancing steps"));
-  CHECK_THROWS_WITH(Balancer<NWayRandomPolicy>(net, NWayRandomPolicy(3)),
+  CHECK_THROWS_WITH(Balancer<GuidedPolicy>(net, GuidedPolicy()),
+                    Catch::Contains("GuidedPolicy chooses re-balancing steps"));
+  CHECK_THROWS_WITH(Balancer<RandomPolicy>(net, RandomPolicy()),
                     Catch::Contains("no fusion modules (late fusion)"));
 
   auto opt = testing::make_sgd(net);
@@ -571,7 +572,7 @@ TEST_CASE("A three-branch network without fusion modules (late fusion): each hea
   CHECK(ogm.policy().last_coefficients().max().item<double>() == 1.0);
   CHECK(ogm.policy().last_coefficients().min().item<double>() < 1.0);
 
-  Balancer<GradientBlendingPolicy> blend(net, GradientBlendingPolicy(3), BalancerOptions().warmup_epochs(0));
+  Balancer<GradientBlendingPolicy> blend(net, GradientBlendingPolicy(), BalancerOptions().warmup_epochs(0));
   const at::Tensor blended = blend.loss(net->forward(b.inputs, blend.next_plan()), b.target);
   CHECK(std::isfinite(blended.item<double>()));
   blend.abandon_step();

@@ -5,20 +5,46 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "support.h"
 
 using namespace mmbalance;
+using mmbalance::testing::for_branches;
 
 namespace {
 
 // The speeds s_k as the meter would report them: M(θ_k) = 1, M(θ_k') = 10^{s_k}.
-NWaySpeedSummary speeds_of(const std::vector<double>& s) {
+SpeedSummary speeds_of(const std::vector<double>& s) {
   std::vector<double> m(s.size(), 1.0);
   for (double v : s) m.push_back(std::pow(10.0, v));
-  return NWaySpeedSummary::from_accumulators(m);
+  return SpeedSummary::from_accumulators(m);
 }
+
+// The paper's two-branch guided rule (Algorithm 1) as the two-branch GuidedPolicy wrote
+// it: regular while |d_speed| <= alpha; once a regular step leaves |d_speed| > alpha, the
+// next Q steps re-balance m0 if that d_speed > 0, else m1.
+struct TwoBranchGuidedRule {
+  double alpha;
+  std::int64_t q;
+  bool rebalancing = false;
+  std::int64_t window_step = 0;
+  double last_d_speed = 0.0;
+
+  StepKind next_step() {
+    if (!rebalancing) return StepKind::regular;
+    if (++window_step >= q) rebalancing = false;
+    return last_d_speed > 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
+  }
+  void observe_d_speed(double d_speed) {
+    last_d_speed = d_speed;
+    if (std::abs(d_speed) > alpha) {
+      window_step = 0;
+      rebalancing = true;
+    }
+  }
+};
 
 template <class Policy>
 void load_from(Policy& p, const std::string& bytes) {
@@ -30,31 +56,30 @@ void load_from(Policy& p, const std::string& bytes) {
 
 }  // namespace
 
-TEST_CASE("NWayGuidedPolicy with two branches is GuidedPolicy step for step", "[n-way-policy]") {
+TEST_CASE("GuidedPolicy with two branches follows the paper's two-branch rule step for step",
+          "[n-way-policy]") {
   for (const auto& [alpha, q] : std::vector<std::pair<double, std::int64_t>>{{0.1, 5}, {0.3, 2}, {0.0, 1}}) {
-    GuidedPolicy pair(GuidedOptions().alpha(alpha).Q(q));
-    NWayGuidedPolicy n_way(2, GuidedOptions().alpha(alpha).Q(q));
+    TwoBranchGuidedRule rule{alpha, q};
+    auto policy = for_branches(GuidedPolicy(GuidedOptions().alpha(alpha).Q(q)), 2);
     std::mt19937_64 gen(static_cast<std::uint64_t>(q));
     std::uniform_real_distribution<double> speed(-0.5, 0.5);
     for (int step = 0; step < 400; ++step) {
-      const StepKind kind = pair.next_step();
-      const StepPlan plan = n_way.next_plan();
-      REQUIRE(plan == StepPlan::from(kind));
+      const StepKind kind = rule.next_step();
+      REQUIRE(policy.next_plan() == kind);
       if (kind == StepKind::regular) {  // as the balancer does: speeds after regular steps
-        const double s0 = speed(gen), s1 = speed(gen);
-        const NWaySpeedSummary s = speeds_of({s0, s1});
-        pair.observe_d_speed(s.imbalance);
-        n_way.observe_speeds(s);
+        const SpeedSummary s = speeds_of({speed(gen), speed(gen)});
+        rule.observe_d_speed(s.d_speed);
+        policy.observe_speeds(s);
       }
     }
   }
 }
 
-TEST_CASE("NWayGuidedPolicy with three branches holds the fastest branch for Q steps",
+TEST_CASE("GuidedPolicy with three branches holds the fastest branch for Q steps",
           "[n-way-policy]") {
   // alpha 0.5, Q 2. Each row: the speeds observed after a regular step, then the plans
   // expected until the next regular step (R regular, h<k> hold k), written by hand.
-  NWayGuidedPolicy p(3, GuidedOptions().alpha(0.5).Q(2));
+  auto p = for_branches(GuidedPolicy(GuidedOptions().alpha(0.5).Q(2)), 3);
   struct Row {
     std::vector<double> speeds;
     std::string plans;
@@ -69,9 +94,9 @@ TEST_CASE("NWayGuidedPolicy with three branches holds the fastest branch for Q s
   };
   CHECK(to_string(p.next_plan()) == "regular");  // before any speed
   // Exactly alpha is not more than alpha (a summary made by hand: no rounding).
-  NWaySpeedSummary at_alpha;
+  SpeedSummary at_alpha;
   at_alpha.speeds = {0.5, 0.0, 0.0};
-  at_alpha.imbalance = 0.5;
+  at_alpha.spread = 0.5;
   at_alpha.fastest = 0;
   p.observe_speeds(at_alpha);
   CHECK(to_string(p.next_plan()) == "regular");
@@ -86,37 +111,40 @@ TEST_CASE("NWayGuidedPolicy with three branches holds the fastest branch for Q s
   }
 }
 
-TEST_CASE("NWayGuidedPolicy resumes from its saved state and refuses other options",
+TEST_CASE("GuidedPolicy resumes from its saved state and refuses other options",
           "[n-way-policy][bad-input]") {
-  NWayGuidedPolicy p(3, GuidedOptions().alpha(0.2).Q(4));
+  auto p = for_branches(GuidedPolicy(GuidedOptions().alpha(0.2).Q(4)), 3);
   p.next_plan();
   p.observe_speeds(speeds_of({0.0, 0.1, 0.9}));
   p.next_plan();  // one step into a window holding branch 2
   const std::string state = testing::saved_bytes(p);
-  NWayGuidedPolicy q(3, GuidedOptions().alpha(0.2).Q(4));
+  auto q = for_branches(GuidedPolicy(GuidedOptions().alpha(0.2).Q(4)), 3);
   load_from(q, state);
   for (int i = 0; i < 6; ++i) CHECK(q.next_plan() == p.next_plan());
 
-  NWayGuidedPolicy other_q(3, GuidedOptions().alpha(0.2).Q(2));
+  auto other_q = for_branches(GuidedPolicy(GuidedOptions().alpha(0.2).Q(2)), 3);
   CHECK_THROWS_WITH(load_from(other_q, state), Catch::Contains("made with Q 4") &&
                                                    Catch::Contains("this policy has Q 2"));
-  NWayGuidedPolicy four(4, GuidedOptions().alpha(0.2).Q(4));
+  auto four = for_branches(GuidedPolicy(GuidedOptions().alpha(0.2).Q(4)), 4);
   CHECK_THROWS_WITH(load_from(four, state), Catch::Contains("made for 3 branches") &&
                                                 Catch::Contains("balances 4"));
   CHECK(four.next_plan() == StepPlan::regular());  // unchanged
-  CHECK_THROWS_WITH(NWayGuidedPolicy(1), Catch::Contains("at least 2 branches, got 1"));
-  CHECK_THROWS_WITH(NWayGuidedPolicy(3, GuidedOptions().Q(0)), Catch::Contains("Q must be >= 1"));
+  GuidedPolicy unset;
+  CHECK_THROWS_WITH(unset.set_branches(1), Catch::Contains("at least 2 branches, got 1"));
+  CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().Q(0)), Catch::Contains("Q must be >= 1"));
   CHECK_THROWS_WITH(p.observe_speeds(speeds_of({0.1, 0.2})),
                     Catch::Contains("speeds of 2 branches, the policy balances 3"));
+  CHECK_THROWS_WITH(p.set_branches(2), Catch::Contains("made for 3 branches, the network has 2"));
 }
 
-TEST_CASE("NWayRandomPolicy: RandomPolicy's draws for two branches, uniform over N + 1 plans",
-          "[n-way-policy]") {
-  RandomPolicy pair(RandomOptions().seed(17));
-  NWayRandomPolicy two(2, RandomOptions().seed(17));
-  for (int i = 0; i < 1000; ++i) REQUIRE(two.next_plan() == StepPlan::from(pair.next_step()));
+TEST_CASE("RandomPolicy: the two-branch draws (engine % 3 as StepKind) for two branches, uniform "
+          "over N + 1 plans", "[n-way-policy]") {
+  // The two-branch RandomPolicy's rule: each draw of mt19937_64 modulo 3 is a StepKind.
+  std::mt19937_64 engine(17);
+  auto two = for_branches(RandomPolicy(RandomOptions().seed(17)), 2);
+  for (int i = 0; i < 1000; ++i) REQUIRE(two.next_plan() == static_cast<StepKind>(engine() % 3));
 
-  NWayRandomPolicy four(4, RandomOptions().seed(3));
+  auto four = for_branches(RandomPolicy(RandomOptions().seed(3)), 4);
   std::array<int, 5> counts{};  // regular, hold 0..3
   const int draws = 20000;
   for (int i = 0; i < draws; ++i) {
@@ -127,11 +155,27 @@ TEST_CASE("NWayRandomPolicy: RandomPolicy's draws for two branches, uniform over
   for (int c : counts) CHECK(std::abs(c / double(draws) - 0.2) < 0.014);
 
   const std::string state = testing::saved_bytes(four);
-  NWayRandomPolicy again(4, RandomOptions().seed(3));
+  auto again = for_branches(RandomPolicy(RandomOptions().seed(3)), 4);
   load_from(again, state);
   for (int i = 0; i < 50; ++i) CHECK(again.next_plan() == four.next_plan());
-  NWayRandomPolicy other_seed(4, RandomOptions().seed(4));
+  auto other_seed = for_branches(RandomPolicy(RandomOptions().seed(4)), 4);
   CHECK_THROWS_WITH(load_from(other_seed, state), Catch::Contains("made with seed 3"));
-  NWayRandomPolicy three(3, RandomOptions().seed(3));
+  auto three = for_branches(RandomPolicy(RandomOptions().seed(3)), 3);
   CHECK_THROWS_WITH(load_from(three, state), Catch::Contains("made for 4 branches"));
+  RandomPolicy unset;
+  CHECK_THROWS_WITH(unset.next_plan(), Catch::Contains("no branch count"));
+}
+
+TEST_CASE("The deprecated N-branch names build the merged policies, the count checked against the "
+          "network's", "[n-way-policy][bad-input]") {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  NWayGuidedPolicy guided(3, GuidedOptions().alpha(0.2).Q(4));
+  NWayRandomPolicy random(3, RandomOptions().seed(3));
+  static_assert(std::is_same_v<NWayGuidedPolicy, GuidedPolicy> && std::is_same_v<NWayRandomPolicy, RandomPolicy>);
+#pragma GCC diagnostic pop
+  CHECK_NOTHROW(GuidedPolicy(guided).set_branches(3));
+  CHECK_THROWS_WITH(GuidedPolicy(guided).set_branches(2), Catch::Contains("made for 3 branches, the network has 2"));
+  CHECK_THROWS_WITH(RandomPolicy(random).set_branches(4), Catch::Contains("made for 3 branches, the network has 4"));
+  CHECK(random.next_plan() == for_branches(RandomPolicy(RandomOptions().seed(3)), 3).next_plan());
 }

@@ -5,40 +5,48 @@
 #include "support.h"
 
 using namespace mmbalance;
+using mmbalance::testing::for_branches;
+
+namespace {
+
+// Two-branch speeds whose d_speed is exactly `d` (s_0 = d, s_1 = 0).
+SpeedSummary with_d_speed(double d) { return SpeedSummary::from_speeds({d, 0.0}); }
+
+}  // namespace
 
 TEST_CASE("Vanilla takes regular steps only", "[policy]") {
   VanillaPolicy p;
-  for (int i = 0; i < 10; ++i) CHECK(p.next_step() == StepKind::regular);
+  for (int i = 0; i < 10; ++i) CHECK(p.next_plan() == StepKind::regular);
 }
 
 TEST_CASE("Guided policy: threshold, Q-step window and direction by sign", "[policy]") {
-  GuidedPolicy p(GuidedOptions().alpha(0.1).Q(3));
-  CHECK(p.next_step() == StepKind::regular);
-  p.observe_d_speed(0.05);  // within tolerance
-  CHECK(p.next_step() == StepKind::regular);
-  p.observe_d_speed(-0.1);  // |d| == alpha: not above it
-  CHECK(p.next_step() == StepKind::regular);
+  auto p = for_branches(GuidedPolicy(GuidedOptions().alpha(0.1).Q(3)), 2);
+  CHECK(p.next_plan() == StepKind::regular);
+  p.observe_speeds(with_d_speed(0.05));  // within tolerance
+  CHECK(p.next_plan() == StepKind::regular);
+  p.observe_speeds(with_d_speed(-0.1));  // |d| == alpha: not above it
+  CHECK(p.next_plan() == StepKind::regular);
 
-  p.observe_d_speed(0.3);  // m1 helps branch 0 more: accelerate m0
-  CHECK(p.mode() == GuidedPolicy::Mode::rebalance);
-  CHECK(p.next_step() == StepKind::rebalance_m0);
-  CHECK(p.next_step() == StepKind::rebalance_m0);
-  CHECK(p.next_step() == StepKind::rebalance_m0);
-  CHECK(p.mode() == GuidedPolicy::Mode::regular);
-  CHECK(p.next_step() == StepKind::regular);
+  p.observe_speeds(with_d_speed(0.3));  // m1 helps branch 0 more: accelerate m0
+  CHECK(p.window_open());
+  CHECK(p.next_plan() == StepKind::rebalance_m0);
+  CHECK(p.next_plan() == StepKind::rebalance_m0);
+  CHECK(p.next_plan() == StepKind::rebalance_m0);
+  CHECK_FALSE(p.window_open());
+  CHECK(p.next_plan() == StepKind::regular);
 
-  p.observe_d_speed(-0.2);  // accelerate m1
-  for (int i = 0; i < 3; ++i) CHECK(p.next_step() == StepKind::rebalance_m1);
-  CHECK(p.next_step() == StepKind::regular);
-  p.observe_d_speed(0.0);
-  CHECK(p.next_step() == StepKind::regular);
+  p.observe_speeds(with_d_speed(-0.2));  // accelerate m1
+  for (int i = 0; i < 3; ++i) CHECK(p.next_plan() == StepKind::rebalance_m1);
+  CHECK(p.next_plan() == StepKind::regular);
+  p.observe_speeds(with_d_speed(0.0));
+  CHECK(p.next_plan() == StepKind::regular);
 }
 
 TEST_CASE("Guided policy with Q = 1 and alpha = 0", "[policy]") {
-  GuidedPolicy p(GuidedOptions().alpha(0.0).Q(1));
-  p.observe_d_speed(1e-9);
-  CHECK(p.next_step() == StepKind::rebalance_m0);
-  CHECK(p.next_step() == StepKind::regular);
+  auto p = for_branches(GuidedPolicy(GuidedOptions().alpha(0.0).Q(1)), 2);
+  p.observe_speeds(with_d_speed(1e-9));
+  CHECK(p.next_plan() == StepKind::rebalance_m0);
+  CHECK(p.next_plan() == StepKind::regular);
 }
 
 TEST_CASE("Guided policy rejects alpha < 0 and Q < 1", "[policy][bad-input]") {
@@ -46,18 +54,18 @@ TEST_CASE("Guided policy rejects alpha < 0 and Q < 1", "[policy][bad-input]") {
                     Catch::Contains("alpha must be >= 0, got -0.5"));
   CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().Q(0)), Catch::Contains("Q must be >= 1, got 0"));
   CHECK_THROWS_WITH(GuidedPolicy(GuidedOptions().alpha(NAN)), Catch::Contains("got nan"));
-  GuidedPolicy never(GuidedOptions().alpha(INFINITY));
-  never.observe_d_speed(1e300);
-  CHECK(never.next_step() == StepKind::regular);
+  auto never = for_branches(GuidedPolicy(GuidedOptions().alpha(INFINITY)), 2);
+  never.observe_speeds(with_d_speed(1e300));
+  CHECK(never.next_plan() == StepKind::regular);
 }
 
 TEST_CASE("Random policy draws are uniform (chi-square) and reproducible by seed", "[policy]") {
-  RandomPolicy p(RandomOptions().seed(42));
+  auto p = for_branches(RandomPolicy(RandomOptions().seed(42)), 2);
   std::array<int, 3> counts{};
   std::vector<StepKind> first;
   const int n = 30000;
   for (int i = 0; i < n; ++i) {
-    auto k = p.next_step();
+    const StepKind k = to_step_kind(p.next_plan());
     ++counts[static_cast<int>(k)];
     if (i < 100) first.push_back(k);
   }
@@ -65,18 +73,18 @@ TEST_CASE("Random policy draws are uniform (chi-square) and reproducible by seed
   for (int c : counts) chi2 += (c - n / 3.0) * (c - n / 3.0) / (n / 3.0);
   CHECK(chi2 < 13.82);  // chi-square, 2 degrees of freedom, p = 0.001
 
-  RandomPolicy again(RandomOptions().seed(42));
-  for (auto k : first) CHECK(again.next_step() == k);
+  auto again = for_branches(RandomPolicy(RandomOptions().seed(42)), 2);
+  for (auto k : first) CHECK(again.next_plan() == k);
 
-  RandomPolicy other(RandomOptions().seed(43));
+  auto other = for_branches(RandomPolicy(RandomOptions().seed(43)), 2);
   int same = 0;
-  for (auto k : first) same += other.next_step() == k;
+  for (auto k : first) same += other.next_plan() == k;
   CHECK(same < 60);
 }
 
 TEST_CASE("Policies' state round-trips through an archive", "[policy]") {
-  RandomPolicy p(RandomOptions().seed(9));
-  for (int i = 0; i < 17; ++i) p.next_step();
+  auto p = for_branches(RandomPolicy(RandomOptions().seed(9)), 2);
+  for (int i = 0; i < 17; ++i) p.next_plan();
   torch::serialize::OutputArchive out;
   p.save(out);
   std::stringstream buffer;
@@ -84,19 +92,19 @@ TEST_CASE("Policies' state round-trips through an archive", "[policy]") {
   torch::serialize::InputArchive in;
   in.load_from(buffer);
   // Another seed is refused, naming both, and changes nothing.
-  RandomPolicy other(RandomOptions().seed(1));
+  auto other = for_branches(RandomPolicy(RandomOptions().seed(1)), 2);
   const RandomPolicy other_before = other;
   CHECK_THROWS_WITH(other.load(in), Catch::Contains("made with seed 9") &&
                                         Catch::Contains("this policy has seed 1"));
   RandomPolicy untouched = other_before;
-  for (int i = 0; i < 20; ++i) CHECK(other.next_step() == untouched.next_step());
+  for (int i = 0; i < 20; ++i) CHECK(other.next_plan() == untouched.next_plan());
   // The same seed resumes the sequence where it was saved.
   buffer.seekg(0);
   torch::serialize::InputArchive again;
   again.load_from(buffer);
-  RandomPolicy q(RandomOptions().seed(9));
+  auto q = for_branches(RandomPolicy(RandomOptions().seed(9)), 2);
   q.load(again);
-  for (int i = 0; i < 50; ++i) CHECK(q.next_step() == p.next_step());
+  for (int i = 0; i < 50; ++i) CHECK(q.next_plan() == p.next_plan());
 }
 
 TEST_CASE("RandomPolicy refuses a generator record that is not one, and changes nothing",
@@ -105,17 +113,18 @@ TEST_CASE("RandomPolicy refuses a generator record that is not one, and changes 
     torch::serialize::OutputArchive out;
     out.write("engine", engine);
     out.write("seed", std::int64_t{9});
+    out.write("branches", std::int64_t{2});
     std::stringstream bytes;
     out.save_to(bytes);
     return bytes.str();
   };
-  RandomPolicy p(RandomOptions().seed(9));
-  p.next_step();
+  auto p = for_branches(RandomPolicy(RandomOptions().seed(9)), 2);
+  p.next_plan();
   const RandomPolicy before = p;
   CHECK_THROWS_WITH(mmbalance::testing::load_saved(p, record(c10::IValue(std::int64_t{5}))),
                     Catch::Contains("RandomPolicy: damaged state in checkpoint"));
   CHECK_THROWS_WITH(mmbalance::testing::load_saved(p, record(c10::IValue(std::string("12 x 7")))),
                     Catch::Contains("RandomPolicy: corrupt generator state in checkpoint"));
   RandomPolicy untouched = before;
-  for (int i = 0; i < 20; ++i) CHECK(p.next_step() == untouched.next_step());
+  for (int i = 0; i < 20; ++i) CHECK(p.next_plan() == untouched.next_plan());
 }

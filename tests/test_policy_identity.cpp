@@ -102,7 +102,7 @@ TEST_CASE("A balancer's record names its policy by the identity the policy decla
   REQUIRE(in.try_read("policy_name", name));
   REQUIRE(in.try_read("policy_version", version));
   CHECK(name.toStringRef() == "mmbalance.guided");
-  CHECK(version.toInt() == 1);
+  CHECK(version.toInt() == 2);
   CHECK_FALSE(in.try_read("policy_type", type));
 
   // A renamed type with the same identity loads it, state and all; another policy does not.
@@ -200,4 +200,138 @@ TEST_CASE("A damaged identity record is refused, naming what is wrong, and chang
                   out.write("policy_name", std::string("mmbalance.vanilla"));
                   out.write("policy_version", std::int64_t{1});
                 })));
+}
+
+namespace {
+
+// The identity `read_policy_identity` finds in a record holding what `write` writes.
+template <class Write>
+mmbalance::detail::SavedPolicyIdentity identity_in(Write write) {
+  torch::serialize::OutputArchive out;
+  write(out);
+  std::stringstream bytes;
+  out.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  return mmbalance::detail::read_policy_identity(in);
+}
+
+bool is(const mmbalance::detail::SavedPolicyIdentity& id, const std::string& name, std::int64_t version) {
+  return id.name == name && id.version == version;
+}
+
+// A balancer's record with its policy named `name`, `version` (as a record written before
+// the N-branch policies were merged into GuidedPolicy and RandomPolicy).
+template <class BalancerT>
+std::string renamed_record(const BalancerT& balancer, const std::string& name, std::int64_t version) {
+  torch::serialize::InputArchive in;
+  std::istringstream bytes(saved_bytes(balancer));
+  in.load_from(bytes);
+  torch::serialize::OutputArchive out, policy;
+  for (const std::string& key : in.keys()) {
+    at::Tensor t;
+    c10::IValue v;
+    if (key == "policy" || key == "policy_name" || key == "policy_version") continue;
+    if (in.try_read(key, t)) {
+      out.write(key, t);
+    } else if (in.try_read(key, v)) {
+      out.write(key, v);
+    }
+  }
+  out.write("policy_name", name);
+  out.write("policy_version", version);
+  balancer.policy().save(policy);
+  out.write("policy", policy);
+  std::stringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+// GuidedPolicy's state in the two-branch format of version 1, written by hand.
+torch::serialize::InputArchive guided_v1_state(std::int64_t mode, double last_d_speed, std::int64_t q = 3) {
+  torch::serialize::OutputArchive out;
+  out.write("mode", mode);
+  out.write("window_step", std::int64_t{1});
+  out.write("last_d_speed", last_d_speed);
+  out.write("alpha", 0.1);
+  out.write("Q", q);
+  std::stringstream bytes;
+  out.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  return in;
+}
+
+}  // namespace
+
+TEST_CASE("Records of the N-branch guided and random policies read as GuidedPolicy's and "
+          "RandomPolicy's version 2, by name and by C++ type", "[policy_identity][checkpoint]") {
+  const auto named = [](const std::string& name, std::int64_t version) {
+    return identity_in([&](auto& out) {
+      out.write("policy_name", name);
+      out.write("policy_version", version);
+    });
+  };
+  const auto typed = [](const std::string& type) {
+    return identity_in([&](auto& out) { out.write("policy_type", type); });
+  };
+  CHECK(is(named("mmbalance.guided_n_way", 1), "mmbalance.guided", 2));
+  CHECK(is(named("mmbalance.random_n_way", 1), "mmbalance.random", 2));
+  CHECK(is(named("mmbalance.guided_n_way", 2), "mmbalance.guided_n_way", 2));  // never written: stays
+  CHECK(is(named("mmbalance.guided", 1), "mmbalance.guided", 1));
+  CHECK(is(typed("mmbalance::NWayGuidedPolicy"), "mmbalance.guided", 2));
+  CHECK(is(typed("mmbalance::NWayRandomPolicy"), "mmbalance.random", 2));
+  CHECK(is(typed("mmbalance::GuidedPolicy"), "mmbalance.guided", 1));
+  CHECK(is(typed("mmbalance::RandomPolicy"), "mmbalance.random", 1));
+
+  // A whole record named as the N-branch policies' loads, state and all.
+  ThreeWay net = small_three_way(7);
+  auto opt = make_sgd(net);
+  Balancer<GuidedPolicy> guided(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)), BalancerOptions().warmup_epochs(0));
+  train_plans(net, opt, guided, 0, 2, 100);  // regular, then a window opened: one step into it
+  REQUIRE(guided.policy().window_open());
+  Balancer<GuidedPolicy> resumed(net, GuidedPolicy(GuidedOptions().alpha(0.0).Q(3)), BalancerOptions().warmup_epochs(0));
+  load_saved(resumed, renamed_record(guided, "mmbalance.guided_n_way", 1));
+  CHECK(saved_bytes(resumed) == saved_bytes(guided));
+  Balancer<RandomPolicy> random(net, RandomPolicy(RandomOptions().seed(4)));
+  train_plans(net, opt, random, 0, 7, 4);
+  Balancer<RandomPolicy> random_resumed(net, RandomPolicy(RandomOptions().seed(4)));
+  load_saved(random_resumed, renamed_record(random, "mmbalance.random_n_way", 1));
+  CHECK(saved_bytes(random_resumed) == saved_bytes(random));
+  RandomPolicy draws = random.policy(), resumed_draws = random_resumed.policy();
+  for (int i = 0; i < 10; ++i) CHECK(resumed_draws.next_plan() == draws.next_plan());
+}
+
+TEST_CASE("GuidedPolicy reads the two-branch format of version 1: the window holds branch 0 where "
+          "the last d_speed was > 0, else branch 1; damaged states are refused, changing nothing",
+          "[policy_identity][checkpoint][bad-input]") {
+  const auto make = [] { return for_branches(GuidedPolicy(GuidedOptions().alpha(0.1).Q(3)), 2); };
+  // A window of Q = 3 with one step taken: two more re-balancing steps, then regular.
+  for (const auto& [last_d_speed, kind] : {std::pair{-0.3, StepKind::rebalance_m1}, std::pair{0.2, StepKind::rebalance_m0},
+                                           std::pair{double(NAN), StepKind::rebalance_m1}}) {
+    CAPTURE(last_d_speed);
+    GuidedPolicy p = make();
+    auto state = guided_v1_state(1, last_d_speed);
+    p.load(state, 1);
+    CHECK(p.next_plan() == kind);
+    CHECK(p.next_plan() == kind);
+    CHECK(p.next_plan() == StepKind::regular);
+  }
+  GuidedPolicy closed = make();
+  auto closed_state = guided_v1_state(0, 0.5);
+  closed.load(closed_state, 1);
+  CHECK(closed.next_plan() == StepKind::regular);
+
+  GuidedPolicy p = make();
+  const std::string before = saved_bytes(p);
+  auto bad_mode = guided_v1_state(2, 0.5);
+  CHECK_THROWS_WITH(p.load(bad_mode, 1), Catch::Contains("bad mode 2"));
+  auto other_q = guided_v1_state(1, 0.5, 4);
+  CHECK_THROWS_WITH(p.load(other_q, 1), Catch::Contains("made with Q 4"));
+  torch::serialize::InputArchive empty;
+  CHECK_THROWS_WITH(p.load(empty, 1), Catch::Contains("damaged state"));
+  CHECK(saved_bytes(p) == before);
+  auto three = for_branches(GuidedPolicy(GuidedOptions().alpha(0.1).Q(3)), 3);
+  auto state = guided_v1_state(1, 0.5);
+  CHECK_THROWS_WITH(three.load(state, 1), Catch::Contains("a two-branch state, this policy balances 3"));
 }

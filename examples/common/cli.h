@@ -169,8 +169,8 @@ struct CommonFlags {
   }
 };
 
-/// Trains `net` with the policy `cfg.policy` names; returns the summary (empty on ranks
-/// other than 0).
+/// Trains `net` with the policy `cfg.policy` names (each for any number of branches);
+/// returns the summary (empty on ranks other than 0).
 template <class Net>
 nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
                                  const nlohmann::json& args,
@@ -183,26 +183,21 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
   }
   if (cfg.policy == "gblend") {  // any number of branches; trains on the rows not held out
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
-    return train_and_evaluate(net, GradientBlendingPolicy(net->num_branches(), gblend),
+    return train_and_evaluate(net, GradientBlendingPolicy(gblend),
                               hold_out(data, cfg.gblend_held_out, "--gblend-held-out"), cfg, args, pg);
   }
   if (cfg.policy == "mmpareto") {  // any number of branches; late fusion too
     const auto mmpareto = MMParetoOptions().gamma(cfg.mmpareto_gamma);
-    return train_and_evaluate(net, MMParetoPolicy(net->num_branches(), mmpareto), data, cfg, args, pg);
+    return train_and_evaluate(net, MMParetoPolicy(mmpareto), data, cfg, args, pg);
   }
   if (cfg.policy == "agm") {  // any number of branches (2^N - 2 masked passes a step); late fusion too
     const auto agm = AGMOptions().alpha(cfg.agm_alpha).max_gap(cfg.agm_max_gap);
-    return train_and_evaluate(net, AGMPolicy(net->num_branches(), agm), data, cfg, args, pg);
+    return train_and_evaluate(net, AGMPolicy(agm), data, cfg, args, pg);
   }
-  const auto random = RandomOptions().seed(cfg.seed);
-  const auto guided = GuidedOptions().alpha(cfg.alpha).Q(cfg.Q);
-  const std::size_t n = net->num_branches();
-  if (n > 2) {
-    if (cfg.policy == "random") return train_and_evaluate(net, NWayRandomPolicy(n, random), data, cfg, args, pg);
-    return train_and_evaluate(net, NWayGuidedPolicy(n, guided), data, cfg, args, pg);
+  if (cfg.policy == "random") {
+    return train_and_evaluate(net, RandomPolicy(RandomOptions().seed(cfg.seed)), data, cfg, args, pg);
   }
-  if (cfg.policy == "random") return train_and_evaluate(net, RandomPolicy(random), data, cfg, args, pg);
-  return train_and_evaluate(net, GuidedPolicy(guided), data, cfg, args, pg);
+  return train_and_evaluate(net, GuidedPolicy(GuidedOptions().alpha(cfg.alpha).Q(cfg.Q)), data, cfg, args, pg);
 }
 
 /// One line of results and where the summary is (rank 0).

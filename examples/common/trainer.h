@@ -1,9 +1,9 @@
 #pragma once
 // The training driver shared by the example programs: a plain LibTorch loop with a
 // Balancer, JSON-lines logs, per-epoch checkpoints, selection of the best validation
-// epoch, the utilization probe on it and a summary JSON. It trains two-branch networks
-// (`MultiModalNet`) and N-branch ones (`NWayMultiModalNet`, whose summary also holds the
-// accuracies with each modality missing). With a process group it trains data-parallel:
+// epoch, the utilization probe on it, the accuracies with each modality missing and a
+// summary JSON, for a `MultiModalNet` of any number of branches. With a process group it
+// trains data-parallel:
 // each rank takes its share of every global batch and of the evaluation data, and rank 0
 // alone writes files.
 
@@ -161,16 +161,20 @@ double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const 
   }, s, device, batch_size, sum_across_ranks).y;
 }
 
+/// The logs' "d_speed" column: for two branches the signed d_speed, for more the spread
+/// max_k s_k - min_k s_k (N >= 3 have no signed value).
+inline double d_speed_column(const SpeedSummary& s) { return s.speeds.size() == 2 ? s.d_speed : s.spread; }
+
 /// The learning speeds now: two branches {"d_speed", "s_m1_given_m0", "s_m0_given_m1"};
-/// N branches {"d_speed": the imbalance max_k s_k - min_k s_k, "speeds": [s_0, ...],
-/// "fastest"}.
+/// N branches {"d_speed": the spread (`d_speed_column`), "speeds": [s_0, ...], "fastest"}.
 template <class BalancerT>
 nlohmann::json speeds_json(const BalancerT& balancer) {
-  if (balancer.branches() == 2) return balancer.speed();
-  nlohmann::json j = balancer.branch_speeds();
-  j["d_speed"] = j["imbalance"];
-  j.erase("imbalance");
-  return j;
+  const SpeedSummary s = balancer.speed();
+  const nlohmann::json all = s;
+  if (s.speeds.size() == 2) {
+    return {{"d_speed", all["d_speed"]}, {"s_m1_given_m0", all["s_m1_given_m0"]}, {"s_m0_given_m1", all["s_m0_given_m1"]}};
+  }
+  return {{"d_speed", all["spread"]}, {"speeds", all["speeds"]}, {"fastest", all["fastest"]}};
 }
 
 /// MMPareto: the steps so far in which each branch's multimodal and uni-modal gradients
@@ -431,7 +435,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                               {"epoch", epoch},
                               {"step", balancer.step() - 1},
                               {"kind", to_string(plan)},
-                              {"d_speed", mmbalance::number_or_null(balancer.last_d_speed())},
+                              {"d_speed", mmbalance::number_or_null(d_speed_column(balancer.last_speeds()))},
                               {"loss", step_loss}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
@@ -455,7 +459,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       }
       char numbers[96];
       std::snprintf(numbers, sizeof numbers, "loss %.3f d_speed %+.4f steps r",
-                    loss_sum / static_cast<double>(s + 1), balancer.last_d_speed());
+                    loss_sum / static_cast<double>(s + 1), d_speed_column(balancer.last_speeds()));
       std::string status = numbers;
       for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);
       for (std::size_t i = 0; i < balancer.epoch_plan_counts().size(); ++i) {
@@ -572,7 +576,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   if constexpr (requires { balancer.policy().conflict_steps(); }) {
     summary["conflict_steps_total"] = conflict_steps_json(balancer.policy());
   }
-  if (balancer.branches() > 2) summary["speeds_at_best"] = nlohmann::json(balancer.branch_speeds())["speeds"];
+  if (balancer.branches() > 2) summary["speeds_at_best"] = nlohmann::json(balancer.speed())["speeds"];
   write_json_atomically(summary_path, summary);  // its presence means the run finished
   return summary;
 }

@@ -9,7 +9,6 @@
 #include "mmbalance/balancing/guided.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/mmpareto.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/random.h"

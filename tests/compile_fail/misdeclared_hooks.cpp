@@ -19,18 +19,37 @@ struct PlanAsNumber {
 };
 static_assert(sizeof(Balancer<PlanAsNumber>) > 0);
 
-// expect(StepKindAsNumber): the policy's next_step is not `StepKind next_step()`
+// The two-branch plan hook of earlier versions: never called now.
+// expect(ChoosesStepKinds): declares next_step, which the balancer no longer calls: declare `StepPlan next_plan()` instead (StepKind values convert
+struct ChoosesStepKinds {
+  StepKind next_step() { return StepKind::regular; }
+};
+static_assert(sizeof(Balancer<ChoosesStepKinds>) > 0);
+
+// expect(StepKindAsNumber): declares next_step, which the balancer no longer calls
 struct StepKindAsNumber {
   int next_step() { return 0; }
 };
 static_assert(sizeof(Balancer<StepKindAsNumber>) > 0);
 
 // balancer.next_plan() would call VanillaPolicy's next_plan, never this next_step.
-// expect(OverridesOnlyNextStep): the policy's next_step and next_plan come from different classes
+// expect(OverridesOnlyNextStep): declares next_step, which the balancer no longer calls
 struct OverridesOnlyNextStep : VanillaPolicy {
   StepKind next_step() { return StepKind::rebalance_m0; }
 };
 static_assert(sizeof(Balancer<OverridesOnlyNextStep>) > 0);
+
+// expect(BranchCountAsInt): set_branches would never be called, or get the count narrowed: declare `void set_branches(std::size_t)`
+struct BranchCountAsInt : VanillaPolicy {
+  void set_branches(int) {}
+};
+static_assert(sizeof(Balancer<BranchCountAsInt>) > 0);
+
+// expect(BranchCountWithoutNumber): set_branches would never be called, or get the count narrowed: declare `void set_branches(std::size_t)`
+struct BranchCountWithoutNumber : VanillaPolicy {
+  void set_branches() {}
+};
+static_assert(sizeof(Balancer<BranchCountWithoutNumber>) > 0);
 
 // expect(NotCopyable): the policy must be copyable
 struct NotCopyable : VanillaPolicy {
@@ -39,28 +58,22 @@ struct NotCopyable : VanillaPolicy {
 static_assert(sizeof(Balancer<NotCopyable>) > 0);
 
 // A non-const reference: the balancer hands a const summary.
-// expect(SpeedsByReference): observe_speeds would never be called: declare `void observe_speeds(const NWaySpeedSummary&)`
+// expect(SpeedsByReference): observe_speeds would never be called: declare `void observe_speeds(const SpeedSummary&)`
 struct SpeedsByReference : VanillaPolicy {
-  void observe_speeds(NWaySpeedSummary&) {}
+  void observe_speeds(SpeedSummary&) {}
 };
 static_assert(sizeof(Balancer<SpeedsByReference>) > 0);
 
-// expect(SpeedAsFloatReference): observe_d_speed would never be called, or get d_speed truncated
-struct SpeedAsFloatReference : VanillaPolicy {
-  void observe_d_speed(float&) {}
+// The two-branch speed hook of earlier versions: never called now.
+// expect(ObservesDSpeed): declares observe_d_speed, which the balancer no longer calls: declare `void observe_speeds(const SpeedSummary&)` and read `speeds.d_speed`
+struct ObservesDSpeed : VanillaPolicy {
+  void observe_d_speed(double) {}
 };
-static_assert(sizeof(Balancer<SpeedAsFloatReference>) > 0);
+static_assert(sizeof(Balancer<ObservesDSpeed>) > 0);
 
-// Called, but with d_speed truncated to 0.
-// expect(SpeedAsInteger): observe_d_speed would never be called, or get d_speed truncated
-struct SpeedAsInteger : VanillaPolicy {
-  void observe_d_speed(int) {}
-};
-static_assert(sizeof(Balancer<SpeedAsInteger>) > 0);
-
-// expect(BothSpeedHooks): the policy has both observe_speeds and observe_d_speed
+// expect(BothSpeedHooks): declares observe_d_speed, which the balancer no longer calls
 struct BothSpeedHooks : VanillaPolicy {
-  void observe_speeds(const NWaySpeedSummary&) {}
+  void observe_speeds(const SpeedSummary&) {}
   void observe_d_speed(double) {}
 };
 static_assert(sizeof(Balancer<BothSpeedHooks>) > 0);
@@ -82,7 +95,7 @@ static_assert(sizeof(Balancer<NonConstSave>) > 0);
 // save and load inherited from two policies: ambiguous, so neither would be called.
 // expect(TwoStates): the policy's state would be left out of every checkpoint
 struct TwoStates : GuidedPolicy, RandomPolicy {
-  using GuidedPolicy::next_step;
+  using GuidedPolicy::next_plan;
 };
 static_assert(sizeof(Balancer<TwoStates>) > 0);
 

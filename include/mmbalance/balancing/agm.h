@@ -21,7 +21,6 @@
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/step_plan.h"
@@ -32,7 +31,7 @@ namespace mmbalance {
 ///
 /// Example:
 /// ```
-/// Balancer<AGMPolicy> balancer(net, AGMPolicy(2, AGMOptions().alpha(0.1)),
+/// Balancer<AGMPolicy> balancer(net, AGMPolicy(AGMOptions().alpha(0.1)),
 ///                              BalancerOptions().warmup_epochs(0));
 /// ```
 struct AGMOptions {
@@ -79,10 +78,7 @@ class AGMPolicy {
   /// α·max_gap ≤ 11 for half-precision gradients).
   static constexpr double kMaxExponent = 80;
 
-  explicit AGMPolicy(std::size_t branches, const AGMOptions& options = {})
-      : options(options), branches_(branches) {
-    TORCH_CHECK(branches >= 2 && branches <= kMaxBranches, "AGMPolicy: needs 2 to ", kMaxBranches,
-                " branches (it runs 2^N - 2 masked forward passes per step), got ", branches);
+  explicit AGMPolicy(const AGMOptions& options = {}) : options(options) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "AGMPolicy: alpha must be a finite number >= 0, got ", options.alpha());
     TORCH_CHECK(std::isfinite(options.max_gap()) && options.max_gap() > 0,
@@ -94,9 +90,17 @@ class AGMPolicy {
                 "conv_weights, non_bias or all, got the value ", static_cast<int>(options.parameters()));
   }
 
-  StepKind next_step() const { return StepKind::regular; }
+  /// The network's branch count (the `Balancer` calls it): 2 to `kMaxBranches`, and the
+  /// count the policy's state is for if it has one.
+  void set_branches(std::size_t branches) {
+    TORCH_CHECK(branches >= 2 && branches <= kMaxBranches, "AGMPolicy: needs 2 to ", kMaxBranches,
+                " branches (it runs 2^N - 2 masked forward passes per step), got ", branches);
+    TORCH_CHECK(branches_ == 0 || branches_ == branches, "AGMPolicy: the policy was made for ",
+                branches_, " branches, the network has ", branches);
+    branches_ = branches;
+  }
+
   StepPlan next_plan() const { return StepPlan::regular(); }
-  std::size_t branches() const { return branches_; }
 
   /// The fused output's loss alone, as the original trains.
   LossWeights loss_weights() const { return {std::vector<double>(branches_, 0.0), 1.0}; }
@@ -264,14 +268,14 @@ class AGMPolicy {
   // The dtype responses are computed in: the output's, at least float.
   static at::ScalarType wide(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
 
-  std::size_t branches_;
+  std::size_t branches_ = 0;  // given by the Balancer
   at::Tensor running_scores_, steps_, skipped_;
   at::Tensor last_scores_, last_coefficients_;
 };
 template <>
 inline constexpr bool detail::kLibraryPolicy<AGMPolicy> = true;
 
-static_assert(BalancingPolicy<AGMPolicy> && NWayBalancingPolicy<AGMPolicy> && !HoldsFusionGates<AGMPolicy> &&
+static_assert(BalancingPolicy<AGMPolicy> && TakesBranchCount<AGMPolicy> && !HoldsFusionGates<AGMPolicy> &&
               ModulatesGradients<AGMPolicy> && NeedsMaskedOutputs<AGMPolicy> && WeighsLosses<AGMPolicy> &&
               HasState<AGMPolicy>);
 

@@ -26,7 +26,6 @@
 
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_hooks.h"
 #include "mmbalance/balancing/policy_identity.h"
@@ -40,13 +39,13 @@
 
 namespace mmbalance {
 
-/// When a policy that observes d_speed (guided) gets it.
+/// When a policy that observes the learning speeds (`observe_speeds`: guided) gets them.
 enum class SpeedRead : std::uint8_t {
   /// Right after each regular step, so it decides the very next step (the paper's
   /// algorithm). Costs one small host read per regular step.
   same_step,
   /// The accumulators are copied to the host without waiting; the policy receives a
-  /// regular step's d_speed when the following step is observed, so decisions lag by one
+  /// regular step's speeds when the following step is observed, so decisions lag by one
   /// step and no step waits for the device. A speed that arrives while the policy is
   /// already re-balancing (the following step was a re-balancing one) is dropped, so a
   /// guided window is always exactly Q steps in one direction. Needs
@@ -68,10 +67,11 @@ struct BalancerOptions {
   /// host, and a non-finite loss or gradient (in any step), or a parameter group of norm
   /// zero or without a gradient so far (regular steps), is rejected with an exception
   /// that leaves the balancer and the model's gate means as they were. false: no host
-  /// read except the one a policy with `observe_d_speed` or `observe_speeds` needs; a regular step whose μ is not finite is left out of the accumulators on the
-  /// device and counted (`skipped_steps()`), and nothing is thrown.
+  /// read except the one a policy with `observe_speeds` needs; a regular step whose μ is
+  /// not finite is left out of the accumulators on the device and counted
+  /// (`skipped_steps()`), and nothing is thrown.
   TORCH_ARG(bool, check_every_step) = true;
-  /// When a policy with `observe_d_speed` (`observe_speeds`) gets the speeds; see `SpeedRead`.
+  /// When a policy with `observe_speeds` gets the speeds; see `SpeedRead`.
   TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
 };
 
@@ -91,15 +91,14 @@ using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 /// }
 /// balancer.end_epoch();
 /// ```
-/// For N branches (an `NWayMultiModalNet`, an N-branch policy such as `NWayGuidedPolicy`)
-/// the loop is the same with `next_plan()`:
+/// For any number of branches the loop is the same with `next_plan()`:
 /// ```
 ///   StepPlan plan = balancer.next_plan();
 ///   auto loss = modality_specific_loss(net->forward({x0, x1, x2}, plan), batch.target);
 /// ```
-/// `Policy` is a two-branch `BalancingPolicy` (step kinds) or an `NWayBalancingPolicy`
-/// (step plans); a member it declares in a form the balancer would not call (see
-/// balancing/policy_hooks.h) is a compile error naming the member and the form expected.
+/// `Policy` is a `BalancingPolicy` (one for any number of branches); a member it declares
+/// in a form the balancer would not call (see balancing/policy_hooks.h) is a compile error
+/// naming the member and the form expected.
 template <class Policy = VanillaPolicy>
 class Balancer {
   static_assert(detail::PolicyHooksCheck<Policy>::ok);
@@ -107,8 +106,8 @@ class Balancer {
  public:
   /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the
   /// balancer keeps its parameter groups and the handles of its fusion modules' gate
-  /// means. A two-branch policy (step kinds only) needs a network of two branches, an
-  /// N-branch policy one of its own branch count.
+  /// means, and tells the policy the network's branch count first (`set_branches`, which
+  /// may refuse it).
   template <MultiModalModel Net>
   explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
       : options_(options),
@@ -118,20 +117,16 @@ class Balancer {
         gate_means_(net->gate_means()),
         epoch_counts_(branches() + 1, 0),
         total_counts_(branches() + 1, 0) {
+    if constexpr (TakesBranchCount<Policy>) {
+      policy_.set_branches(branches());
+      policy_before_step_ = policy_;
+    }
     if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
                 "Balancer: speed_read(SpeedRead::previous_step) avoids waiting for the device, "
                 "which per-step checks must do; set check_every_step(false) too");
-    if constexpr (!NWayBalancingPolicy<Policy>) {
-      TORCH_CHECK(branches() == 2, "Balancer: ", policy_type(), " chooses step kinds, which "
-                  "are for two branches; this network has ", branches(),
-                  ": use an N-branch policy (NWayGuidedPolicy, NWayRandomPolicy, VanillaPolicy)");
-    } else if constexpr (requires { policy_.branches(); }) {
-      TORCH_CHECK(policy_.branches() == branches(), "Balancer: the policy balances ",
-                  policy_.branches(), " branches, this network has ", branches());
-    }
     if constexpr (HoldsFusionGates<Policy>) {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
@@ -140,44 +135,20 @@ class Balancer {
     }
   }
 
-  /// The kind of the coming step (two branches; `next_plan()` is the same for any number).
-  /// Must alternate with `observe()`. Gates staged outside a step (a forward pass of your
-  /// own in training mode) are dropped here: only the step's own forward passes count. A
-  /// policy with only `next_plan()` decides it too: its plan as a `StepKind`.
+  /// The kind of the coming step (two branches; `next_plan()` is the same for any number):
+  /// the policy's plan as a `StepKind`. Must alternate with `observe()`. Gates staged
+  /// outside a step (a forward pass of your own in training mode) are dropped here: only
+  /// the step's own forward passes count.
   StepKind next_step() {
     TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
                 "network has ", branches(), "; use next_plan()");
-    check_observed("Balancer::next_step");
-    const StepPlan plan = ask_policy([&] {
-      if (in_warmup()) return StepPlan::regular();
-      if constexpr (BalancingPolicy<Policy>) {
-        return StepPlan::from(policy_.next_step());
-      } else {
-        return policy_.next_plan();
-      }
-    });
-    check_plan(plan);  // a branch the network lacks (a plan-only policy's): refused by name
-    begin_step(plan);
-    return to_step_kind(plan);
+    return to_step_kind(begin_step("Balancer::next_step"));
   }
 
   /// The plan of the coming step: regular, or which branch is held (re-balanced). Must
   /// alternate with `observe()`; gates staged outside a step are dropped here. A plan that
   /// holds a branch the network does not have throws and changes nothing.
-  StepPlan next_plan() {
-    check_observed("Balancer::next_plan");
-    const StepPlan plan = ask_policy([&] {
-      if (in_warmup()) return StepPlan::regular();
-      if constexpr (NWayBalancingPolicy<Policy>) {
-        return policy_.next_plan();
-      } else {
-        return StepPlan::from(policy_.next_step());
-      }
-    });
-    check_plan(plan);
-    begin_step(plan);
-    return plan;
-  }
+  StepPlan next_plan() { return begin_step("Balancer::next_plan"); }
 
   /// The step's training loss from its output: the sum over the heads of CE(head,
   /// target), each averaged over the batch (`modality_specific_loss`); after warm-up, with
@@ -210,7 +181,7 @@ class Balancer {
   }
 
   /// Takes the step's loss after `backward()`, before the optimizer step. Regular steps
-  /// feed the learning-speed meter (and the policy's `observe_d_speed`); after warm-up a
+  /// feed the learning-speed meter (and the policy's `observe_speeds`); after warm-up a
   /// policy that modulates gradients then changes them (from the outputs `loss()` saw).
   /// Data-parallel, pass `dp.sum_across_ranks()` too: such a policy adds its statistics
   /// up over the ranks with it (the other policies need nothing from it).
@@ -369,22 +340,19 @@ class Balancer {
   StepCounts epoch_step_counts() const { return step_counts(epoch_counts_); }
   StepCounts total_step_counts() const { return step_counts(total_counts_); }
 
-  /// d_speed after the last regular step (for N >= 3 branches the imbalance max_k s_k -
-  /// min_k s_k), as last read to the host (NaN before any read; with
-  /// check_every_step(false) and a policy that needs no value, call `speed()` or
-  /// `branch_speeds()`).
-  double last_d_speed() const { return last_speed_.imbalance; }
+  /// The signed d_speed = s_0 - s_1 after the last regular step of a two-branch network, as
+  /// last read to the host (NaN before any read; with check_every_step(false) and a policy
+  /// that needs no value, call `speed()`). NaN for N >= 3 branches, which have no signed
+  /// d_speed: read `last_speeds().spread`.
+  double last_d_speed() const { return last_speed_.d_speed; }
 
-  /// Every branch's s_k, the imbalance and the fastest branch after the last regular step,
-  /// as last read to the host (see `last_d_speed`).
-  const NWaySpeedSummary& last_branch_speeds() const { return last_speed_; }
+  /// Every branch's s_k, their spread, the fastest branch (and for two branches d_speed)
+  /// after the last regular step, as last read to the host (see `last_d_speed`).
+  const SpeedSummary& last_speeds() const { return last_speed_; }
 
-  /// Reads the accumulators now (one small read) and derives s(m1|m0), s(m0|m1), d_speed
-  /// (two branches).
+  /// Reads the accumulators now (one small read) and derives every branch's s_k, their
+  /// spread, the fastest branch (and for two branches s(m1|m0), s(m0|m1), d_speed).
   SpeedSummary speed() const { return meter_.summary(); }
-
-  /// Reads the accumulators now (one small read) and derives every branch's s_k.
-  NWaySpeedSummary branch_speeds() const { return meter_.branch_speeds(); }
 
   /// Regular steps left out of the accumulators (only with check_every_step(false)).
   /// Reads one number from the device.
@@ -537,7 +505,7 @@ class Balancer {
     meter_.restore(accumulated, meter_steps, skipped);
     step_ = step;
     epoch_ = epoch;
-    last_speed_ = NWaySpeedSummary::from_speeds(std::move(last_speeds));
+    last_speed_ = SpeedSummary::from_speeds(std::move(last_speeds));
     epoch_counts_ = epoch_counts;
     total_counts_ = total_counts;
     lagged_pending_ = lagged_pending;
@@ -706,11 +674,16 @@ class Balancer {
     return total + term.reshape({}).to(total.scalar_type());
   }
 
-  // Starts a step: drops gates staged outside a step.
-  void begin_step(const StepPlan& plan) {
+  // Asks the policy for the coming step's plan (regular in warm-up), refuses a plan the
+  // network cannot run, and starts the step: drops gates staged outside a step.
+  StepPlan begin_step(const char* caller) {
+    check_observed(caller);
+    const StepPlan plan = ask_policy([&] { return in_warmup() ? StepPlan::regular() : policy_.next_plan(); });
+    check_plan(plan);
     for (auto& m : gate_means_) m->drop();
     release_step_outputs();
     pending_ = plan;
+    return plan;
   }
 
   // The outputs `loss()` kept for the gradient hook belong to one step.
@@ -880,15 +853,11 @@ class Balancer {
   }
 
   void record_speed(const double* m, bool to_policy = true) {
-    last_speed_ = NWaySpeedSummary::from_accumulators({m, m + meter_.num_groups()});
+    last_speed_ = SpeedSummary::from_accumulators({m, m + meter_.num_groups()});
     // Undefined speeds (NaN: a group that never had a gradient, checks off) are not a
     // measurement; the policy goes on as if nothing had been measured.
-    if (!to_policy || in_warmup() || !std::isfinite(last_speed_.imbalance)) return;
-    if constexpr (ObservesBranchSpeeds<Policy>) {
-      policy_.observe_speeds(last_speed_);
-    } else if constexpr (ObservesSpeed<Policy>) {
-      policy_.observe_d_speed(last_speed_.imbalance);  // two branches: d_speed
-    }
+    if (!to_policy || in_warmup() || !std::isfinite(last_speed_.spread)) return;
+    if constexpr (ObservesSpeeds<Policy>) policy_.observe_speeds(last_speed_);
   }
 
   // Regular: 0; branch k held: 1 + k (for two branches the `StepKind` values).
@@ -929,7 +898,7 @@ class Balancer {
     return {counts[0], counts[1], counts[2]};
   }
 
-  static constexpr bool kObservesSpeeds = ObservesSpeed<Policy> || ObservesBranchSpeeds<Policy>;
+  static constexpr bool kObservesSpeeds = ObservesSpeeds<Policy>;
   // Policies that need the loss formed by `loss()` (and the step's outputs it stages).
   static constexpr bool kFormsLoss = ModulatesGradients<Policy> || WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy>;
 
@@ -953,7 +922,7 @@ class Balancer {
   std::int64_t epoch_ = 0;
   std::vector<std::int64_t> epoch_counts_;  // per plan, see plan_index
   std::vector<std::int64_t> total_counts_;
-  NWaySpeedSummary last_speed_ = NWaySpeedSummary::from_speeds(std::vector<double>(branches(), NAN));
+  SpeedSummary last_speed_ = SpeedSummary::from_speeds(std::vector<double>(branches(), NAN));
   // SpeedRead::previous_step: M copied to the host, not yet handed to the policy.
   at::Tensor lagged_host_;
   std::optional<c10::Event> lagged_event_;

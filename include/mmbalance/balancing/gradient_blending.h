@@ -20,7 +20,6 @@
 
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/loss_weighting.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/step_plan.h"
@@ -32,7 +31,7 @@ namespace mmbalance {
 /// Example:
 /// ```
 /// Balancer<GradientBlendingPolicy> balancer(
-///     net, GradientBlendingPolicy(2, GradientBlendingOptions().super_epoch(3)));
+///     net, GradientBlendingPolicy(GradientBlendingOptions().super_epoch(3)));
 /// ```
 struct GradientBlendingOptions {
   /// Epochs per super-epoch: the weights are re-estimated at the end of every
@@ -52,19 +51,28 @@ class GradientBlendingPolicy {
  public:
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.gradient_blending", 1};
-  explicit GradientBlendingPolicy(std::size_t branches, const GradientBlendingOptions& options = {})
-      : options(options), branches_(checked_branches(branches)),
-        weights_(branches + 1, 1.0 / static_cast<double>(branches + 1)) {
+  explicit GradientBlendingPolicy(const GradientBlendingOptions& options = {}) : options(options) {
     TORCH_CHECK(options.super_epoch() >= 1, "GradientBlendingPolicy: super_epoch must be >= 1 "
                 "epoch, got ", options.super_epoch());
   }
 
-  StepKind next_step() const { return StepKind::regular; }
+  /// The network's branch count (the `Balancer` calls it): 2 to 4096, and the count the
+  /// policy's state is for if it has one. The weights start uniform over the heads and the
+  /// fused output.
+  void set_branches(std::size_t branches) {
+    TORCH_CHECK(branches >= 2 && branches <= 4096, "GradientBlendingPolicy: needs 2 to 4096 "
+                "branches, got ", branches);
+    TORCH_CHECK(branches_ == 0 || branches_ == branches, "GradientBlendingPolicy: the policy was "
+                "made for ", branches_, " branches, the network has ", branches);
+    if (branches_ == 0) weights_.assign(branches + 1, 1.0 / static_cast<double>(branches + 1));
+    branches_ = branches;
+  }
+
   StepPlan next_plan() const { return StepPlan::regular(); }
-  std::size_t branches() const { return branches_; }
 
   /// The current weights: heads, then the fused output.
   LossWeights loss_weights() const {
+    TORCH_CHECK(!weights_.empty(), "GradientBlendingPolicy: no branch count yet (a Balancer gives it: set_branches)");
     return {std::vector<double>(weights_.begin(), weights_.end() - 1), weights_.back()};
   }
 
@@ -162,13 +170,6 @@ class GradientBlendingPolicy {
   GradientBlendingOptions options;
 
  private:
-  // Checked before anything is sized by it.
-  static std::size_t checked_branches(std::size_t branches) {
-    TORCH_CHECK(branches >= 2 && branches <= 4096, "GradientBlendingPolicy: needs 2 to 4096 "
-                "branches, got ", branches);
-    return branches;
-  }
-
   static std::vector<double> flat(const HeadLosses& l) {
     std::vector<double> v = l.heads;
     v.push_back(l.fused);
@@ -195,7 +196,7 @@ class GradientBlendingPolicy {
     return v;
   }
 
-  std::size_t branches_;
+  std::size_t branches_ = 0;               // given by the Balancer
   std::vector<double> weights_;            // heads, then the fused output; sum 1
   std::optional<EpochLosses> previous_;    // the last measurement
   std::int64_t measurements_ = 0;
@@ -203,7 +204,7 @@ class GradientBlendingPolicy {
 template <>
 inline constexpr bool detail::kLibraryPolicy<GradientBlendingPolicy> = true;
 
-static_assert(BalancingPolicy<GradientBlendingPolicy> && NWayBalancingPolicy<GradientBlendingPolicy> &&
+static_assert(BalancingPolicy<GradientBlendingPolicy> && TakesBranchCount<GradientBlendingPolicy> &&
               WeighsLosses<GradientBlendingPolicy> && ObservesEpochLosses<GradientBlendingPolicy> &&
               HasState<GradientBlendingPolicy> && !HoldsFusionGates<GradientBlendingPolicy>);
 

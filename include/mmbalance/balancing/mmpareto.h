@@ -21,7 +21,6 @@
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/step_plan.h"
@@ -32,7 +31,7 @@ namespace mmbalance {
 ///
 /// Example:
 /// ```
-/// Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(2, MMParetoOptions().gamma(1.5)),
+/// Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(MMParetoOptions().gamma(1.5)),
 ///                                   BalancerOptions().warmup_epochs(0));
 /// ```
 struct MMParetoOptions {
@@ -62,9 +61,7 @@ class MMParetoPolicy {
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
   static constexpr bool needs_fused_gradients = true;
 
-  explicit MMParetoPolicy(std::size_t branches, const MMParetoOptions& options = {})
-      : options(options), branches_(branches) {
-    TORCH_CHECK(branches >= 2, "MMParetoPolicy: needs 2 or more branches, got ", branches);
+  explicit MMParetoPolicy(const MMParetoOptions& options = {}) : options(options) {
     TORCH_CHECK(std::isfinite(options.gamma()) && options.gamma() > 0,
                 "MMParetoPolicy: gamma must be a finite number > 0, got ", options.gamma());
     TORCH_CHECK(to_string(options.parameters()) != "invalid", "MMParetoPolicy: parameters must "
@@ -72,9 +69,16 @@ class MMParetoPolicy {
                 static_cast<int>(options.parameters()));
   }
 
-  StepKind next_step() const { return StepKind::regular; }
+  /// The network's branch count (the `Balancer` calls it): 2 or more, and the count the
+  /// policy's state is for if it has one.
+  void set_branches(std::size_t branches) {
+    TORCH_CHECK(branches >= 2, "MMParetoPolicy: needs 2 or more branches, got ", branches);
+    TORCH_CHECK(branches_ == 0 || branches_ == branches, "MMParetoPolicy: the policy was made for ",
+                branches_, " branches, the network has ", branches);
+    branches_ = branches;
+  }
+
   StepPlan next_plan() const { return StepPlan::regular(); }
-  std::size_t branches() const { return branches_; }
 
   /// The multimodal loss and every uni-modal loss, each with weight 1 (the original's sum).
   LossWeights loss_weights() const { return {std::vector<double>(branches_, 1.0), 1.0}; }
@@ -215,14 +219,14 @@ class MMParetoPolicy {
     }
   }
 
-  std::size_t branches_;
+  std::size_t branches_ = 0;  // given by the Balancer
   at::Tensor last_fused_weights_;
   at::Tensor conflict_steps_;
 };
 template <>
 inline constexpr bool detail::kLibraryPolicy<MMParetoPolicy> = true;
 
-static_assert(BalancingPolicy<MMParetoPolicy> && NWayBalancingPolicy<MMParetoPolicy> &&
+static_assert(BalancingPolicy<MMParetoPolicy> && TakesBranchCount<MMParetoPolicy> &&
               !HoldsFusionGates<MMParetoPolicy> && ModulatesGradients<MMParetoPolicy> &&
               NeedsFusedGradients<MMParetoPolicy> && WeighsLosses<MMParetoPolicy> && HasState<MMParetoPolicy>);
 

@@ -22,7 +22,6 @@
 
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/engine_state.h"
 #include "mmbalance/model/step_plan.h"
@@ -78,7 +77,6 @@ class OGMGEPolicy {
                 static_cast<int>(options.parameters()));
   }
 
-  StepKind next_step() const { return StepKind::regular; }
   StepPlan next_plan() const { return StepPlan::regular(); }
 
   /// The coefficients k_k of one step (a tensor of N numbers on the heads' device); data-
@@ -202,7 +200,7 @@ class OGMGEPolicy {
 template <>
 inline constexpr bool detail::kLibraryPolicy<OGMGEPolicy> = true;
 
-static_assert(BalancingPolicy<OGMGEPolicy> && NWayBalancingPolicy<OGMGEPolicy> && !HoldsFusionGates<OGMGEPolicy> &&
+static_assert(BalancingPolicy<OGMGEPolicy> && !HoldsFusionGates<OGMGEPolicy> &&
               ModulatesGradients<OGMGEPolicy> && HasState<OGMGEPolicy>);
 
 }  // namespace mmbalance

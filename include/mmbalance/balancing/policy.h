@@ -3,18 +3,26 @@
 /// The `BalancingPolicy` concept and its optional hooks.
 
 #include <concepts>
+#include <cstddef>
+#include <cstdint>
 
 #include <torch/serialize/archive.h>
 
-#include "mmbalance/model/step_kind.h"
+#include "mmbalance/metrics/learning_speed_meter.h"
+#include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
 
-/// Decides the kind of each training step after the warm-up epochs (the `Balancer`
-/// handles warm-up). Required: `next_step()`. Optional hooks, detected at compile time:
-/// - `observe_d_speed(double)`: called after every regular step with the current
-///   d_speed. A policy with this hook makes the balancer read d_speed from the device
-///   once per regular step; a policy without it costs no read.
+/// Decides the plan of each training step after the warm-up epochs (the `Balancer`
+/// handles warm-up), for any number of branches. Required: `StepPlan next_plan()` (a
+/// `StepKind` converts: `return StepKind::rebalance_m0;`). Optional hooks, detected at
+/// compile time:
+/// - `set_branches(std::size_t)`: called once by the `Balancer`'s constructor, before any
+///   other hook, with the network's number of branches; it may throw to refuse it.
+/// - `observe_speeds(const SpeedSummary&)`: called after every regular step whose speeds
+///   are defined (for two branches `speeds.d_speed` is the paper's d_speed). A policy with
+///   this hook makes the balancer read the speeds from the device once per regular step; a
+///   policy without it costs no read.
 /// - `start_epoch(std::int64_t)`: called by `end_epoch` when an epoch after warm-up begins,
 ///   numbered from the end of warm-up (0 for the first; with no warm-up, epoch 0 begins at
 ///   construction unannounced and the first call is 1). If it throws, `end_epoch` changes
@@ -31,11 +39,14 @@ namespace mmbalance {
 /// Policies must be copyable: the balancer restores a copy when it rejects a step.
 template <class P>
 concept BalancingPolicy = std::copyable<P> && requires(P& p) {
-  { p.next_step() } -> std::same_as<StepKind>;
+  { p.next_plan() } -> std::same_as<StepPlan>;
 };
 
 template <class P>
-concept ObservesSpeed = requires(P& p, double d) { p.observe_d_speed(d); };
+concept TakesBranchCount = requires(P& p, std::size_t n) { p.set_branches(n); };
+
+template <class P>
+concept ObservesSpeeds = requires(P& p, const SpeedSummary& s) { p.observe_speeds(s); };
 
 template <class P>
 concept HasEpochHook = requires(P& p, std::int64_t e) { p.start_epoch(e); };

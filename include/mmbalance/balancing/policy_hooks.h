@@ -6,8 +6,9 @@
 ///
 /// | member | exact form | concept |
 /// |---|---|---|
-/// | plan (required, one of two) | `StepPlan next_plan()` / `StepKind next_step()` (two branches) | `NWayBalancingPolicy` / `BalancingPolicy` |
-/// | speeds | `void observe_speeds(const NWaySpeedSummary&)` / `void observe_d_speed(double)` | `ObservesBranchSpeeds` / `ObservesSpeed` |
+/// | plan (required) | `StepPlan next_plan()` (a `StepKind` converts) | `BalancingPolicy` |
+/// | branch count | `void set_branches(std::size_t)` (called once, first) | `TakesBranchCount` |
+/// | speeds | `void observe_speeds(const SpeedSummary&)` | `ObservesSpeeds` |
 /// | epoch start | `void start_epoch(std::int64_t)` | `HasEpochHook` |
 /// | state | `void save(torch::serialize::OutputArchive&) const` and `void load(torch::serialize::InputArchive&)`, with `static constexpr PolicyIdentity checkpoint_identity` | `HasState`, `DeclaresCheckpointIdentity` |
 /// | earlier formats | `void load(torch::serialize::InputArchive&, std::int64_t version)` | `ReadsEarlierVersions` |
@@ -16,13 +17,15 @@
 /// | loss term | `at::Tensor auxiliary_loss(const NetOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
 /// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` |
-/// | branch count | `std::size_t branches() const` (checked against the network's) | — |
 ///
 /// These names are the hooks': a member of one of them in any form (overloaded, a
-/// template, private, inherited from two bases) must be the form above.
+/// template, private, inherited from two bases) must be the form above. The hooks of
+/// earlier versions, `next_step` and `observe_d_speed`, are refused by name, pointing to
+/// the hook that replaced them.
 /// docs/policies.md ("The hooks") says when each is called and what it may change.
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,7 +33,6 @@
 
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
-#include "mmbalance/balancing/n_way_policy.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_identity.h"
 
@@ -52,6 +54,7 @@ namespace mmbalance::detail {
                              requires { &P::name; };
 MMBALANCE_DETAIL_MEMBER_DETECTOR(next_plan)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(next_step)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(set_branches)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_speeds)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_d_speed)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(start_epoch)
@@ -68,26 +71,22 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_masked_outputs)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(checkpoint_identity)
 #undef MMBALANCE_DETAIL_MEMBER_DETECTOR
 
-// The plan hooks' call forms, without the copyability the policy concepts add.
+// The plan hook's call form, without the copyability `BalancingPolicy` adds.
 template <class P>
 concept PlansSteps = requires(P& p) {
   { p.next_plan() } -> std::same_as<StepPlan>;
 };
-template <class P>
-concept ChoosesStepKinds = requires(P& p) {
-  { p.next_step() } -> std::same_as<StepKind>;
-};
 
-// Converts to double and nothing else: a hook taking int or float would truncate d_speed.
-struct ExactlyDouble {
+// Converts to std::size_t and nothing else: a hook taking int would narrow the count.
+struct ExactlySize {
   template <class T>
-    requires std::same_as<T, double>
+    requires std::same_as<T, std::size_t>
   operator T() const {
-    return 0.0;
+    return 0;
   }
 };
 template <class P>
-concept TakesDSpeedAsDouble = requires(P& p, ExactlyDouble d) { p.observe_d_speed(d); };
+concept TakesBranchCountExactly = requires(P& p, ExactlySize n) { p.set_branches(n); };
 
 // The class that declares a member function whose address is `M`.
 template <class M>
@@ -96,13 +95,6 @@ template <class R, class C>
 struct DeclaringClass<R C::*> {
   using type = C;
 };
-// next_step and next_plan declared in different classes (one inherited, e.g. from
-// VanillaPolicy): `Balancer::next_plan()` would call the inherited one.
-template <class P>
-concept PlanHooksFromDifferentClasses =
-    requires { &P::next_step; &P::next_plan; } &&
-    !std::same_as<typename DeclaringClass<decltype(&P::next_step)>::type,
-                  typename DeclaringClass<decltype(&P::next_plan)>::type>;
 
 // A flag is read at compile time: declared, it must be a constant.
 #define MMBALANCE_DETAIL_FLAG(name)                                                          \
@@ -144,30 +136,26 @@ constexpr bool owns_state_under_library_name() {
 /// balancer calls. A policy passes when every hook name it has is in that form.
 template <class P>
 struct PolicyHooksCheck {
+  static_assert(!HasMember_next_step<P>,
+                "Balancer: the policy declares next_step, which the balancer no longer calls: "
+                "declare `StepPlan next_plan()` instead (StepKind values convert to StepPlan)");
   static_assert(HasMember_next_plan<P> || HasMember_next_step<P>,
-                "Balancer: the policy has no plan: declare `StepPlan next_plan()` (any number of "
-                "branches) or `StepKind next_step()` (two branches)");
+                "Balancer: the policy has no plan: declare `StepPlan next_plan()`");
   static_assert(!HasMember_next_plan<P> || PlansSteps<P>,
                 "Balancer: the policy's next_plan is not `StepPlan next_plan()` (callable on a "
                 "non-const policy, no parameters, returning StepPlan)");
-  static_assert(!HasMember_next_step<P> || ChoosesStepKinds<P>,
-                "Balancer: the policy's next_step is not `StepKind next_step()` (callable on a "
-                "non-const policy, no parameters, returning StepKind)");
-  static_assert(!PlanHooksFromDifferentClasses<P>,
-                "Balancer: the policy's next_step and next_plan come from different classes (one "
-                "inherited): balancer.next_plan() would call one and balancer.next_step() the "
-                "other; declare both in the policy's own class");
   static_assert(std::copyable<P>, "Balancer: the policy must be copyable (the balancer keeps a "
                 "copy to restore when it rejects a step)");
-  static_assert(!HasMember_observe_speeds<P> || ObservesBranchSpeeds<P>,
+  static_assert(!HasMember_set_branches<P> || (TakesBranchCount<P> && TakesBranchCountExactly<P>),
+                "Balancer: the policy's set_branches would never be called, or get the count "
+                "narrowed: declare `void set_branches(std::size_t)`");
+  static_assert(!HasMember_observe_speeds<P> || ObservesSpeeds<P>,
                 "Balancer: the policy's observe_speeds would never be called: declare `void "
-                "observe_speeds(const NWaySpeedSummary&)`");
-  static_assert(!HasMember_observe_d_speed<P> || (ObservesSpeed<P> && TakesDSpeedAsDouble<P>),
-                "Balancer: the policy's observe_d_speed would never be called, or get d_speed "
-                "truncated: declare `void observe_d_speed(double)`");
-  static_assert(!(HasMember_observe_speeds<P> && HasMember_observe_d_speed<P>),
-                "Balancer: the policy has both observe_speeds and observe_d_speed; the balancer "
-                "calls only observe_speeds: declare one");
+                "observe_speeds(const SpeedSummary&)`");
+  static_assert(!HasMember_observe_d_speed<P>,
+                "Balancer: the policy declares observe_d_speed, which the balancer no longer "
+                "calls: declare `void observe_speeds(const SpeedSummary&)` and read "
+                "`speeds.d_speed` (two branches) or `speeds.spread` (any number)");
   static_assert(!HasMember_start_epoch<P> || HasEpochHook<P>,
                 "Balancer: the policy's start_epoch would never be called: declare `void "
                 "start_epoch(std::int64_t)`");

@@ -89,10 +89,26 @@ inline constexpr std::array<std::pair<std::string_view, PolicyIdentity>, 9> kIde
     {"mmbalance::GradientBlendingPolicy", {"mmbalance.gradient_blending", 1}},
 }};
 
+// Library policies merged into another: the N-branch guided and random policies became
+// GuidedPolicy and RandomPolicy, whose format version 2 is theirs.
+inline constexpr std::array<std::pair<PolicyIdentity, PolicyIdentity>, 2> kMergedIdentities{{
+    {{"mmbalance.guided_n_way", 1}, {"mmbalance.guided", 2}},
+    {{"mmbalance.random_n_way", 1}, {"mmbalance.random", 2}},
+}};
+
+// `saved` under the name and version of the policy it was merged into, if it was.
+inline SavedPolicyIdentity merged_identity(SavedPolicyIdentity saved) {
+  for (const auto& [before, now] : kMergedIdentities) {
+    if (saved.name == before.name && saved.version == before.version) return {std::string(now.name), now.version};
+  }
+  return saved;
+}
+
 /// The identity a balancer record was written with: `policy_name` and `policy_version`,
 /// or, in a record from before those, `policy_type` (a C++ type name) as the library's
 /// table above maps it; a type name the table does not know stays as it is, version 0
-/// (a user's policy, which still loads where it is the same type as this one's).
+/// (a user's policy, which still loads where it is the same type as this one's). A
+/// policy since merged into another reads as that one's (`kMergedIdentities`).
 inline SavedPolicyIdentity read_policy_identity(torch::serialize::InputArchive& archive) {
   c10::IValue name, version;
   if (archive.try_read("policy_name", name)) {
@@ -100,13 +116,13 @@ inline SavedPolicyIdentity read_policy_identity(torch::serialize::InputArchive& 
                 "Balancer::load: damaged policy name or version in the balancer's record");
     TORCH_CHECK(version.toInt() >= 0, "Balancer::load: negative policy format version ", version.toInt(),
                 " in the balancer's record");
-    return {name.toStringRef(), version.toInt()};
+    return merged_identity({name.toStringRef(), version.toInt()});
   }
   c10::IValue type;
   TORCH_CHECK(archive.try_read("policy_type", type) && type.isString(),
               "Balancer::load: the balancer's record names no policy (no 'policy_name')");
   for (const auto& [type_name, id] : kIdentitiesBeforeNames) {
-    if (type.toStringRef() == type_name) return {std::string(id.name), id.version};
+    if (type.toStringRef() == type_name) return merged_identity({std::string(id.name), id.version});
   }
   return {type.toStringRef(), 0};
 }

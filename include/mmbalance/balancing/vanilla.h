@@ -3,16 +3,14 @@
 /// Vanilla training: regular steps only (d_speed is still measured), for any number of
 /// branches.
 
-#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/policy.h"
-#include "mmbalance/model/step_plan.h"
+#include "mmbalance/balancing/policy_identity.h"
 
 namespace mmbalance {
 
 struct VanillaPolicy {
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.vanilla", 1};
-  StepKind next_step() const { return StepKind::regular; }
   StepPlan next_plan() const { return StepPlan::regular(); }
 };
 template <>

@@ -36,17 +36,16 @@ inline nlohmann::json step_counts_json(const StepCounts& counts) {
   return plan_counts_json(std::vector<std::int64_t>(counts.begin(), counts.end()));
 }
 
+/// {"speeds": [s_0, ...], "spread": ..., "fastest": k}, and for two branches
+/// "s_m1_given_m0", "s_m0_given_m1" and the signed "d_speed"; undefined values are null.
 inline void to_json(nlohmann::json& j, const SpeedSummary& s) {
-  j = {{"s_m1_given_m0", number_or_null(s.s_m1_given_m0)},
-       {"s_m0_given_m1", number_or_null(s.s_m0_given_m1)},
-       {"d_speed", number_or_null(s.d_speed)}};
-}
-
-/// {"speeds": [s_0, ...], "imbalance": ..., "fastest": k}; undefined speeds are null.
-inline void to_json(nlohmann::json& j, const NWaySpeedSummary& s) {
   nlohmann::json speeds = nlohmann::json::array();
   for (const double v : s.speeds) speeds.push_back(number_or_null(v));
-  j = {{"speeds", speeds}, {"imbalance", number_or_null(s.imbalance)}, {"fastest", s.fastest}};
+  j = {{"speeds", speeds}, {"spread", number_or_null(s.spread)}, {"fastest", s.fastest}};
+  if (s.speeds.size() != 2) return;
+  j["s_m1_given_m0"] = number_or_null(s.s_m1_given_m0);
+  j["s_m0_given_m1"] = number_or_null(s.s_m0_given_m1);
+  j["d_speed"] = number_or_null(s.d_speed);
 }
 
 /// {"accuracy", "head_accuracy": [...], "cut_accuracy": [...], "utilization": [u_0, ...],

@@ -4,7 +4,6 @@
 /// group, accumulated over regular steps, all on the parameters' device.
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -35,44 +34,29 @@ constexpr std::string_view to_string(Group g) {
   return "invalid";
 }
 
-/// The conditional learning speeds derived from the accumulators M (host values).
+/// The learning speeds of N branches derived from the accumulators M (host values;
+/// docs/algorithm.md §4): s_k = log10(M(θ_k') / M(θ_k)), how fast branch k's fusion path
+/// learns relative to branch k itself. Two measures of imbalance, kept apart: `d_speed`,
+/// the paper's signed two-branch value, and `spread`, the unsigned one of any N.
 struct SpeedSummary {
-  double s_m1_given_m0 = NAN;  ///< log10(M(θ0') / M(θ0))
-  double s_m0_given_m1 = NAN;  ///< log10(M(θ1') / M(θ1))
-  double d_speed = NAN;        ///< s(m1|m0) - s(m0|m1)
-
-  /// From the four accumulators, in `Group` order. A speed is NaN unless both of its
-  /// accumulators are positive and finite: before any regular step, and for a group that
-  /// never had a gradient (frozen), where log10 would give ±inf. d_speed is NaN when
-  /// either speed is.
-  static SpeedSummary from_accumulators(const std::array<double, kNumGroups>& m) {
-    const auto speed = [](double fusion, double branch) {
-      const bool defined = std::isfinite(fusion) && std::isfinite(branch) && fusion > 0 && branch > 0;
-      return defined ? std::log10(fusion / branch) : NAN;
-    };
-    SpeedSummary s;
-    s.s_m1_given_m0 = speed(m[2], m[0]);
-    s.s_m0_given_m1 = speed(m[3], m[1]);
-    s.d_speed = s.s_m1_given_m0 - s.s_m0_given_m1;
-    return s;
-  }
-};
-
-/// The learning speeds of N branches derived from the accumulators M of an N-branch meter
-/// (docs/algorithm.md §4, "N branches"): s_k = log10(M(θ_k') / M(θ_k)), how fast branch
-/// k's fusion path learns relative to branch k itself.
-struct NWaySpeedSummary {
   std::vector<double> speeds;  ///< s_k; NaN where an accumulator is not positive and finite
-  /// N = 2: s_0 - s_1, the paper's d_speed; N >= 3: max_k s_k - min_k s_k (>= 0). NaN if
-  /// any s_k is.
-  double imbalance = NAN;
+  /// max_k s_k - min_k s_k (>= 0; for two branches |d_speed|). NaN if any s_k is.
+  double spread = NAN;
   /// The branch with the largest s_k (the one whose fusion path outpaces it most; the
   /// lowest index on ties), or -1 when a speed is NaN.
   std::int64_t fastest = -1;
+  /// Two branches only: s(m1|m0) - s(m0|m1) = s_0 - s_1, signed (> 0: branch 0 leans on
+  /// m1). NaN if either speed is, and for N >= 3 (read `spread`).
+  double d_speed = NAN;
+  double s_m1_given_m0 = NAN;  ///< two branches: s_0 (NaN for N >= 3)
+  double s_m0_given_m1 = NAN;  ///< two branches: s_1 (NaN for N >= 3)
 
-  /// From 2N accumulators: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}'.
-  static NWaySpeedSummary from_accumulators(const std::vector<double>& m) {
-    TORCH_CHECK(m.size() >= 4 && m.size() % 2 == 0, "NWaySpeedSummary: needs 2N >= 4 "
+  /// From 2N accumulators (N >= 2): θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for two
+  /// branches the `Group` order). A speed is NaN unless both of its accumulators are
+  /// positive and finite: before any regular step, and for a group that never had a
+  /// gradient (frozen), where log10 would give ±inf.
+  static SpeedSummary from_accumulators(const std::vector<double>& m) {
+    TORCH_CHECK(m.size() >= 4 && m.size() % 2 == 0, "SpeedSummary: needs 2N >= 4 "
                 "accumulators (the branches', then the fusion paths'), got ", m.size());
     const std::size_t n = m.size() / 2;
     std::vector<double> speeds;
@@ -85,21 +69,28 @@ struct NWaySpeedSummary {
   }
 
   /// From the speeds s_0 .. s_{N-1} themselves (N >= 2).
-  static NWaySpeedSummary from_speeds(std::vector<double> speeds) {
-    TORCH_CHECK(speeds.size() >= 2, "NWaySpeedSummary: needs the speeds of N >= 2 branches, got ",
+  static SpeedSummary from_speeds(std::vector<double> speeds) {
+    TORCH_CHECK(speeds.size() >= 2, "SpeedSummary: needs the speeds of N >= 2 branches, got ",
                 speeds.size());
-    const std::size_t n = speeds.size();
-    NWaySpeedSummary s;
+    SpeedSummary s;
     s.speeds = std::move(speeds);
+    if (s.speeds.size() == 2) {
+      s.s_m1_given_m0 = s.speeds[0];
+      s.s_m0_given_m1 = s.speeds[1];
+      s.d_speed = s.speeds[0] - s.speeds[1];
+    }
     if (std::none_of(s.speeds.begin(), s.speeds.end(), [](double v) { return std::isnan(v); })) {
       const auto hi = std::max_element(s.speeds.begin(), s.speeds.end());  // first on ties
-      const auto lo = std::min_element(s.speeds.begin(), s.speeds.end());
-      s.imbalance = n == 2 ? s.speeds[0] - s.speeds[1] : *hi - *lo;
+      s.spread = *hi - *std::min_element(s.speeds.begin(), s.speeds.end());
       s.fastest = hi - s.speeds.begin();
     }
     return s;
   }
 };
+
+/// The N-branch name of `SpeedSummary`, which now serves any number of branches.
+using NWaySpeedSummary [[deprecated("use SpeedSummary (spread replaces imbalance for N >= 3, d_speed for N = 2)")]] =
+    SpeedSummary;
 
 /// Measures μ for the 2N parameter groups of a network (`ParameterGroups`) with one fused
 /// reduction over every distinct parameter and every gradient (`_foreach_norm` on a GPU;
@@ -213,20 +204,11 @@ class LearningSpeedMeter {
   /// Regular steps `accumulate_if` left out (reads one number from the device).
   std::int64_t skipped() const { return skipped_.defined() ? skipped_.item<std::int64_t>() : 0; }
 
-  /// Reads M to the host (one small read) and derives the two-branch speeds.
+  /// Reads M to the host (one small read) and derives every branch's speed.
   SpeedSummary summary() const {
-    TORCH_CHECK(branches_ == 2, "LearningSpeedMeter::summary is for two branches; this meter "
-                "has ", branches_, ": use branch_speeds()");
-    const at::Tensor m = accumulated_.to(at::kCPU);
-    return SpeedSummary::from_accumulators(
-        {m[0].item<double>(), m[1].item<double>(), m[2].item<double>(), m[3].item<double>()});
-  }
-
-  /// Reads M to the host (one small read) and derives s_k for every branch.
-  NWaySpeedSummary branch_speeds() const {
     const at::Tensor m = accumulated_.to(at::kCPU).contiguous();
     const double* v = m.data_ptr<double>();
-    return NWaySpeedSummary::from_accumulators({v, v + m.numel()});
+    return SpeedSummary::from_accumulators({v, v + m.numel()});
   }
 
   /// Elements per group; a checkpoint made for other groups is rejected on load.

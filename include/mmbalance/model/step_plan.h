@@ -16,21 +16,19 @@ namespace mmbalance {
 
 /// Which branch, if any, a training step of an N-branch network re-balances: every fusion
 /// module holds that branch's gate at its running average, so the branch hears no other
-/// modality and must learn from its own. N branches have N + 1 plans.
+/// modality and must learn from its own. N branches have N + 1 plans; a `StepKind` is one
+/// of them wherever a plan is expected (`return StepKind::regular;` from `next_plan()`).
 class StepPlan {
  public:
   /// Every branch live; feeds the learning-speed meter.
   static constexpr StepPlan regular() { return StepPlan(); }
   /// Branch `branch` held (re-balanced).
   static constexpr StepPlan hold(std::size_t branch) { return StepPlan(branch); }
-  /// A two-branch step kind, wherever a plan is expected: rebalance_m0 holds branch 0,
-  /// rebalance_m1 branch 1.
-  /* implicit */ constexpr StepPlan(StepKind kind)
-      : held_(kind == StepKind::rebalance_m0   ? std::optional<std::size_t>(0)
-              : kind == StepKind::rebalance_m1 ? std::optional<std::size_t>(1)
-                                               : std::nullopt) {}
-  /// The same, spelled out.
-  static constexpr StepPlan from(StepKind kind) { return StepPlan(kind); }
+  /// The two-branch step kinds: rebalance_m0 holds branch 0, rebalance_m1 branch 1.
+  constexpr StepPlan(StepKind kind) {  // implicit: a kind is a plan
+    if (kind == StepKind::rebalance_m0) held_ = 0;
+    if (kind == StepKind::rebalance_m1) held_ = 1;
+  }
 
   constexpr bool is_regular() const { return !held_.has_value(); }
   /// The held branch; empty for a regular step.
@@ -44,7 +42,7 @@ class StepPlan {
   std::optional<std::size_t> held_;
 };
 
-/// The `StepKind` of a plan of a two-branch network (the inverse of `StepPlan::from`); a
+/// The `StepKind` of a plan of a two-branch network (the inverse of `StepPlan(StepKind)`); a
 /// plan holding a branch other than 0 or 1 throws, naming it.
 inline StepKind to_step_kind(const StepPlan& plan) {
   if (plan.is_regular()) return StepKind::regular;
