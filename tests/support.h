@@ -57,6 +57,13 @@ inline ConvBranchOptions branch_options(std::int64_t in, std::vector<std::int64_
 
 using TwoWay = MultiModalNet<ConvBranch, ConvBranch, MMTM>;
 
+/// Detached copies of `tensors` (parameters as they are now).
+inline std::vector<at::Tensor> clones(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : tensors) out.push_back(t.detach().clone());
+  return out;
+}
+
 /// A two-branch fusion module's outputs as a pair.
 inline std::pair<at::Tensor, at::Tensor> as_pair(const std::vector<at::Tensor>& outputs) {
   return {outputs.at(0), outputs.at(1)};

@@ -12,6 +12,7 @@
 #include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/random.h"
+#include "mmbalance/balancing/reinitialization.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/branch/branch.h"
 #include "mmbalance/branch/conv_branch.h"

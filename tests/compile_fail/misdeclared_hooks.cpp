@@ -173,3 +173,29 @@ struct OwnStateUnderLibraryName : VanillaPolicy {
   void load(torch::serialize::InputArchive&) {}
 };
 static_assert(sizeof(Balancer<OwnStateUnderLibraryName>) > 0);
+
+// expect(NonConstSampleWeights): sample_weights would go unused: declare `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const`
+struct NonConstSampleWeights : VanillaPolicy {
+  at::Tensor sample_weights(const NetOutput&, const at::Tensor& t) { return at::ones_like(t); }
+};
+static_assert(sizeof(Balancer<NonConstSampleWeights>) > 0);
+
+// expect(TwoBranchSampleWeights): sample_weights would go unused: declare `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const`
+struct TwoBranchSampleWeights : VanillaPolicy {
+  at::Tensor sample_weights(const ModelOutput&, const at::Tensor& t) const { return at::ones_like(t); }
+};
+static_assert(sizeof(Balancer<TwoBranchSampleWeights>) > 0);
+
+// expect(FloatStrengths): reinitialization would never be called: declare `std::vector<double> reinitialization(std::int64_t)`
+struct FloatStrengths : VanillaPolicy {
+  std::vector<float> reinitialization(std::int64_t) { return {0.0F, 0.0F}; }
+};
+static_assert(sizeof(Balancer<FloatStrengths>) > 0);
+
+// expect(MeasuresAndReinitializes): both measures epoch losses and re-initializes branches
+struct MeasuresAndReinitializes : VanillaPolicy {
+  bool wants_epoch_losses(std::int64_t) const { return true; }
+  void observe_epoch_losses(const EpochLosses&) {}
+  std::vector<double> reinitialization(std::int64_t) { return {0.0, 0.0}; }
+};
+static_assert(sizeof(Balancer<MeasuresAndReinitializes>) > 0);

@@ -29,6 +29,7 @@
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_hooks.h"
 #include "mmbalance/balancing/policy_identity.h"
+#include "mmbalance/balancing/reinitialization.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/eval_mode.h"
@@ -122,6 +123,12 @@ class Balancer {
       policy_before_step_ = policy_;
     }
     if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
+    if constexpr (ReinitializesBranches<Policy>) {
+      for (const auto& group : branch_parameters_) {
+        initial_branch_parameters_.emplace_back();
+        for (const at::Tensor& p : group) initial_branch_parameters_.back().push_back(p.detach().clone());
+      }
+    }
     TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
                 options.warmup_epochs());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
@@ -253,12 +260,52 @@ class Balancer {
   void end_epoch() {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
+    if constexpr (ReinitializesBranches<Policy>) {
+      TORCH_CHECK(epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
+                  " may re-initialize branches at this boundary, which resets their optimizer "
+                  "state: call end_epoch(optimizer)");
+    }
     if constexpr (ObservesEpochLosses<Policy>) {
       TORCH_CHECK(!measures_at_epoch_end(), "Balancer::end_epoch: ", policy_type(), " measures "
                   "every head's loss at the end of this epoch: call end_epoch(net, train_sample, "
                   "held_out)");
     }
     advance_epoch();
+  }
+
+  /// Marks the end of an epoch for a policy that re-initializes branches
+  /// (`ReinitializesBranches`): after warm-up it asks the policy for each branch's strength
+  /// a_k, sets branch k's parameters to (1 - a_k)·θ + a_k·θ_init and drops `optimizer`'s
+  /// state for them where a_k > 0. Strengths that are not one per branch in [0, 1] throw
+  /// and change nothing.
+  void end_epoch(torch::optim::Optimizer& optimizer)
+    requires ReinitializesBranches<Policy>
+  {
+    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
+                ") was not observed");
+    const std::int64_t done = epochs_done_after_warmup();
+    std::vector<double> strengths;
+    advance_epoch([&] {
+      if (done < 0) return;
+      strengths = policy_.reinitialization(done);
+      TORCH_CHECK(strengths.size() == branches(), "Balancer::end_epoch: ", policy_type(),
+                  " gives ", strengths.size(), " re-initialization strengths for ", branches(),
+                  " branches");
+      for (std::size_t k = 0; k < strengths.size(); ++k) {
+        TORCH_CHECK(strengths[k] >= 0 && strengths[k] <= 1, "Balancer::end_epoch: ", policy_type(),
+                    " re-initializes branch ", k, " with strength ", strengths[k],
+                    "; strengths are in [0, 1]");
+      }
+    });
+    const at::NoGradGuard no_grad;
+    for (std::size_t k = 0; k < strengths.size(); ++k) {
+      if (strengths[k] == 0) continue;
+      for (std::size_t i = 0; i < branch_parameters_[k].size(); ++i) {
+        at::Tensor p = branch_parameters_[k][i];
+        p.mul_(1.0 - strengths[k]).add_(initial_branch_parameters_[k][i], strengths[k]);
+        detail::reset_optimizer_state(optimizer, p);
+      }
+    }
   }
 
   /// Marks the end of an epoch; where the policy measures generalization at this boundary
@@ -292,7 +339,7 @@ class Balancer {
           }
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
-                                 epoch_ + 1 - options_.warmup_epochs()};
+                                 epochs_done_after_warmup()};
         advance_epoch([&] { policy_.observe_epoch_losses(losses); });
         return;
       }
@@ -317,10 +364,13 @@ class Balancer {
     std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
   }
 
-  // Whether the policy measures at the end of the current epoch (epochs after warm-up
-  // done then: 0 at the end of warm-up).
+  // Epochs after warm-up done at the end of the current epoch (0 at the end of warm-up,
+  // negative before).
+  std::int64_t epochs_done_after_warmup() const { return epoch_ + 1 - options_.warmup_epochs(); }
+
+  // Whether the policy measures at the end of the current epoch.
   bool measures_at_epoch_end() const {
-    const std::int64_t done = epoch_ + 1 - options_.warmup_epochs();
+    const std::int64_t done = epochs_done_after_warmup();
     if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy_.wants_epoch_losses(done);
     return false;
   }
@@ -390,6 +440,15 @@ class Balancer {
       torch::serialize::OutputArchive nested;
       policy_.save(nested);
       archive.write("policy", nested);
+    }
+    if constexpr (ReinitializesBranches<Policy>) {
+      torch::serialize::OutputArchive initial;
+      for (std::size_t k = 0; k < initial_branch_parameters_.size(); ++k) {
+        for (std::size_t i = 0; i < initial_branch_parameters_[k].size(); ++i) {
+          initial.write(initial_key(k, i), initial_branch_parameters_[k][i].to(at::kCPU));
+        }
+      }
+      archive.write("initial_branch_parameters", initial);
     }
   }
 
@@ -501,6 +560,23 @@ class Balancer {
       }
     }
 
+    std::vector<std::vector<at::Tensor>> initial = initial_branch_parameters_;
+    if constexpr (ReinitializesBranches<Policy>) {
+      torch::serialize::InputArchive nested;
+      TORCH_CHECK(archive.try_read("initial_branch_parameters", nested),
+                  "Balancer::load: no initial branch parameters (the policy re-initializes branches)");
+      for (std::size_t k = 0; k < initial.size(); ++k) {
+        for (std::size_t i = 0; i < initial[k].size(); ++i) {
+          at::Tensor t;
+          TORCH_CHECK(nested.try_read(initial_key(k, i), t) && t.sizes() == initial[k][i].sizes() &&
+                          t.scalar_type() == initial[k][i].scalar_type(),
+                      "Balancer::load: initial parameter ", i, " of branch ", k, " is missing or is not ",
+                      detail::shape_string(initial[k][i]), " ", initial[k][i].scalar_type());
+          initial[k][i] = t.to(initial[k][i].device());
+        }
+      }
+    }
+
     // All read and checked: commit.
     meter_.restore(accumulated, meter_steps, skipped);
     step_ = step;
@@ -514,6 +590,7 @@ class Balancer {
       lagged_event_.reset();
     }
     policy_ = std::move(policy);
+    initial_branch_parameters_ = std::move(initial);
     pending_.reset();
     release_step_outputs();
   }
@@ -526,11 +603,23 @@ class Balancer {
                 " heads, the network ", branches(), " branches");
     TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
     if constexpr (NeedsMaskedOutputs<Policy>) check_inputs(*inputs, target);  // only overloads with inputs
-    at::Tensor total;
-    if constexpr (WeighsLosses<Policy>) {
-      if (!in_warmup()) total = weighted_loss(out, target);
+    at::Tensor total, weights;
+    if constexpr (WeighsSamples<Policy>) {
+      if (!in_warmup()) weights = sample_weights(out, target);
     }
-    if (!total.defined()) total = modality_specific_loss(out, target);
+    if constexpr (WeighsLosses<Policy>) {
+      if (!in_warmup()) total = weighted_loss(out, target, weights);
+    }
+    if (!total.defined()) {
+      if (weights.defined()) {
+        for (const at::Tensor& head : out.heads) {
+          const at::Tensor term = cross_entropy(head, target, weights);
+          total = total.defined() ? total + term : term;
+        }
+      } else {
+        total = modality_specific_loss(out, target);
+      }
+    }
     if constexpr (AddsAuxiliaryLoss<Policy>) {
       if (!in_warmup()) total = with_auxiliary_loss(total, out, target);
     }
@@ -621,6 +710,15 @@ class Balancer {
 
   // A plan the network cannot run throws and leaves the policy as it was.
   void check_plan(const StepPlan& plan) {
+    if (const auto k = plan.modulated_branch()) {
+      const double keep = plan.keep_probability(), scale = plan.feature_scale();
+      if (*k >= branches() || !(keep >= 0 && keep <= 1) || !std::isfinite(scale)) {
+        policy_ = policy_before_step_;
+        TORCH_CHECK(false, "Balancer: the policy modulates branch ", *k, "'s features (kept with "
+                    "probability ", keep, ", scaled by ", scale, "); the network has branches 0..",
+                    branches() - 1, ", and a probability in [0, 1] and a finite scale are needed");
+      }
+    }
     if (plan.is_regular()) return;
     if (*plan.held_branch() >= branches()) {
       policy_ = policy_before_step_;
@@ -635,8 +733,33 @@ class Balancer {
     }
   }
 
-  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read).
-  at::Tensor weighted_loss(const NetOutput& out, const at::Tensor& target) const {
+  // CE(logits, target) averaged over the batch, each row weighted when `weights` is defined.
+  static at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weights) {
+    if (!weights.defined()) return at::cross_entropy_loss(logits, target);
+    return (at::cross_entropy_loss(logits, target, {}, at::Reduction::None) * weights).mean();
+  }
+
+  // The policy's per-row weights, checked: one finite weight >= 0 per row, on the output's
+  // device (the check reads nothing to the host but with checks on).
+  at::Tensor sample_weights(const NetOutput& out, const at::Tensor& target) const {
+    at::Tensor w = policy_.sample_weights(out, target);
+    if (!w.defined()) return w;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == target.size(0) && at::isFloatingType(w.scalar_type()),
+                "Balancer::loss: ", policy_type(), "'s sample weights must be one floating-point "
+                "number per row of the batch (", target.size(0), "), got ", w.scalar_type(), " ",
+                detail::shape_string(w));
+    TORCH_CHECK(w.device() == out.y.device(), "Balancer::loss: ", policy_type(), "'s sample weights "
+                "are on ", w.device(), ", the step's output on ", out.y.device());
+    if (options_.check_every_step()) {
+      TORCH_CHECK(at::isfinite(w).all().item<bool>() && (w >= 0).all().item<bool>(), "Balancer::loss: ",
+                  policy_type(), "'s sample weights must be finite and >= 0");
+    }
+    return w.detach();
+  }
+
+  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read), each
+  // CE over rows weighted by `sample_weights` where given.
+  at::Tensor weighted_loss(const NetOutput& out, const at::Tensor& target, const at::Tensor& sample_weights) const {
     const LossWeights w = policy_.loss_weights();
     TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
@@ -649,7 +772,7 @@ class Balancer {
     at::Tensor total;
     const auto add = [&](const at::Tensor& logits, double weight) {
       if (weight == 0) return;
-      const at::Tensor term = at::cross_entropy_loss(logits, target) * weight;
+      const at::Tensor term = cross_entropy(logits, target, sample_weights) * weight;
       total = total.defined() ? total + term : term;
     };
     for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);
@@ -881,6 +1004,9 @@ class Balancer {
     return at::tensor(c, at::kLong);
   }
   static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
+  static std::string initial_key(std::size_t branch, std::size_t parameter) {
+    return "b" + std::to_string(branch) + "_p" + std::to_string(parameter);
+  }
   std::vector<std::int64_t> counts_vector(const at::Tensor& t) const {
     TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong &&
                     t.numel() == static_cast<std::int64_t>(branches() + 1),
@@ -900,7 +1026,8 @@ class Balancer {
 
   static constexpr bool kObservesSpeeds = ObservesSpeeds<Policy>;
   // Policies that need the loss formed by `loss()` (and the step's outputs it stages).
-  static constexpr bool kFormsLoss = ModulatesGradients<Policy> || WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy>;
+  static constexpr bool kFormsLoss =
+      ModulatesGradients<Policy> || WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>;
 
   BalancerOptions options_;
   Policy policy_;
@@ -915,6 +1042,8 @@ class Balancer {
   std::vector<std::vector<at::Tensor>> staged_fused_gradients_;
   // y with modalities masked, for a policy that `NeedsMaskedOutputs` (after warm-up).
   std::vector<at::Tensor> staged_subset_outputs_;
+  // θ_k as the balancer found them, for a policy that re-initializes branches.
+  std::vector<std::vector<at::Tensor>> initial_branch_parameters_;
   // Runs the network for those masked passes (only for such a policy).
   std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward_;
   std::optional<StepPlan> pending_;

@@ -1,10 +1,10 @@
 #pragma once
 /// \file
 /// The loss-weighting and epoch-loss hooks of balancing policies: a policy that weights
-/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, one that adds
-/// a term of its own (a regulariser) computes it from the step's output, and one that
-/// measures generalization receives every head's loss on training and held-out data at
-/// the epoch boundaries it asks for.
+/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, one that
+/// weighs samples gives a weight per row, one that adds a term of its own (a regulariser)
+/// computes it from the step's output, and one that measures generalization receives
+/// every head's loss on training and held-out data at the epoch boundaries it asks for.
 
 #include <concepts>
 #include <cstdint>
@@ -43,6 +43,17 @@ concept WeighsLosses = requires(const P& p) {
 template <class P>
 concept AddsAuxiliaryLoss = requires(const P& p, const NetOutput& out, const at::Tensor& target) {
   { p.auxiliary_loss(out, target) } -> std::convertible_to<at::Tensor>;
+};
+
+/// A policy that weighs each sample of the step: after warm-up every cross-entropy term of
+/// `Balancer::loss(out, target)` (each head's, and y's where weighted) is the batch mean
+/// of w_i·CE_i with `sample_weights(out, target)`'s w (one finite weight >= 0 per row of
+/// the batch, on the output's device; an undefined tensor weighs nothing this step).
+/// Weights of 1 give the unweighted loss; sample-level methods up-weight the rows whose
+/// weak modality contributes least.
+template <class P>
+concept WeighsSamples = requires(const P& p, const NetOutput& out, const at::Tensor& target) {
+  { p.sample_weights(out, target) } -> std::same_as<at::Tensor>;
 };
 
 /// Every head's mean loss on a sample of the training data and on held-out data, at the

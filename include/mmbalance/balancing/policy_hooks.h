@@ -6,7 +6,7 @@
 ///
 /// | member | exact form | concept |
 /// |---|---|---|
-/// | plan (required) | `StepPlan next_plan()` (a `StepKind` converts) | `BalancingPolicy` |
+/// | plan (required) | `StepPlan next_plan()` (a `StepKind` converts; `StepPlan::modulating` for the forward side) | `BalancingPolicy` |
 /// | branch count | `void set_branches(std::size_t)` (called once, first) | `TakesBranchCount` |
 /// | speeds | `void observe_speeds(const SpeedSummary&)` | `ObservesSpeeds` |
 /// | epoch start | `void start_epoch(std::int64_t)` | `HasEpochHook` |
@@ -15,6 +15,8 @@
 /// | gradients | `void modulate_gradients(const StepGradients&)` | `ModulatesGradients` |
 /// | loss weights | `LossWeights loss_weights() const` | `WeighsLosses` |
 /// | loss term | `at::Tensor auxiliary_loss(const NetOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
+/// | sample weights | `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const` | `WeighsSamples` |
+/// | re-initialization | `std::vector<double> reinitialization(std::int64_t)` | `ReinitializesBranches` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
 /// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` |
 ///
@@ -35,6 +37,7 @@
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_identity.h"
+#include "mmbalance/balancing/reinitialization.h"
 
 namespace mmbalance::detail {
 
@@ -63,6 +66,8 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(load)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(modulate_gradients)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(loss_weights)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(auxiliary_loss)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(sample_weights)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(reinitialization)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(wants_epoch_losses)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_losses)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(holds_fusion_gates)
@@ -187,6 +192,15 @@ struct PolicyHooksCheck {
   static_assert(!HasMember_auxiliary_loss<P> || AddsAuxiliaryLoss<P>,
                 "Balancer: the policy's auxiliary_loss would go unused: declare `at::Tensor "
                 "auxiliary_loss(const NetOutput&, const at::Tensor&) const`");
+  static_assert(!HasMember_sample_weights<P> || WeighsSamples<P>,
+                "Balancer: the policy's sample_weights would go unused: declare `at::Tensor "
+                "sample_weights(const NetOutput&, const at::Tensor&) const`");
+  static_assert(!HasMember_reinitialization<P> || ReinitializesBranches<P>,
+                "Balancer: the policy's reinitialization would never be called: declare "
+                "`std::vector<double> reinitialization(std::int64_t)`");
+  static_assert(!(ObservesEpochLosses<P> && ReinitializesBranches<P>),
+                "Balancer: the policy both measures epoch losses and re-initializes branches; "
+                "end_epoch takes the data for one or the optimizer for the other: split them");
   static_assert(!(HasMember_wants_epoch_losses<P> || HasMember_observe_epoch_losses<P>) ||
                     ObservesEpochLosses<P>,
                 "Balancer: the policy's epoch-loss hooks would never be called: declare both "

@@ -5,6 +5,7 @@
 /// fusion, docs/algorithm.md §1), and the concepts the library's other parts take as a
 /// network.
 
+#include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -149,10 +150,11 @@ class MultiModalNetImpl : public torch::nn::Module {
       : MultiModalNetImpl(Branches(std::move(branch0_in), std::move(branch1_in)),
                           std::move(taps_in)) {}
 
-  /// One forward pass with the branches held as `plan` says (a `StepKind` converts). A
-  /// regular step in training mode also stages its gates into the fusion modules' gate
-  /// means, which the `Balancer` commits when it accepts the step; nothing else touches
-  /// them.
+  /// One forward pass with the branches held as `plan` says (a `StepKind` converts), and
+  /// the features of the branch it modulates, if any, modulated before that branch's head
+  /// (`StepPlan::modulating`). A regular step in training mode also stages its gates into
+  /// the fusion modules' gate means, which the `Balancer` commits when it accepts the
+  /// step; nothing else touches them.
   NetOutput forward(const std::vector<at::Tensor>& inputs, StepPlan plan = StepPlan::regular()) {
     check_inputs(inputs);
     FusionContext ctx;
@@ -162,8 +164,9 @@ class MultiModalNetImpl : public torch::nn::Module {
       ctx.sides.assign(kBranches, SideMode::live);
       ctx.sides[*held] = SideMode::held_gate;
     }
+    check_modulation(plan);
     ctx.stage_gates = plan.is_regular() && is_training();
-    return output(run(inputs, ctx, {}));
+    return output(run(inputs, ctx, {}, plan));
   }
 
   /// `forward({x0, x1}, kind)`, with the heads also named y0 and y1.
@@ -378,7 +381,8 @@ class MultiModalNetImpl : public torch::nn::Module {
   // branch has reached the stage it reads, then the heads (y left to `output`). Taps whose
   // stages the caller already ran still apply here.
   NetOutput run(std::vector<at::Tensor> h, const FusionContext& ctx,
-                const std::vector<std::size_t>& computed) {
+                const std::vector<std::size_t>& computed,
+                const StepPlan& plan = StepPlan::regular()) {
     std::vector<std::size_t> next(kBranches, 0);
     if (!computed.empty()) next = computed;
     std::vector<std::size_t> end(kBranches);
@@ -388,6 +392,7 @@ class MultiModalNetImpl : public torch::nn::Module {
       h = tap.module->forward(h, ctx);
     }
     advance(h, next, stage_counts(), ctx);
+    if (const auto k = plan.modulated_branch()) h[*k] = modulated(h[*k], plan);
     NetOutput out;
     out.heads.resize(kBranches);
     for (std::size_t k = 0; k < kBranches; ++k) {
@@ -395,6 +400,29 @@ class MultiModalNetImpl : public torch::nn::Module {
     }
     out.features = std::move(h);
     return out;
+  }
+
+  static void check_modulation(const StepPlan& plan) {
+    const auto k = plan.modulated_branch();
+    if (!k) return;
+    TORCH_CHECK(*k < kBranches, "MultiModalNet: the step modulates branch ", *k,
+                "'s features, the network has branches 0..", kBranches - 1);
+    TORCH_CHECK(plan.keep_probability() >= 0 && plan.keep_probability() <= 1 &&
+                    std::isfinite(plan.feature_scale()),
+                "MultiModalNet: the step keeps branch ", *k, "'s features with probability ",
+                plan.keep_probability(), " and scales them by ", plan.feature_scale(),
+                "; a probability in [0, 1] and a finite scale are needed");
+  }
+
+  // The plan's modulation of one branch's features: per sample kept with probability
+  // keep_probability() and scaled, or zeroed.
+  static at::Tensor modulated(const at::Tensor& features, const StepPlan& plan) {
+    const double keep = plan.keep_probability(), scale = plan.feature_scale();
+    std::vector<std::int64_t> shape(static_cast<std::size_t>(features.dim()), 1);
+    shape[0] = features.size(0);
+    at::Tensor factor = at::full(shape, scale, features.options());
+    if (keep < 1.0) factor = factor * at::bernoulli(at::full(shape, keep, features.options()));
+    return features * factor;
   }
 
   // Runs every branch that is not absent in `ctx` from stage next[k] up to (not

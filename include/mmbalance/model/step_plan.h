@@ -30,9 +30,26 @@ class StepPlan {
     if (kind == StepKind::rebalance_m1) held_ = 1;
   }
 
+  /// This plan with branch `branch`'s features (the tensor its head reads) modulated in
+  /// the forward pass: each sample's kept with probability `keep` (drawn per sample from
+  /// LibTorch's generator, as dropout draws) and multiplied by `scale`, dropped (zero)
+  /// otherwise. A policy's forward-side intervention (e.g. dropping the dominant branch);
+  /// one branch a step.
+  constexpr StepPlan modulating(std::size_t branch, double keep, double scale = 1.0) const {
+    StepPlan plan = *this;
+    plan.modulated_ = branch;
+    plan.keep_ = keep;
+    plan.scale_ = scale;
+    return plan;
+  }
+
   constexpr bool is_regular() const { return !held_.has_value(); }
   /// The held branch; empty for a regular step.
   constexpr std::optional<std::size_t> held_branch() const { return held_; }
+  /// The branch whose features are modulated (`modulating`); empty for none.
+  constexpr std::optional<std::size_t> modulated_branch() const { return modulated_; }
+  constexpr double keep_probability() const { return keep_; }
+  constexpr double feature_scale() const { return scale_; }
 
   friend constexpr bool operator==(const StepPlan&, const StepPlan&) = default;
 
@@ -40,6 +57,9 @@ class StepPlan {
   constexpr StepPlan() = default;
   constexpr explicit StepPlan(std::size_t branch) : held_(branch) {}
   std::optional<std::size_t> held_;
+  std::optional<std::size_t> modulated_;
+  double keep_ = 1.0;
+  double scale_ = 1.0;
 };
 
 /// The `StepKind` of a plan of a two-branch network (the inverse of `StepPlan(StepKind)`); a
@@ -52,7 +72,8 @@ inline StepKind to_step_kind(const StepPlan& plan) {
   return held == 0 ? StepKind::rebalance_m0 : StepKind::rebalance_m1;
 }
 
-/// "regular" or "rebalance_m<k>" (branch k held), the names of `StepKind` for N = 2.
+/// "regular" or "rebalance_m<k>" (branch k held), the names of `StepKind` for N = 2 (the
+/// modulation of features is not part of the name: plans are counted by what they hold).
 inline std::string to_string(const StepPlan& plan) {
   return plan.is_regular() ? "regular" : "rebalance_m" + std::to_string(*plan.held_branch());
 }
