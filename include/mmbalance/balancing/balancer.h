@@ -1,58 +1,44 @@
 #pragma once
 /// \file
-/// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop, for
-/// two branches (step kinds) or any number (step plans).
+/// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop. A
+/// facade over parts with one job each: the step transaction (here: the pending plan, the
+/// policy's state before it, the gates the step staged), the speed monitor
+/// (speed_monitor.h), the loss former (loss_former.h), the epoch clock (epoch_clock.h) and
+/// a re-initializing policy's initial parameters (reinitialization.h); each part saves and
+/// reads its own entries of the record.
 
-#include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/core/Event.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Type.h>
 #include <torch/arg.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/epoch_clock.h"
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/loss_former.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_hooks.h"
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/reinitialization.h"
+#include "mmbalance/balancing/speed_monitor.h"
 #include "mmbalance/balancing/vanilla.h"
-#include "mmbalance/metrics/learning_speed_meter.h"
-#include "mmbalance/model/eval_mode.h"
-#include "mmbalance/model/loss.h"
+#include "mmbalance/detail/record_reader.h"
+#include "mmbalance/metrics/head_losses.h"
 #include "mmbalance/model/multimodal_net.h"
 #include "mmbalance/model/step_kind.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
-
-/// When a policy that observes the learning speeds (`observe_speeds`: guided) gets them.
-enum class SpeedRead : std::uint8_t {
-  /// Right after each regular step, so it decides the very next step (the paper's
-  /// algorithm). Costs one small host read per regular step.
-  same_step,
-  /// The accumulators are copied to the host without waiting; the policy receives a
-  /// regular step's speeds when the following step is observed, so decisions lag by one
-  /// step and no step waits for the device. A speed that arrives while the policy is
-  /// already re-balancing (the following step was a re-balancing one) is dropped, so a
-  /// guided window is always exactly Q steps in one direction. Needs
-  /// check_every_step(false).
-  previous_step,
-};
 
 /// Options for `Balancer`.
 ///
@@ -105,32 +91,20 @@ class Balancer {
   static_assert(detail::PolicyHooksCheck<Policy>::ok);
 
  public:
-  /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the
-  /// balancer keeps its parameter groups and the handles of its fusion modules' gate
-  /// means, and tells the policy the network's branch count first (`set_branches`, which
-  /// may refuse it).
+  /// `net` is a `MultiModalNet` handle (any `MultiModalModel`); the balancer keeps its
+  /// parameter groups and the handles of its fusion modules' gate means, and tells the
+  /// policy the network's branch count first (`set_branches`, which may refuse it).
   template <MultiModalModel Net>
   explicit Balancer(Net net, Policy policy = Policy(), BalancerOptions options = {})
       : options_(options),
         policy_(std::move(policy)),
-        meter_(net->parameter_groups()),
-        branch_parameters_(net->parameter_groups().branch),
-        gate_means_(net->gate_means()),
-        epoch_counts_(branches() + 1, 0),
-        total_counts_(branches() + 1, 0) {
-    if constexpr (TakesBranchCount<Policy>) {
-      policy_.set_branches(branches());
-      policy_before_step_ = policy_;
-    }
-    if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
-    if constexpr (ReinitializesBranches<Policy>) {
-      for (const auto& group : branch_parameters_) {
-        initial_branch_parameters_.emplace_back();
-        for (const at::Tensor& p : group) initial_branch_parameters_.back().push_back(p.detach().clone());
-      }
-    }
-    TORCH_CHECK(options.warmup_epochs() >= 0, "Balancer: warmup_epochs must be >= 0, got ",
-                options.warmup_epochs());
+        monitor_(net->parameter_groups(), options.check_every_step(), options.speed_read()),
+        clock_(monitor_.branches(), options.warmup_epochs()),
+        losses_(net, net->parameter_groups().branch),
+        gate_means_(net->gate_means()) {
+    if constexpr (TakesBranchCount<Policy>) policy_.set_branches(branches());
+    policy_before_step_ = policy_;
+    if constexpr (ReinitializesBranches<Policy>) initial_.emplace(losses_.branch_parameters());
     TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
                 "Balancer: speed_read(SpeedRead::previous_step) avoids waiting for the device, "
                 "which per-step checks must do; set check_every_step(false) too");
@@ -204,8 +178,8 @@ class Balancer {
     try {
       TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                   detail::shape_string(loss));
-      if constexpr (kFormsLoss) {  // in warm-up too: the loop is wrong from the start
-        TORCH_CHECK(!staged_heads_.empty(), "Balancer::observe: ", policy_type(),
+      if constexpr (detail::LossFormer<Policy>::kNeeded) {  // in warm-up too: the loop is wrong from the start
+        TORCH_CHECK(losses_.formed(), "Balancer::observe: ", policy_type(),
                     ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
                                                : " forms the step's loss (weights or a term of its own)",
                     "; form the loss with balancer.loss(out, target)");
@@ -214,18 +188,18 @@ class Balancer {
       // gradients but before anything is committed: if it throws, nothing has changed.
       const auto modulate = [&] {
         if constexpr (ModulatesGradients<Policy>) {
-          if (!in_warmup()) {
-            policy_.modulate_gradients(StepGradients{staged_heads_, staged_target_, branch_parameters_,
-                                                     sum_across_ranks, epoch_, staged_fused_gradients_,
-                                                     staged_subset_outputs_});
-          }
+          if (!in_warmup()) policy_.modulate_gradients(losses_.gradients(sum_across_ranks, clock_.epoch()));
         }
       };
-      deliver_lagged_speed(plan);
+      const auto deliver = [&](const SpeedSummary& speeds) {
+        if constexpr (ObservesSpeeds<Policy>) policy_.observe_speeds(speeds);
+      };
+      const bool wants_speeds = ObservesSpeeds<Policy> && !in_warmup();
+      monitor_.deliver_lagged(wants_speeds && plan.is_regular(), deliver);
       if (plan.is_regular()) {
-        gates_count = observe_regular(loss, modulate);
+        gates_count = monitor_.regular_step(loss, clock_.step(), wants_speeds, modulate, deliver);
       } else {
-        if (options_.check_every_step()) check_rebalancing_step(loss, plan);
+        if (options_.check_every_step()) monitor_.check_rebalancing_step(loss, plan, clock_.step());
         modulate();
       }
     } catch (...) {
@@ -236,10 +210,8 @@ class Balancer {
     // those of a step left out of the accumulators do not.
     for (auto& m : gate_means_) m->commit(gates_count);
     pending_.reset();
-    release_step_outputs();
-    ++step_;
-    ++epoch_counts_[plan_index(plan)];
-    ++total_counts_[plan_index(plan)];
+    losses_.release();
+    clock_.count(plan);
   }
 
   /// Gives up the step `next_step()` (or `next_plan()`) announced, as if it had never been asked for: the
@@ -251,7 +223,7 @@ class Balancer {
     policy_ = policy_before_step_;
     for (auto& m : gate_means_) m->drop();
     pending_.reset();
-    release_step_outputs();
+    losses_.release();
   }
 
   /// Marks the end of an epoch. With a policy that measures generalization
@@ -261,7 +233,7 @@ class Balancer {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
     if constexpr (ReinitializesBranches<Policy>) {
-      TORCH_CHECK(epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
+      TORCH_CHECK(clock_.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
                   " may re-initialize branches at this boundary, which resets their optimizer "
                   "state: call end_epoch(optimizer)");
     }
@@ -283,29 +255,19 @@ class Balancer {
   {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
-    const std::int64_t done = epochs_done_after_warmup();
+    const std::int64_t done = clock_.epochs_done_after_warmup();
     std::vector<double> strengths;
     advance_epoch([&] {
       if (done < 0) return;
       strengths = policy_.reinitialization(done);
-      TORCH_CHECK(strengths.size() == branches(), "Balancer::end_epoch: ", policy_type(),
-                  " gives ", strengths.size(), " re-initialization strengths for ", branches(),
-                  " branches");
+      TORCH_CHECK(strengths.size() == branches(), "Balancer::end_epoch: ", policy_type(), " gives ",
+                  strengths.size(), " re-initialization strengths for ", branches(), " branches");
       for (std::size_t k = 0; k < strengths.size(); ++k) {
         TORCH_CHECK(strengths[k] >= 0 && strengths[k] <= 1, "Balancer::end_epoch: ", policy_type(),
-                    " re-initializes branch ", k, " with strength ", strengths[k],
-                    "; strengths are in [0, 1]");
+                    " re-initializes branch ", k, " with strength ", strengths[k], "; strengths are in [0, 1]");
       }
     });
-    const at::NoGradGuard no_grad;
-    for (std::size_t k = 0; k < strengths.size(); ++k) {
-      if (strengths[k] == 0) continue;
-      for (std::size_t i = 0; i < branch_parameters_[k].size(); ++i) {
-        at::Tensor p = branch_parameters_[k][i];
-        p.mul_(1.0 - strengths[k]).add_(initial_branch_parameters_[k][i], strengths[k]);
-        detail::reset_optimizer_state(optimizer, p);
-      }
-    }
+    initial_->apply(strengths, losses_.branch_parameters(), optimizer);
   }
 
   /// Marks the end of an epoch; where the policy measures generalization at this boundary
@@ -339,7 +301,7 @@ class Balancer {
           }
         };
         const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
-                                 epochs_done_after_warmup()};
+                                 clock_.epochs_done_after_warmup()};
         advance_epoch([&] { policy_.observe_epoch_losses(losses); });
         return;
       }
@@ -347,69 +309,40 @@ class Balancer {
     advance_epoch();
   }
 
- private:
-  // Moves to the next epoch. What the policy takes from the ending epoch (`take`: its
-  // losses, if measured) and its start_epoch hook for the next one, if after warm-up, are
-  // one decision made before the counters move: if either throws, nothing has changed.
-  template <class Take = void (*)()>
-  void advance_epoch(Take&& take = [] {}) {
-    ask_policy([&] {
-      take();
-      if constexpr (HasEpochHook<Policy>) {
-        const std::int64_t next = epoch_ + 1;
-        if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
-      }
-    });
-    ++epoch_;
-    std::fill(epoch_counts_.begin(), epoch_counts_.end(), 0);
-  }
-
-  // Epochs after warm-up done at the end of the current epoch (0 at the end of warm-up,
-  // negative before).
-  std::int64_t epochs_done_after_warmup() const { return epoch_ + 1 - options_.warmup_epochs(); }
-
-  // Whether the policy measures at the end of the current epoch.
-  bool measures_at_epoch_end() const {
-    const std::int64_t done = epochs_done_after_warmup();
-    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy_.wants_epoch_losses(done);
-    return false;
-  }
-
- public:
-  bool in_warmup() const { return epoch_ < options_.warmup_epochs(); }
-  std::int64_t epoch() const { return epoch_; }
-  std::int64_t step() const { return step_; }
+  bool in_warmup() const { return clock_.in_warmup(); }
+  std::int64_t epoch() const { return clock_.epoch(); }
+  std::int64_t step() const { return clock_.step(); }
   /// The network's number of branches.
-  std::size_t branches() const { return meter_.num_groups() / 2; }
+  std::size_t branches() const { return monitor_.branches(); }
 
   /// Steps per plan, this epoch and in all: [regular, branch 0 held, ..., branch N-1 held]
   /// (for two branches the `StepKind` order).
-  const std::vector<std::int64_t>& epoch_plan_counts() const { return epoch_counts_; }
-  const std::vector<std::int64_t>& total_plan_counts() const { return total_counts_; }
+  const std::vector<std::int64_t>& epoch_plan_counts() const { return clock_.epoch_counts(); }
+  const std::vector<std::int64_t>& total_plan_counts() const { return clock_.total_counts(); }
   /// The same per `StepKind` (two branches).
-  StepCounts epoch_step_counts() const { return step_counts(epoch_counts_); }
-  StepCounts total_step_counts() const { return step_counts(total_counts_); }
+  StepCounts epoch_step_counts() const { return step_counts(clock_.epoch_counts()); }
+  StepCounts total_step_counts() const { return step_counts(clock_.total_counts()); }
 
   /// The signed d_speed = s_0 - s_1 after the last regular step of a two-branch network, as
   /// last read to the host (NaN before any read; with check_every_step(false) and a policy
   /// that needs no value, call `speed()`). NaN for N >= 3 branches, which have no signed
   /// d_speed: read `last_speeds().spread`.
-  double last_d_speed() const { return last_speed_.d_speed; }
+  double last_d_speed() const { return monitor_.last().d_speed; }
 
   /// Every branch's s_k, their spread, the fastest branch (and for two branches d_speed)
   /// after the last regular step, as last read to the host (see `last_d_speed`).
-  const SpeedSummary& last_speeds() const { return last_speed_; }
+  const SpeedSummary& last_speeds() const { return monitor_.last(); }
 
   /// Reads the accumulators now (one small read) and derives every branch's s_k, their
   /// spread, the fastest branch (and for two branches s(m1|m0), s(m0|m1), d_speed).
-  SpeedSummary speed() const { return meter_.summary(); }
+  SpeedSummary speed() const { return monitor_.meter().summary(); }
 
   /// Regular steps left out of the accumulators (only with check_every_step(false)).
   /// Reads one number from the device.
-  std::int64_t skipped_steps() const { return meter_.skipped(); }
+  std::int64_t skipped_steps() const { return monitor_.meter().skipped(); }
 
   const Policy& policy() const { return policy_; }
-  const LearningSpeedMeter& meter() const { return meter_; }
+  const LearningSpeedMeter& meter() const { return monitor_.meter(); }
   const BalancerOptions& options() const { return options_; }
 
   /// Everything needed to continue exactly: the branch count, accumulators, counters, the
@@ -421,35 +354,15 @@ class Balancer {
     archive.write("policy_name", identity.name);
     archive.write("policy_version", identity.version);
     archive.write("branches", static_cast<std::int64_t>(branches()));
-    archive.write("accumulated", meter_.accumulated().to(at::kCPU));
-    archive.write("group_numel", numel_tensor());
-    archive.write("meter_steps", meter_.steps());
-    archive.write("step", step_);
-    archive.write("epoch", epoch_);
-    archive.write("last_speeds", at::tensor(last_speed_.speeds, at::kDouble));
-    archive.write("skipped", static_cast<std::int64_t>(skipped_steps()));
-    archive.write("epoch_counts", counts_tensor(epoch_counts_));
-    archive.write("total_counts", counts_tensor(total_counts_));
-    archive.write("warmup_epochs", options_.warmup_epochs());
     archive.write("speed_read", static_cast<std::int64_t>(options_.speed_read()));
-    if (lagged_pending_) {
-      wait_for_lagged_copy();
-      archive.write("lagged_accumulated", lagged_host_.clone());
-    }
+    monitor_.save(archive);
+    clock_.save(archive);
     if constexpr (HasState<Policy>) {
       torch::serialize::OutputArchive nested;
       policy_.save(nested);
       archive.write("policy", nested);
     }
-    if constexpr (ReinitializesBranches<Policy>) {
-      torch::serialize::OutputArchive initial;
-      for (std::size_t k = 0; k < initial_branch_parameters_.size(); ++k) {
-        for (std::size_t i = 0; i < initial_branch_parameters_[k].size(); ++i) {
-          initial.write(initial_key(k, i), initial_branch_parameters_[k][i].to(at::kCPU));
-        }
-      }
-      archive.write("initial_branch_parameters", initial);
-    }
+    if constexpr (ReinitializesBranches<Policy>) initial_->save(archive);
   }
 
   /// Restores a state written by `save`. Everything is read and checked first; on any
@@ -459,86 +372,24 @@ class Balancer {
   /// c10::Error saying what differs, and changes nothing. A two-branch record of an earlier
   /// version (no branch count, the speeds as named numbers) loads too.
   void load(torch::serialize::InputArchive& archive) {
-    const auto read_value = [&](const char* key) {
-      c10::IValue v;
-      TORCH_CHECK(archive.try_read(key, v), "Balancer::load: no '", key, "' in the balancer's record");
-      return v;
-    };
-    const auto read_tensor = [&](const char* key) {
-      at::Tensor t;
-      TORCH_CHECK(archive.try_read(key, t), "Balancer::load: no '", key, "' in the balancer's record");
-      return t.to(at::kCPU);  // a checkpoint is read onto the model's device
-    };
-    const auto read_int = [&](const char* key) {
-      const c10::IValue v = read_value(key);
-      TORCH_CHECK(v.isInt(), "Balancer::load: '", key, "' is not an integer");
-      return v.toInt();
-    };
-    const auto read_double = [&](const char* key) {
-      const c10::IValue v = read_value(key);
-      TORCH_CHECK(v.isDouble(), "Balancer::load: '", key, "' is not a number");
-      return v.toDouble();
-    };
+    const detail::RecordReader in{archive};
     c10::IValue saved_branches;
     const bool has_branches = archive.try_read("branches", saved_branches);
-    const std::int64_t branch_count = has_branches && saved_branches.isInt() ? saved_branches.toInt() : 2;
     TORCH_CHECK(!has_branches || saved_branches.isInt(), "Balancer::load: 'branches' is not an integer");
+    const std::int64_t branch_count = has_branches ? saved_branches.toInt() : 2;
     TORCH_CHECK(branch_count == static_cast<std::int64_t>(branches()), "Balancer::load: the "
                 "checkpoint was made for a network of ", branch_count, " branches, this one has ",
                 branches());
     const detail::SavedPolicyIdentity saved_policy = detail::read_policy_identity(archive);
     detail::check_policy_identity<Policy>(saved_policy);
-    const at::Tensor numel = read_tensor("group_numel");
-    TORCH_CHECK(numel.scalar_type() == at::kLong &&
-                    numel.numel() == static_cast<std::int64_t>(meter_.num_groups()) &&
-                    at::equal(numel.to(at::kLong), numel_tensor()),
-                "Balancer::load: the checkpoint was made for parameter groups with ",
-                numel_string(numel), " elements, this model's groups have ",
-                numel_string(numel_tensor()));
-    const std::int64_t warmup = read_int("warmup_epochs");
-    TORCH_CHECK(warmup == options_.warmup_epochs(), "Balancer::load: the checkpoint was made "
-                "with warmup_epochs ", warmup, ", this balancer has warmup_epochs ",
-                options_.warmup_epochs(), "; resume with the options the run started with");
-    const std::int64_t speed_read = read_int("speed_read");
+    auto speeds = monitor_.read(in, has_branches);
+    const std::int64_t speed_read = in.integer("speed_read");
     TORCH_CHECK(speed_read == static_cast<std::int64_t>(options_.speed_read()),
                 "Balancer::load: the checkpoint was made with speed_read ",
                 speed_read == 0 ? "same_step" : "previous_step", ", this balancer has ",
                 options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
                 "; resume with the options the run started with");
-    const at::Tensor accumulated = read_tensor("accumulated");
-    TORCH_CHECK(accumulated.dim() == 1 && accumulated.is_floating_point() &&
-                    accumulated.numel() == static_cast<std::int64_t>(meter_.num_groups()),
-                "Balancer::load: accumulators must have ", meter_.num_groups(), " entries, got ",
-                detail::shape_string(accumulated));
-    const std::vector<std::int64_t> epoch_counts = counts_vector(read_tensor("epoch_counts"));
-    const std::vector<std::int64_t> total_counts = counts_vector(read_tensor("total_counts"));
-    const std::int64_t meter_steps = read_int("meter_steps");
-    const std::int64_t skipped = read_int("skipped");
-    const std::int64_t step = read_int("step");
-    const std::int64_t epoch = read_int("epoch");
-    TORCH_CHECK(step >= 0 && epoch >= 0 && meter_steps >= 0 && skipped >= 0,
-                "Balancer::load: negative counters (step ", step, ", epoch ", epoch, ")");
-    std::vector<double> last_speeds;
-    if (has_branches) {
-      const at::Tensor t = read_tensor("last_speeds");
-      TORCH_CHECK(t.dim() == 1 && t.numel() == branch_count && t.is_floating_point(),
-                  "Balancer::load: 'last_speeds' must hold ", branch_count, " numbers, got ",
-                  detail::shape_string(t));
-      const at::Tensor c = t.to(at::kDouble).contiguous();
-      last_speeds.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-    } else {
-      last_speeds = {read_double("s_m1_given_m0"), read_double("s_m0_given_m1")};
-    }
-    at::Tensor lagged;
-    const bool lagged_pending = archive.try_read("lagged_accumulated", lagged);
-    TORCH_CHECK(!lagged_pending || (lagged.dim() == 1 && lagged.is_floating_point() &&
-                                    lagged.numel() == static_cast<std::int64_t>(meter_.num_groups())),
-                "Balancer::load: the pending speeds record must hold ", meter_.num_groups(),
-                " numbers, got ", detail::shape_string(lagged));
-    TORCH_CHECK(!lagged_pending || options_.speed_read() == SpeedRead::previous_step,
-                "Balancer::load: the record holds speeds pending for SpeedRead::previous_step, "
-                "this balancer reads them with same_step");
-    if (lagged_pending) lagged = lagged.to(at::kCPU, at::kDouble).contiguous();
+    detail::EpochClock clock = clock_.read(in);
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
       torch::serialize::InputArchive nested;
@@ -560,134 +411,46 @@ class Balancer {
       }
     }
 
-    std::vector<std::vector<at::Tensor>> initial = initial_branch_parameters_;
-    if constexpr (ReinitializesBranches<Policy>) {
-      torch::serialize::InputArchive nested;
-      TORCH_CHECK(archive.try_read("initial_branch_parameters", nested),
-                  "Balancer::load: no initial branch parameters (the policy re-initializes branches)");
-      for (std::size_t k = 0; k < initial.size(); ++k) {
-        for (std::size_t i = 0; i < initial[k].size(); ++i) {
-          at::Tensor t;
-          TORCH_CHECK(nested.try_read(initial_key(k, i), t) && t.sizes() == initial[k][i].sizes() &&
-                          t.scalar_type() == initial[k][i].scalar_type(),
-                      "Balancer::load: initial parameter ", i, " of branch ", k, " is missing or is not ",
-                      detail::shape_string(initial[k][i]), " ", initial[k][i].scalar_type());
-          initial[k][i] = t.to(initial[k][i].device());
-        }
-      }
-    }
+    std::optional<detail::InitialParameters> initial = initial_;
+    if constexpr (ReinitializesBranches<Policy>) initial = initial_->read(archive);
 
     // All read and checked: commit.
-    meter_.restore(accumulated, meter_steps, skipped);
-    step_ = step;
-    epoch_ = epoch;
-    last_speed_ = SpeedSummary::from_speeds(std::move(last_speeds));
-    epoch_counts_ = epoch_counts;
-    total_counts_ = total_counts;
-    lagged_pending_ = lagged_pending;
-    if (lagged_pending_) {
-      lagged_host_ = lagged;
-      lagged_event_.reset();
-    }
+    monitor_.restore(std::move(speeds));
+    clock_ = std::move(clock);
     policy_ = std::move(policy);
-    initial_branch_parameters_ = std::move(initial);
+    initial_ = std::move(initial);
     pending_.reset();
-    release_step_outputs();
+    losses_.release();
   }
 
  private:
   at::Tensor form_loss(const NetOutput& out, const at::Tensor& target, const std::vector<at::Tensor>* inputs,
                        double scale) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
-    TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
-                " heads, the network ", branches(), " branches");
-    TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
-    if constexpr (NeedsMaskedOutputs<Policy>) check_inputs(*inputs, target);  // only overloads with inputs
-    at::Tensor total, weights;
-    if constexpr (WeighsSamples<Policy>) {
-      if (!in_warmup()) weights = sample_weights(out, target);
-    }
-    if constexpr (WeighsLosses<Policy>) {
-      if (!in_warmup()) total = weighted_loss(out, target, weights);
-    }
-    if (!total.defined()) {
-      if (weights.defined()) {
-        for (const at::Tensor& head : out.heads) {
-          const at::Tensor term = cross_entropy(head, target, weights);
-          total = total.defined() ? total + term : term;
-        }
-      } else {
-        total = modality_specific_loss(out, target);
-      }
-    }
-    if constexpr (AddsAuxiliaryLoss<Policy>) {
-      if (!in_warmup()) total = with_auxiliary_loss(total, out, target);
-    }
-    if constexpr (kFormsLoss) {
-      // Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
-      std::vector<at::Tensor> heads;
-      for (std::size_t k = 0; k < out.heads.size(); ++k) {
-        const at::Tensor h = out.heads[k].detach();
-        heads.push_back(staged_heads_.empty() ? h : at::cat({staged_heads_[k], h}));
-      }
-      at::Tensor targets = staged_heads_.empty() ? target : at::cat({staged_target_, target});
-      std::vector<std::vector<at::Tensor>> fused;
-      if constexpr (NeedsFusedGradients<Policy>) {
-        if (!in_warmup()) fused = accumulated_fused_gradients(out, target, scale);
-      }
-      std::vector<at::Tensor> subsets;
-      if constexpr (NeedsMaskedOutputs<Policy>) {
-        if (!in_warmup()) subsets = accumulated_subset_outputs(out, *inputs);
-      }
-      staged_heads_ = std::move(heads);
-      staged_target_ = std::move(targets);
-      staged_fused_gradients_ = std::move(fused);
-      staged_subset_outputs_ = std::move(subsets);
-    }
-    return scale == 1.0 ? total : total * scale;
+    return losses_.form(policy_, out, target, inputs, scale, !in_warmup(), options_.check_every_step());
   }
 
-  // The inputs a masking policy runs the network on: one per branch, a row per target.
-  void check_inputs(const std::vector<at::Tensor>& inputs, const at::Tensor& target) const {
-    TORCH_CHECK(inputs.size() == branches(), "Balancer::loss: ", inputs.size(), " inputs for a "
-                "network of ", branches(), " branches");
-    for (std::size_t k = 0; k < inputs.size(); ++k) {
-      TORCH_CHECK(inputs[k].defined() && inputs[k].dim() >= 1 && target.defined() && target.dim() >= 1 &&
-                      inputs[k].size(0) == target.size(0),
-                  "Balancer::loss: input ", k, " is ", detail::shape_string(inputs[k]), ", the targets ",
-                  detail::shape_string(target), "; every input needs a row per target");
-    }
-  }
-
-  // The network's fused output y with the modalities of every proper non-empty subset
-  // present (bit mask s; the others' inputs zeroed), for a policy's masked passes: eval
-  // mode (every submodule's own mode restored after), no gradient, a regular plan.
-  template <class Net>
-  static std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net) {
-    return [net](const std::vector<at::Tensor>& x) mutable {
-      EvalModeGuard<Net> eval(net);
-      std::vector<at::Tensor> zeros;
-      for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
-      const std::size_t all = (std::size_t{1} << x.size()) - 1;
-      std::vector<at::Tensor> v(all + 1);
-      for (std::size_t s = 1; s < all; ++s) {
-        std::vector<at::Tensor> masked;
-        for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
-        v[s] = net->forward(masked, StepPlan::regular()).y;
+  // Moves to the next epoch. What the policy takes from the ending epoch (`take`: its
+  // losses or its re-initialization, if any) and its start_epoch hook for the next one, if
+  // after warm-up, are one decision made before the clock moves: if either throws, nothing
+  // has changed.
+  template <class Take = void (*)()>
+  void advance_epoch(Take&& take = [] {}) {
+    ask_policy([&] {
+      take();
+      if constexpr (HasEpochHook<Policy>) {
+        const std::int64_t next = clock_.epoch() + 1;
+        if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
       }
-      return v;
-    };
+    });
+    clock_.next_epoch();
   }
 
-  // The step's staged masked outputs with this call's rows appended: y with the modalities
-  // of each bit mask present (0: not run; all: the step's own y).
-  std::vector<at::Tensor> accumulated_subset_outputs(const NetOutput& out, const std::vector<at::Tensor>& inputs) const {
-    std::vector<at::Tensor> v = masked_forward_(inputs);
-    v.back() = out.y.detach();
-    if (!staged_subset_outputs_.empty()) {
-      for (std::size_t s = 1; s < v.size(); ++s) v[s] = at::cat({staged_subset_outputs_[s], v[s]});
-    }
-    return v;
+  // Whether the policy measures at the end of the current epoch.
+  bool measures_at_epoch_end() const {
+    const std::int64_t done = clock_.epochs_done_after_warmup();
+    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy_.wants_epoch_losses(done);
+    return false;
   }
 
   void check_observed(const char* caller) const {
@@ -733,70 +496,6 @@ class Balancer {
     }
   }
 
-  // CE(logits, target) averaged over the batch, each row weighted when `weights` is defined.
-  static at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weights) {
-    if (!weights.defined()) return at::cross_entropy_loss(logits, target);
-    return (at::cross_entropy_loss(logits, target, {}, at::Reduction::None) * weights).mean();
-  }
-
-  // The policy's per-row weights, checked: one finite weight >= 0 per row, on the output's
-  // device (the check reads nothing to the host but with checks on).
-  at::Tensor sample_weights(const NetOutput& out, const at::Tensor& target) const {
-    at::Tensor w = policy_.sample_weights(out, target);
-    if (!w.defined()) return w;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == target.size(0) && at::isFloatingType(w.scalar_type()),
-                "Balancer::loss: ", policy_type(), "'s sample weights must be one floating-point "
-                "number per row of the batch (", target.size(0), "), got ", w.scalar_type(), " ",
-                detail::shape_string(w));
-    TORCH_CHECK(w.device() == out.y.device(), "Balancer::loss: ", policy_type(), "'s sample weights "
-                "are on ", w.device(), ", the step's output on ", out.y.device());
-    if (options_.check_every_step()) {
-      TORCH_CHECK(at::isfinite(w).all().item<bool>() && (w >= 0).all().item<bool>(), "Balancer::loss: ",
-                  policy_type(), "'s sample weights must be finite and >= 0");
-    }
-    return w.detach();
-  }
-
-  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read), each
-  // CE over rows weighted by `sample_weights` where given.
-  at::Tensor weighted_loss(const NetOutput& out, const at::Tensor& target, const at::Tensor& sample_weights) const {
-    const LossWeights w = policy_.loss_weights();
-    TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
-                w.heads.size(), " heads, the network has ", branches());
-    TORCH_CHECK(target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
-                "Balancer::loss: target must be (batch) class indices with batch ",
-                out.heads[0].defined() ? out.heads[0].size(0) : std::int64_t{0}, ", got ",
-                detail::shape_string(target));
-    // Terms of weight 0 are left out: no work, and an infinite loss there does not make
-    // the sum NaN (0·inf).
-    at::Tensor total;
-    const auto add = [&](const at::Tensor& logits, double weight) {
-      if (weight == 0) return;
-      const at::Tensor term = cross_entropy(logits, target, sample_weights) * weight;
-      total = total.defined() ? total + term : term;
-    };
-    for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);
-    add(out.y, w.fused);
-    TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type(), " weighs every loss 0");
-    return total;
-  }
-
-  // The loss plus the policy's own term (`AddsAuxiliaryLoss`), which must be a scalar on
-  // the loss's device and, when the loss carries a gradient, carry one too.
-  at::Tensor with_auxiliary_loss(const at::Tensor& total, const NetOutput& out, const at::Tensor& target) const {
-    const at::Tensor term = policy_.auxiliary_loss(out, target);
-    if (!term.defined()) return total;
-    TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type(),
-                "'s auxiliary loss must be a floating-point scalar, got ", term.scalar_type(), " ",
-                detail::shape_string(term));
-    TORCH_CHECK(term.device() == total.device(), "Balancer::loss: ", policy_type(), "'s auxiliary loss is on ",
-                term.device(), ", the step's loss on ", total.device());
-    TORCH_CHECK(term.requires_grad() || !total.requires_grad(), "Balancer::loss: ", policy_type(),
-                "'s auxiliary loss carries no gradient while the output does (computed from detached "
-                "tensors?): it would change the loss's value and train nothing");
-    return total + term.reshape({}).to(total.scalar_type());
-  }
-
   // Asks the policy for the coming step's plan (regular in warm-up), refuses a plan the
   // network cannot run, and starts the step: drops gates staged outside a step.
   StepPlan begin_step(const char* caller) {
@@ -804,258 +503,28 @@ class Balancer {
     const StepPlan plan = ask_policy([&] { return in_warmup() ? StepPlan::regular() : policy_.next_plan(); });
     check_plan(plan);
     for (auto& m : gate_means_) m->drop();
-    release_step_outputs();
+    losses_.release();
     pending_ = plan;
     return plan;
   }
 
-  // The outputs `loss()` kept for the gradient hook belong to one step.
-  void release_step_outputs() {
-    staged_heads_.clear();
-    staged_target_ = at::Tensor();
-    staged_fused_gradients_.clear();
-    staged_subset_outputs_.clear();
-  }
-
-  // The step's staged fused gradients plus ∂(scale·CE(y, target))/∂θ_k (several loss()
-  // calls in one step: accumulated micro-batches, as backward() adds their gradients up).
-  std::vector<std::vector<at::Tensor>> accumulated_fused_gradients(const NetOutput& out, const at::Tensor& target,
-                                                                   double scale) const {
-    std::vector<std::vector<at::Tensor>> sum = fused_gradients(out, target, scale);
-    if (staged_fused_gradients_.empty()) return sum;
-    for (std::size_t k = 0; k < sum.size(); ++k) {
-      for (std::size_t i = 0; i < sum[k].size(); ++i) {
-        if (sum[k][i].defined()) sum[k][i] = sum[k][i] + staged_fused_gradients_[k][i];
-      }
-    }
-    return sum;
-  }
-
-  // ∂(scale·CE(y, target))/∂θ_k for every branch parameter that requires a gradient
-  // (undefined for the others; zeros for one the fused output does not reach), the graph kept.
-  std::vector<std::vector<at::Tensor>> fused_gradients(const NetOutput& out, const at::Tensor& target,
-                                                       double scale) const {
-    TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type(),
-                " needs the gradient of the fused output's loss, and the output does not "
-                "require a gradient (computed under NoGradGuard, or every parameter frozen?)");
-    std::vector<at::Tensor> inputs;
-    for (const auto& group : branch_parameters_) {
-      for (const at::Tensor& p : group) {
-        if (p.requires_grad()) inputs.push_back(p);
-      }
-    }
-    const at::Tensor fused = scale == 1.0 ? at::cross_entropy_loss(out.y, target)
-                                          : at::cross_entropy_loss(out.y, target) * scale;
-    const std::vector<at::Tensor> grads =
-        inputs.empty() ? std::vector<at::Tensor>{}
-                       : torch::autograd::grad({fused}, inputs, {}, /*retain_graph=*/true,
-                                               /*create_graph=*/false, /*allow_unused=*/true);
-    std::vector<std::vector<at::Tensor>> result(branch_parameters_.size());
-    std::size_t next = 0;
-    for (std::size_t k = 0; k < branch_parameters_.size(); ++k) {
-      for (const at::Tensor& p : branch_parameters_[k]) {
-        if (!p.requires_grad()) {
-          result[k].emplace_back();
-          continue;
-        }
-        const at::Tensor& g = grads[next++];
-        result[k].push_back(g.defined() ? g : at::zeros_like(p));
-      }
-    }
-    return result;
-  }
-
-  // Feeds the meter, running `modulate` once the raw gradients are measured (and checked)
-  // and before the meter changes; returns, with checks off, the device flag of whether the
-  // step was valid (undefined with checks on: an invalid step has thrown).
-  template <class Modulate>
-  at::Tensor observe_regular(const at::Tensor& loss, Modulate&& modulate) {
-    const at::Tensor measurement = meter_.measure();
-    const at::Tensor mu = LearningSpeedMeter::speeds(measurement);
-    if (options_.check_every_step()) {
-      // One read carries the loss, the squared norms and M + μ, which is what the
-      // accumulators become if the step is accepted.
-      const at::Tensor next = meter_.accumulated() + mu;
-      const at::Tensor host =
-          at::cat({loss.detach().reshape({1}).to(at::kDouble), measurement.flatten(), next})
-              .to(at::kCPU);
-      const double* v = host.data_ptr<double>();
-      const std::size_t groups = meter_.num_groups();
-      check_step(v[0], v + 1, v + 1 + groups, v + 1 + 2 * groups);
-      modulate();
-      meter_.accumulate(mu);
-      record_speed(v + 1 + 2 * groups);
-      return {};
-    }
-    const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
-    modulate();
-    meter_.accumulate_if(mu, valid);
-    if constexpr (kObservesSpeeds) {
-      if (in_warmup()) return valid;
-      if (options_.speed_read() == SpeedRead::previous_step) {
-        launch_speed_copy();
-      } else {
-        const at::Tensor host = meter_.accumulated().to(at::kCPU);
-        record_speed(host.data_ptr<double>());
-      }
-    }
-    return valid;
-  }
-
-  // SpeedRead::previous_step: start copying M to the host; the copy is queued behind this
-  // step's work and read when the next step is observed.
-  void launch_speed_copy() {
-    const at::Tensor& m = meter_.accumulated();
-    // Pinned for a device meter, so the copy does not wait: also after a resume (load()
-    // leaves pageable memory) or a move of the model to the device.
-    if (!lagged_host_.defined() || (m.is_cuda() && !lagged_host_.is_pinned())) {
-      lagged_host_ = at::empty({static_cast<std::int64_t>(meter_.num_groups())}, at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
-    }
-    lagged_host_.copy_(m, /*non_blocking=*/true);
-    lagged_event_.reset();
-    if (!m.is_cpu()) {
-      lagged_event_.emplace(m.device().type());
-      const c10::impl::VirtualGuardImpl guard(m.device().type());
-      lagged_event_->record(guard.getStream(m.device()));
-    }
-    lagged_pending_ = true;
-  }
-
-  // Polled, on every LibTorch: 1.13's c10::Event has no blocking wait, and polling is not a
-  // device synchronisation. By the time this runs the copy has landed.
-  void wait_for_lagged_copy() const {
-    if (!lagged_event_) return;
-    while (!lagged_event_->query()) std::this_thread::yield();
-  }
-
-  // Hands the policy the speeds whose copy was started one step ago, unless the step
-  // being observed is re-balancing: the policy has opened a window since, and a speed
-  // measured before it must neither restart nor turn it. Waiting on the copy's event
-  // costs nothing by now: a whole step was queued after it.
-  void deliver_lagged_speed(const StepPlan& observed) {
-    if (!lagged_pending_) return;
-    wait_for_lagged_copy();
-    lagged_pending_ = false;
-    record_speed(lagged_host_.data_ptr<double>(), observed.is_regular());
-  }
-
-  // A re-balancing step feeds no accumulator, but a NaN gradient it let through would be
-  // written into the parameters by the optimizer and stall every later step.
-  void check_rebalancing_step(const at::Tensor& loss, const StepPlan& plan) {
-    const at::Tensor host =
-        at::cat({loss.detach().reshape({1}).to(at::kDouble), meter_.measure_gradients()}).to(at::kCPU);
-    const double* v = host.data_ptr<double>();
-    TORCH_CHECK(std::isfinite(v[0]), "Balancer: non-finite loss ", v[0], " in step ", step_,
-                " (", to_string(plan), ")");
-    for (std::size_t g = 0; g < meter_.num_groups(); ++g) {
-      TORCH_CHECK(std::isfinite(v[1 + g]), "Balancer: non-finite gradient in group ",
-                  meter_.group_name(g), " (squared norm ", v[1 + g], ") in step ", step_, " (",
-                  to_string(plan), ")");
-    }
-  }
-
-  void check_step(double loss, const double* grad_sq, const double* param_sq,
-                  const double* next) const {
-    TORCH_CHECK(std::isfinite(loss), "Balancer: non-finite loss ", loss, " in step ", step_,
-                " (regular)");
-    // A late-fusion network's fusion groups are empty: nothing there to check.
-    const std::size_t checked = meter_.late_fusion() ? branches() : meter_.num_groups();
-    for (std::size_t g = 0; g < checked; ++g) {
-      const std::string group = meter_.group_name(g);
-      TORCH_CHECK(std::isfinite(grad_sq[g]), "Balancer: non-finite gradient in group ", group,
-                  " (squared norm ", grad_sq[g], ") in step ", step_);
-      TORCH_CHECK(std::isfinite(param_sq[g]) && param_sq[g] > 0, "Balancer: parameter group ",
-                  group, " has squared norm ", param_sq[g],
-                  "; the learning speed ||G||^2/||theta||^2 is undefined. Initialise it "
-                  "with non-zero values.");
-      TORCH_CHECK(next[g] > 0, "Balancer: parameter group ", group,
-                  " has had a zero gradient in every regular step so far (is it frozen, or "
-                  "cut off from the loss?); its learning speed is 0 and the speeds would be "
-                  "infinite. Every group must learn: unfreeze it, or train without a balancer.");
-    }
-  }
-
-  void record_speed(const double* m, bool to_policy = true) {
-    last_speed_ = SpeedSummary::from_accumulators({m, m + meter_.num_groups()});
-    // Undefined speeds (NaN: a group that never had a gradient, checks off) are not a
-    // measurement; the policy goes on as if nothing had been measured.
-    if (!to_policy || in_warmup() || !std::isfinite(last_speed_.spread)) return;
-    if constexpr (ObservesSpeeds<Policy>) policy_.observe_speeds(last_speed_);
-  }
-
-  // Regular: 0; branch k held: 1 + k (for two branches the `StepKind` values).
-  static std::size_t plan_index(const StepPlan& plan) {
-    return plan.is_regular() ? 0 : 1 + *plan.held_branch();
-  }
-
-  at::Tensor numel_tensor() const {
-    const auto& n = meter_.group_numel();
-    return at::tensor(std::vector<std::int64_t>(n.begin(), n.end()), at::kLong);
-  }
-  static std::string numel_string(const at::Tensor& t) {
-    if (t.scalar_type() != at::kLong) return "(not integers: " + detail::shape_string(t) + ")";
-    std::string s = "[";
-    const at::Tensor c = t.to(at::kLong).contiguous();
-    for (std::int64_t i = 0; i < c.numel(); ++i)
-      s += (i ? ", " : "") + std::to_string(c.data_ptr<std::int64_t>()[i]);
-    return s + "]";
-  }
-  static at::Tensor counts_tensor(const std::vector<std::int64_t>& c) {
-    return at::tensor(c, at::kLong);
-  }
-  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
-  static std::string initial_key(std::size_t branch, std::size_t parameter) {
-    return "b" + std::to_string(branch) + "_p" + std::to_string(parameter);
-  }
-  std::vector<std::int64_t> counts_vector(const at::Tensor& t) const {
-    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong &&
-                    t.numel() == static_cast<std::int64_t>(branches() + 1),
-                "Balancer::load: step counts in checkpoint must be ", branches() + 1,
-                " integers (regular, then each branch held), got ", detail::shape_string(t));
-    const at::Tensor c = t.to(at::kLong).contiguous();
-    std::vector<std::int64_t> out(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
-    TORCH_CHECK(std::all_of(out.begin(), out.end(), [](std::int64_t n) { return n >= 0; }),
-                "Balancer::load: negative step counts in checkpoint");
-    return out;
-  }
   StepCounts step_counts(const std::vector<std::int64_t>& counts) const {
     TORCH_CHECK(branches() == 2, "Balancer: step counts per StepKind are for two branches, "
                 "this network has ", branches(), "; use epoch_plan_counts()/total_plan_counts()");
     return {counts[0], counts[1], counts[2]};
   }
 
-  static constexpr bool kObservesSpeeds = ObservesSpeeds<Policy>;
-  // Policies that need the loss formed by `loss()` (and the step's outputs it stages).
-  static constexpr bool kFormsLoss =
-      ModulatesGradients<Policy> || WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>;
+  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
 
   BalancerOptions options_;
   Policy policy_;
   Policy policy_before_step_ = policy_;
-  LearningSpeedMeter meter_;
-  std::vector<std::vector<at::Tensor>> branch_parameters_;  // θ_k, for the gradient hook
+  detail::SpeedMonitor monitor_;
+  detail::EpochClock clock_;
+  detail::LossFormer<Policy> losses_;
   std::vector<RunningMean> gate_means_;
-  // The step's detached heads and targets, from loss(), for a gradient-modulating policy.
-  std::vector<at::Tensor> staged_heads_;
-  at::Tensor staged_target_;
-  // ∂CE(y)/∂θ_k of the step, for a policy that `NeedsFusedGradients` (after warm-up).
-  std::vector<std::vector<at::Tensor>> staged_fused_gradients_;
-  // y with modalities masked, for a policy that `NeedsMaskedOutputs` (after warm-up).
-  std::vector<at::Tensor> staged_subset_outputs_;
-  // θ_k as the balancer found them, for a policy that re-initializes branches.
-  std::vector<std::vector<at::Tensor>> initial_branch_parameters_;
-  // Runs the network for those masked passes (only for such a policy).
-  std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward_;
   std::optional<StepPlan> pending_;
-  std::int64_t step_ = 0;
-  std::int64_t epoch_ = 0;
-  std::vector<std::int64_t> epoch_counts_;  // per plan, see plan_index
-  std::vector<std::int64_t> total_counts_;
-  SpeedSummary last_speed_ = SpeedSummary::from_speeds(std::vector<double>(branches(), NAN));
-  // SpeedRead::previous_step: M copied to the host, not yet handed to the policy.
-  at::Tensor lagged_host_;
-  std::optional<c10::Event> lagged_event_;
-  bool lagged_pending_ = false;
+  std::optional<detail::InitialParameters> initial_;  // a re-initializing policy's
 };
 
 }  // namespace mmbalance

@@ -12,8 +12,12 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/string_utils.h>
 #include <torch/optim/optimizer.h>
+#include <torch/serialize/archive.h>
+
+#include "mmbalance/detail/check.h"
 
 namespace mmbalance {
 
@@ -41,6 +45,69 @@ void reset_optimizer_state(Optimizer& optimizer, const at::Tensor& p) {
     state.erase(p.unsafeGetTensorImpl());
   }
 }
+
+/// The branches' parameters as the `Balancer` found them, and the move toward them.
+class InitialParameters {
+ public:
+  explicit InitialParameters(const std::vector<std::vector<at::Tensor>>& branches) {
+    for (const auto& group : branches) {
+      values_.emplace_back();
+      for (const at::Tensor& p : group) values_.back().push_back(p.detach().clone());
+    }
+  }
+
+  /// θ ← (1 - a_k)·θ + a_k·θ_init for every parameter of branch k with a_k > 0, its
+  /// optimizer state dropped.
+  template <class Optimizer>
+  void apply(const std::vector<double>& strengths, const std::vector<std::vector<at::Tensor>>& branches,
+             Optimizer& optimizer) const {
+    const at::NoGradGuard no_grad;
+    for (std::size_t k = 0; k < strengths.size(); ++k) {
+      if (strengths[k] == 0) continue;
+      for (std::size_t i = 0; i < branches[k].size(); ++i) {
+        at::Tensor p = branches[k][i];
+        p.mul_(1.0 - strengths[k]).add_(values_[k][i], strengths[k]);
+        reset_optimizer_state(optimizer, p);
+      }
+    }
+  }
+
+  void save(torch::serialize::OutputArchive& archive) const {
+    torch::serialize::OutputArchive nested;
+    for (std::size_t k = 0; k < values_.size(); ++k) {
+      for (std::size_t i = 0; i < values_[k].size(); ++i) nested.write(key(k, i), values_[k][i].to(at::kCPU));
+    }
+    archive.write("initial_branch_parameters", nested);
+  }
+
+  /// The values a record holds, checked against these (shapes, dtypes), for assignment.
+  InitialParameters read(torch::serialize::InputArchive& archive) const {
+    torch::serialize::InputArchive nested;
+    TORCH_CHECK(archive.try_read("initial_branch_parameters", nested),
+                "Balancer::load: no initial branch parameters (the policy re-initializes branches)");
+    InitialParameters read = *this;
+    for (std::size_t k = 0; k < values_.size(); ++k) {
+      for (std::size_t i = 0; i < values_[k].size(); ++i) {
+        const at::Tensor& mine = values_[k][i];
+        at::Tensor t;
+        TORCH_CHECK(nested.try_read(key(k, i), t) && t.sizes() == mine.sizes() &&
+                        t.scalar_type() == mine.scalar_type(),
+                    "Balancer::load: initial parameter ", i, " of branch ", k, " is missing or is not ",
+                    shape_string(mine), " ", mine.scalar_type());
+        read.values_[k][i] = t.to(mine.device());
+      }
+    }
+    return read;
+  }
+
+ private:
+  static std::string key(std::size_t branch, std::size_t parameter) {
+    return "b" + std::to_string(branch) + "_p" + std::to_string(parameter);
+  }
+
+  std::vector<std::vector<at::Tensor>> values_;
+};
+
 }  // namespace detail
 
 }  // namespace mmbalance

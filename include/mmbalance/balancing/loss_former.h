@@ -1,0 +1,287 @@
+#pragma once
+/// \file
+/// The `Balancer`'s loss former: forms a step's loss as the policy asks (loss and sample
+/// weights, a term of its own) and stages what the step's gradient hook needs (detached
+/// heads and targets, the fused loss's gradients, the masked passes' outputs).
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/util/Type.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/detail/check.h"
+#include "mmbalance/model/eval_mode.h"
+#include "mmbalance/model/loss.h"
+#include "mmbalance/model/multimodal_net.h"
+
+namespace mmbalance::detail {
+
+template <class Policy>
+class LossFormer {
+ public:
+  /// Whether the policy needs the loss formed here (and the step's outputs it stages).
+  static constexpr bool kNeeded = ModulatesGradients<Policy> || WeighsLosses<Policy> ||
+                                  AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>;
+
+  template <class Net>
+  LossFormer(Net net, std::vector<std::vector<at::Tensor>> branch_parameters)
+      : branch_parameters_(std::move(branch_parameters)) {
+    if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
+  }
+
+  /// The step's loss (see `Balancer::loss`); `after_warmup` turns the policy's hooks on.
+  /// Staged, then committed: a throw (e.g. out of memory) leaves the step's earlier calls.
+  at::Tensor form(const Policy& policy, const NetOutput& out, const at::Tensor& target,
+                  const std::vector<at::Tensor>* inputs, double scale, bool after_warmup,
+                  bool check_every_step) {
+    TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
+                " heads, the network ", branches(), " branches");
+    TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
+    if constexpr (NeedsMaskedOutputs<Policy>) check_inputs(*inputs, target);  // only overloads with inputs
+    at::Tensor total, weights;
+    if constexpr (WeighsSamples<Policy>) {
+      if (after_warmup) weights = sample_weights(policy, out, target, check_every_step);
+    }
+    if constexpr (WeighsLosses<Policy>) {
+      if (after_warmup) total = weighted_loss(policy, out, target, weights);
+    }
+    if (!total.defined()) {
+      if (weights.defined()) {
+        for (const at::Tensor& head : out.heads) {
+          const at::Tensor term = cross_entropy(head, target, weights);
+          total = total.defined() ? total + term : term;
+        }
+      } else {
+        total = modality_specific_loss(out, target);
+      }
+    }
+    if constexpr (AddsAuxiliaryLoss<Policy>) {
+      if (after_warmup) total = with_auxiliary_loss(policy, total, out, target);
+    }
+    if constexpr (kNeeded) {
+      std::vector<at::Tensor> heads;
+      for (std::size_t k = 0; k < out.heads.size(); ++k) {
+        const at::Tensor h = out.heads[k].detach();
+        heads.push_back(heads_.empty() ? h : at::cat({heads_[k], h}));
+      }
+      at::Tensor targets = heads_.empty() ? target : at::cat({target_, target});
+      std::vector<std::vector<at::Tensor>> fused;
+      if constexpr (NeedsFusedGradients<Policy>) {
+        if (after_warmup) fused = accumulated_fused_gradients(out, target, scale);
+      }
+      std::vector<at::Tensor> subsets;
+      if constexpr (NeedsMaskedOutputs<Policy>) {
+        if (after_warmup) subsets = accumulated_subset_outputs(out, *inputs);
+      }
+      heads_ = std::move(heads);
+      target_ = std::move(targets);
+      fused_gradients_ = std::move(fused);
+      subset_outputs_ = std::move(subsets);
+    }
+    return scale == 1.0 ? total : total * scale;
+  }
+
+  /// Whether this step's loss was formed here.
+  bool formed() const { return !heads_.empty(); }
+
+  /// What the policy's gradient hook receives for the step formed here.
+  StepGradients gradients(const std::function<void(at::Tensor&)>& sum_across_ranks,
+                          std::int64_t epoch) const {
+    return StepGradients{heads_, target_, branch_parameters_, sum_across_ranks, epoch,
+                         fused_gradients_, subset_outputs_};
+  }
+
+  const std::vector<std::vector<at::Tensor>>& branch_parameters() const { return branch_parameters_; }
+
+  /// The outputs staged here belong to one step.
+  void release() {
+    heads_.clear();
+    target_ = at::Tensor();
+    fused_gradients_.clear();
+    subset_outputs_.clear();
+  }
+
+ private:
+  std::size_t branches() const { return branch_parameters_.size(); }
+  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
+
+  // The inputs a masking policy runs the network on: one per branch, a row per target.
+  void check_inputs(const std::vector<at::Tensor>& inputs, const at::Tensor& target) const {
+    TORCH_CHECK(inputs.size() == branches(), "Balancer::loss: ", inputs.size(), " inputs for a "
+                "network of ", branches(), " branches");
+    for (std::size_t k = 0; k < inputs.size(); ++k) {
+      TORCH_CHECK(inputs[k].defined() && inputs[k].dim() >= 1 && target.defined() && target.dim() >= 1 &&
+                      inputs[k].size(0) == target.size(0),
+                  "Balancer::loss: input ", k, " is ", shape_string(inputs[k]), ", the targets ",
+                  shape_string(target), "; every input needs a row per target");
+    }
+  }
+
+  // The network's fused output y with the modalities of every proper non-empty subset
+  // present (bit mask s; the others' inputs zeroed), for a policy's masked passes: eval
+  // mode (every submodule's own mode restored after), no gradient, a regular plan.
+  template <class Net>
+  static std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net) {
+    return [net](const std::vector<at::Tensor>& x) mutable {
+      EvalModeGuard<Net> eval(net);
+      std::vector<at::Tensor> zeros;
+      for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
+      const std::size_t all = (std::size_t{1} << x.size()) - 1;
+      std::vector<at::Tensor> v(all + 1);
+      for (std::size_t s = 1; s < all; ++s) {
+        std::vector<at::Tensor> masked;
+        for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
+        v[s] = net->forward(masked, StepPlan::regular()).y;
+      }
+      return v;
+    };
+  }
+
+  // The step's staged masked outputs with this call's rows appended: y with the modalities
+  // of each bit mask present (0: not run; all: the step's own y).
+  std::vector<at::Tensor> accumulated_subset_outputs(const NetOutput& out, const std::vector<at::Tensor>& inputs) const {
+    std::vector<at::Tensor> v = masked_forward_(inputs);
+    v.back() = out.y.detach();
+    if (!subset_outputs_.empty()) {
+      for (std::size_t s = 1; s < v.size(); ++s) v[s] = at::cat({subset_outputs_[s], v[s]});
+    }
+    return v;
+  }
+
+  // CE(logits, target) averaged over the batch, each row weighted when `weights` is defined.
+  static at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weights) {
+    if (!weights.defined()) return at::cross_entropy_loss(logits, target);
+    return (at::cross_entropy_loss(logits, target, {}, at::Reduction::None) * weights).mean();
+  }
+
+  // The policy's per-row weights, checked: one finite weight >= 0 per row, on the output's
+  // device (the value check reads to the host only with checks on).
+  static at::Tensor sample_weights(const Policy& policy, const NetOutput& out, const at::Tensor& target,
+                                   bool check_every_step) {
+    at::Tensor w = policy.sample_weights(out, target);
+    if (!w.defined()) return w;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == target.size(0) && at::isFloatingType(w.scalar_type()),
+                "Balancer::loss: ", policy_type(), "'s sample weights must be one floating-point "
+                "number per row of the batch (", target.size(0), "), got ", w.scalar_type(), " ",
+                shape_string(w));
+    TORCH_CHECK(w.device() == out.y.device(), "Balancer::loss: ", policy_type(), "'s sample weights "
+                "are on ", w.device(), ", the step's output on ", out.y.device());
+    if (check_every_step) {
+      TORCH_CHECK(at::isfinite(w).all().logical_and((w >= 0).all()).item<bool>(), "Balancer::loss: ",
+                  policy_type(), "'s sample weights must be finite and >= 0");
+    }
+    return w.detach();
+  }
+
+  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read), each
+  // CE over rows weighted by `sample_weights` where given.
+  at::Tensor weighted_loss(const Policy& policy, const NetOutput& out, const at::Tensor& target,
+                           const at::Tensor& sample_weights) const {
+    const LossWeights w = policy.loss_weights();
+    TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
+                w.heads.size(), " heads, the network has ", branches());
+    TORCH_CHECK(target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
+                "Balancer::loss: target must be (batch) class indices with batch ",
+                out.heads[0].defined() ? out.heads[0].size(0) : std::int64_t{0}, ", got ",
+                shape_string(target));
+    // Terms of weight 0 are left out: no work, and an infinite loss there does not make
+    // the sum NaN (0·inf).
+    at::Tensor total;
+    const auto add = [&](const at::Tensor& logits, double weight) {
+      if (weight == 0) return;
+      const at::Tensor term = cross_entropy(logits, target, sample_weights) * weight;
+      total = total.defined() ? total + term : term;
+    };
+    for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);
+    add(out.y, w.fused);
+    TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type(), " weighs every loss 0");
+    return total;
+  }
+
+  // The loss plus the policy's own term (`AddsAuxiliaryLoss`), which must be a scalar on
+  // the loss's device and, when the loss carries a gradient, carry one too.
+  static at::Tensor with_auxiliary_loss(const Policy& policy, const at::Tensor& total, const NetOutput& out,
+                                        const at::Tensor& target) {
+    const at::Tensor term = policy.auxiliary_loss(out, target);
+    if (!term.defined()) return total;
+    TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type(),
+                "'s auxiliary loss must be a floating-point scalar, got ", term.scalar_type(), " ",
+                shape_string(term));
+    TORCH_CHECK(term.device() == total.device(), "Balancer::loss: ", policy_type(), "'s auxiliary loss is on ",
+                term.device(), ", the step's loss on ", total.device());
+    TORCH_CHECK(term.requires_grad() || !total.requires_grad(), "Balancer::loss: ", policy_type(),
+                "'s auxiliary loss carries no gradient while the output does (computed from detached "
+                "tensors?): it would change the loss's value and train nothing");
+    return total + term.reshape({}).to(total.scalar_type());
+  }
+
+  // The step's staged fused gradients plus ∂(scale·CE(y, target))/∂θ_k (several loss()
+  // calls in one step: accumulated micro-batches, as backward() adds their gradients up).
+  std::vector<std::vector<at::Tensor>> accumulated_fused_gradients(const NetOutput& out, const at::Tensor& target,
+                                                                   double scale) const {
+    std::vector<std::vector<at::Tensor>> sum = fused_gradients(out, target, scale);
+    if (fused_gradients_.empty()) return sum;
+    for (std::size_t k = 0; k < sum.size(); ++k) {
+      for (std::size_t i = 0; i < sum[k].size(); ++i) {
+        if (sum[k][i].defined()) sum[k][i] = sum[k][i] + fused_gradients_[k][i];
+      }
+    }
+    return sum;
+  }
+
+  // ∂(scale·CE(y, target))/∂θ_k for every branch parameter that requires a gradient
+  // (undefined for the others; zeros for one the fused output does not reach), the graph kept.
+  std::vector<std::vector<at::Tensor>> fused_gradients(const NetOutput& out, const at::Tensor& target,
+                                                       double scale) const {
+    TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type(),
+                " needs the gradient of the fused output's loss, and the output does not "
+                "require a gradient (computed under NoGradGuard, or every parameter frozen?)");
+    std::vector<at::Tensor> inputs;
+    for (const auto& group : branch_parameters_) {
+      for (const at::Tensor& p : group) {
+        if (p.requires_grad()) inputs.push_back(p);
+      }
+    }
+    const at::Tensor fused = scale == 1.0 ? at::cross_entropy_loss(out.y, target)
+                                          : at::cross_entropy_loss(out.y, target) * scale;
+    const std::vector<at::Tensor> grads =
+        inputs.empty() ? std::vector<at::Tensor>{}
+                       : torch::autograd::grad({fused}, inputs, {}, /*retain_graph=*/true,
+                                               /*create_graph=*/false, /*allow_unused=*/true);
+    std::vector<std::vector<at::Tensor>> result(branch_parameters_.size());
+    std::size_t next = 0;
+    for (std::size_t k = 0; k < branch_parameters_.size(); ++k) {
+      for (const at::Tensor& p : branch_parameters_[k]) {
+        if (!p.requires_grad()) {
+          result[k].emplace_back();
+          continue;
+        }
+        const at::Tensor& g = grads[next++];
+        result[k].push_back(g.defined() ? g : at::zeros_like(p));
+      }
+    }
+    return result;
+  }
+
+  std::vector<std::vector<at::Tensor>> branch_parameters_;  // θ_k, for the gradient hook
+  // The step's detached heads and targets, for a gradient-modulating policy.
+  std::vector<at::Tensor> heads_;
+  at::Tensor target_;
+  // ∂CE(y)/∂θ_k of the step, for a policy that `NeedsFusedGradients` (after warm-up).
+  std::vector<std::vector<at::Tensor>> fused_gradients_;
+  // y with modalities masked, for a policy that `NeedsMaskedOutputs` (after warm-up).
+  std::vector<at::Tensor> subset_outputs_;
+  // Runs the network for those masked passes (only for such a policy).
+  std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward_;
+};
+
+}  // namespace mmbalance::detail
