@@ -416,3 +416,23 @@ TEST_CASE("A checkpoint made with other module options (MMTM gate_scale) is refu
                         Catch::Contains("gate_scale=2") && Catch::Contains("gate_scale=1"));
   CHECK(same_state(*other, *before));
 }
+
+TEST_CASE("Module descriptions written before the one network read in today's words; a hostile "
+          "one is left as it is", "[checkpoint][bad-input]") {
+  using mmbalance::detail::upgraded_module_description;
+  CHECK(upgraded_module_description("mmbalance::MultiModalNet(stages=4, taps=[1, 2, 3])(\n"
+                                    "  (fusion0): mmbalance::MMTM(dim0=64, dim1=32, ratio=4, gate_scale=2)\n") ==
+        "mmbalance::MultiModalNet(branches=2, taps=[(1, 1), (2, 2), (3, 3)])(\n"
+        "  (fusion0): mmbalance::MMTM(dims=[64, 32], ratio=4, gate_scale=2)\n");
+  CHECK(upgraded_module_description("mmbalance::MultiModalNet(stages=2, taps=[])") ==
+        "mmbalance::MultiModalNet(branches=2, taps=[])");
+  CHECK(upgraded_module_description("mmbalance::NWayMultiModalNet(branches=3, taps=[(1, 1, 0)])(\n"
+                                    "  (fusion0): mmbalance::NWayMMTM(dims=[4, 4, 2], ratio=4, gate_scale=2)\n") ==
+        "mmbalance::MultiModalNet(branches=3, taps=[(1, 1, 0)])(\n"
+        "  (fusion0): mmbalance::MMTM(dims=[4, 4, 2], ratio=4, gate_scale=2)\n");
+  // A megabyte of digits where a list should end: no match, no crash, nothing changed.
+  const std::string hostile = "mmbalance::MultiModalNet(stages=1, taps=[" + std::string(1 << 20, '7');
+  CHECK(upgraded_module_description(hostile) == hostile);
+  const std::string unterminated = "mmbalance::MMTM(dim0=" + std::string(1 << 20, '3');
+  CHECK(upgraded_module_description(unterminated) == unterminated);
+}

@@ -135,6 +135,10 @@ TEST_CASE("Forward side: a plan modulates one branch's features per sample, kept
   CHECK(torch::allclose(scaled.features[0], plain.features[0] * 3.0));
   CHECK(torch::allclose(scaled.heads[0], net->branch0->head(plain.features[0] * 3.0)));
   CHECK(torch::equal(scaled.heads[1], plain.heads[1]));
+  // Dropped: the fusion modules read the branch as zero too, so the other branch changes.
+  const NetOutput none = net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 0.0));
+  CHECK(none.features[0].abs().max().item<double>() == 0.0);
+  CHECK_FALSE(torch::allclose(none.heads[1], plain.heads[1]));
   // Kept with probability 0.5, scaled by 2: every row is either 2·f or 0.
   torch::manual_seed(15);
   const NetOutput dropped = net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 0.5, 2.0));
@@ -153,7 +157,7 @@ TEST_CASE("Forward side: a plan modulates one branch's features per sample, kept
   CHECK(torch::equal(net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 0.5, 2.0)).features[0],
                      dropped.features[0]));
   CHECK_THROWS_WITH(net->forward({b.x0, b.x1}, StepPlan::regular().modulating(2, 0.5)),
-                    Catch::Contains("modulates branch 2's features, the network has branches 0..1"));
+                    Catch::Contains("the step modulates branch 2's features") && Catch::Contains("the network has 2 branches (0..1)"));
   CHECK_THROWS_WITH(net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 1.5)),
                     Catch::Contains("probability 1.5"));
 
@@ -172,6 +176,11 @@ TEST_CASE("Forward side: a plan modulates one branch's features per sample, kept
     opt.step();
   }
   CHECK(balancer.total_plan_counts()[0] == 4);  // counted as regular steps
+  // next_step() cannot carry the modulation: refused, the step not started.
+  CHECK_THROWS_WITH(balancer.next_step(), Catch::Contains("modulates branch 0's features, which a StepKind cannot carry"));
+  CHECK(balancer.policy().plans == 4);
+  CHECK_NOTHROW(balancer.next_plan());
+  balancer.abandon_step();
   // A plan the network cannot run is refused by name, the policy as it was.
   Balancer<DropBranch0> bad(net, DropBranch0{0.5, std::nan("")}, BalancerOptions().warmup_epochs(0));
   CHECK_THROWS_WITH(bad.next_plan(), Catch::Contains("modulates branch 0's features") &&
@@ -236,6 +245,8 @@ TEST_CASE("Re-initialization at an epoch boundary: a branch moved toward its ini
   auto opt = make_sgd(net);
   for (int i = 0; i < 3; ++i) train_step(balancer, net, opt, b);
   CHECK_THROWS_WITH(balancer.end_epoch(), Catch::Contains("call end_epoch(optimizer)"));
+  CHECK_THROWS_WITH(balancer.end_epoch(net, std::vector<MultiModalBatch>{b}, std::vector<MultiModalBatch>{b}),
+                    Catch::Contains("call end_epoch(optimizer)"));
   CHECK(balancer.epoch() == 0);
   const std::vector<at::Tensor> trained0 = testing::clones(net->branch0->parameters());
   const std::vector<at::Tensor> trained1 = testing::clones(net->branch1->parameters());

@@ -519,7 +519,7 @@ TEST_CASE("MultiModalNet rejects bad layouts and inputs with the values",
   CHECK_THROWS_WITH(net->forward({x[0], x[1], x[2].narrow(0, 0, 3)}),
                     Catch::Contains("batch sizes differ: m0 has 4") && Catch::Contains("m2 has 3"));
   CHECK_THROWS_WITH(net->forward(x, StepPlan::hold(3)),
-                    Catch::Contains("holds branch 3, the network has branches 0..2"));
+                    Catch::Contains("the step holds branch 3, the network has 3 branches (0..2)"));
   CHECK_THROWS_WITH(net->forward_probe(x), Catch::Contains("needs eval mode"));
   // Nothing was staged by the refused calls.
   for (auto& m : net->gate_means()) CHECK(m->staged()[-1].item<double>() == 0.0);

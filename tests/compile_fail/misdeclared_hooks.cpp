@@ -199,3 +199,9 @@ struct MeasuresAndReinitializes : VanillaPolicy {
   std::vector<double> reinitialization(std::int64_t) { return {0.0, 0.0}; }
 };
 static_assert(sizeof(Balancer<MeasuresAndReinitializes>) > 0);
+
+// expect(IntEpochs): reinitialization would never be called: declare `std::vector<double> reinitialization(std::int64_t)`
+struct IntEpochs : VanillaPolicy {
+  std::vector<double> reinitialization(int) { return {0.0, 0.0}; }
+};
+static_assert(sizeof(Balancer<IntEpochs>) > 0);

@@ -123,7 +123,13 @@ class Balancer {
   StepKind next_step() {
     TORCH_CHECK(branches() == 2, "Balancer::next_step: step kinds are for two branches, this "
                 "network has ", branches(), "; use next_plan()");
-    return to_step_kind(begin_step("Balancer::next_step"));
+    const StepPlan plan = begin_step("Balancer::next_step");
+    if (const auto k = plan.modulated_branch()) {
+      abandon_step();
+      TORCH_CHECK(false, "Balancer::next_step: the policy modulates branch ", *k, "'s features, "
+                  "which a StepKind cannot carry: use next_plan() and forward(inputs, plan)");
+    }
+    return to_step_kind(plan);
   }
 
   /// The plan of the coming step: regular, or which branch is held (re-balanced). Must
@@ -283,6 +289,11 @@ class Balancer {
                  SumAcrossRanks sum_across_ranks = {}) {
     TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
                 ") was not observed");
+    if constexpr (ReinitializesBranches<Policy>) {
+      TORCH_CHECK(clock_.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
+                  " may re-initialize branches at this boundary, which resets their optimizer "
+                  "state: call end_epoch(optimizer)");
+    }
     if constexpr (ObservesEpochLosses<Policy>) {
       if (measures_at_epoch_end()) {
         // An empty std::function (as observe() takes for one process) adds nothing up.
@@ -473,22 +484,12 @@ class Balancer {
 
   // A plan the network cannot run throws and leaves the policy as it was.
   void check_plan(const StepPlan& plan) {
-    if (const auto k = plan.modulated_branch()) {
-      const double keep = plan.keep_probability(), scale = plan.feature_scale();
-      if (*k >= branches() || !(keep >= 0 && keep <= 1) || !std::isfinite(scale)) {
-        policy_ = policy_before_step_;
-        TORCH_CHECK(false, "Balancer: the policy modulates branch ", *k, "'s features (kept with "
-                    "probability ", keep, ", scaled by ", scale, "); the network has branches 0..",
-                    branches() - 1, ", and a probability in [0, 1] and a finite scale are needed");
-      }
-    }
-    if (plan.is_regular()) return;
-    if (*plan.held_branch() >= branches()) {
+    const std::string problem = plan.problem(branches());
+    if (!problem.empty()) {
       policy_ = policy_before_step_;
-      TORCH_CHECK(false, "Balancer: the policy holds branch ", *plan.held_branch(),
-                  ", the network has ", branches(), " branches (0..", branches() - 1, ")");
+      TORCH_CHECK(false, "Balancer: the policy ", problem);
     }
-    if (gate_means_.empty()) {
+    if (!plan.is_regular() && gate_means_.empty()) {
       policy_ = policy_before_step_;
       TORCH_CHECK(false, "Balancer: the policy holds branch ", *plan.held_branch(), ", a "
                   "re-balancing step, and this network has no fusion modules whose gates it "

@@ -195,7 +195,7 @@ struct PolicyHooksCheck {
   static_assert(!HasMember_sample_weights<P> || WeighsSamples<P>,
                 "Balancer: the policy's sample_weights would go unused: declare `at::Tensor "
                 "sample_weights(const NetOutput&, const at::Tensor&) const`");
-  static_assert(!HasMember_reinitialization<P> || ReinitializesBranches<P>,
+  static_assert(!HasMember_reinitialization<P> || (ReinitializesBranches<P> && TakesEpochsAsInt64<P>),
                 "Balancer: the policy's reinitialization would never be called: declare "
                 "`std::vector<double> reinitialization(std::int64_t)`");
   static_assert(!(ObservesEpochLosses<P> && ReinitializesBranches<P>),

@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -93,23 +92,50 @@ inline void check_same_architecture(const std::string& saved, const std::string&
 /// A module description written before the two-branch network and MMTM became the N = 2
 /// case of the N-branch ones (and the N-branch ones lost their `NWay` names), in today's
 /// words: the same modules with the same options.
-inline std::string upgraded_module_description(const std::string& saved) {
-  static const std::regex two_branch_net(R"(mmbalance::MultiModalNet\(stages=\d+, taps=\[([^\]]*)\]\))");
-  static const std::regex two_branch_mmtm(R"(mmbalance::MMTM\(dim0=(\d+), dim1=(\d+), )");
-  static const std::regex n_way(R"(mmbalance::NWay(MultiModalNet|MMTM)\()");
-  std::string out = std::regex_replace(saved, n_way, "mmbalance::$1(");
-  out = std::regex_replace(out, two_branch_mmtm, "mmbalance::MMTM(dims=[$1, $2], ");
-  std::smatch m;
-  if (std::regex_search(out, m, two_branch_net)) {
-    std::string taps;  // each tap at the same stage of both branches
-    std::istringstream stages(m[1].str());
-    for (std::string stage; std::getline(stages, stage, ',');) {
-      stage.erase(0, stage.find_first_not_of(' '));
-      taps += (taps.empty() ? "(" : ", (") + stage + ", " + stage + ")";
+inline std::string upgraded_module_description(std::string text) {
+  // Plain searches, no regular expressions: the text comes from a file, and libstdc++'s
+  // std::regex recurses per character (a long crafted line would overflow the stack).
+  const auto replace_all = [&](const std::string& from, const std::string& to) {
+    for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
+      text.replace(at, from.size(), to);
     }
-    out = m.prefix().str() + "mmbalance::MultiModalNet(branches=2, taps=[" + taps + "])" + m.suffix().str();
+  };
+  // The digits at `at` and where they end (the same position when there are none).
+  const auto digits = [&](std::size_t at) {
+    std::size_t end = at;
+    while (end < text.size() && text[end] >= '0' && text[end] <= '9') ++end;
+    return std::pair{text.substr(at, end - at), end};
+  };
+  replace_all("mmbalance::NWayMultiModalNet(", "mmbalance::MultiModalNet(");
+  replace_all("mmbalance::NWayMMTM(", "mmbalance::MMTM(");
+  const std::string mmtm = "mmbalance::MMTM(dim0=";
+  for (std::size_t at = text.find(mmtm); at != std::string::npos; at = text.find(mmtm, at + 1)) {
+    const auto [dim0, end0] = digits(at + mmtm.size());
+    if (dim0.empty() || text.compare(end0, 7, ", dim1=") != 0) continue;
+    const auto [dim1, end1] = digits(end0 + 7);
+    if (dim1.empty()) continue;
+    text.replace(at, end1 - at, "mmbalance::MMTM(dims=[" + dim0 + ", " + dim1 + "]");
   }
-  return out;
+  const std::string net = "mmbalance::MultiModalNet(stages=";
+  if (const std::size_t at = text.find(net); at != std::string::npos) {
+    const auto [stages, end] = digits(at + net.size());
+    if (!stages.empty() && text.compare(end, 8, ", taps=[") == 0) {
+      std::string taps;  // each tap at the same stage of both branches
+      std::size_t next = end + 8;
+      while (true) {
+        const auto [stage, after] = digits(next);
+        if (stage.empty()) break;
+        taps += (taps.empty() ? "(" : ", (") + stage + ", " + stage + ")";
+        next = after;
+        if (text.compare(next, 2, ", ") != 0) break;
+        next += 2;
+      }
+      if (text.compare(next, 2, "])") == 0) {
+        text.replace(at, next + 2 - at, "mmbalance::MultiModalNet(branches=2, taps=[" + taps + "])");
+      }
+    }
+  }
+  return text;
 }
 
 /// Throws naming the first line where two module descriptions differ.

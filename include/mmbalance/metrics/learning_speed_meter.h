@@ -20,20 +20,6 @@
 
 namespace mmbalance {
 
-/// Index of each parameter group in the meter's tensors.
-enum class Group : std::uint8_t { theta0 = 0, theta1 = 1, theta0_fusion = 2, theta1_fusion = 3 };
-inline constexpr int kNumGroups = 4;
-
-constexpr std::string_view to_string(Group g) {
-  switch (g) {
-    case Group::theta0: return "theta0 (branch 0)";
-    case Group::theta1: return "theta1 (branch 1)";
-    case Group::theta0_fusion: return "theta0' (fusion path into branch 0)";
-    case Group::theta1_fusion: return "theta1' (fusion path into branch 1)";
-  }
-  return "invalid";
-}
-
 /// The learning speeds of N branches derived from the accumulators M (host values;
 /// docs/algorithm.md §4): s_k = log10(M(θ_k') / M(θ_k)), how fast branch k's fusion path
 /// learns relative to branch k itself. Two measures of imbalance, kept apart: `d_speed`,
@@ -51,8 +37,7 @@ struct SpeedSummary {
   double s_m1_given_m0 = NAN;  ///< two branches: s_0 (NaN for N >= 3)
   double s_m0_given_m1 = NAN;  ///< two branches: s_1 (NaN for N >= 3)
 
-  /// From 2N accumulators (N >= 2): θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for two
-  /// branches the `Group` order). A speed is NaN unless both of its accumulators are
+  /// From 2N accumulators (N >= 2): θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}'. A speed is NaN unless both of its accumulators are
   /// positive and finite: before any regular step, and for a group that never had a
   /// gradient (frozen), where log10 would give ±inf.
   static SpeedSummary from_accumulators(const std::vector<double>& m) {
@@ -103,8 +88,7 @@ using NWaySpeedSummary [[deprecated("use SpeedSummary (spread replaces imbalance
 /// the point where the gradient was taken, as the official code does.
 class LearningSpeedMeter {
  public:
-  /// The 2N groups of an N-branch network: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}' (for N = 2
-  /// the `Group` order). Every tensor the meter returns has one entry per group. A
+  /// The 2N groups of an N-branch network: θ_0 .. θ_{N-1}, then θ_0' .. θ_{N-1}'. Every tensor the meter returns has one entry per group. A
   /// late-fusion network has no fusion paths: all of θ_k' empty; such a group's μ is 0
   /// (nothing moves), so the speeds s_k are undefined (NaN) rather than the step.
   explicit LearningSpeedMeter(const ParameterGroups& groups) {

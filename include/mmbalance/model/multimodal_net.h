@@ -151,20 +151,20 @@ class MultiModalNetImpl : public torch::nn::Module {
                           std::move(taps_in)) {}
 
   /// One forward pass with the branches held as `plan` says (a `StepKind` converts), and
-  /// the features of the branch it modulates, if any, modulated before that branch's head
-  /// (`StepPlan::modulating`). A regular step in training mode also stages its gates into
+  /// the branch it modulates, if any, modulated (`StepPlan::modulating`): a dropped
+  /// sample's activations of that branch are zero where every fusion module reads them and
+  /// where its head does, a kept sample's features are scaled before its head. A regular step in training mode also stages its gates into
   /// the fusion modules' gate means, which the `Balancer` commits when it accepts the
   /// step; nothing else touches them.
   NetOutput forward(const std::vector<at::Tensor>& inputs, StepPlan plan = StepPlan::regular()) {
     check_inputs(inputs);
+    const std::string problem = plan.problem(kBranches);
+    TORCH_CHECK(problem.empty(), "MultiModalNet: the step ", problem);
     FusionContext ctx;
     if (const auto held = plan.held_branch()) {
-      TORCH_CHECK(*held < kBranches, "MultiModalNet: the step holds branch ", *held,
-                  ", the network has branches 0..", kBranches - 1);
       ctx.sides.assign(kBranches, SideMode::live);
       ctx.sides[*held] = SideMode::held_gate;
     }
-    check_modulation(plan);
     ctx.stage_gates = plan.is_regular() && is_training();
     return output(run(inputs, ctx, {}, plan));
   }
@@ -386,43 +386,36 @@ class MultiModalNetImpl : public torch::nn::Module {
     std::vector<std::size_t> next(kBranches, 0);
     if (!computed.empty()) next = computed;
     std::vector<std::size_t> end(kBranches);
+    const auto modulated = plan.modulated_branch();
+    at::Tensor kept;  // the modulated branch's samples kept (1) or dropped (0), one draw a pass
+    const auto drop = [&](const at::Tensor& x, double scale) {
+      if (!kept.defined()) kept = at::bernoulli(at::full({x.size(0)}, plan.keep_probability(), x.options()));
+      std::vector<std::int64_t> shape(static_cast<std::size_t>(x.dim()), 1);
+      shape[0] = x.size(0);
+      return x * (kept * scale).view(shape);
+    };
     for (auto& tap : taps) {
       for (std::size_t k = 0; k < kBranches; ++k) end[k] = tap.stages[k] + 1;
       advance(h, next, end, ctx);
+      if (modulated && plan.keep_probability() < 1) h[*modulated] = drop(h[*modulated], 1.0);
       h = tap.module->forward(h, ctx);
     }
     advance(h, next, stage_counts(), ctx);
-    if (const auto k = plan.modulated_branch()) h[*k] = modulated(h[*k], plan);
+    if (modulated) {
+      h[*modulated] = plan.keep_probability() < 1 ? drop(h[*modulated], plan.feature_scale())
+                                                 : h[*modulated] * plan.feature_scale();
+    }
     NetOutput out;
     out.heads.resize(kBranches);
     for (std::size_t k = 0; k < kBranches; ++k) {
-      if (ctx.side(k) != SideMode::absent) visit(k, [&](auto& b) { out.heads[k] = b->head(h[k]); });
+      if (ctx.side(k) == SideMode::absent) {
+        h[k] = at::Tensor();  // a late-fusion pass would hand the ignored input back
+      } else {
+        visit(k, [&](auto& b) { out.heads[k] = b->head(h[k]); });
+      }
     }
     out.features = std::move(h);
     return out;
-  }
-
-  static void check_modulation(const StepPlan& plan) {
-    const auto k = plan.modulated_branch();
-    if (!k) return;
-    TORCH_CHECK(*k < kBranches, "MultiModalNet: the step modulates branch ", *k,
-                "'s features, the network has branches 0..", kBranches - 1);
-    TORCH_CHECK(plan.keep_probability() >= 0 && plan.keep_probability() <= 1 &&
-                    std::isfinite(plan.feature_scale()),
-                "MultiModalNet: the step keeps branch ", *k, "'s features with probability ",
-                plan.keep_probability(), " and scales them by ", plan.feature_scale(),
-                "; a probability in [0, 1] and a finite scale are needed");
-  }
-
-  // The plan's modulation of one branch's features: per sample kept with probability
-  // keep_probability() and scaled, or zeroed.
-  static at::Tensor modulated(const at::Tensor& features, const StepPlan& plan) {
-    const double keep = plan.keep_probability(), scale = plan.feature_scale();
-    std::vector<std::int64_t> shape(static_cast<std::size_t>(features.dim()), 1);
-    shape[0] = features.size(0);
-    at::Tensor factor = at::full(shape, scale, features.options());
-    if (keep < 1.0) factor = factor * at::bernoulli(at::full(shape, keep, features.options()));
-    return features * factor;
   }
 
   // Runs every branch that is not absent in `ctx` from stage next[k] up to (not

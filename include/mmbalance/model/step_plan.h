@@ -3,6 +3,7 @@
 /// The steps of balanced learning for N branches: regular, or hold branch k (the N-branch
 /// form of `StepKind`; docs/algorithm.md §5).
 
+#include <cmath>
 #include <cstddef>
 #include <optional>
 #include <ostream>
@@ -30,17 +31,32 @@ class StepPlan {
     if (kind == StepKind::rebalance_m1) held_ = 1;
   }
 
-  /// This plan with branch `branch`'s features (the tensor its head reads) modulated in
-  /// the forward pass: each sample's kept with probability `keep` (drawn per sample from
-  /// LibTorch's generator, as dropout draws) and multiplied by `scale`, dropped (zero)
-  /// otherwise. A policy's forward-side intervention (e.g. dropping the dominant branch);
-  /// one branch a step.
+  /// This plan with branch `branch` modulated in the forward pass: each sample is kept
+  /// with probability `keep` (drawn per sample from LibTorch's generator, as dropout
+  /// draws), its features (the tensor the branch's head reads) multiplied by `scale`, or
+  /// dropped: zero wherever a fusion module reads the branch and where its head does. A
+  /// policy's forward-side intervention (e.g. dropping the dominant modality); one branch
+  /// a step.
   constexpr StepPlan modulating(std::size_t branch, double keep, double scale = 1.0) const {
     StepPlan plan = *this;
     plan.modulated_ = branch;
     plan.keep_ = keep;
     plan.scale_ = scale;
     return plan;
+  }
+
+  /// Why a network of `branches` branches cannot run this plan ("holds branch 3, ..."), or
+  /// an empty string when it can.
+  std::string problem(std::size_t branches) const {
+    const std::string network = "the network has " + std::to_string(branches) + " branches (0.." +
+                                std::to_string(branches - 1) + ")";
+    if (held_ && *held_ >= branches) return "holds branch " + std::to_string(*held_) + ", " + network;
+    if (modulated_ && (*modulated_ >= branches || !(keep_ >= 0 && keep_ <= 1) || !std::isfinite(scale_))) {
+      return "modulates branch " + std::to_string(*modulated_) + "'s features (kept with probability " +
+             std::to_string(keep_) + ", scaled by " + std::to_string(scale_) + "); " + network +
+             ", and a probability in [0, 1] and a finite scale are needed";
+    }
+    return {};
   }
 
   constexpr bool is_regular() const { return !held_.has_value(); }
