@@ -436,3 +436,12 @@ TEST_CASE("Module descriptions written before the one network read in today's wo
   const std::string unterminated = "mmbalance::MMTM(dim0=" + std::string(1 << 20, '3');
   CHECK(upgraded_module_description(unterminated) == unterminated);
 }
+
+TEST_CASE("Upgrading a module description is linear in its length: many repeated old names",
+          "[checkpoint][bad-input]") {
+  std::string repeated;
+  for (int i = 0; i < 200000; ++i) repeated += "mmbalance::NWayMMTM(mmbalance::MMTM(dim0=1, dim1=2, ";
+  const std::string upgraded = mmbalance::detail::upgraded_module_description(repeated);
+  CHECK(upgraded.size() == repeated.size() - 200000 * 7);  // "NWay" gone, "dim0=1, dim1=2" -> "dims=[1, 2]"
+  CHECK(upgraded.find("NWay") == std::string::npos);
+}

@@ -161,8 +161,18 @@ TEST_CASE("Forward side: a plan modulates one branch's features per sample, kept
   CHECK_THROWS_WITH(net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 1.5)),
                     Catch::Contains("probability 1.5"));
 
-  // Through the balancer: the policy's plan reaches the forward pass; it trains.
+  // A regular step that drops samples stages no gates (they were not computed from the
+  // branch as it is); one that only scales does.
   net->train();
+  const auto staged = [&] { return net->gate_means()[0]->staged()[-1].item<double>(); };
+  for (auto& m : net->gate_means()) m->drop();
+  net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 0.5));
+  CHECK(staged() == 0.0);
+  net->forward({b.x0, b.x1}, StepPlan::regular().modulating(0, 1.0, 2.0));
+  CHECK(staged() == 64.0);
+  for (auto& m : net->gate_means()) m->drop();
+
+  // Through the balancer: the policy's plan reaches the forward pass; it trains.
   Balancer<DropBranch0> balancer(net, DropBranch0{}, BalancerOptions().warmup_epochs(0));
   auto opt = make_sgd(net);
   for (int i = 0; i < 4; ++i) {

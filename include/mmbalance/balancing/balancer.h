@@ -393,14 +393,16 @@ class Balancer {
                 branches());
     const detail::SavedPolicyIdentity saved_policy = detail::read_policy_identity(archive);
     detail::check_policy_identity<Policy>(saved_policy);
-    auto speeds = monitor_.read(in, has_branches);
+    // In the order of earlier versions: groups, warm-up, speed read, then the values.
+    monitor_.check_groups(in);
+    detail::EpochClock clock = clock_.read(in);
     const std::int64_t speed_read = in.integer("speed_read");
     TORCH_CHECK(speed_read == static_cast<std::int64_t>(options_.speed_read()),
                 "Balancer::load: the checkpoint was made with speed_read ",
                 speed_read == 0 ? "same_step" : "previous_step", ", this balancer has ",
                 options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
                 "; resume with the options the run started with");
-    detail::EpochClock clock = clock_.read(in);
+    auto speeds = monitor_.read(in, has_branches);
     Policy policy = policy_;
     if constexpr (HasState<Policy>) {
       torch::serialize::InputArchive nested;

@@ -7,13 +7,13 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
-#include <c10/util/string_utils.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
@@ -54,7 +54,9 @@ void reset_optimizer_state(Optimizer& optimizer, const at::Tensor& p) {
   auto& state = optimizer.state();
   using Key = typename std::remove_reference_t<decltype(state)>::key_type;
   if constexpr (std::is_same_v<Key, std::string>) {
-    state.erase(c10::guts::to_string(p.unsafeGetTensorImpl()));
+    std::ostringstream key;  // as 1.x writes it (c10::guts::to_string of the address)
+    key << p.unsafeGetTensorImpl();
+    state.erase(key.str());
   } else {
     state.erase(p.unsafeGetTensorImpl());
   }

@@ -133,16 +133,20 @@ class SpeedMonitor {
     std::vector<double> last;
   };
 
-  /// Reads and checks the monitor's entries; `has_branches`: a record that names its
+  /// Reads and checks the monitor's other entries; `has_branches`: a record that names its
   /// branch count (older two-branch records keep the speeds as named numbers).
-  Saved read(const RecordReader& in, bool has_branches) const {
-    Saved s;
+  /// Refuses a record made for other parameter groups (checked first of all the record).
+  void check_groups(const RecordReader& in) const {
     const at::Tensor numel = in.tensor("group_numel");
     const at::Tensor mine = at::tensor(meter_.group_numel(), at::kLong);
     TORCH_CHECK(numel.scalar_type() == at::kLong && numel.numel() == mine.numel() &&
                     at::equal(numel, mine),
                 "Balancer::load: the checkpoint was made for parameter groups with ",
                 numel_string(numel), " elements, this model's groups have ", numel_string(mine));
+  }
+
+  Saved read(const RecordReader& in, bool has_branches) const {
+    Saved s;
     s.accumulated = in.tensor("accumulated");
     TORCH_CHECK(s.accumulated.dim() == 1 && s.accumulated.is_floating_point() &&
                     s.accumulated.numel() == static_cast<std::int64_t>(meter_.num_groups()),
@@ -150,7 +154,8 @@ class SpeedMonitor {
                 shape_string(s.accumulated));
     s.steps = in.integer("meter_steps");
     s.skipped = in.integer("skipped");
-    TORCH_CHECK(s.steps >= 0 && s.skipped >= 0, "Balancer::load: negative step counts of the meter");
+    TORCH_CHECK(s.steps >= 0 && s.skipped >= 0, "Balancer::load: negative counters (meter steps ",
+                s.steps, ", skipped ", s.skipped, ")");
     if (has_branches) {
       const at::Tensor t = in.tensor("last_speeds");
       TORCH_CHECK(t.dim() == 1 && t.numel() == static_cast<std::int64_t>(branches()) && t.is_floating_point(),

@@ -8,6 +8,7 @@
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <set>
@@ -92,50 +93,65 @@ inline void check_same_architecture(const std::string& saved, const std::string&
 /// A module description written before the two-branch network and MMTM became the N = 2
 /// case of the N-branch ones (and the N-branch ones lost their `NWay` names), in today's
 /// words: the same modules with the same options.
-inline std::string upgraded_module_description(std::string text) {
-  // Plain searches, no regular expressions: the text comes from a file, and libstdc++'s
-  // std::regex recurses per character (a long crafted line would overflow the stack).
-  const auto replace_all = [&](const std::string& from, const std::string& to) {
-    for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size())) {
-      text.replace(at, from.size(), to);
-    }
-  };
-  // The digits at `at` and where they end (the same position when there are none).
-  const auto digits = [&](std::size_t at) {
-    std::size_t end = at;
+inline std::string upgraded_module_description(const std::string& text) {
+  // One pass, plain comparisons, no regular expressions: the text comes from a file, and
+  // libstdc++'s std::regex recurses per character (a crafted line overflows the stack),
+  // while replacing in place would make repeated patterns quadratic.
+  const auto at = [&](std::size_t i, const char* s) { return text.compare(i, std::strlen(s), s) == 0; };
+  // The digits from `i` and where they end (`i` itself when there are none).
+  const auto digits = [&](std::size_t i) {
+    std::size_t end = i;
     while (end < text.size() && text[end] >= '0' && text[end] <= '9') ++end;
-    return std::pair{text.substr(at, end - at), end};
+    return std::pair{text.substr(i, end - i), end};
   };
-  replace_all("mmbalance::NWayMultiModalNet(", "mmbalance::MultiModalNet(");
-  replace_all("mmbalance::NWayMMTM(", "mmbalance::MMTM(");
-  const std::string mmtm = "mmbalance::MMTM(dim0=";
-  for (std::size_t at = text.find(mmtm); at != std::string::npos; at = text.find(mmtm, at + 1)) {
-    const auto [dim0, end0] = digits(at + mmtm.size());
-    if (dim0.empty() || text.compare(end0, 7, ", dim1=") != 0) continue;
-    const auto [dim1, end1] = digits(end0 + 7);
-    if (dim1.empty()) continue;
-    text.replace(at, end1 - at, "mmbalance::MMTM(dims=[" + dim0 + ", " + dim1 + "]");
-  }
-  const std::string net = "mmbalance::MultiModalNet(stages=";
-  if (const std::size_t at = text.find(net); at != std::string::npos) {
-    const auto [stages, end] = digits(at + net.size());
-    if (!stages.empty() && text.compare(end, 8, ", taps=[") == 0) {
-      std::string taps;  // each tap at the same stage of both branches
-      std::size_t next = end + 8;
-      while (true) {
-        const auto [stage, after] = digits(next);
-        if (stage.empty()) break;
-        taps += (taps.empty() ? "(" : ", (") + stage + ", " + stage + ")";
-        next = after;
-        if (text.compare(next, 2, ", ") != 0) break;
-        next += 2;
-      }
-      if (text.compare(next, 2, "])") == 0) {
-        text.replace(at, next + 2 - at, "mmbalance::MultiModalNet(branches=2, taps=[" + taps + "])");
+  std::string out;
+  out.reserve(text.size() + 64);
+  std::size_t i = 0;
+  while (i < text.size()) {
+    if (at(i, "mmbalance::NWayMultiModalNet(")) {
+      out += "mmbalance::MultiModalNet(";
+      i += std::strlen("mmbalance::NWayMultiModalNet(");
+      continue;
+    }
+    if (at(i, "mmbalance::NWayMMTM(")) {
+      out += "mmbalance::MMTM(";
+      i += std::strlen("mmbalance::NWayMMTM(");
+      continue;
+    }
+    if (at(i, "mmbalance::MMTM(dim0=")) {
+      const auto [dim0, end0] = digits(i + std::strlen("mmbalance::MMTM(dim0="));
+      if (!dim0.empty() && at(end0, ", dim1=")) {
+        const auto [dim1, end1] = digits(end0 + std::strlen(", dim1="));
+        if (!dim1.empty()) {
+          out += "mmbalance::MMTM(dims=[" + dim0 + ", " + dim1 + "]";
+          i = end1;
+          continue;
+        }
       }
     }
+    if (at(i, "mmbalance::MultiModalNet(stages=")) {
+      const auto [stages, end] = digits(i + std::strlen("mmbalance::MultiModalNet(stages="));
+      if (!stages.empty() && at(end, ", taps=[")) {
+        std::string taps;  // each tap at the same stage of both branches
+        std::size_t next = end + std::strlen(", taps=[");
+        for (bool more = true; more;) {
+          const auto [stage, after] = digits(next);
+          if (stage.empty()) break;
+          taps += (taps.empty() ? "(" : ", (") + stage + ", " + stage + ")";
+          next = after;
+          more = at(next, ", ");
+          if (more) next += 2;
+        }
+        if (at(next, "])")) {
+          out += "mmbalance::MultiModalNet(branches=2, taps=[" + taps + "])";
+          i = next + 2;
+          continue;
+        }
+      }
+    }
+    out += text[i++];
   }
-  return text;
+  return out;
 }
 
 /// Throws naming the first line where two module descriptions differ.

@@ -153,7 +153,8 @@ class MultiModalNetImpl : public torch::nn::Module {
   /// One forward pass with the branches held as `plan` says (a `StepKind` converts), and
   /// the branch it modulates, if any, modulated (`StepPlan::modulating`): a dropped
   /// sample's activations of that branch are zero where every fusion module reads them and
-  /// where its head does, a kept sample's features are scaled before its head. A regular step in training mode also stages its gates into
+  /// where its head does (such a step stages no gates), a kept sample's features are
+  /// scaled before its head. A regular step in training mode also stages its gates into
   /// the fusion modules' gate means, which the `Balancer` commits when it accepts the
   /// step; nothing else touches them.
   NetOutput forward(const std::vector<at::Tensor>& inputs, StepPlan plan = StepPlan::regular()) {
@@ -165,7 +166,9 @@ class MultiModalNetImpl : public torch::nn::Module {
       ctx.sides.assign(kBranches, SideMode::live);
       ctx.sides[*held] = SideMode::held_gate;
     }
-    ctx.stage_gates = plan.is_regular() && is_training();
+    // Gates computed from dropped samples are not those of a regular step: not staged.
+    ctx.stage_gates = plan.is_regular() && is_training() &&
+                      !(plan.modulated_branch() && plan.keep_probability() < 1);
     return output(run(inputs, ctx, {}, plan));
   }
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <optional>
 #include <ostream>
+#include <sstream>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -48,15 +49,20 @@ class StepPlan {
   /// Why a network of `branches` branches cannot run this plan ("holds branch 3, ..."), or
   /// an empty string when it can.
   std::string problem(std::size_t branches) const {
-    const std::string network = "the network has " + std::to_string(branches) + " branches (0.." +
-                                std::to_string(branches - 1) + ")";
-    if (held_ && *held_ >= branches) return "holds branch " + std::to_string(*held_) + ", " + network;
-    if (modulated_ && (*modulated_ >= branches || !(keep_ >= 0 && keep_ <= 1) || !std::isfinite(scale_))) {
-      return "modulates branch " + std::to_string(*modulated_) + "'s features (kept with probability " +
-             std::to_string(keep_) + ", scaled by " + std::to_string(scale_) + "); " + network +
-             ", and a probability in [0, 1] and a finite scale are needed";
+    const bool bad_hold = held_ && *held_ >= branches;
+    const bool bad_modulation =
+        modulated_ && (*modulated_ >= branches || !(keep_ >= 0 && keep_ <= 1) || !std::isfinite(scale_));
+    if (!bad_hold && !bad_modulation) return {};
+    std::ostringstream why;
+    if (bad_hold) {
+      why << "holds branch " << *held_;
+    } else {
+      why << "modulates branch " << *modulated_ << "'s features (kept with probability " << keep_
+          << ", scaled by " << scale_ << ")";
     }
-    return {};
+    why << ", the network has " << branches << " branches (0.." << branches - 1 << ")";
+    if (!bad_hold) why << ", and a probability in [0, 1] and a finite scale are needed";
+    return why.str();
   }
 
   constexpr bool is_regular() const { return !held_.has_value(); }
