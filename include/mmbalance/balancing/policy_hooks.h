@@ -82,16 +82,20 @@ concept PlansSteps = requires(P& p) {
   { p.next_plan() } -> std::same_as<StepPlan>;
 };
 
-// Converts to std::size_t and nothing else: a hook taking int would narrow the count.
-struct ExactlySize {
+// Converts to `Exact` and nothing else: a hook taking another type (int for a count, a
+// double for an epoch number) would receive a converted argument.
+template <class Exact>
+struct Exactly {
   template <class T>
-    requires std::same_as<T, std::size_t>
+    requires std::same_as<T, Exact>
   operator T() const {
-    return 0;
+    return T{};
   }
 };
 template <class P>
-concept TakesBranchCountExactly = requires(P& p, ExactlySize n) { p.set_branches(n); };
+concept TakesBranchCountExactly = requires(P& p, Exactly<std::size_t> n) { p.set_branches(n); };
+template <class P>
+concept TakesEpochsAsInt64 = requires(P& p, Exactly<std::int64_t> e) { p.reinitialization(e); };
 
 // The class that declares a member function whose address is `M`.
 template <class M>

@@ -32,19 +32,6 @@ concept ReinitializesBranches = requires(P& p, std::int64_t e) {
   { p.reinitialization(e) } -> std::same_as<std::vector<double>>;
 };
 
-namespace detail {
-// Converts to std::int64_t and nothing else: a hook taking int, double or size_t would
-// receive a converted epoch count.
-struct ExactlyInt64 {
-  template <class T>
-    requires std::same_as<T, std::int64_t>
-  operator T() const {
-    return 0;
-  }
-};
-template <class P>
-concept TakesEpochsAsInt64 = requires(P& p, ExactlyInt64 e) { p.reinitialization(e); };
-}  // namespace detail
 
 namespace detail {
 /// Forgets the optimizer's state for parameter `p` (LibTorch 1.x keys it by the address
