@@ -57,12 +57,7 @@ class GuidedPolicy {
 
   /// The network's branch count (the `Balancer` calls it): 2 or more, and the count the
   /// policy was made for if it was given one.
-  void set_branches(std::size_t branches) {
-    TORCH_CHECK(branches >= 2, "GuidedPolicy: needs at least 2 branches, got ", branches);
-    TORCH_CHECK(branches_ == 0 || branches_ == branches, "GuidedPolicy: the policy was made for ",
-                branches_, " branches, the network has ", branches);
-    branches_ = branches;
-  }
+  void set_branches(std::size_t branches) { detail::take_branch_count(branches_, branches, "GuidedPolicy"); }
 
   StepPlan next_plan() {
     if (!window_open_) return StepPlan::regular();

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <c10/util/Exception.h>
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/metrics/learning_speed_meter.h"
@@ -60,5 +61,15 @@ concept HasState = requires(const P& cp, P& p, torch::serialize::OutputArchive& 
   cp.save(out);
   p.load(in);
 };
+
+namespace detail {
+/// A policy's `set_branches`: 2 or more, and the count it was made for if it was given one.
+inline void take_branch_count(std::size_t& held, std::size_t given, const char* policy) {
+  TORCH_CHECK(given >= 2, policy, ": needs at least 2 branches, got ", given);
+  TORCH_CHECK(held == 0 || held == given, policy, ": the policy was made for ", held,
+              " branches, the network has ", given);
+  held = given;
+}
+}  // namespace detail
 
 }  // namespace mmbalance

@@ -47,12 +47,7 @@ class RandomPolicy {
 
   /// The network's branch count (the `Balancer` calls it): 2 or more, and the count the
   /// policy was made for if it was given one.
-  void set_branches(std::size_t branches) {
-    TORCH_CHECK(branches >= 2, "RandomPolicy: needs at least 2 branches, got ", branches);
-    TORCH_CHECK(branches_ == 0 || branches_ == branches, "RandomPolicy: the policy was made for ",
-                branches_, " branches, the network has ", branches);
-    branches_ = branches;
-  }
+  void set_branches(std::size_t branches) { detail::take_branch_count(branches_, branches, "RandomPolicy"); }
 
   StepPlan next_plan() {
     TORCH_CHECK(branches_ != 0, "RandomPolicy: no branch count to draw among: a Balancer gives "
