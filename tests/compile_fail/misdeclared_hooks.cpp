@@ -132,6 +132,13 @@ struct FlagNotConstant : VanillaPolicy {
 };
 static_assert(sizeof(Balancer<FlagNotConstant>) > 0);
 
+// A promise read at run time would be no promise: the balancer would keep the record.
+// expect(SnapshotFlagNotConstant): cannot be read at compile time: declare it `static constexpr bool`
+struct SnapshotFlagNotConstant : VanillaPolicy {
+  bool copy_is_snapshot = true;
+};
+static_assert(sizeof(Balancer<SnapshotFlagNotConstant>) > 0);
+
 // expect(MaskedOutputsWithoutHook): hand their tensors to modulate_gradients, which the policy lacks
 struct MaskedOutputsWithoutHook : VanillaPolicy {
   static constexpr bool needs_masked_outputs = true;

@@ -21,6 +21,7 @@
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/balancing/masked_outputs.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/step_plan.h"
@@ -71,6 +72,8 @@ class AGMPolicy {
  public:
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.agm", 1};
+  /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
+  static constexpr bool copy_is_snapshot = true;
   static constexpr bool needs_masked_outputs = true;
   /// 2^N − 2 masked forward passes per step: beyond this many branches that is absurd.
   static constexpr std::size_t kMaxBranches = 12;
@@ -179,7 +182,7 @@ class AGMPolicy {
     const at::Tensor k = at::where(valid, at::exp(at::clamp_max(usual - ratio, options.max_gap()) * options.alpha()),
                                    at::ones_like(scores));
     const at::Tensor t = (steps + 1).to(at::kDouble);
-    // Out of place: the balancer keeps a copy of the policy (sharing these tensors) to restore.
+    // Out of place, as copy_is_snapshot declares: a copy from before the step keeps its values.
     running_scores_ = at::where(valid, running * ((t - 1) / t) + scores / t, running);
     steps_ = steps + valid.to(at::kLong);
     skipped_ = skipped + (~valid).to(at::kLong);

@@ -1,69 +1,41 @@
 #pragma once
 /// \file
 /// `Balancer<Policy>`: drives balanced multi-modal learning from the user's own loop. A
-/// facade over parts with one job each: the step transaction (here: the pending plan, the
-/// policy's state before it, the gates the step staged), the speed monitor
-/// (speed_monitor.h), the loss former (loss_former.h), the epoch clock (epoch_clock.h) and
-/// a re-initializing policy's initial parameters (reinitialization.h); each part saves and
-/// reads its own entries of the record.
+/// facade over parts with one job each: the step transaction (here: the pending plan and
+/// the gates the step staged), the policy with the state it rolls back to
+/// (policy_transaction.h), the speed monitor (speed_monitor.h), the loss former
+/// (loss_former.h), the epoch clock (epoch_clock.h) and the epoch boundary
+/// (epoch_boundary.h: epoch losses, re-initialization); each part saves and reads its own
+/// entries of the record.
 
-#include <array>
 #include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Type.h>
-#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/balancer_options.h"
+#include "mmbalance/balancing/epoch_boundary.h"
 #include "mmbalance/balancing/epoch_clock.h"
-#include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_former.h"
-#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_hooks.h"
 #include "mmbalance/balancing/policy_identity.h"
-#include "mmbalance/balancing/reinitialization.h"
+#include "mmbalance/balancing/policy_transaction.h"
 #include "mmbalance/balancing/speed_monitor.h"
 #include "mmbalance/balancing/vanilla.h"
 #include "mmbalance/detail/record_reader.h"
-#include "mmbalance/metrics/head_losses.h"
 #include "mmbalance/model/multimodal_net.h"
-#include "mmbalance/model/step_kind.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
-
-/// Options for `Balancer`.
-///
-/// Example:
-/// ```
-/// Balancer<GuidedPolicy> balancer(net, GuidedPolicy(GuidedOptions().alpha(0.1).Q(5)),
-///                                 BalancerOptions().warmup_epochs(1));
-/// ```
-struct BalancerOptions {
-  /// Epochs of regular steps before the policy is consulted (the paper uses one).
-  TORCH_ARG(std::int64_t, warmup_epochs) = 1;
-  /// true: every step reads one small tensor (loss, squared norms, accumulators) to the
-  /// host, and a non-finite loss or gradient (in any step), or a parameter group of norm
-  /// zero or without a gradient so far (regular steps), is rejected with an exception
-  /// that leaves the balancer and the model's gate means as they were. false: no host
-  /// read except the one a policy with `observe_speeds` needs; a regular step whose μ is
-  /// not finite is left out of the accumulators on the device and counted
-  /// (`skipped_steps()`), and nothing is thrown.
-  TORCH_ARG(bool, check_every_step) = true;
-  /// When a policy with `observe_speeds` gets the speeds; see `SpeedRead`.
-  TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
-};
-
-/// What the balancer has done so far, per step kind (two branches).
-using StepCounts = std::array<std::int64_t, kNumStepKinds>;
 
 /// Call `next_step()` before the forward pass, `observe(loss)` after `backward()` and
 /// before the optimizer step, `end_epoch()` after each epoch:
@@ -101,13 +73,9 @@ class Balancer {
         monitor_(net->parameter_groups(), options.check_every_step(), options.speed_read()),
         clock_(monitor_.branches(), options.warmup_epochs()),
         losses_(net, net->parameter_groups().branch),
+        epochs_(losses_.branch_parameters()),
         gate_means_(net->gate_means()) {
-    if constexpr (TakesBranchCount<Policy>) policy_.set_branches(branches());
-    policy_before_step_ = policy_;
-    if constexpr (ReinitializesBranches<Policy>) initial_.emplace(losses_.branch_parameters());
-    TORCH_CHECK(options.speed_read() == SpeedRead::same_step || !options.check_every_step(),
-                "Balancer: speed_read(SpeedRead::previous_step) avoids waiting for the device, "
-                "which per-step checks must do; set check_every_step(false) too");
+    if constexpr (TakesBranchCount<Policy>) policy_.policy().set_branches(branches());
     if constexpr (HoldsFusionGates<Policy>) {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
@@ -177,37 +145,25 @@ class Balancer {
   /// `observe(loss)` in data-parallel training: `sum_across_ranks` (`dp.sum_across_ranks()`)
   /// adds a modulating policy's statistics up over the ranks.
   void observe(const at::Tensor& loss, const std::function<void(at::Tensor&)>& sum_across_ranks) {
-    TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the "
-                "forward pass");
+    TORCH_CHECK(pending_, "Balancer::observe: call next_step() or next_plan() before the forward pass");
     const StepPlan plan = *pending_;
     at::Tensor gates_count;  // checks off: whether the step was valid, on the device
     try {
       TORCH_CHECK(loss.defined() && loss.numel() == 1, "Balancer::observe: loss must be a scalar, got ",
                   detail::shape_string(loss));
-      if constexpr (detail::LossFormer<Policy>::kNeeded) {  // in warm-up too: the loop is wrong from the start
-        TORCH_CHECK(losses_.formed(), "Balancer::observe: ", policy_type(),
-                    ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
-                                               : " forms the step's loss (weights or a term of its own)",
-                    "; form the loss with balancer.loss(out, target)");
-      }
+      losses_.check_formed();
       // The policy's gradient hook, after the checks and the meter's reading of the raw
       // gradients but before anything is committed: if it throws, nothing has changed.
       const auto modulate = [&] {
         if constexpr (ModulatesGradients<Policy>) {
-          if (!in_warmup()) policy_.modulate_gradients(losses_.gradients(sum_across_ranks, clock_.epoch()));
+          if (!in_warmup()) policy_.policy().modulate_gradients(losses_.gradients(sum_across_ranks, clock_.epoch()));
         }
       };
       const auto deliver = [&](const SpeedSummary& speeds) {
-        if constexpr (ObservesSpeeds<Policy>) policy_.observe_speeds(speeds);
+        if constexpr (ObservesSpeeds<Policy>) policy_.policy().observe_speeds(speeds);
       };
-      const bool wants_speeds = ObservesSpeeds<Policy> && !in_warmup();
-      monitor_.deliver_lagged(wants_speeds && plan.is_regular(), deliver);
-      if (plan.is_regular()) {
-        gates_count = monitor_.regular_step(loss, clock_.step(), wants_speeds, modulate, deliver);
-      } else {
-        if (options_.check_every_step()) monitor_.check_rebalancing_step(loss, plan, clock_.step());
-        modulate();
-      }
+      gates_count = monitor_.observe(loss, plan, clock_.step(), ObservesSpeeds<Policy> && !in_warmup(), modulate,
+                                     deliver);
     } catch (...) {
       abandon_step();
       throw;
@@ -220,13 +176,14 @@ class Balancer {
     clock_.count(plan);
   }
 
-  /// Gives up the step `next_step()` (or `next_plan()`) announced, as if it had never been asked for: the
-  /// policy, the counters and the gate averages stay as they were. Call it when your
-  /// forward or backward pass throws (e.g. out of memory), then `next_step()` again. A
-  /// step `observe` rejected is abandoned already; with no step pending this does nothing.
+  /// Gives up the step `next_step()` (or `next_plan()`) announced, as if it had never been
+  /// asked for: the policy (tensors it changed in place included; see `CopyIsSnapshot`),
+  /// the counters and the gate averages stay as they were. Call it when your forward or
+  /// backward pass throws (e.g. out of memory), then `next_step()` again. A step `observe`
+  /// rejected is abandoned already; with no step pending this does nothing.
   void abandon_step() {
     if (!pending_) return;
-    policy_ = policy_before_step_;
+    policy_.roll_back();
     for (auto& m : gate_means_) m->drop();
     pending_.reset();
     losses_.release();
@@ -236,19 +193,8 @@ class Balancer {
   /// (`ObservesEpochLosses`, e.g. `GradientBlendingPolicy`), an epoch at whose end it
   /// measures needs `end_epoch(net, train_sample, held_out)` instead, and this throws.
   void end_epoch() {
-    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
-                ") was not observed");
-    if constexpr (ReinitializesBranches<Policy>) {
-      TORCH_CHECK(clock_.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
-                  " may re-initialize branches at this boundary, which resets their optimizer "
-                  "state: call end_epoch(optimizer)");
-    }
-    if constexpr (ObservesEpochLosses<Policy>) {
-      TORCH_CHECK(!measures_at_epoch_end(), "Balancer::end_epoch: ", policy_type(), " measures "
-                  "every head's loss at the end of this epoch: call end_epoch(net, train_sample, "
-                  "held_out)");
-    }
-    advance_epoch();
+    check_epoch_end(false, false);
+    epochs_.advance(clock_, policy_);
   }
 
   /// Marks the end of an epoch for a policy that re-initializes branches
@@ -259,21 +205,8 @@ class Balancer {
   void end_epoch(torch::optim::Optimizer& optimizer)
     requires ReinitializesBranches<Policy>
   {
-    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
-                ") was not observed");
-    const std::int64_t done = clock_.epochs_done_after_warmup();
-    std::vector<double> strengths;
-    advance_epoch([&] {
-      if (done < 0) return;
-      strengths = policy_.reinitialization(done);
-      TORCH_CHECK(strengths.size() == branches(), "Balancer::end_epoch: ", policy_type(), " gives ",
-                  strengths.size(), " re-initialization strengths for ", branches(), " branches");
-      for (std::size_t k = 0; k < strengths.size(); ++k) {
-        TORCH_CHECK(strengths[k] >= 0 && strengths[k] <= 1, "Balancer::end_epoch: ", policy_type(),
-                    " re-initializes branch ", k, " with strength ", strengths[k], "; strengths are in [0, 1]");
-      }
-    });
-    initial_->apply(strengths, losses_.branch_parameters(), optimizer);
+    check_epoch_end(false, true);
+    epochs_.end(clock_, policy_, losses_.branch_parameters(), optimizer);
   }
 
   /// Marks the end of an epoch; where the policy measures generalization at this boundary
@@ -287,37 +220,8 @@ class Balancer {
             std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
   void end_epoch(Net& net, TrainSample&& train_sample, HeldOut&& held_out,
                  SumAcrossRanks sum_across_ranks = {}) {
-    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_),
-                ") was not observed");
-    if constexpr (ReinitializesBranches<Policy>) {
-      TORCH_CHECK(clock_.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type(),
-                  " may re-initialize branches at this boundary, which resets their optimizer "
-                  "state: call end_epoch(optimizer)");
-    }
-    if constexpr (ObservesEpochLosses<Policy>) {
-      if (measures_at_epoch_end()) {
-        // An empty std::function (as observe() takes for one process) adds nothing up.
-        const auto sum = [&](at::Tensor& t) {
-          if constexpr (std::is_same_v<SumAcrossRanks, std::function<void(at::Tensor&)>>) {
-            if (!sum_across_ranks) return;
-          }
-          sum_across_ranks(t);
-        };
-        const auto measure = [&](auto&& data, const char* which) {
-          try {
-            return head_losses(net, data, sum);
-          } catch (c10::Error& e) {  // named where it happened, its type kept (e.g. out of memory)
-            e.add_context(std::string("Balancer::end_epoch: measuring ") + which);
-            throw;
-          }
-        };
-        const EpochLosses losses{measure(train_sample, "train_sample"), measure(held_out, "held_out"),
-                                 clock_.epochs_done_after_warmup()};
-        advance_epoch([&] { policy_.observe_epoch_losses(losses); });
-        return;
-      }
-    }
-    advance_epoch();
+    check_epoch_end(true, false);
+    epochs_.end(clock_, policy_, net, train_sample, held_out, sum_across_ranks);
   }
 
   bool in_warmup() const { return clock_.in_warmup(); }
@@ -331,8 +235,8 @@ class Balancer {
   const std::vector<std::int64_t>& epoch_plan_counts() const { return clock_.epoch_counts(); }
   const std::vector<std::int64_t>& total_plan_counts() const { return clock_.total_counts(); }
   /// The same per `StepKind` (two branches).
-  StepCounts epoch_step_counts() const { return step_counts(clock_.epoch_counts()); }
-  StepCounts total_step_counts() const { return step_counts(clock_.total_counts()); }
+  StepCounts epoch_step_counts() const { return detail::EpochClock::per_step_kind(clock_.epoch_counts()); }
+  StepCounts total_step_counts() const { return detail::EpochClock::per_step_kind(clock_.total_counts()); }
 
   /// The signed d_speed = s_0 - s_1 after the last regular step of a two-branch network, as
   /// last read to the host (NaN before any read; with check_every_step(false) and a policy
@@ -352,7 +256,7 @@ class Balancer {
   /// Reads one number from the device.
   std::int64_t skipped_steps() const { return monitor_.meter().skipped(); }
 
-  const Policy& policy() const { return policy_; }
+  const Policy& policy() const { return policy_.policy(); }
   const LearningSpeedMeter& meter() const { return monitor_.meter(); }
   const BalancerOptions& options() const { return options_; }
 
@@ -361,19 +265,10 @@ class Balancer {
   /// state (mode, window counter, generator, options).
   void save(torch::serialize::OutputArchive& archive) const {
     TORCH_CHECK(!pending_, "Balancer::save: a step is in progress (", to_string(*pending_), ")");
-    const detail::SavedPolicyIdentity identity = detail::policy_identity<Policy>();
-    archive.write("policy_name", identity.name);
-    archive.write("policy_version", identity.version);
-    archive.write("branches", static_cast<std::int64_t>(branches()));
-    archive.write("speed_read", static_cast<std::int64_t>(options_.speed_read()));
+    policy_.save(archive);
     monitor_.save(archive);
     clock_.save(archive);
-    if constexpr (HasState<Policy>) {
-      torch::serialize::OutputArchive nested;
-      policy_.save(nested);
-      archive.write("policy", nested);
-    }
-    if constexpr (ReinitializesBranches<Policy>) initial_->save(archive);
+    epochs_.save(archive);
   }
 
   /// Restores a state written by `save`. Everything is read and checked first; on any
@@ -384,54 +279,20 @@ class Balancer {
   /// version (no branch count, the speeds as named numbers) loads too.
   void load(torch::serialize::InputArchive& archive) {
     const detail::RecordReader in{archive};
-    c10::IValue saved_branches;
-    const bool has_branches = archive.try_read("branches", saved_branches);
-    TORCH_CHECK(!has_branches || saved_branches.isInt(), "Balancer::load: 'branches' is not an integer");
-    const std::int64_t branch_count = has_branches ? saved_branches.toInt() : 2;
-    TORCH_CHECK(branch_count == static_cast<std::int64_t>(branches()), "Balancer::load: the "
-                "checkpoint was made for a network of ", branch_count, " branches, this one has ",
-                branches());
+    const bool has_branches = monitor_.check_branches(in);
     const detail::SavedPolicyIdentity saved_policy = detail::read_policy_identity(archive);
     detail::check_policy_identity<Policy>(saved_policy);
     // In the order of earlier versions: groups, warm-up, speed read, then the values.
     monitor_.check_groups(in);
     detail::EpochClock clock = clock_.read(in);
-    const std::int64_t speed_read = in.integer("speed_read");
-    TORCH_CHECK(speed_read == static_cast<std::int64_t>(options_.speed_read()),
-                "Balancer::load: the checkpoint was made with speed_read ",
-                speed_read == 0 ? "same_step" : "previous_step", ", this balancer has ",
-                options_.speed_read() == SpeedRead::same_step ? "same_step" : "previous_step",
-                "; resume with the options the run started with");
+    monitor_.check_speed_read(in);
     auto speeds = monitor_.read(in, has_branches);
-    Policy policy = policy_;
-    if constexpr (HasState<Policy>) {
-      torch::serialize::InputArchive nested;
-      TORCH_CHECK(archive.try_read("policy", nested), "Balancer::load: no policy state");
-      try {
-        if constexpr (ReadsEarlierVersions<Policy>) {
-          const std::int64_t current = detail::policy_identity<Policy>().version;
-          if (saved_policy.version != 0 && saved_policy.version < current) {
-            policy.load(nested, saved_policy.version);
-          } else {
-            policy.load(nested);
-          }
-        } else {
-          policy.load(nested);
-        }
-      } catch (const std::exception& e) {  // LibTorch's archive throws its own types too
-        TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ",
-                    detail::error_text(e));
-      }
-    }
-
-    std::optional<detail::InitialParameters> initial = initial_;
-    if constexpr (ReinitializesBranches<Policy>) initial = initial_->read(archive);
-
-    // All read and checked: commit.
+    auto initial = epochs_.read(archive);
+    // Last, as it loads into the policy (rolled back if it throws): then commit the rest.
+    policy_.load(archive, saved_policy);
     monitor_.restore(std::move(speeds));
     clock_ = std::move(clock);
-    policy_ = std::move(policy);
-    initial_ = std::move(initial);
+    epochs_.commit(std::move(initial));
     pending_.reset();
     losses_.release();
   }
@@ -440,30 +301,7 @@ class Balancer {
   at::Tensor form_loss(const NetOutput& out, const at::Tensor& target, const std::vector<at::Tensor>* inputs,
                        double scale) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
-    return losses_.form(policy_, out, target, inputs, scale, !in_warmup(), options_.check_every_step());
-  }
-
-  // Moves to the next epoch. What the policy takes from the ending epoch (`take`: its
-  // losses or its re-initialization, if any) and its start_epoch hook for the next one, if
-  // after warm-up, are one decision made before the clock moves: if either throws, nothing
-  // has changed.
-  template <class Take = void (*)()>
-  void advance_epoch(Take&& take = [] {}) {
-    ask_policy([&] {
-      take();
-      if constexpr (HasEpochHook<Policy>) {
-        const std::int64_t next = clock_.epoch() + 1;
-        if (next >= options_.warmup_epochs()) policy_.start_epoch(next - options_.warmup_epochs());
-      }
-    });
-    clock_.next_epoch();
-  }
-
-  // Whether the policy measures at the end of the current epoch.
-  bool measures_at_epoch_end() const {
-    const std::int64_t done = clock_.epochs_done_after_warmup();
-    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy_.wants_epoch_losses(done);
-    return false;
+    return losses_.form(policy_.policy(), out, target, inputs, scale, !in_warmup(), options_.check_every_step());
   }
 
   void check_observed(const char* caller) const {
@@ -471,63 +309,42 @@ class Balancer {
                 ") was not observed; call observe(loss) after backward()");
   }
 
-  // The policy's decision (or its update at an epoch end), with its state kept for
-  // `abandon_step` and put back if the policy throws.
-  template <class Decide>
-  auto ask_policy(Decide&& decide) {
-    policy_before_step_ = policy_;
-    try {
-      return decide();
-    } catch (...) {
-      policy_ = policy_before_step_;
-      throw;
-    }
+  // An epoch ends with no step pending, in a form that serves the policy there.
+  void check_epoch_end(bool with_data, bool with_optimizer) const {
+    TORCH_CHECK(!pending_, "Balancer::end_epoch: the last step (", to_string(*pending_), ") was not observed");
+    epochs_.check_form(clock_, policy_, with_data, with_optimizer);
   }
 
-  // A plan the network cannot run throws and leaves the policy as it was.
-  void check_plan(const StepPlan& plan) {
-    const std::string problem = plan.problem(branches());
-    if (!problem.empty()) {
-      policy_ = policy_before_step_;
-      TORCH_CHECK(false, "Balancer: the policy ", problem);
-    }
-    if (!plan.is_regular() && gate_means_.empty()) {
-      policy_ = policy_before_step_;
-      TORCH_CHECK(false, "Balancer: the policy holds branch ", *plan.held_branch(), ", a "
-                  "re-balancing step, and this network has no fusion modules whose gates it "
-                  "could hold (late fusion)");
-    }
-  }
-
-  // Asks the policy for the coming step's plan (regular in warm-up), refuses a plan the
-  // network cannot run, and starts the step: drops gates staged outside a step.
+  // Asks the policy for the coming step's plan (regular in warm-up); a plan the network
+  // cannot run throws and leaves the policy as it was. Starts the step: drops gates
+  // staged outside a step.
   StepPlan begin_step(const char* caller) {
     check_observed(caller);
-    const StepPlan plan = ask_policy([&] { return in_warmup() ? StepPlan::regular() : policy_.next_plan(); });
-    check_plan(plan);
+    const StepPlan plan = policy_.decide([&] {
+      const StepPlan p = in_warmup() ? StepPlan::regular() : policy_.policy().next_plan();
+      const std::string problem = p.problem(branches());
+      TORCH_CHECK(problem.empty(), "Balancer: the policy ", problem);
+      TORCH_CHECK(p.is_regular() || !gate_means_.empty(), "Balancer: the policy holds branch ",
+                  *p.held_branch(), ", a re-balancing step, and this network has no fusion "
+                  "modules whose gates it could hold (late fusion)");
+      return p;
+    });
     for (auto& m : gate_means_) m->drop();
     losses_.release();
     pending_ = plan;
     return plan;
   }
 
-  StepCounts step_counts(const std::vector<std::int64_t>& counts) const {
-    TORCH_CHECK(branches() == 2, "Balancer: step counts per StepKind are for two branches, "
-                "this network has ", branches(), "; use epoch_plan_counts()/total_plan_counts()");
-    return {counts[0], counts[1], counts[2]};
-  }
-
   static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
 
   BalancerOptions options_;
-  Policy policy_;
-  Policy policy_before_step_ = policy_;
+  detail::PolicyTransaction<Policy> policy_;  // and the state it rolls back to
   detail::SpeedMonitor monitor_;
   detail::EpochClock clock_;
   detail::LossFormer<Policy> losses_;
+  detail::EpochBoundary<Policy> epochs_;
   std::vector<RunningMean> gate_means_;
   std::optional<StepPlan> pending_;
-  std::optional<detail::InitialParameters> initial_;  // a re-initializing policy's
 };
 
 }  // namespace mmbalance

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/balancer_options.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/detail/record_reader.h"
 #include "mmbalance/model/step_plan.h"
@@ -32,6 +33,12 @@ class EpochClock {
   /// Steps per plan, [regular, branch 0 held, ..., branch N-1 held].
   const std::vector<std::int64_t>& epoch_counts() const { return epoch_counts_; }
   const std::vector<std::int64_t>& total_counts() const { return total_counts_; }
+  /// `counts` per `StepKind` (two branches).
+  static StepCounts per_step_kind(const std::vector<std::int64_t>& counts) {
+    TORCH_CHECK(counts.size() == 3, "Balancer: step counts per StepKind are for two branches, this "
+                "network has ", counts.size() - 1, "; use epoch_plan_counts()/total_plan_counts()");
+    return {counts[0], counts[1], counts[2]};
+  }
 
   void count(const StepPlan& plan) {
     const std::size_t i = plan.is_regular() ? 0 : 1 + *plan.held_branch();

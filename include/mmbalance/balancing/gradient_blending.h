@@ -18,8 +18,9 @@
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
 
-#include "mmbalance/balancing/policy_identity.h"
+#include "mmbalance/balancing/epoch_losses.h"
 #include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/step_plan.h"
@@ -51,6 +52,8 @@ class GradientBlendingPolicy {
  public:
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.gradient_blending", 1};
+  /// A copy is a snapshot to roll back to (it holds no tensor).
+  static constexpr bool copy_is_snapshot = true;
   explicit GradientBlendingPolicy(const GradientBlendingOptions& options = {}) : options(options) {
     TORCH_CHECK(options.super_epoch() >= 1, "GradientBlendingPolicy: super_epoch must be >= 1 "
                 "epoch, got ", options.super_epoch());

@@ -87,13 +87,4 @@ concept ModulatesGradients = requires(P& p, const StepGradients& g) { p.modulate
 template <class P>
 concept NeedsFusedGradients = ModulatesGradients<P> && requires { requires bool(P::needs_fused_gradients); };
 
-/// A gradient-modulating policy that measures what each modality contributes by masking
-/// the others (AGM) declares `static constexpr bool needs_masked_outputs = true`. Its loop
-/// passes the step's inputs, `balancer.loss(out, target, {x0, x1})`, and after warm-up the
-/// balancer runs the network on them once per proper non-empty subset of modalities (eval
-/// mode, no gradient, the absent inputs zeroed: 2^N − 2 forward passes) and hands the
-/// outputs to the hook as `StepGradients::subset_outputs`.
-template <class P>
-concept NeedsMaskedOutputs = ModulatesGradients<P> && requires { requires bool(P::needs_masked_outputs); };
-
 }  // namespace mmbalance

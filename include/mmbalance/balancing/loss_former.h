@@ -18,6 +18,7 @@
 
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/balancing/masked_outputs.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/eval_mode.h"
 #include "mmbalance/model/loss.h"
@@ -90,8 +91,16 @@ class LossFormer {
     return scale == 1.0 ? total : total * scale;
   }
 
-  /// Whether this step's loss was formed here.
-  bool formed() const { return !heads_.empty(); }
+  /// Refuses a step whose loss was not formed here, where the policy needs it (in warm-up
+  /// too: the loop is wrong from the start).
+  void check_formed() const {
+    if constexpr (kNeeded) {
+      TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type(),
+                  ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
+                                             : " forms the step's loss (weights or a term of its own)",
+                  "; form the loss with balancer.loss(out, target)");
+    }
+  }
 
   /// What the policy's gradient hook receives for the step formed here.
   StepGradients gradients(const std::function<void(at::Tensor&)>& sum_across_ranks,
@@ -124,26 +133,6 @@ class LossFormer {
                   "Balancer::loss: input ", k, " is ", shape_string(inputs[k]), ", the targets ",
                   shape_string(target), "; every input needs a row per target");
     }
-  }
-
-  // The network's fused output y with the modalities of every proper non-empty subset
-  // present (bit mask s; the others' inputs zeroed), for a policy's masked passes: eval
-  // mode (every submodule's own mode restored after), no gradient, a regular plan.
-  template <class Net>
-  static std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net) {
-    return [net](const std::vector<at::Tensor>& x) mutable {
-      EvalModeGuard<Net> eval(net);
-      std::vector<at::Tensor> zeros;
-      for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
-      const std::size_t all = (std::size_t{1} << x.size()) - 1;
-      std::vector<at::Tensor> v(all + 1);
-      for (std::size_t s = 1; s < all; ++s) {
-        std::vector<at::Tensor> masked;
-        for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
-        v[s] = net->forward(masked, StepPlan::regular()).y;
-      }
-      return v;
-    };
   }
 
   // The step's staged masked outputs with this call's rows appended: y with the modalities

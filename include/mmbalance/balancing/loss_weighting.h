@@ -1,10 +1,9 @@
 #pragma once
 /// \file
-/// The loss-weighting and epoch-loss hooks of balancing policies: a policy that weights
-/// the per-head losses (Gradient-Blending) tells the `Balancer` its weights, one that
-/// weighs samples gives a weight per row, one that adds a term of its own (a regulariser)
-/// computes it from the step's output, and one that measures generalization receives
-/// every head's loss on training and held-out data at the epoch boundaries it asks for.
+/// The loss hooks of balancing policies: a policy that weights the per-head losses
+/// (Gradient-Blending) tells the `Balancer` its weights, one that weighs samples gives a
+/// weight per row, and one that adds a term of its own (a regulariser) computes it from
+/// the step's output.
 
 #include <concepts>
 #include <cstdint>
@@ -12,7 +11,6 @@
 
 #include <ATen/ATen.h>
 
-#include "mmbalance/metrics/head_losses.h"
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
@@ -54,23 +52,6 @@ concept AddsAuxiliaryLoss = requires(const P& p, const NetOutput& out, const at:
 template <class P>
 concept WeighsSamples = requires(const P& p, const NetOutput& out, const at::Tensor& target) {
   { p.sample_weights(out, target) } -> std::same_as<at::Tensor>;
-};
-
-/// Every head's mean loss on a sample of the training data and on held-out data, at the
-/// end of epoch `epochs` after warm-up (0: the end of the warm-up itself).
-struct EpochLosses {
-  HeadLosses train, held_out;
-  std::int64_t epochs = 0;
-};
-
-/// A policy that measures generalization at epoch boundaries: `wants_epoch_losses(e)`
-/// says whether it needs the losses when `e` epochs after warm-up are done (0: the end of
-/// warm-up); if so, `Balancer::end_epoch(net, train_sample, held_out)` measures them and
-/// calls `observe_epoch_losses`. A plain `end_epoch()` at such a boundary is refused.
-template <class P>
-concept ObservesEpochLosses = requires(P& p, const P& cp, const EpochLosses& losses, std::int64_t e) {
-  { cp.wants_epoch_losses(e) } -> std::same_as<bool>;
-  p.observe_epoch_losses(losses);
 };
 
 }  // namespace mmbalance

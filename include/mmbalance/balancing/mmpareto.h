@@ -59,6 +59,8 @@ class MMParetoPolicy {
  public:
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
+  /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
+  static constexpr bool copy_is_snapshot = true;
   static constexpr bool needs_fused_gradients = true;
 
   explicit MMParetoPolicy(const MMParetoOptions& options = {}) : options(options) {
@@ -137,7 +139,7 @@ class MMParetoPolicy {
     }
     last_fused_weights_ = at::stack(fused_weights);
     const at::Tensor now = at::stack(conflicts);
-    // Out of place: the balancer keeps a copy of the policy (sharing this tensor) to restore.
+    // Out of place, as copy_is_snapshot declares: a copy from before the step keeps its values.
     conflict_steps_ = conflict_steps_.defined() ? conflict_steps_.to(now.device()) + now : now;
   }
 

@@ -67,6 +67,8 @@ class OGMGEPolicy {
  public:
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.ogm_ge", 1};
+  /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
+  static constexpr bool copy_is_snapshot = true;
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());

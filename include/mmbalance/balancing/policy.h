@@ -33,11 +33,18 @@ namespace mmbalance {
 ///   steps, which hold fusion modules' gates; a `Balancer` refuses it at construction on a
 ///   network without fusion modules (late fusion), where such a step is a regular one.
 ///   (Any policy's re-balancing plan on such a network is refused when it is chosen.)
-/// - `modulate_gradients(const StepGradients&)` (balancing/gradient_modulation.h),
-///   `loss_weights()`, `auxiliary_loss(out, target)` and `wants_epoch_losses` /
-///   `observe_epoch_losses` (balancing/loss_weighting.h): policies that change gradients,
-///   weight the losses or add a term of their own.
-/// Policies must be copyable: the balancer restores a copy when it rejects a step.
+/// - `modulate_gradients(const StepGradients&)` (balancing/gradient_modulation.h; its
+///   masked passes in balancing/masked_outputs.h), `loss_weights()`,
+///   `auxiliary_loss(out, target)`, `sample_weights(out, target)`
+///   (balancing/loss_weighting.h) and `wants_epoch_losses` / `observe_epoch_losses`
+///   (balancing/epoch_losses.h): policies that change gradients, weight the losses or
+///   samples, add a term of their own or measure generalization.
+/// - `reinitialization(std::int64_t)` (balancing/reinitialization.h): re-initializes
+///   branches at epoch boundaries.
+/// - `static constexpr bool copy_is_snapshot = true` (balancing/policy_transaction.h): a
+///   copy shares nothing the policy changes in place, so the balancer keeps a copy rather
+///   than the policy's record to roll back to.
+/// Policies must be copyable: the balancer keeps one to restore when it rejects a step.
 template <class P>
 concept BalancingPolicy = std::copyable<P> && requires(P& p) {
   { p.next_plan() } -> std::same_as<StepPlan>;

@@ -18,7 +18,7 @@
 /// | sample weights | `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const` | `WeighsSamples` |
 /// | re-initialization | `std::vector<double> reinitialization(std::int64_t)` | `ReinitializesBranches` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
-/// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` |
+/// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` / `copy_is_snapshot` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` / `CopyIsSnapshot` |
 ///
 /// These names are the hooks': a member of one of them in any form (overloaded, a
 /// template, private, inherited from two bases) must be the form above. The hooks of
@@ -34,9 +34,12 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/epoch_losses.h"
 #include "mmbalance/balancing/loss_weighting.h"
+#include "mmbalance/balancing/masked_outputs.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_identity.h"
+#include "mmbalance/balancing/policy_transaction.h"
 #include "mmbalance/balancing/reinitialization.h"
 
 namespace mmbalance::detail {
@@ -73,6 +76,7 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_losses)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(holds_fusion_gates)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_fused_gradients)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_masked_outputs)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(copy_is_snapshot)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(checkpoint_identity)
 #undef MMBALANCE_DETAIL_MEMBER_DETECTOR
 
@@ -114,6 +118,7 @@ struct DeclaringClass<R C::*> {
 MMBALANCE_DETAIL_FLAG(holds_fusion_gates)
 MMBALANCE_DETAIL_FLAG(needs_fused_gradients)
 MMBALANCE_DETAIL_FLAG(needs_masked_outputs)
+MMBALANCE_DETAIL_FLAG(copy_is_snapshot)
 #undef MMBALANCE_DETAIL_FLAG
 
 // A declared identity has a name and a version from 1 (0 marks records without one).
@@ -212,10 +217,11 @@ struct PolicyHooksCheck {
                 "observe_epoch_losses(const EpochLosses&)`");
   static_assert((!HasMember_holds_fusion_gates<P> || ReadableFlag_holds_fusion_gates<P>) &&
                     (!HasMember_needs_fused_gradients<P> || ReadableFlag_needs_fused_gradients<P>) &&
-                    (!HasMember_needs_masked_outputs<P> || ReadableFlag_needs_masked_outputs<P>),
-                "Balancer: the policy's holds_fusion_gates, needs_fused_gradients or "
-                "needs_masked_outputs cannot be read at compile time: declare it `static "
-                "constexpr bool`");
+                    (!HasMember_needs_masked_outputs<P> || ReadableFlag_needs_masked_outputs<P>) &&
+                    (!HasMember_copy_is_snapshot<P> || ReadableFlag_copy_is_snapshot<P>),
+                "Balancer: the policy's holds_fusion_gates, needs_fused_gradients, "
+                "needs_masked_outputs or copy_is_snapshot cannot be read at compile time: "
+                "declare it `static constexpr bool`");
   static_assert(!(FlagSet_needs_fused_gradients<P> || FlagSet_needs_masked_outputs<P>) ||
                     ModulatesGradients<P>,
                 "Balancer: needs_fused_gradients and needs_masked_outputs hand their tensors to "

@@ -33,6 +33,8 @@ class RandomPolicy {
   /// Its name and state format in checkpoints: version 1 was the two-branch policy's
   /// (no branch count), which `load(archive, 1)` still reads.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.random", 2};
+  /// A copy is a snapshot to roll back to (it holds no tensor).
+  static constexpr bool copy_is_snapshot = true;
   static constexpr bool holds_fusion_gates = true;  // its re-balancing steps
 
   explicit RandomPolicy(const RandomOptions& options = {})

@@ -59,6 +59,16 @@ class InitialParameters {
     }
   }
 
+  /// Refuses strengths that are not one per branch in [0, 1], naming `policy`.
+  void check(const std::vector<double>& strengths, const std::string& policy) const {
+    TORCH_CHECK(strengths.size() == values_.size(), "Balancer::end_epoch: ", policy, " gives ",
+                strengths.size(), " re-initialization strengths for ", values_.size(), " branches");
+    for (std::size_t k = 0; k < strengths.size(); ++k) {
+      TORCH_CHECK(strengths[k] >= 0 && strengths[k] <= 1, "Balancer::end_epoch: ", policy,
+                  " re-initializes branch ", k, " with strength ", strengths[k], "; strengths are in [0, 1]");
+    }
+  }
+
   /// θ ← (1 - a_k)·θ + a_k·θ_init for every parameter of branch k with a_k > 0, its
   /// optimizer state dropped.
   template <class Optimizer>

@@ -16,26 +16,13 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/serialize/archive.h>
 
+#include "mmbalance/balancing/balancer_options.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/detail/record_reader.h"
 #include "mmbalance/metrics/learning_speed_meter.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
-
-/// When a policy that observes the learning speeds (`observe_speeds`: guided) gets them.
-enum class SpeedRead : std::uint8_t {
-  /// Right after each regular step, so it decides the very next step (the paper's
-  /// algorithm). Costs one small host read per regular step.
-  same_step,
-  /// The accumulators are copied to the host without waiting; the policy receives a
-  /// regular step's speeds when the following step is observed, so decisions lag by one
-  /// step and no step waits for the device. A speed that arrives while the policy is
-  /// already re-balancing (the following step was a re-balancing one) is dropped, so a
-  /// guided window is always exactly Q steps in one direction. Needs
-  /// check_every_step(false).
-  previous_step,
-};
 
 namespace detail {
 
@@ -45,7 +32,11 @@ namespace detail {
 class SpeedMonitor {
  public:
   SpeedMonitor(const ParameterGroups& groups, bool check_every_step, SpeedRead read)
-      : meter_(groups), check_every_step_(check_every_step), read_(read) {}
+      : meter_(groups), check_every_step_(check_every_step), read_(read) {
+    TORCH_CHECK(read == SpeedRead::same_step || !check_every_step, "Balancer: speed_read(SpeedRead::"
+                "previous_step) avoids waiting for the device, which per-step checks must do; set "
+                "check_every_step(false) too");
+  }
 
   std::size_t branches() const { return meter_.num_groups() / 2; }
   const LearningSpeedMeter& meter() const { return meter_; }
@@ -53,9 +44,10 @@ class SpeedMonitor {
 
   /// A regular step after `backward()`: measures μ; with checks on reads the loss, the
   /// norms and M + μ to the host in one read and refuses a bad step (nothing changed);
-  /// runs `modulate` (the policy's gradient hook) on the raw gradients' measurement, then
-  /// accumulates. Speeds go to `deliver` when `wants_speeds` (now, or the lagged copy is
-  /// started). Returns, with checks off, the device flag of whether the step counted.
+  /// runs `modulate` (the policy's gradient hook) on the raw gradients' measurement, hands
+  /// the speeds to `deliver` when `wants_speeds` (now, or the lagged copy is started after),
+  /// then accumulates: if `modulate` or `deliver` throws, M is as it was. Returns, with
+  /// checks off, the device flag of whether the step counted.
   template <class Modulate, class Deliver>
   at::Tensor regular_step(const at::Tensor& loss, std::int64_t step, bool wants_speeds,
                           Modulate&& modulate, Deliver&& deliver) {
@@ -70,21 +62,42 @@ class SpeedMonitor {
       const std::size_t groups = meter_.num_groups();
       check_step(v[0], v + 1, v + 1 + groups, v + 1 + 2 * groups, step);
       modulate();
-      meter_.accumulate(mu);
       record(v + 1 + 2 * groups, wants_speeds, deliver);
+      meter_.accumulate(mu);
       return {};
     }
     const at::Tensor valid = at::isfinite(mu).all().logical_and(at::isfinite(loss.detach()));
     modulate();
-    meter_.accumulate_if(mu, valid);
-    if (!wants_speeds) return valid;
-    if (read_ == SpeedRead::previous_step) {
-      launch_copy();
-    } else {
-      const at::Tensor host = meter_.accumulated().to(at::kCPU);
+    if (wants_speeds && read_ == SpeedRead::same_step) {  // M with this step in, before it is added
+      const at::Tensor next = meter_.accumulated().to(mu.device()) + at::where(valid, mu, at::zeros_like(mu));
+      const at::Tensor host = next.to(at::kCPU);
       record(host.data_ptr<double>(), true, deliver);
     }
+    meter_.accumulate_if(mu, valid);
+    if (wants_speeds && read_ == SpeedRead::previous_step) launch_copy();
     return valid;
+  }
+
+  /// A step observed: the lagged speeds first (to `deliver` only for a regular step that
+  /// `wants_speeds`), then a regular step measured (`regular_step`) or a re-balancing one
+  /// checked (with checks on); `modulate` (the policy's gradient hook) runs after the
+  /// checks and the reading of the raw gradients. Returns what `regular_step` does.
+  /// If anything throws, M and the lagged speeds are as they were (the policy, rolled back
+  /// by the balancer, gets those speeds again with the step retried).
+  template <class Modulate, class Deliver>
+  at::Tensor observe(const at::Tensor& loss, const StepPlan& plan, std::int64_t step, bool wants_speeds,
+                     Modulate&& modulate, Deliver&& deliver) {
+    const bool lagged = lagged_pending_;
+    try {
+      deliver_lagged(wants_speeds && plan.is_regular(), deliver);
+      if (plan.is_regular()) return regular_step(loss, step, wants_speeds, modulate, deliver);
+      if (check_every_step_) check_rebalancing_step(loss, plan, step);
+      modulate();
+      return {};
+    } catch (...) {
+      lagged_pending_ = lagged;  // its copy is overwritten only by the step's last act
+      throw;
+    }
   }
 
   /// A re-balancing step feeds no accumulator, but a NaN gradient it let through would be
@@ -115,6 +128,8 @@ class SpeedMonitor {
   }
 
   void save(torch::serialize::OutputArchive& archive) const {
+    archive.write("branches", static_cast<std::int64_t>(branches()));
+    archive.write("speed_read", static_cast<std::int64_t>(read_));
     archive.write("accumulated", meter_.accumulated().to(at::kCPU));
     archive.write("group_numel", at::tensor(meter_.group_numel(), at::kLong));
     archive.write("meter_steps", meter_.steps());
@@ -133,9 +148,29 @@ class SpeedMonitor {
     std::vector<double> last;
   };
 
-  /// Reads and checks the monitor's other entries; `has_branches`: a record that names its
-  /// branch count (older two-branch records keep the speeds as named numbers).
-  /// Refuses a record made for other parameter groups (checked first of all the record).
+  /// Refuses a record made for another number of branches (checked first of all the
+  /// record); returns whether it names its branch count (older two-branch records do not,
+  /// and keep the speeds as named numbers).
+  bool check_branches(const RecordReader& in) const {
+    c10::IValue saved;
+    const bool has_branches = in.archive.try_read("branches", saved);
+    TORCH_CHECK(!has_branches || saved.isInt(), "Balancer::load: 'branches' is not an integer");
+    const std::int64_t count = has_branches ? saved.toInt() : 2;
+    TORCH_CHECK(count == static_cast<std::int64_t>(branches()), "Balancer::load: the checkpoint was "
+                "made for a network of ", count, " branches, this one has ", branches());
+    return has_branches;
+  }
+
+  /// Refuses a record made with another `SpeedRead`.
+  void check_speed_read(const RecordReader& in) const {
+    const std::int64_t saved = in.integer("speed_read");
+    const auto name = [](std::int64_t read) { return read == 0 ? "same_step" : "previous_step"; };
+    TORCH_CHECK(saved == static_cast<std::int64_t>(read_), "Balancer::load: the checkpoint was made "
+                "with speed_read ", name(saved), ", this balancer has ", name(static_cast<std::int64_t>(read_)),
+                "; resume with the options the run started with");
+  }
+
+  /// Refuses a record made for other parameter groups.
   void check_groups(const RecordReader& in) const {
     const at::Tensor numel = in.tensor("group_numel");
     const at::Tensor mine = at::tensor(meter_.group_numel(), at::kLong);
@@ -145,6 +180,7 @@ class SpeedMonitor {
                 numel_string(numel), " elements, this model's groups have ", numel_string(mine));
   }
 
+  /// Reads and checks the monitor's other entries; `has_branches` as `check_branches` said.
   Saved read(const RecordReader& in, bool has_branches) const {
     Saved s;
     s.accumulated = in.tensor("accumulated");
@@ -212,8 +248,9 @@ class SpeedMonitor {
 
   template <class Deliver>
   void record(const double* m, bool to_policy, Deliver& deliver) {
-    last_ = SpeedSummary::from_accumulators({m, m + meter_.num_groups()});
-    if (to_policy && std::isfinite(last_.spread)) deliver(last_);
+    SpeedSummary speeds = SpeedSummary::from_accumulators({m, m + meter_.num_groups()});
+    if (to_policy && std::isfinite(speeds.spread)) deliver(speeds);  // may throw: nothing kept yet
+    last_ = std::move(speeds);
   }
 
   // SpeedRead::previous_step: start copying M to the host; the copy is queued behind this
