@@ -53,7 +53,7 @@ def plot_d_speed(runs, out):
     fig, axes = plt.subplots(1, len(policies), figsize=(4.5 * len(policies), 3.8), sharey=True, squeeze=False)
     for ax, policy in zip(axes[0], policies):
         for r in (r for r in runs if r["policy"] == policy):
-            pts = [(s["step"], s["d_speed"], s["kind"]) for s in r["steps"] if s["d_speed"] is not None]
+            pts = [(s["step"], s["d_speed"], s["kind"]) for s in r["steps"] if s.get("d_speed") is not None]
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=COLOURS.get(policy, "black"), lw=0.8)

@@ -90,7 +90,7 @@ def section(by, audio, command, rel, notes):
     lines += ["", "### Conditional utilization rates on the test set (best validation epoch)", "",
               "u_k = (A(f_k) − A(f_k')) / A(f_k): what the other modalities add to head k; "
               "spread = max_k u_k − min_k u_k (for three branches there is no signed d_util); "
-              "speed spread = max_k s_k − min_k s_k of the learning speeds (the summary's d_speed_at_best for three branches).", "",
+              "speed spread = max_k s_k − min_k s_k of the learning speeds (the summary's speed_spread_at_best; d_speed_at_best in logs written before 2026-12-07).", "",
               "| policy | u_0 (colour) | u_1 (gray) | u_2 (speech) | spread | speed spread at best | "
               "steps up to the best epoch, per seed: regular / hold m0 / m1 / m2 |",
               "|---|---|---|---|---|---|---|"]
@@ -100,7 +100,7 @@ def section(by, audio, command, rel, notes):
                                     ("regular", "rebalance_m0", "rebalance_m1", "rebalance_m2")) for r in runs)
         lines.append(f"| {p} | " + " | ".join(fmt(mean_std([x["utilization"][k] for x in u]), 1, 3) for k in range(3))
                      + f" | {fmt(mean_std([x.get('spread', x.get('d_util')) for x in u]), 1, 3)} | "
-                     f"{fmt(mean_std([r['summary']['d_speed_at_best'] for r in runs]), 1, 3)} | {steps} |")
+                     f"{fmt(mean_std([r['summary'].get('speed_spread_at_best', r['summary'].get('d_speed_at_best')) for r in runs]), 1, 3)} | {steps} |")
     lines += ["", "### A modality missing at test time (`forward_missing`, %, mean ± std)", "",
               "The absent branches do not run; every fusion module reads their training-set average "
               "squeeze in their place; y is the mean of the present heads.", "",

@@ -161,12 +161,13 @@ double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const 
   }, s, device, batch_size, sum_across_ranks).y;
 }
 
-/// The logs' "d_speed" column: for two branches the signed d_speed, for more the spread
-/// max_k s_k - min_k s_k (N >= 3 have no signed value).
-inline double d_speed_column(const SpeedSummary& s) { return s.speeds.size() == 2 ? s.d_speed : s.spread; }
+/// The logs' speed column: for two branches the signed "d_speed", for more the
+/// "speed_spread" max_k s_k - min_k s_k (N >= 3 have no signed value).
+inline const char* speed_column_name(std::size_t branches) { return branches == 2 ? "d_speed" : "speed_spread"; }
+inline double speed_column(const SpeedSummary& s) { return s.speeds.size() == 2 ? s.d_speed : s.spread; }
 
 /// The learning speeds now: two branches {"d_speed", "s_m1_given_m0", "s_m0_given_m1"};
-/// N branches {"d_speed": the spread (`d_speed_column`), "speeds": [s_0, ...], "fastest"}.
+/// N branches {"speed_spread", "speeds": [s_0, ...], "fastest"}.
 template <class BalancerT>
 nlohmann::json speeds_json(const BalancerT& balancer) {
   const SpeedSummary s = balancer.speed();
@@ -174,7 +175,7 @@ nlohmann::json speeds_json(const BalancerT& balancer) {
   if (s.speeds.size() == 2) {
     return {{"d_speed", all["d_speed"]}, {"s_m1_given_m0", all["s_m1_given_m0"]}, {"s_m0_given_m1", all["s_m0_given_m1"]}};
   }
-  return {{"d_speed", all["spread"]}, {"speeds", all["speeds"]}, {"fastest", all["fastest"]}};
+  return {{"speed_spread", all["spread"]}, {"speeds", all["speeds"]}, {"fastest", all["fastest"]}};
 }
 
 /// MMPareto: the steps so far in which each branch's multimodal and uni-modal gradients
@@ -435,7 +436,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                               {"epoch", epoch},
                               {"step", balancer.step() - 1},
                               {"kind", to_string(plan)},
-                              {"d_speed", mmbalance::number_or_null(d_speed_column(balancer.last_speeds()))},
+                              {speed_column_name(balancer.branches()),
+                               mmbalance::number_or_null(speed_column(balancer.last_speeds()))},
                               {"loss", step_loss}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
@@ -458,8 +460,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         log << record.dump() << '\n';
       }
       char numbers[96];
-      std::snprintf(numbers, sizeof numbers, "loss %.3f d_speed %+.4f steps r",
-                    loss_sum / static_cast<double>(s + 1), d_speed_column(balancer.last_speeds()));
+      std::snprintf(numbers, sizeof numbers, "loss %.3f %s %+.4f steps r", loss_sum / static_cast<double>(s + 1),
+                    balancer.branches() == 2 ? "d_speed" : "spread", speed_column(balancer.last_speeds()));
       std::string status = numbers;
       for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);
       for (std::size_t i = 0; i < balancer.epoch_plan_counts().size(); ++i) {
@@ -566,7 +568,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       {"best_epoch", best["epoch"]},
       {"validation", best["validation"]},
       {"test", best["test"]},
-      {"d_speed_at_best", speeds_json(balancer)["d_speed"]},
+      {std::string(speed_column_name(balancer.branches())) + "_at_best",
+       speeds_json(balancer)[speed_column_name(balancer.branches())]},
       {"steps_total", mmbalance::plan_counts_json(balancer.total_plan_counts())},
       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count()}};
   summary.update(measured);

@@ -49,7 +49,8 @@ assert kinds <= {"regular", "rebalance_m0", "rebalance_m1", "rebalance_m2"}, kin
 assert kinds - {"regular"}, "guided with alpha 0 never re-balanced"
 for s in steps:
     assert abs(s["loss"] - (s["loss0"] + s["loss1"] + s["loss2"])) < 1e-9, s
-    assert s["d_speed"] is None or s["d_speed"] >= 0, s  # three branches: max - min
+    assert "d_speed" not in s, s  # the signed value is for two branches only
+    assert s["speed_spread"] is None or s["speed_spread"] >= 0, s  # max - min
 for e in epochs:
     assert len(e["speeds"]) == 3 and set(e["test"]) == {"y", "y0", "y1", "y2"}, e
     assert sum(e["steps"].values()) == 8, e["steps"]
@@ -79,7 +80,7 @@ PY
 import json, sys
 a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
 for k in ("best_epoch", "test", "validation", "utilization_test", "missing_modality_test",
-          "steps_total", "d_speed_at_best", "speeds_at_best"):
+          "steps_total", "speed_spread_at_best", "speeds_at_best"):
     assert a[k] == b[k], (k, a[k], b[k])
 la = [l for l in open(f"{sys.argv[1]}/log.jsonl") if '"step"' in l]
 lb = [l for l in open(f"{sys.argv[2]}/log.jsonl") if '"step"' in l]
