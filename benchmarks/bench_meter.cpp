@@ -41,7 +41,7 @@ void BM_MeterObserve(benchmark::State& state) {
   const auto& g = groups_for(state.range(0));
   LearningSpeedMeter meter(g);
   for (auto _ : state) {
-    meter.accumulate(LearningSpeedMeter::speeds(meter.measure()));
+    meter.accumulate(LearningSpeedMeter::mu(meter.measure()));
   }
   benchmark::DoNotOptimize(meter.accumulated().data_ptr());
   label(state, g);
@@ -72,7 +72,7 @@ void BM_MeterScaling(benchmark::State& state) {
   auto b = batch(4);
   modality_specific_loss(net->forward(b.x0, b.x1), b.target).backward();
   LearningSpeedMeter meter(net->parameter_groups());
-  for (auto _ : state) meter.accumulate(LearningSpeedMeter::speeds(meter.measure()));
+  for (auto _ : state) meter.accumulate(LearningSpeedMeter::mu(meter.measure()));
   const auto n = numel(net->parameters());
   state.SetComplexityN(n);
   state.counters["parameters"] = static_cast<double>(n);
@@ -89,7 +89,7 @@ void BM_MeterBranches(benchmark::State& state) {
   for (std::size_t k = 1; k < N; ++k) inputs.push_back(b.x1);
   modality_specific_loss(net->forward(inputs), b.target).backward();
   LearningSpeedMeter meter(net->parameter_groups());
-  for (auto _ : state) meter.accumulate(LearningSpeedMeter::speeds(meter.measure()));
+  for (auto _ : state) meter.accumulate(LearningSpeedMeter::mu(meter.measure()));
   benchmark::DoNotOptimize(meter.accumulated().data_ptr());
   const auto n = numel(net->parameters());
   state.counters["branches"] = static_cast<double>(N);

@@ -18,6 +18,9 @@ class DutyCyclePolicy {
   // How checkpoints know its state: a name of your own, and the format's version.
   static constexpr mmbalance::PolicyIdentity checkpoint_identity{"example.duty_cycle", 1};
   static constexpr bool holds_fusion_gates = true;  // it chooses re-balancing steps
+  // A copy shares nothing it changes (no tensors): the balancer keeps the copy to roll back
+  // to, not the state `save` writes (which it would serialize every step).
+  static constexpr bool copy_is_snapshot = true;
 
   DutyCyclePolicy(std::int64_t period, double threshold) : period_(period), threshold_(threshold) {
     TORCH_CHECK(period >= 1, "DutyCyclePolicy: period must be >= 1, got ", period);

@@ -151,6 +151,23 @@ void copy_state(const From& from, To& to) {
   torch::load(to, saved);
 }
 
+/// Copies `from`'s parameters, then its buffers, into `to`'s in order, whatever their
+/// names (into the two-branch reference, which reads no "joint" layer).
+inline void copy_values_in_order(const torch::nn::Module& from, torch::nn::Module& to) {
+  const at::NoGradGuard no_grad;
+  const auto pf = from.parameters(), pt = to.parameters();
+  const auto bf = from.buffers(), bt = to.buffers();
+  TORCH_CHECK(pf.size() == pt.size() && bf.size() == bt.size(), "copy_values_in_order: other modules");
+  for (std::size_t i = 0; i < pf.size(); ++i) pt[i].copy_(pf[i]);
+  for (std::size_t i = 0; i < bf.size(); ++i) bt[i].copy_(bf[i]);
+}
+
+/// True if the two modules' parameters, then their buffers, are bitwise equal in order,
+/// whatever their names (the two-branch reference's MMTM calls its joint layer "squeeze").
+inline bool same_values_in_order(const torch::nn::Module& a, const torch::nn::Module& b) {
+  return all_equal(a.parameters(), b.parameters()) && all_equal(a.buffers(), b.buffers());
+}
+
 /// True if every parameter and buffer of the two modules is bitwise equal.
 inline bool same_state(const torch::nn::Module& a, const torch::nn::Module& b) {
   auto pa = a.named_parameters(), pb = b.named_parameters();

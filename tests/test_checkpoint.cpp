@@ -445,3 +445,24 @@ TEST_CASE("Upgrading a module description is linear in its length: many repeated
   CHECK(upgraded.size() == repeated.size() - 200000 * 7);  // "NWay" gone, "dim0=1, dim1=2" -> "dims=[1, 2]"
   CHECK(upgraded.find("NWay") == std::string::npos);
 }
+
+TEST_CASE("Fingerprints written while MMTM's joint layer was named 'squeeze' match today's, "
+          "and nothing else is renamed",
+          "[checkpoint]") {
+  const std::string today =
+      "param fusion0.joint.weight:[5, 8]\nparam fusion0.joint.bias:[5]\nparam user.squeeze.weight:[2]\n";
+  // The same model as recorded before the rename: its MMTM entries under the old name.
+  const std::string before =
+      "param fusion0.squeeze.weight:[5, 8]\nparam fusion0.squeeze.bias:[5]\nparam user.squeeze.weight:[2]\n";
+  CHECK(mmbalance::detail::with_joint_layer_renamed(before, today, ".squeeze.", ".joint.") == today);
+  CHECK_NOTHROW(mmbalance::detail::check_same_architecture(before, today, "old.ckpt"));
+  // Another shape is another architecture, reported under the name it was recorded with.
+  const std::string other = "param fusion0.squeeze.weight:[6, 8]\nparam fusion0.squeeze.bias:[5]\n"
+                            "param user.squeeze.weight:[2]\n";
+  CHECK_THROWS_WITH(mmbalance::detail::check_same_architecture(other, today, "old.ckpt"),
+                    Catch::Contains("entry 0 is 'param fusion0.squeeze.weight:[6, 8]'"));
+  // A module of the user's own with a "squeeze" submodule keeps it.
+  const std::string user = "param user.squeeze.weight:[2]\n";
+  CHECK(mmbalance::detail::with_joint_layer_renamed(user, "param user.joint.weight:[3]\n", ".squeeze.", ".joint.") ==
+        user);
+}

@@ -45,7 +45,7 @@ TEST_CASE("LearningSpeedMeter equals a naive per-parameter computation", "[meter
   for (std::uint64_t step = 0; step < 3; ++step) {
     backward_once(net, step);
     const auto naive = naive_mu(net->parameter_groups());
-    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    const at::Tensor mu = LearningSpeedMeter::mu(meter.measure());
     for (int g = 0; g < 4; ++g) {
       CHECK(mu[g].item<double>() == Approx(naive[g]).epsilon(1e-6));
       expected_m[g] += naive[g];
@@ -69,17 +69,17 @@ TEST_CASE("LearningSpeedMeter counts a shared parameter in both fusion groups", 
   LearningSpeedMeter meter(net->parameter_groups());
   const at::Tensor m = meter.measure();
   // Named by hand from MMTM's layout, not from the library's group lists: the joint layer
-  // (`squeeze`) is on both paths, each excitation on its own side's.
+  // (`joint`) is on both paths, each excitation on its own side's.
   double grad0 = 0, grad1 = 0, param0 = 0, param1 = 0;
   for (const auto& tap : net->taps) {
     const auto& f = tap.module;
-    for (const auto& layer : {f->squeeze, f->excite[0]}) {
+    for (const auto& layer : {f->joint, f->excite[0]}) {
       for (const auto& p : {layer->weight, layer->bias}) {
         param0 += p.pow(2).sum().item<double>();
         grad0 += p.grad().pow(2).sum().item<double>();
       }
     }
-    for (const auto& layer : {f->squeeze, f->excite[1]}) {
+    for (const auto& layer : {f->joint, f->excite[1]}) {
       for (const auto& p : {layer->weight, layer->bias}) {
         param1 += p.pow(2).sum().item<double>();
         grad1 += p.grad().pow(2).sum().item<double>();
@@ -164,7 +164,7 @@ TEST_CASE("LearningSpeedMeter for three branches equals a naive computation of s
     for (std::size_t k = 1; k < 3; ++k) loss = loss + at::cross_entropy_loss(out.heads[k], target);
     loss.backward();
     const auto expect = naive();
-    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    const at::Tensor mu = LearningSpeedMeter::mu(meter.measure());
     REQUIRE(mu.numel() == 6);
     for (int g = 0; g < 6; ++g) {
       CHECK(mu[g].item<double>() == Approx(expect[g]).epsilon(1e-6));
@@ -194,8 +194,8 @@ TEST_CASE("LearningSpeedMeter for two branches of an N-branch net is the two-bra
   LearningSpeedMeter pair(g);
   LearningSpeedMeter n_way(ParameterGroups{{g.branch[0], g.branch[1]}, {g.fusion[0], g.fusion[1]}});
   CHECK(torch::equal(pair.measure(), n_way.measure()));
-  pair.accumulate(LearningSpeedMeter::speeds(pair.measure()));
-  n_way.accumulate(LearningSpeedMeter::speeds(n_way.measure()));
+  pair.accumulate(LearningSpeedMeter::mu(pair.measure()));
+  n_way.accumulate(LearningSpeedMeter::mu(n_way.measure()));
   const SpeedSummary a = pair.summary();
   const SpeedSummary b = n_way.summary();
   CHECK(b.speeds == std::vector<double>{a.s_m1_given_m0, a.s_m0_given_m1});
@@ -255,7 +255,7 @@ TEST_CASE("LearningSpeedMeter on a late-fusion network: the branches' mu as comp
   for (std::uint64_t step = 0; step < 2; ++step) {
     backward_once(net, step);
     const auto naive = naive_mu(net->parameter_groups());  // 0 / 0 for the empty groups
-    const at::Tensor mu = LearningSpeedMeter::speeds(meter.measure());
+    const at::Tensor mu = LearningSpeedMeter::mu(meter.measure());
     CHECK(mu[0].item<double>() == Approx(naive[0]).epsilon(1e-6));
     CHECK(mu[1].item<double>() == Approx(naive[1]).epsilon(1e-6));
     CHECK(mu[2].item<double>() == 0.0);

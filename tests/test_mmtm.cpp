@@ -32,13 +32,13 @@ std::pair<at::Tensor, at::Tensor> hand_mmtm(MMTMImpl& m, const at::Tensor& a, co
                                             const std::vector<double>& avg_a = {},
                                             const std::vector<double>& avg_b = {}) {
   const int64_t n = a.size(0), ca = a.size(1), cb = b.size(1);
-  auto W = m.squeeze->weight.accessor<double, 2>();
-  auto bw = m.squeeze->bias.accessor<double, 1>();
+  auto W = m.joint->weight.accessor<double, 2>();
+  auto bw = m.joint->bias.accessor<double, 1>();
   auto WA = m.excite[0]->weight.accessor<double, 2>();
   auto bA = m.excite[0]->bias.accessor<double, 1>();
   auto WB = m.excite[1]->weight.accessor<double, 2>();
   auto bB = m.excite[1]->bias.accessor<double, 1>();
-  const int64_t hidden = m.squeeze->weight.size(0);
+  const int64_t hidden = m.joint->weight.size(0);
   auto joint = [&](const std::vector<double>& sa, const std::vector<double>& sb) {
     std::vector<double> sq = sa;
     sq.insert(sq.end(), sb.begin(), sb.end());
@@ -86,7 +86,7 @@ TEST_CASE("MMTM output matches a hand computation", "[mmtm]") {
     MMTM mmtm(MMTMOptions(3, 2).ratio(2).gate_scale(scale));
     mmtm->to(at::kDouble);
     fill_deterministic(*mmtm);
-    CHECK(mmtm->squeeze->weight.size(0) == 5);  // 2 * (3 + 2) / 2
+    CHECK(mmtm->joint->weight.size(0) == 5);  // 2 * (3 + 2) / 2
     auto gen = at::detail::createCPUGenerator(1);
     auto a = at::randn({4, 3, 5, 5}, gen).to(at::kDouble);
     auto b = at::randn({4, 2, 7}, gen).to(at::kDouble);  // other spatial shape is fine
@@ -116,8 +116,8 @@ TEST_CASE("MMTM side parameters share the joint layer", "[mmtm]") {
   auto p0 = mmtm->side_parameters(0), p1 = mmtm->side_parameters(1);
   REQUIRE(p0.size() == 4);
   REQUIRE(p1.size() == 4);
-  CHECK(p0[0].is_same(mmtm->squeeze->weight));
-  CHECK(p1[0].is_same(mmtm->squeeze->weight));
+  CHECK(p0[0].is_same(mmtm->joint->weight));
+  CHECK(p1[0].is_same(mmtm->joint->weight));
   CHECK(p0[2].is_same(mmtm->excite[0]->weight));
   CHECK(p1[2].is_same(mmtm->excite[1]->weight));
 }
@@ -272,7 +272,7 @@ TEST_CASE("MMTM running means survive save/load, clone and dtype moves", "[mmtm]
 
   // A bfloat16 model: weights follow, the running means stay exact doubles.
   mmtm->to(at::kBFloat16);
-  CHECK(mmtm->squeeze->weight.scalar_type() == at::kBFloat16);
+  CHECK(mmtm->joint->weight.scalar_type() == at::kBFloat16);
   CHECK(mmtm->gate_mean->mean.scalar_type() == at::kDouble);
   for (int i = 0; i < 3; ++i) {
     fwd2(mmtm, at::randn({300, 3, 2, 2}).to(at::kBFloat16),
@@ -328,9 +328,9 @@ std::vector<double> hand_gate(MMTMImpl& m, const std::vector<std::vector<double>
                               size_t k, double scale) {
   std::vector<double> joint;
   for (const auto& v : sq) joint.insert(joint.end(), v.begin(), v.end());
-  auto W = m.squeeze->weight.accessor<double, 2>();
-  auto bw = m.squeeze->bias.accessor<double, 1>();
-  const int64_t hidden = m.squeeze->weight.size(0);
+  auto W = m.joint->weight.accessor<double, 2>();
+  auto bw = m.joint->bias.accessor<double, 1>();
+  const int64_t hidden = m.joint->weight.size(0);
   std::vector<double> z(static_cast<size_t>(hidden));
   for (int64_t h = 0; h < hidden; ++h) {
     double acc = bw[h];
@@ -376,8 +376,8 @@ MMTM three_way(double scale) {
 TEST_CASE("MMTM with three inputs matches a hand computation, live", "[n-way-mmtm]") {
   for (double scale : {2.0, 1.0}) {
     MMTM m = three_way(scale);
-    CHECK(m->squeeze->weight.size(0) == 6);  // 2 * (3 + 2 + 4) / 3
-    CHECK(m->squeeze->weight.size(1) == 9);
+    CHECK(m->joint->weight.size(0) == 6);  // 2 * (3 + 2 + 4) / 3
+    CHECK(m->joint->weight.size(1) == 9);
     const auto x = three_mixed_inputs(3, 7);
     const auto out = m->forward(x);
     REQUIRE(out.size() == 3);
@@ -524,12 +524,15 @@ TEST_CASE("MMTM with two inputs is the two-branch MMTM of before, bit for bit",
   torch::manual_seed(21);
   testing::reference::TwoBranchMMTM two(5, 3, /*ratio=*/2);
   MMTM n_way(MMTMOptions(5, 3).ratio(2));
-  // Same names, shapes and order: the two-branch module's saved state loads.
+  // Same entries, shapes and order, the joint layer now registered as "joint" where the
+  // two-branch module said "squeeze": its saved state loads.
   const auto pa = two->named_parameters(), pb = n_way->named_parameters();
-  REQUIRE(pa.keys() == pb.keys());
+  std::vector<std::string> renamed;
+  for (const auto& key : pa.keys()) renamed.push_back(key.rfind("squeeze.", 0) == 0 ? "joint." + key.substr(8) : key);
+  REQUIRE(renamed == pb.keys());
   REQUIRE(two->named_buffers().keys() == n_way->named_buffers().keys());
   testing::copy_state(two, n_way);
-  CHECK(testing::same_state(*two, *n_way));
+  CHECK(testing::same_values_in_order(*two, *n_way));
 
   auto gen = at::detail::createCPUGenerator(22);
   const at::Tensor a = at::randn({6, 5, 3, 3}, gen), b = at::randn({6, 3, 4, 4}, gen);
@@ -553,7 +556,7 @@ TEST_CASE("MMTM with two inputs is the two-branch MMTM of before, bit for bit",
   CHECK(same(record, n_record, a, b));
   two->squeeze_mean->commit();
   n_way->squeeze_mean->commit();
-  CHECK(testing::same_state(*two, *n_way));  // the running means too
+  CHECK(testing::same_values_in_order(*two, *n_way));  // the running means too
 
   const std::vector<std::pair<SideMode, SideMode>> modes = {
       {SideMode::live, SideMode::live},
@@ -589,8 +592,8 @@ TEST_CASE("MMTM side parameters: the joint layer and that side's excitation",
   for (size_t k = 0; k < 4; ++k) {
     const auto p = m->side_parameters(k);
     REQUIRE(p.size() == 4);
-    CHECK(p[0].is_same(m->squeeze->weight));
-    CHECK(p[1].is_same(m->squeeze->bias));
+    CHECK(p[0].is_same(m->joint->weight));
+    CHECK(p[1].is_same(m->joint->bias));
     CHECK(p[2].is_same(m->excite[k]->weight));
     CHECK(p[3].is_same(m->excite[k]->bias));
   }

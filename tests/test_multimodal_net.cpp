@@ -26,7 +26,7 @@ TEST_CASE("Parameter groups partition the parameters as specified", "[model]") {
   CHECK(t1 == tensor_ids(net->branch1->parameters()));
   std::set<const void*> shared, fusion;
   for (const auto& tap : net->taps) {
-    for (const auto& p : tap.module->squeeze->parameters()) shared.insert(p.unsafeGetTensorImpl());
+    for (const auto& p : tap.module->joint->parameters()) shared.insert(p.unsafeGetTensorImpl());
     for (const auto& p : tap.module->parameters()) fusion.insert(p.unsafeGetTensorImpl());
   }
   // θ0' ∩ θ1' is exactly the shared joint layers; θ0' ∪ θ1' is every fusion parameter.
@@ -115,7 +115,7 @@ TEST_CASE("MultiModalNet clone is deep and keeps the running averages", "[model]
   }
   CHECK_FALSE(torch::equal(net->forward(batch.x0, batch.x1).y, copy->forward(batch.x0, batch.x1).y));
   // The clone's groups point at the clone's parameters.
-  CHECK(copy->parameter_groups().fusion[0][0].is_same(copy->taps[0].module->squeeze->weight));
+  CHECK(copy->parameter_groups().fusion[0][0].is_same(copy->taps[0].module->joint->weight));
 }
 
 TEST_CASE("forward_probe's live half equals the normal eval forward", "[model]") {
@@ -275,7 +275,7 @@ TEST_CASE("MultiModalNet with two branches is the two-branch network of before, 
                                   {1, testing::reference::TwoBranchMMTM(8, 8)}});
   // Same submodule names: the two-branch network's saved state loads.
   testing::copy_state(pair, n_way);
-  REQUIRE(testing::same_state(*pair, *n_way));
+  REQUIRE(testing::same_values_in_order(*pair, *n_way));
 
   const auto b = testing::small_batch(6, 50);
   for (const StepKind kind : {StepKind::regular, StepKind::rebalance_m0, StepKind::rebalance_m1}) {
@@ -291,7 +291,7 @@ TEST_CASE("MultiModalNet with two branches is the two-branch network of before, 
     // The regular training step staged the same gates; commit them on both.
     for (auto& m : pair->gate_means()) m->commit();
     for (auto& m : n_way->gate_means()) m->commit();
-    CHECK(testing::same_state(*pair, *n_way));
+    CHECK(testing::same_values_in_order(*pair, *n_way));
   }
 
   pair->eval();
@@ -463,7 +463,7 @@ TEST_CASE("MultiModalNet parameter groups: each branch, and each side's fusion p
   for (std::size_t k = 0; k < 3; ++k) {
     std::set<const void*> expect;
     for (const auto& tap : net->taps) {
-      for (const auto& p : tap.module->squeeze->parameters()) expect.insert(p.unsafeGetTensorImpl());
+      for (const auto& p : tap.module->joint->parameters()) expect.insert(p.unsafeGetTensorImpl());
       for (const auto& p : tap.module->excite[k]->parameters()) expect.insert(p.unsafeGetTensorImpl());
     }
     CHECK(tensor_ids(g.fusion[k]) == expect);

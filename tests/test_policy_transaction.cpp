@@ -55,6 +55,15 @@ struct InPlaceCountsClaimingCopies : InPlaceCounts {
   static constexpr bool copy_is_snapshot = true;
 };
 
+// Loads into its tensors in place (`archive.read` on a defined tensor), then refuses.
+struct LoadsInPlaceThenRefuses : InPlaceCounts {
+  void load(torch::serialize::InputArchive& archive) {
+    archive.read("plans", plans);
+    archive.read("speeds_seen", speeds_seen);
+    TORCH_CHECK(false, "LoadsInPlaceThenRefuses: refused");
+  }
+};
+
 std::int64_t count(const at::Tensor& t) { return t.item<std::int64_t>(); }
 
 }  // namespace
@@ -73,7 +82,8 @@ TEST_CASE("abandon_step restores a policy's state tensors changed in place", "[p
   CHECK(count(balancer.policy().speeds_seen) == 2);
 }
 
-TEST_CASE("A copy declared a snapshot is one: a policy changing tensors in place is not restored",
+TEST_CASE("A policy that declares copy_is_snapshot wrongly is rolled back to its copy, which "
+          "shares the tensors it changed in place",
           "[policy_transaction]") {
   // What the record-based snapshot above is for: the C++ copy shares the tensors.
   auto net = small_net(5);
@@ -131,6 +141,7 @@ TEST_CASE("SpeedRead::previous_step: speeds handed over in a step that is refuse
   Balancer<InPlaceCounts> balancer(net, policy, options);
   train_steps(net, opt, balancer, 0, 3, 100);  // steps 1 and 2 deliver the speeds of 0 and 1
   REQUIRE(count(balancer.policy().speeds_seen) == 2);
+  const std::string before = saved_bytes(balancer);
   const double spreads_before = balancer.policy().spread_sum.item<double>();
   *policy.refuse_at = 3;  // step 3 delivers step 2's speeds first: refused
   const StepKind kind = balancer.next_step();
@@ -141,6 +152,7 @@ TEST_CASE("SpeedRead::previous_step: speeds handed over in a step that is refuse
   CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("InPlaceCounts: refused"));
   CHECK(count(balancer.policy().speeds_seen) == 2);
   CHECK(balancer.policy().spread_sum.item<double>() == spreads_before);
+  CHECK(saved_bytes(balancer) == before);  // the last speeds and the pending read too
   *policy.refuse_at = -1;
   train_steps(net, opt, balancer, 3, 4, 100);
   CHECK(count(balancer.policy().speeds_seen) == 3);  // step 2's speeds, not lost
@@ -207,4 +219,21 @@ TEST_CASE("The library's tensor-holding policies replace their tensors, never ch
     CHECK(at::equal(scores, scores_values));
     CHECK(at::equal(coefficients, values));
   }
+}
+
+TEST_CASE("Balancer::load puts back a policy whose load changed its tensors in place, then threw",
+          "[policy_transaction]") {
+  auto net = small_net(10);
+  auto opt = make_sgd(net);
+  Balancer<InPlaceCounts> saved(net, InPlaceCounts{}, BalancerOptions().warmup_epochs(0));
+  train_steps(net, opt, saved, 0, 3, 100);
+  const std::string record = saved_bytes(saved);
+  auto other = small_net(10);
+  auto other_opt = make_sgd(other);
+  Balancer<LoadsInPlaceThenRefuses> balancer(other, LoadsInPlaceThenRefuses{}, BalancerOptions().warmup_epochs(0));
+  train_steps(other, other_opt, balancer, 0, 1, 100);
+  const std::string before = saved_bytes(balancer);
+  CHECK_THROWS_WITH(load_saved(balancer, record), Catch::Contains("LoadsInPlaceThenRefuses: refused"));
+  CHECK(count(balancer.policy().plans) == 1);  // not the record's 3
+  CHECK(saved_bytes(balancer) == before);
 }

@@ -46,7 +46,7 @@ void label_half_by_each_head(Net& net, std::vector<MultiModalBatch>& data) {
 void blind_joint_layers_to(Net& net, int side) {
   torch::NoGradGuard ng;
   for (auto& tap : net->taps) {
-    auto& w = tap.module->squeeze->weight;
+    auto& w = tap.module->joint->weight;
     const int64_t c0 = tap.module->options.dims()[0];
     if (side == 1) w.narrow(1, c0, w.size(1) - c0).zero_();
     else w.narrow(1, 0, c0).zero_();
@@ -86,7 +86,7 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
   auto net = small_net(23);
   {
     torch::NoGradGuard ng;  // make the gates depend strongly on the squeeze vectors
-    for (auto& tap : net->taps) tap.module->squeeze->weight.mul_(20.0);
+    for (auto& tap : net->taps) tap.module->joint->weight.mul_(20.0);
   }
   auto train = probe_batches(3, 500);
   auto eval = probe_batches(4, 600);
@@ -121,7 +121,7 @@ TEST_CASE("Utilization probe equals the cut network computed tap by tap", "[prob
     const at::Tensor sa = a.flatten(2).mean(-1), sb = b.flatten(2).mean(-1);
     const at::Tensor avg_a = (sum_a[i] / 24.0).expand({n, -1}), avg_b = (sum_b[i] / 24.0).expand({n, -1});
     auto joint = [&](const at::Tensor& l, const at::Tensor& r) {
-      return at::relu(at::cat({l, r}, 1).matmul(m.squeeze->weight.t()) + m.squeeze->bias);
+      return at::relu(at::cat({l, r}, 1).matmul(m.joint->weight.t()) + m.joint->bias);
     };
     const at::Tensor g0 = 2.0 * at::sigmoid(joint(sa, avg_b).matmul(m.excite[0]->weight.t()) + m.excite[0]->bias);
     const at::Tensor g1 = 2.0 * at::sigmoid(joint(avg_a, sb).matmul(m.excite[1]->weight.t()) + m.excite[1]->bias);
@@ -272,7 +272,7 @@ TEST_CASE("The probe with two branches reports what the two-branch probe of befo
       ConvBranch(testing::branch_options(3, {4, 8}, {1, 2})),
       ConvBranch(testing::branch_options(1, {4, 8}, {1, 2})),
       std::vector<Reference::Tap>{{0, ref::TwoBranchMMTM(4, 4)}, {1, ref::TwoBranchMMTM(8, 8)}});
-  testing::copy_state(net, pair);
+  testing::copy_values_in_order(*net, *pair);
 
   std::vector<MultiModalBatch> train, eval;
   std::vector<Batch> n_train, n_eval;
@@ -310,7 +310,7 @@ TEST_CASE("The probe with two branches reports what the two-branch probe of befo
     CHECK(q.u_m0_given_m1 == p.u_m0_given_m1);
     CHECK(q.d_util == p.d_util);  // signed, as the paper's
     CHECK(q.spread == std::abs(p.d_util));
-    CHECK(testing::same_state(*pair, *net));  // the squeeze averages too
+    CHECK(testing::same_values_in_order(*pair, *net));  // the squeeze averages too
   }
 }
 

@@ -461,7 +461,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       }
       char numbers[96];
       std::snprintf(numbers, sizeof numbers, "loss %.3f %s %+.4f steps r", loss_sum / static_cast<double>(s + 1),
-                    balancer.branches() == 2 ? "d_speed" : "spread", speed_column(balancer.last_speeds()));
+                    speed_column_name(balancer.branches()), speed_column(balancer.last_speeds()));
       std::string status = numbers;
       for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);
       for (std::size_t i = 0; i < balancer.epoch_plan_counts().size(); ++i) {

@@ -287,12 +287,13 @@ class Balancer {
     detail::EpochClock clock = clock_.read(in);
     monitor_.check_speed_read(in);
     auto speeds = monitor_.read(in, has_branches);
-    auto initial = epochs_.read(archive);
-    // Last, as it loads into the policy (rolled back if it throws): then commit the rest.
-    policy_.load(archive, saved_policy);
-    monitor_.restore(std::move(speeds));
-    clock_ = std::move(clock);
-    epochs_.commit(std::move(initial));
+    // The policy's state, then the rest and the commit; if anything throws, the policy is put back.
+    policy_.load(archive, saved_policy, [&] {
+      auto initial = epochs_.read(archive);
+      monitor_.restore(std::move(speeds));
+      clock_ = std::move(clock);
+      epochs_.commit(std::move(initial));
+    });
     pending_.reset();
     losses_.release();
   }
@@ -302,11 +303,6 @@ class Balancer {
                        double scale) {
     TORCH_CHECK(pending_, "Balancer::loss: call next_step() or next_plan() before the forward pass");
     return losses_.form(policy_.policy(), out, target, inputs, scale, !in_warmup(), options_.check_every_step());
-  }
-
-  void check_observed(const char* caller) const {
-    TORCH_CHECK(!pending_, caller, ": the previous step (", to_string(*pending_),
-                ") was not observed; call observe(loss) after backward()");
   }
 
   // An epoch ends with no step pending, in a form that serves the policy there.
@@ -319,7 +315,8 @@ class Balancer {
   // cannot run throws and leaves the policy as it was. Starts the step: drops gates
   // staged outside a step.
   StepPlan begin_step(const char* caller) {
-    check_observed(caller);
+    TORCH_CHECK(!pending_, caller, ": the previous step (", to_string(*pending_),
+                ") was not observed; call observe(loss) after backward()");
     const StepPlan plan = policy_.decide([&] {
       const StepPlan p = in_warmup() ? StepPlan::regular() : policy_.policy().next_plan();
       const std::string problem = p.problem(branches());

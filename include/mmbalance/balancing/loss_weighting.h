@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include "mmbalance/balancing/epoch_losses.h"  // its hooks were declared here before 2026-12-07
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {

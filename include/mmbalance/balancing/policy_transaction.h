@@ -7,6 +7,7 @@
 /// that a copy shares nothing it changes (`CopyIsSnapshot`).
 
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <string>
 #include <utility>
@@ -42,26 +43,14 @@ class PolicyTransaction {
   /// Keeps the policy's state as it is now, the state `roll_back` returns to.
   void keep() {
     before_ = policy_;
-    if constexpr (kKeepsRecord) {
-      record_.clear();
-      torch::serialize::OutputArchive out;
-      policy_.save(out);
-      out.save_to([this](const void* data, std::size_t size) {
-        record_.append(static_cast<const char*>(data), size);
-        return size;
-      });
-    }
+    if constexpr (kKeepsRecord) record_ = record();
   }
 
   /// The policy as `keep` found it: its C++ copy, then (unless `CopyIsSnapshot`) its
   /// record, which puts back what a hook changed in place in a tensor the copy shares.
   void roll_back() {
     policy_ = before_;
-    if constexpr (kKeepsRecord) {
-      torch::serialize::InputArchive in;
-      in.load_from(record_.data(), record_.size());
-      policy_.load(in);
-    }
+    if constexpr (kKeepsRecord) restore(record_);
   }
 
   /// `decide()` (hook calls on the policy) after `keep`; if it throws, `roll_back`.
@@ -88,29 +77,60 @@ class PolicyTransaction {
     }
   }
 
-  /// Loads the policy's state of a record whose identity `saved` was checked, through the
-  /// policy's `load(archive, version)` for an earlier format; if that throws, the policy
-  /// is rolled back and the error says the policy's state does not load.
-  void load(torch::serialize::InputArchive& archive, const SavedPolicyIdentity& saved) {
-    if constexpr (HasState<Policy>) {
+  /// Loads the policy's state from a balancer's record whose identity `saved` was checked
+  /// (through the policy's `load(archive, version)` for an earlier format), then runs
+  /// `then` (the caller's other reads and its commit). If either throws, the policy is as
+  /// it was (its copy, then its record: `load` may change tensors in place) and the state
+  /// kept for `roll_back` is untouched.
+  template <class Then>
+  void load(torch::serialize::InputArchive& archive, const SavedPolicyIdentity& saved, Then&& then) {
+    if constexpr (!HasState<Policy>) {
+      then();
+    } else {
       torch::serialize::InputArchive nested;
       TORCH_CHECK(archive.try_read("policy", nested), "Balancer::load: no policy state");
+      const Policy copy = policy_;
+      const std::string before = record();
       try {
-        decide([&] {
-          if constexpr (ReadsEarlierVersions<Policy>) {
-            if (saved.version != 0 && saved.version < policy_identity<Policy>().version) {
-              return policy_.load(nested, saved.version);
-            }
-          }
-          policy_.load(nested);
-        });
-      } catch (const std::exception& e) {  // LibTorch's archive throws its own types too
-        TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ", error_text(e));
+        try {
+          load_version(nested, saved.version);
+        } catch (const std::exception& e) {  // LibTorch's archive throws its own types too
+          TORCH_CHECK(false, "Balancer::load: the policy's state does not load: ", error_text(e));
+        }
+        then();
+      } catch (...) {
+        policy_ = copy;
+        restore(before);
+        throw;
       }
     }
   }
 
  private:
+  std::string record() const {
+    std::string bytes;
+    torch::serialize::OutputArchive out;
+    policy_.save(out);
+    out.save_to([&bytes](const void* data, std::size_t size) {
+      bytes.append(static_cast<const char*>(data), size);
+      return size;
+    });
+    return bytes;
+  }
+
+  void restore(const std::string& bytes) {
+    torch::serialize::InputArchive in;
+    in.load_from(bytes.data(), bytes.size());
+    policy_.load(in);
+  }
+
+  void load_version(torch::serialize::InputArchive& nested, std::int64_t version) {
+    if constexpr (ReadsEarlierVersions<Policy>) {
+      if (version != 0 && version < policy_identity<Policy>().version) return policy_.load(nested, version);
+    }
+    policy_.load(nested);
+  }
+
   static constexpr bool kKeepsRecord = HasState<Policy> && !CopyIsSnapshot<Policy>;
 
   Policy policy_;

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <thread>
@@ -52,7 +53,7 @@ class SpeedMonitor {
   at::Tensor regular_step(const at::Tensor& loss, std::int64_t step, bool wants_speeds,
                           Modulate&& modulate, Deliver&& deliver) {
     const at::Tensor measurement = meter_.measure();
-    const at::Tensor mu = LearningSpeedMeter::speeds(measurement);
+    const at::Tensor mu = LearningSpeedMeter::mu(measurement);
     if (check_every_step_) {
       const at::Tensor next = meter_.accumulated() + mu;
       const at::Tensor host =
@@ -73,8 +74,10 @@ class SpeedMonitor {
       const at::Tensor host = next.to(at::kCPU);
       record(host.data_ptr<double>(), true, deliver);
     }
+    const bool lag = wants_speeds && read_ == SpeedRead::previous_step;
+    if (lag) reserve_lagged_host();  // before M changes: it may fail
     meter_.accumulate_if(mu, valid);
-    if (wants_speeds && read_ == SpeedRead::previous_step) launch_copy();
+    if (lag) launch_copy();
     return valid;
   }
 
@@ -88,6 +91,7 @@ class SpeedMonitor {
   at::Tensor observe(const at::Tensor& loss, const StepPlan& plan, std::int64_t step, bool wants_speeds,
                      Modulate&& modulate, Deliver&& deliver) {
     const bool lagged = lagged_pending_;
+    SpeedSummary last = last_;
     try {
       deliver_lagged(wants_speeds && plan.is_regular(), deliver);
       if (plan.is_regular()) return regular_step(loss, step, wants_speeds, modulate, deliver);
@@ -96,6 +100,7 @@ class SpeedMonitor {
       return {};
     } catch (...) {
       lagged_pending_ = lagged;  // its copy is overwritten only by the step's last act
+      last_ = std::move(last);
       throw;
     }
   }
@@ -192,6 +197,8 @@ class SpeedMonitor {
     s.skipped = in.integer("skipped");
     TORCH_CHECK(s.steps >= 0 && s.skipped >= 0, "Balancer::load: negative counters (meter steps ",
                 s.steps, ", skipped ", s.skipped, ")");
+    TORCH_CHECK(s.steps <= std::numeric_limits<std::int64_t>::max() - s.skipped, "Balancer::load: meter "
+                "steps ", s.steps, " and skipped ", s.skipped, " add up past the largest count");
     if (has_branches) {
       const at::Tensor t = in.tensor("last_speeds");
       TORCH_CHECK(t.dim() == 1 && t.numel() == static_cast<std::int64_t>(branches()) && t.is_floating_point(),
@@ -255,14 +262,19 @@ class SpeedMonitor {
 
   // SpeedRead::previous_step: start copying M to the host; the copy is queued behind this
   // step's work and read when the next step is observed.
-  void launch_copy() {
-    const at::Tensor& m = meter_.accumulated();
-    // Pinned for a device meter, so the copy does not wait: also after a resume (load()
-    // leaves pageable memory) or a move of the model to the device.
-    if (!lagged_host_.defined() || (m.is_cuda() && !lagged_host_.is_pinned())) {
+  // Pinned for a device meter, so the copy does not wait: also after a resume (load()
+  // leaves pageable memory) or a move of the model to the device.
+  void reserve_lagged_host() {
+    const bool cuda = meter_.accumulated().is_cuda();
+    if (!lagged_host_.defined() || (cuda && !lagged_host_.is_pinned())) {
       lagged_host_ = at::empty({static_cast<std::int64_t>(meter_.num_groups())},
-                               at::TensorOptions(at::kDouble).pinned_memory(m.is_cuda()));
+                               at::TensorOptions(at::kDouble).pinned_memory(cuda));
     }
+  }
+
+  void launch_copy() {
+    reserve_lagged_host();  // again: accumulating may have moved M to the model's device
+    const at::Tensor& m = meter_.accumulated();
     lagged_host_.copy_(m, /*non_blocking=*/true);
     lagged_event_.reset();
     if (!m.is_cpu()) {

@@ -86,7 +86,7 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     const std::int64_t hidden = 2 * joint_dim / options.ratio();
     TORCH_CHECK(hidden > 0, "MMTM: 2*(sum of dims)/ratio = 2*", joint_dim, "/",
                 options.ratio(), " is 0; lower the ratio");
-    squeeze = register_module("squeeze", torch::nn::Linear(joint_dim, hidden));
+    joint = register_module("joint", torch::nn::Linear(joint_dim, hidden));
     excite.clear();
     for (std::size_t k = 0; k < dims.size(); ++k) {
       excite.push_back(
@@ -132,9 +132,9 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
                                           ctx.live_rows);
           }
         }
-        z = joint(cut);
+        z = joint_representation(cut);
       } else {
-        if (!shared_z.defined()) shared_z = joint(squeezed);
+        if (!shared_z.defined()) shared_z = joint_representation(squeezed);
         z = shared_z;
       }
       gates[k] = at::sigmoid(excite[k]->forward(z)) * options.gate_scale();
@@ -165,7 +165,7 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
   /// side's excitation.
   std::vector<at::Tensor> side_parameters(std::size_t side) const {
     check_side(side);
-    std::vector<at::Tensor> out = squeeze->parameters();
+    std::vector<at::Tensor> out = joint->parameters();
     for (const auto& p : excite[side]->parameters()) out.push_back(p);
     return out;
   }
@@ -184,8 +184,22 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     stream << "], ratio=" << options.ratio() << ", gate_scale=" << options.gate_scale() << ")";
   }
 
+  /// Reads a state written by `save`; one written while the joint layer was registered as
+  /// "squeeze" (up to mmbalance 2026-12-06, checkpoints included) reads as well.
+  void load(torch::serialize::InputArchive& archive) override {
+    for (const auto& child : named_children()) {
+      torch::serialize::InputArchive nested;
+      TORCH_CHECK(archive.try_read(child.key(), nested) ||
+                      (child.key() == "joint" && archive.try_read("squeeze", nested)),
+                  "MMTM: no '", child.key(), "' in the saved state");
+      child.value()->load(nested);
+    }
+  }
+
   MMTMOptions options;
-  torch::nn::Linear squeeze{nullptr};
+  /// The joint layer: Z = relu(W·[S_0, ..., S_{N-1}] + b) from every side's squeeze vector
+  /// (the spatial means), shared by every side's excitation.
+  torch::nn::Linear joint{nullptr};
   /// One excitation layer per side, registered as excite0, excite1, ...
   std::vector<torch::nn::Linear> excite;
   RunningMean gate_mean{nullptr}, squeeze_mean{nullptr};
@@ -232,8 +246,8 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
     return first;
   }
 
-  at::Tensor joint(const std::vector<at::Tensor>& squeezed) {
-    return at::relu(squeeze->forward(at::cat(squeezed, 1)));
+  at::Tensor joint_representation(const std::vector<at::Tensor>& squeezed) {
+    return at::relu(joint->forward(at::cat(squeezed, 1)));
   }
 
   at::Tensor side_part(const at::Tensor& all, std::size_t side) const {

@@ -80,9 +80,33 @@ inline LineDifference first_difference(const std::string& first, const std::stri
           a.size(), b.size()};
 }
 
+/// `saved` (a fingerprint or a module description, an entry a line) with MMTM's joint
+/// layer, registered as "squeeze" up to mmbalance 2026-12-06, under today's name: a line
+/// holding `before` reads with `after` in its place where `current` has that line and not
+/// the original (a module of the user's own may have a "squeeze"). The caller then
+/// compares exactly.
+inline std::string with_joint_layer_renamed(const std::string& saved, const std::string& current,
+                                            std::string_view before, std::string_view after) {
+  if (saved == current || saved.find(before) == std::string::npos) return saved;
+  const auto has = [&](const std::string& line) { return current.find(line + "\n") != std::string::npos; };
+  std::string out;
+  for (std::string line : split_lines(saved)) {
+    const std::size_t at = line.find(before);
+    if (at != std::string::npos && !has(line)) {
+      std::string renamed = line;
+      renamed.replace(at, before.size(), after);
+      if (has(renamed)) line = std::move(renamed);
+    }
+    out += line + "\n";
+  }
+  if (!saved.empty() && saved.back() != '\n') out.pop_back();
+  return out;
+}
+
 /// Throws naming the first entry where two fingerprints differ.
-inline void check_same_architecture(const std::string& saved, const std::string& current,
+inline void check_same_architecture(const std::string& recorded, const std::string& current,
                                     const std::string& source) {
+  const std::string saved = with_joint_layer_renamed(recorded, current, ".squeeze.", ".joint.");
   if (saved == current) return;
   const LineDifference d = first_difference(saved, current);
   TORCH_CHECK(false, "checkpoint ", source, " was made for another architecture: entry ", d.line,
@@ -155,8 +179,9 @@ inline std::string upgraded_module_description(const std::string& text) {
 }
 
 /// Throws naming the first line where two module descriptions differ.
-inline void check_same_modules(const std::string& saved, const std::string& current,
+inline void check_same_modules(const std::string& recorded, const std::string& current,
                                const std::string& source) {
+  const std::string saved = with_joint_layer_renamed(recorded, current, "(squeeze): ", "(joint): ");
   if (saved == current) return;
   const LineDifference d = first_difference(saved, current);
   TORCH_CHECK(false, "checkpoint ", source, " was made for modules with other options: line ",

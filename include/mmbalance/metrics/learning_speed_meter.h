@@ -158,10 +158,13 @@ class LearningSpeedMeter {
   /// the gradients only: what a re-balancing step's check needs.
   at::Tensor measure_gradients() { return squared_norms(/*with_parameters=*/false)[0]; }
 
-  /// μ = ||G||² / ||θ||² per group from a measurement (device tensor, one entry a group).
-  static at::Tensor speeds(const at::Tensor& measurement) { return measurement[0] / measurement[1]; }
+  /// μ = ||G||² / ||θ||² per group from a measurement (device tensor, one entry a group):
+  /// a step's ratio, which M adds up; the learning speeds s_k are derived from M.
+  static at::Tensor mu(const at::Tensor& measurement) { return measurement[0] / measurement[1]; }
+  [[deprecated("LearningSpeedMeter::speeds returned μ, not the speeds s_k: call mu()")]]
+  static at::Tensor speeds(const at::Tensor& measurement) { return mu(measurement); }
 
-  /// Adds `mu` (from `speeds`) to the accumulators M.
+  /// Adds `mu` (from `mu()`) to the accumulators M.
   void accumulate(const at::Tensor& mu) {
     follow_device();
     accumulated_.add_(mu);
