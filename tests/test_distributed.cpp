@@ -5,6 +5,8 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -565,6 +567,100 @@ TEST_CASE("A TCP store served by rank 0 on 127.0.0.1 forms the group", "[distrib
     sums[static_cast<std::size_t>(rank)] = t;
   }, 20s, -1, store));
   for (const auto& t : sums) CHECK(at::equal(t, at::full({2}, 6.0)));
+}
+
+namespace {
+// A process environment written out by hand: `getenv` for ProcessGroupOptions::from_environment.
+std::function<const char*(const char*)> environment(std::map<std::string, std::string> vars) {
+  auto held = std::make_shared<std::map<std::string, std::string>>(std::move(vars));
+  return [held](const char* name) -> const char* {
+    const auto it = held->find(name);
+    return it == held->end() ? nullptr : it->second.c_str();
+  };
+}
+}  // namespace
+
+TEST_CASE("ProcessGroupOptions::from_environment reads torchrun's variables, then Slurm's, and "
+          "names each one missing",
+          "[distributed]") {
+  // torchrun on a machine of a multi-machine run: its agent serves the store.
+  const auto torchrun = ProcessGroupOptions::from_environment(environment(
+      {{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "10.0.0.5"},
+       {"MASTER_PORT", "29400"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+       {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}}));  // torchrun's win over Slurm's
+  CHECK(torchrun.store() == "tcp://10.0.0.5:29400");
+  CHECK(torchrun.rank() == 3);
+  CHECK(torchrun.world_size() == 8);
+  CHECK(torchrun.local_rank() == 1);
+  CHECK(torchrun.hostname().empty());  // not loopback: Gloo binds to this machine's address
+  CHECK(torchrun.store_served_by_launcher());
+  // Slurm (srun), the script exporting MASTER_ADDR and MASTER_PORT; rank 0 serves the store.
+  const auto slurm = ProcessGroupOptions::from_environment(environment(
+      {{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "6"}, {"SLURM_LOCALID", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+       {"MASTER_PORT", "12345"}}));
+  CHECK(slurm.store() == "tcp://127.0.0.1:12345");
+  CHECK(slurm.rank() == 5);
+  CHECK(slurm.world_size() == 6);
+  CHECK(slurm.local_rank() == 2);
+  CHECK(slurm.hostname() == "127.0.0.1");
+  CHECK_FALSE(slurm.store_served_by_launcher());
+  CHECK(ProcessGroupOptions::from_environment(environment({{"RANK", "0"}, {"WORLD_SIZE", "1"},
+                                                            {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", "1"}}))
+            .local_rank() == -1);
+  // What is missing or malformed, named.
+  CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment({{"WORLD_SIZE", "2"}})),
+                    Catch::Contains("not set: RANK (or SLURM_PROCID), MASTER_PORT, MASTER_ADDR") &&
+                        Catch::Contains("torchrun"));
+  CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment(
+                        {{"RANK", "1x"}, {"WORLD_SIZE", "-2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "80"}})),
+                    Catch::Contains("not a whole number in range: RANK='1x', WORLD_SIZE='-2'"));
+  CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment(
+                        {{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}})),
+                    Catch::Contains("MASTER_PORT=70000 is not a port"));
+  // Whether an environment describes a launched run at all.
+  CHECK(ProcessGroupOptions::environment_describes_run(environment({{"WORLD_SIZE", "2"}})));
+  CHECK(ProcessGroupOptions::environment_describes_run(environment({{"SLURM_NTASKS", "2"}, {"MASTER_ADDR", "h"}})));
+  CHECK_FALSE(ProcessGroupOptions::environment_describes_run(environment({{"SLURM_NTASKS", "2"}})));
+  CHECK_FALSE(ProcessGroupOptions::environment_describes_run(environment({})));
+}
+
+TEST_CASE("A store torchrun's agent serves: every rank joins it as a client", "[distributed]") {
+  // The agent's store, as torchrun serves it before starting the ranks.
+  const int port = free_port();
+  c10d::TCPStoreOptions agent;
+  agent.port = static_cast<std::uint16_t>(port);
+  agent.isServer = true;
+  agent.waitWorkers = false;
+  const auto agent_store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", agent);
+  for (const bool served_by_launcher : {true, false}) {
+    CAPTURE(served_by_launcher);
+    std::vector<std::exception_ptr> errors(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          auto options = ProcessGroupOptions::from_environment(environment(
+              {{"RANK", std::to_string(r)}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+               {"MASTER_PORT", std::to_string(port)},
+               {"TORCHELASTIC_USE_AGENT_STORE", served_by_launcher ? "True" : "False"}}));
+          auto pg = make_process_group(options.timeout(3s));
+          at::Tensor t = at::full({1}, static_cast<double>(r + 1));
+          std::vector<at::Tensor> tensors{t};
+          pg->allreduce(tensors)->wait();
+          CHECK(t.item<double>() == 3.0);
+        } catch (...) {
+          errors[static_cast<std::size_t>(r)] = std::current_exception();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    if (served_by_launcher) {
+      rethrow_any(errors);
+    } else {  // rank 0 would serve a store of its own on the agent's port: refused
+      REQUIRE(errors[0]);
+      CHECK_THAT(message_of(errors[0]), Catch::Contains("could not form the process group"));
+    }
+  }
 }
 
 TEST_CASE("make_process_group rejects bad arguments", "[distributed]") {

@@ -27,6 +27,7 @@ struct CommonFlags {
   int threads = 2;
   int world_size = 1, rank = 0;
   std::string store, dist_host = "127.0.0.1";
+  bool store_served_by_launcher = false;
   double dist_timeout = 60;
 
   void add_to(CLI::App& app) {
@@ -75,7 +76,8 @@ struct CommonFlags {
     app.add_option("--rank", rank, "this process's rank, 0 .. world-size - 1")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--store", store,
-                   "where the ranks meet: file:///fresh/path or tcp://HOST:PORT (rank 0 serves)");
+                   "where the ranks meet: file:///fresh/path or tcp://HOST:PORT (rank 0 serves); without "
+                   "it and --world-size, as torchrun or Slurm say (env://, docs/distributed.md)");
     app.add_option("--dist-host", dist_host, "address this rank's connections bind to")->capture_default_str();
     app.add_option("--dist-timeout", dist_timeout, "seconds to wait for the other ranks")
         ->check(CLI::PositiveNumber)->capture_default_str();
@@ -84,6 +86,16 @@ struct CommonFlags {
   /// After parsing: checks the rank flags, sets the thread count, joins the process group
   /// (null for one process) and takes rank 0's seeds (`data_seed` too) on every rank.
   c10::intrusive_ptr<CollectiveBackend> finish(std::uint64_t& data_seed) {
+    if (store.empty() && world_size == 1 && ProcessGroupOptions::environment_describes_run()) {
+      // Launched by torchrun or under Slurm: the run as the launcher describes it (env://).
+      const ProcessGroupOptions launched = ProcessGroupOptions::from_environment();
+      world_size = launched.world_size();
+      rank = launched.rank();
+      store = launched.store();
+      dist_host = launched.hostname();
+      store_served_by_launcher = launched.store_served_by_launcher();
+      cfg.device_index = launched.local_rank();
+    }
     if (world_size > 1 && store.empty()) {
       throw CLI::ValidationError("--store", "is required with --world-size > 1");
     }
@@ -141,6 +153,7 @@ struct CommonFlags {
     auto pg = make_process_group(
         ProcessGroupOptions(store, rank, world_size)
             .hostname(dist_host)
+            .store_served_by_launcher(store_served_by_launcher)
             .timeout(std::chrono::milliseconds(static_cast<std::int64_t>(dist_timeout * 1000))));
     cfg.seed = agree_on_seed(pg, cfg.seed);
     data_seed = agree_on_seed(pg, data_seed);

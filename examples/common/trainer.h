@@ -54,6 +54,9 @@ struct TrainConfig {
   /// Batch size of evaluation and the probe (memory, not results).
   std::int64_t eval_batch_size = 500;
   std::string device = "cpu";
+  /// The CUDA device of this rank (torchrun's LOCAL_RANK; -1: the current one). Not a
+  /// setting of the run: every rank of one run has its own.
+  int device_index = -1;
   std::filesystem::path out;
   std::string resume;
 };
@@ -311,7 +314,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                   const TrainConfig& cfg, const nlohmann::json& args,
                                   const c10::intrusive_ptr<CollectiveBackend>& pg = {}) {
   namespace fs = std::filesystem;
-  const at::Device device(cfg.device);
+  at::Device device(cfg.device);
+  if (device.is_cuda() && cfg.device_index >= 0) device.set_index(static_cast<c10::DeviceIndex>(cfg.device_index));
   TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),
               "--device cuda: no CUDA device is available");
   if constexpr (ObservesEpochLosses<Policy>) {

@@ -3,10 +3,16 @@
 /// Forming a c10d process group (Gloo, or NCCL where LibTorch has it) from a store
 /// address, a rank and a world size, with bounded waits and errors that say what to check.
 
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
+#include <functional>
+#include <initializer_list>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include <c10/util/intrusive_ptr.h>
 #include <torch/arg.h>
@@ -51,9 +57,88 @@ struct ProcessGroupOptions {
   /// or never comes makes the others fail after at most this long.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::seconds(60);
   /// Address Gloo's connections bind to on this machine (several machines: the address
-  /// the other machines reach this one at).
+  /// the other machines reach this one at); empty: Gloo's default, this machine's
+  /// hostname as the others resolve it.
   TORCH_ARG(std::string, hostname) = "127.0.0.1";
   TORCH_ARG(CommBackend, backend) = CommBackend::gloo;
+  /// The launcher serves the TCP store (torchrun's agent: `TORCHELASTIC_USE_AGENT_STORE`),
+  /// so every rank, rank 0 included, connects to it as a client.
+  TORCH_ARG(bool, store_served_by_launcher) = false;
+  /// This process's index among the ranks on its machine (`LOCAL_RANK`), the GPU it
+  /// should use; -1 where the launcher does not say.
+  TORCH_ARG(int, local_rank) = -1;
+
+ public:  // TORCH_ARG leaves the access private
+  /// The run as its launcher describes it to this process, as PyTorch's `env://` reads it:
+  /// torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`, or
+  /// Slurm's `SLURM_PROCID`, `SLURM_NTASKS` and `SLURM_LOCALID` where torchrun's are not
+  /// set (a Slurm script exports `MASTER_ADDR` and `MASTER_PORT` itself; see
+  /// docs/distributed.md). Missing or malformed variables throw, naming each. `getenv`
+  /// reads a variable (nullptr: not set).
+  ///
+  /// Example:
+  /// ```
+  /// auto options = ProcessGroupOptions::from_environment();   // under torchrun
+  /// auto pg = make_process_group(options.timeout(std::chrono::seconds(60)));
+  /// at::Device device(at::kCUDA, options.local_rank());
+  /// ```
+  static ProcessGroupOptions from_environment(
+      const std::function<const char*(const char*)>& getenv = [](const char* name) { return std::getenv(name); }) {
+    std::vector<std::string> missing;
+    std::string malformed;
+    // The first of `names` that is set, as a whole number (nullopt and noted if none is).
+    const auto number = [&](std::initializer_list<const char*> names, bool required) -> std::optional<long> {
+      for (const char* name : names) {
+        const char* value = getenv(name);
+        if (value == nullptr) continue;
+        char* end = nullptr;
+        errno = 0;
+        const long n = std::strtol(value, &end, 10);
+        if (*value == '\0' || *end != '\0' || errno != 0 || n < 0 || n > 65535 * 1024L) {
+          malformed += std::string(malformed.empty() ? "" : ", ") + name + "='" + value + "'";
+          return std::nullopt;
+        }
+        return n;
+      }
+      if (required) {
+        std::string either;
+        for (const char* name : names) either += std::string(either.empty() ? "" : " (or ") + name;
+        missing.push_back(either + (names.size() > 1 ? ")" : ""));
+      }
+      return std::nullopt;
+    };
+    const auto rank = number({"RANK", "SLURM_PROCID"}, true);
+    const auto world = number({"WORLD_SIZE", "SLURM_NTASKS"}, true);
+    const auto local = number({"LOCAL_RANK", "SLURM_LOCALID"}, false);
+    const auto port = number({"MASTER_PORT"}, true);
+    const char* address = getenv("MASTER_ADDR");
+    if (address == nullptr || *address == '\0') missing.emplace_back("MASTER_ADDR");
+    std::string problems;
+    for (const std::string& m : missing) problems += (problems.empty() ? "" : ", ") + m;
+    TORCH_CHECK(missing.empty() && malformed.empty(), "ProcessGroupOptions::from_environment: ",
+                missing.empty() ? "" : "not set: " + problems, missing.empty() || malformed.empty() ? "" : "; ",
+                malformed.empty() ? "" : "not a whole number in range: " + malformed,
+                ". Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), "
+                "or under Slurm with srun and MASTER_ADDR and MASTER_PORT exported");
+    TORCH_CHECK(*port >= 1 && *port <= 65535, "ProcessGroupOptions::from_environment: MASTER_PORT=", *port,
+                " is not a port (1..65535)");
+    const std::string host = address;
+    const bool loopback = host == "127.0.0.1" || host == "localhost" || host == "::1";
+    const char* agent_store = getenv("TORCHELASTIC_USE_AGENT_STORE");
+    return ProcessGroupOptions("tcp://" + host + ":" + std::to_string(*port), static_cast<int>(*rank),
+                               static_cast<int>(*world))
+        .hostname(loopback ? "127.0.0.1" : "")
+        .store_served_by_launcher(agent_store != nullptr && std::string(agent_store) == "True")
+        .local_rank(local ? static_cast<int>(*local) : -1);
+  }
+
+  /// Whether this process's environment describes a launched run (`from_environment`
+  /// would read one): torchrun's `WORLD_SIZE`, or Slurm's `SLURM_NTASKS` with
+  /// `MASTER_ADDR`.
+  static bool environment_describes_run(
+      const std::function<const char*(const char*)>& getenv = [](const char* name) { return std::getenv(name); }) {
+    return getenv("WORLD_SIZE") != nullptr || (getenv("SLURM_NTASKS") != nullptr && getenv("MASTER_ADDR") != nullptr);
+  }
 };
 
 namespace detail {
@@ -83,7 +168,7 @@ inline c10::intrusive_ptr<c10d::Store> make_store(const ProcessGroupOptions& opt
     TORCH_CHECK(port > 0 && port < 65536, "store '", spec, "': port must be 1..65535");
     c10d::TCPStoreOptions tcp;
     tcp.port = static_cast<std::uint16_t>(port);
-    tcp.isServer = options.rank() == 0;
+    tcp.isServer = options.rank() == 0 && !options.store_served_by_launcher();
     tcp.numWorkers = static_cast<std::size_t>(options.world_size());
     tcp.waitWorkers = true;
     tcp.timeout = options.timeout();
@@ -119,7 +204,9 @@ inline c10::intrusive_ptr<CollectiveBackend> make_process_group(const ProcessGro
 #endif
     }
     auto gloo = c10d::ProcessGroupGloo::Options::create(options.timeout());
-    gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.hostname()));
+    gloo->devices.push_back(options.hostname().empty()
+                                ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                : c10d::ProcessGroupGloo::createDeviceForHostname(options.hostname()));
     return c10::make_intrusive<c10d::ProcessGroupGloo>(store, options.rank(),
                                                        options.world_size(), gloo);
   } catch (const std::exception& e) {
