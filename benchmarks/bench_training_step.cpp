@@ -10,7 +10,11 @@
 // - OGM-GE paired: vanilla, OGM-GE and OGM (no noise) taking turns, at batch 8 and 128;
 // - loss methods paired: vanilla, Gradient-Blending (a step's cost: the weighted loss; its
 //   measurement at the end of a super-epoch is per epoch) and MMPareto (one more backward
-//   pass of CE(y) and the combination) taking turns, at batch 8 and 128.
+//   pass of CE(y) and the combination) taking turns, at batch 8 and 128;
+// - rollback state: what the balancer keeps per step to roll a policy back to: the C++
+//   copy (a policy declaring copy_is_snapshot, as the library's do) or, by default, the
+//   copy and the policy's record (save, serialized), for GuidedPolicy's and
+//   MMParetoPolicy's state.
 #include <array>
 #include <chrono>
 #include <functional>
@@ -155,7 +159,27 @@ void BM_BalancerObserveOnly(benchmark::State& state) {
   }
 }
 
+// The policy `P` without its copy_is_snapshot promise: the balancer keeps its record.
+template <class P>
+struct WithoutSnapshotPromise : P {
+  static constexpr bool copy_is_snapshot = false;
+};
+
+template <class P>
+void BM_RollbackState(benchmark::State& state) {
+  P policy;
+  policy.set_branches(2);
+  mmbalance::detail::PolicyTransaction<P> transaction(policy);
+  for (auto _ : state) transaction.keep();
+  state.SetLabel(CopyIsSnapshot<P> ? "copy" : "copy and record");
+}
+
 }  // namespace
+
+BENCHMARK_TEMPLATE(BM_RollbackState, GuidedPolicy)->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_RollbackState, WithoutSnapshotPromise<GuidedPolicy>)->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_RollbackState, MMParetoPolicy)->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_RollbackState, WithoutSnapshotPromise<MMParetoPolicy>)->Unit(benchmark::kMicrosecond);
 
 #define MMBALANCE_STEP_BENCH(b)                                                    \
   BENCHMARK(BM_StepVanilla)->Arg(b)->Unit(benchmark::kMillisecond)->MinTime(2.0);  \

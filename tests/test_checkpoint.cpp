@@ -446,23 +446,47 @@ TEST_CASE("Upgrading a module description is linear in its length: many repeated
   CHECK(upgraded.find("NWay") == std::string::npos);
 }
 
-TEST_CASE("Fingerprints written while MMTM's joint layer was named 'squeeze' match today's, "
-          "and nothing else is renamed",
+TEST_CASE("Fingerprints and descriptions written while MMTM's joint layer was named 'squeeze' "
+          "match today's, and nothing else is renamed",
           "[checkpoint]") {
-  const std::string today =
-      "param fusion0.joint.weight:[5, 8]\nparam fusion0.joint.bias:[5]\nparam user.squeeze.weight:[2]\n";
-  // The same model as recorded before the rename: its MMTM entries under the old name.
-  const std::string before =
-      "param fusion0.squeeze.weight:[5, 8]\nparam fusion0.squeeze.bias:[5]\nparam user.squeeze.weight:[2]\n";
-  CHECK(mmbalance::detail::with_joint_layer_renamed(before, today, ".squeeze.", ".joint.") == today);
+  using mmbalance::detail::with_joint_layer_renamed;
+  const std::string today = "param fusion0.joint.weight:[5, 8]\nparam fusion0.joint.bias:[5]\n"
+                            "param joint.weight:[3, 3]\nparam user.squeeze.weight:[2]\n";
+  // The same model as recorded before the rename: its MMTM entries under the old name
+  // (one of them an MMTM at the root).
+  const std::string before = "param fusion0.squeeze.weight:[5, 8]\nparam fusion0.squeeze.bias:[5]\n"
+                             "param squeeze.weight:[3, 3]\nparam user.squeeze.weight:[2]\n";
+  CHECK(with_joint_layer_renamed(before, today, false) == today);
   CHECK_NOTHROW(mmbalance::detail::check_same_architecture(before, today, "old.ckpt"));
   // Another shape is another architecture, reported under the name it was recorded with.
   const std::string other = "param fusion0.squeeze.weight:[6, 8]\nparam fusion0.squeeze.bias:[5]\n"
-                            "param user.squeeze.weight:[2]\n";
+                            "param squeeze.weight:[3, 3]\nparam user.squeeze.weight:[2]\n";
   CHECK_THROWS_WITH(mmbalance::detail::check_same_architecture(other, today, "old.ckpt"),
                     Catch::Contains("entry 0 is 'param fusion0.squeeze.weight:[6, 8]'"));
-  // A module of the user's own with a "squeeze" submodule keeps it.
+  // A module of the user's own with a "squeeze" submodule keeps it; an indented match is
+  // no match.
   const std::string user = "param user.squeeze.weight:[2]\n";
-  CHECK(mmbalance::detail::with_joint_layer_renamed(user, "param user.joint.weight:[3]\n", ".squeeze.", ".joint.") ==
-        user);
+  CHECK(with_joint_layer_renamed(user, "param user.joint.weight:[3]\n", false) == user);
+  CHECK(with_joint_layer_renamed("param a.squeeze.w:[1]\n", "xparam a.joint.w:[1]\n", false) ==
+        "param a.squeeze.w:[1]\n");
+  // Module descriptions: the layer's line, at its indentation.
+  const std::string described = "  (fusion0): mmbalance::MMTM(dims=[4, 4], ratio=4, gate_scale=2)(\n"
+                                "    (joint): torch::nn::Linear(in_features=8, out_features=2, bias=true)\n  )";
+  const std::string described_before = "  (fusion0): mmbalance::MMTM(dims=[4, 4], ratio=4, gate_scale=2)(\n"
+                                       "    (squeeze): torch::nn::Linear(in_features=8, out_features=2, bias=true)\n  )";
+  CHECK(with_joint_layer_renamed(described_before, described, true) == described);
+  CHECK_NOTHROW(mmbalance::detail::check_same_modules(described_before, described, "old.ckpt"));
+}
+
+TEST_CASE("A hostile fingerprint of many 'squeeze' entries renames none the model lacks",
+          "[checkpoint][bad-input]") {
+  // Two hundred thousand lines naming a "squeeze", against a model's one: each looked up
+  // once in the model's lines, none renamed, the file refused.
+  std::string hostile;
+  for (int i = 0; i < 200000; ++i) hostile += "param m" + std::to_string(i) + ".squeeze.weight:[4]\n";
+  const std::string current = "param fusion0.joint.weight:[4]\n";
+  const std::string upgraded = mmbalance::detail::with_joint_layer_renamed(hostile, current, false);
+  CHECK(upgraded == hostile);
+  CHECK_THROWS_WITH(mmbalance::detail::check_same_architecture(hostile, current, "hostile.ckpt"),
+                    Catch::Contains("was made for another architecture"));
 }

@@ -593,6 +593,7 @@ TEST_CASE("ProcessGroupOptions::from_environment reads torchrun's variables, the
   CHECK(torchrun.world_size() == 8);
   CHECK(torchrun.local_rank() == 1);
   CHECK(torchrun.hostname().empty());  // not loopback: Gloo binds to this machine's address
+  CHECK(torchrun.network_interface().empty());
   CHECK(torchrun.store_served_by_launcher());
   // Slurm (srun), the script exporting MASTER_ADDR and MASTER_PORT; rank 0 serves the store.
   const auto slurm = ProcessGroupOptions::from_environment(environment(
@@ -604,6 +605,9 @@ TEST_CASE("ProcessGroupOptions::from_environment reads torchrun's variables, the
   CHECK(slurm.local_rank() == 2);
   CHECK(slurm.hostname() == "127.0.0.1");
   CHECK_FALSE(slurm.store_served_by_launcher());
+  CHECK(ProcessGroupOptions::from_environment(environment({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"},
+                                                            {"MASTER_PORT", "1"}, {"GLOO_SOCKET_IFNAME", "eth1"}}))
+            .network_interface() == "eth1");
   CHECK(ProcessGroupOptions::from_environment(environment({{"RANK", "0"}, {"WORLD_SIZE", "1"},
                                                             {"MASTER_ADDR", "localhost"}, {"MASTER_PORT", "1"}}))
             .local_rank() == -1);
@@ -617,10 +621,19 @@ TEST_CASE("ProcessGroupOptions::from_environment reads torchrun's variables, the
   CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment(
                         {{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}})),
                     Catch::Contains("MASTER_PORT=70000 is not a port"));
+  CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment(
+                        {{"RANK", "0"}, {"WORLD_SIZE", "0"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}})),
+                    Catch::Contains("WORLD_SIZE=0 (the number of processes) must be at least 1"));
+  CHECK_THROWS_WITH(ProcessGroupOptions::from_environment(environment(
+                        {{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}})),
+                    Catch::Contains("SLURM_PROCID=4 is not below SLURM_NTASKS=4"));
   // Whether an environment describes a launched run at all.
   CHECK(ProcessGroupOptions::environment_describes_run(environment({{"WORLD_SIZE", "2"}})));
-  CHECK(ProcessGroupOptions::environment_describes_run(environment({{"SLURM_NTASKS", "2"}, {"MASTER_ADDR", "h"}})));
-  CHECK_FALSE(ProcessGroupOptions::environment_describes_run(environment({{"SLURM_NTASKS", "2"}})));
+  // An srun step of several tasks, MASTER_ADDR exported or not (then from_environment names it).
+  CHECK(ProcessGroupOptions::environment_describes_run(environment({{"SLURM_STEP_NUM_TASKS", "4"}})));
+  // A batch script itself (one task of an allocation of several) is no launch.
+  CHECK_FALSE(ProcessGroupOptions::environment_describes_run(
+      environment({{"SLURM_NTASKS", "8"}, {"SLURM_STEP_NUM_TASKS", "1"}, {"MASTER_ADDR", "h"}})));
   CHECK_FALSE(ProcessGroupOptions::environment_describes_run(environment({})));
 }
 
@@ -635,6 +648,7 @@ TEST_CASE("A store torchrun's agent serves: every rank joins it as a client", "[
   for (const bool served_by_launcher : {true, false}) {
     CAPTURE(served_by_launcher);
     std::vector<std::exception_ptr> errors(2);
+    std::vector<double> sums(2, 0.0);  // checked here: Catch's assertions are not for threads
     std::vector<std::thread> threads;
     for (int r = 0; r < 2; ++r) {
       threads.emplace_back([&, r] {
@@ -647,7 +661,7 @@ TEST_CASE("A store torchrun's agent serves: every rank joins it as a client", "[
           at::Tensor t = at::full({1}, static_cast<double>(r + 1));
           std::vector<at::Tensor> tensors{t};
           pg->allreduce(tensors)->wait();
-          CHECK(t.item<double>() == 3.0);
+          sums[static_cast<std::size_t>(r)] = t.item<double>();
         } catch (...) {
           errors[static_cast<std::size_t>(r)] = std::current_exception();
         }
@@ -656,6 +670,7 @@ TEST_CASE("A store torchrun's agent serves: every rank joins it as a client", "[
     for (auto& t : threads) t.join();
     if (served_by_launcher) {
       rethrow_any(errors);
+      CHECK(sums == std::vector<double>{3.0, 3.0});
     } else {  // rank 0 would serve a store of its own on the agent's port: refused
       REQUIRE(errors[0]);
       CHECK_THAT(message_of(errors[0]), Catch::Contains("could not form the process group"));

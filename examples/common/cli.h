@@ -28,6 +28,7 @@ struct CommonFlags {
   int world_size = 1, rank = 0;
   std::string store, dist_host = "127.0.0.1";
   bool store_served_by_launcher = false;
+  std::string dist_interface;  // GLOO_SOCKET_IFNAME under a launcher
   double dist_timeout = 60;
 
   void add_to(CLI::App& app) {
@@ -92,7 +93,8 @@ struct CommonFlags {
       world_size = launched.world_size();
       rank = launched.rank();
       store = launched.store();
-      dist_host = launched.hostname();
+      if (dist_host == "127.0.0.1") dist_host = launched.hostname();  // unless --dist-host says
+      dist_interface = launched.network_interface();
       store_served_by_launcher = launched.store_served_by_launcher();
       cfg.device_index = launched.local_rank();
     }
@@ -154,6 +156,7 @@ struct CommonFlags {
         ProcessGroupOptions(store, rank, world_size)
             .hostname(dist_host)
             .store_served_by_launcher(store_served_by_launcher)
+            .network_interface(dist_interface)
             .timeout(std::chrono::milliseconds(static_cast<std::int64_t>(dist_timeout * 1000))));
     cfg.seed = agree_on_seed(pg, cfg.seed);
     data_seed = agree_on_seed(pg, data_seed);

@@ -315,7 +315,13 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                   const c10::intrusive_ptr<CollectiveBackend>& pg = {}) {
   namespace fs = std::filesystem;
   at::Device device(cfg.device);
-  if (device.is_cuda() && cfg.device_index >= 0) device.set_index(static_cast<c10::DeviceIndex>(cfg.device_index));
+  if (device.is_cuda() && !device.has_index() && cfg.device_index >= 0) {  // one GPU per rank
+    const auto visible = static_cast<int>(torch::cuda::device_count());
+    // A launcher that binds one GPU to each task (Slurm's --gpus-per-task) leaves it device 0.
+    const int index = visible == 1 ? 0 : cfg.device_index;
+    TORCH_CHECK(index < visible, "LOCAL_RANK ", cfg.device_index, " has no GPU: ", visible, " are visible");
+    device.set_index(static_cast<c10::DeviceIndex>(index));
+  }
   TORCH_CHECK(device.is_cpu() || torch::cuda::is_available(),
               "--device cuda: no CUDA device is available");
   if constexpr (ObservesEpochLosses<Policy>) {

@@ -51,7 +51,7 @@ print("ok: torchrun's 2 ranks took the same plans, and the run equals launch-loc
 PY
 
 # A half-described launch: the missing variables are named.
-out=$(env -u MASTER_ADDR -u MASTER_PORT -u RANK WORLD_SIZE=2 "$bin" --out "$work/bad" "${args[@]}" 2>&1) \
+out=$(env -i PATH="$PATH" WORLD_SIZE=2 "$bin" --out "$work/bad" "${args[@]}" 2>&1) \
   && fail "a launch without RANK, MASTER_ADDR and MASTER_PORT ran"
 for name in "RANK (or SLURM_PROCID)" MASTER_PORT MASTER_ADDR; do
   grep -qF -- "$name" <<<"$out" || fail "missing $name not named: $out"

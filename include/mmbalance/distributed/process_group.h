@@ -67,6 +67,9 @@ struct ProcessGroupOptions {
   /// This process's index among the ranks on its machine (`LOCAL_RANK`), the GPU it
   /// should use; -1 where the launcher does not say.
   TORCH_ARG(int, local_rank) = -1;
+  /// The network interface Gloo binds to (e.g. "eth0"; `GLOO_SOCKET_IFNAME`); where set,
+  /// it takes the place of `hostname`.
+  TORCH_ARG(std::string, network_interface) = "";
 
  public:  // TORCH_ARG leaves the access private
   /// The run as its launcher describes it to this process, as PyTorch's `env://` reads it:
@@ -122,22 +125,34 @@ struct ProcessGroupOptions {
                 "or under Slurm with srun and MASTER_ADDR and MASTER_PORT exported");
     TORCH_CHECK(*port >= 1 && *port <= 65535, "ProcessGroupOptions::from_environment: MASTER_PORT=", *port,
                 " is not a port (1..65535)");
+    const char* world_name = getenv("WORLD_SIZE") != nullptr ? "WORLD_SIZE" : "SLURM_NTASKS";
+    const char* rank_name = getenv("RANK") != nullptr ? "RANK" : "SLURM_PROCID";
+    TORCH_CHECK(*world >= 1, "ProcessGroupOptions::from_environment: ", world_name, "=", *world,
+                " (the number of processes) must be at least 1");
+    TORCH_CHECK(*rank < *world, "ProcessGroupOptions::from_environment: ", rank_name, "=", *rank,
+                " is not below ", world_name, "=", *world);
     const std::string host = address;
     const bool loopback = host == "127.0.0.1" || host == "localhost" || host == "::1";
+    // Several machines: Gloo binds to GLOO_SOCKET_IFNAME's interface where set (as in
+    // PyTorch), else to this machine's address as its hostname resolves ("").
     const char* agent_store = getenv("TORCHELASTIC_USE_AGENT_STORE");
     return ProcessGroupOptions("tcp://" + host + ":" + std::to_string(*port), static_cast<int>(*rank),
                                static_cast<int>(*world))
         .hostname(loopback ? "127.0.0.1" : "")
+        .network_interface(getenv("GLOO_SOCKET_IFNAME") != nullptr ? getenv("GLOO_SOCKET_IFNAME") : "")
         .store_served_by_launcher(agent_store != nullptr && std::string(agent_store) == "True")
         .local_rank(local ? static_cast<int>(*local) : -1);
   }
 
-  /// Whether this process's environment describes a launched run (`from_environment`
-  /// would read one): torchrun's `WORLD_SIZE`, or Slurm's `SLURM_NTASKS` with
-  /// `MASTER_ADDR`.
+  /// Whether this process's environment describes a launched run, which
+  /// `from_environment` reads (or names what it lacks): torchrun's `WORLD_SIZE`, or a
+  /// Slurm job step of several tasks (srun: `SLURM_STEP_NUM_TASKS` > 1; a batch script
+  /// itself, one task, is not one).
   static bool environment_describes_run(
       const std::function<const char*(const char*)>& getenv = [](const char* name) { return std::getenv(name); }) {
-    return getenv("WORLD_SIZE") != nullptr || (getenv("SLURM_NTASKS") != nullptr && getenv("MASTER_ADDR") != nullptr);
+    if (getenv("WORLD_SIZE") != nullptr) return true;
+    const char* tasks = getenv("SLURM_STEP_NUM_TASKS");
+    return tasks != nullptr && std::strtol(tasks, nullptr, 10) > 1;
   }
 };
 
@@ -204,7 +219,9 @@ inline c10::intrusive_ptr<CollectiveBackend> make_process_group(const ProcessGro
 #endif
     }
     auto gloo = c10d::ProcessGroupGloo::Options::create(options.timeout());
-    gloo->devices.push_back(options.hostname().empty()
+    gloo->devices.push_back(!options.network_interface().empty()
+                                ? c10d::ProcessGroupGloo::createDeviceForInterface(options.network_interface())
+                            : options.hostname().empty()
                                 ? c10d::ProcessGroupGloo::createDefaultDevice()
                                 : c10d::ProcessGroupGloo::createDeviceForHostname(options.hostname()));
     return c10::make_intrusive<c10d::ProcessGroupGloo>(store, options.rank(),

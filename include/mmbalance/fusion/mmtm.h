@@ -186,8 +186,12 @@ class MMTMImpl : public torch::nn::Cloneable<MMTMImpl> {
 
   /// Reads a state written by `save`; one written while the joint layer was registered as
   /// "squeeze" (up to mmbalance 2026-12-06, checkpoints included) reads as well.
+  /// (As `torch::nn::Module::load`, with that one fallback.)
   void load(torch::serialize::InputArchive& archive) override {
+    for (auto& p : named_parameters(/*recurse=*/false)) archive.read(p.key(), p.value());
+    for (auto& b : named_buffers(/*recurse=*/false)) archive.read(b.key(), b.value(), /*is_buffer=*/true);
     for (const auto& child : named_children()) {
+      if (!child.value()->is_serializable()) continue;
       torch::serialize::InputArchive nested;
       TORCH_CHECK(archive.try_read(child.key(), nested) ||
                       (child.key() == "joint" && archive.try_read("squeeze", nested)),

@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -80,22 +81,39 @@ inline LineDifference first_difference(const std::string& first, const std::stri
           a.size(), b.size()};
 }
 
-/// `saved` (a fingerprint or a module description, an entry a line) with MMTM's joint
-/// layer, registered as "squeeze" up to mmbalance 2026-12-06, under today's name: a line
-/// holding `before` reads with `after` in its place where `current` has that line and not
-/// the original (a module of the user's own may have a "squeeze"). The caller then
-/// compares exactly.
+// MMTM's joint layer was registered as "squeeze" up to mmbalance 2026-12-06. `line` of a
+// saved fingerprint ("param a.b.squeeze.weight:[..]": the entry's module) or module
+// description ("    (squeeze): torch::nn::Linear(..)") under today's name; empty where
+// the line names no such layer.
+inline std::string joint_layer_renamed(const std::string& line, bool description) {
+  if (description) {
+    const std::size_t at = line.find_first_not_of(' ');
+    if (at == std::string::npos || line.compare(at, 11, "(squeeze): ") != 0) return {};
+    return line.substr(0, at) + "(joint): " + line.substr(at + 11);
+  }
+  const std::size_t colon = line.rfind(':');
+  const std::size_t dot = colon == std::string::npos || colon == 0 ? std::string::npos : line.rfind('.', colon - 1);
+  if (dot == std::string::npos || dot == 0) return {};
+  const std::size_t start = line.find_last_of(". ", dot - 1) + 1;  // after "param " or the parent's "."
+  if (line.compare(start, dot - start, "squeeze") != 0) return {};
+  return line.substr(0, start) + "joint" + line.substr(dot);
+}
+
+/// `saved` (a fingerprint, or with `description` a module description; an entry a line)
+/// with MMTM's joint layer under today's name where `current` has the renamed line and
+/// not the original (a module of the user's own may have a "squeeze"). Linear in the
+/// texts' sizes (the saved one comes from a file); the caller then compares exactly.
 inline std::string with_joint_layer_renamed(const std::string& saved, const std::string& current,
-                                            std::string_view before, std::string_view after) {
-  if (saved == current || saved.find(before) == std::string::npos) return saved;
-  const auto has = [&](const std::string& line) { return current.find(line + "\n") != std::string::npos; };
+                                            bool description) {
+  if (saved == current) return saved;
+  const std::vector<std::string> current_lines = split_lines(current);
+  const std::unordered_set<std::string_view> mine(current_lines.begin(), current_lines.end());
   std::string out;
+  out.reserve(saved.size());
   for (std::string line : split_lines(saved)) {
-    const std::size_t at = line.find(before);
-    if (at != std::string::npos && !has(line)) {
-      std::string renamed = line;
-      renamed.replace(at, before.size(), after);
-      if (has(renamed)) line = std::move(renamed);
+    if (!mine.count(line)) {
+      std::string renamed = joint_layer_renamed(line, description);
+      if (!renamed.empty() && mine.count(renamed)) line = std::move(renamed);
     }
     out += line + "\n";
   }
@@ -106,7 +124,7 @@ inline std::string with_joint_layer_renamed(const std::string& saved, const std:
 /// Throws naming the first entry where two fingerprints differ.
 inline void check_same_architecture(const std::string& recorded, const std::string& current,
                                     const std::string& source) {
-  const std::string saved = with_joint_layer_renamed(recorded, current, ".squeeze.", ".joint.");
+  const std::string saved = with_joint_layer_renamed(recorded, current, /*description=*/false);
   if (saved == current) return;
   const LineDifference d = first_difference(saved, current);
   TORCH_CHECK(false, "checkpoint ", source, " was made for another architecture: entry ", d.line,
@@ -181,7 +199,7 @@ inline std::string upgraded_module_description(const std::string& text) {
 /// Throws naming the first line where two module descriptions differ.
 inline void check_same_modules(const std::string& recorded, const std::string& current,
                                const std::string& source) {
-  const std::string saved = with_joint_layer_renamed(recorded, current, "(squeeze): ", "(joint): ");
+  const std::string saved = with_joint_layer_renamed(recorded, current, /*description=*/true);
   if (saved == current) return;
   const LineDifference d = first_difference(saved, current);
   TORCH_CHECK(false, "checkpoint ", source, " was made for modules with other options: line ",
