@@ -564,3 +564,31 @@ TEST_CASE("OGM-GE with gradient accumulation scores every micro-batch of the ste
   REQUIRE_FALSE(at::allclose(joined, only_last));  // the two readings differ here
   CHECK(at::allclose(balancer.policy().last_coefficients(), joined));
 }
+
+TEST_CASE("OGM-GE refuses by name a branch with no parameter its filter selects, before "
+          "modulating any",
+          "[ogm-ge][bad-input]") {
+  // Branch 0 a convolution kernel; branch 1 only a linear layer (2-d weight, bias): under
+  // conv_weights nothing of branch 1 would ever be scaled.
+  const auto with_grad = [](std::vector<std::int64_t> shape) {
+    at::Tensor p = at::randn(shape).requires_grad_();
+    p.mutable_grad() = at::ones(shape);
+    return p;
+  };
+  const std::vector<std::vector<at::Tensor>> params{{with_grad({4, 3, 3, 3})}, {with_grad({5, 4}), with_grad({5})}};
+  const std::vector<at::Tensor> heads{as_tensor({{4.0, 0.0}, {4.0, 0.0}}), as_tensor({{0.0, 0.0}, {0.0, 0.0}})};
+  const at::Tensor target = at::tensor({0L, 0L});
+  const std::function<void(at::Tensor&)> one_process;
+  const StepGradients step{heads, target, params, one_process, 0};
+  OGMGEPolicy conv(OGMGEOptions().noise(false));
+  CHECK_THROWS_WITH(conv.modulate_gradients(step),
+                    Catch::Contains("OGMGEPolicy: branch 1 has no conv_weights parameter to modulate"));
+  for (const auto& group : params) {
+    for (const auto& p : group) CHECK(at::equal(p.grad(), at::ones_like(p)));  // untouched
+  }
+  // Every weight: branch 0, the dominant one, is scaled; the refusal is the filter's.
+  OGMGEPolicy weights(OGMGEOptions().noise(false).parameters(ModulatedParameters::non_bias));
+  weights.modulate_gradients(step);
+  CHECK(params[0][0].grad().max().item<double>() < 1.0);
+  CHECK(at::equal(params[1][0].grad(), at::ones({5, 4})));
+}

@@ -7,6 +7,7 @@
 /// (generalization enhancement). docs/policies.md gives the rule, its N-branch form
 /// and where it differs from the original code.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -105,6 +106,14 @@ class OGMGEPolicy {
                 step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
     // Checked in every epoch, so that bad heads are named before the window ends too.
     check_heads(step.heads, step.target);
+    for (std::size_t k = 0; k < step.branch_parameters.size(); ++k) {
+      const auto& params = step.branch_parameters[k];
+      TORCH_CHECK(std::any_of(params.begin(), params.end(),
+                              [&](const at::Tensor& p) { return is_modulated(p, options.parameters()); }),
+                  "OGMGEPolicy: branch ", k, " has no ", to_string(options.parameters()), " parameter to "
+                  "modulate (conv_weights: 3 or more dimensions), so its gradient would never be scaled; "
+                  "choose OGMGEOptions().parameters(ModulatedParameters::non_bias) or ::all");
+    }
     if (step.epoch > options.modulation_ends()) {  // past the modulation epochs: plain SGD
       last_coefficients_ = at::ones({static_cast<std::int64_t>(step.heads.size())},
                                     step.heads.front().options().dtype(at::kFloat));
