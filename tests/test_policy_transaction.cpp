@@ -66,6 +66,17 @@ struct LoadsInPlaceThenRefuses : InPlaceCounts {
 
 std::int64_t count(const at::Tensor& t) { return t.item<std::int64_t>(); }
 
+// Step `seed` of train_steps' run up to observe(), which the policy refuses.
+template <class BalancerT>
+void refused_step(Net& net, torch::optim::Optimizer& opt, BalancerT& balancer, std::uint64_t seed) {
+  const StepKind kind = balancer.next_step();
+  const auto b = small_batch(8, seed);
+  auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
+  opt.zero_grad();
+  loss.backward();
+  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("InPlaceCounts: refused"));
+}
+
 }  // namespace
 
 TEST_CASE("abandon_step restores a policy's state tensors changed in place", "[policy_transaction]") {
@@ -107,12 +118,7 @@ TEST_CASE("A hook that throws half-way through observe leaves the balancer's rec
     train_steps(net, opt, balancer, 0, 2, 100);
     const std::string before = saved_bytes(balancer);
     *policy.refuse_at = 3;  // the third speeds: counted in place, then refused
-    const StepKind kind = balancer.next_step();
-    auto b = small_batch(8, 2);
-    auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
-    opt.zero_grad();
-    loss.backward();
-    CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("InPlaceCounts: refused"));
+    refused_step(net, opt, balancer, 2);
     // Policy (plans 2, speeds 2), meter and counters: the record written before the step.
     CHECK(count(balancer.policy().plans) == 2);
     CHECK(count(balancer.policy().speeds_seen) == 2);
@@ -144,12 +150,7 @@ TEST_CASE("SpeedRead::previous_step: speeds handed over in a step that is refuse
   const std::string before = saved_bytes(balancer);
   const double spreads_before = balancer.policy().spread_sum.item<double>();
   *policy.refuse_at = 3;  // step 3 delivers step 2's speeds first: refused
-  const StepKind kind = balancer.next_step();
-  auto b = small_batch(8, 3);
-  auto loss = modality_specific_loss(net->forward(b.x0, b.x1, kind), b.target);
-  opt.zero_grad();
-  loss.backward();
-  CHECK_THROWS_WITH(balancer.observe(loss), Catch::Contains("InPlaceCounts: refused"));
+  refused_step(net, opt, balancer, 3);
   CHECK(count(balancer.policy().speeds_seen) == 2);
   CHECK(balancer.policy().spread_sum.item<double>() == spreads_before);
   CHECK(saved_bytes(balancer) == before);  // the last speeds and the pending read too

@@ -12,12 +12,10 @@
 #include <functional>
 #include <optional>
 #include <string>
-#include <typeinfo>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/util/Type.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
@@ -77,7 +75,7 @@ class Balancer {
         gate_means_(net->gate_means()) {
     if constexpr (TakesBranchCount<Policy>) policy_.policy().set_branches(branches());
     if constexpr (HoldsFusionGates<Policy>) {
-      TORCH_CHECK(!gate_means_.empty(), "Balancer: ", policy_type(), " chooses re-balancing "
+      TORCH_CHECK(!gate_means_.empty(), "Balancer: ", detail::policy_type<Policy>(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
                   "modules (late fusion): use a policy that needs none (VanillaPolicy, "
                   "OGMGEPolicy, GradientBlendingPolicy, MMParetoPolicy, AGMPolicy) or a network with fusion modules");
@@ -331,8 +329,6 @@ class Balancer {
     pending_ = plan;
     return plan;
   }
-
-  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
 
   BalancerOptions options_;
   detail::PolicyTransaction<Policy> policy_;  // and the state it rolls back to

@@ -8,18 +8,17 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <typeinfo>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/util/Type.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/epoch_clock.h"
 #include "mmbalance/balancing/epoch_losses.h"
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/policy_transaction.h"
 #include "mmbalance/balancing/reinitialization.h"
 
@@ -39,11 +38,11 @@ class EpochBoundary {
   void check_form(const EpochClock& clock, const PolicyTransaction<Policy>& policy, bool with_data,
                   bool with_optimizer) const {
     if constexpr (ReinitializesBranches<Policy>) {
-      TORCH_CHECK(with_optimizer || clock.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", type(),
+      TORCH_CHECK(with_optimizer || clock.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type<Policy>(),
                   " may re-initialize branches at this boundary, which resets their optimizer "
                   "state: call end_epoch(optimizer)");
     }
-    TORCH_CHECK(with_data || !measures(clock, policy), "Balancer::end_epoch: ", type(), " measures every "
+    TORCH_CHECK(with_data || !measures(clock, policy), "Balancer::end_epoch: ", policy_type<Policy>(), " measures every "
                 "head's loss at the end of this epoch: call end_epoch(net, train_sample, held_out)");
   }
 
@@ -77,7 +76,7 @@ class EpochBoundary {
     advance(clock, policy, [&] {
       if (done < 0) return;
       strengths = policy.policy().reinitialization(done);
-      initial_->check(strengths, type());
+      initial_->check(strengths, policy_type<Policy>());
     });
     initial_->apply(strengths, branches, optimizer);
   }
@@ -108,8 +107,6 @@ class EpochBoundary {
   void commit(std::optional<InitialParameters> initial) { initial_ = std::move(initial); }
 
  private:
-  static std::string type() { return c10::demangle(typeid(Policy).name()); }
-
   std::optional<InitialParameters> initial_;  // a re-initializing policy's
 };
 

@@ -13,12 +13,12 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/util/Type.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/masked_outputs.h"
+#include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/eval_mode.h"
 #include "mmbalance/model/loss.h"
@@ -95,7 +95,7 @@ class LossFormer {
   /// too: the loop is wrong from the start).
   void check_formed() const {
     if constexpr (kNeeded) {
-      TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type(),
+      TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type<Policy>(),
                   ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
                                              : " forms the step's loss (weights or a term of its own)",
                   "; form the loss with balancer.loss(out, target)");
@@ -121,7 +121,6 @@ class LossFormer {
 
  private:
   std::size_t branches() const { return branch_parameters_.size(); }
-  static std::string policy_type() { return c10::demangle(typeid(Policy).name()); }
 
   // The inputs a masking policy runs the network on: one per branch, a row per target.
   void check_inputs(const std::vector<at::Tensor>& inputs, const at::Tensor& target) const {
@@ -159,14 +158,14 @@ class LossFormer {
     at::Tensor w = policy.sample_weights(out, target);
     if (!w.defined()) return w;
     TORCH_CHECK(w.dim() == 1 && w.size(0) == target.size(0) && at::isFloatingType(w.scalar_type()),
-                "Balancer::loss: ", policy_type(), "'s sample weights must be one floating-point "
+                "Balancer::loss: ", policy_type<Policy>(), "'s sample weights must be one floating-point "
                 "number per row of the batch (", target.size(0), "), got ", w.scalar_type(), " ",
                 shape_string(w));
-    TORCH_CHECK(w.device() == out.y.device(), "Balancer::loss: ", policy_type(), "'s sample weights "
+    TORCH_CHECK(w.device() == out.y.device(), "Balancer::loss: ", policy_type<Policy>(), "'s sample weights "
                 "are on ", w.device(), ", the step's output on ", out.y.device());
     if (check_every_step) {
       TORCH_CHECK(at::isfinite(w).all().logical_and((w >= 0).all()).item<bool>(), "Balancer::loss: ",
-                  policy_type(), "'s sample weights must be finite and >= 0");
+                  policy_type<Policy>(), "'s sample weights must be finite and >= 0");
     }
     return w.detach();
   }
@@ -176,7 +175,7 @@ class LossFormer {
   at::Tensor weighted_loss(const Policy& policy, const NetOutput& out, const at::Tensor& target,
                            const at::Tensor& sample_weights) const {
     const LossWeights w = policy.loss_weights();
-    TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type(), " weighs ",
+    TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type<Policy>(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
     TORCH_CHECK(target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
                 "Balancer::loss: target must be (batch) class indices with batch ",
@@ -192,7 +191,7 @@ class LossFormer {
     };
     for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);
     add(out.y, w.fused);
-    TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type(), " weighs every loss 0");
+    TORCH_CHECK(total.defined(), "Balancer::loss: ", policy_type<Policy>(), " weighs every loss 0");
     return total;
   }
 
@@ -202,12 +201,12 @@ class LossFormer {
                                         const at::Tensor& target) {
     const at::Tensor term = policy.auxiliary_loss(out, target);
     if (!term.defined()) return total;
-    TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type(),
+    TORCH_CHECK(term.numel() == 1 && at::isFloatingType(term.scalar_type()), "Balancer::loss: ", policy_type<Policy>(),
                 "'s auxiliary loss must be a floating-point scalar, got ", term.scalar_type(), " ",
                 shape_string(term));
-    TORCH_CHECK(term.device() == total.device(), "Balancer::loss: ", policy_type(), "'s auxiliary loss is on ",
+    TORCH_CHECK(term.device() == total.device(), "Balancer::loss: ", policy_type<Policy>(), "'s auxiliary loss is on ",
                 term.device(), ", the step's loss on ", total.device());
-    TORCH_CHECK(term.requires_grad() || !total.requires_grad(), "Balancer::loss: ", policy_type(),
+    TORCH_CHECK(term.requires_grad() || !total.requires_grad(), "Balancer::loss: ", policy_type<Policy>(),
                 "'s auxiliary loss carries no gradient while the output does (computed from detached "
                 "tensors?): it would change the loss's value and train nothing");
     return total + term.reshape({}).to(total.scalar_type());
@@ -231,7 +230,7 @@ class LossFormer {
   // (undefined for the others; zeros for one the fused output does not reach), the graph kept.
   std::vector<std::vector<at::Tensor>> fused_gradients(const NetOutput& out, const at::Tensor& target,
                                                        double scale) const {
-    TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type(),
+    TORCH_CHECK(out.y.defined() && out.y.requires_grad(), "Balancer::loss: ", policy_type<Policy>(),
                 " needs the gradient of the fused output's loss, and the output does not "
                 "require a gradient (computed under NoGradGuard, or every parameter frozen?)");
     std::vector<at::Tensor> inputs;

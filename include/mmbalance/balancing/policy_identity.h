@@ -58,6 +58,13 @@ namespace detail {
 template <class P>
 inline constexpr bool kLibraryPolicy = false;
 
+/// The policy's C++ type as the compiler spells it, for messages (and the identity of a
+/// stateless policy that declares none).
+template <class P>
+std::string policy_type() {
+  return c10::demangle(typeid(P).name());
+}
+
 /// The identity a `Balancer<P>` writes: the declared one, or for a stateless policy that
 /// declares none its demangled type name (which depends on the compiler), version 0.
 struct SavedPolicyIdentity {
@@ -71,7 +78,7 @@ SavedPolicyIdentity policy_identity() {
     constexpr PolicyIdentity id = P::checkpoint_identity;
     return {std::string(id.name), id.version};
   } else {
-    return {c10::demangle(typeid(P).name()), 0};
+    return {policy_type<P>(), 0};
   }
 }
 
@@ -132,7 +139,7 @@ inline SavedPolicyIdentity read_policy_identity(torch::serialize::InputArchive& 
 template <class P>
 void check_policy_identity(const SavedPolicyIdentity& saved) {
   const SavedPolicyIdentity mine = policy_identity<P>();
-  const std::string type = c10::demangle(typeid(P).name());
+  const std::string type = policy_type<P>();
   // Version 0: a record naming the policy by its C++ type (from before identities, or of a
   // stateless policy that declares none).
   const bool same_type_before_names = saved.version == 0 && saved.name == type;

@@ -72,6 +72,9 @@ struct ProcessGroupOptions {
   TORCH_ARG(std::string, network_interface) = "";
 
  public:  // TORCH_ARG leaves the access private
+  /// This process's variable `name` (nullptr: not set).
+  static const char* process_environment(const char* name) { return std::getenv(name); }
+
   /// The run as its launcher describes it to this process, as PyTorch's `env://` reads it:
   /// torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`, or
   /// Slurm's `SLURM_PROCID`, `SLURM_NTASKS` and `SLURM_LOCALID` where torchrun's are not
@@ -86,7 +89,7 @@ struct ProcessGroupOptions {
   /// at::Device device(at::kCUDA, options.local_rank());
   /// ```
   static ProcessGroupOptions from_environment(
-      const std::function<const char*(const char*)>& getenv = [](const char* name) { return std::getenv(name); }) {
+      const std::function<const char*(const char*)>& getenv = process_environment) {
     std::vector<std::string> missing;
     std::string malformed;
     // The first of `names` that is set, as a whole number (nullopt and noted if none is).
@@ -149,7 +152,7 @@ struct ProcessGroupOptions {
   /// Slurm job step of several tasks (srun: `SLURM_STEP_NUM_TASKS` > 1; a batch script
   /// itself, one task, is not one).
   static bool environment_describes_run(
-      const std::function<const char*(const char*)>& getenv = [](const char* name) { return std::getenv(name); }) {
+      const std::function<const char*(const char*)>& getenv = process_environment) {
     if (getenv("WORLD_SIZE") != nullptr) return true;
     const char* tasks = getenv("SLURM_STEP_NUM_TASKS");
     return tasks != nullptr && std::strtol(tasks, nullptr, 10) > 1;
