@@ -338,23 +338,24 @@ TEST_CASE("AGM through the Balancer: the loss is CE(y), masked passes give the r
 template <class B>
 concept LossWithoutInputs = requires(B& b, const ModelOutput& out, const at::Tensor& target) { b.loss(out, target); };
 
-TEST_CASE("AGM in warm-up: the plain loss, no masked passes, the inputs are needed from the start",
-          "[agm]") {
+TEST_CASE("AGM in warm-up: the fused output's loss alone (the original's), no masked passes, the "
+          "inputs are needed from the start", "[agm]") {
   Net net = small_net(7), twin = small_net(99);
   copy_state(net, twin);
   const MultiModalBatch b = small_batch(8, 7);
-  modality_specific_loss(twin->forward(b.x0, b.x1), b.target).backward();
+  // The original (lihongcs/AGM) trains CE(out) from the first step.
+  at::cross_entropy_loss(twin->forward(b.x0, b.x1).y, b.target).backward();
   Balancer<AGMPolicy> balancer(net, AGMPolicy(), BalancerOptions().warmup_epochs(1));
   balancer.next_plan();
   const ModelOutput out = net->forward(b.x0, b.x1);
   // Without the inputs there is no loss() to call (a compile-time error for AGM).
   static_assert(!LossWithoutInputs<Balancer<AGMPolicy>> && LossWithoutInputs<Balancer<VanillaPolicy>>);
   const at::Tensor loss = balancer.loss(out, b.target, {b.x0, b.x1});
-  CHECK(loss.item<double>() == Approx(modality_specific_loss(out, b.target).item<double>()));
+  CHECK(loss.item<double>() == Approx(at::cross_entropy_loss(out.y, b.target).item<double>()));
   loss.backward();
   balancer.observe(loss);
   const auto p = net->parameters(), q = twin->parameters();
-  for (std::size_t j = 0; j < p.size(); ++j) CHECK(at::equal(p[j].grad(), q[j].grad()));
+  for (std::size_t j = 0; j < p.size(); ++j) CHECK(at::allclose(p[j].grad(), q[j].grad(), 1e-5, 1e-7));
   CHECK_FALSE(balancer.policy().last_coefficients().defined());
 }
 
@@ -526,4 +527,45 @@ TEST_CASE("AGM refuses bad options, inputs and state by name, and changes nothin
   CHECK(saved_bytes(fresh) == fresh_bytes);
   load_saved(fresh, bytes);
   CHECK(at::equal(fresh.running_scores(), trained.running_scores()));
+}
+
+TEST_CASE("AGM with half-precision gradients: a coefficient that would overflow half is refused by "
+          "name before anything changes; bfloat16 takes it", "[agm][bad-input]") {
+  // Branch a all wrong (logit 8 on the other class), v all right: r_a = exp(s_v − s_a) ≈ e^−8,
+  // so k_a = exp(α·min(1 − r_a, cap)) ≈ exp(15) ≈ 3.3e6, beyond half's 65504.
+  const at::Tensor a = rows({{8, 0}, {8, 0}}), v = rows({{0, 8}, {0, 8}});
+  const at::Tensor target = at::tensor({1, 1}, at::kLong);
+  const double s_a = nll({8, 0}, 1), s_v = nll({0, 8}, 1);
+  double train_a = 0, train_v = 0;
+  const auto [k_a, k_v] = original_step(s_a, s_v, train_a, train_v, 1, 15.0, 1.0);
+  REQUIRE(k_a > 65504);
+  const auto gradients_in = [](at::ScalarType dtype) {
+    std::vector<std::vector<at::Tensor>> params(2);
+    for (auto& branch : params) {
+      at::Tensor p = at::zeros({2, 3}, dtype).requires_grad_();
+      p.mutable_grad() = at::ones({2, 3}, dtype);
+      branch.push_back(p);
+    }
+    return params;
+  };
+  auto half = for_branches(AGMPolicy(AGMOptions().alpha(15.0).max_gap(1.0)), 2);
+  auto params = gradients_in(at::kHalf);
+  CHECK_THROWS_WITH(run_agm_hook(half, additive(a, v), target, params),
+                    Catch::Contains("AGMPolicy: branch 0 has half-precision gradients") &&
+                        Catch::Contains("keep alpha * max_gap <= 11.0896"));
+  CHECK(at::equal(params[0][0].grad(), at::ones({2, 3}, at::kHalf)));  // untouched
+  CHECK(half.modulated_steps().item<std::int64_t>() == 0);
+  CHECK_FALSE(half.last_coefficients().defined());
+  // bfloat16 has float's range: the same step is taken, k_a as the original computes it.
+  auto wide = for_branches(AGMPolicy(AGMOptions().alpha(15.0).max_gap(1.0)), 2);
+  params = gradients_in(at::kBFloat16);
+  run_agm_hook(wide, additive(a, v), target, params);
+  CHECK(params[0][0].grad().to(at::kDouble).max().item<double>() == Approx(k_a).epsilon(1e-2));
+  CHECK(at::isfinite(params[0][0].grad()).all().item<bool>());
+  // Half with α·cap within bounds: taken, finite.
+  auto bounded = for_branches(AGMPolicy(AGMOptions().alpha(10.0).max_gap(1.0)), 2);
+  params = gradients_in(at::kHalf);
+  run_agm_hook(bounded, additive(a, v), target, params);
+  CHECK(at::isfinite(params[0][0].grad()).all().item<bool>());
+  CHECK(params[0][0].grad().to(at::kDouble).max().item<double>() > 1000);
 }

@@ -241,6 +241,13 @@ TEST_CASE("DataParallel, vanilla: 2 ranks match one process on the combined batc
   check_matches_single_process(VanillaPolicy());
 }
 
+TEST_CASE("DataParallel, joint training: 2 ranks match one process on the fused output's loss",
+          "[distributed]") {
+  check_matches_single_process(JointTrainingPolicy());
+  check_matches_single_process(JointTrainingPolicy(), at::kCPU, small_late_net);
+  check_matches_single_process(JointTrainingPolicy(), at::kCPU, small_three_way);
+}
+
 TEST_CASE("DataParallel, guided: 2 ranks take the same steps as one process", "[distributed]") {
   // alpha = 0 opens a re-balancing window after every regular step, in the direction of
   // d_speed's sign, so both directions and the gate averages are exercised.
@@ -273,7 +280,9 @@ TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process 
   check_matches_single_process(for_branches(MMParetoPolicy(MMParetoOptions().gamma(1.2)), 3), at::kCPU, small_three_way);
   // Heads that lean apart make branch 0's gradients conflict, where the min-norm weights
   // depend on the averaged g_m: the same conflicts on the ranks as in one process.
-  const auto ended = check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net);
+  // (Within 1e-4: the min-norm weights divide by |g − g_m|², which amplifies the rounding
+  // of the averaged gradients; measured 5e-5 since warm-up trains MMPareto's three terms.)
+  const auto ended = check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net, 1e-4);
   const at::Tensor single = ended[0].conflict_steps();
   CHECK(single[0].item<std::int64_t>() > 0);
   CHECK(at::equal(ended[1].conflict_steps(), single));
@@ -299,7 +308,7 @@ TEST_CASE("DataParallel, uneven shares: 3 ranks of 2, 3 and 3 rows, each loss sc
   // The scale reaches what the balancer computes from the loss (MMPareto's fused
   // gradients) and the scores' row counts (AGM), so unequal shares average correctly.
   check_matches_single_process(VanillaPolicy(), at::kCPU, two_branch_net, 1e-5, 3);
-  check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net, 1e-5, 3);
+  check_matches_single_process(for_branches(MMParetoPolicy(), 2), at::kCPU, leaning_late_net, 1e-4, 3);  // as above
   const auto ended = check_matches_single_process(for_branches(AGMPolicy(AGMOptions().alpha(0.5)), 2), at::kCPU, two_branch_net, 1e-5, 3);
   for (std::size_t r = 1; r < ended.size(); ++r) {
     CHECK(at::allclose(ended[r].running_scores(), ended[0].running_scores(), 1e-6, 1e-9));

@@ -1,6 +1,7 @@
-// OGM-GE as a gradient-modulating policy: its coefficients against the paper's rule
-// computed by hand, its effect on each branch's gradients against an unmodulated twin, the
-// noise, warm-up, resume and bad input.
+// OGM-GE as a gradient-modulating policy: the loss it trains (the fused output's, as the
+// original's main.py), its coefficients against the paper's rule computed by hand, its
+// effect on each branch's gradients against an unmodulated twin, the noise, warm-up,
+// resume and bad input.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -19,15 +20,34 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// s = Σ_i softmax(logits_i)[y_i], written out.
-double score(const std::vector<std::vector<double>>& logits, const std::vector<int>& y) {
+// s = Σ_i softmax(logits_i / n)[y_i], written out: the score of a branch whose head gives
+// `logits`, from its share of y = Σ_k h_k / n (the original's out_a = W_a·a + b/2, its half
+// of the fused output of two branches).
+double score(const std::vector<std::vector<double>>& logits, const std::vector<int>& y, double n) {
   double s = 0;
   for (std::size_t i = 0; i < logits.size(); ++i) {
     double z = 0;
-    for (double v : logits[i]) z += std::exp(v);
-    s += std::exp(logits[i][static_cast<std::size_t>(y[i])]) / z;
+    for (double v : logits[i]) z += std::exp(v / n);
+    s += std::exp(logits[i][static_cast<std::size_t>(y[i])] / n) / z;
   }
   return s;
+}
+
+// The loss the original trains: CE of the fused output, written out from the heads (the
+// mean over n branches, log-sum-exp by hand), averaged over the batch.
+double fused_cross_entropy(const std::vector<at::Tensor>& heads, const at::Tensor& target) {
+  const std::int64_t rows = heads[0].size(0), classes = heads[0].size(1);
+  double total = 0;
+  for (std::int64_t i = 0; i < rows; ++i) {
+    std::vector<double> y(static_cast<std::size_t>(classes), 0.0);
+    for (const at::Tensor& h : heads) {
+      for (std::int64_t c = 0; c < classes; ++c) y[static_cast<std::size_t>(c)] += h[i][c].item<double>() / static_cast<double>(heads.size());
+    }
+    double z = 0;
+    for (double v : y) z += std::exp(v);
+    total += std::log(z) - y[static_cast<std::size_t>(target[i].item<std::int64_t>())];
+  }
+  return total / static_cast<double>(rows);
 }
 
 at::Tensor as_tensor(const std::vector<std::vector<double>>& rows) {
@@ -36,12 +56,13 @@ at::Tensor as_tensor(const std::vector<std::vector<double>>& rows) {
   return at::tensor(flat).view({static_cast<std::int64_t>(rows.size()), -1});
 }
 
-// The unmodulated gradients of `net` on batch b: a twin with the same state, no balancer.
+// The unmodulated gradients of `net` on batch b: a twin with the same state, no balancer,
+// trained on CE(y) as the original.
 std::vector<at::Tensor> plain_gradients(const Net& net, const MultiModalBatch& b) {
   Net twin = small_net(99);
   copy_state(net, twin);
   twin->zero_grad();
-  modality_specific_loss(twin->forward(b.x0, b.x1), b.target).backward();
+  at::cross_entropy_loss(twin->forward(b.x0, b.x1).y, b.target).backward();
   std::vector<at::Tensor> g;
   for (const auto& p : twin->parameters()) g.push_back(p.grad().clone());
   return g;
@@ -76,7 +97,7 @@ TEST_CASE("OGM-GE coefficients follow the paper's rule, for two and three branch
                                          middle = {{1, 0, 0}, {0, 1, 0}};
   const at::Tensor target = at::tensor({0, 1}, at::kLong);
   // Two branches: ρ_0 = s_0 / s_1 > 1, so k_0 = 1 - tanh(α ρ_0) and k_1 = 1.
-  const double rho = score(strong, y) / score(weak, y);
+  const double rho = score(strong, y, 2) / score(weak, y, 2);
   REQUIRE(rho > 1);
   const at::Tensor k = OGMGEPolicy::coefficients({as_tensor(strong), as_tensor(weak)}, target, 0.3);
   CHECK(k[0].item<double>() == Approx(1 - std::tanh(0.3 * rho)).epsilon(1e-6));
@@ -92,7 +113,7 @@ TEST_CASE("OGM-GE coefficients follow the paper's rule, for two and three branch
   const at::Tensor off = OGMGEPolicy::coefficients({as_tensor(strong), as_tensor(weak)}, target, 0.0);
   CHECK(off[0].item<double>() == 1.0);
   // Three branches: ρ_k = s_k / mean of the others' scores.
-  const double s0 = score(strong, y), s1 = score(middle, y), s2 = score(weak, y);
+  const double s0 = score(strong, y, 3), s1 = score(middle, y, 3), s2 = score(weak, y, 3);
   const double r0 = s0 / ((s1 + s2) / 2), r1 = s1 / ((s0 + s2) / 2), r2 = s2 / ((s0 + s1) / 2);
   const at::Tensor three = OGMGEPolicy::coefficients(
       {as_tensor(strong), as_tensor(middle), as_tensor(weak)}, target, 0.5);
@@ -106,10 +127,10 @@ TEST_CASE("OGM-GE coefficients follow the paper's rule, for two and three branch
 TEST_CASE("OGM-GE at the edges: a perfect branch against one whose score underflows, and two "
           "that score 0", "[ogm-ge]") {
   const at::Tensor target = at::tensor({0, 1}, at::kLong);
-  // Logits 200 apart: the true class's softmax is 1 for the perfect head and exactly 0 (in
-  // float) for the hopeless one.
-  const at::Tensor perfect = at::tensor({200.0, 0.0, 0.0, 200.0}).reshape({2, 2});
-  const at::Tensor hopeless = at::tensor({0.0, 200.0, 200.0, 0.0}).reshape({2, 2});
+  // Logits 400 apart, shares (halves) 200 apart: the true class's softmax is 1 for the
+  // perfect head and exactly 0 (in float) for the hopeless one.
+  const at::Tensor perfect = at::tensor({400.0, 0.0, 0.0, 400.0}).reshape({2, 2});
+  const at::Tensor hopeless = at::tensor({0.0, 400.0, 400.0, 0.0}).reshape({2, 2});
   // ρ_0 = 2 / 0 = inf: k_0 = 1 - tanh(inf) = 0, the dominant branch stops (as in the
   // original); ρ_1 = 0 / 2: k_1 = 1.
   const at::Tensor k = OGMGEPolicy::coefficients({perfect, hopeless}, target, 0.1);
@@ -140,7 +161,7 @@ TEST_CASE("OGM scales the conv-weight gradients of each branch by its coefficien
     }
     y.push_back(static_cast<int>(b.target[i].item<std::int64_t>()));
   }
-  const double s0 = score(h0, y), s1 = score(h1, y);
+  const double s0 = score(h0, y, 2), s1 = score(h1, y, 2);
   const double k0 = s0 > s1 ? 1 - std::tanh(0.7 * s0 / s1) : 1.0, k1 = s1 > s0 ? 1 - std::tanh(0.7 * s1 / s0) : 1.0;
   REQUIRE(std::min(k0, k1) < 0.9);  // this batch modulates something
   const auto params = net->parameters();
@@ -212,16 +233,16 @@ TEST_CASE("OGM-GE on three branches scales each branch by its own coefficient", 
   Balancer<OGMGEPolicy> balancer(net, OGMGEPolicy(OGMGEOptions().alpha(2.0).noise(false)),
                                  BalancerOptions().warmup_epochs(0));
   const Batch b = n_way_batch(3, 8, 21);
-  modality_specific_loss(twin->forward(b.inputs), b.target).backward();
+  at::cross_entropy_loss(twin->forward(b.inputs).y, b.target).backward();
   const StepPlan plan = balancer.next_plan();
   const NetOutput out = net->forward(b.inputs, plan);
   const at::Tensor loss = balancer.loss(out, b.target);
-  CHECK(loss.item<double>() == Approx(modality_specific_loss(out, b.target).item<double>()));
+  CHECK(loss.item<double>() == Approx(fused_cross_entropy(out.heads, b.target)).epsilon(1e-5));
   loss.backward();
   balancer.observe(loss);
   std::vector<double> s;
   for (const auto& h : out.heads) {
-    const at::Tensor p = at::softmax(h.detach().to(at::kDouble), 1);
+    const at::Tensor p = at::softmax(h.detach().to(at::kDouble) / 3.0, 1);  // its share of y
     double sum = 0;
     for (std::int64_t i = 0; i < 8; ++i) sum += p[i][b.target[i].item<std::int64_t>()].item<double>();
     s.push_back(sum);
@@ -591,4 +612,84 @@ TEST_CASE("OGM-GE refuses by name a branch with no parameter its filter selects,
   weights.modulate_gradients(step);
   CHECK(params[0][0].grad().max().item<double>() < 1.0);
   CHECK(at::equal(params[1][0].grad(), at::ones({5, 4})));
+}
+
+TEST_CASE("OGM-GE trains the fused output's loss, warm-up included: on the late-fusion twin a "
+          "branch's gradient depends on the other branch, as through the original's shared head",
+          "[ogm-ge]") {
+  const auto b = small_batch(8, 13);
+  // Branch 0's gradients after one warm-up step (nothing modulated) of policy P, with
+  // branch 1's parameters shifted by `shift`.
+  const auto branch0_gradients = [&](auto policy, double shift, double* loss_value, double* expected) {
+    Net net = small_late_net(5);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : net->branch1->parameters()) p.add_(shift);
+    }
+    Balancer<decltype(policy)> balancer(net, policy, BalancerOptions().warmup_epochs(1));
+    const StepPlan plan = balancer.next_plan();
+    const ModelOutput out = net->forward(b.x0, b.x1, to_step_kind(plan));
+    const at::Tensor loss = balancer.loss(out, b.target);
+    if (loss_value) *loss_value = loss.item<double>();
+    if (expected) *expected = fused_cross_entropy(out.heads, b.target);
+    loss.backward();
+    balancer.observe(loss);
+    std::vector<at::Tensor> g;
+    for (const auto& p : net->branch0->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  double loss = 0, expected = 0;
+  const auto g = branch0_gradients(OGMGEPolicy(), 0.0, &loss, &expected);
+  CHECK(loss == Approx(expected).epsilon(1e-5));  // CE(y), y the mean of the heads
+  const auto shifted = branch0_gradients(OGMGEPolicy(), 0.05, nullptr, nullptr);
+  bool any_differs = false;
+  for (std::size_t j = 0; j < g.size(); ++j) any_differs = any_differs || !at::allclose(g[j], shifted[j], 1e-4, 1e-7);
+  CHECK(any_differs);
+  // The control: the sum of the heads' losses leaves branch 0's gradient as it was.
+  const auto apart = branch0_gradients(VanillaPolicy(), 0.0, nullptr, nullptr);
+  const auto apart_shifted = branch0_gradients(VanillaPolicy(), 0.05, nullptr, nullptr);
+  for (std::size_t j = 0; j < apart.size(); ++j) CHECK(at::equal(apart[j], apart_shifted[j]));
+}
+
+TEST_CASE("OGM-GE with half and bfloat16 gradients: scaled and noised as in float, from the same "
+          "draws, rounded once", "[ogm-ge]") {
+  // One conv kernel per branch; branch 0 dominant. The float run's gradients are the low-
+  // precision ones widened, so both runs see the same numbers and the same seed.
+  for (const at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    CAPTURE(dtype);
+    const at::Tensor base = (at::randn({8, 4, 3, 3}, at::TensorOptions().dtype(at::kFloat)) * 0.01).to(dtype);
+    const auto with_grad = [&](at::ScalarType type, double scale) {
+      at::Tensor p = at::zeros({8, 4, 3, 3}, type).requires_grad_();
+      p.mutable_grad() = (base.to(at::kFloat) * scale).to(type);
+      return p;
+    };
+    const std::vector<std::vector<at::Tensor>> low{{with_grad(dtype, 1)}, {with_grad(dtype, 2)}};
+    const std::vector<std::vector<at::Tensor>> wide{{with_grad(at::kFloat, 1)}, {with_grad(at::kFloat, 2)}};
+    REQUIRE(at::equal(low[1][0].grad().to(at::kFloat), wide[1][0].grad()));
+    const std::vector<at::Tensor> heads{as_tensor({{6.0, 0.0}, {6.0, 0.0}}), as_tensor({{0.0, 0.0}, {0.0, 0.0}})};
+    const at::Tensor target = at::tensor({0L, 0L});
+    const std::function<void(at::Tensor&)> one_process;
+    OGMGEPolicy in_low(OGMGEOptions().alpha(0.5).seed(9)), in_wide(OGMGEOptions().alpha(0.5).seed(9));
+    in_low.modulate_gradients(StepGradients{heads, target, low, one_process, 0});
+    in_wide.modulate_gradients(StepGradients{heads, target, wide, one_process, 0});
+    const double k0 = in_wide.last_coefficients()[0].item<double>();
+    REQUIRE(k0 < 0.9);
+    CHECK(in_low.last_coefficients()[0].item<double>() == k0);
+    // Half rounds to 11 bits, bfloat16 to 8: within two roundings of the float result
+    // (relative to the gradient's scale: the noise crosses zero).
+    const double ulp = dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
+    for (std::size_t k = 0; k < 2; ++k) {
+      const at::Tensor got = low[k][0].grad().to(at::kFloat), want = wide[k][0].grad();
+      CHECK(low[k][0].grad().scalar_type() == dtype);
+      CHECK(at::isfinite(got).all().item<bool>());
+      const double scale = want.abs().max().item<double>();
+      CHECK((got - want).abs().max().item<double>() <= 2 * ulp * scale);
+      // The noise is there, with about the unscaled gradient's std.
+      const double noise_std = (want - base.to(at::kFloat) * static_cast<double>(k + 1) *
+                                           in_wide.last_coefficients()[static_cast<std::int64_t>(k)].item<double>())
+                                   .std()
+                                   .item<double>();
+      CHECK(noise_std == Approx((base.to(at::kFloat) * static_cast<double>(k + 1)).std().item<double>()).epsilon(0.3));
+    }
+  }
 }

@@ -32,8 +32,10 @@ struct CommonFlags {
   double dist_timeout = 60;
 
   void add_to(CLI::App& app) {
-    app.add_option("--policy", cfg.policy, "balancing policy")
-        ->check(CLI::IsMember({"vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"}))->capture_default_str();
+    app.add_option("--policy", cfg.policy,
+                   "balancing policy (vanilla: the sum of the heads' losses; joint: the fused output's loss alone)")
+        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"}))
+        ->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
     app.add_option("--Q", cfg.Q, "guided: re-balancing steps per window")
@@ -192,6 +194,7 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
                                  const nlohmann::json& args,
                                  const c10::intrusive_ptr<CollectiveBackend>& pg) {
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
+  if (cfg.policy == "joint") return train_and_evaluate(net, JointTrainingPolicy(), data, cfg, args, pg);
   if (cfg.policy == "ogm-ge") {  // any number of branches; the same noise on every rank
     const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed)
                          .modulation_ends(cfg.ogm_modulation_ends);

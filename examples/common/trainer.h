@@ -429,16 +429,20 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         balancer.observe(loss);
       }
       optimizer.step();
-      at::Tensor head_losses;  // for the log
+      at::Tensor head_losses;  // for the log: CE of each head, then of y
       {
         torch::NoGradGuard no_grad;
-        head_losses = at::stack(modality_losses(out, y)) * share;
+        std::vector<at::Tensor> losses = modality_losses(out, y);
+        losses.push_back(fused_loss(out, y));
+        head_losses = at::stack(losses) * share;
       }
       if (dp) {
         dp->all_reduce_sum(head_losses);
         head_losses.div_(world);
       }
       head_losses = head_losses.to(at::kCPU).to(at::kDouble);
+      const double fused_step_loss = head_losses[-1].item<double>();
+      head_losses = head_losses.narrow(0, 0, head_losses.size(0) - 1);
       const double step_loss = head_losses.sum().item<double>();
       loss_sum += step_loss;
       if (writer) {
@@ -448,7 +452,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                               {"kind", to_string(plan)},
                               {speed_column_name(balancer.branches()),
                                mmbalance::number_or_null(speed_column(balancer.last_speeds()))},
-                              {"loss", step_loss}};
+                              {"loss", step_loss},
+                              {"loss_y", fused_step_loss}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
         }

@@ -139,6 +139,18 @@ struct SnapshotFlagNotConstant : VanillaPolicy {
 };
 static_assert(sizeof(Balancer<SnapshotFlagNotConstant>) > 0);
 
+// An objective read at run time, or of another type, would leave the loss the default one.
+// expect(ObjectiveNotConstant): the policy's objective cannot be read at compile time
+struct ObjectiveNotConstant : VanillaPolicy {
+  Objective objective = Objective::fused;
+};
+static_assert(sizeof(Balancer<ObjectiveNotConstant>) > 0);
+// expect(ObjectiveAsText): the policy's objective cannot be read at compile time
+struct ObjectiveAsText : VanillaPolicy {
+  static constexpr const char* objective = "fused";
+};
+static_assert(sizeof(Balancer<ObjectiveAsText>) > 0);
+
 // expect(MaskedOutputsWithoutHook): hand their tensors to modulate_gradients, which the policy lacks
 struct MaskedOutputsWithoutHook : VanillaPolicy {
   static constexpr bool needs_masked_outputs = true;

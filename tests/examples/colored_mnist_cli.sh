@@ -69,7 +69,8 @@ for k in ("accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut"):
 assert u["samples"] == 80
 assert 0 <= s["best_epoch"] < 3
 # the two-branch record names, which scripts and users read
-assert set(steps[0]) == {"type", "epoch", "step", "kind", "d_speed", "loss", "loss0", "loss1"}, steps[0]
+assert set(steps[0]) == {"type", "epoch", "step", "kind", "d_speed", "loss", "loss0", "loss1", "loss_y"}, steps[0]
+assert all(abs(s["loss"] - (s["loss0"] + s["loss1"])) < 1e-9 and s["loss_y"] > 0 for s in steps), steps[0]
 assert {"s_m1_given_m0", "s_m0_given_m1", "d_speed"} <= set(epochs[0]), epochs[0]
 assert set(epochs[0]["test"]) == {"y", "y0", "y1"}, epochs[0]["test"]
 assert set(s["steps_total"]) == {"regular", "rebalance_m0", "rebalance_m1"}, s["steps_total"]
@@ -269,6 +270,18 @@ assert a["args"]["fusion"] == "late" and a["args"]["policy"] == "agm", a["args"]
 u = a["utilization_test"]
 assert u["u_m1_given_m0"] == 0 and u["u_m0_given_m1"] == 0 and u["d_util"] == 0, u
 print("ok: the late-fusion twin trains with AGM")
+PY
+# Joint training (CE(y) alone) on the twin: the fused loss it trains falls.
+"$bin" --out "$work/joint" "${small[@]}" --data-dir "$work/data" --epochs 2 --fusion late --policy joint \
+  >/dev/null 2>&1 || fail "the late-fusion joint run failed"
+/usr/bin/python3 - "$work/joint" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(f"{sys.argv[1]}/log.jsonl")]
+steps = [r for r in recs if r["type"] == "step"]
+first, last = (sum(s["loss_y"] for s in steps if s["epoch"] == e) / 8 for e in (0, 1))
+assert last < first, (first, last)
+assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "joint"
+print(f"ok: joint training on the twin (loss_y {first:.3f} -> {last:.3f})")
 PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"

@@ -62,7 +62,8 @@ struct AGMOptions {
 ///   branch m becomes k_m · g;
 /// - ŝ_m ← ŝ_m·(t − 1)/t + s_m/t over the t steps modulated so far (ŝ = 0 before the first).
 /// A branch that pulls ahead of its usual lead is slowed, one that falls behind sped up.
-/// k ≤ exp(α·max_gap), so α·max_gap ≤ `kMaxExponent` keeps k finite in float; k may
+/// k ≤ exp(α·max_gap), so α·max_gap ≤ `kMaxExponent` keeps k finite in float
+/// (`kMaxHalfExponent` in half); k may
 /// underflow to 0 (a branch far ahead of its usual lead gets no update that step, as in
 /// the original). Computed on the device without a host read. A step whose scores are not finite is
 /// left as it is (k = 1), does not move the running means and is counted in
@@ -77,9 +78,11 @@ class AGMPolicy {
   static constexpr bool needs_masked_outputs = true;
   /// 2^N − 2 masked forward passes per step: beyond this many branches that is absurd.
   static constexpr std::size_t kMaxBranches = 12;
-  /// The largest α·max_gap: exp(80) ≈ 5.5e34 is finite in float (not in half: keep
-  /// α·max_gap ≤ 11 for half-precision gradients).
+  /// The largest α·max_gap: exp(80) ≈ 5.5e34 is finite in float and bfloat16.
   static constexpr double kMaxExponent = 80;
+  /// The largest α·max_gap for half-precision gradients: log(65504), half's largest
+  /// number (the hook refuses half gradients beyond it, before touching anything).
+  static constexpr double kMaxHalfExponent = 11.0896;
 
   explicit AGMPolicy(const AGMOptions& options = {}) : options(options) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
@@ -105,8 +108,8 @@ class AGMPolicy {
 
   StepPlan next_plan() const { return StepPlan::regular(); }
 
-  /// The fused output's loss alone, as the original trains.
-  LossWeights loss_weights() const { return {std::vector<double>(branches_, 0.0), 1.0}; }
+  /// The fused output's loss alone, as the original trains (warm-up included).
+  static constexpr Objective objective = Objective::fused;
 
   /// Each branch's mono-modal response (Shapley value) from `subset_outputs`, indexed by
   /// the bit mask of the modalities present: [2^N − 1] is the full output, [0] (nothing
@@ -151,6 +154,7 @@ class AGMPolicy {
                 "masked outputs of all ", std::size_t{1} << branches_, " subsets of ", branches_,
                 " modalities, got ", step.subset_outputs.size(),
                 " (form the loss with balancer.loss(out, target, inputs))");
+    check_fits_half(step.branch_parameters);
     const std::vector<at::Tensor> responses = mono_modal_responses(step.subset_outputs);
     const at::Tensor& target = step.target;
     TORCH_CHECK(target.defined() && target.dim() == 1 && target.scalar_type() == at::kLong &&
@@ -268,6 +272,21 @@ class AGMPolicy {
   AGMOptions options;
 
  private:
+  // k up to exp(α·max_gap) must fit a half gradient's dtype, or the step would train on inf.
+  void check_fits_half(const std::vector<std::vector<at::Tensor>>& branch_parameters) const {
+    if (options.alpha() * options.max_gap() <= kMaxHalfExponent) return;
+    for (std::size_t m = 0; m < branch_parameters.size(); ++m) {
+      for (const at::Tensor& p : branch_parameters[m]) {
+        const at::Tensor& g = p.grad();
+        TORCH_CHECK(!g.defined() || g.scalar_type() != at::kHalf || !is_modulated(p, options.parameters()),
+                    "AGMPolicy: branch ", m, " has half-precision gradients, where the coefficient up to "
+                    "exp(alpha * max_gap) = exp(", options.alpha() * options.max_gap(), ") would overflow to "
+                    "inf; keep alpha * max_gap <= ", kMaxHalfExponent, " (log of half's largest number), "
+                    "or train the branch's parameters in float or bfloat16");
+      }
+    }
+  }
+
   // The dtype responses are computed in: the output's, at least float.
   static at::ScalarType wide(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
 
@@ -279,7 +298,7 @@ template <>
 inline constexpr bool detail::kLibraryPolicy<AGMPolicy> = true;
 
 static_assert(BalancingPolicy<AGMPolicy> && TakesBranchCount<AGMPolicy> && !HoldsFusionGates<AGMPolicy> &&
-              ModulatesGradients<AGMPolicy> && NeedsMaskedOutputs<AGMPolicy> && WeighsLosses<AGMPolicy> &&
+              ModulatesGradients<AGMPolicy> && NeedsMaskedOutputs<AGMPolicy> && objective_of<AGMPolicy>() == Objective::fused &&
               HasState<AGMPolicy>);
 
 }  // namespace mmbalance

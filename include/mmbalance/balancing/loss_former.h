@@ -31,7 +31,8 @@ class LossFormer {
  public:
   /// Whether the policy needs the loss formed here (and the step's outputs it stages).
   static constexpr bool kNeeded = ModulatesGradients<Policy> || WeighsLosses<Policy> ||
-                                  AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>;
+                                  AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy> ||
+                                  objective_of<Policy>() != Objective::modality_specific;
 
   template <class Net>
   LossFormer(Net net, std::vector<std::vector<at::Tensor>> branch_parameters)
@@ -47,23 +48,20 @@ class LossFormer {
     TORCH_CHECK(out.heads.size() == branches(), "Balancer::loss: the output has ", out.heads.size(),
                 " heads, the network ", branches(), " branches");
     TORCH_CHECK(std::isfinite(scale) && scale > 0, "Balancer::loss: scale must be a finite number > 0, got ", scale);
+    TORCH_CHECK(target.defined() && target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
+                "Balancer::loss: target must be (batch) class indices with batch ",
+                out.heads[0].defined() ? out.heads[0].size(0) : std::int64_t{0}, ", got ", shape_string(target));
     if constexpr (NeedsMaskedOutputs<Policy>) check_inputs(*inputs, target);  // only overloads with inputs
     at::Tensor total, weights;
     if constexpr (WeighsSamples<Policy>) {
       if (after_warmup) weights = sample_weights(policy, out, target, check_every_step);
     }
     if constexpr (WeighsLosses<Policy>) {
-      if (after_warmup) total = weighted_loss(policy, out, target, weights);
+      if (after_warmup) total = weighted_loss(policy.loss_weights(), out, target, weights);
     }
     if (!total.defined()) {
-      if (weights.defined()) {
-        for (const at::Tensor& head : out.heads) {
-          const at::Tensor term = cross_entropy(head, target, weights);
-          total = total.defined() ? total + term : term;
-        }
-      } else {
-        total = modality_specific_loss(out, target);
-      }
+      total = weights.defined() ? weighted_loss(weights_of(objective_of<Policy>(), branches()), out, target, weights)
+                                : objective_loss(out, target, objective_of<Policy>());
     }
     if constexpr (AddsAuxiliaryLoss<Policy>) {
       if (after_warmup) total = with_auxiliary_loss(policy, total, out, target);
@@ -97,7 +95,10 @@ class LossFormer {
     if constexpr (kNeeded) {
       TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type<Policy>(),
                   ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
-                                             : " forms the step's loss (weights or a term of its own)",
+                  : WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>
+                      ? " forms the step's loss (weights or a term of its own)"
+                      : " trains the objective " + to_string(objective_of<Policy>()) +
+                            ", not the sum of the heads' losses",
                   "; form the loss with balancer.loss(out, target)");
     }
   }
@@ -170,23 +171,19 @@ class LossFormer {
     return w.detach();
   }
 
-  // Σ_k w_k·CE(head_k) + w_y·CE(y) with the policy's weights (host numbers: no read), each
-  // CE over rows weighted by `sample_weights` where given.
-  at::Tensor weighted_loss(const Policy& policy, const NetOutput& out, const at::Tensor& target,
+  // Σ_k w_k·CE(head_k) + w_y·CE(y) with weights `w` (the policy's or its objective's; host
+  // numbers: no read), each CE over rows weighted by `sample_weights` where given.
+  at::Tensor weighted_loss(const LossWeights& w, const NetOutput& out, const at::Tensor& target,
                            const at::Tensor& sample_weights) const {
-    const LossWeights w = policy.loss_weights();
     TORCH_CHECK(w.heads.size() == branches(), "Balancer::loss: ", policy_type<Policy>(), " weighs ",
                 w.heads.size(), " heads, the network has ", branches());
-    TORCH_CHECK(target.dim() == 1 && out.heads[0].defined() && target.size(0) == out.heads[0].size(0),
-                "Balancer::loss: target must be (batch) class indices with batch ",
-                out.heads[0].defined() ? out.heads[0].size(0) : std::int64_t{0}, ", got ",
-                shape_string(target));
     // Terms of weight 0 are left out: no work, and an infinite loss there does not make
     // the sum NaN (0·inf).
     at::Tensor total;
     const auto add = [&](const at::Tensor& logits, double weight) {
       if (weight == 0) return;
-      const at::Tensor term = cross_entropy(logits, target, sample_weights) * weight;
+      const at::Tensor ce = cross_entropy(logits, target, sample_weights);
+      const at::Tensor term = weight == 1 ? ce : ce * weight;
       total = total.defined() ? total + term : term;
     };
     for (std::size_t k = 0; k < out.heads.size(); ++k) add(out.heads[k], w.heads[k]);

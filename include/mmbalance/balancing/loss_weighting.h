@@ -1,17 +1,20 @@
 #pragma once
 /// \file
-/// The loss hooks of balancing policies: a policy that weights the per-head losses
-/// (Gradient-Blending) tells the `Balancer` its weights, one that weighs samples gives a
-/// weight per row, and one that adds a term of its own (a regulariser) computes it from
-/// the step's output.
+/// The loss hooks of balancing policies: a policy names the loss its method trains (its
+/// objective), one that weights the per-head losses (Gradient-Blending) tells the
+/// `Balancer` its weights, one that weighs samples gives a weight per row, and one that
+/// adds a term of its own (a regulariser) computes it from the step's output.
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/ATen.h>
 
 #include "mmbalance/balancing/epoch_losses.h"  // its hooks were declared here before 2026-12-07
+#include "mmbalance/model/loss.h"
 #include "mmbalance/model/multimodal_net.h"
 
 namespace mmbalance {
@@ -24,6 +27,31 @@ struct LossWeights {
   std::vector<double> heads;
   double fused = 0.0;
 };
+
+/// A policy that names the loss its method trains, in every step (warm-up included) in
+/// which it does not weight the losses itself: `static constexpr Objective objective =
+/// Objective::fused;` (joint training, as OGM-GE's and AGM's originals). Without it the
+/// balancer trains `Objective::modality_specific`. A policy whose objective is not that
+/// one needs the loss formed by `Balancer::loss`: `observe` refuses a step whose loss was
+/// not.
+template <class P>
+concept DeclaresObjective = requires { typename std::integral_constant<Objective, P::objective>; };
+
+/// The objective of policy P (`Objective::modality_specific` where it names none).
+template <class P>
+constexpr Objective objective_of() {
+  if constexpr (DeclaresObjective<P>) {
+    return P::objective;
+  } else {
+    return Objective::modality_specific;
+  }
+}
+
+/// `objective` as weights of a network with `branches` branches: 1 for each term it has.
+inline LossWeights weights_of(Objective objective, std::size_t branches) {
+  const bool heads = objective != Objective::fused, fused = objective != Objective::modality_specific;
+  return {std::vector<double>(branches, heads ? 1.0 : 0.0), fused ? 1.0 : 0.0};
+}
 
 /// A policy that weights the step's losses; the `Balancer` asks for the weights in every
 /// `loss()` after warm-up (in warm-up the loss is the unweighted one).

@@ -82,8 +82,9 @@ class MMParetoPolicy {
 
   StepPlan next_plan() const { return StepPlan::regular(); }
 
-  /// The multimodal loss and every uni-modal loss, each with weight 1 (the original's sum).
-  LossWeights loss_weights() const { return {std::vector<double>(branches_, 1.0), 1.0}; }
+  /// The multimodal loss and every uni-modal loss, each with weight 1 (the original's sum),
+  /// warm-up included.
+  static constexpr Objective objective = Objective::fused_and_modality_specific;
 
   void modulate_gradients(const StepGradients& step) {
     TORCH_CHECK(step.branch_parameters.size() == branches_ && step.fused_gradients.size() == branches_,
@@ -230,6 +231,7 @@ inline constexpr bool detail::kLibraryPolicy<MMParetoPolicy> = true;
 
 static_assert(BalancingPolicy<MMParetoPolicy> && TakesBranchCount<MMParetoPolicy> &&
               !HoldsFusionGates<MMParetoPolicy> && ModulatesGradients<MMParetoPolicy> &&
-              NeedsFusedGradients<MMParetoPolicy> && WeighsLosses<MMParetoPolicy> && HasState<MMParetoPolicy>);
+              NeedsFusedGradients<MMParetoPolicy> && HasState<MMParetoPolicy> &&
+              objective_of<MMParetoPolicy>() == Objective::fused_and_modality_specific);
 
 }  // namespace mmbalance

@@ -1,11 +1,12 @@
 #pragma once
 /// \file
 /// OGM-GE (Peng et al., "Balanced multimodal learning via on-the-fly gradient modulation",
-/// CVPR 2022) as a policy: every step from the end of the balancer's warm-up to the
-/// epoch `modulation_ends`, the dominant modality's gradients are scaled down by
-/// 1 − tanh(α·ρ), and Gaussian noise with the gradient's own standard deviation is added
-/// (generalization enhancement). docs/policies.md gives the rule, its N-branch form
-/// and where it differs from the original code.
+/// CVPR 2022) as a policy: the network trains on its fused output's loss CE(y) alone, and
+/// every step from the end of the balancer's warm-up to the epoch `modulation_ends` the
+/// dominant modality's gradients are scaled down by 1 − tanh(α·ρ), and Gaussian noise with
+/// the gradient's own standard deviation is added (generalization enhancement).
+/// docs/policies.md gives the rule, its N-branch form and where it differs from the
+/// original code.
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +24,7 @@
 
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/engine_state.h"
 #include "mmbalance/model/step_plan.h"
@@ -54,22 +56,28 @@ struct OGMGEOptions {
 };
 
 /// On-the-fly gradient modulation with generalization enhancement, for any number of
-/// branches. Per step, from each branch k's head: the score s_k = Σ_i softmax(h_k)_i[y_i]
-/// over the batch, the discrepancy ratio ρ_k = s_k / mean_{j≠k} s_j (for two branches
+/// branches. The loss is CE(y) of the fused output y = Σ_k h_k / N (the original's
+/// `loss = criterion(out)`), in warm-up too. Per step, from each branch k's share of y,
+/// h_k / N (the original's `out_a`, its half of the concatenation head): the score
+/// s_k = Σ_i softmax(h_k / N)_i[y_i] over the batch, the discrepancy ratio ρ_k = s_k / mean_{j≠k} s_j (for two branches
 /// s_0 / s_1 and its inverse, the original's), and the coefficient k_k = 1 − tanh(α·ρ_k)
 /// where ρ_k > 1, else 1. Each selected parameter's gradient g of branch k becomes
 /// k_k·g, plus (noise) N(0, std(g) + 1e-8) drawn from the policy's seeded generator.
 /// All regular steps (no gates held). Computed on the gradients' device without a host
-/// read; the noise is drawn on the CPU and copied to the device. Data-parallel: the
+/// read; the noise is drawn on the CPU (in float for half and bfloat16 gradients) and
+/// copied to the device. Data-parallel: the
 /// scores are added up over the ranks, and every rank draws the same noise (construct the
 /// policy with the same seed on every rank, e.g. from `agree_on_seed`), so all ranks
 /// apply the same change to their identical averaged gradients.
 class OGMGEPolicy {
  public:
   /// Its name and state format in checkpoints.
-  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.ogm_ge", 1};
+  /// Format 2: trains CE(y) and scores h_k / N (format 1 trained Σ_k CE(head_k)).
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.ogm_ge", 2};
   /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
   static constexpr bool copy_is_snapshot = true;
+  /// The original trains the fused output's loss alone.
+  static constexpr Objective objective = Objective::fused;
   explicit OGMGEPolicy(const OGMGEOptions& options = {}) : options(options), engine_(options.seed()) {
     TORCH_CHECK(std::isfinite(options.alpha()) && options.alpha() >= 0,
                 "OGMGEPolicy: alpha must be a finite number >= 0, got ", options.alpha());
@@ -82,8 +90,9 @@ class OGMGEPolicy {
 
   StepPlan next_plan() const { return StepPlan::regular(); }
 
-  /// The coefficients k_k of one step (a tensor of N numbers on the heads' device); data-
-  /// parallel, `sum_across_ranks` adds the scores of every rank's share first.
+  /// The coefficients k_k of one step from the branches' heads h_k (a tensor of N numbers
+  /// on the heads' device, float); data-parallel, `sum_across_ranks` adds the scores of
+  /// every rank's share first.
   static at::Tensor coefficients(const std::vector<at::Tensor>& heads, const at::Tensor& target,
                                  double alpha,
                                  const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
@@ -91,7 +100,9 @@ class OGMGEPolicy {
     const auto n = static_cast<std::int64_t>(heads.size());
     std::vector<at::Tensor> scores;
     for (const at::Tensor& h : heads) {
-      scores.push_back(at::softmax(h.detach().to(at::kFloat), 1).gather(1, target.unsqueeze(1)).sum());
+      // Branch k's share of y = Σ h / N, in float (a half softmax over a batch would round).
+      const at::Tensor share = h.detach().to(at::kFloat) / static_cast<double>(n);
+      scores.push_back(at::softmax(share, 1).gather(1, target.unsqueeze(1)).sum());
     }
     at::Tensor s = at::stack(scores);
     if (sum_across_ranks) sum_across_ranks(s);
@@ -130,10 +141,14 @@ class OGMGEPolicy {
         // grad * coeff + N(0, grad.std() + 1e-8)); std of a single number is undefined:
         // such a gradient gets no noise.
         const bool noisy = options.noise() && g.numel() > 1;
-        const at::Tensor spread = noisy ? g.std() : at::Tensor();
+        // Half and bfloat16: the std and the draw in float, rounded once when added (LibTorch
+        // 1.13 has no CPU normal_ for half; half's 1e-8 would be 0).
+        const bool reduced = g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16;
+        const at::ScalarType wide = reduced ? at::kFloat : g.scalar_type();
+        const at::Tensor spread = noisy ? g.to(wide).std() : at::Tensor();
         g.mul_(coefficient.to(g.scalar_type()));
         if (noisy) {
-          const at::Tensor draw = at::randn(g.sizes(), gen, at::TensorOptions(g.scalar_type()));
+          const at::Tensor draw = at::randn(g.sizes(), gen, at::TensorOptions(wide));
           g.add_(draw.to(g.device(), /*non_blocking=*/true) * (spread + 1e-8));
         }
       }
@@ -182,6 +197,16 @@ class OGMGEPolicy {
                 "made with modulation_ends ", epoch_text(saved_ends), ", this policy has ",
                 epoch_text(options.modulation_ends()));
     engine_ = detail::engine_from_state(state, "OGMGEPolicy");
+  }
+
+  /// A record of format 1 is refused: that OGM-GE trained Σ_k CE(head_k) and scored each
+  /// head's own softmax, so a resumed run would change its loss half-way.
+  void load(torch::serialize::InputArchive&, std::int64_t version) {
+    TORCH_CHECK(false, "OGMGEPolicy: the checkpoint holds OGM-GE state of format ", version,
+                ", whose runs trained the sum of the heads' losses and scored each head on its own; "
+                "this OGM-GE trains the fused output's loss CE(y) and scores each branch's share of "
+                "y, as the original does (docs/policies.md), so the run cannot continue as it "
+                "began: finish it with the mmbalance that wrote it, or start it again");
   }
 
   OGMGEOptions options;

@@ -13,6 +13,7 @@
 /// | state | `void save(torch::serialize::OutputArchive&) const` and `void load(torch::serialize::InputArchive&)`, with `static constexpr PolicyIdentity checkpoint_identity` | `HasState`, `DeclaresCheckpointIdentity` |
 /// | earlier formats | `void load(torch::serialize::InputArchive&, std::int64_t version)` | `ReadsEarlierVersions` |
 /// | gradients | `void modulate_gradients(const StepGradients&)` | `ModulatesGradients` |
+/// | objective | `static constexpr Objective objective` (the loss trained where the policy does not weight it) | `DeclaresObjective` |
 /// | loss weights | `LossWeights loss_weights() const` | `WeighsLosses` |
 /// | loss term | `at::Tensor auxiliary_loss(const NetOutput&, const at::Tensor&) const` | `AddsAuxiliaryLoss` |
 /// | sample weights | `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const` | `WeighsSamples` |
@@ -67,6 +68,7 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(start_epoch)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(save)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(load)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(modulate_gradients)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(objective)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(loss_weights)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(auxiliary_loss)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(sample_weights)
@@ -195,6 +197,10 @@ struct PolicyHooksCheck {
   static_assert(!HasMember_modulate_gradients<P> || ModulatesGradients<P>,
                 "Balancer: the policy's modulate_gradients would never be called: declare `void "
                 "modulate_gradients(const StepGradients&)`");
+  static_assert(!HasMember_objective<P> || DeclaresObjective<P>,
+                "Balancer: the policy's objective cannot be read at compile time: declare "
+                "`static constexpr mmbalance::Objective objective = Objective::fused;` (or another "
+                "Objective)");
   static_assert(!HasMember_loss_weights<P> || WeighsLosses<P>,
                 "Balancer: the policy's loss_weights would go unused: declare `LossWeights "
                 "loss_weights() const`");

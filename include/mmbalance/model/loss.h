@@ -1,7 +1,10 @@
 #pragma once
 /// \file
-/// The modality-specific loss of docs/algorithm.md §1.
+/// What a network is trained on: the modality-specific loss of docs/algorithm.md §1, the
+/// fused output's loss (joint training), or both.
 
+#include <cstdint>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -29,6 +32,51 @@ inline at::Tensor modality_specific_loss(const NetOutput& out, const at::Tensor&
   at::Tensor sum = losses[0];
   for (std::size_t k = 1; k < losses.size(); ++k) sum = sum + losses[k];
   return sum;
+}
+
+/// CE(y, target) of the fused output y (the mean of the heads), averaged over the batch.
+inline at::Tensor fused_loss(const NetOutput& out, const at::Tensor& target) {
+  TORCH_CHECK(out.y.defined() && target.dim() == 1 && target.size(0) == out.y.size(0),
+              "fused_loss: target must be (batch) class indices with batch ",
+              out.y.defined() ? out.y.size(0) : std::int64_t{0}, ", got ", detail::shape_string(target));
+  return at::cross_entropy_loss(out.y, target);
+}
+
+/// The loss a method trains when it does not intervene (in the `Balancer`'s warm-up too).
+/// A policy names its own with `static constexpr Objective objective` (balancing/
+/// loss_weighting.h); without one it is `modality_specific`.
+enum class Objective : std::uint8_t {
+  /// Σ_k CE(head_k): every branch trained on its own head (`modality_specific_loss`), the
+  /// greedy-learning paper's loss. Without fusion modules the branches then learn as
+  /// independent classifiers: no shared softmax couples them.
+  modality_specific,
+  /// CE(y) of the fused output alone (`fused_loss`): joint training, the baseline of OGM-GE,
+  /// AGM and most of the field. y is the mean of the heads, so without fusion modules this
+  /// is one linear head over the concatenated features, [W_0 .. W_{N-1}] / N with bias
+  /// mean_k b_k.
+  fused,
+  /// CE(y) + Σ_k CE(head_k): the multimodal loss and every uni-modal one, weight 1 each
+  /// (MMPareto's terms).
+  fused_and_modality_specific,
+};
+
+inline std::string to_string(Objective objective) {
+  switch (objective) {
+    case Objective::modality_specific: return "modality_specific";
+    case Objective::fused: return "fused";
+    case Objective::fused_and_modality_specific: return "fused_and_modality_specific";
+  }
+  return "invalid";
+}
+
+/// The loss `objective` names: Σ_k CE(head_k), CE(y), or Σ_k CE(head_k) + CE(y).
+inline at::Tensor objective_loss(const NetOutput& out, const at::Tensor& target, Objective objective) {
+  switch (objective) {
+    case Objective::modality_specific: return modality_specific_loss(out, target);
+    case Objective::fused: return fused_loss(out, target);
+    case Objective::fused_and_modality_specific: return modality_specific_loss(out, target) + fused_loss(out, target);
+  }
+  TORCH_CHECK(false, "objective_loss: no such objective (the value ", static_cast<int>(objective), ")");
 }
 
 }  // namespace mmbalance
