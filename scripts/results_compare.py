@@ -22,7 +22,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["vanilla", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"]
+ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"]
 NAMES = {"mnist": "Colored-and-gray MNIST", "fashion": "colored Fashion-MNIST"}
 FUSIONS = {"mmtm": "MMTM network", "late": "late-fusion twin"}
 # The flag each tuned method was tuned on, as the summary's args name it.
@@ -95,6 +95,11 @@ def main():
         groups.setdefault((a["dataset"], a.get("fusion", "mmtm")), {}).setdefault(a["policy"], []).append(s)
         total += s["seconds"]
     first = next(iter(next(iter(groups.values())).values()))[0]["args"]
+    warmup_of = {}
+    for by_policy in groups.values():
+        for policy, runs in by_policy.items():
+            warmup_of.setdefault(policy, set()).update(r["args"]["warmup_epochs"] for r in runs)
+    warmups = ", ".join(f"{p} {'/'.join(str(w) for w in sorted(warmup_of[p]))}" for p in ORDER if p in warmup_of)
 
     lines = [
         "# Comparison of balancing methods",
@@ -109,9 +114,10 @@ def main():
         f"{(total + selection_seconds) / 60:.1f} min of run time in all; the last invocation of the "
         f"script took {args.wall_seconds / 60:.1f} min of wall time (less where earlier runs were kept)",
         f"- training: batch {first['batch_size']}, SGD lr {first['lr']} momentum {first['momentum']}, "
-        f"{first['warmup_epochs']} warm-up epoch(s) of plain training for every method, the same "
-        "epochs for every method of a dataset; checkpoint = best validation accuracy of y; colour "
-        f"noise variance {first['colour_noise']}",
+        f"warm-up epochs of plain training (each method's original's): {warmups}; each method "
+        "trains its original's loss (vanilla, random, guided Σ_k CE_k; joint, ogm-ge, agm CE(y); "
+        "mmpareto both; gblend its weights); the same epochs for every method of a dataset; "
+        f"checkpoint = best validation accuracy of y; colour noise variance {first['colour_noise']}",
         "- hyper-parameters, chosen on the validation set of MNIST with the MMTM network and the "
         "first seed from two values each (the examples' default first, the original's where it has "
         "one), then used everywhere: "
