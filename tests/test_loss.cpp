@@ -48,3 +48,34 @@ TEST_CASE("modality_specific_loss for N heads is the sum of each head's CE", "[l
   CHECK_THROWS_WITH(modality_specific_loss(out, at::zeros({5}, at::kLong)),
                     Catch::Contains("batch 4, got [5]"));
 }
+
+TEST_CASE("fused_loss is CE of y alone, and each Objective's terms", "[loss]") {
+  auto y0 = at::randn({4, 3}), y1 = at::randn({4, 3});
+  auto t = at::tensor({0, 2, 1, 2}, at::kLong);
+  const NetOutput out{(y0 + y1) / 2, {y0, y1}, {}};
+  // −log softmax(y)[t] averaged, written out with the log-sum-exp.
+  const at::Tensor y = (y0 + y1) / 2;
+  double by_hand = 0;
+  for (std::int64_t i = 0; i < 4; ++i) {
+    double z = 0;
+    for (std::int64_t c = 0; c < 3; ++c) z += std::exp(y[i][c].item<double>());
+    by_hand += std::log(z) - y[i][t[i].item<std::int64_t>()].item<double>();
+  }
+  CHECK(fused_loss(out, t).item<double>() == Approx(by_hand / 4).epsilon(1e-6));
+  CHECK_THROWS_WITH(fused_loss(out, at::zeros({5}, at::kLong)), Catch::Contains("batch 4, got [5]"));
+  // Which terms each objective trains, weight 1 each: heads, then y.
+  const struct {
+    Objective objective;
+    std::vector<double> heads;
+    double fused;
+  } table[] = {{Objective::modality_specific, {1, 1, 1}, 0},
+               {Objective::fused, {0, 0, 0}, 1},
+               {Objective::fused_and_modality_specific, {1, 1, 1}, 1}};
+  for (const auto& row : table) {
+    const LossWeights w = weights_of(row.objective, 3);
+    CHECK(w.heads == row.heads);
+    CHECK(w.fused == row.fused);
+  }
+  CHECK(to_string(Objective::fused) == "fused");
+  CHECK(to_string(static_cast<Objective>(7)) == "invalid");
+}

@@ -652,7 +652,7 @@ TEST_CASE("OGM-GE trains the fused output's loss, warm-up included: on the late-
 }
 
 TEST_CASE("OGM-GE with half and bfloat16 gradients: scaled and noised as in float, from the same "
-          "draws, rounded once", "[ogm-ge]") {
+          "draws, rounded once into the gradient", "[ogm-ge]") {
   // One conv kernel per branch; branch 0 dominant. The float run's gradients are the low-
   // precision ones widened, so both runs see the same numbers and the same seed.
   for (const at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
@@ -672,18 +672,12 @@ TEST_CASE("OGM-GE with half and bfloat16 gradients: scaled and noised as in floa
     OGMGEPolicy in_low(OGMGEOptions().alpha(0.5).seed(9)), in_wide(OGMGEOptions().alpha(0.5).seed(9));
     in_low.modulate_gradients(StepGradients{heads, target, low, one_process, 0});
     in_wide.modulate_gradients(StepGradients{heads, target, wide, one_process, 0});
-    const double k0 = in_wide.last_coefficients()[0].item<double>();
-    REQUIRE(k0 < 0.9);
-    CHECK(in_low.last_coefficients()[0].item<double>() == k0);
-    // Half rounds to 11 bits, bfloat16 to 8: within two roundings of the float result
-    // (relative to the gradient's scale: the noise crosses zero).
-    const double ulp = dtype == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
+    REQUIRE(in_wide.last_coefficients()[0].item<double>() < 0.9);
     for (std::size_t k = 0; k < 2; ++k) {
-      const at::Tensor got = low[k][0].grad().to(at::kFloat), want = wide[k][0].grad();
+      // The float result rounded once: the same draws, the same float arithmetic.
+      const at::Tensor want = wide[k][0].grad();
       CHECK(low[k][0].grad().scalar_type() == dtype);
-      CHECK(at::isfinite(got).all().item<bool>());
-      const double scale = want.abs().max().item<double>();
-      CHECK((got - want).abs().max().item<double>() <= 2 * ulp * scale);
+      CHECK(at::equal(low[k][0].grad(), want.to(dtype)));
       // The noise is there, with about the unscaled gradient's std.
       const double noise_std = (want - base.to(at::kFloat) * static_cast<double>(k + 1) *
                                            in_wide.last_coefficients()[static_cast<std::int64_t>(k)].item<double>())

@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <array>
+#include <cmath>
 
 #include "support.h"
 
@@ -17,6 +18,44 @@ SpeedSummary with_d_speed(double d) { return SpeedSummary::from_speeds({d, 0.0})
 TEST_CASE("Vanilla takes regular steps only", "[policy]") {
   VanillaPolicy p;
   for (int i = 0; i < 10; ++i) CHECK(p.next_plan() == StepKind::regular);
+}
+
+TEST_CASE("Joint training trains CE(y) of the fused output alone, and refuses a loss it did not "
+          "form", "[policy]") {
+  using mmbalance::testing::Net;
+  Net net = mmbalance::testing::small_late_net(5), twin = mmbalance::testing::small_late_net(9);
+  mmbalance::testing::copy_state(net, twin);
+  const auto b = mmbalance::testing::small_batch(8, 3);
+  Balancer<JointTrainingPolicy> balancer(net, JointTrainingPolicy(), BalancerOptions().warmup_epochs(1));
+  balancer.next_plan();
+  const ModelOutput out = net->forward(b.x0, b.x1);
+  const at::Tensor loss = balancer.loss(out, b.target);
+  // −log softmax((y0 + y1) / 2)[t], averaged, written out.
+  double by_hand = 0;
+  for (std::int64_t i = 0; i < 8; ++i) {
+    std::array<double, 3> y{};
+    double z = 0;
+    for (std::int64_t c = 0; c < 3; ++c) {
+      y[static_cast<std::size_t>(c)] = (out.y0[i][c].item<double>() + out.y1[i][c].item<double>()) / 2;
+      z += std::exp(y[static_cast<std::size_t>(c)]);
+    }
+    by_hand += std::log(z) - y[static_cast<std::size_t>(b.target[i].item<std::int64_t>())];
+  }
+  CHECK(loss.item<double>() == Approx(by_hand / 8).epsilon(1e-5));
+  loss.backward();
+  balancer.observe(loss);
+  // The gradients of the fused output's CE, taken on a twin.
+  at::cross_entropy_loss(twin->forward(b.x0, b.x1).y, b.target).backward();
+  const auto p = net->parameters(), q = twin->parameters();
+  for (std::size_t j = 0; j < p.size(); ++j) CHECK(at::equal(p[j].grad(), q[j].grad()));
+  // A loop that forms the sum of the heads' losses itself would train something else.
+  balancer.next_plan();
+  const at::Tensor summed = modality_specific_loss(net->forward(b.x0, b.x1), b.target);
+  net->zero_grad();
+  summed.backward();
+  CHECK_THROWS_WITH(balancer.observe(summed),
+                    Catch::Contains("trains the objective fused, not the sum of the heads' losses") &&
+                        Catch::Contains("form the loss with balancer.loss(out, target)"));
 }
 
 TEST_CASE("Guided policy: threshold, Q-step window and direction by sign", "[policy]") {

@@ -391,7 +391,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
                     steps_per_epoch);
     const auto train_start = std::chrono::steady_clock::now();
-    double loss_sum = 0;
+    double loss_sum = 0, fused_loss_sum = 0;  // Σ_k CE_k and CE(y), for the progress line
     // This rank's rows of step s's global batch.
     const auto step_rows = [&](std::int64_t s) {
       const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
@@ -445,6 +445,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       head_losses = head_losses.narrow(0, 0, head_losses.size(0) - 1);
       const double step_loss = head_losses.sum().item<double>();
       loss_sum += step_loss;
+      fused_loss_sum += fused_step_loss;
       if (writer) {
         nlohmann::json record{{"type", "step"},
                               {"epoch", epoch},
@@ -474,8 +475,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         }
         log << record.dump() << '\n';
       }
-      char numbers[96];
-      std::snprintf(numbers, sizeof numbers, "loss %.3f %s %+.4f steps r", loss_sum / static_cast<double>(s + 1),
+      char numbers[128];
+      std::snprintf(numbers, sizeof numbers, "loss Σ %.3f y %.3f %s %+.4f steps r", loss_sum / static_cast<double>(s + 1),
+                    fused_loss_sum / static_cast<double>(s + 1),
                     speed_column_name(balancer.branches()), speed_column(balancer.last_speeds()));
       std::string status = numbers;
       for (std::size_t k = 0; k < balancer.branches(); ++k) status += numbered("/m", k);

@@ -103,9 +103,9 @@ class Balancer {
   /// holds a branch the network does not have throws and changes nothing.
   StepPlan next_plan() { return begin_step("Balancer::next_plan"); }
 
-  /// The step's training loss from its output: the policy's objective
-  /// (`objective_loss`; without one, the sum over the heads of CE(head, target), each
-  /// averaged over the batch, `modality_specific_loss`); after warm-up, with a policy that
+  /// The step's training loss from its output: the policy's objective (`Objective`:
+  /// without one, the sum over the heads of CE(head, target), each averaged over the
+  /// batch, `modality_specific_loss`; `fused`: CE(y), `fused_loss`); after warm-up, with a policy that
   /// weights the losses (`WeighsLosses`), Σ_k w_k·CE(head_k) + w_y·CE(y), plus the term of
   /// a policy that adds one (`AddsAuxiliaryLoss`).
   /// Call it between `next_step()`/`next_plan()` and `observe()`; it hands the step's

@@ -59,10 +59,7 @@ class LossFormer {
     if constexpr (WeighsLosses<Policy>) {
       if (after_warmup) total = weighted_loss(policy.loss_weights(), out, target, weights);
     }
-    if (!total.defined()) {
-      total = weights.defined() ? weighted_loss(weights_of(objective_of<Policy>(), branches()), out, target, weights)
-                                : objective_loss(out, target, objective_of<Policy>());
-    }
+    if (!total.defined()) total = weighted_loss(weights_of(objective_of<Policy>(), branches()), out, target, weights);
     if constexpr (AddsAuxiliaryLoss<Policy>) {
       if (after_warmup) total = with_auxiliary_loss(policy, total, out, target);
     }
@@ -93,12 +90,13 @@ class LossFormer {
   /// too: the loop is wrong from the start).
   void check_formed() const {
     if constexpr (kNeeded) {
-      TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type<Policy>(),
-                  ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
-                  : WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>
-                      ? " forms the step's loss (weights or a term of its own)"
-                      : " trains the objective " + to_string(objective_of<Policy>()) +
-                            ", not the sum of the heads' losses",
+      const std::string why =
+          ModulatesGradients<Policy> ? " modulates gradients from the step's outputs"
+          : WeighsLosses<Policy> || AddsAuxiliaryLoss<Policy> || WeighsSamples<Policy>
+              ? " forms the step's loss (weights or a term of its own)"
+              : " trains the objective " + std::string(to_string(objective_of<Policy>())) +
+                    ", not the sum of the heads' losses";
+      TORCH_CHECK(!heads_.empty(), "Balancer::observe: ", policy_type<Policy>(), why,
                   "; form the loss with balancer.loss(out, target)");
     }
   }

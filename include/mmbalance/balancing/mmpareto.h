@@ -7,9 +7,11 @@
 /// (MGDA) weights when they conflict, then scaled by the magnitude rule. docs/policies.md
 /// gives the rule and where it differs from the original code.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -41,14 +43,15 @@ struct MMParetoOptions {
   TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::all;
 };
 
-/// MMPareto for N branches. After warm-up the balancer's loss is CE(y) + Σ_k CE(head_k)
-/// (y: the fused output). On each branch k, over its selected parameters, with
+/// MMPareto for N branches. The balancer's loss is CE(y) + Σ_k CE(head_k) (y: the fused
+/// output), warm-up included. On each branch k, over its selected parameters, with
 /// g_m = ∂CE(y)/∂θ_k (the multimodal gradient), g = the step's whole gradient and
 /// g_u = g − g_m (the uni-modal losses' gradient: CE(head_k)'s alone in late fusion):
-/// - g_m·g_u > 0 (no conflict): weights (½, ½);
-/// - otherwise the min-norm point of the segment between g_m and g_u (MGDA for two):
-///   c = (‖g_u‖² − g_m·g_u) / ‖g_m − g_u‖², with the original solver's ends (c = 0.999
-///   where g_m·g_u ≥ ‖g_m‖², 0.001 where g_m·g_u ≥ ‖g_u‖²), weights (c, 1 − c);
+/// - g_m·g_u ≥ −b (no conflict): weights (½, ½), where b bounds the rounding of g_m·g_u:
+///   g − g_m carries the roundings of two backward passes, so where g_u is much smaller
+///   than g_m the sign of g_m·g_u within b is noise (`kRoundingBound`);
+/// - otherwise (conflict) the min-norm point of the segment between g_m and g_u (MGDA
+///   for two): c = (‖g_u‖² − g_m·g_u) / ‖g_m − g_u‖², weights (c, 1 − c);
 /// then each selected parameter's gradient becomes, with new = 2(c_m g_m + c_u g_u)
 /// restricted to that parameter, γ · new · max(1, ‖g‖ / ‖new‖) (the magnitude rule, per
 /// parameter tensor as the original; a zero `new` stays zero). Without conflict that is
@@ -57,6 +60,12 @@ struct MMParetoOptions {
 /// gradients, so every rank combines the same gradients identically.
 class MMParetoPolicy {
  public:
+  /// b = kRoundingBound · ε · (‖g_m‖² + ‖g_m‖‖g_u‖), ε the gradients' machine epsilon: a
+  /// dot product g_m·g_u inside b could have either sign (g − g_m against the uni-modal
+  /// gradient computed on its own: at most 0.84 ε·(‖g_m‖² + ‖g_m‖‖g_u‖) on the test
+  /// networks, tests/test_mmpareto.cpp).
+  static constexpr double kRoundingBound = 16;
+
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
   /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
@@ -125,7 +134,8 @@ class MMParetoPolicy {
       // g_m·g_m, g_m·g_u, g_u·g_u over the branch.
       const at::Tensor dots = products.size() == 1 ? products[0] : at::stack(products).sum(0);
       const at::Tensor mm = dots[0], mu = dots[1], uu = dots[2];
-      const at::Tensor conflict = mu <= 0;
+      const at::Tensor rounding = (mm + at::sqrt(mm * uu)) * (kRoundingBound * epsilon_of(branch));
+      const at::Tensor conflict = mu < -rounding;
       const at::Tensor c = at::where(conflict, min_norm_weight(mm, mu, uu), at::full_like(mm, 0.5));
       for (const auto& [g, m] : branch) {
         const at::Tensor gw = g.to(wide(g)), mw = m.to(wide(m));
@@ -190,11 +200,25 @@ class MMParetoPolicy {
 
  private:
   // The weight of x1 = g_m in min_c ‖c·x1 + (1 − c)·x2‖², as the original's two-vector
-  // solver (MinNormSolver._min_norm_element_from2), on the device.
+  // solver (MinNormSolver._min_norm_element_from2), on the device. Used on conflicts
+  // (v12 < 0), where the minimum lies inside the segment: the solver's ends (0.999 where
+  // v12 ≥ v11, 0.001 where v12 ≥ v22) are reached only with a zero gradient, no conflict here.
   static at::Tensor min_norm_weight(const at::Tensor& v11, const at::Tensor& v12, const at::Tensor& v22) {
-    const at::Tensor inside = (v22 - v12) / (v11 + v22 - 2 * v12);
-    return at::where(v12 >= v11, at::full_like(v11, 0.999),
-                     at::where(v12 >= v22, at::full_like(v11, 0.001), inside));
+    return (v22 - v12) / (v11 + v22 - 2 * v12);
+  }
+
+  // The largest machine epsilon of a branch's gradients (its coarsest rounding).
+  static double epsilon_of(const std::vector<std::pair<at::Tensor, at::Tensor>>& branch) {
+    double eps = 0;
+    for (const auto& [g, m] : branch) {
+      for (const at::ScalarType t : {g.scalar_type(), m.scalar_type()}) {
+        eps = std::max(eps, t == at::kDouble  ? std::numeric_limits<double>::epsilon()
+                            : t == at::kFloat ? double{std::numeric_limits<float>::epsilon()}
+                            : t == at::kHalf  ? 0x1p-10
+                                              : 0x1p-7);  // bfloat16 (or anything coarser)
+      }
+    }
+    return eps;
   }
 
   // The dtype the combination is computed in: the gradient's, at least float.

@@ -24,9 +24,9 @@
 
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
-#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/detail/engine_state.h"
+#include "mmbalance/model/loss.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
@@ -141,15 +141,21 @@ class OGMGEPolicy {
         // grad * coeff + N(0, grad.std() + 1e-8)); std of a single number is undefined:
         // such a gradient gets no noise.
         const bool noisy = options.noise() && g.numel() > 1;
-        // Half and bfloat16: the std and the draw in float, rounded once when added (LibTorch
-        // 1.13 has no CPU normal_ for half; half's 1e-8 would be 0).
+        // Half and bfloat16: the std, the draw and k·g + noise in float, rounded once into
+        // the gradient (a draw in half is not float's draw rounded on every LibTorch, and
+        // half's 1e-8 is 0).
         const bool reduced = g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16;
         const at::ScalarType wide = reduced ? at::kFloat : g.scalar_type();
         const at::Tensor spread = noisy ? g.to(wide).std() : at::Tensor();
-        g.mul_(coefficient.to(g.scalar_type()));
-        if (noisy) {
-          const at::Tensor draw = at::randn(g.sizes(), gen, at::TensorOptions(wide));
-          g.add_(draw.to(g.device(), /*non_blocking=*/true) * (spread + 1e-8));
+        const at::Tensor noise = noisy ? at::randn(g.sizes(), gen, at::TensorOptions(wide))
+                                             .to(g.device(), /*non_blocking=*/true) * (spread + 1e-8)
+                                       : at::Tensor();
+        if (reduced) {  // k·g + noise in float, rounded once
+          const at::Tensor scaled = g.to(at::kFloat) * coefficient;
+          g.copy_(noisy ? scaled + noise : scaled);
+        } else {
+          g.mul_(coefficient.to(g.scalar_type()));
+          if (noisy) g.add_(noise);
         }
       }
     }

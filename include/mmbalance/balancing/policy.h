@@ -33,6 +33,8 @@ namespace mmbalance {
 ///   steps, which hold fusion modules' gates; a `Balancer` refuses it at construction on a
 ///   network without fusion modules (late fusion), where such a step is a regular one.
 ///   (Any policy's re-balancing plan on such a network is refused when it is chosen.)
+/// - `static constexpr Objective objective` (balancing/loss_weighting.h): the loss the
+///   policy's method trains (without it, the sum of the heads' losses).
 /// - `modulate_gradients(const StepGradients&)` (balancing/gradient_modulation.h; its
 ///   masked passes in balancing/masked_outputs.h), `loss_weights()`,
 ///   `auxiliary_loss(out, target)`, `sample_weights(out, target)`

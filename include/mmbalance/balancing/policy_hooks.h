@@ -201,6 +201,9 @@ struct PolicyHooksCheck {
                 "Balancer: the policy's objective cannot be read at compile time: declare "
                 "`static constexpr mmbalance::Objective objective = Objective::fused;` (or another "
                 "Objective)");
+  static_assert(!DeclaresObjective<P> || to_string(objective_of<P>()) != "invalid",
+                "Balancer: the policy's objective is not one of Objective::modality_specific, fused "
+                "or fused_and_modality_specific");
   static_assert(!HasMember_loss_weights<P> || WeighsLosses<P>,
                 "Balancer: the policy's loss_weights would go unused: declare `LossWeights "
                 "loss_weights() const`");

@@ -4,7 +4,7 @@
 /// fused output's loss (joint training), or both.
 
 #include <cstdint>
-#include <string>
+#include <string_view>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -60,23 +60,13 @@ enum class Objective : std::uint8_t {
   fused_and_modality_specific,
 };
 
-inline std::string to_string(Objective objective) {
+constexpr std::string_view to_string(Objective objective) {
   switch (objective) {
     case Objective::modality_specific: return "modality_specific";
     case Objective::fused: return "fused";
     case Objective::fused_and_modality_specific: return "fused_and_modality_specific";
   }
   return "invalid";
-}
-
-/// The loss `objective` names: Σ_k CE(head_k), CE(y), or Σ_k CE(head_k) + CE(y).
-inline at::Tensor objective_loss(const NetOutput& out, const at::Tensor& target, Objective objective) {
-  switch (objective) {
-    case Objective::modality_specific: return modality_specific_loss(out, target);
-    case Objective::fused: return fused_loss(out, target);
-    case Objective::fused_and_modality_specific: return modality_specific_loss(out, target) + fused_loss(out, target);
-  }
-  TORCH_CHECK(false, "objective_loss: no such objective (the value ", static_cast<int>(objective), ")");
 }
 
 }  // namespace mmbalance
