@@ -555,39 +555,59 @@ TEST_CASE("MMPareto: a loss() call that throws leaves what the step's earlier ca
 
 TEST_CASE("MMPareto: g − g_m is the uni-modal gradient to within a few roundings, and a dot "
           "product inside that rounding is no conflict", "[mmpareto]") {
-  // Measured: g − g_m (as the balancer forms it, from the whole loss's backward and CE(y)'s)
-  // against the uni-modal losses' gradient computed on its own, in float, on the late-fusion
-  // and MMTM networks over several batches: the error of g_m·g_u in units of
-  // ε·(‖g_m‖² + ‖g_m‖‖g_u‖), the bound's unit.
+  // Measured: g_m·(g − g_m) as the balancer forms it (float: the whole loss's backward and
+  // CE(y)'s) against g_m·g_u from a double twin (the uni-modal losses' gradient on its own),
+  // on the late-fusion and MMTM networks over several batches, in units of
+  // ε·(‖g_m‖² + ‖g_m‖‖g_u‖), the bound's unit (ε of float).
   const double eps = std::numeric_limits<float>::epsilon();
   double worst_dot = 0;
   for (const bool late : {true, false}) {
     for (std::uint64_t seed = 0; seed < 6; ++seed) {
       Net net = late ? small_late_net(seed) : small_net(seed);
+      Net twin = late ? small_late_net(seed) : small_net(seed);
+      twin->to(at::kDouble);
       const MultiModalBatch b = small_batch(16, 40 + seed);
       const ModelOutput out = net->forward(b.x0, b.x1);
+      const ModelOutput exact = twin->forward(b.x0.to(at::kDouble), b.x1.to(at::kDouble));
       const at::Tensor fused = at::cross_entropy_loss(out.y, b.target);
       const at::Tensor unimodal = modality_specific_loss(out, b.target);
-      for (const auto& theta : net->parameter_groups().branch) {
-        const auto whole = torch::autograd::grad({fused + unimodal}, theta, {}, true);
-        const auto m = torch::autograd::grad({fused}, theta, {}, true);
-        const auto u = torch::autograd::grad({unimodal}, theta, {}, true);
-        double mm = 0, uu = 0, mu_formed = 0, mu_own = 0;
-        for (std::size_t p = 0; p < theta.size(); ++p) {
-          const at::Tensor md = m[p].to(at::kDouble), ud = u[p].to(at::kDouble);
-          const at::Tensor formed = (whole[p] - m[p]).to(at::kDouble);
+      const auto thetas = net->parameter_groups().branch, exact_thetas = twin->parameter_groups().branch;
+      for (std::size_t k = 0; k < thetas.size(); ++k) {
+        const auto whole = torch::autograd::grad({fused + unimodal}, thetas[k], {}, true);
+        const auto m = torch::autograd::grad({fused}, thetas[k], {}, true);
+        const auto u = torch::autograd::grad({modality_specific_loss(exact, b.target)}, exact_thetas[k], {}, true);
+        double mm = 0, uu = 0, mu_formed = 0, mu_exact = 0;
+        for (std::size_t p = 0; p < thetas[k].size(); ++p) {
+          const at::Tensor md = m[p].to(at::kDouble), formed = (whole[p] - m[p]).to(at::kDouble);
           mm += (md * md).sum().item<double>();
-          uu += (ud * ud).sum().item<double>();
+          uu += (u[p] * u[p]).sum().item<double>();
           mu_formed += (md * formed).sum().item<double>();
-          mu_own += (md * ud).sum().item<double>();
+          mu_exact += (md * u[p]).sum().item<double>();
         }
-        worst_dot = std::max(worst_dot, std::abs(mu_formed - mu_own) / (eps * (mm + std::sqrt(mm * uu))));
+        worst_dot = std::max(worst_dot, std::abs(mu_formed - mu_exact) / (eps * (mm + std::sqrt(mm) * std::sqrt(uu))));
       }
     }
   }
-  WARN("g_m.(g - g_m) against g_m.g_u computed on its own: at most " << worst_dot
+  WARN("g_m.(g - g_m) against g_m.g_u in double: at most " << worst_dot
        << " units of eps (|g_m|^2 + |g_m| |g_u|)");
-  CHECK(worst_dot < MMParetoPolicy::kRoundingBound / 4);
+  CHECK(worst_dot < MMParetoOptions().rounding_bound() / 4);
+
+  // The threshold: g_m = (1, 0), g_u = (−t, 1) in double, so g_m·g_u = −t and the bound is
+  // b = 16·ε·(1 + √(1 + t²)) = 32·ε to within t² ≈ 1e-28: a conflict just beyond b, none
+  // just inside it.
+  const double eps64 = std::numeric_limits<double>::epsilon();
+  const auto conflicts = [&](double bound, double t) {
+    auto policy = for_branches(MMParetoPolicy(MMParetoOptions().rounding_bound(bound)), 2);
+    run_hook(policy, hook_input({{{1, 0}}, {{1, 0}}}, {{{-t, 1}}, {{1, 0}}}));
+    return policy.conflict_steps()[0].item<std::int64_t>() == 1;
+  };
+  const double b = 32 * eps64;
+  CHECK(conflicts(16, 1.2 * b));
+  CHECK_FALSE(conflicts(16, 0.8 * b));
+  CHECK(conflicts(0, 0.8 * b));  // the sign alone
+  CHECK_FALSE(conflicts(0, 0.0));  // exactly 0: none
+  CHECK_THROWS_WITH(MMParetoPolicy(MMParetoOptions().rounding_bound(-1)),
+                    Catch::Contains("rounding_bound must be a finite number >= 0, got -1"));
 
   // A uni-modal gradient below g_m's resolution: g is g_m moved one unit in the last place
   // toward zero in every element, so g − g_m = −ulp·sign(g_m), against g_m everywhere. As

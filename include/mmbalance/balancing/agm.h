@@ -48,9 +48,11 @@ struct AGMOptions {
 };
 
 /// Adaptive gradient modulation for N branches (2 to `kMaxBranches`). After warm-up the
-/// balancer's loss is the fused output's CE alone (the original trains the fused output),
-/// and `Balancer::loss(out, target, inputs)` runs 2^N − 2 masked forward passes (eval mode,
-/// no gradient, the absent modalities' inputs zeroed, the original's padding) whose fused
+/// balancer's loss is the fused output's CE alone (the original trains the fused output;
+/// in warm-up too), and `Balancer::loss(out, target, inputs)` runs the network on 2^N − 2
+/// masked copies of the batch (eval mode, no gradient, the absent modalities' inputs
+/// zeroed, the original's padding; stacked along the rows into passes of up to
+/// `BalancerOptions::masked_rows_per_pass` rows) whose fused
 /// outputs v(S) give each branch's mono-modal response, the Shapley value
 ///   φ_m = Σ_{S ⊆ others} |S|!(N − |S| − 1)!/N! · (v(S ∪ {m}) − v(S)),  v(∅) = 0,
 /// v(all) = the step's own fused output. Then, per step:
@@ -76,7 +78,7 @@ class AGMPolicy {
   /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
   static constexpr bool copy_is_snapshot = true;
   static constexpr bool needs_masked_outputs = true;
-  /// 2^N − 2 masked forward passes per step: beyond this many branches that is absurd.
+  /// 2^N − 2 masked copies of the batch per step: beyond this many branches that is absurd.
   static constexpr std::size_t kMaxBranches = 12;
   /// The largest α·max_gap: exp(80) ≈ 5.5e34 is finite in float and bfloat16.
   static constexpr double kMaxExponent = 80;
@@ -100,7 +102,7 @@ class AGMPolicy {
   /// count the policy's state is for if it has one.
   void set_branches(std::size_t branches) {
     TORCH_CHECK(branches >= 2 && branches <= kMaxBranches, "AGMPolicy: needs 2 to ", kMaxBranches,
-                " branches (it runs 2^N - 2 masked forward passes per step), got ", branches);
+                " branches (it runs the network on 2^N - 2 masked copies of the batch per step), got ", branches);
     TORCH_CHECK(branches_ == 0 || branches_ == branches, "AGMPolicy: the policy was made for ",
                 branches_, " branches, the network has ", branches);
     branches_ = branches;

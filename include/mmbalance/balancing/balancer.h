@@ -70,7 +70,7 @@ class Balancer {
         policy_(std::move(policy)),
         monitor_(net->parameter_groups(), options.check_every_step(), options.speed_read()),
         clock_(monitor_.branches(), options.warmup_epochs()),
-        losses_(net, net->parameter_groups().branch),
+        losses_(net, net->parameter_groups().branch, options.masked_rows_per_pass()),
         epochs_(losses_.branch_parameters()),
         gate_means_(net->gate_means()) {
     if constexpr (TakesBranchCount<Policy>) policy_.policy().set_branches(branches());
@@ -127,8 +127,9 @@ class Balancer {
 
   /// `loss(out, target, scale)` with the step's inputs, one per branch in branch order,
   /// from which a policy that `NeedsMaskedOutputs` (AGM) has the network's fused output
-  /// computed with modalities masked (2^N − 2 forward passes in eval mode without
-  /// gradient after warm-up, the absent inputs zeroed). Other policies ignore them.
+  /// computed with modalities masked (2^N − 2 masked copies of the batch in eval mode
+  /// without gradient after warm-up, the absent inputs zeroed, stacked into passes of up
+  /// to `BalancerOptions::masked_rows_per_pass` rows). Other policies ignore them.
   at::Tensor loss(const NetOutput& out, const at::Tensor& target, const std::vector<at::Tensor>& inputs,
                   double scale = 1.0) {
     return form_loss(out, target, &inputs, scale);

@@ -45,6 +45,16 @@ struct BalancerOptions {
   TORCH_ARG(bool, check_every_step) = true;
   /// When a policy with `observe_speeds` gets the speeds; see `SpeedRead`.
   TORCH_ARG(SpeedRead, speed_read) = SpeedRead::same_step;
+  /// For a policy with masked passes (AGM): how many rows of masked copies of the batch one
+  /// forward pass takes, >= 1 (as many copies as fit, at least one; 1: one pass per copy).
+  /// On this project's 2-core CPU, stacking gained little and not reliably at batch 8
+  /// (0.66-1.02x the time of one pass per copy, between runs) and lost from batch 32 on
+  /// (up to 1.6x at 32 rows a copy, 2.3x for one pass of every copy at batch 128;
+  /// docs/performance.md), so 32: small batches stacked, larger ones one copy a pass. On a
+  /// GPU, where a step is launch-bound, larger passes may pay. The network must not mix
+  /// rows in eval mode (BatchNorm without running statistics, attention across the batch):
+  /// then pass 1.
+  TORCH_ARG(std::int64_t, masked_rows_per_pass) = 32;
 };
 
 /// What the balancer has done so far, per step kind (two branches).

@@ -35,9 +35,11 @@ class LossFormer {
                                   objective_of<Policy>() != Objective::modality_specific;
 
   template <class Net>
-  LossFormer(Net net, std::vector<std::vector<at::Tensor>> branch_parameters)
+  LossFormer(Net net, std::vector<std::vector<at::Tensor>> branch_parameters, std::int64_t masked_rows_per_pass)
       : branch_parameters_(std::move(branch_parameters)) {
-    if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net);
+    TORCH_CHECK(masked_rows_per_pass >= 1, "Balancer: masked_rows_per_pass must be >= 1, got ",
+                masked_rows_per_pass);
+    if constexpr (NeedsMaskedOutputs<Policy>) masked_forward_ = masked_forward(net, masked_rows_per_pass);
   }
 
   /// The step's loss (see `Balancer::loss`); `after_warmup` turns the policy's hooks on.

@@ -23,35 +23,29 @@ namespace mmbalance {
 /// passes the step's inputs, `balancer.loss(out, target, {x0, x1})`, and after warm-up the
 /// balancer runs the network on them with every proper non-empty subset of modalities
 /// present (eval mode, no gradient, the absent inputs zeroed: 2^N − 2 masked copies of the
-/// batch, stacked along the rows into passes of up to `kMaskedRowsPerPass` rows) and hands
-/// the outputs to the hook as `StepGradients::subset_outputs`.
+/// batch, stacked along the rows into passes of up to
+/// `BalancerOptions::masked_rows_per_pass` rows) and hands the outputs to the hook as
+/// `StepGradients::subset_outputs`.
 template <class P>
 concept NeedsMaskedOutputs = ModulatesGradients<P> && requires { requires bool(P::needs_masked_outputs); };
-
-/// How many rows of masked copies one forward pass takes: as many copies as fit (at least
-/// one). Small batches gain from fewer, larger passes (on the CPU, batch 8: 0.84x the time
-/// of one pass per copy for two branches, 0.69x for three); at batch 128 one pass of all
-/// the copies took 1.2x (two branches) to 2.3x (three) the time of one per copy, so large
-/// batches keep one copy a pass (benchmarks/bench_training_step.cpp, BM_MaskedPassesPaired;
-/// docs/performance.md).
-inline constexpr std::int64_t kMaskedRowsPerPass = 64;
 
 namespace detail {
 
 /// The network's fused output y with the modalities of every proper non-empty subset
 /// present (bit mask s; the others' inputs zeroed), for a policy's masked passes: eval
 /// mode (every submodule's own mode restored after), no gradient, a regular plan. The
-/// copies are stacked along the rows (rows of one copy never meet another's in eval mode),
-/// up to `kMaskedRowsPerPass` rows a pass.
+/// copies are stacked along the rows (rows of one copy never meet another's in eval mode,
+/// in the library's modules), up to `rows_per_pass` rows a pass (at least one copy).
 template <class Net>
-std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net) {
-  return [net](const std::vector<at::Tensor>& x) mutable {
+std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)> masked_forward(Net net,
+                                                                                     std::int64_t rows_per_pass) {
+  return [net, rows_per_pass](const std::vector<at::Tensor>& x) mutable {
     EvalModeGuard<Net> eval(net);
     std::vector<at::Tensor> zeros;
     for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
     const std::size_t all = (std::size_t{1} << x.size()) - 1;
     const std::int64_t rows = x.front().size(0);
-    const auto per_pass = static_cast<std::size_t>(std::max<std::int64_t>(1, kMaskedRowsPerPass / std::max<std::int64_t>(rows, 1)));
+    const auto per_pass = static_cast<std::size_t>(std::max<std::int64_t>(1, rows_per_pass / std::max<std::int64_t>(rows, 1)));
     std::vector<at::Tensor> v(all + 1);
     for (std::size_t first = 1; first < all; first += per_pass) {
       const std::size_t last = std::min(all, first + per_pass);  // subsets first..last-1

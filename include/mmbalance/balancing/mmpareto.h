@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <torch/arg.h>
 #include <torch/serialize/archive.h>
@@ -41,6 +42,12 @@ struct MMParetoOptions {
   TORCH_ARG(double, gamma) = 1.5;
   /// Which parameters of each branch are combined (the original: every encoder parameter).
   TORCH_ARG(ModulatedParameters, parameters) = ModulatedParameters::all;
+  /// How many units ε·(‖g_m‖² + ‖g_m‖‖g_u‖) around 0 of g_m·g_u count as no conflict, ≥ 0
+  /// (0: the sign alone, a dot product of exactly 0 no conflict). ε is the machine epsilon
+  /// of the gradients' arithmetic: their dtype's, TF32's (2^-10) for float gradients on a
+  /// GPU with TF32 convolutions or matrix products allowed. Measured in float on the CPU:
+  /// at most 0.57 units of rounding against a double reference (docs/policies.md).
+  TORCH_ARG(double, rounding_bound) = 16;
 };
 
 /// MMPareto for N branches. The balancer's loss is CE(y) + Σ_k CE(head_k) (y: the fused
@@ -49,7 +56,7 @@ struct MMParetoOptions {
 /// g_u = g − g_m (the uni-modal losses' gradient: CE(head_k)'s alone in late fusion):
 /// - g_m·g_u ≥ −b (no conflict): weights (½, ½), where b bounds the rounding of g_m·g_u:
 ///   g − g_m carries the roundings of two backward passes, so where g_u is much smaller
-///   than g_m the sign of g_m·g_u within b is noise (`kRoundingBound`);
+///   than g_m the sign of g_m·g_u within b is noise (`MMParetoOptions::rounding_bound`);
 /// - otherwise (conflict) the min-norm point of the segment between g_m and g_u (MGDA
 ///   for two): c = (‖g_u‖² − g_m·g_u) / ‖g_m − g_u‖², weights (c, 1 − c);
 /// then each selected parameter's gradient becomes, with new = 2(c_m g_m + c_u g_u)
@@ -60,11 +67,6 @@ struct MMParetoOptions {
 /// gradients, so every rank combines the same gradients identically.
 class MMParetoPolicy {
  public:
-  /// b = kRoundingBound · ε · (‖g_m‖² + ‖g_m‖‖g_u‖), ε the gradients' machine epsilon: a
-  /// dot product g_m·g_u inside b could have either sign (g − g_m against the uni-modal
-  /// gradient computed on its own: at most 0.84 ε·(‖g_m‖² + ‖g_m‖‖g_u‖) on the test
-  /// networks, tests/test_mmpareto.cpp).
-  static constexpr double kRoundingBound = 16;
 
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
@@ -78,6 +80,8 @@ class MMParetoPolicy {
     TORCH_CHECK(to_string(options.parameters()) != "invalid", "MMParetoPolicy: parameters must "
                 "be conv_weights, non_bias or all, got the value ",
                 static_cast<int>(options.parameters()));
+    TORCH_CHECK(std::isfinite(options.rounding_bound()) && options.rounding_bound() >= 0,
+                "MMParetoPolicy: rounding_bound must be a finite number >= 0, got ", options.rounding_bound());
   }
 
   /// The network's branch count (the `Balancer` calls it): 2 or more, and the count the
@@ -134,7 +138,7 @@ class MMParetoPolicy {
       // g_m·g_m, g_m·g_u, g_u·g_u over the branch.
       const at::Tensor dots = products.size() == 1 ? products[0] : at::stack(products).sum(0);
       const at::Tensor mm = dots[0], mu = dots[1], uu = dots[2];
-      const at::Tensor rounding = (mm + at::sqrt(mm * uu)) * (kRoundingBound * epsilon_of(branch));
+      const at::Tensor rounding = (mm + at::sqrt(mm) * at::sqrt(uu)) * (options.rounding_bound() * epsilon_of(branch));
       const at::Tensor conflict = mu < -rounding;
       const at::Tensor c = at::where(conflict, min_norm_weight(mm, mu, uu), at::full_like(mm, 0.5));
       for (const auto& [g, m] : branch) {
@@ -167,6 +171,7 @@ class MMParetoPolicy {
   void save(torch::serialize::OutputArchive& archive) const {
     archive.write("gamma", options.gamma());
     archive.write("parameters", static_cast<std::int64_t>(options.parameters()));
+    archive.write("rounding_bound", options.rounding_bound());
     archive.write("conflict_steps", conflict_steps().to(at::kCPU));
   }
 
@@ -184,6 +189,15 @@ class MMParetoPolicy {
     TORCH_CHECK(parameters.toInt() == static_cast<std::int64_t>(options.parameters()),
                 "MMParetoPolicy: the checkpoint was made combining parameters ", parameters.toInt(),
                 ", this policy combines ", to_string(options.parameters()));
+    // Records from before the bound existed decided on the sign alone; a run resumed from
+    // one goes on with this policy's bound (the two differ only within rounding).
+    c10::IValue bound;
+    if (archive.try_read("rounding_bound", bound)) {
+      TORCH_CHECK(bound.isDouble(), "MMParetoPolicy: damaged state in checkpoint");
+      TORCH_CHECK(bound.toDouble() == options.rounding_bound(), "MMParetoPolicy: the checkpoint was made "
+                  "with rounding_bound ", bound.toDouble(), ", this policy has rounding_bound ",
+                  options.rounding_bound());
+    }
     TORCH_CHECK(conflicts.dim() == 1 && conflicts.scalar_type() == at::kLong,
                 "MMParetoPolicy: damaged conflict counts in checkpoint: ", detail::shape_string(conflicts));
     TORCH_CHECK(conflicts.numel() == static_cast<std::int64_t>(branches_), "MMParetoPolicy: the "
@@ -207,15 +221,20 @@ class MMParetoPolicy {
     return (v22 - v12) / (v11 + v22 - 2 * v12);
   }
 
-  // The largest machine epsilon of a branch's gradients (its coarsest rounding).
+  // The largest machine epsilon of a branch's gradient arithmetic (its coarsest rounding):
+  // the dtype's, or TF32's for float gradients on a GPU that allows it.
   static double epsilon_of(const std::vector<std::pair<at::Tensor, at::Tensor>>& branch) {
     double eps = 0;
     for (const auto& [g, m] : branch) {
-      for (const at::ScalarType t : {g.scalar_type(), m.scalar_type()}) {
-        eps = std::max(eps, t == at::kDouble  ? std::numeric_limits<double>::epsilon()
-                            : t == at::kFloat ? double{std::numeric_limits<float>::epsilon()}
-                            : t == at::kHalf  ? 0x1p-10
-                                              : 0x1p-7);  // bfloat16 (or anything coarser)
+      for (const at::Tensor& t : {g, m}) {
+        const at::ScalarType type = t.scalar_type();
+        const bool tf32 = type == at::kFloat && t.is_cuda() &&
+                          (at::globalContext().allowTF32CuDNN() || at::globalContext().allowTF32CuBLAS());
+        eps = std::max(eps, type == at::kDouble ? std::numeric_limits<double>::epsilon()
+                            : tf32              ? 0x1p-10
+                            : type == at::kFloat ? double{std::numeric_limits<float>::epsilon()}
+                            : type == at::kHalf  ? 0x1p-10
+                                                 : 0x1p-7);  // bfloat16 (or anything coarser)
       }
     }
     return eps;
