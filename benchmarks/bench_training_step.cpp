@@ -11,9 +11,9 @@
 // - loss methods paired: vanilla, Gradient-Blending (a step's cost: the weighted loss; its
 //   measurement at the end of a super-epoch is per epoch) and MMPareto (one more backward
 //   pass of CE(y) and the combination) taking turns, at batch 8 and 128;
-// - AGM's masked passes paired: the 2^N − 2 masked forward passes as one forward of the
-//   stacked copies (the library's) against one forward per subset (before 2026-12-07,
-//   written out here), at batch 8 and 128, two and three branches;
+// - AGM's masked passes paired: the 2^N − 2 masked copies stacked into passes of the
+//   default row budget against one copy a pass (the library before 2026-12-07), at batch
+//   8, 32 and 128, two and three branches;
 // - rollback state: what the balancer keeps per step to roll a policy back to: the C++
 //   copy (a policy declaring copy_is_snapshot, as the library's do) or, by default, the
 //   copy and the policy's record (save, serialized), for GuidedPolicy's and
@@ -162,23 +162,6 @@ void BM_BalancerObserveOnly(benchmark::State& state) {
   }
 }
 
-// AGM's masked passes one forward per subset, as the library ran them before 2026-12-07
-// (the same as masked_rows_per_pass(1)).
-template <class Net>
-std::vector<at::Tensor> masked_outputs_pass_by_pass(Net& net, const std::vector<at::Tensor>& x) {
-  EvalModeGuard<Net> eval(net);
-  std::vector<at::Tensor> zeros;
-  for (const at::Tensor& t : x) zeros.push_back(at::zeros_like(t));
-  const std::size_t all = (std::size_t{1} << x.size()) - 1;
-  std::vector<at::Tensor> v(all + 1);
-  for (std::size_t s = 1; s < all; ++s) {
-    std::vector<at::Tensor> masked;
-    for (std::size_t k = 0; k < x.size(); ++k) masked.push_back(s >> k & 1 ? x[k] : zeros[k]);
-    v[s] = net->forward(masked, StepPlan::regular()).y;
-  }
-  return v;
-}
-
 // The masked passes of N branches at batch state.range(0): batched and pass by pass taking
 // turns; the counter is batched over pass by pass.
 template <std::size_t N>
@@ -188,9 +171,12 @@ void BM_MaskedPassesPaired(benchmark::State& state) {
   std::vector<at::Tensor> inputs{data.x0};
   for (std::size_t k = 1; k < N; ++k) inputs.push_back(data.x1);
   auto batched = mmbalance::detail::masked_forward(net, BalancerOptions().masked_rows_per_pass());
+  // One row a pass is one copy a pass: the forward per subset the library ran before
+  // 2026-12-07, the same code otherwise.
+  auto pass_by_pass = mmbalance::detail::masked_forward(net, 1);
   const std::array<std::function<void()>, 2> passes{
       [&] { benchmark::DoNotOptimize(batched(inputs)); },
-      [&] { benchmark::DoNotOptimize(masked_outputs_pass_by_pass(net, inputs)); }};
+      [&] { benchmark::DoNotOptimize(pass_by_pass(inputs)); }};
   const std::array<double, 2> seconds = time_in_turns(state, passes);
   state.counters["batched_over_pass_by_pass"] = seconds[0] / seconds[1];
 }

@@ -135,7 +135,7 @@ class AGMPolicy {
     for (std::size_t i = 1; i <= n; ++i) factorial[i] = factorial[i - 1] * static_cast<double>(i);
     std::vector<double> weight(n);
     for (std::size_t size = 0; size < n; ++size) weight[size] = factorial[size] * factorial[n - size - 1] / factorial[n];
-    const auto value = [&](std::size_t s) { return subset_outputs[s].to(wide(subset_outputs[s])); };
+    const auto value = [&](std::size_t s) { return subset_outputs[s].to(detail::at_least_float(subset_outputs[s])); };
     std::vector<at::Tensor> responses;
     for (std::size_t m = 0; m < n; ++m) {
       const std::size_t bit = std::size_t{1} << m;
@@ -288,9 +288,6 @@ class AGMPolicy {
       }
     }
   }
-
-  // The dtype responses are computed in: the output's, at least float.
-  static at::ScalarType wide(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
 
   std::size_t branches_ = 0;  // given by the Balancer
   at::Tensor running_scores_, steps_, skipped_;

@@ -43,6 +43,12 @@ inline bool is_modulated(const at::Tensor& p, ModulatedParameters which) {
   return false;
 }
 
+namespace detail {
+/// The dtype a policy computes a tensor's statistics and changes in: its own, at least
+/// float (half and bfloat16 sums, squares and draws would round, underflow or overflow).
+inline at::ScalarType at_least_float(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
+}  // namespace detail
+
 /// What a policy's `modulate_gradients` hook receives after `backward()`: this step's
 /// logits of every branch's head (detached), the targets, each branch's parameters θ_k,
 /// whose `.grad()` it may change in place, and what adds a statistic up over the

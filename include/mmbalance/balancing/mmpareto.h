@@ -67,7 +67,6 @@ struct MMParetoOptions {
 /// gradients, so every rank combines the same gradients identically.
 class MMParetoPolicy {
  public:
-
   /// Its name and state format in checkpoints.
   static constexpr PolicyIdentity checkpoint_identity{"mmbalance.mmpareto", 1};
   /// A copy is a snapshot to roll back to (its tensors are replaced, never changed in place).
@@ -132,7 +131,7 @@ class MMParetoPolicy {
       // In float at least: half-precision squares and ratios underflow and overflow.
       std::vector<at::Tensor> products;
       for (const auto& [g, m] : branch) {
-        const at::Tensor mw = m.to(wide(m)), uw = g.to(wide(g)) - mw;
+        const at::Tensor mw = m.to(detail::at_least_float(m)), uw = g.to(detail::at_least_float(g)) - mw;
         products.push_back(at::stack({(mw * mw).sum(), (mw * uw).sum(), (uw * uw).sum()}));
       }
       // g_m·g_m, g_m·g_u, g_u·g_u over the branch.
@@ -142,7 +141,7 @@ class MMParetoPolicy {
       const at::Tensor conflict = mu < -rounding;
       const at::Tensor c = at::where(conflict, min_norm_weight(mm, mu, uu), at::full_like(mm, 0.5));
       for (const auto& [g, m] : branch) {
-        const at::Tensor gw = g.to(wide(g)), mw = m.to(wide(m));
+        const at::Tensor gw = g.to(detail::at_least_float(g)), mw = m.to(detail::at_least_float(m));
         const at::Tensor combined = (mw * c.to(gw.scalar_type()) + (gw - mw) * (1 - c).to(gw.scalar_type())) * 2;
         const at::Tensor whole_norm = gw.norm(), new_norm = combined.norm();
         const at::Tensor stretch = at::where(new_norm > 0, at::clamp_min(whole_norm / new_norm, 1),
@@ -240,9 +239,6 @@ class MMParetoPolicy {
     return eps;
   }
 
-  // The dtype the combination is computed in: the gradient's, at least float.
-  static at::ScalarType wide(const at::Tensor& t) { return at::promote_types(t.scalar_type(), at::kFloat); }
-
   // Replaces each rank's fused gradients by their average over the ranks, as
   // `DataParallel::synchronize` averages the whole gradients: one all-reduce, whose last
   // element counts the ranks.
@@ -250,7 +246,7 @@ class MMParetoPolicy {
                                  const std::function<void(at::Tensor&)>& sum_across_ranks) {
     std::vector<at::Tensor> parts;
     for (const auto& branch : selected) {
-      for (const auto& [g, m] : branch) parts.push_back(m.flatten().to(wide(m)));
+      for (const auto& [g, m] : branch) parts.push_back(m.flatten().to(detail::at_least_float(m)));
     }
     parts.push_back(at::ones({1}, parts.front().options()));
     at::Tensor flat = at::cat(parts);

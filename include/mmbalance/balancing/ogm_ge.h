@@ -144,14 +144,14 @@ class OGMGEPolicy {
         // Half and bfloat16: the std, the draw and k·g + noise in float, rounded once into
         // the gradient (a draw in half is not float's draw rounded on every LibTorch, and
         // half's 1e-8 is 0).
-        const bool reduced = g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16;
-        const at::ScalarType wide = reduced ? at::kFloat : g.scalar_type();
+        const at::ScalarType wide = detail::at_least_float(g);
+        const bool reduced = wide != g.scalar_type();
         const at::Tensor spread = noisy ? g.to(wide).std() : at::Tensor();
         const at::Tensor noise = noisy ? at::randn(g.sizes(), gen, at::TensorOptions(wide))
                                              .to(g.device(), /*non_blocking=*/true) * (spread + 1e-8)
                                        : at::Tensor();
         if (reduced) {  // k·g + noise in float, rounded once
-          const at::Tensor scaled = g.to(at::kFloat) * coefficient;
+          const at::Tensor scaled = g.to(wide) * coefficient;
           g.copy_(noisy ? scaled + noise : scaled);
         } else {
           g.mul_(coefficient.to(g.scalar_type()));
