@@ -1,17 +1,20 @@
 #!/usr/bin/python3
-"""Writes docs/comparison.md from the colored_mnist runs of scripts/compare.
+"""Writes docs/comparison.md from the runs of scripts/compare (its manifest.json).
 
-usage: scripts/results_compare.py --out docs/comparison.md --figures docs/figures/comparison \
-           --chosen RESULTS/chosen.json --command "..." --jobs N --wall-seconds S \
-           --selection SELECTION_RUN... [--notes FILE] -- RUN_DIR [RUN_DIR ...]
+usage: scripts/results_compare.py --manifest RESULTS/manifest.json --out docs/comparison.md \
+           --figures docs/figures/comparison --command "..." --jobs N --wall-seconds S \
+           --started N [--notes FILE]
 
-Runs are grouped by dataset, fusion (mmtm or late, from the summary's arguments) and
-policy; each group's rows give the mean ± std over its seeds.
+Per dataset and network: each method's chosen setting, test accuracies (mean ± std over
+the reported seeds) and its difference to vanilla and to joint, paired by seed, with a
+95 % t-interval; then which differences hold at 95 %, and every selection trial.
 """
 import argparse
 import datetime
 import json
+import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,84 +26,102 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"]
-NAMES = {"mnist": "Colored-and-gray MNIST", "fashion": "colored Fashion-MNIST"}
-FUSIONS = {"mmtm": "MMTM network", "late": "late-fusion twin"}
-# The flag each tuned method was tuned on, as the summary's args name it.
-ARG_OF = {"--alpha": "alpha", "--ogm-alpha": "ogm_alpha", "--gblend-super-epoch": "gblend_super_epoch",
-          "--mmpareto-gamma": "mmpareto_gamma", "--agm-alpha": "agm_alpha"}
+NAMES = {"mnist": "Colored-and-gray MNIST", "fashion": "colored Fashion-MNIST",
+         "speech": "spoken digits (colour digit, gray digit, spoken name)"}
+NETWORKS = {"mmtm": "MMTM network", "late": "late-fusion twin"}
+LOSS = {"vanilla": "Σ_k CE_k", "joint": "CE(y)", "random": "Σ_k CE_k", "guided": "Σ_k CE_k", "ogm-ge": "CE(y)",
+        "gblend": "its weights on CE(y), CE_k", "mmpareto": "CE(y) + Σ_k CE_k", "agm": "CE(y)"}
+# Two-sided 95 % quantiles of Student's t, degrees of freedom 1..30 (any statistics table).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
 
 
 def load(run):
     path = os.path.join(run, "summary.json")
-    if not os.path.exists(path):
-        sys.exit(f"results_compare: {path} missing: run {run} did not finish")
-    with open(path) as f:
-        s = json.load(f)
-    # Time per step after warm-up, where the methods differ (warm-up is plain training).
-    train_seconds, steps, curve = 0.0, 0, []
-    with open(os.path.join(run, "log.jsonl")) as f:
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"results_compare: {path}: {e}")
+    curve = []
+    log = os.path.join(run, "log.jsonl")
+    with open(log) as f:
         for n, line in enumerate(f, 1):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"results_compare: {run}/log.jsonl:{n}: not JSON ({e})")
+                sys.exit(f"results_compare: {log}:{n}: not JSON ({e})")
             if rec.get("type") == "epoch":
                 curve.append(rec["test"]["y"])
-                if rec["epoch"] >= s["args"]["warmup_epochs"]:
-                    train_seconds += rec.get("train_seconds", float("nan"))
-                    steps += sum(rec["steps"].values())
-    s["seconds_per_step"] = train_seconds / steps if steps else float("nan")
     s["curve"] = curve
+    s["finished"] = os.path.getmtime(path)
     return s
 
 
-def cell(values, scale=1.0, digits=2):
-    """mean ± std over seeds; one seed's value alone (a std of one run says nothing)."""
-    values = [v for v in values if v is not None]  # JSON null: undefined (e.g. no fusion modules)
-    if len(values) == 1 and values[0] == values[0]:
-        return f"{values[0] * scale:.{digits}f}"
-    return fmt(mean_std(values), scale, digits)
+def paired(a, b):
+    """Mean of a_s - b_s over the seeds both have, and its 95 % t-interval half-width."""
+    d = [x - y for x, y in zip(a, b)]
+    if len(d) < 2:
+        return (d[0] if d else float("nan")), float("nan")
+    return statistics.mean(d), T975[min(len(d) - 1, len(T975)) - 1] * statistics.stdev(d) / math.sqrt(len(d))
 
 
-def steps_text(s):
-    """Regular steps first, then each branch held in branch order (the JSON's keys are sorted)."""
-    held = sorted((k for k in s if k != "regular"), key=lambda k: (len(k), k))
-    return "/".join(str(s[k]) for k in ["regular", *held])
+def interval_text(m, h):
+    if m != m:
+        return "—"
+    return f"{m * 100:+.2f} [{(m - h) * 100:+.2f}, {(m + h) * 100:+.2f}]" if h == h else f"{m * 100:+.2f}"
+
+
+def verdict(m, h):
+    if not (h == h):
+        return None
+    if m - h > 0:
+        return "better"
+    if m + h < 0:
+        return "worse"
+    return "within noise"
+
+
+def setting_text(flags):
+    return " ".join(flags)
+
+
+def heads(s):
+    return [k for k in sorted(s["test"]) if k.startswith("y") and k[1:].isdigit()]
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--figures", required=True)
-    ap.add_argument("--chosen", required=True)
     ap.add_argument("--command", required=True)
     ap.add_argument("--jobs", type=int, required=True)
     ap.add_argument("--wall-seconds", type=float, required=True)
-    ap.add_argument("--selection", nargs="*", default=[])
+    ap.add_argument("--started", type=int, required=True)
     ap.add_argument("--notes")
-    ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
-    with open(args.chosen) as f:
-        chosen = json.load(f)
-    # Run time of every run, the selection runs not chosen included (a chosen one is a table run too).
-    table_dirs = {os.path.realpath(r) for r in args.runs}
-    selection_seconds = sum(load(r)["seconds"] for r in args.selection if os.path.realpath(r) not in table_dirs)
-    all_runs = len(table_dirs | {os.path.realpath(r) for r in args.selection})
+    try:
+        with open(args.manifest) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"results_compare: {args.manifest}: {e}")
+    if not manifest["datasets"]:
+        sys.exit(f"results_compare: {args.manifest} lists no finished dataset")
 
-    groups = {}
-    total = 0.0
-    for run in args.runs:
-        s = load(run)
-        a = s["args"]
-        groups.setdefault((a["dataset"], a.get("fusion", "mmtm")), {}).setdefault(a["policy"], []).append(s)
-        total += s["seconds"]
-    first = next(iter(next(iter(groups.values())).values()))[0]["args"]
-    warmup_of = {}
-    for by_policy in groups.values():
-        for policy, runs in by_policy.items():
-            warmup_of.setdefault(policy, set()).update(r["args"]["warmup_epochs"] for r in runs)
-    warmups = ", ".join(f"{p} {'/'.join(str(w) for w in sorted(warmup_of[p]))}" for p in ORDER if p in warmup_of)
-
+    all_runs, finished = {}, []
+    for d in manifest["datasets"]:
+        for g in d["groups"]:
+            for r in g["runs"] + [r for t in g["trials"] for r in t["runs"]]:
+                if r not in all_runs:
+                    all_runs[r] = load(r)
+                    finished.append(all_runs[r]["finished"])
+    run_minutes = sum(s["seconds"] for s in all_runs.values()) / 60
+    first = next(iter(all_runs.values()))["args"]
+    day = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date().isoformat()  # noqa: E731
+    selection = " ".join(manifest["selection_seeds"])
+    hyper = manifest["hyper"]
     lines = [
         "# Comparison of balancing methods",
         "",
@@ -109,110 +130,151 @@ def main():
         "",
         f"- command: `{args.command}`",
         f"- machine: {machine()}",
-        f"- date: {datetime.date.today().isoformat()}; {all_runs} runs ({len(args.runs)} in the tables, the "
-        f"rest the selection's other values), {args.jobs} at a time with one LibTorch thread each: "
-        f"{(total + selection_seconds) / 60:.1f} min of run time in all; the last invocation of the "
-        f"script took {args.wall_seconds / 60:.1f} min of wall time (less where earlier runs were kept)",
-        f"- training: batch {first['batch_size']}, SGD lr {first['lr']} momentum {first['momentum']}, "
-        f"warm-up epochs of plain training (each method's original's): {warmups}; each method "
-        "trains its original's loss (vanilla, random, guided Σ_k CE_k; joint, ogm-ge, agm CE(y); "
-        "mmpareto both; gblend its weights); the same epochs for every method of a dataset; "
-        f"checkpoint = best validation accuracy of y; colour noise variance {first['colour_noise']}",
-        "- hyper-parameters, chosen on the validation set of MNIST with the MMTM network and the "
-        "first seed from two values each (the examples' default first, the original's where it has "
-        "one), then used everywhere: "
-        + ", ".join(f"{m} `{v}`" for m, v in sorted(chosen.items())) + "; vanilla and random have none. "
-        "A tuned method's first-seed MNIST MMTM run is its selection run with the chosen value",
-        "- Gradient-Blending trains on the training rows less the 10 % it holds out to measure "
-        "generalization (the sizes given below are before that)",
+        f"- dates: runs finished between {day(min(finished))} and {day(max(finished))} (UTC); {len(all_runs)} runs, "
+        f"{args.jobs} at a time with one LibTorch thread each: {run_minutes:.1f} min of run time in all; the last "
+        f"invocation of the script ran {args.started} of them in {args.wall_seconds / 60:.1f} min of wall time",
+        f"- training: batch {first['batch_size']}, SGD momentum {first['momentum']}, the same epochs for every method "
+        "of a dataset; every method trains on the same rows: the last "
+        f"{float(manifest['held_out']) * 100:.0f} % of the training rows are held out for all (Gradient-Blending "
+        "measures generalization on them); checkpoint = best validation accuracy of y; colour noise variance "
+        f"{first['colour_noise']}",
+        "- each method trains its original's loss ("
+        + "; ".join(f"{m} {LOSS[m]}" for m in ORDER) + ") with its original's warm-up of plain training ("
+        + ", ".join(f"{m} {manifest['warmup'][m]}" for m in ORDER) + " epochs); OGM-GE modulates the first half of "
+        "the epochs (its original: epochs 0–50 of 100); AGM caps r̄ − r at 10, at 7 with three modalities (its "
+        "original's caps)",
+        "- tuning, the same budget for every method, vanilla included: 4 trials per dataset and network on the "
+        f"selection seed(s) {selection}, which are not reported, chosen on the mean validation accuracy of y (the "
+        "earlier candidate on a tie). A method with a hyper-parameter tries lr "
+        f"{{{', '.join(manifest['lr_with_hyper'])}}} × {{the original's default, one other}}: "
+        + ", ".join(f"{m} `{flag}` {{{', '.join(values)}}}" for m, (flag, values) in hyper.items())
+        + f"; vanilla, joint and random try lr {{{', '.join(manifest['lr_alone'])}}}. Every trial is listed at the end",
+        "- differences: a seed fixes the initialization and the data order, the same for every method of a network, "
+        "so Δ to vanilla (and to joint) is the mean over seeds of the per-seed difference of test accuracy of y, in "
+        "points, with its 95 % t-interval; **better** / **worse** where the interval excludes 0",
         "- guided and random hold fusion gates: they do not run on the late-fusion twin",
-        "- time per step: the training time of the epochs after warm-up (steps and a policy's "
-        "epoch-end measurement, no evaluation) per step, over vanilla's on the same network and "
-        "data; runs shared the machine, so take it as an indication "
-        "([performance.md](performance.md) has paired measurements)",
-        "- published numbers: the greedy-learning paper's Colored-and-gray MNIST table (vanilla, "
-        "random, guided on MMTM). MMPareto's paper also evaluates on CG-MNIST (its repository lists "
-        "the dataset), but its table was not available offline here and is not shown; OGM-GE, "
-        "Gradient-Blending and AGM publish no numbers on this construction",
+        "- cost per step: not measured here (the runs shared the cores); see the paired benchmarks in "
+        "[performance.md](performance.md)",
+        "- published numbers: the greedy-learning paper's Colored-and-gray MNIST table (vanilla, random, guided on "
+        "MMTM; its runs are longer, on all rows); none of the newer methods publishes numbers on these constructions "
+        "that could be read offline",
         "",
     ]
-    for (dataset, fusion), by in sorted(groups.items(), key=lambda kv: (kv[0][0] != "mnist", kv[0][1] != "mmtm")):
-        policies = [p for p in ORDER if p in by]
-        a = by[policies[0]][0]["args"]
-        vanilla_step = mean_std([r["seconds_per_step"] for r in by.get("vanilla", [])])[0]
-        lines += [
-            f"## {NAMES.get(dataset, dataset)}, {FUSIONS.get(fusion, fusion)}",
-            "",
-            f"{a['train_size']} train / {a['validation_size']} validation / {a['test_size']} test "
-            f"rows, {a['epochs']} epochs. Test accuracy in % (mean ± std over seeds; one seed: its value) at the best "
-            "validation epoch; d_util and d_speed there (d_speed: none without fusion modules); "
-            "steps regular / re-balance m0 / m1 up to the best epoch, per seed; time per step after "
-            "warm-up.",
-            "",
-            "| method | setting | seeds | y | y0 (colour) | y1 (gray) | d_util | d_speed | steps | time per step / vanilla | paper (y) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in policies:
-            runs = by[p]
-            setting = chosen.get(p, "—")
-            if p in chosen:
-                flag = chosen[p].split()[0]
-                values = sorted({str(r["args"][ARG_OF[flag]]) for r in runs})
-                setting = f"{flag} {', '.join(values)}"
-            u = [r["utilization_test"] for r in runs]
-            # Nothing to cut without fusion modules: d_util is 0 by construction there.
-            d_util = cell([x["d_util"] for x in u], 1, 3) if fusion == "mmtm" else "n/a"
-            step = mean_std([r["seconds_per_step"] for r in runs])[0]
-            ratio = f"{step / vanilla_step:.2f}" if vanilla_step == vanilla_step and step == step else "n/a"
-            paper = published(PAPER, p, 2) if dataset == "mnist" and fusion == "mmtm" else "—"
-            lines.append(
-                f"| {p} | {setting} | {len(runs)} | {cell([r['test']['y'] for r in runs], 100)} | "
-                f"{cell([r['test']['y0'] for r in runs], 100)} | "
-                f"{cell([r['test']['y1'] for r in runs], 100)} | "
-                f"{d_util} | "
-                f"{cell([r['d_speed_at_best'] for r in runs], 1, 3)} | "
-                f"{' ; '.join(steps_text(r['steps_total']) for r in runs)} | {ratio} | {paper} |")
-        lines.append("")
+    conclusions = []
+    plots = []
+    for d in manifest["datasets"]:
+        by_network = {}
+        for g in d["groups"]:
+            by_network.setdefault(g["network"], {})[g["method"]] = g
+        for network, groups in by_network.items():
+            runs = {m: [all_runs[r] for r in g["runs"]] for m, g in groups.items()}
+            a = runs[next(iter(runs))][0]["args"]
+            head_names = heads(runs[next(iter(runs))][0])
+            two = len(head_names) == 2
+            title = f"{NAMES.get(d['dataset'], d['dataset'])}, {NETWORKS.get(network, network)}"
+            rows = a.get("train_size", "?")
+            lines += [
+                f"## {title}",
+                "",
+                f"{rows} training rows ({float(manifest['held_out']) * 100:.0f} % held out for all), "
+                f"{a.get('validation_size', '?')} validation, {a.get('test_size', '?')} test; {d['epochs']} epochs; "
+                f"seeds {' '.join(d['seeds'])}. Test accuracy in % (mean ± std over seeds) at the best validation "
+                "epoch; Δ in points, paired by seed, [95 % interval]; "
+                + ("d_util and d_speed at the best epoch (d_speed: none without fusion modules)." if two else
+                   "the utilization spread max_k u_k − min_k u_k and the speed spread at the best epoch."),
+                "",
+                "| method | chosen | seeds | y | Δ y vs vanilla | Δ y vs joint | "
+                + " | ".join(head_names) + (" | d_util | d_speed" if two else " | u spread | speed spread")
+                + " | paper (y) |",
+                "|---|---|---|---|---|---|" + "---|" * len(head_names) + "---|---|---|",
+            ]
+            ys = {m: [r["test"]["y"] for r in rs] for m, rs in runs.items()}
+            deltas = {}
+            for m in (m for m in ORDER if m in runs):
+                rs = runs[m]
+                dv = paired(ys[m], ys["vanilla"]) if "vanilla" in ys and m != "vanilla" else (float("nan"),) * 2
+                dj = paired(ys[m], ys["joint"]) if "joint" in ys and m != "joint" else (float("nan"),) * 2
+                deltas[m] = (dv, dj)
+                u = [r["utilization_test"] for r in rs]
+                if two:
+                    # Nothing to cut without fusion modules: d_util is 0 by construction there.
+                    util = fmt(mean_std([x["d_util"] for x in u]), 1, 3) if network == "mmtm" else "n/a"
+                    speed = fmt(mean_std([r.get("d_speed_at_best") for r in rs]), 1, 3)
+                else:
+                    util = fmt(mean_std([x["spread"] for x in u]), 1, 3)
+                    speed = fmt(mean_std([r.get("speed_spread_at_best") for r in rs]), 1, 3)
+                paper = published(PAPER, m, 2) if d["dataset"] == "mnist" and network == "mmtm" else "—"
+                lines.append(
+                    f"| {m} | `{setting_text(groups[m]['chosen'])}` | {len(rs)} | "
+                    f"{fmt(mean_std(ys[m]), 100)} | {interval_text(*dv)} | {interval_text(*dj)} | "
+                    + " | ".join(fmt(mean_std([r['test'][h] for r in rs]), 100) for h in head_names)
+                    + f" | {util} | {speed} | {paper} |")
+            lines.append("")
+            for base, index in (("vanilla", 0), ("joint", 1)):
+                found = {"better": [], "worse": [], "within noise": []}
+                for m, pair in deltas.items():
+                    v = verdict(*pair[index])
+                    if v:
+                        found[v].append(f"{m} ({interval_text(*pair[index])})")
+                if any(found.values()):
+                    conclusions.append(
+                        f"- {title}, against {base}: "
+                        + "; ".join(f"**{k}**: {', '.join(v)}" for k, v in found.items() if v) + ".")
+            plots.append((title, network, runs, deltas))
+
+    lines += ["## Which differences hold at 95 %", "",
+              "Generated from the intervals above (a difference holds where its interval excludes 0; "
+              "several comparisons are made, so expect about one in twenty 'holds' by chance).", ""]
+    lines += conclusions + [""]
     if args.notes and os.path.exists(args.notes):
         with open(args.notes) as f:
             lines += [f.read().strip(), ""]
 
+    lines += ["## Selection trials", "",
+              f"Mean validation accuracy of y (%) over the selection seed(s) {selection}; the chosen trial in bold.",
+              ""]
+    for d in manifest["datasets"]:
+        for g in d["groups"]:
+            cells = []
+            for t in g["trials"]:
+                text = f"`{setting_text(t['flags'])}` {t['validation'] * 100:.2f}"
+                cells.append(f"**{text}**" if t["flags"] == g["chosen"] else text)
+            lines.append(f"- {d['dataset']}, {g['network']}, {g['method']}: " + "; ".join(cells))
+    lines.append("")
+
     os.makedirs(args.figures, exist_ok=True)
-    keys = sorted(groups, key=lambda k: (k[0] != "mnist", k[1] != "mmtm"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        by = groups[key]
-        policies = [p for p in ORDER if p in by]
-        for i, p in enumerate(policies):
-            for j, (head, colour) in enumerate((("y", "tab:blue"), ("y0", "tab:red"), ("y1", "tab:gray"))):
-                m, s = mean_std([r["test"][head] for r in by[p]])
-                ax.bar(i + (j - 1) * 0.27, m * 100, 0.27, yerr=s * 100, color=colour,
-                       label=head if i == 0 else None)
-        ax.set_xticks(range(len(policies)))
-        ax.set_xticklabels(policies, rotation=45, ha="right")
-        ax.set_title(f"{key[0]}, {key[1]}")
-        ax.set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(plots), figsize=(4.4 * len(plots), 3.8), squeeze=False)
+    for ax, (title, network, runs, deltas) in zip(axes[0], plots):
+        methods = [m for m in ORDER if m in deltas and m != "vanilla"]
+        for i, m in enumerate(methods):
+            mean, half = deltas[m][0]
+            ax.errorbar([mean * 100], [i], xerr=[[half * 100 if half == half else 0]], fmt="o", color="tab:blue")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.set_yticks(range(len(methods)))
+        ax.set_yticklabels(methods)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("Δ test accuracy of y vs vanilla (points, 95 %)")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.figures, "accuracy.png"), dpi=110)
+    fig.savefig(os.path.join(args.figures, "differences.png"), dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
-    for ax, key in zip(axes[0], keys):
-        for p in (p for p in ORDER if p in groups[key]):
-            curves = [r["curve"] for r in groups[key][p]]
+    fig, axes = plt.subplots(1, len(plots), figsize=(4.4 * len(plots), 3.6), squeeze=False, sharey=True)
+    for ax, (title, network, runs, deltas) in zip(axes[0], plots):
+        for m in (m for m in ORDER if m in runs):
+            curves = [r["curve"] for r in runs[m]]
             n = min(len(c) for c in curves)
-            ax.plot(range(1, n + 1), [100 * sum(c[e] for c in curves) / len(curves) for e in range(n)], label=p)
-        ax.set_title(f"{key[0]}, {key[1]}")
+            ax.plot(range(1, n + 1), [100 * sum(c[e] for c in curves) / len(curves) for e in range(n)], label=m)
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("test accuracy of y (%), mean over seeds")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.figures, "curves.png"), dpi=110)
     plt.close(fig)
 
     rel = os.path.relpath(args.figures, os.path.dirname(args.out) or ".")
-    lines += ["## Plots", "", f"![test accuracy of y, y0, y1 per method]({rel}/accuracy.png)", "",
+    lines += ["## Plots", "", f"![difference to vanilla per method, 95 % intervals]({rel}/differences.png)", "",
               f"![test accuracy of y per epoch]({rel}/curves.png)", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))

@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstdio>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@ struct CommonFlags {
   bool store_served_by_launcher = false;
   std::string dist_interface;  // GLOO_SOCKET_IFNAME under a launcher
   double dist_timeout = 60;
+  std::optional<double> held_out;  // unset: TrainConfig::held_out's default for the policy
 
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy,
@@ -51,13 +53,15 @@ struct CommonFlags {
     app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
                    "gblend: epochs between re-estimates of the loss weights")
         ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
-    app.add_option("--gblend-held-out", cfg.gblend_held_out,
-                   "gblend: fraction of the training rows held out to measure generalization")
-        ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    app.add_option("--held-out", held_out,
+                   "fraction of the training rows no policy trains on: gblend measures generalization on "
+                   "them (default 0.1 with gblend, else 0; give every policy gblend's to compare them on "
+                   "the same rows)")
+        ->check(CLI::Range(0.0, 1.0));
     app.add_option("--mmpareto-gamma", cfg.mmpareto_gamma,
                    "mmpareto: the magnitude rule's factor on every combined gradient (the original: 1.5)")
         ->check(CLI::Range(1e-6, 1e6))->capture_default_str();
-    app.add_option("--agm-alpha", cfg.agm_alpha, "agm: modulation strength (the original: 0.1)")
+    app.add_option("--agm-alpha", cfg.agm_alpha, "agm: modulation strength (the public collection: 0.1; the authors' code: 1.0)")
         ->check(CLI::Range(0.0, 1e3))->capture_default_str();
     app.add_option("--agm-max-gap", cfg.agm_max_gap,
                    "agm: cap on the running-mean ratio minus the step's ratio in the coefficient (the original: 10)")
@@ -109,7 +113,7 @@ struct CommonFlags {
     // The range checks let NaN through (every comparison with it is false), and a run's
     // settings must be finite to be recorded in run.json and matched on resume.
     for (const auto& [flag, value] :
-         {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--gblend-held-out", cfg.gblend_held_out},
+         {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--held-out", held_out.value_or(0.0)},
           {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
           {"--agm-max-gap", cfg.agm_max_gap}, {"--lr", cfg.lr}, {"--momentum", cfg.momentum},
           {"--dist-timeout", dist_timeout}}) {
@@ -129,11 +133,13 @@ struct CommonFlags {
                                  std::to_string(static_cast<int>(AGMPolicy::kMaxExponent)) + ", got " +
                                  nlohmann::json(cfg.agm_alpha).dump() + " * " + nlohmann::json(cfg.agm_max_gap).dump());
     }
+    cfg.held_out = held_out.value_or(cfg.policy == "gblend" ? 0.1 : 0.0);
+    if (!(cfg.held_out < 1) || (cfg.policy == "gblend" && !(cfg.held_out > 0))) {
+      throw CLI::ValidationError("--held-out", std::string("must be a fraction ") +
+                                 (cfg.policy == "gblend" ? "strictly between 0 and 1 with gblend" : "below 1") +
+                                 ", got " + nlohmann::json(cfg.held_out).dump());
+    }
     if (cfg.policy == "gblend") {
-      if (!(cfg.gblend_held_out > 0 && cfg.gblend_held_out < 1)) {
-        throw CLI::ValidationError("--gblend-held-out", "must be a fraction strictly between 0 and 1, got " +
-                                   nlohmann::json(cfg.gblend_held_out).dump());
-      }
       // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that
       // stops before a later epoch trains with uniform weights throughout: said, not refused
       // (it may be the first part of a run resumed with more epochs).
@@ -176,7 +182,7 @@ struct CommonFlags {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
             {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
-            {"gblend_super_epoch", cfg.gblend_super_epoch}, {"gblend_held_out", cfg.gblend_held_out},
+            {"gblend_super_epoch", cfg.gblend_super_epoch}, {"held_out", cfg.held_out},
             {"mmpareto_gamma", cfg.mmpareto_gamma},
             {"agm_alpha", cfg.agm_alpha}, {"agm_max_gap", cfg.agm_max_gap},
             {"lr", cfg.lr},
@@ -190,9 +196,10 @@ struct CommonFlags {
 /// Trains `net` with the policy `cfg.policy` names (each for any number of branches);
 /// returns the summary (empty on ranks other than 0).
 template <class Net>
-nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig& cfg,
+nlohmann::json train_with_policy(Net net, const Splits& all_rows, const TrainConfig& cfg,
                                  const nlohmann::json& args,
                                  const c10::intrusive_ptr<CollectiveBackend>& pg) {
+  const Splits data = cfg.held_out > 0 ? hold_out(all_rows, cfg.held_out, "--held-out") : all_rows;
   if (cfg.policy == "vanilla") return train_and_evaluate(net, VanillaPolicy(), data, cfg, args, pg);
   if (cfg.policy == "joint") return train_and_evaluate(net, JointTrainingPolicy(), data, cfg, args, pg);
   if (cfg.policy == "ogm-ge") {  // any number of branches; the same noise on every rank
@@ -200,10 +207,9 @@ nlohmann::json train_with_policy(Net net, const Splits& data, const TrainConfig&
                          .modulation_ends(cfg.ogm_modulation_ends);
     return train_and_evaluate(net, OGMGEPolicy(ogm), data, cfg, args, pg);
   }
-  if (cfg.policy == "gblend") {  // any number of branches; trains on the rows not held out
+  if (cfg.policy == "gblend") {  // any number of branches; measures on the held-out rows
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);
-    return train_and_evaluate(net, GradientBlendingPolicy(gblend),
-                              hold_out(data, cfg.gblend_held_out, "--gblend-held-out"), cfg, args, pg);
+    return train_and_evaluate(net, GradientBlendingPolicy(gblend), data, cfg, args, pg);
   }
   if (cfg.policy == "mmpareto") {  // any number of branches; late fusion too
     const auto mmpareto = MMParetoOptions().gamma(cfg.mmpareto_gamma);

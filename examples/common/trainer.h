@@ -41,7 +41,7 @@ struct TrainConfig {
   bool ogm_noise = true;
   std::int64_t ogm_modulation_ends = std::numeric_limits<std::int64_t>::max();
   std::int64_t gblend_super_epoch = 2;
-  double gblend_held_out = 0.1;
+  double held_out = 0;  // fraction of the training rows set aside (hold_out); gblend measures on them
   double mmpareto_gamma = 1.5;
   double agm_alpha = 0.1;
   double agm_max_gap = 10.0;

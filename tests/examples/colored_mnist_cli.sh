@@ -21,9 +21,10 @@ expect_error "--ogm-alpha" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge -
 expect_error "--ogm-modulation-ends" "$work/a" -- "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends -2
 expect_error "--ogm-modulation-ends: is 0, before the first epoch after warm-up" "$work/a" -- \
   "$bin" --out "$work/a" --policy ogm-ge --ogm-modulation-ends 0 --warmup-epochs 1
-expect_error "--gblend-held-out: must be a fraction strictly between 0 and 1, got 0" "$work/a" -- \
-  "$bin" --out "$work/a" --policy gblend --gblend-held-out 0
-expect_error "--gblend-held-out" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-held-out 1.5
+expect_error "--held-out: must be a fraction strictly between 0 and 1 with gblend, got 0" "$work/a" -- \
+  "$bin" --out "$work/a" --policy gblend --held-out 0
+expect_error "--held-out: must be a fraction below 1, got 1" "$work/a" -- "$bin" --out "$work/a" --policy vanilla --held-out 1
+expect_error "--held-out" "$work/a" -- "$bin" --out "$work/a" --policy gblend --held-out 1.5
 expect_error "--gblend-super-epoch" "$work/a" -- "$bin" --out "$work/a" --policy gblend --gblend-super-epoch 0
 expect_error "--mmpareto-gamma" "$work/a" -- "$bin" --out "$work/a" --policy mmpareto --mmpareto-gamma 0
 expect_error "--lr: must be a finite number, got nan" "$work/a" -- "$bin" --out "$work/a" --lr nan
@@ -174,8 +175,8 @@ assert a["args"]["ogm_modulation_ends"] == 2
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: OGM-GE logs its coefficients and resumes exactly")
 PY
-expect_error "--gblend-held-out 0.001: holding out that part of 240 training rows leaves 0 held out" "$work/a" -- \
-  "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/data" --policy gblend --gblend-held-out 0.001
+expect_error "--held-out 0.001: holding out that part of 240 training rows leaves 0 held out" "$work/a" -- \
+  "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/data" --policy gblend --held-out 0.001
 # Gradient-Blending: trains on 216 of the 240 rows (the last 24 held out: 7 steps an
 # epoch); uniform loss weights until the second measurement (the end of warm-up epoch 0,
 # then every epoch with --gblend-super-epoch 1), then weights that sum to 1 and differ;
@@ -185,8 +186,8 @@ run_and_resume gb 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${gb[@]}"
 grep -qF "warning: --gblend-super-epoch 1: the first estimate of the loss weights ends epoch 1; no epoch of these 2 uses it" \
   "$work/gb-part.out" || fail "no warning that the first part never uses estimated weights"
 # Another held-out share would train on other rows: refused.
-expect_error "the run was made with gblend_held_out = 0.1, this one has 0.2" "$work/gb-other" -- \
-  "$bin" --out "$work/gb-other" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" --gblend-held-out 0.2 \
+expect_error "the run was made with held_out = 0.1, this one has 0.2" "$work/gb-other" -- \
+  "$bin" --out "$work/gb-other" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" --held-out 0.2 \
   --resume "$work/gb-part/checkpoint-last.pt"
 /usr/bin/python3 - "$work/gb" "$work/gb-part" <<'PY'
 import json, sys
@@ -202,9 +203,25 @@ assert [r for r in part if r["type"] == "step"] == steps, "resumed Gradient-Blen
 assert [r["loss_weights"] for r in part if r["type"] == "epoch"] == [e["loss_weights"] for e in epochs]
 a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
 assert a["args"]["policy"] == "gblend" and a["args"]["gblend_super_epoch"] == 1
-assert a["args"]["gblend_held_out"] == 0.1 and a["rows"] == {"train": 216, "held_out": 24}, a["rows"]
+assert a["args"]["held_out"] == 0.1 and a["rows"] == {"train": 216, "held_out": 24}, a["rows"]
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: Gradient-Blending logs its weights, holds out rows and resumes exactly")
+PY
+# Any policy trains on the rows gblend trains on when given its --held-out (a comparison on
+# equal rows): vanilla with --held-out 0.1 takes 7 steps an epoch over 216 rows; without
+# it, 8 over all 240.
+for held in 0.1 0; do
+  "$bin" --out "$work/held-$held" "${small[@]}" --data-dir "$work/data" --epochs 1 --policy vanilla \
+    --held-out "$held" >/dev/null 2>&1 || fail "vanilla with --held-out $held failed"
+done
+/usr/bin/python3 - "$work/held-0.1" "$work/held-0" <<'PY'
+import json, sys
+held, full = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+assert sum(r["type"] == "step" for r in held) == 7 and sum(r["type"] == "step" for r in full) == 8
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["rows"] == {"train": 216, "held_out": 24} and "rows" not in b, (a.get("rows"), b.get("rows"))
+assert a["args"]["held_out"] == 0.1 and b["args"]["held_out"] == 0
+print("ok: --held-out sets the same rows aside for any policy")
 PY
 # MMPareto: every step regular; after the warm-up epoch each step logs each branch's
 # weight on the multimodal gradient (0.5 where it agrees with the uni-modal one, in (0, 1)

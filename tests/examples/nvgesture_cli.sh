@@ -90,7 +90,7 @@ PY
 # Gradient-Blending on clips loaded batch by batch: the held-out rows and the training
 # sample go through the same loader.
 "$bin" --out "$work/gb" --data-dir "$work/nv" "${small[@]}" --epochs 3 --policy gblend --gblend-super-epoch 1 \
-  --gblend-held-out 0.2 >/dev/null 2>&1 || fail "the Gradient-Blending run failed"
+  --held-out 0.2 >/dev/null 2>&1 || fail "the Gradient-Blending run failed"
 /usr/bin/python3 - "$work/gb" <<'PY'
 import json, sys
 epochs = [r for r in map(json.loads, open(f"{sys.argv[1]}/log.jsonl")) if r["type"] == "epoch"]
