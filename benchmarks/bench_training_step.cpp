@@ -148,6 +148,14 @@ void BM_LossMethodsPaired(benchmark::State& state) {
   state.counters["gblend_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["mmpareto_over_vanilla"] = seconds[2] / seconds[0];
   state.counters["agm_over_vanilla"] = seconds[3] / seconds[0];
+  // Seconds per step of each, for benchmarks/originals_cost.py (C++ over Python).
+  const double iterations = static_cast<double>(state.iterations());
+  state.counters["vanilla_seconds"] = seconds[0] / iterations;
+  state.counters["mmpareto_seconds"] = seconds[2] / iterations;
+  state.counters["agm_seconds"] = seconds[3] / iterations;
+  // MMPareto's cost depends on how often the gradients conflict: per branch and step.
+  state.counters["mmpareto_conflict_fraction"] =
+      mmpareto.policy().conflict_steps().sum().item<double>() / (2.0 * iterations);
 }
 
 void BM_BalancerObserveOnly(benchmark::State& state) {

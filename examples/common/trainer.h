@@ -225,7 +225,12 @@ inline void check_resume_settings(const std::filesystem::path& checkpoint, const
   const std::filesystem::path recorded = checkpoint.parent_path() / "run.json";
   TORCH_CHECK(std::filesystem::exists(recorded), "--resume ", checkpoint.string(), ": ", recorded.string(),
               " is missing; it records the settings the checkpoint was made with, which a resumed run keeps");
-  const nlohmann::json saved = read_json_object(recorded);
+  nlohmann::json saved = read_json_object(recorded);
+  if (saved.contains("gblend_held_out") && !saved.contains("held_out")) {
+    // Before --held-out: only gblend held rows out (--gblend-held-out, recorded for every policy).
+    saved["held_out"] = saved.value("policy", "") == "gblend" ? saved["gblend_held_out"] : nlohmann::json(0.0);
+    saved.erase("gblend_held_out");
+  }
   nlohmann::json keys = nlohmann::json::object();
   for (const auto& [key, value] : saved.items()) keys[key] = true;
   for (const auto& [key, value] : args.items()) keys[key] = true;

@@ -116,6 +116,21 @@ expect_error "the run was made with alpha = 0.0, this one has 0.1" "$work/other"
 "$bin" --out "$work/other" "${guided[@]}" --alpha 0 --epochs 4 --resume "$ckpt" >/dev/null 2>&1 \
   || fail "a resume into another folder with more epochs failed"
 grep -qF '"epochs": 4' "$work/other/run.json" || fail "run.json of the longer run does not say 4 epochs"
+# A run.json of before --held-out (gblend_held_out recorded for every policy, only gblend
+# holding rows out) resumes as held_out 0 for another policy.
+cp -r "$work/part" "$work/old"
+rm "$work/old/summary.json"
+/usr/bin/python3 - "$work/old/run.json" <<'PY'
+import json, sys
+run = json.load(open(sys.argv[1]))
+run["gblend_held_out"] = 0.1
+del run["held_out"]
+json.dump(run, open(sys.argv[1], "w"))
+PY
+expect_error "the run was made with held_out = 0.0, this one has 0.1" "$work/old-refused" -- \
+  "$bin" --out "$work/old-refused" "${guided[@]}" --alpha 0 --epochs 3 --held-out 0.1 --resume "$work/old/checkpoint-last.pt"
+"$bin" --out "$work/old" "${guided[@]}" --alpha 0 --epochs 3 --resume "$work/old/checkpoint-last.pt" >/dev/null 2>&1 \
+  || fail "a run.json of before --held-out does not resume"
 # Hostile run.json and best.json: named, nothing written.
 cp -r "$work/part" "$work/bad"
 rm "$work/bad/summary.json"
