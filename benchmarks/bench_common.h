@@ -1,11 +1,15 @@
 #pragma once
 // The models, data and reference implementations shared by the benchmarks.
 
+#include <array>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include <mmbalance/mmbalance.h>
@@ -129,6 +133,29 @@ inline std::array<double, 4> naive_speeds(const ParameterGroups& g) {
     mu[i++] = gs / ps;
   }
   return mu;
+}
+
+/// Runs the steps in turns within each iteration, in rotating order, each timed alone
+/// (whatever the machine does meanwhile hits all of them alike); returns each step's summed
+/// seconds. `drain` runs before each step's clock starts and before it stops (on a GPU:
+/// synchronize, so each time covers finished work).
+template <std::size_t N>
+std::array<double, N> time_in_turns(benchmark::State& state, const std::array<std::function<void()>, N>& steps,
+                                    const std::function<void()>& drain = [] {}) {
+  std::array<double, N> seconds{};
+  std::size_t turn = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < N; ++k) {
+      const std::size_t which = (k + turn) % N;
+      drain();
+      const auto start = std::chrono::steady_clock::now();
+      steps[which]();
+      drain();
+      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    ++turn;
+  }
+  return seconds;
 }
 
 }  // namespace mmbalance::bench

@@ -1,6 +1,8 @@
 // Question: what does balancing cost on a GPU, and how many device-to-host syncs does a
 // step make? Registered only when CUDA is available; timing is manual, around
-// torch::cuda::synchronize(), so each iteration measures finished GPU work.
+// torch::cuda::synchronize(), so each iteration measures finished GPU work. CUDA_StepsPaired
+// times vanilla and guided steps taking turns, step by step, as BM_StepsPaired on the CPU.
+#include <array>
 #include <chrono>
 #include <functional>
 #include <string>
@@ -109,6 +111,48 @@ void step_cuda(benchmark::State& state, Policy policy, bool checks, StepKind fix
 
 const GuidedPolicy kAlwaysRegular(GuidedOptions().alpha(INFINITY));
 
+// Vanilla, guided (regular steps, d_speed read in the same step) and guided reading it one
+// step late (SpeedRead::previous_step: no host sync) on three copies of the network, step
+// by step in rotating order, each step timed alone from a drained GPU to a drained GPU (as
+// BM_StepsPaired on the CPU): the ratios are paired, so the card's clock and whatever else
+// runs on it hit all three alike.
+void steps_paired_cuda(benchmark::State& state) {
+  struct Copy {
+    ConvMMTMNet net = colored_mnist_net();
+    torch::optim::SGD optimizer;
+    Copy() : optimizer((net->to(kCuda), net->parameters()), torch::optim::SGDOptions(0.01).momentum(0.9)) {}
+  };
+  const auto data = batch(state.range(0), 1, kCuda);
+  Copy vanilla, guided, lagged;
+  Balancer<GuidedPolicy> same_step(guided.net, kAlwaysRegular, BalancerOptions().warmup_epochs(0).check_every_step(false));
+  Balancer<GuidedPolicy> late(lagged.net, kAlwaysRegular,
+                              BalancerOptions().warmup_epochs(0).check_every_step(false).speed_read(SpeedRead::previous_step));
+  const auto plain_step = [&](Copy& c) {
+    auto loss = modality_specific_loss(c.net->forward(data.x0, data.x1), data.target);
+    c.optimizer.zero_grad();
+    loss.backward();
+    c.optimizer.step();
+  };
+  const auto balanced_step = [&](Copy& c, Balancer<GuidedPolicy>& balancer) {
+    const StepKind kind = balancer.next_step();
+    auto loss = balancer.loss(c.net->forward(data.x0, data.x1, kind), data.target);
+    c.optimizer.zero_grad();
+    loss.backward();
+    balancer.observe(loss);
+    c.optimizer.step();
+  };
+  const std::array<std::function<void()>, 3> steps{
+      [&] { plain_step(vanilla); }, [&] { balanced_step(guided, same_step); }, [&] { balanced_step(lagged, late); }};
+  for (int i = 0; i < 3; ++i) {  // warm-up: allocator, cuDNN autotuning
+    for (const auto& step : steps) step();
+  }
+  const std::array<double, 3> seconds = time_in_turns(state, steps, [] { torch::cuda::synchronize(); });
+  const double iterations = static_cast<double>(state.iterations());
+  state.counters["vanilla_ms"] = seconds[0] / iterations * 1e3;
+  state.counters["guided_over_vanilla"] = seconds[1] / seconds[0];
+  state.counters["guided_lagged_over_vanilla"] = seconds[2] / seconds[0];
+}
+
 struct Register {
   Register() {
     if (!torch::cuda::is_available()) return;
@@ -118,6 +162,9 @@ struct Register {
     ms(benchmark::RegisterBenchmark("CUDA_MeterObserve/resnet18_pair", meter_cuda));
     ms(benchmark::RegisterBenchmark("CUDA_NaivePerParameter/resnet18_pair", naive_cuda));
     ms(benchmark::RegisterBenchmark("CUDA_FloorNorm/resnet18_pair", floor_cuda));
+    for (std::int64_t b : {8, 128}) {
+      benchmark::RegisterBenchmark("CUDA_StepsPaired", steps_paired_cuda)->Arg(b)->Unit(benchmark::kMillisecond)->MinTime(4.0);
+    }
     for (std::int64_t b : {8, 32, 128}) {
       ms(benchmark::RegisterBenchmark("CUDA_StepVanilla", [](benchmark::State& s) {
            step_cuda(s, VanillaPolicy(), false, StepKind::regular, true);

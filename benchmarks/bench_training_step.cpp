@@ -68,25 +68,6 @@ void BM_StepVanilla(benchmark::State& state) {
   for (auto _ : state) vanilla_step(s);
 }
 
-// Runs the steps in turns within each iteration, in rotating order, each timed alone;
-// returns each step's summed seconds.
-template <std::size_t N>
-std::array<double, N> time_in_turns(benchmark::State& state,
-                                    const std::array<std::function<void()>, N>& steps) {
-  std::array<double, N> seconds{};
-  std::size_t turn = 0;
-  for (auto _ : state) {
-    for (std::size_t k = 0; k < N; ++k) {
-      const std::size_t which = (k + turn) % N;
-      const auto start = std::chrono::steady_clock::now();
-      steps[which]();
-      seconds[which] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-    ++turn;
-  }
-  return seconds;
-}
-
 // The four kinds of step on four copies of the model take turns within each iteration,
 // in rotating order, each timed alone: whatever the machine does meanwhile hits all four
 // alike. The counters are ratios of their summed times.
