@@ -31,7 +31,7 @@ over the Python time per method (medians over rounds), and how often MMPareto's 
 conflicted on each side (its min-norm solver runs only then).
 
 usage: benchmarks/originals_cost.py --cpp build-2.13-cpu/benchmarks/bench_training_step
-         [--rounds 3] [--seconds 6] [--threads 1] [--json OUT]
+         [--rounds 5] [--seconds 4] [--rotations 5] [--threads 1] [--json OUT]
 """
 import argparse
 import json
@@ -246,8 +246,9 @@ class AGMOriginal:
         opt.step()
 
 
-def python_side(batch, seconds):
-    """Seconds per step of vanilla, MMPareto and AGM taking turns, for about `seconds`."""
+def python_side(batch, seconds, rotations):
+    """Seconds per step of vanilla, MMPareto and AGM taking turns in rotating order, for at
+    least `seconds` and `rotations` rotations."""
     runs = [setup(batch, 0) for _ in range(3)]
     # AGM's alpha as the C++ benchmark's (AGMPolicy's default, 0.1): the same coefficients'
     # range on both sides (the original's 1.0 drives them to e^10 on a repeated batch).
@@ -257,7 +258,7 @@ def python_side(batch, seconds):
     for s in steps:  # warm-up
         s()
     total, n, turn, start = [0.0] * 3, 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or n < rotations:
         for k in range(3):
             which = (k + turn) % 3
             t = time.perf_counter()
@@ -288,8 +289,9 @@ def cpp_side(binary, threads):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpp", required=True, help="bench_training_step built against the same LibTorch")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0, help="Python side per batch (the C++ side: 4)")
+    ap.add_argument("--rotations", type=int, default=5, help="at least this many turns of the three steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -301,7 +303,7 @@ def main():
     cpp_conflicts = {b: [] for b in batches}
     for r in range(args.rounds):  # the two sides in turns, so drift hits both
         for b in batches:
-            t, c = python_side(b, args.seconds)
+            t, c = python_side(b, args.seconds, args.rotations)
             py[b].append(t)
             conflicts[b].append(c)
         for b, t in cpp_side(args.cpp, args.threads).items():

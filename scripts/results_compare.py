@@ -138,7 +138,7 @@ def main():
         f"- this table written on: {machine()}",
         f"- dates: runs finished between {day(min(finished))} and {day(max(finished))} (UTC); {len(all_runs)} runs, "
         f"{args.jobs} at a time with one LibTorch thread each: {run_minutes:.1f} min of run time in all; the last "
-        f"invocation of the script ran {args.started} of them in {args.wall_seconds / 60:.1f} min of wall time",
+        f"invocation of the script started {args.started} runs and took {args.wall_seconds / 60:.1f} min of wall time",
         f"- training: batch {first['batch_size']}, SGD momentum {first['momentum']}, the same epochs for every method "
         "of a dataset; every method trains on the same rows: the last "
         f"{float(manifest['held_out']) * 100:.0f} % of the training rows are held out for all (Gradient-Blending "
@@ -147,7 +147,9 @@ def main():
         "- each method trains its original's loss ("
         + "; ".join(f"{m} {LOSS[m]}" for m in ORDER) + ") with its original's warm-up of plain training ("
         + ", ".join(f"{m} {manifest['warmup'][m]}" for m in ORDER) + " epochs); OGM-GE modulates epochs 0 to "
-        "epochs/2 inclusive (0–5 of 10, 0–2 of 5: its original's 0–50 of 100 scaled); AGM caps r̄ − r at 10, at 7 with three modalities (its "
+        "epochs/2 inclusive, its original's 0–50 of 100 scaled ("
+        + ", ".join(f"{d['dataset']} 0–{d['epochs'] * 50 // 100} of {d['epochs']}" for d in manifest["datasets"])
+        + "); AGM caps r̄ − r at 10, at 7 with three modalities (its "
         "original's caps)",
         "- tuning, the same budget for every method, vanilla included: 4 trials per dataset and network on the "
         f"selection seed(s) {selection}, which are not reported, chosen on the mean validation accuracy of y (the "

@@ -228,7 +228,8 @@ inline void check_resume_settings(const std::filesystem::path& checkpoint, const
   nlohmann::json saved = read_json_object(recorded);
   if (saved.contains("gblend_held_out") && !saved.contains("held_out")) {
     // Before --held-out: only gblend held rows out (--gblend-held-out, recorded for every policy).
-    saved["held_out"] = saved.value("policy", "") == "gblend" ? saved["gblend_held_out"] : nlohmann::json(0.0);
+    const bool gblend = saved.contains("policy") && saved["policy"] == "gblend";
+    saved["held_out"] = gblend ? saved["gblend_held_out"] : nlohmann::json(0.0);
     saved.erase("gblend_held_out");
   }
   nlohmann::json keys = nlohmann::json::object();

@@ -204,6 +204,20 @@ grep -qF "warning: --gblend-super-epoch 1: the first estimate of the loss weight
 expect_error "the run was made with held_out = 0.1, this one has 0.2" "$work/gb-other" -- \
   "$bin" --out "$work/gb-other" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" --held-out 0.2 \
   --resume "$work/gb-part/checkpoint-last.pt"
+# A gblend run.json of before --held-out resumes with its share (gblend_held_out 0.1).
+cp -r "$work/gb-part" "$work/gb-old"
+rm -f "$work/gb-old/summary.json"
+/usr/bin/python3 - "$work/gb-old/run.json" <<'PY'
+import json, sys
+run = json.load(open(sys.argv[1]))
+run["gblend_held_out"] = run.pop("held_out")
+json.dump(run, open(sys.argv[1], "w"))
+PY
+expect_error "the run was made with held_out = 0.1, this one has 0.2" "$work/gb-old-refused" -- \
+  "$bin" --out "$work/gb-old-refused" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" --held-out 0.2 \
+  --resume "$work/gb-old/checkpoint-last.pt"
+"$bin" --out "$work/gb-old" "${small[@]}" --data-dir "$work/data" --epochs 3 "${gb[@]}" \
+  --resume "$work/gb-old/checkpoint-last.pt" >/dev/null 2>&1 || fail "a gblend run.json of before --held-out does not resume"
 /usr/bin/python3 - "$work/gb" "$work/gb-part" <<'PY'
 import json, sys
 full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
