@@ -13,6 +13,7 @@
 #include "mmbalance/balancing/masked_outputs.h"
 #include "mmbalance/balancing/mmpareto.h"
 #include "mmbalance/balancing/ogm_ge.h"
+#include "mmbalance/balancing/opm.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_transaction.h"
 #include "mmbalance/balancing/random.h"

@@ -25,6 +25,7 @@
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/gradient_modulation.h"
 #include "mmbalance/balancing/policy.h"
+#include "mmbalance/balancing/share_scores.h"
 #include "mmbalance/detail/engine_state.h"
 #include "mmbalance/model/loss.h"
 #include "mmbalance/model/step_plan.h"
@@ -96,19 +97,7 @@ class OGMGEPolicy {
   static at::Tensor coefficients(const std::vector<at::Tensor>& heads, const at::Tensor& target,
                                  double alpha,
                                  const std::function<void(at::Tensor&)>& sum_across_ranks = {}) {
-    check_heads(heads, target);
-    const auto n = static_cast<std::int64_t>(heads.size());
-    std::vector<at::Tensor> scores;
-    for (const at::Tensor& h : heads) {
-      // Branch k's share of y = Σ h / N, in float (a half softmax over a batch would round).
-      const at::Tensor share = h.detach().to(at::kFloat) / static_cast<double>(n);
-      scores.push_back(at::softmax(share, 1).gather(1, target.unsqueeze(1)).sum());
-    }
-    at::Tensor s = at::stack(scores);
-    if (sum_across_ranks) sum_across_ranks(s);
-    // Two branches: s_0 / s_1 and s_1 / s_0 exactly as the original divides.
-    const at::Tensor others_mean = n == 2 ? s.flip(0) : (s.sum() - s) / static_cast<double>(n - 1);
-    const at::Tensor ratio = s / others_mean;
+    const at::Tensor ratio = detail::score_ratios(detail::share_scores(heads, target, sum_across_ranks, "OGMGEPolicy"));
     return at::where(ratio > 1, 1 - at::tanh(alpha * ratio), at::ones_like(ratio));
   }
 
@@ -116,7 +105,7 @@ class OGMGEPolicy {
     TORCH_CHECK(step.heads.size() == step.branch_parameters.size(), "OGMGEPolicy: ",
                 step.heads.size(), " heads for ", step.branch_parameters.size(), " branches");
     // Checked in every epoch, so that bad heads are named before the window ends too.
-    check_heads(step.heads, step.target);
+    detail::check_share_heads(step.heads, step.target, "OGMGEPolicy");
     for (std::size_t k = 0; k < step.branch_parameters.size(); ++k) {
       const auto& params = step.branch_parameters[k];
       TORCH_CHECK(std::any_of(params.begin(), params.end(),
@@ -218,18 +207,6 @@ class OGMGEPolicy {
   OGMGEOptions options;
 
  private:
-  static void check_heads(const std::vector<at::Tensor>& heads, const at::Tensor& target) {
-    TORCH_CHECK(heads.size() >= 2, "OGMGEPolicy: needs the heads of 2 or more branches, got ",
-                heads.size());
-    TORCH_CHECK(target.defined() && target.dim() == 1 && target.scalar_type() == at::kLong,
-                "OGMGEPolicy: the targets must be a (batch) int64 tensor of class indices");
-    for (const at::Tensor& h : heads) {
-      TORCH_CHECK(h.defined() && h.dim() == 2 && h.size(0) == target.size(0),
-                  "OGMGEPolicy: every head must be (batch, classes) logits for the ",
-                  target.size(0), " targets");
-    }
-  }
-
   // modulation_ends as a person reads it: the default never ends.
   static std::string epoch_text(std::int64_t epoch) {
     return epoch == std::numeric_limits<std::int64_t>::max() ? "never (the default)"
