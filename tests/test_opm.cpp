@@ -73,7 +73,7 @@ TEST_CASE("OPM's drop probabilities are the original's calcu_q", "[opm]") {
 
 TEST_CASE("OPM drops the leading branch with probability q, scales by 1 / (1 - theta), scores undropped steps",
           "[opm]") {
-  OPMPolicy policy = two_branch(OPMOptions().p_exe(1.0));
+  OPMPolicy policy = two_branch(OPMOptions().p_exe(0.99).seed(1));
   CHECK_FALSE(policy.next_plan().modulated_branch());  // nothing scored yet
   // Branch 1 ahead: its head favours the targets.
   const at::Tensor target = at::tensor({0L, 1L, 2L, 0L});
@@ -104,6 +104,47 @@ TEST_CASE("OPM drops the leading branch with probability q, scales by 1 / (1 - t
   }
 }
 
+TEST_CASE("OPM keeps every step regular and scored while no branch leads; with three branches it drops the leader",
+          "[opm]") {
+  const at::Tensor target = at::tensor({0L, 1L});
+  const at::Tensor same = at::tensor({1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f}).view({2, 3});
+  OPMPolicy tied = two_branch(OPMOptions().p_exe(0.99).seed(1));
+  tied.next_plan();
+  show_heads(tied, {same, same}, target);
+  for (int i = 0; i < 5; ++i) {
+    CHECK_FALSE(tied.next_plan().modulated_branch());  // q = 0 for both: nothing to drop
+    const at::Tensor lead = same * (2.0 + i);
+    show_heads(tied, {lead, same}, target);  // scored, since nothing was dropped
+    CHECK(tied.scores()[0] == Approx(score(lead, target, 2)).epsilon(1e-6));
+    show_heads(tied, {same, same}, target);
+  }
+  // Three branches, branch 0 ahead: keep 1 - q_0, scale 1 / (1 - q_0 / 3).
+  OPMPolicy three(OPMOptions().p_exe(0.99).seed(1));
+  three.set_branches(3);
+  three.next_plan();
+  const at::Tensor strong = same * 4.0;
+  show_heads(three, {strong, same, same}, target);
+  const double s0 = score(strong, target, 3), s1 = score(same, target, 3);
+  const double q0 = 0.5 * (1 + 0.5 * std::tanh(s0 / s1 - 1));
+  const StepPlan plan = three.next_plan();
+  REQUIRE(plan.modulated_branch());
+  CHECK(*plan.modulated_branch() == 0);
+  CHECK(plan.keep_probability() == Approx(1 - q0).epsilon(1e-6));
+  CHECK(plan.feature_scale() == Approx(1 / (1 - q0 / 3)).epsilon(1e-6));
+  // Two leaders tied (4, 4, 1): the lower index drops, and theta counts only what it drops.
+  OPMPolicy tied_three(OPMOptions().p_exe(0.5).seed(2));
+  tied_three.set_branches(3);
+  tied_three.next_plan();
+  show_heads(tied_three, {strong, strong, same}, target);
+  const double s_lead = score(strong, target, 3);
+  const double q_tied = 0.5 * (1 + 0.5 * std::tanh(s_lead / ((s_lead + s1) / 2) - 1));
+  StepPlan tie = tied_three.next_plan();
+  while (!tie.modulated_branch()) tie = tied_three.next_plan();  // past the draws that keep a step regular
+  CHECK(*tie.modulated_branch() == 0);
+  CHECK(tie.keep_probability() == Approx(1 - q_tied).epsilon(1e-6));
+  CHECK(tie.feature_scale() == Approx(1 / (1 - q_tied / 3)).epsilon(1e-6));
+}
+
 TEST_CASE("OPM drops in a fraction p_exe of the steps", "[opm]") {
   const at::Tensor target = at::tensor({0L, 1L});
   const at::Tensor weak = at::zeros({2, 3}), strong = at::tensor({5.0f, 0.0f, 0.0f, 0.0f, 5.0f, 0.0f}).view({2, 3});
@@ -129,7 +170,7 @@ TEST_CASE("OPM drops in a fraction p_exe of the steps", "[opm]") {
 TEST_CASE("OPM through the Balancer trains CE(y) and drops the branch its scores say", "[opm]") {
   Net net = small_late_net(4);
   auto opt = make_sgd(net);
-  Balancer<OPMPolicy> balancer(net, OPMPolicy(OPMOptions().p_exe(1.0)), BalancerOptions().warmup_epochs(0));
+  Balancer<OPMPolicy> balancer(net, OPMPolicy(OPMOptions().p_exe(0.99).seed(1)), BalancerOptions().warmup_epochs(0));
   const auto b = small_batch(8, 2);
   // Step 1: nothing scored, a regular step on CE(y).
   StepPlan plan = balancer.next_plan();
@@ -177,7 +218,9 @@ TEST_CASE("OPM resumes its draws and scores exactly and refuses other options", 
     CHECK(a.feature_scale() == b.feature_scale());
   }
   OPMPolicy other = two_branch(OPMOptions().seed(3).p_exe(0.5));
-  CHECK_THROWS_WITH(load_saved(other, bytes), Catch::Contains("made with q_base, lambda, p_exe, seed"));
+  CHECK_THROWS_WITH(load_saved(other, bytes), Catch::Contains("made with p_exe 0.7, this policy has 0.5"));
+  OPMPolicy reseeded = two_branch(OPMOptions().seed(4));
+  CHECK_THROWS_WITH(load_saved(reseeded, bytes), Catch::Contains("made with seed 3, this policy has seed 4"));
   CHECK(other.scores().empty());  // nothing changed
   OPMPolicy three(OPMOptions().seed(3));
   three.set_branches(3);
@@ -196,7 +239,8 @@ TEST_CASE("OPM refuses bad options and heads by name", "[opm]") {
   CHECK_THROWS_WITH(OPMPolicy(OPMOptions().q_base(1.5)), Catch::Contains("q_base must be in [0, 1], got 1.5"));
   CHECK_THROWS_WITH(OPMPolicy(OPMOptions().q_base(NAN)), Catch::Contains("q_base must be in [0, 1]"));
   CHECK_THROWS_WITH(OPMPolicy(OPMOptions().lambda(-1)), Catch::Contains("lambda must be a finite number >= 0"));
-  CHECK_THROWS_WITH(OPMPolicy(OPMOptions().p_exe(2)), Catch::Contains("p_exe must be in [0, 1], got 2"));
+  CHECK_THROWS_WITH(OPMPolicy(OPMOptions().p_exe(2)), Catch::Contains("p_exe must be in [0, 1), got 2"));
+  CHECK_THROWS_WITH(OPMPolicy(OPMOptions().p_exe(1)), Catch::Contains("at 1 they would freeze"));
   CHECK_THROWS_WITH(OPMPolicy().next_plan(), Catch::Contains("OPMPolicy: no branch count"));
   OPMPolicy policy = two_branch(OPMOptions());
   CHECK_THROWS_WITH(show_heads(policy, {at::zeros({2, 3}), at::zeros({2, 3}), at::zeros({2, 3})}, at::tensor({0L, 1L})),

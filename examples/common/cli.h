@@ -36,7 +36,7 @@ struct CommonFlags {
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy,
                    "balancing policy (vanilla: the sum of the heads' losses; joint: the fused output's loss alone)")
-        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "gblend", "mmpareto", "agm"}))
+        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "gblend", "mmpareto", "agm"}))
         ->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -50,6 +50,12 @@ struct CommonFlags {
     app.add_option("--ogm-modulation-ends", cfg.ogm_modulation_ends,
                    "ogm-ge: last epoch that modulates, counting from 0 (default: all)")
         ->check(CLI::NonNegativeNumber);
+    app.add_option("--opm-q-base", cfg.opm_q_base, "opm: drop probability of a branch just ahead (the original: 0.5)")
+        ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    app.add_option("--opm-lambda", cfg.opm_lambda, "opm: how much further its lead raises it (the original: 0.5)")
+        ->check(CLI::Range(0.0, 1e6))->capture_default_str();
+    app.add_option("--opm-p-exe", cfg.opm_p_exe, "opm: probability that a step drops at all (the original: 0.7)")
+        ->check(CLI::Range(0.0, 1.0))->capture_default_str();
     app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
                    "gblend: epochs between re-estimates of the loss weights")
         ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
@@ -114,6 +120,7 @@ struct CommonFlags {
     // settings must be finite to be recorded in run.json and matched on resume.
     for (const auto& [flag, value] :
          {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--held-out", held_out.value_or(0.0)},
+          {"--opm-q-base", cfg.opm_q_base}, {"--opm-lambda", cfg.opm_lambda}, {"--opm-p-exe", cfg.opm_p_exe},
           {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
           {"--agm-max-gap", cfg.agm_max_gap}, {"--lr", cfg.lr}, {"--momentum", cfg.momentum},
           {"--dist-timeout", dist_timeout}}) {
@@ -182,6 +189,7 @@ struct CommonFlags {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
             {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
+            {"opm_q_base", cfg.opm_q_base}, {"opm_lambda", cfg.opm_lambda}, {"opm_p_exe", cfg.opm_p_exe},
             {"gblend_super_epoch", cfg.gblend_super_epoch}, {"held_out", cfg.held_out},
             {"mmpareto_gamma", cfg.mmpareto_gamma},
             {"agm_alpha", cfg.agm_alpha}, {"agm_max_gap", cfg.agm_max_gap},
@@ -206,6 +214,10 @@ nlohmann::json train_with_policy(Net net, const Splits& all_rows, const TrainCon
     const auto ogm = OGMGEOptions().alpha(cfg.ogm_alpha).noise(cfg.ogm_noise).seed(cfg.seed)
                          .modulation_ends(cfg.ogm_modulation_ends);
     return train_and_evaluate(net, OGMGEPolicy(ogm), data, cfg, args, pg);
+  }
+  if (cfg.policy == "opm") {  // any number of branches; the same per-step draw on every rank
+    const auto opm = OPMOptions().q_base(cfg.opm_q_base).lambda(cfg.opm_lambda).p_exe(cfg.opm_p_exe).seed(cfg.seed);
+    return train_and_evaluate(net, OPMPolicy(opm), data, cfg, args, pg);
   }
   if (cfg.policy == "gblend") {  // any number of branches; measures on the held-out rows
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);

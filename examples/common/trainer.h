@@ -40,6 +40,9 @@ struct TrainConfig {
   double ogm_alpha = 0.1;
   bool ogm_noise = true;
   std::int64_t ogm_modulation_ends = std::numeric_limits<std::int64_t>::max();
+  double opm_q_base = 0.5;
+  double opm_lambda = 0.5;
+  double opm_p_exe = 0.7;
   std::int64_t gblend_super_epoch = 2;
   double held_out = 0;  // fraction of the training rows set aside (hold_out); gblend measures on them
   double mmpareto_gamma = 1.5;
@@ -209,6 +212,8 @@ inline nlohmann::json read_json_object(const std::filesystem::path& path) {
 // Settings added after runs were recorded without them, with the value those runs had.
 inline nlohmann::json recorded_default(const std::string& setting) {
   if (setting == "width") return 32;  // --width (colored_mnist, spoken_digits) came later
+  if (setting == "opm_q_base" || setting == "opm_lambda") return 0.5;  // --opm-* came later
+  if (setting == "opm_p_exe") return 0.7;
   return "(not recorded)";
 }
 
@@ -394,6 +399,10 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     // The order of an epoch depends only on (seed, epoch): a resumed run sees the same.
     auto gen = at::detail::createCPUGenerator(cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
     const at::Tensor perm = at::randperm(n, gen, at::kLong);
+    // LibTorch's default generator too, per rank: a forward-side policy's per-sample draws
+    // (OPM's drops) come from it, and a resumed run must draw what an uninterrupted one does.
+    at::manual_seed((cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch)) * 7919ULL +
+                    static_cast<std::uint64_t>(rank) + 1);
     ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
                     steps_per_epoch);
     const auto train_start = std::chrono::steady_clock::now();

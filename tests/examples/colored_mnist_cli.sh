@@ -125,6 +125,8 @@ import json, sys
 run = json.load(open(sys.argv[1]))
 run["gblend_held_out"] = 0.1
 del run["held_out"]
+for later in ("opm_q_base", "opm_lambda", "opm_p_exe"):  # flags that came after it too
+    del run[later]
 json.dump(run, open(sys.argv[1], "w"))
 PY
 expect_error "the run was made with held_out = 0.0, this one has 0.1" "$work/old-refused" -- \
@@ -328,6 +330,22 @@ first, last = (sum(s["loss_y"] for s in steps if s["epoch"] == e) / 8 for e in (
 assert last < first, (first, last)
 assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "joint"
 print(f"ok: joint training on the twin (loss_y {first:.3f} -> {last:.3f})")
+PY
+# OPM on the twin (after a warm-up epoch, half the steps may drop the leading branch): its
+# options are recorded and a run interrupted after 2 epochs ends as an uninterrupted one.
+opm=(--fusion late --policy opm --opm-p-exe 0.5 --opm-q-base 0.6)
+run_and_resume opm 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${opm[@]}"
+expect_error "--opm-p-exe" "$work/a" -- "$bin" --out "$work/a" --policy opm --opm-p-exe 1.5
+expect_error "p_exe must be in [0, 1), got 1" "$work/a" -- "$bin" --out "$work/a" "${small[@]}" --data-dir "$work/data" \
+  --policy opm --opm-p-exe 1
+/usr/bin/python3 - "$work/opm" "$work/opm-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+assert [r for r in part if r["type"] == "step"] == [r for r in full if r["type"] == "step"], "resumed OPM run differs"
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "opm" and a["args"]["opm_q_base"] == 0.6 and a["args"]["opm_p_exe"] == 0.5
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: OPM records its options and resumes exactly")
 PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"

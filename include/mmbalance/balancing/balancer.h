@@ -78,7 +78,7 @@ class Balancer {
       TORCH_CHECK(!gate_means_.empty(), "Balancer: ", detail::policy_type<Policy>(), " chooses re-balancing "
                   "steps, which hold the fusion modules' gates, and this network has no fusion "
                   "modules (late fusion): use a policy that needs none (VanillaPolicy, "
-                  "OGMGEPolicy, GradientBlendingPolicy, MMParetoPolicy, AGMPolicy) or a network with fusion modules");
+                  "OGMGEPolicy, OPMPolicy, GradientBlendingPolicy, MMParetoPolicy, AGMPolicy) or a network with fusion modules");
     }
   }
 

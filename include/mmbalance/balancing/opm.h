@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -42,7 +43,8 @@ struct OPMOptions {
   TORCH_ARG(double, q_base) = 0.5;
   /// How much further the lead raises it (`--lam`), >= 0.
   TORCH_ARG(double, lambda) = 0.5;
-  /// Probability that a step drops at all (`--p_exe`), in [0, 1].
+  /// Probability that a step drops at all (`--p_exe`), in [0, 1): the scores come from the
+  /// steps that drop nothing, so at 1 they would never change again.
   TORCH_ARG(double, p_exe) = 0.7;
   /// Seed of the per-step draw (the per-sample draws come from LibTorch's generator).
   TORCH_ARG(std::uint64_t, seed) = 0;
@@ -62,8 +64,8 @@ class OPMPolicy {
                 options.q_base());
     TORCH_CHECK(std::isfinite(options.lambda()) && options.lambda() >= 0,
                 "OPMPolicy: lambda must be a finite number >= 0, got ", options.lambda());
-    TORCH_CHECK(options.p_exe() >= 0 && options.p_exe() <= 1, "OPMPolicy: p_exe must be in [0, 1], got ",
-                options.p_exe());
+    TORCH_CHECK(options.p_exe() >= 0 && options.p_exe() < 1, "OPMPolicy: p_exe must be in [0, 1), got ",
+                options.p_exe(), " (the scores come from the steps that drop nothing: at 1 they would freeze)");
   }
 
   /// The network's branch count (the `Balancer` calls it).
@@ -83,7 +85,8 @@ class OPMPolicy {
 
   /// After warm-up: with probability p_exe (one draw from the policy's generator every
   /// step, the same on every rank), drop the branch with the largest q_k > 0 from the
-  /// latest scores; otherwise, or before any score, a regular step.
+  /// latest scores (the lowest index on a tie); otherwise, or before any score, a regular
+  /// step. Use `Balancer::next_plan()`: a `StepKind` cannot carry a dropping plan.
   StepPlan next_plan() {
     TORCH_CHECK(branches_ != 0, "OPMPolicy: no branch count: a Balancer gives it (set_branches)");
     dropping_ = false;
@@ -93,9 +96,9 @@ class OPMPolicy {
     const std::vector<double> q = drop_probabilities(scores_, options.q_base(), options.lambda());
     const auto top = static_cast<std::size_t>(std::max_element(q.begin(), q.end()) - q.begin());
     if (q[top] == 0) return StepPlan::regular();
-    // θ over the branches' feature widths, here taken as equal (the original's 512 and 512).
-    double theta = 0;
-    for (double qk : q) theta += qk / static_cast<double>(q.size());
+    // θ, the share of the features dropped, over the branches' widths taken as equal (the
+    // original's 512 and 512): q of the one branch dropped over N.
+    const double theta = q[top] / static_cast<double>(q.size());
     dropping_ = true;
     return StepPlan::regular().modulating(top, 1 - q[top], 1 / (1 - theta));
   }
@@ -106,8 +109,9 @@ class OPMPolicy {
   void modulate_gradients(const StepGradients& step) {
     TORCH_CHECK(step.heads.size() == branches_, "OPMPolicy: ", step.heads.size(), " heads for ", branches_,
                 " branches");
+    detail::check_share_heads(step.heads, step.target, "OPMPolicy");
+    if (dropping_) return;  // the same on every rank: no rank waits on a sum the others skip
     const at::Tensor s = detail::share_scores(step.heads, step.target, step.sum_across_ranks, "OPMPolicy");
-    if (dropping_) return;
     const at::Tensor host = s.to(at::kCPU, at::kDouble);
     scores_.assign(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
   }
@@ -119,35 +123,42 @@ class OPMPolicy {
     archive.write("branches", static_cast<std::int64_t>(branches_));
     archive.write("engine", detail::engine_state(engine_));
     archive.write("scores", at::tensor(scores_, at::kDouble));
-    archive.write("options", at::tensor(std::vector<double>{options.q_base(), options.lambda(), options.p_exe(),
-                                                            static_cast<double>(options.seed())},
-                                        at::kDouble));
+    archive.write("q_base", options.q_base());
+    archive.write("lambda", options.lambda());
+    archive.write("p_exe", options.p_exe());
+    archive.write("seed", static_cast<std::int64_t>(options.seed()));
   }
 
   /// Restores the generator and scores; other options or another branch count throw and
   /// change nothing.
   void load(torch::serialize::InputArchive& archive) {
-    c10::IValue branches, engine;
-    at::Tensor scores, saved;
+    c10::IValue branches, engine, q_base, lambda, p_exe, seed;
+    at::Tensor scores;
     TORCH_CHECK(archive.try_read("branches", branches) && branches.isInt() &&
                     archive.try_read("engine", engine) && engine.isString() &&
-                    archive.try_read("scores", scores) && archive.try_read("options", saved) &&
-                    scores.scalar_type() == at::kDouble && scores.dim() == 1 &&
-                    saved.scalar_type() == at::kDouble && saved.numel() == 4,
+                    archive.try_read("scores", scores) && scores.scalar_type() == at::kDouble && scores.dim() == 1 &&
+                    archive.try_read("q_base", q_base) && q_base.isDouble() &&
+                    archive.try_read("lambda", lambda) && lambda.isDouble() &&
+                    archive.try_read("p_exe", p_exe) && p_exe.isDouble() && archive.try_read("seed", seed) &&
+                    seed.isInt(),
                 "OPMPolicy: damaged state in checkpoint");
     TORCH_CHECK(branches.toInt() == static_cast<std::int64_t>(branches_), "OPMPolicy: the checkpoint was made "
                 "for ", branches.toInt(), " branches, this policy balances ", branches_);
     TORCH_CHECK(scores.numel() == 0 || scores.numel() == static_cast<std::int64_t>(branches_),
                 "OPMPolicy: damaged state in checkpoint (", scores.numel(), " scores for ", branches_, " branches)");
-    const at::Tensor mine = at::tensor(std::vector<double>{options.q_base(), options.lambda(), options.p_exe(),
-                                                           static_cast<double>(options.seed())},
-                                       at::kDouble);
-    TORCH_CHECK(saved.equal(mine), "OPMPolicy: the checkpoint was made with q_base, lambda, p_exe, seed = ",
-                saved.to(at::kCPU), ", this policy has ", mine);
+    // A run resumes only with the options it was started with.
+    for (const auto& [name, then, now] : {std::tuple{"q_base", q_base.toDouble(), options.q_base()},
+                                          std::tuple{"lambda", lambda.toDouble(), options.lambda()},
+                                          std::tuple{"p_exe", p_exe.toDouble(), options.p_exe()}}) {
+      TORCH_CHECK(then == now, "OPMPolicy: the checkpoint was made with ", name, " ", then, ", this policy has ", now);
+    }
+    TORCH_CHECK(static_cast<std::uint64_t>(seed.toInt()) == options.seed(), "OPMPolicy: the checkpoint was made "
+                "with seed ", static_cast<std::uint64_t>(seed.toInt()), ", this policy has seed ", options.seed());
     std::mt19937_64 restored = detail::engine_from_state(engine, "OPMPolicy");
     const at::Tensor host = scores.to(at::kCPU).contiguous();
     scores_.assign(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
     engine_ = restored;
+    dropping_ = false;  // checkpoints are made between steps
   }
 
   OPMOptions options;

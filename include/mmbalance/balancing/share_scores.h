@@ -4,6 +4,7 @@
 /// softmax probability of the true class under the branch's share h_k / N of the fused
 /// output y = Σ_k h_k / N (the originals' slice of a concatenation head).
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
