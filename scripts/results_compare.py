@@ -46,7 +46,10 @@ def load(run):
     except (OSError, json.JSONDecodeError) as e:
         sys.exit(f"results_compare: {path}: {e}")
     curve = []
-    log = os.path.join(run, "log.jsonl")
+    # epochs.jsonl: the epoch records scripts/compare keeps (and commits) of log.jsonl.
+    log = os.path.join(run, "epochs.jsonl")
+    if not os.path.exists(log):
+        log = os.path.join(run, "log.jsonl")
     with open(log) as f:
         for n, line in enumerate(f, 1):
             try:
@@ -56,7 +59,11 @@ def load(run):
             if rec.get("type") == "epoch":
                 curve.append(rec["test"]["y"])
     s["curve"] = curve
-    s["finished"] = os.path.getmtime(path)
+    try:  # written by scripts/compare when the run ended; a checkout's file times say nothing
+        with open(os.path.join(run, "finished")) as f:
+            s["finished"] = datetime.datetime.fromisoformat(f.read().strip()).timestamp()
+    except (OSError, ValueError):
+        s["finished"] = os.path.getmtime(path)
     return s
 
 
