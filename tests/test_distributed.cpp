@@ -271,6 +271,19 @@ TEST_CASE("DataParallel, OGM-GE: 2 ranks modulate as one process on the combined
                                small_three_way);
 }
 
+TEST_CASE("DataParallel, PMR: 2 ranks keep the prototypes and terms of one process on the combined batches",
+          "[distributed][pmr]") {
+  // The class sums and scores are added up over the ranks: the same prototypes and the
+  // same coefficients on every rank and in the single process.
+  const auto ended = check_matches_single_process(PMRPolicy(PMROptions().alpha(1.0)), at::kCPU, small_late_net);
+  REQUIRE(ended[0].prototypes().size() == 2);
+  for (std::size_t r = 1; r < ended.size(); ++r) {
+    CHECK(ended[r].coefficients().equal(ended[0].coefficients()));
+    for (std::size_t k = 0; k < 2; ++k) CHECK(ended[r].prototypes()[k].allclose(ended[0].prototypes()[k], 1e-5, 1e-6));
+  }
+  check_matches_single_process(PMRPolicy(PMROptions().alpha(1.0)), at::kCPU, small_three_way);
+}
+
 TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process on the combined "
           "batches", "[distributed][mmpareto]") {
   // Each rank's fused gradients are averaged over the ranks (as DataParallel averages the

@@ -36,7 +36,7 @@ struct CommonFlags {
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy,
                    "balancing policy (vanilla: the sum of the heads' losses; joint: the fused output's loss alone)")
-        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "gblend", "mmpareto", "agm"}))
+        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "gblend", "mmpareto", "agm"}))
         ->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -56,6 +56,14 @@ struct CommonFlags {
         ->check(CLI::Range(0.0, 1e6))->capture_default_str();
     app.add_option("--opm-p-exe", cfg.opm_p_exe, "opm: probability that a step drops at all (the original: 0.7)")
         ->check(CLI::Range(0.0, 1.0))->capture_default_str();
+    app.add_option("--pmr-alpha", cfg.pmr_alpha, "pmr: weight of a slow branch's prototype loss (the original: 1.0)")
+        ->check(CLI::Range(0.0, 1e6))->capture_default_str();
+    app.add_option("--pmr-momentum", cfg.pmr_momentum,
+                   "pmr: share of the old prototypes kept at each epoch's update (the original: 0.2)")
+        ->check(CLI::Range(0.0, 0.999999))->capture_default_str();
+    app.add_option("--pmr-modulation-ends", cfg.pmr_modulation_ends,
+                   "pmr: last epoch with the prototype loss, counting from 0 (default: all)")
+        ->check(CLI::NonNegativeNumber);
     app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
                    "gblend: epochs between re-estimates of the loss weights")
         ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
@@ -121,7 +129,7 @@ struct CommonFlags {
     for (const auto& [flag, value] :
          {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--held-out", held_out.value_or(0.0)},
           {"--opm-q-base", cfg.opm_q_base}, {"--opm-lambda", cfg.opm_lambda}, {"--opm-p-exe", cfg.opm_p_exe},
-          {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
+          {"--pmr-alpha", cfg.pmr_alpha}, {"--pmr-momentum", cfg.pmr_momentum}, {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
           {"--agm-max-gap", cfg.agm_max_gap}, {"--lr", cfg.lr}, {"--momentum", cfg.momentum},
           {"--dist-timeout", dist_timeout}}) {
       if (!std::isfinite(value)) {
@@ -133,6 +141,13 @@ struct CommonFlags {
       throw CLI::ValidationError("--ogm-modulation-ends", "is " + std::to_string(cfg.ogm_modulation_ends) +
                                  ", before the first epoch after warm-up (--warmup-epochs " +
                                  std::to_string(cfg.warmup_epochs) + "): no step would be modulated");
+    }
+    if (cfg.policy == "pmr" && cfg.pmr_modulation_ends < cfg.warmup_epochs + 1) {
+      // Its first prototypes come from the first epoch after warm-up: the term starts an
+      // epoch later.
+      throw CLI::ValidationError("--pmr-modulation-ends", "is " + std::to_string(cfg.pmr_modulation_ends) +
+                                 ": the prototype loss starts in the second epoch after warm-up (epoch " +
+                                 std::to_string(cfg.warmup_epochs + 1) + "), so no step would have it");
     }
     if (cfg.policy == "agm" && cfg.agm_alpha * cfg.agm_max_gap > AGMPolicy::kMaxExponent) {
       // The largest coefficient exp(alpha * max_gap) must stay finite.
@@ -179,17 +194,19 @@ struct CommonFlags {
   }
 
   /// The last modulated epoch, or null where the modulation never ends.
-  nlohmann::json ogm_modulation_ends_json() const {
-    if (cfg.ogm_modulation_ends == std::numeric_limits<std::int64_t>::max()) return nullptr;
-    return cfg.ogm_modulation_ends;
+  static nlohmann::json epoch_or_never(std::int64_t epoch) {
+    if (epoch == std::numeric_limits<std::int64_t>::max()) return nullptr;
+    return epoch;
   }
 
   /// The arguments every summary records.
   nlohmann::json json() const {
     return {{"policy", cfg.policy},   {"alpha", cfg.alpha},
             {"Q", cfg.Q},             {"ogm_alpha", cfg.ogm_alpha},
-            {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", ogm_modulation_ends_json()},
+            {"ogm_noise", cfg.ogm_noise}, {"ogm_modulation_ends", epoch_or_never(cfg.ogm_modulation_ends)},
             {"opm_q_base", cfg.opm_q_base}, {"opm_lambda", cfg.opm_lambda}, {"opm_p_exe", cfg.opm_p_exe},
+            {"pmr_alpha", cfg.pmr_alpha}, {"pmr_momentum", cfg.pmr_momentum},
+            {"pmr_modulation_ends", epoch_or_never(cfg.pmr_modulation_ends)},
             {"gblend_super_epoch", cfg.gblend_super_epoch}, {"held_out", cfg.held_out},
             {"mmpareto_gamma", cfg.mmpareto_gamma},
             {"agm_alpha", cfg.agm_alpha}, {"agm_max_gap", cfg.agm_max_gap},
@@ -218,6 +235,11 @@ nlohmann::json train_with_policy(Net net, const Splits& all_rows, const TrainCon
   if (cfg.policy == "opm") {  // any number of branches; the same per-step draw on every rank
     const auto opm = OPMOptions().q_base(cfg.opm_q_base).lambda(cfg.opm_lambda).p_exe(cfg.opm_p_exe).seed(cfg.seed);
     return train_and_evaluate(net, OPMPolicy(opm), data, cfg, args, pg);
+  }
+  if (cfg.policy == "pmr") {  // any number of branches; the same prototypes on every rank
+    const auto pmr = PMROptions().alpha(cfg.pmr_alpha).momentum(cfg.pmr_momentum)
+                         .modulation_ends(cfg.pmr_modulation_ends);
+    return train_and_evaluate(net, PMRPolicy(pmr), data, cfg, args, pg);
   }
   if (cfg.policy == "gblend") {  // any number of branches; measures on the held-out rows
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);

@@ -43,6 +43,9 @@ struct TrainConfig {
   double opm_q_base = 0.5;
   double opm_lambda = 0.5;
   double opm_p_exe = 0.7;
+  double pmr_alpha = 1.0;
+  double pmr_momentum = 0.2;
+  std::int64_t pmr_modulation_ends = std::numeric_limits<std::int64_t>::max();
   std::int64_t gblend_super_epoch = 2;
   double held_out = 0;  // fraction of the training rows set aside (hold_out); gblend measures on them
   double mmpareto_gamma = 1.5;
@@ -214,6 +217,9 @@ inline nlohmann::json recorded_default(const std::string& setting) {
   if (setting == "width") return 32;  // --width (colored_mnist, spoken_digits) came later
   if (setting == "opm_q_base" || setting == "opm_lambda") return 0.5;  // --opm-* came later
   if (setting == "opm_p_exe") return 0.7;
+  if (setting == "pmr_alpha") return 1.0;  // --pmr-* came later
+  if (setting == "pmr_momentum") return 0.2;
+  if (setting == "pmr_modulation_ends") return nullptr;
   return "(not recorded)";
 }
 
@@ -438,10 +444,12 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const at::Tensor loss = balancer.loss(out, y, x, share);
       optimizer.zero_grad();
       loss.backward();
+      // The loss the step trained (the ranks' average), for the log.
+      const at::Tensor trained = dp ? dp->synchronize(loss) : loss;
       if (dp) {
-        balancer.observe(dp->synchronize(loss), dp->sum_across_ranks());
+        balancer.observe(trained, dp->sum_across_ranks());
       } else {
-        balancer.observe(loss);
+        balancer.observe(trained);
       }
       optimizer.step();
       at::Tensor head_losses;  // for the log: CE of each head, then of y
@@ -469,7 +477,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                               {speed_column_name(balancer.branches()),
                                mmbalance::number_or_null(speed_column(balancer.last_speeds()))},
                               {"loss", step_loss},
-                              {"loss_y", fused_step_loss}};
+                              {"loss_y", fused_step_loss},
+                              {"loss_trained", trained.item<double>()}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
         }

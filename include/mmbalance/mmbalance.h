@@ -14,6 +14,7 @@
 #include "mmbalance/balancing/mmpareto.h"
 #include "mmbalance/balancing/ogm_ge.h"
 #include "mmbalance/balancing/opm.h"
+#include "mmbalance/balancing/pmr.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_transaction.h"
 #include "mmbalance/balancing/random.h"

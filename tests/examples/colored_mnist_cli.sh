@@ -70,8 +70,9 @@ for k in ("accuracy0", "accuracy0_cut", "accuracy1", "accuracy1_cut"):
 assert u["samples"] == 80
 assert 0 <= s["best_epoch"] < 3
 # the two-branch record names, which scripts and users read
-assert set(steps[0]) == {"type", "epoch", "step", "kind", "d_speed", "loss", "loss0", "loss1", "loss_y"}, steps[0]
+assert set(steps[0]) == {"type", "epoch", "step", "kind", "d_speed", "loss", "loss0", "loss1", "loss_y", "loss_trained"}, steps[0]
 assert all(abs(s["loss"] - (s["loss0"] + s["loss1"])) < 1e-9 for s in steps), steps[0]
+assert all(abs(s["loss_trained"] - s["loss"]) < 1e-5 for s in steps), steps[0]  # guided trains Σ_k CE_k
 assert {"s_m1_given_m0", "s_m0_given_m1", "d_speed"} <= set(epochs[0]), epochs[0]
 assert set(epochs[0]["test"]) == {"y", "y0", "y1"}, epochs[0]["test"]
 assert set(s["steps_total"]) == {"regular", "rebalance_m0", "rebalance_m1"}, s["steps_total"]
@@ -125,7 +126,8 @@ import json, sys
 run = json.load(open(sys.argv[1]))
 run["gblend_held_out"] = 0.1
 del run["held_out"]
-for later in ("opm_q_base", "opm_lambda", "opm_p_exe"):  # flags that came after it too
+for later in ("opm_q_base", "opm_lambda", "opm_p_exe", "pmr_alpha", "pmr_momentum", "pmr_modulation_ends"):
+    # flags that came after it too
     del run[later]
 json.dump(run, open(sys.argv[1], "w"))
 PY
@@ -346,6 +348,25 @@ a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
 assert a["args"]["policy"] == "opm" and a["args"]["opm_q_base"] == 0.6 and a["args"]["opm_p_exe"] == 0.5
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: OPM records its options and resumes exactly")
+PY
+# PMR on the twin, no warm-up: CE(y) alone in epoch 0 (its prototypes are gathered), CE(y)
+# plus the prototype term from epoch 1; a run interrupted after 2 epochs ends as an
+# uninterrupted one.
+pmr=(--fusion late --policy pmr --warmup-epochs 0 --pmr-alpha 2)
+run_and_resume pmr 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${pmr[@]}"
+expect_error "the prototype loss starts in the second epoch after warm-up (epoch 1)" "$work/a" -- "$bin" --out "$work/a" \
+  "${small[@]}" --data-dir "$work/data" "${pmr[@]}" --pmr-modulation-ends 0
+/usr/bin/python3 - "$work/pmr" "$work/pmr-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+steps = [r for r in full if r["type"] == "step"]
+assert [r for r in part if r["type"] == "step"] == steps, "resumed PMR run differs"
+assert all(abs(s["loss_trained"] - s["loss_y"]) < 1e-5 for s in steps if s["epoch"] == 0), "a term before any prototype"
+assert any(s["loss_trained"] - s["loss_y"] > 1e-3 for s in steps if s["epoch"] >= 1), "no prototype term"
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "pmr" and a["args"]["pmr_alpha"] == 2 and a["args"]["pmr_modulation_ends"] is None
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: PMR adds its term from the second epoch, records its options and resumes exactly")
 PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"

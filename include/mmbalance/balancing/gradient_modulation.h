@@ -71,9 +71,12 @@ struct StepGradients {
   std::int64_t epoch = 0;
   const std::vector<std::vector<at::Tensor>>& fused_gradients = kNoFusedGradients;
   const std::vector<at::Tensor>& subset_outputs = kNoSubsetOutputs;
+  /// Every branch's features (what its head reads), detached, rows as `heads`.
+  const std::vector<at::Tensor>& features = kNoTensors;
 
   static inline const std::vector<std::vector<at::Tensor>> kNoFusedGradients{};
   static inline const std::vector<at::Tensor> kNoSubsetOutputs{};
+  static inline const std::vector<at::Tensor> kNoTensors{};
 };
 
 /// A policy that changes branch gradients after `backward()`, before the optimizer step.

@@ -66,10 +66,14 @@ class LossFormer {
       if (after_warmup) total = with_auxiliary_loss(policy, total, out, target);
     }
     if constexpr (kNeeded) {
-      std::vector<at::Tensor> heads;
+      std::vector<at::Tensor> heads, features;
       for (std::size_t k = 0; k < out.heads.size(); ++k) {
         const at::Tensor h = out.heads[k].detach();
         heads.push_back(heads_.empty() ? h : at::cat({heads_[k], h}));
+        // Features missing from any of the step's calls (forward_missing) stay undefined.
+        at::Tensor f = k < out.features.size() && out.features[k].defined() ? out.features[k].detach() : at::Tensor();
+        if (!heads_.empty()) f = f.defined() && features_[k].defined() ? at::cat({features_[k], f}) : at::Tensor();
+        features.push_back(f);
       }
       at::Tensor targets = heads_.empty() ? target : at::cat({target_, target});
       std::vector<std::vector<at::Tensor>> fused;
@@ -81,6 +85,7 @@ class LossFormer {
         if (after_warmup) subsets = accumulated_subset_outputs(out, *inputs);
       }
       heads_ = std::move(heads);
+      features_ = std::move(features);
       target_ = std::move(targets);
       fused_gradients_ = std::move(fused);
       subset_outputs_ = std::move(subsets);
@@ -107,7 +112,7 @@ class LossFormer {
   StepGradients gradients(const std::function<void(at::Tensor&)>& sum_across_ranks,
                           std::int64_t epoch) const {
     return StepGradients{heads_, target_, branch_parameters_, sum_across_ranks, epoch,
-                         fused_gradients_, subset_outputs_};
+                         fused_gradients_, subset_outputs_, features_};
   }
 
   const std::vector<std::vector<at::Tensor>>& branch_parameters() const { return branch_parameters_; }
@@ -115,6 +120,7 @@ class LossFormer {
   /// The outputs staged here belong to one step.
   void release() {
     heads_.clear();
+    features_.clear();
     target_ = at::Tensor();
     fused_gradients_.clear();
     subset_outputs_.clear();
@@ -258,8 +264,8 @@ class LossFormer {
   }
 
   std::vector<std::vector<at::Tensor>> branch_parameters_;  // θ_k, for the gradient hook
-  // The step's detached heads and targets, for a gradient-modulating policy.
-  std::vector<at::Tensor> heads_;
+  // The step's detached heads, features and targets, for a gradient-modulating policy.
+  std::vector<at::Tensor> heads_, features_;
   at::Tensor target_;
   // ∂CE(y)/∂θ_k of the step, for a policy that `NeedsFusedGradients` (after warm-up).
   std::vector<std::vector<at::Tensor>> fused_gradients_;
