@@ -11,6 +11,8 @@
 // - loss methods paired: vanilla, Gradient-Blending (a step's cost: the weighted loss; its
 //   measurement at the end of a super-epoch is per epoch) and MMPareto (one more backward
 //   pass of CE(y) and the combination) taking turns, at batch 8 and 128;
+// - forward and feature methods paired: vanilla, OPM (dropping the leading branch in 70 %
+//   of the steps) and PMR (its prototype term every step) taking turns, at batch 8 and 128;
 // - AGM's masked passes paired: the 2^N − 2 masked copies stacked into passes of the
 //   default row budget against one copy a pass (the library before 2026-12-07), at batch
 //   8, 32 and 128, two and three branches;
@@ -142,6 +144,34 @@ void BM_LossMethodsPaired(benchmark::State& state) {
       conflicts.sum().item<double>() / (static_cast<double>(conflicts.numel()) * iterations);
 }
 
+// A step of a policy whose plans may act on the forward pass (OPM's drops).
+template <class Policy>
+void planned_step(Setup& s, Balancer<Policy>& balancer) {
+  const StepPlan plan = balancer.next_plan();
+  auto loss = balancer.loss(s.net->forward({s.data.x0, s.data.x1}, plan), s.data.target);
+  s.optimizer.zero_grad();
+  loss.backward();
+  balancer.observe(loss);
+  s.optimizer.step();
+}
+
+// Vanilla against OPM (the original's options: 70 % of the steps drop the leading branch
+// once it has scores) and PMR (prototypes from a first epoch of one step, then its term
+// every step), taking turns as in BM_StepsPaired.
+void BM_ForwardAndFeatureMethodsPaired(benchmark::State& state) {
+  const std::int64_t b = state.range(0);
+  Setup vanilla(b), dropping(b), prototypes(b);
+  Balancer<OPMPolicy> opm(dropping.net, OPMPolicy(), BalancerOptions().warmup_epochs(0));
+  Balancer<PMRPolicy> pmr(prototypes.net, PMRPolicy(), BalancerOptions().warmup_epochs(0));
+  const std::array<std::function<void()>, 3> steps{
+      [&] { vanilla_step(vanilla); }, [&] { planned_step(dropping, opm); }, [&] { planned_step(prototypes, pmr); }};
+  for (const auto& step : steps) step();  // warm-up: the allocator, OPM's first scores, PMR's sums
+  pmr.end_epoch();                        // PMR's first prototypes: its term from here on
+  const std::array<double, 3> seconds = time_in_turns(state, steps);
+  state.counters["opm_over_vanilla"] = seconds[1] / seconds[0];
+  state.counters["pmr_over_vanilla"] = seconds[2] / seconds[0];
+}
+
 void BM_BalancerObserveOnly(benchmark::State& state) {
   Setup s(state.range(0));
   GuidedBalancer balancer(s.net, GuidedPolicy(GuidedOptions().alpha(INFINITY)),
@@ -205,5 +235,6 @@ MMBALANCE_STEP_BENCH(32);
 MMBALANCE_STEP_BENCH(128);
 BENCHMARK(BM_OGMGEPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
 BENCHMARK(BM_LossMethodsPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
+BENCHMARK(BM_ForwardAndFeatureMethodsPaired)->Arg(8)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
 BENCHMARK_TEMPLATE(BM_MaskedPassesPaired, 2)->Arg(8)->Arg(32)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);
 BENCHMARK_TEMPLATE(BM_MaskedPassesPaired, 3)->Arg(8)->Arg(32)->Arg(128)->Unit(benchmark::kMillisecond)->MinTime(4.0);

@@ -574,12 +574,14 @@ TEST_CASE("AGM with half-precision gradients: a coefficient that would overflow 
 }
 
 TEST_CASE("AGM's masked passes: the masked copies stacked along the rows give the outputs of one "
-          "forward per subset, within two units in the last place of float (2, 3 and 5 branches, "
+          "forward per subset, within four units in the last place of float (2, 3 and 5 branches, "
           "in passes of several copies, a short last pass, and one copy a pass)", "[agm]") {
   // Not bit for bit: the CPU's matrix and convolution kernels sum in an order that depends
   // on the row count, which moved single outputs by one unit in the last place of float
-  // when measured (7e-9 to 1.5e-8 at 0.13 to 0.17, LibTorch 1.13 and 2.13): the tolerance
-  // is two such units of the output's scale.
+  // when measured (7e-9 to 1.5e-8 at 0.13 to 0.17, LibTorch 1.13 and 2.13), and on another
+  // CPU (2026-12-07, LibTorch 2.13) by up to 1.3e-8 where the largest output was 0.04, 2.7
+  // units of that scale: the tolerance is four units of the output's scale. A wrong mask
+  // or row moves outputs by about the scale itself.
   const std::int64_t rows_per_pass = BalancerOptions().masked_rows_per_pass();
   REQUIRE(rows_per_pass == 32);
   const auto same_as_pass_by_pass = [&](auto net, const std::vector<at::Tensor>& x) {
@@ -591,7 +593,7 @@ TEST_CASE("AGM's masked passes: the masked copies stacked along the rows give th
       const double difference = (stacked[s].to(at::kDouble) - one_per_subset[s]).abs().max().item<double>();
       INFO("subset " << s << ", largest difference " << difference << " of " << scale);
       CHECK(stacked[s].sizes() == one_per_subset[s].sizes());
-      CHECK(difference <= 2 * std::numeric_limits<float>::epsilon() * scale);
+      CHECK(difference <= 4 * std::numeric_limits<float>::epsilon() * scale);
     }
   };
   const MultiModalBatch b = small_batch(8, 7);

@@ -277,10 +277,12 @@ TEST_CASE("DataParallel, PMR: 2 ranks keep the prototypes and terms of one proce
   // same coefficients on every rank and in the single process.
   const auto ended = check_matches_single_process(PMRPolicy(PMROptions().alpha(1.0)), at::kCPU, small_late_net);
   REQUIRE(ended[0].prototypes().size() == 2);
+  CHECK(ended[0].coefficients().sum().item<double>() > 0);  // a branch was behind: the term acted
   for (std::size_t r = 1; r < ended.size(); ++r) {
     CHECK(ended[r].coefficients().equal(ended[0].coefficients()));
     for (std::size_t k = 0; k < 2; ++k) CHECK(ended[r].prototypes()[k].allclose(ended[0].prototypes()[k], 1e-5, 1e-6));
   }
+  for (std::size_t k = 0; k < 2; ++k) CHECK(ended[1].prototypes()[k].equal(ended[2].prototypes()[k]));  // rank for rank
   check_matches_single_process(PMRPolicy(PMROptions().alpha(1.0)), at::kCPU, small_three_way);
 }
 

@@ -31,6 +31,7 @@ Rows rows_of(const at::Tensor& t) {
 // The original's EU_dist(x1, x2): d[i][j] = sqrt((x1_i - x2_j) . (x1_i - x2_j)).
 Rows eu_dist(const Rows& x1, const Rows& x2) {
   Rows d(x1.size(), std::vector<double>(x2.size()));
+  REQUIRE(x1[0].size() == x2[0].size());
   for (std::size_t i = 0; i < x1.size(); ++i) {
     for (std::size_t j = 0; j < x2.size(); ++j) {
       double s = 0;
@@ -142,6 +143,24 @@ TEST_CASE("PMR's prototypes are class means, then (1 - m) mean + m old; a class 
     for (std::size_t j = 0; j < 4; ++j) want[c][j] = 0.8 * mean[c][j] + 0.2 * first0[c][j];
   }
   check_rows(policy.prototypes()[0], want);
+
+  // A class not seen before the first update has zeros; seen later, it takes its mean
+  // (nothing to keep), while the others move with the momentum.
+  PMRPolicy late = with_branches(PMROptions().momentum(0.2));
+  const at::Tensor a0 = at::randn({4, 3}), b0 = at::randn({4, 3});
+  const std::vector<std::int64_t> no_two{0, 1, 0, 1}, with_two{2, 2, 0, 1};
+  show_features(late, {a0, at::randn({4, 2})}, at::tensor(no_two));
+  late.start_epoch(1);
+  const Rows first = class_means(rows_of(a0), no_two, 3);
+  check_rows(late.prototypes()[0], first);  // row 2: zeros
+  show_features(late, {b0, at::randn({4, 2})}, at::tensor(with_two));
+  late.start_epoch(2);
+  const Rows second = class_means(rows_of(b0), with_two, 3);
+  Rows moved = second;
+  for (std::size_t c = 0; c < 2; ++c) {
+    for (std::size_t j = 0; j < 3; ++j) moved[c][j] = 0.8 * second[c][j] + 0.2 * first[c][j];
+  }
+  check_rows(late.prototypes()[0], moved);
 }
 
 TEST_CASE("PMR's term is the original's: alpha times the prototype CE of the branch whose score is lower",
@@ -176,6 +195,24 @@ TEST_CASE("PMR's term is the original's: alpha times the prototype CE of the bra
   CHECK(z1.grad().abs().sum().item<double>() > 0);
 }
 
+TEST_CASE("PMR's distances are differences, as the original's EU_dist, at any batch size", "[pmr]") {
+  // Prototypes far from the origin and close to each other, 40 rows (cdist's threshold for
+  // ‖x‖² + ‖p‖² − 2x·p is 25): in float that form loses the distances between them.
+  std::vector<std::int64_t> y;
+  for (std::int64_t i = 0; i < 40; ++i) y.push_back(i % 3);
+  const at::Tensor t = at::tensor(y);
+  const at::Tensor centres = 100 + 0.01 * at::arange(3, at::kFloat).unsqueeze(1).expand({3, 4});
+  const at::Tensor on = centres.index_select(0, t);
+  PMRPolicy policy = with_branches(PMROptions().alpha(1.0));
+  show_features(policy, {on, on}, t);
+  policy.start_epoch(1);
+  show_features(policy, {on, on + 0.02 * at::randn({40, 4})}, t);  // branch 1 behind
+  REQUIRE(as_doubles(policy.coefficients()) == std::vector<double>{0.0, 1.0});
+  const at::Tensor near = on + 1e-3 * at::randn({40, 4});
+  const double want = proto_ce(eu_dist(rows_of(near), rows_of(centres)), y);
+  CHECK(policy.auxiliary_loss(output_of({on, near}), t).item<double>() == Approx(want).epsilon(1e-3));
+}
+
 TEST_CASE("PMR with three branches pushes every branch behind the leader, none on a tie", "[pmr]") {
   PMRPolicy policy = with_branches(PMROptions().alpha(2.0), 3);
   const at::Tensor centres = at::tensor({3.0f, 0.0f, 0.0f, 3.0f, -3.0f, -3.0f}).view({3, 2});
@@ -198,40 +235,54 @@ TEST_CASE("PMR with three branches pushes every branch behind the leader, none o
 
 TEST_CASE("PMR through the Balancer trains CE(y), adds the term from the second epoch, until modulation_ends",
           "[pmr]") {
+  // Predicted from the features the network hands over, pooled over space as the conv
+  // branch's head reads them: prototypes as class means of epoch 0's rows, each step's
+  // coefficients from the previous step's scores against them, the term as the original's.
   Net net = small_late_net(4);
   auto opt = make_sgd(net);
-  Balancer<PMRPolicy> balancer(net, PMRPolicy(PMROptions().alpha(1.0).modulation_ends(1)),
+  const double alpha = 1.5;
+  Balancer<PMRPolicy> balancer(net, PMRPolicy(PMROptions().alpha(alpha).modulation_ends(1)),
                                BalancerOptions().warmup_epochs(0));
-  const auto step = [&](std::uint64_t seed, bool expect_term) {
+  std::vector<Rows> epoch0(2);
+  std::vector<std::int64_t> epoch0_labels;
+  std::vector<Rows> prototypes;
+  std::vector<double> coefficients{0.0, 0.0};
+  const auto step = [&](std::uint64_t seed, bool term) {
     const auto b = small_batch(8, seed);
+    const std::vector<std::int64_t> y(b.target.data_ptr<std::int64_t>(), b.target.data_ptr<std::int64_t>() + 8);
     balancer.next_plan();
     const NetOutput out = net->forward(b.x0, b.x1);
     const at::Tensor loss = balancer.loss(out, b.target);
-    double want = torch::nn::functional::cross_entropy(out.y.detach().to(at::kDouble), b.target).item<double>();
-    const auto& policy = balancer.policy();
-    if (expect_term) {
-      REQUIRE(policy.prototypes().size() == 2);
-      const std::vector<std::int64_t> y(b.target.data_ptr<std::int64_t>(), b.target.data_ptr<std::int64_t>() + 8);
-      for (std::int64_t k = 0; k < 2; ++k) {
-        want += policy.coefficients()[k].item<double>() *
-                // The conv branch's map pooled over space, as its head reads it.
-                proto_ce(eu_dist(rows_of(out.features[static_cast<std::size_t>(k)].detach().mean({2, 3})),
-                                 rows_of(policy.prototypes()[static_cast<std::size_t>(k)])),
-                         y);
-      }
+    const double ce_y = torch::nn::functional::cross_entropy(out.y.detach().to(at::kDouble), b.target).item<double>();
+    std::vector<Rows> pooled;
+    for (std::size_t k = 0; k < 2; ++k) pooled.push_back(rows_of(out.features[k].detach().mean({2, 3})));
+    double want = ce_y;
+    if (term) {
+      for (std::size_t k = 0; k < 2; ++k) want += coefficients[k] * proto_ce(eu_dist(pooled[k], prototypes[k]), y);
     }
     CHECK(loss.item<double>() == Approx(want).epsilon(1e-5));
+    if (term && seed > 3) CHECK(loss.item<double>() - ce_y > 1e-4);  // a branch is behind
     opt.zero_grad();
     loss.backward();
     balancer.observe(loss);
     opt.step();
+    if (prototypes.empty()) {
+      for (std::size_t k = 0; k < 2; ++k) epoch0[k].insert(epoch0[k].end(), pooled[k].begin(), pooled[k].end());
+      epoch0_labels.insert(epoch0_labels.end(), y.begin(), y.end());
+    } else {  // the next step's coefficients: alpha on the branch whose score is lower
+      const double s0 = score(eu_dist(pooled[0], prototypes[0]), y), s1 = score(eu_dist(pooled[1], prototypes[1]), y);
+      coefficients = {s0 < s1 ? alpha : 0.0, s1 < s0 ? alpha : 0.0};
+    }
   };
   for (std::uint64_t i = 0; i < 3; ++i) step(i, false);  // epoch 0: the first prototypes are gathered
   balancer.end_epoch();
-  for (std::uint64_t i = 3; i < 6; ++i) step(i, true);  // epoch 1: the term
-  CHECK(balancer.policy().coefficients().sum().item<double>() == 1.0);  // one of two branches behind
+  for (std::size_t k = 0; k < 2; ++k) {
+    prototypes.push_back(class_means(epoch0[k], epoch0_labels, 3));
+    check_rows(balancer.policy().prototypes()[k], prototypes[k]);
+  }
+  for (std::uint64_t i = 3; i < 6; ++i) step(i, true);  // epoch 1: the term (zero on its first step)
   balancer.end_epoch();
-  for (std::uint64_t i = 6; i < 8; ++i) step(i, false);  // epoch 2 > modulation_ends
+  for (std::uint64_t i = 6; i < 8; ++i) step(i, false);  // epoch 2 > modulation_ends: CE(y) alone
 }
 
 TEST_CASE("PMR resumes mid-run exactly", "[pmr]") {

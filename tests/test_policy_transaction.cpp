@@ -184,6 +184,20 @@ TEST_CASE("The library's tensor-holding policies replace their tensors, never ch
   // from before it would too.
   auto net = small_late_net(9);
   auto opt = make_sgd(net);
+  SECTION("PMR") {
+    Balancer<PMRPolicy> balancer(net, PMRPolicy(), BalancerOptions().warmup_epochs(0));
+    for (int i = 0; i < 2; ++i) balanced_step(net, opt, balancer, small_batch(8, i));
+    balancer.end_epoch();
+    balanced_step(net, opt, balancer, small_batch(8, 2));
+    const at::Tensor prototype = balancer.policy().prototypes()[0], prototype_values = prototype.clone();
+    const at::Tensor coefficients = balancer.policy().coefficients(), coefficients_values = coefficients.clone();
+    balanced_step(net, opt, balancer, small_batch(8, 3));
+    balancer.end_epoch();  // new prototypes
+    balanced_step(net, opt, balancer, small_batch(8, 4));
+    CHECK(at::equal(prototype, prototype_values));
+    CHECK(at::equal(coefficients, coefficients_values));
+    CHECK_FALSE(at::equal(balancer.policy().prototypes()[0], prototype_values));
+  }
   SECTION("MMPareto") {
     Balancer<MMParetoPolicy> balancer(net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
     for (int i = 0; i < 2; ++i) balanced_step(net, opt, balancer, small_batch(8, i));

@@ -167,6 +167,14 @@ diff <(grep -v '"type":"epoch"' "$work/full/log.jsonl") <(grep -v '"type":"epoch
   || fail "the resumed log of a run killed mid-epoch is not the uninterrupted run's"
 [[ $(grep -c '"type":"epoch"' "$work/cut/log.jsonl") == 3 ]] || fail "the cut run's log lacks epoch records"
 echo "ok: a resume keeps the run's settings; its log drops what the checkpoint does not hold"
+# What follows trains the same trainer with the other policies, which run on the training
+# thread; the runs above exercise its other thread (the next batch's) through runs,
+# resumes and refusals. Under ThreadSanitizer (scripts/sanitize) that is enough, and the
+# rest would double the leg; the plain and ASan legs run it all.
+if [[ ${MMBALANCE_CLI_TRAINER_ONLY:-0} == 1 ]]; then
+  echo "colored_mnist CLI: the trainer's checks passed (MMBALANCE_CLI_TRAINER_ONLY=1: the policies' runs left out)"
+  exit 0
+fi
 # OGM-GE: every step regular; after the warm-up epoch each step logs both branches'
 # coefficients (the dominant branch's in (0, 1), the other's 1), and after
 # --ogm-modulation-ends (epoch 2) both are 1; interrupted after 2 epochs (inside the

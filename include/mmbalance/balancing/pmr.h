@@ -30,7 +30,8 @@
 
 namespace mmbalance {
 
-/// Options for `PMRPolicy`, the original's defaults (main_Prototype_grad.py's arguments).
+/// Options for `PMRPolicy`: the original's defaults (main_Prototype_grad.py's arguments)
+/// but `modulation_ends`.
 ///
 /// Example:
 /// ```
@@ -43,8 +44,9 @@ struct PMROptions {
   /// Share of the previous prototypes kept at each update (`--momentum_coef`), in [0, 1).
   TORCH_ARG(double, momentum) = 0.2;
   /// The last epoch (counting from 0, warm-up included) with the prototype term; later
-  /// steps train CE(y) alone (the original's `--modulation_ends`, 60 of 100 epochs for
-  /// colored-and-gray MNIST in its bash.sh).
+  /// steps train CE(y) alone and the policy does no work. Default: never (the original's
+  /// `--modulation_ends` defaults to 100 of its default 150 epochs; its bash.sh gives 60
+  /// of 100 for colored-and-gray MNIST).
   TORCH_ARG(std::int64_t, modulation_ends) = std::numeric_limits<std::int64_t>::max();
 };
 
@@ -79,6 +81,9 @@ class PMRPolicy {
     if (prototypes_.empty() || epoch_ > options.modulation_ends()) return {};
     TORCH_CHECK(out.features.size() == branches_, "PMRPolicy: the output has ", out.features.size(),
                 " features for ", branches_, " branches");
+    TORCH_CHECK(!out.heads.empty() && out.heads[0].defined() && out.heads[0].dim() == 2, "PMRPolicy: the heads must "
+                "be (batch, classes) logits");
+    check_classes(out.heads[0].size(1));
     at::Tensor term;
     for (std::size_t k = 0; k < branches_; ++k) {
       const at::Tensor f = checked_features(out.features[k], k, target);
@@ -101,6 +106,9 @@ class PMRPolicy {
     TORCH_CHECK(step.target.defined() && step.target.dim() == 1 && step.target.scalar_type() == at::kLong,
                 "PMRPolicy: the targets must be a (batch) int64 tensor of class indices");
     const std::int64_t classes = step.heads[0].size(1);
+    check_classes(classes);
+    epoch_ = step.epoch;
+    if (epoch_ > options.modulation_ends()) return;  // no term from here on: nothing to gather
     std::vector<at::Tensor> features;
     for (std::size_t k = 0; k < branches_; ++k) features.push_back(checked_features(step.features[k], k, step.target));
     const at::Tensor target = step.target;
@@ -135,8 +143,6 @@ class PMRPolicy {
       sums_ = sums;
       counts_ = counts;
     } else {
-      TORCH_CHECK(counts_.size(0) == classes, "PMRPolicy: the heads have ", classes, " classes, earlier steps ",
-                  counts_.size(0));
       for (std::size_t k = 0; k < branches_; ++k) {
         TORCH_CHECK(sums_[k].sizes() == sums[k].sizes(), "PMRPolicy: branch ", k, "'s features are ",
                     sums[k].size(1), " wide, earlier steps' ", sums_[k].size(1));
@@ -148,7 +154,6 @@ class PMRPolicy {
       const at::Tensor s = all.slice(0, 0, n);
       coefficients_ = (s < s.max()).to(at::kFloat) * options.alpha();
     }
-    epoch_ = step.epoch;
   }
 
   /// At every epoch boundary after warm-up: the class means of the features seen since
@@ -175,13 +180,15 @@ class PMRPolicy {
     prototypes_ = std::move(next);
     sums_.clear();
     counts_ = at::Tensor();
-    if (!coefficients_.defined()) coefficients_ = at::zeros({static_cast<std::int64_t>(branches_)}, at::kFloat);
+    if (!coefficients_.defined()) {
+      coefficients_ = at::zeros({static_cast<std::int64_t>(branches_)}, prototypes_[0].options());
+    }
   }
 
   /// Each branch's prototypes, (classes, width) (empty before the first update).
   const std::vector<at::Tensor>& prototypes() const { return prototypes_; }
   /// The coefficient of each branch's prototype term in the next step (α or 0; undefined
-  /// before the first update).
+  /// before the first update; after `modulation_ends` the last ones, unused).
   const at::Tensor& coefficients() const { return coefficients_; }
 
   void save(torch::serialize::OutputArchive& archive) const {
@@ -222,9 +229,10 @@ class PMRPolicy {
     // Fresh tensors: read into a defined one, LibTorch would write in place.
     const auto read = [&](const std::string& name, std::int64_t dims) {
       at::Tensor t;
-      TORCH_CHECK(archive.try_read(name, t) && t.defined() && t.dim() == dims && at::isFloatingType(t.scalar_type()),
+      TORCH_CHECK(archive.try_read(name, t) && t.defined() && t.dim() == dims && at::isFloatingType(t.scalar_type()) &&
+                      at::isfinite(t).all().item<bool>(),
                   "PMRPolicy: damaged state in checkpoint (", name, ")");
-      return t;
+      return t.detach();
     };
     std::vector<at::Tensor> prototypes, sums;
     at::Tensor counts, seen, coefficients;
@@ -237,7 +245,9 @@ class PMRPolicy {
       coefficients = read("coefficients", 1);
     }
     const std::int64_t classes = !prototypes.empty() ? seen.size(0) : counts.defined() ? counts.size(0) : 0;
-    bool consistent = !coefficients.defined() || coefficients.size(0) == static_cast<std::int64_t>(branches_);
+    bool consistent = (!coefficients.defined() || coefficients.size(0) == static_cast<std::int64_t>(branches_)) &&
+                      ((prototypes.empty() && sums.empty()) || classes > 0) &&
+                      (!counts.defined() || (counts >= 0).all().item<bool>());
     for (std::size_t k = 0; k < branches_; ++k) {
       if (!prototypes.empty()) consistent = consistent && prototypes[k].size(0) == classes;
       if (!sums.empty()) consistent = consistent && sums[k].size(0) == classes && counts.size(0) == classes;
@@ -257,8 +267,16 @@ class PMRPolicy {
 
  private:
   // −‖f_i − P_c‖ for every row i and class c: the original's `-EU_dist(f, proto)`.
+  // The distances computed as differences, never through ‖x‖² + ‖p‖² − 2x·p (cdist's
+  // default above 25 rows), which loses precision for nearby points.
   static at::Tensor similarity(const at::Tensor& f, const at::Tensor& prototypes) {
-    return -at::cdist(f, prototypes.to(f.scalar_type()));
+    return -at::cdist(f, prototypes.to(f.device(), f.scalar_type()), 2.0, /*donot_use_mm_for_euclid_dist*/ 2);
+  }
+
+  // The heads' class count against the prototypes' rows and the sums'.
+  void check_classes(std::int64_t classes) const {
+    const std::int64_t rows = !prototypes_.empty() ? prototypes_[0].size(0) : counts_.defined() ? counts_.size(0) : classes;
+    TORCH_CHECK(rows == classes, "PMRPolicy: the heads have ", classes, " classes, the prototypes and sums ", rows);
   }
 
   // Branch k's features as (batch, width) floats: a map (batch, channels, space...) is
