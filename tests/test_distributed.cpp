@@ -1,5 +1,6 @@
 // Data-parallel training on c10d (Gloo over 127.0.0.1): ranks run as threads of this
 // process, each with its own process group, through a fresh FileStore.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -284,6 +285,35 @@ TEST_CASE("DataParallel, PMR: 2 ranks keep the prototypes and terms of one proce
   }
   for (std::size_t k = 0; k < 2; ++k) CHECK(ended[1].prototypes()[k].equal(ended[2].prototypes()[k]));  // rank for rank
   check_matches_single_process(PMRPolicy(PMROptions().alpha(1.0)), at::kCPU, small_three_way);
+}
+
+TEST_CASE("DataParallel, OPM: 2 ranks drop the same branch in the same steps and keep one model",
+          "[distributed][opm]") {
+  // Not against one process: the per-sample drops come from each rank's LibTorch
+  // generator. The plans (a seeded draw and scores summed over the ranks) and, through
+  // the averaged gradients, the parameters must agree rank for rank.
+  constexpr int kSteps = 16;
+  std::vector<ThreeWay> nets{small_three_way(0), small_three_way(1)};
+  std::vector<std::vector<StepPlan>> plans(2);
+  rethrow_any(run_ranks(2, [&](int rank, auto pg) {
+    ThreeWay& net = nets[static_cast<std::size_t>(rank)];
+    freeze_batch_norm(net);
+    DataParallel dp(net, pg);
+    auto opt = make_sgd(net);
+    Balancer<OPMPolicy> balancer(net, OPMPolicy(OPMOptions().p_exe(0.6).seed(3)), BalancerOptions().warmup_epochs(0));
+    plans[static_cast<std::size_t>(rank)] =
+        train_share(net, opt, balancer, 0, kSteps, rank, 2, [&](const at::Tensor& l) { return dp.synchronize(l); },
+                    dp.sum_across_ranks());
+  }));
+  const auto dropping = std::count_if(plans[0].begin(), plans[0].end(),
+                                      [](const StepPlan& p) { return p.modulated_branch().has_value(); });
+  CHECK(dropping > 0);  // the decisions compared include drops
+  REQUIRE(plans[0].size() == plans[1].size());
+  for (std::size_t i = 0; i < plans[0].size(); ++i) {
+    CHECK(plans[0][i].modulated_branch() == plans[1][i].modulated_branch());
+    CHECK(plans[0][i].keep_probability() == plans[1][i].keep_probability());
+  }
+  CHECK(same_state(*nets[0], *nets[1]));
 }
 
 TEST_CASE("DataParallel, MMPareto: 2 ranks combine the gradients of one process on the combined "
