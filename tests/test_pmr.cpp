@@ -331,7 +331,7 @@ TEST_CASE("PMR refuses bad options, features and checkpoints by name", "[pmr]") 
   load_saved(same, bytes);
   CHECK(all_equal(same.prototypes(), policy.prototypes()));
   // Prototypes announced but missing, or of another class count than the rest.
-  const auto damaged = [](const at::Tensor& prototype_1) {
+  const auto damaged = [](const at::Tensor& prototype_1, const at::Tensor& coefficients = at::zeros({2})) {
     torch::serialize::OutputArchive a;
     a.write("branches", std::int64_t{2});
     a.write("alpha", 1.0);
@@ -343,7 +343,7 @@ TEST_CASE("PMR refuses bad options, features and checkpoints by name", "[pmr]") 
     a.write("prototype_0", at::zeros({3, 2}));
     if (prototype_1.defined()) a.write("prototype_1", prototype_1);
     a.write("seen", at::ones({3}, at::kBool));
-    a.write("coefficients", at::zeros({2}));
+    a.write("coefficients", coefficients);
     std::ostringstream s;
     a.save_to(s);
     return s.str();
@@ -351,6 +351,8 @@ TEST_CASE("PMR refuses bad options, features and checkpoints by name", "[pmr]") 
   CHECK_THROWS_WITH(load_saved(same, damaged({})), Catch::Contains("damaged state in checkpoint (prototype_1)"));
   CHECK_THROWS_WITH(load_saved(same, damaged(at::zeros({4, 2}))),
                     Catch::Contains("damaged state in checkpoint (prototypes, sums and counts of different shapes)"));
+  CHECK_THROWS_WITH(load_saved(same, damaged(at::zeros({3, 2}), at::tensor({0.0f, 0.5f}))),
+                    Catch::Contains("damaged state in checkpoint (coefficients other than 0 and alpha 1)"));
   CHECK(all_equal(same.prototypes(), policy.prototypes()));  // nothing changed
   load_saved(same, damaged(at::zeros({3, 2})));
   CHECK(same.prototypes()[1].equal(at::zeros({3, 2})));

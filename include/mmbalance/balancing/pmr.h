@@ -243,6 +243,10 @@ class PMRPolicy {
       TORCH_CHECK(archive.try_read("seen", seen) && seen.dim() == 1 && seen.scalar_type() == at::kBool,
                   "PMRPolicy: damaged state in checkpoint (seen)");
       coefficients = read("coefficients", 1);
+      // Each is alpha or 0: a record of this policy, or damaged.
+      TORCH_CHECK(((coefficients == 0) | (coefficients == options.alpha())).all().item<bool>(),
+                  "PMRPolicy: damaged state in checkpoint (coefficients other than 0 and alpha ", options.alpha(),
+                  ")");
     }
     const std::int64_t classes = !prototypes.empty() ? seen.size(0) : counts.defined() ? counts.size(0) : 0;
     bool consistent = (!coefficients.defined() || coefficients.size(0) == static_cast<std::int64_t>(branches_)) &&
