@@ -50,6 +50,8 @@ def load(run):
     log = os.path.join(run, "epochs.jsonl")
     if not os.path.exists(log):
         log = os.path.join(run, "log.jsonl")
+    if not os.path.exists(log):
+        sys.exit(f"results_compare: {run} has neither epochs.jsonl nor log.jsonl")
     with open(log) as f:
         for n, line in enumerate(f, 1):
             try:
@@ -58,6 +60,8 @@ def load(run):
                 sys.exit(f"results_compare: {log}:{n}: not JSON ({e})")
             if rec.get("type") == "epoch":
                 curve.append(rec["test"]["y"])
+    if len(curve) != s["args"]["epochs"]:
+        sys.exit(f"results_compare: {log} has {len(curve)} epoch records, the run {s['args']['epochs']} epochs")
     s["curve"] = curve
     try:  # written by scripts/compare when the run ended; a checkout's file times say nothing
         with open(os.path.join(run, "finished")) as f:
@@ -122,8 +126,8 @@ def main():
     for d in manifest["datasets"]:
         for g in d["groups"]:
             for r in g["runs"] + [r for t in g["trials"] for r in t["runs"]]:
-                if r not in all_runs:
-                    all_runs[r] = load(r)
+                if r not in all_runs:  # relative to the manifest's folder (absolute in older ones)
+                    all_runs[r] = load(os.path.join(os.path.dirname(os.path.abspath(args.manifest)), r))
                     finished.append(all_runs[r]["finished"])
     run_minutes = sum(s["seconds"] for s in all_runs.values()) / 60
     try:

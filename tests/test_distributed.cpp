@@ -289,12 +289,14 @@ TEST_CASE("DataParallel, PMR: 2 ranks keep the prototypes and terms of one proce
 
 TEST_CASE("DataParallel, OPM: 2 ranks drop the same branch in the same steps and keep one model",
           "[distributed][opm]") {
-  // Not against one process: the per-sample drops come from each rank's LibTorch
-  // generator. The plans (a seeded draw and scores summed over the ranks) and, through
-  // the averaged gradients, the parameters must agree rank for rank.
+  // Not against one process: the per-sample drops come from LibTorch's default generator
+  // (here shared by the rank threads, in a real run each process's own), so no rank drops
+  // the rows one process would. The plans (a seeded draw and scores summed over the
+  // ranks) and the scores must agree rank for rank, and so the parameters.
   constexpr int kSteps = 16;
   std::vector<ThreeWay> nets{small_three_way(0), small_three_way(1)};
   std::vector<std::vector<StepPlan>> plans(2);
+  std::vector<std::vector<double>> scores(2);
   rethrow_any(run_ranks(2, [&](int rank, auto pg) {
     ThreeWay& net = nets[static_cast<std::size_t>(rank)];
     freeze_batch_norm(net);
@@ -304,7 +306,10 @@ TEST_CASE("DataParallel, OPM: 2 ranks drop the same branch in the same steps and
     plans[static_cast<std::size_t>(rank)] =
         train_share(net, opt, balancer, 0, kSteps, rank, 2, [&](const at::Tensor& l) { return dp.synchronize(l); },
                     dp.sum_across_ranks());
+    scores[static_cast<std::size_t>(rank)] = balancer.policy().scores();
   }));
+  REQUIRE(scores[0].size() == 3);
+  CHECK(scores[0] == scores[1]);
   const auto dropping = std::count_if(plans[0].begin(), plans[0].end(),
                                       [](const StepPlan& p) { return p.modulated_branch().has_value(); });
   CHECK(dropping > 0);  // the decisions compared include drops
