@@ -452,7 +452,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         balancer.observe(trained);
       }
       optimizer.step();
-      at::Tensor head_losses;  // for the log: CE of each head, then of y
+      at::Tensor head_losses;  // for the log: CE of each head, then of y, then the trained loss
       {
         torch::NoGradGuard no_grad;
         std::vector<at::Tensor> losses = modality_losses(out, y);
@@ -463,9 +463,12 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         dp->all_reduce_sum(head_losses);
         head_losses.div_(world);
       }
+      // The trained loss (already the ranks' average) joins them: one copy to the host.
+      head_losses = at::cat({head_losses, trained.detach().reshape({1}).to(head_losses.scalar_type())});
       head_losses = head_losses.to(at::kCPU).to(at::kDouble);
-      const double fused_step_loss = head_losses[-1].item<double>();
-      head_losses = head_losses.narrow(0, 0, head_losses.size(0) - 1);
+      const double trained_step_loss = head_losses[-1].item<double>();
+      const double fused_step_loss = head_losses[-2].item<double>();
+      head_losses = head_losses.narrow(0, 0, head_losses.size(0) - 2);
       const double step_loss = head_losses.sum().item<double>();
       loss_sum += step_loss;
       fused_loss_sum += fused_step_loss;
@@ -478,7 +481,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                mmbalance::number_or_null(speed_column(balancer.last_speeds()))},
                               {"loss", step_loss},
                               {"loss_y", fused_step_loss},
-                              {"loss_trained", trained.item<double>()}};
+                              {"loss_trained", trained_step_loss}};
         for (std::int64_t k = 0; k < head_losses.size(0); ++k) {
           record[numbered("loss", static_cast<std::size_t>(k))] = head_losses[k].item<double>();
         }

@@ -37,6 +37,8 @@ recs = [json.loads(l) for l in open(f"{run}/log.jsonl")]
 steps = [r for r in recs if r["type"] == "step"]
 assert len(steps) == 2 * 8, len(steps)  # 240 rows in global batches of 32
 assert any(s["kind"] != "regular" for s in steps[8:]), "guided with alpha 0 never re-balanced"
+# guided trains Σ_k CE_k: the loss trained, averaged over the ranks, is the logged sum
+assert all(abs(s["loss_trained"] - s["loss"]) < 1e-5 for s in steps), steps[0]
 s = json.load(open(f"{run}/summary.json"))
 assert s["args"]["world_size"] == 2
 assert s["utilization_test"]["samples"] == 80, s["utilization_test"]  # all ranks' shares
