@@ -211,13 +211,19 @@ struct FloatStrengths : VanillaPolicy {
 };
 static_assert(sizeof(Balancer<FloatStrengths>) > 0);
 
-// expect(MeasuresAndReinitializes): both measures epoch losses and re-initializes branches
-struct MeasuresAndReinitializes : VanillaPolicy {
-  bool wants_epoch_losses(std::int64_t) const { return true; }
-  void observe_epoch_losses(const EpochLosses&) {}
-  std::vector<double> reinitialization(std::int64_t) { return {0.0, 0.0}; }
+// expect(NonConstWantsFeatures): epoch-feature hooks would never be called: declare both `bool wants_epoch_features(std::int64_t) const` and `void observe_epoch_features(const EpochFeatures&)`
+struct NonConstWantsFeatures : VanillaPolicy {
+  bool wants_epoch_features(std::int64_t) { return true; }
+  void observe_epoch_features(const EpochFeatures&) {}
 };
-static_assert(sizeof(Balancer<MeasuresAndReinitializes>) > 0);
+static_assert(sizeof(Balancer<NonConstWantsFeatures>) > 0);
+
+// expect(FeaturesByValueOfLosses): epoch-feature hooks would never be called
+struct FeaturesByValueOfLosses : VanillaPolicy {
+  bool wants_epoch_features(std::int64_t) const { return true; }
+  void observe_epoch_features(const EpochLosses&) {}
+};
+static_assert(sizeof(Balancer<FeaturesByValueOfLosses>) > 0);
 
 // expect(IntEpochs): reinitialization would never be called: declare `std::vector<double> reinitialization(std::int64_t)`
 struct IntEpochs : VanillaPolicy {

@@ -5,7 +5,7 @@
 /// the gates the step staged), the policy with the state it rolls back to
 /// (policy_transaction.h), the speed monitor (speed_monitor.h), the loss former
 /// (loss_former.h), the epoch clock (epoch_clock.h) and the epoch boundary
-/// (epoch_boundary.h: epoch losses, re-initialization); each part saves and reads its own
+/// (epoch_boundary.h: epoch losses and features, re-initialization); each part saves and reads its own
 /// entries of the record.
 
 #include <cstdint>
@@ -189,9 +189,10 @@ class Balancer {
     losses_.release();
   }
 
-  /// Marks the end of an epoch. With a policy that measures generalization
-  /// (`ObservesEpochLosses`, e.g. `GradientBlendingPolicy`), an epoch at whose end it
-  /// measures needs `end_epoch(net, train_sample, held_out)` instead, and this throws.
+  /// Marks the end of an epoch. With a policy that measures on data (`ObservesEpochLosses`,
+  /// e.g. `GradientBlendingPolicy`; `ObservesEpochFeatures`, e.g. `ReLearningPolicy`), an
+  /// epoch at whose end it measures needs `end_epoch(net, train_sample, held_out)` instead,
+  /// and this throws.
   void end_epoch() {
     check_epoch_end(false, false);
     epochs_.advance(clock_, policy_);
@@ -209,19 +210,33 @@ class Balancer {
     epochs_.end(clock_, policy_, losses_.branch_parameters(), optimizer);
   }
 
-  /// Marks the end of an epoch; where the policy measures generalization at this boundary
-  /// (`ObservesEpochLosses`), first measures every head's mean loss (`head_losses`: eval
-  /// mode, no gradients) on `train_sample` (batches of training data) and on `held_out`
-  /// (batches kept out of training) and hands both to the policy. Other policies ignore
-  /// the data. Data-parallel: each rank passes its shards and `dp.sum_across_ranks()`.
-  /// Empty data, or losses the policy refuses, throw and change nothing (as does a
-  /// policy's `start_epoch` hook that throws, in either form of `end_epoch`).
+  /// Marks the end of an epoch; where the policy measures at this boundary, first measures
+  /// on `train_sample` (batches of training data) and on `held_out` (batches kept out of
+  /// training), in eval mode without gradients, and hands the result to the policy: every
+  /// head's mean loss (`head_losses`) for `ObservesEpochLosses`, every branch's features
+  /// (`EpochFeatures`) for `ObservesEpochFeatures`. Other policies ignore the data.
+  /// Data-parallel: pass `dp.sum_across_ranks()`, and each rank its shards (losses: the
+  /// sums cover all ranks) or the same data on every rank (features). Empty data, or
+  /// measurements the policy refuses, throw and change nothing (as does a policy's
+  /// `start_epoch` hook that throws, in any form of `end_epoch`).
   template <class Net, class TrainSample, class HeldOut,
             std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
   void end_epoch(Net& net, TrainSample&& train_sample, HeldOut&& held_out,
                  SumAcrossRanks sum_across_ranks = {}) {
     check_epoch_end(true, false);
     epochs_.end(clock_, policy_, net, train_sample, held_out, sum_across_ranks);
+  }
+
+  /// Both of the above, for a policy that measures on data and re-initializes branches
+  /// (e.g. `ReLearningPolicy`): the policy takes the measurement, then gives its strengths.
+  template <class Net, class TrainSample, class HeldOut,
+            std::invocable<at::Tensor&> SumAcrossRanks = SingleProcess>
+  void end_epoch(Net& net, TrainSample&& train_sample, HeldOut&& held_out, torch::optim::Optimizer& optimizer,
+                 SumAcrossRanks sum_across_ranks = {})
+    requires ReinitializesBranches<Policy>
+  {
+    check_epoch_end(true, true);
+    epochs_.end(clock_, policy_, net, train_sample, held_out, sum_across_ranks, losses_.branch_parameters(), optimizer);
   }
 
   bool in_warmup() const { return clock_.in_warmup(); }

@@ -1,7 +1,8 @@
 #pragma once
 /// \file
 /// The `Balancer`'s epoch boundary: what the policy takes from the ending epoch (every
-/// head's losses, or its re-initialization of branches) and its `start_epoch` hook for the
+/// head's losses or every branch's features on data, then its re-initialization of
+/// branches) and its `start_epoch` hook for the
 /// next one, decided as one before the clock moves; and the initial parameters a
 /// re-initializing policy moves branches toward.
 
@@ -16,6 +17,7 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/epoch_clock.h"
+#include "mmbalance/balancing/epoch_features.h"
 #include "mmbalance/balancing/epoch_losses.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_identity.h"
@@ -40,45 +42,40 @@ class EpochBoundary {
     if constexpr (ReinitializesBranches<Policy>) {
       TORCH_CHECK(with_optimizer || clock.epochs_done_after_warmup() < 0, "Balancer::end_epoch: ", policy_type<Policy>(),
                   " may re-initialize branches at this boundary, which resets their optimizer "
-                  "state: call end_epoch(optimizer)");
+                  "state: call end_epoch(", measures_ever() ? "net, train_sample, held_out, " : "", "optimizer)");
     }
-    TORCH_CHECK(with_data || !measures(clock, policy), "Balancer::end_epoch: ", policy_type<Policy>(), " measures every "
-                "head's loss at the end of this epoch: call end_epoch(net, train_sample, held_out)");
+    TORCH_CHECK(with_data || !measures(clock, policy), "Balancer::end_epoch: ", policy_type<Policy>(), " measures ",
+                ObservesEpochLosses<Policy> ? "every head's loss" : "every branch's features", " at the end of this "
+                "epoch: call end_epoch(net, train_sample, held_out", ReinitializesBranches<Policy> ? ", optimizer" : "", ")");
   }
 
-  /// Whether the policy measures every head's losses at the end of the current epoch.
+  /// Whether the policy measures on data at the end of the current epoch.
   bool measures(const EpochClock& clock, const PolicyTransaction<Policy>& policy) const {
-    const std::int64_t done = clock.epochs_done_after_warmup();
-    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy.policy().wants_epoch_losses(done);
-    return false;
+    return wants_losses(clock, policy) || wants_features(clock, policy);
   }
 
-  /// Ends the epoch; where the policy measures, with every head's losses on the data.
+  /// Ends the epoch; where the policy measures, on the data (see `measure`).
   template <class Net, class TrainSample, class HeldOut, class SumAcrossRanks>
   void end(EpochClock& clock, PolicyTransaction<Policy>& policy, Net& net, TrainSample&& train_sample,
            HeldOut&& held_out, SumAcrossRanks& sum_across_ranks) const {
-    if constexpr (ObservesEpochLosses<Policy>) {
-      if (measures(clock, policy)) {
-        const EpochLosses losses = measure_epoch_losses(net, train_sample, held_out, sum_across_ranks,
-                                                        clock.epochs_done_after_warmup());
-        return advance(clock, policy, [&] { policy.policy().observe_epoch_losses(losses); });
-      }
-    }
-    advance(clock, policy);
+    const Measurements m = measure(clock, policy, net, train_sample, held_out, sum_across_ranks);
+    advance(clock, policy, [&] { m.hand_over(policy.policy()); });
   }
 
-  /// Ends the epoch of a re-initializing policy: after warm-up, the strengths it gives
-  /// (checked) move `branches` toward their initial values, `optimizer`'s state for them dropped.
+  /// Ends the epoch of a re-initializing policy, where it measures on the data first:
+  /// after warm-up, the strengths it gives
+  /// (checked) move `branches` toward their initial values, `optimizer`'s state for them
+  /// dropped.
+  template <class Net, class TrainSample, class HeldOut, class SumAcrossRanks>
+  void end(EpochClock& clock, PolicyTransaction<Policy>& policy, Net& net, TrainSample&& train_sample,
+           HeldOut&& held_out, SumAcrossRanks& sum_across_ranks, const std::vector<std::vector<at::Tensor>>& branches,
+           torch::optim::Optimizer& optimizer) const {
+    const Measurements m = measure(clock, policy, net, train_sample, held_out, sum_across_ranks);
+    reinitialize(clock, policy, m, branches, optimizer);
+  }
   void end(EpochClock& clock, PolicyTransaction<Policy>& policy, const std::vector<std::vector<at::Tensor>>& branches,
            torch::optim::Optimizer& optimizer) const {
-    const std::int64_t done = clock.epochs_done_after_warmup();
-    std::vector<double> strengths;
-    advance(clock, policy, [&] {
-      if (done < 0) return;
-      strengths = policy.policy().reinitialization(done);
-      initial_->check(strengths, policy_type<Policy>());
-    });
-    initial_->apply(strengths, branches, optimizer);
+    reinitialize(clock, policy, Measurements{}, branches, optimizer);
   }
 
   /// Moves to the next epoch. What the policy takes from the ending epoch (`take`) and its
@@ -107,6 +104,59 @@ class EpochBoundary {
   void commit(std::optional<InitialParameters> initial) { initial_ = std::move(initial); }
 
  private:
+  // What the policy takes from the data at one boundary, measured before it decides.
+  struct Measurements {
+    std::optional<EpochLosses> losses;
+    std::optional<EpochFeatures> features;
+    void hand_over(Policy& p) const {
+      if constexpr (ObservesEpochLosses<Policy>) {
+        if (losses) p.observe_epoch_losses(*losses);
+      }
+      if constexpr (ObservesEpochFeatures<Policy>) {
+        if (features) p.observe_epoch_features(*features);
+      }
+    }
+  };
+
+  static constexpr bool measures_ever() { return ObservesEpochLosses<Policy> || ObservesEpochFeatures<Policy>; }
+  bool wants_losses(const EpochClock& clock, const PolicyTransaction<Policy>& policy) const {
+    const std::int64_t done = clock.epochs_done_after_warmup();
+    if constexpr (ObservesEpochLosses<Policy>) return done >= 0 && policy.policy().wants_epoch_losses(done);
+    return false;
+  }
+  bool wants_features(const EpochClock& clock, const PolicyTransaction<Policy>& policy) const {
+    const std::int64_t done = clock.epochs_done_after_warmup();
+    if constexpr (ObservesEpochFeatures<Policy>) return done >= 0 && policy.policy().wants_epoch_features(done);
+    return false;
+  }
+
+  // Every head's losses and every branch's features on the data, where the policy wants them.
+  template <class Net, class TrainSample, class HeldOut, class SumAcrossRanks>
+  Measurements measure(const EpochClock& clock, const PolicyTransaction<Policy>& policy, Net& net,
+                       TrainSample&& train_sample, HeldOut&& held_out, SumAcrossRanks& sum_across_ranks) const {
+    Measurements m;
+    const std::int64_t done = clock.epochs_done_after_warmup();
+    if (wants_losses(clock, policy)) m.losses = measure_epoch_losses(net, train_sample, held_out, sum_across_ranks, done);
+    if (wants_features(clock, policy)) {
+      m.features = measure_epoch_features(net, train_sample, held_out, sum_across_ranks, done);
+    }
+    return m;
+  }
+
+  // Hands `m` over, asks for the strengths (after warm-up) and applies them.
+  void reinitialize(EpochClock& clock, PolicyTransaction<Policy>& policy, const Measurements& m,
+                    const std::vector<std::vector<at::Tensor>>& branches, torch::optim::Optimizer& optimizer) const {
+    const std::int64_t done = clock.epochs_done_after_warmup();
+    std::vector<double> strengths;
+    advance(clock, policy, [&] {
+      m.hand_over(policy.policy());
+      if (done < 0) return;
+      strengths = policy.policy().reinitialization(done);
+      initial_->check(strengths, policy_type<Policy>());
+    });
+    initial_->apply(strengths, branches, optimizer);
+  }
+
   std::optional<InitialParameters> initial_;  // a re-initializing policy's
 };
 

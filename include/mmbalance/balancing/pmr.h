@@ -291,7 +291,7 @@ class PMRPolicy {
                 k, "'s features must be (batch, width) or (batch, channels, ...) for the ",
                 target.defined() ? target.size(0) : 0, " targets, got ",
                 f.defined() ? f.sizes().vec() : std::vector<std::int64_t>{});
-    const at::Tensor v = (f.dim() == 2 ? f : f.flatten(2).mean(-1)).to(at::kFloat);
+    const at::Tensor v = pooled_features(f).to(at::kFloat);
     TORCH_CHECK(prototypes_.empty() || prototypes_[k].size(1) == v.size(1), "PMRPolicy: branch ", k,
                 "'s features are ", v.size(1), " wide, its prototypes ", prototypes_[k].size(1));
     return v;

@@ -41,8 +41,10 @@ namespace mmbalance {
 ///   (balancing/loss_weighting.h) and `wants_epoch_losses` / `observe_epoch_losses`
 ///   (balancing/epoch_losses.h): policies that change gradients, weight the losses or
 ///   samples, add a term of their own or measure generalization.
+/// - `wants_epoch_features` / `observe_epoch_features` (balancing/epoch_features.h): the
+///   branches' features on training and held-out data at epoch boundaries.
 /// - `reinitialization(std::int64_t)` (balancing/reinitialization.h): re-initializes
-///   branches at epoch boundaries.
+///   branches at epoch boundaries (after the measurement, for a policy that measures).
 /// - `static constexpr bool copy_is_snapshot = true` (balancing/policy_transaction.h): a
 ///   copy shares nothing the policy changes in place, so the balancer keeps a copy rather
 ///   than the policy's record to roll back to.

@@ -19,6 +19,7 @@
 /// | sample weights | `at::Tensor sample_weights(const NetOutput&, const at::Tensor&) const` | `WeighsSamples` |
 /// | re-initialization | `std::vector<double> reinitialization(std::int64_t)` | `ReinitializesBranches` |
 /// | epoch losses | `bool wants_epoch_losses(std::int64_t) const` and `void observe_epoch_losses(const EpochLosses&)` | `ObservesEpochLosses` |
+/// | epoch features | `bool wants_epoch_features(std::int64_t) const` and `void observe_epoch_features(const EpochFeatures&)` | `ObservesEpochFeatures` |
 /// | flags | `static constexpr bool holds_fusion_gates` / `needs_fused_gradients` / `needs_masked_outputs` / `copy_is_snapshot` | `HoldsFusionGates` / `NeedsFusedGradients` / `NeedsMaskedOutputs` / `CopyIsSnapshot` |
 ///
 /// These names are the hooks': a member of one of them in any form (overloaded, a
@@ -35,6 +36,7 @@
 #include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/gradient_modulation.h"
+#include "mmbalance/balancing/epoch_features.h"
 #include "mmbalance/balancing/epoch_losses.h"
 #include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/masked_outputs.h"
@@ -75,6 +77,8 @@ MMBALANCE_DETAIL_MEMBER_DETECTOR(sample_weights)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(reinitialization)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(wants_epoch_losses)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_losses)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(wants_epoch_features)
+MMBALANCE_DETAIL_MEMBER_DETECTOR(observe_epoch_features)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(holds_fusion_gates)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_fused_gradients)
 MMBALANCE_DETAIL_MEMBER_DETECTOR(needs_masked_outputs)
@@ -216,14 +220,16 @@ struct PolicyHooksCheck {
   static_assert(!HasMember_reinitialization<P> || (ReinitializesBranches<P> && TakesEpochsAsInt64<P>),
                 "Balancer: the policy's reinitialization would never be called: declare "
                 "`std::vector<double> reinitialization(std::int64_t)`");
-  static_assert(!(ObservesEpochLosses<P> && ReinitializesBranches<P>),
-                "Balancer: the policy both measures epoch losses and re-initializes branches; "
-                "end_epoch takes the data for one or the optimizer for the other: split them");
   static_assert(!(HasMember_wants_epoch_losses<P> || HasMember_observe_epoch_losses<P>) ||
                     ObservesEpochLosses<P>,
                 "Balancer: the policy's epoch-loss hooks would never be called: declare both "
                 "`bool wants_epoch_losses(std::int64_t) const` and `void "
                 "observe_epoch_losses(const EpochLosses&)`");
+  static_assert(!(HasMember_wants_epoch_features<P> || HasMember_observe_epoch_features<P>) ||
+                    ObservesEpochFeatures<P>,
+                "Balancer: the policy's epoch-feature hooks would never be called: declare both "
+                "`bool wants_epoch_features(std::int64_t) const` and `void "
+                "observe_epoch_features(const EpochFeatures&)`");
   static_assert((!HasMember_holds_fusion_gates<P> || ReadableFlag_holds_fusion_gates<P>) &&
                     (!HasMember_needs_fused_gradients<P> || ReadableFlag_needs_fused_gradients<P>) &&
                     (!HasMember_needs_masked_outputs<P> || ReadableFlag_needs_masked_outputs<P>) &&

@@ -50,6 +50,12 @@ struct NetOutput {
   std::vector<at::Tensor> features;
 };
 
+/// A branch's features as (batch, width): a map (batch, channels, space...) averaged over
+/// space, as the library's branches pool it for their heads; (batch, width) as it is.
+inline at::Tensor pooled_features(const at::Tensor& features) {
+  return features.dim() == 2 ? features : features.flatten(2).mean(-1);
+}
+
 /// What the two-branch `forward(x0, x1, kind)` returns: a `NetOutput` whose heads are also
 /// named, `y0` = heads[0] and `y1` = heads[1] (the same tensors); y = (y0 + y1) / 2.
 struct ModelOutput : NetOutput {
