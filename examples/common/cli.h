@@ -36,7 +36,7 @@ struct CommonFlags {
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy,
                    "balancing policy (vanilla: the sum of the heads' losses; joint: the fused output's loss alone)")
-        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "gblend", "mmpareto", "agm"}))
+        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "gblend", "mmpareto", "agm"}))
         ->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -64,12 +64,20 @@ struct CommonFlags {
     app.add_option("--pmr-modulation-ends", cfg.pmr_modulation_ends,
                    "pmr: last epoch with the prototype loss, counting from 0 (default: all)")
         ->check(CLI::NonNegativeNumber);
+    app.add_option("--relearning-lambda", cfg.relearning_lambda,
+                   "relearning: w = tanh(lambda |purity gap|), each branch's move toward its initial parameters (the original: 3)")
+        ->check(CLI::Range(0.0, 1e6))->capture_default_str();
+    app.add_option("--relearning-every", cfg.relearning_every,
+                   "relearning: re-initialize after the epochs numbered every, 2 every, ... from 0 after warm-up (the original: 20)")
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
+    app.add_option("--relearning-times", cfg.relearning_times, "relearning: at most this many times (the original: 3)")
+        ->check(CLI::Range(std::int64_t{0}, std::int64_t{1000000}))->capture_default_str();
     app.add_option("--gblend-super-epoch", cfg.gblend_super_epoch,
                    "gblend: epochs between re-estimates of the loss weights")
         ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))->capture_default_str();
     app.add_option("--held-out", held_out,
-                   "fraction of the training rows no policy trains on: gblend measures generalization on "
-                   "them (default 0.1 with gblend, else 0; give every policy gblend's to compare them on "
+                   "fraction of the training rows no policy trains on: gblend and relearning measure on "
+                   "them (default 0.1 with those, else 0; give every policy the same to compare them on "
                    "the same rows)")
         ->check(CLI::Range(0.0, 1.0));
     app.add_option("--mmpareto-gamma", cfg.mmpareto_gamma,
@@ -129,7 +137,8 @@ struct CommonFlags {
     for (const auto& [flag, value] :
          {std::pair{"--alpha", cfg.alpha}, {"--ogm-alpha", cfg.ogm_alpha}, {"--held-out", held_out.value_or(0.0)},
           {"--opm-q-base", cfg.opm_q_base}, {"--opm-lambda", cfg.opm_lambda}, {"--opm-p-exe", cfg.opm_p_exe},
-          {"--pmr-alpha", cfg.pmr_alpha}, {"--pmr-momentum", cfg.pmr_momentum}, {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
+          {"--pmr-alpha", cfg.pmr_alpha}, {"--pmr-momentum", cfg.pmr_momentum}, {"--relearning-lambda", cfg.relearning_lambda},
+          {"--mmpareto-gamma", cfg.mmpareto_gamma}, {"--agm-alpha", cfg.agm_alpha},
           {"--agm-max-gap", cfg.agm_max_gap}, {"--lr", cfg.lr}, {"--momentum", cfg.momentum},
           {"--dist-timeout", dist_timeout}}) {
       if (!std::isfinite(value)) {
@@ -155,11 +164,21 @@ struct CommonFlags {
                                  std::to_string(static_cast<int>(AGMPolicy::kMaxExponent)) + ", got " +
                                  nlohmann::json(cfg.agm_alpha).dump() + " * " + nlohmann::json(cfg.agm_max_gap).dump());
     }
-    cfg.held_out = held_out.value_or(cfg.policy == "gblend" ? 0.1 : 0.0);
-    if (!(cfg.held_out < 1) || (cfg.policy == "gblend" && !(cfg.held_out > 0))) {
+    const bool measures_held_out = cfg.policy == "gblend" || cfg.policy == "relearning";
+    cfg.held_out = held_out.value_or(measures_held_out ? 0.1 : 0.0);
+    if (!(cfg.held_out < 1) || (measures_held_out && !(cfg.held_out > 0))) {
       throw CLI::ValidationError("--held-out", std::string("must be a fraction ") +
-                                 (cfg.policy == "gblend" ? "strictly between 0 and 1 with gblend" : "below 1") +
+                                 (measures_held_out ? "strictly between 0 and 1 with " + cfg.policy : "below 1") +
                                  ", got " + nlohmann::json(cfg.held_out).dump());
+    }
+    if (cfg.policy == "relearning" && rank == 0 &&
+        (cfg.relearning_times == 0 || static_cast<double>(cfg.warmup_epochs) + static_cast<double>(cfg.relearning_every) + 1 >
+                                          static_cast<double>(cfg.epochs))) {
+      // The first re-initialization ends epoch warm-up + every (from 0): said, not refused
+      // (it may be the first part of a run resumed with more epochs).
+      std::fprintf(stderr, "warning: --relearning-every %lld: the first re-initialization ends epoch %lld; none "
+                   "happens in these %lld epochs\n", static_cast<long long>(cfg.relearning_every),
+                   static_cast<long long>(cfg.warmup_epochs + cfg.relearning_every), static_cast<long long>(cfg.epochs));
     }
     if (cfg.policy == "gblend") {
       // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that
@@ -207,6 +226,8 @@ struct CommonFlags {
             {"opm_q_base", cfg.opm_q_base}, {"opm_lambda", cfg.opm_lambda}, {"opm_p_exe", cfg.opm_p_exe},
             {"pmr_alpha", cfg.pmr_alpha}, {"pmr_momentum", cfg.pmr_momentum},
             {"pmr_modulation_ends", epoch_or_never(cfg.pmr_modulation_ends)},
+            {"relearning_lambda", cfg.relearning_lambda}, {"relearning_every", cfg.relearning_every},
+            {"relearning_times", cfg.relearning_times},
             {"gblend_super_epoch", cfg.gblend_super_epoch}, {"held_out", cfg.held_out},
             {"mmpareto_gamma", cfg.mmpareto_gamma},
             {"agm_alpha", cfg.agm_alpha}, {"agm_max_gap", cfg.agm_max_gap},
@@ -240,6 +261,11 @@ nlohmann::json train_with_policy(Net net, const Splits& all_rows, const TrainCon
     const auto pmr = PMROptions().alpha(cfg.pmr_alpha).momentum(cfg.pmr_momentum)
                          .modulation_ends(cfg.pmr_modulation_ends);
     return train_and_evaluate(net, PMRPolicy(pmr), data, cfg, args, pg);
+  }
+  if (cfg.policy == "relearning") {  // any number of branches; the same features and moves on every rank
+    const auto relearning = ReLearningOptions().lambda(cfg.relearning_lambda).every(cfg.relearning_every)
+                                .times(cfg.relearning_times);
+    return train_and_evaluate(net, ReLearningPolicy(relearning), data, cfg, args, pg);
   }
   if (cfg.policy == "gblend") {  // any number of branches; measures on the held-out rows
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);

@@ -46,8 +46,11 @@ struct TrainConfig {
   double pmr_alpha = 1.0;
   double pmr_momentum = 0.2;
   std::int64_t pmr_modulation_ends = std::numeric_limits<std::int64_t>::max();
+  double relearning_lambda = 3.0;
+  std::int64_t relearning_every = 20;
+  std::int64_t relearning_times = 3;
   std::int64_t gblend_super_epoch = 2;
-  double held_out = 0;  // fraction of the training rows set aside (hold_out); gblend measures on them
+  double held_out = 0;  // fraction of the training rows set aside (hold_out); gblend and relearning measure on them
   double mmpareto_gamma = 1.5;
   double agm_alpha = 0.1;
   double agm_max_gap = 10.0;
@@ -220,6 +223,9 @@ inline nlohmann::json recorded_default(const std::string& setting) {
   if (setting == "pmr_alpha") return 1.0;  // --pmr-* came later
   if (setting == "pmr_momentum") return 0.2;
   if (setting == "pmr_modulation_ends") return nullptr;
+  if (setting == "relearning_lambda") return 3.0;  // --relearning-* came later
+  if (setting == "relearning_every") return 20;
+  if (setting == "relearning_times") return 3;
   return "(not recorded)";
 }
 
@@ -518,18 +524,27 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     // The ranks' BatchNorm statistics averaged first: the losses below, the evaluation and
     // the checkpoint all see the one model.
     if (dp) dp->synchronize_buffers();
-    if constexpr (ObservesEpochLosses<Policy>) {
-      // Every head's loss on the held-out rows and on as many training rows (this rank's
-      // shares; the sums cover all ranks).
+    std::int64_t diagnosed = -1;  // ReLearning: the boundary of its latest diagnosis
+    if constexpr (requires { balancer.policy().last_diagnosis(); }) diagnosed = balancer.policy().last_diagnosis().epochs;
+    if constexpr (ObservesEpochLosses<Policy> || ObservesEpochFeatures<Policy>) {
+      // Measured on the held-out rows and as many training rows: every head's losses on
+      // this rank's shares (the sums cover all ranks), or every branch's features on all
+      // of them on every rank (a clustering needs them together).
       const Split& held = *data.held_out;
       const Split train_sample = data.train.slice(0, std::min(held.size(), n));
       const auto model_batches = [&](const Split& s) {
-        return as_batches(shard(s, rank, world), cfg.eval_batch_size, device);
+        return as_batches(ObservesEpochLosses<Policy> ? shard(s, rank, world) : s, cfg.eval_batch_size, device);
       };
       with_rank_sum([&](auto sum) {
-        balancer.end_epoch(net, model_batches(train_sample), model_batches(held), sum);
+        if constexpr (ReinitializesBranches<Policy>) {
+          balancer.end_epoch(net, model_batches(train_sample), model_batches(held), optimizer, sum);
+        } else {
+          balancer.end_epoch(net, model_batches(train_sample), model_batches(held), sum);
+        }
         return 0;
       });
+    } else if constexpr (ReinitializesBranches<Policy>) {
+      balancer.end_epoch(optimizer);
     } else {
       balancer.end_epoch();
     }
@@ -559,6 +574,15 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     }
     if constexpr (requires { balancer.policy().conflict_steps(); }) {
       record["conflict_steps"] = conflict_steps_json(balancer.policy());
+    }
+    if constexpr (requires { balancer.policy().last_diagnosis(); }) {
+      // ReLearning, at a boundary where it diagnosed: each branch's purities and the
+      // strength of its move toward its initial parameters.
+      const ReLearningDiagnosis& d = balancer.policy().last_diagnosis();
+      if (d.epochs != diagnosed) {
+        record["relearning"] = {{"train_purity", d.train_purity}, {"held_out_purity", d.held_out_purity},
+                                {"strengths", d.strengths}};
+      }
     }
     if constexpr (requires { balancer.policy().running_scores(); }) {
       // AGM: the running means of each branch's mono-modal score (what r̄ is made of).

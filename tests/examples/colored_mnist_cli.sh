@@ -126,7 +126,8 @@ import json, sys
 run = json.load(open(sys.argv[1]))
 run["gblend_held_out"] = 0.1
 del run["held_out"]
-for later in ("opm_q_base", "opm_lambda", "opm_p_exe", "pmr_alpha", "pmr_momentum", "pmr_modulation_ends"):
+for later in ("opm_q_base", "opm_lambda", "opm_p_exe", "pmr_alpha", "pmr_momentum", "pmr_modulation_ends",
+              "relearning_lambda", "relearning_every", "relearning_times"):
     # flags that came after it too
     del run[later]
 json.dump(run, open(sys.argv[1], "w"))
@@ -375,6 +376,35 @@ a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
 assert a["args"]["policy"] == "pmr" and a["args"]["pmr_alpha"] == 2 and a["args"]["pmr_modulation_ends"] is None
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: PMR adds its term from the second epoch, records its options and resumes exactly")
+PY
+# ReLearning on the twin, no warm-up, re-initializing once after epoch 1 (from 0): the
+# diagnosis appears in that epoch's record only, on the 10 % of rows held out by default; a
+# run interrupted after 2 epochs (the move made) ends as an uninterrupted one.
+relearning=(--fusion late --policy relearning --warmup-epochs 0 --relearning-every 1 --relearning-times 1)
+run_and_resume relearning 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${relearning[@]}"
+expect_error "--held-out: must be a fraction strictly between 0 and 1 with relearning, got 0" "$work/a" -- \
+  "$bin" --out "$work/a" --policy relearning --held-out 0
+expect_error "--relearning-every" "$work/a" -- "$bin" --out "$work/a" --policy relearning --relearning-every 0
+! grep -qF "warning: --relearning-every" "$work/relearning-part.out" || fail "a warning, but the 2-epoch part re-initializes"
+"$bin" --out "$work/relearning-1" "${small[@]}" --data-dir "$work/data" "${relearning[@]}" --epochs 1 >"$work/relearning-1.out" 2>&1 \
+  || fail "the 1-epoch ReLearning run failed"
+grep -qF "warning: --relearning-every 1: the first re-initialization ends epoch 1; none happens in these 1 epochs" \
+  "$work/relearning-1.out" || fail "no warning that a 1-epoch run re-initializes nothing"
+/usr/bin/python3 - "$work/relearning" "$work/relearning-part" <<'PY'
+import json, math, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+assert [r for r in part if r["type"] == "step"] == [r for r in full if r["type"] == "step"], "resumed ReLearning run differs"
+assert all(abs(s["loss_trained"] - s["loss_y"]) < 1e-5 for s in full if s["type"] == "step"), "not CE(y) alone"
+epochs = [r for r in full if r["type"] == "epoch"]
+assert ["relearning" in r for r in epochs] == [False, True, False], [list(r) for r in epochs]
+d = epochs[1]["relearning"]
+for k in range(2):
+    assert 0 <= d["train_purity"][k] <= 1 and 0 <= d["held_out_purity"][k] <= 1, d
+    assert math.isclose(d["strengths"][k], math.tanh(3 * abs(d["train_purity"][k] - d["held_out_purity"][k])), rel_tol=1e-9), d
+a, b = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+assert a["args"]["policy"] == "relearning" and a["args"]["relearning_every"] == 1 and a["args"]["held_out"] == 0.1
+assert a["test"] == b["test"], (a["test"], b["test"])
+print("ok: ReLearning trains CE(y), diagnoses after epoch 1, records its options and resumes exactly")
 PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"
