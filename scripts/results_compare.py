@@ -25,12 +25,12 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "gblend", "mmpareto", "agm"]
+ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "gblend", "mmpareto", "agm"]
 NAMES = {"mnist": "Colored-and-gray MNIST", "fashion": "colored Fashion-MNIST",
          "speech": "spoken digits (colour digit, gray digit, spoken name)"}
 NETWORKS = {"mmtm": "MMTM network", "late": "late-fusion twin"}
 LOSS = {"vanilla": "Σ_k CE_k", "joint": "CE(y)", "random": "Σ_k CE_k", "guided": "Σ_k CE_k", "ogm-ge": "CE(y)",
-        "opm": "CE(y)", "pmr": "CE(y) + α·prototype CE of the branches behind",
+        "opm": "CE(y)", "pmr": "CE(y) + α·prototype CE of the branches behind", "relearning": "CE(y)",
         "gblend": "its weights on CE(y), CE_k", "mmpareto": "CE(y) + Σ_k CE_k", "agm": "CE(y)"}
 # Two-sided 95 % quantiles of Student's t, degrees of freedom 1..30 (any statistics table).
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -158,13 +158,11 @@ def main():
         f"{first['colour_noise']}",
         "- each method trains its original's loss ("
         + "; ".join(f"{m} {LOSS[m]}" for m in ORDER if m in manifest["warmup"]) + ") with its original's warm-up of plain training ("
-        + ", ".join(f"{m} {manifest['warmup'][m]}" for m in ORDER if m in manifest["warmup"]) + " epochs); OGM-GE modulates epochs 0 to "
-        "epochs/2 inclusive, its original's 0–50 of 100 scaled ("
-        + ", ".join(f"{d['dataset']} 0–{d['epochs'] * 50 // 100} of {d['epochs']}" for d in manifest["datasets"])
-        + "); PMR's prototype term ends at epoch "
-        + ", ".join(f"{d['dataset']} {max(d['epochs'] * 60 // 100, 1)} of {d['epochs']}" for d in manifest["datasets"])
-        + ", prototype momentum 0 (its original's colored-MNIST runs: 60 of 100, momentum 0); AGM caps r̄ − r at "
-        "10, at 7 with three modalities (its original's caps)",
+        + ", ".join(f"{m} {manifest['warmup'][m]}" for m in ORDER if m in manifest["warmup"]) + " epochs); each method's schedule, its original's scaled to the run's epochs (OGM-GE: epochs 0–50 of 100; "
+        "PMR: the term until epoch 60 of 100, prototype momentum 0, as its colored-MNIST runs; ReLearning: 3 "
+        "re-initializations, every 20 of 90 epochs; AGM: r̄ − r capped at 10, at 7 with three modalities): "
+        + "; ".join(f"{d['dataset']}: " + ", ".join(f"{m} `{' '.join(flags)}`" for m, flags in d["schedules"].items() if flags)
+                    for d in manifest["datasets"]),
         "- tuning, the same budget for every method, vanilla included: 4 trials per dataset and network on the "
         f"selection seed(s) {selection}, which are not reported, chosen on the mean validation accuracy of y (the "
         "earlier candidate on a tie). A method with a hyper-parameter tries lr "
