@@ -165,10 +165,15 @@ auto train_share(NetT& net, torch::optim::Optimizer& optimizer, BalancerT& balan
     } else if constexpr (ObservesEpochFeatures<Policy>) {
       // Features: every rank all the rows of a training sample (seeds 900, 901) and of
       // held-out data (950, 951), as a clustering needs them together.
-      static_assert(two_branches);
       const auto all_rows = [&](std::uint64_t seed) {
-        std::vector<MultiModalBatch> batches;
-        for (std::uint64_t s = seed; s < seed + 2; ++s) batches.push_back(small_batch(kGlobalBatch, s));
+        std::vector<std::conditional_t<two_branches, MultiModalBatch, Batch>> batches;
+        for (std::uint64_t s = seed; s < seed + 2; ++s) {
+          if constexpr (two_branches) {
+            batches.push_back(small_batch(kGlobalBatch, s));
+          } else {
+            batches.push_back(n_way_batch(net->num_branches(), kGlobalBatch, s));
+          }
+        }
         return batches;
       };
       if (sum) {
@@ -440,18 +445,27 @@ TEST_CASE("DataParallel, Gradient-Blending: 2 ranks measure the losses of one pr
 TEST_CASE("DataParallel, ReLearning: 2 ranks diagnose as one process and move their branches alike",
           "[distributed][relearning]") {
   // Warm-up 1 of 4 epochs, re-initializing after epochs 2 and 3: every rank clusters the
-  // same rows, the strengths are the ranks' average (equal), the models stay one.
-  const auto ended = check_matches_single_process(ReLearningPolicy(ReLearningOptions().every(1).times(2).kmeans_runs(2)),
-                                                  at::kCPU, small_late_net);
-  const ReLearningDiagnosis &single = ended[0].last_diagnosis(), &rank0 = ended[1].last_diagnosis(),
-                            &rank1 = ended[2].last_diagnosis();
-  REQUIRE(single.epochs == 3);
-  CHECK(rank0.epochs == 3);
-  CHECK(rank0.strengths == rank1.strengths);
-  CHECK(rank0.train_purity == single.train_purity);
-  CHECK(rank0.held_out_purity == single.held_out_purity);
-  for (std::size_t k = 0; k < 2; ++k) CHECK(rank0.strengths[k] == Approx(single.strengths[k]).epsilon(1e-12));
-  CHECK(rank0.strengths[0] + rank0.strengths[1] > 0);  // a move was made
+  // same rows, the strengths are the ranks' average (equal), the models stay one; two and
+  // three branches.
+  const ReLearningPolicy policy(ReLearningOptions().every(1).times(2).kmeans_runs(2));
+  for (const std::size_t branches : {2, 3}) {
+    const auto ended = branches == 2 ? check_matches_single_process(policy, at::kCPU, small_late_net)
+                                     : check_matches_single_process(policy, at::kCPU, small_three_way);
+    const ReLearningDiagnosis &single = ended[0].last_diagnosis(), &rank0 = ended[1].last_diagnosis(),
+                              &rank1 = ended[2].last_diagnosis();
+    REQUIRE(single.epochs == 3);
+    CHECK(rank0.epochs == 3);
+    REQUIRE(rank0.strengths.size() == branches);
+    CHECK(rank0.strengths == rank1.strengths);
+    CHECK(rank0.train_purity == single.train_purity);
+    CHECK(rank0.held_out_purity == single.held_out_purity);
+    double moved = 0;
+    for (std::size_t k = 0; k < branches; ++k) {
+      CHECK(rank0.strengths[k] == Approx(single.strengths[k]).epsilon(1e-12));
+      moved += rank0.strengths[k];
+    }
+    CHECK(moved > 0);  // a move was made
+  }
 }
 
 TEST_CASE("CUDA: DataParallel over Gloo with the model on the GPU", "[distributed][cuda]") {

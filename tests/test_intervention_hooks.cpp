@@ -58,6 +58,18 @@ struct ReinitBranch1 {
   }
 };
 
+// Measures every head's losses at each boundary after the first, and moves branch 1 a
+// quarter of the way back only at a boundary whose losses it has just taken.
+struct MeasuresThenReinitializes {
+  std::vector<std::int64_t> measured;
+  StepPlan next_plan() { return StepKind::regular; }
+  bool wants_epoch_losses(std::int64_t epochs) const { return epochs >= 1; }
+  void observe_epoch_losses(const EpochLosses& losses) { measured.push_back(losses.epochs); }
+  std::vector<double> reinitialization(std::int64_t epochs) {
+    return {0.0, !measured.empty() && measured.back() == epochs ? 0.25 : 0.0};
+  }
+};
+
 // One step of `balancer` on `b`, the loss formed by the balancer.
 template <class BalancerT, class NetT, class Optimizer>
 at::Tensor train_step(BalancerT& balancer, NetT& net, Optimizer& opt, const MultiModalBatch& b) {
@@ -299,4 +311,31 @@ TEST_CASE("Re-initialization at an epoch boundary: a branch moved toward its ini
   CHECK(bad.policy().asked.empty());  // the policy as it was
   const auto now = net->parameters();
   for (std::size_t i = 0; i < now.size(); ++i) CHECK(torch::equal(now[i], kept[i]));
+}
+
+TEST_CASE("A policy that measures and re-initializes takes the measurement first, at one boundary",
+          "[hooks][reinitialization]") {
+  testing::Net net = small_net(21);
+  const auto b = small_batch(8, 22);
+  const std::vector<MultiModalBatch> data{b};
+  const std::vector<at::Tensor> initial1 = testing::clones(net->branch1->parameters());
+  Balancer<MeasuresThenReinitializes> balancer(net, MeasuresThenReinitializes{}, BalancerOptions().warmup_epochs(0));
+  auto opt = make_sgd(net);
+  train_step(balancer, net, opt, b);
+  // Each form short of data and optimizer is refused, naming the one to call.
+  CHECK_THROWS_WITH(balancer.end_epoch(opt), Catch::Contains("measures every head's loss at the end of this epoch: "
+                                                             "call end_epoch(net, train_sample, held_out, optimizer)"));
+  CHECK_THROWS_WITH(balancer.end_epoch(net, data, data),
+                    Catch::Contains("may re-initialize branches at this boundary, which resets their optimizer state: "
+                                    "call end_epoch(net, train_sample, held_out, optimizer)"));
+  CHECK(balancer.epoch() == 0);
+  CHECK(balancer.policy().measured.empty());
+  const std::vector<at::Tensor> trained1 = testing::clones(net->branch1->parameters());
+  balancer.end_epoch(net, data, data, opt);
+  CHECK(balancer.epoch() == 1);
+  CHECK(balancer.policy().measured == std::vector<std::int64_t>{1});
+  const auto p1 = net->branch1->parameters();
+  for (std::size_t i = 0; i < p1.size(); ++i) {
+    CHECK(torch::allclose(p1[i], trained1[i] * 0.75 + initial1[i] * 0.25, 1e-6, 1e-7));
+  }
 }

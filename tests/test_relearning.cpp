@@ -62,6 +62,10 @@ TEST_CASE("min_max_scale and cluster_purity as written out by hand", "[relearnin
   // Columns: range 2 from 0; constant (scikit-learn divides a zero range by 1: -1); range 2 from 2.
   const at::Tensor s = min_max_scale(matrix({{0, 5, 2}, {2, 5, 4}, {1, 5, 3}}));
   CHECK(s.equal(matrix({{-1, -1, -1}, {1, -1, 1}, {0, -1, 0}})));
+  // A float column whose range is below 10 float epsilons counts as constant: divided by 1.
+  const at::Tensor nearly = min_max_scale(at::tensor({1.0F, 1.0F + 1e-6F}).unsqueeze(1));
+  CHECK(nearly[1][0].item<double>() == Approx(-1 + 2 * (double(1.0F + 1e-6F) - 1)).epsilon(1e-12));
+  CHECK(min_max_scale(at::tensor({1.0F, 1.0F + 1e-5F}).unsqueeze(1))[1][0].item<double>() == Approx(1.0));
 
   // Cluster 0 holds labels 0, 0, 1 (2 of the majority); cluster 1 holds 1, 2, 2, 2 (3).
   CHECK(cluster_purity(labels({0, 0, 1, 1, 2, 2, 2}), labels({0, 0, 0, 1, 1, 1, 1})) == Approx(5.0 / 7));
@@ -115,6 +119,50 @@ TEST_CASE("k-means finds separated blobs and ends at a fixed point of Lloyd's it
   CHECK_THROWS_WITH(kmeans(r, KMeansOptions(61)), Catch::Contains("61 clusters for 60 rows"));
   CHECK_THROWS_WITH(kmeans(matrix({{0, 1}, {NAN, 1}}), KMeansOptions(1)), Catch::Contains("not finite"));
   CHECK_THROWS_WITH(kmeans(r, KMeansOptions(2).runs(0)), Catch::Contains("runs and max_iterations must be >= 1"));
+}
+
+// Summed squared distance of every row to the mean of its cluster, written out.
+double inertia_of(const at::Tensor& x, const at::Tensor& clusters) {
+  double total = 0;
+  for (std::int64_t c = 0; c <= clusters.max().item<std::int64_t>(); ++c) {
+    const at::Tensor rows = x.index_select(0, (clusters == c).nonzero().flatten());
+    if (rows.size(0) > 0) total += (rows - rows.mean(0)).pow(2).sum().item<double>();
+  }
+  return total;
+}
+
+TEST_CASE("k-means follows scikit-learn's Lloyd iterations: the stop, empty clusters, the best start, "
+          "a tolerance relative to the data", "[relearning]") {
+  const auto column = [](std::vector<double> v) { return at::tensor(v, at::kDouble).unsqueeze(1); };
+  // Rows 0, 1, 10, 11 from centres 0 and 1: the first update gives 0 and 22/3 (shift
+  // (22/3 - 1)^2); a tolerance above it stops there (inertia 0 + 1 + (8/3)^2 + (11/3)^2),
+  // none goes on to 0.5 and 10.5 (inertia 4 * 0.25).
+  const at::Tensor x = column({0, 1, 10, 11});
+  const auto stopped = mmbalance::detail::lloyd(x, column({0, 1}), 300, 41);
+  CHECK(stopped.assignment.equal(labels({0, 0, 1, 1})));
+  CHECK(stopped.inertia == Approx(1 + 64.0 / 9 + 121.0 / 9));
+  const auto converged = mmbalance::detail::lloyd(x, column({0, 1}), 300, 0);
+  CHECK(converged.inertia == Approx(1.0));
+  CHECK(mmbalance::detail::lloyd(x, column({0, 1}), 1, 0).inertia == Approx(1 + 64.0 / 9 + 121.0 / 9));
+
+  // Empty clusters 1 and 2 (every row nearest centre 0) take the farthest rows, 10 then 2,
+  // which leave cluster 0: its mean is that of 0 and 1.
+  const at::Tensor y = column({0, 1, 2, 10});
+  const at::Tensor all_in_0 = labels({0, 0, 0, 0});
+  const at::Tensor to_0 = column({0, 1, 4, 100}).squeeze(1);
+  CHECK(mmbalance::detail::updated_centers(y, column({0, 100, 200}), all_in_0, to_0).equal(column({0.5, 10, 2})));
+  // Every row on its centre: nothing moves, the empty cluster keeps its centre.
+  CHECK(mmbalance::detail::updated_centers(column({5, 5}), column({5, 7}), labels({0, 0}), column({0, 0}).squeeze(1))
+            .equal(column({5, 7})));
+
+  // The best of 10 starts is no worse than the first alone (the same first start); the
+  // tolerance scales with the data's variance, so scaled data clusters alike.
+  auto gen = at::detail::createCPUGenerator(11);
+  const at::Tensor r = at::randn({200, 2}, gen).to(at::kDouble);
+  const at::Tensor one = kmeans(r, KMeansOptions(6).runs(1)), ten = kmeans(r, KMeansOptions(6).runs(10));
+  CHECK(inertia_of(r, ten) <= inertia_of(r, one));
+  CHECK(kmeans(r * 1e-4, KMeansOptions(6).runs(1)).equal(one));
+  CHECK(kmeans(r * 1e4, KMeansOptions(6).runs(1)).equal(one));
 }
 
 TEST_CASE("ReLearning re-initializes on the original's schedule", "[relearning]") {
@@ -181,14 +229,14 @@ TEST_CASE("ReLearning through the Balancer: CE(y) trained, the network's feature
     return d;
   };
   const std::vector<MultiModalBatch> held{small_batch(6, 40), small_batch(6, 41)};
-  const auto make = [] {
-    Net net = small_late_net(7);
+  const auto make = [](std::uint64_t seed) {
+    Net net = small_late_net(seed);
     auto opt = std::make_shared<torch::optim::SGD>(make_sgd(net));
     auto bal = std::make_shared<Balancer<ReLearningPolicy>>(
         net, ReLearningPolicy(ReLearningOptions().every(1).times(1).kmeans_runs(3)), BalancerOptions().warmup_epochs(0));
     return std::tuple{net, opt, bal};
   };
-  auto [net, opt, balancer] = make();
+  auto [net, opt, balancer] = make(7);
   const std::vector<at::Tensor> initial = clones(net->parameters());
   const auto epoch = [&](Net& n, torch::optim::SGD& o, Balancer<ReLearningPolicy>& bal) {
     for (const auto& b : train_data()) {
@@ -263,11 +311,8 @@ TEST_CASE("ReLearning through the Balancer: CE(y) trained, the network's feature
   epoch(net, *opt, *balancer);
   balancer->end_epoch(net, train_data(), held, *opt);
 
-  auto [resumed, resumed_opt, resumed_balancer] = make();
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : resumed->parameters()) p.add_(1.0);  // elsewhere: the checkpoint's initial values must be used
-  }
+  // Started elsewhere (other initial parameters): the checkpoint's initial values are used.
+  auto [resumed, resumed_opt, resumed_balancer] = make(8);
   load_checkpoint(path, resumed, *resumed_opt, *resumed_balancer);
   for (int e = 0; e < 2; ++e) {
     epoch(resumed, *resumed_opt, *resumed_balancer);
@@ -315,4 +360,18 @@ TEST_CASE("ReLearning refuses bad options and features by name", "[relearning]")
   CHECK_THROWS_WITH(balancer.end_epoch(net, std::vector<MultiModalBatch>{}, std::vector<MultiModalBatch>{small_batch(4, 0)}, opt),
                     Catch::Contains("taking features of train_sample"));
   CHECK(balancer.epoch() == 2);
+
+  // A checkpoint made with other options is refused by name, changing nothing.
+  const auto dir = fresh_test_dir("relearning", "options");
+  const std::string path = (dir / "run.ckpt").string();
+  save_checkpoint(path, net, opt, balancer);
+  for (const auto& [other, message] : std::vector<std::pair<ReLearningOptions, std::string>>{
+           {ReLearningOptions().every(2).times(1), "made with every 1, this policy has 2"},
+           {ReLearningOptions().every(1).times(1).lambda(2), "made with lambda 3, this policy has 2"},
+           {ReLearningOptions().every(1).times(1).kmeans_runs(3), "made with kmeans_runs 10, this policy has 3"}}) {
+    Balancer<ReLearningPolicy> elsewhere(net, ReLearningPolicy(other), BalancerOptions().warmup_epochs(1));
+    CHECK_THROWS_WITH(load_checkpoint(path, net, opt, elsewhere), Catch::Contains(message));
+    CHECK(elsewhere.epoch() == 0);
+  }
+  std::filesystem::remove_all(dir);
 }

@@ -96,11 +96,17 @@ EpochFeatures measure_epoch_features(Net& net, TrainSample&& train_sample, HeldO
                                      SumAcrossRanks& sum_across_ranks, std::int64_t epochs) {
   FeaturesOnData train = features_on(net, train_sample, "train_sample");
   FeaturesOnData held = features_on(net, held_out, "held_out");
-  std::function<void(at::Tensor&)> sum;  // refers to the caller's, for the call only
-  if constexpr (std::is_same_v<SumAcrossRanks, std::function<void(at::Tensor&)>>) {
-    sum = sum_across_ranks;
-  } else {
-    sum = [&sum_across_ranks](at::Tensor& t) { sum_across_ranks(t); };
+  // Refers to the caller's, for the call only; sums on the network's device (NCCL moves
+  // only CUDA tensors), the result back where the policy's tensor is.
+  std::function<void(at::Tensor&)> sum;
+  bool sums = true;
+  if constexpr (std::is_same_v<SumAcrossRanks, std::function<void(at::Tensor&)>>) sums = static_cast<bool>(sum_across_ranks);
+  if (sums) {
+    sum = [&sum_across_ranks, device = net->parameters().front().device()](at::Tensor& t) {
+      at::Tensor on_device = t.to(device).contiguous();
+      sum_across_ranks(on_device);
+      t.copy_(on_device);
+    };
   }
   return {std::move(train.features), std::move(held.features), std::move(train.target), std::move(held.target),
           train.classes, epochs, std::move(sum)};

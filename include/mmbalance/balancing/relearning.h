@@ -12,19 +12,21 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/arg.h>
+#include <torch/serialize/archive.h>
 
 #include "mmbalance/balancing/epoch_features.h"
-#include "mmbalance/balancing/loss_weighting.h"
 #include "mmbalance/balancing/policy.h"
 #include "mmbalance/balancing/policy_identity.h"
 #include "mmbalance/balancing/reinitialization.h"
 #include "mmbalance/metrics/cluster_purity.h"
+#include "mmbalance/model/loss.h"
 #include "mmbalance/model/step_plan.h"
 
 namespace mmbalance {
@@ -62,6 +64,10 @@ struct ReLearningDiagnosis {
 
 class ReLearningPolicy {
  public:
+  /// Its name and state format in checkpoints.
+  static constexpr PolicyIdentity checkpoint_identity{"mmbalance.relearning", 1};
+  /// A copy is a snapshot to roll back to (it holds no tensor).
+  static constexpr bool copy_is_snapshot = true;
   /// The original trains the fused output's loss alone.
   static constexpr Objective objective = Objective::fused;
 
@@ -127,6 +133,36 @@ class ReLearningPolicy {
   /// The latest diagnosis (`epochs` -1 before the first).
   const ReLearningDiagnosis& last_diagnosis() const { return diagnosis_; }
 
+  /// The branch count and options: nothing else carries over a boundary (a diagnosis is
+  /// used at the boundary that made it), so a run resumes as it would have gone on.
+  void save(torch::serialize::OutputArchive& archive) const {
+    archive.write("branches", static_cast<std::int64_t>(branches_));
+    archive.write("lambda", options.lambda());
+    archive.write("every", options.every());
+    archive.write("times", options.times());
+    archive.write("kmeans_runs", options.kmeans_runs());
+  }
+
+  /// Refuses a checkpoint made with other options or another branch count, changing nothing.
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue branches, lambda, every, times, runs;
+    TORCH_CHECK(archive.try_read("branches", branches) && branches.isInt() && archive.try_read("lambda", lambda) &&
+                    lambda.isDouble() && archive.try_read("every", every) && every.isInt() &&
+                    archive.try_read("times", times) && times.isInt() && archive.try_read("kmeans_runs", runs) &&
+                    runs.isInt(),
+                "ReLearningPolicy: damaged state in checkpoint");
+    TORCH_CHECK(branches.toInt() == static_cast<std::int64_t>(branches_), "ReLearningPolicy: the checkpoint was made "
+                "for ", branches.toInt(), " branches, this policy balances ", branches_);
+    TORCH_CHECK(lambda.toDouble() == options.lambda(), "ReLearningPolicy: the checkpoint was made with lambda ",
+                lambda.toDouble(), ", this policy has ", options.lambda());
+    for (const auto& [name, then, now] : {std::tuple{"every", every.toInt(), options.every()},
+                                          std::tuple{"times", times.toInt(), options.times()},
+                                          std::tuple{"kmeans_runs", runs.toInt(), options.kmeans_runs()}}) {
+      TORCH_CHECK(then == now, "ReLearningPolicy: the checkpoint was made with ", name, " ", then, ", this policy has ",
+                  now);
+    }
+  }
+
   ReLearningOptions options;
 
  private:
@@ -151,6 +187,7 @@ template <>
 inline constexpr bool detail::kLibraryPolicy<ReLearningPolicy> = true;
 
 static_assert(BalancingPolicy<ReLearningPolicy> && TakesBranchCount<ReLearningPolicy> &&
-              ObservesEpochFeatures<ReLearningPolicy> && ReinitializesBranches<ReLearningPolicy>);
+              ObservesEpochFeatures<ReLearningPolicy> && ReinitializesBranches<ReLearningPolicy> &&
+              HasState<ReLearningPolicy>);
 
 }  // namespace mmbalance

@@ -8,7 +8,9 @@
 /// KMeans(n_clusters=classes, random_state=0)). Computed on the CPU in double precision.
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <random>
@@ -44,16 +46,18 @@ struct KMeansOptions {
   TORCH_ARG(std::uint64_t, seed) = 0;
 };
 
-/// `x` (rows, dimensions) scaled per dimension to [-1, 1] over its rows, as doubles: a
-/// dimension with one value throughout becomes -1 (scikit-learn's MinMaxScaler, which
-/// divides a zero range by 1).
+/// `x` (rows, dimensions) scaled per dimension to [-1, 1] over its rows, computed in
+/// doubles: a dimension whose range is below 10 epsilons of x's type (float's for types
+/// narrower than double) counts as constant and is divided by 1 instead, so it stays near
+/// -1 (scikit-learn's MinMaxScaler, `_handle_zeros_in_scale`, since its version 1.0).
 inline at::Tensor min_max_scale(const at::Tensor& x) {
   TORCH_CHECK(x.defined() && x.dim() == 2 && x.size(0) > 0, "min_max_scale: expected (rows, dimensions) with rows, got ",
               detail::shape_string(x));
+  const double constant_below = 10 * (x.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON);
   const at::Tensor d = x.to(at::kCPU, at::kDouble);
   const at::Tensor low = std::get<0>(d.min(0));
   const at::Tensor range = std::get<0>(d.max(0)) - low;
-  return (d - low) / at::where(range == 0, at::ones_like(range), range) * 2 - 1;
+  return (d - low) / at::where(range < constant_below, at::ones_like(range), range) * 2 - 1;
 }
 
 namespace detail {
@@ -64,11 +68,11 @@ inline at::Tensor squared_distances(const at::Tensor& x, const at::Tensor& cente
   return (x.unsqueeze(1) - centers.unsqueeze(0)).pow(2).sum(-1);
 }
 
-// Index i drawn with probability weights[i] / sum(weights); uniform for all-zero weights.
-inline std::int64_t draw_weighted(const at::Tensor& weights, std::mt19937_64& engine) {
-  const at::Tensor cumulative = weights.cumsum(0);
+// Index i drawn with probability (cumulative[i] - cumulative[i - 1]) / cumulative[-1] (the
+// cumulative sums of the weights); uniform for all-zero weights.
+inline std::int64_t draw_weighted(const at::Tensor& cumulative, std::mt19937_64& engine) {
   const double total = cumulative[-1].item<double>();
-  const std::int64_t n = weights.size(0);
+  const std::int64_t n = cumulative.size(0);
   if (!(total > 0)) return std::uniform_int_distribution<std::int64_t>(0, n - 1)(engine);
   const double u = std::uniform_real_distribution<double>(0, total)(engine);
   const std::int64_t i = at::searchsorted(cumulative, at::scalar_tensor(u, at::kDouble)).item<std::int64_t>();
@@ -84,8 +88,9 @@ inline at::Tensor kmeans_plus_plus(const at::Tensor& x, std::int64_t k, std::mt1
   std::vector<std::int64_t> chosen{std::uniform_int_distribution<std::int64_t>(0, n - 1)(engine)};
   at::Tensor nearest = squared_distances(x, x[chosen[0]].unsqueeze(0)).squeeze(1);
   for (std::int64_t c = 1; c < k; ++c) {
+    const at::Tensor cumulative = nearest.cumsum(0);
     std::vector<std::int64_t> candidates;
-    for (std::int64_t t = 0; t < trials; ++t) candidates.push_back(draw_weighted(nearest, engine));
+    for (std::int64_t t = 0; t < trials; ++t) candidates.push_back(draw_weighted(cumulative, engine));
     const at::Tensor index = at::tensor(candidates, at::kLong);
     const at::Tensor after = at::minimum(nearest.unsqueeze(1), squared_distances(x, x.index_select(0, index)));
     const std::int64_t best = after.sum(0).argmin().item<std::int64_t>();  // the first of equals
@@ -100,34 +105,49 @@ struct Clustering {
   double inertia = 0;     // summed squared distance of the rows to their centers
 };
 
-// Lloyd's iterations from `centers`: an empty cluster takes the row farthest from its
-// center; stops when no row changes cluster, or the centers' summed squared move is at
-// most `tolerance`, or after `iterations`; the rows then go to their nearest final center.
-inline Clustering lloyd(const at::Tensor& x, at::Tensor centers, std::int64_t iterations, double tolerance) {
+// One update of Lloyd's iterations, as scikit-learn's `lloyd_iter_chunked_dense`: the mean
+// of each cluster's rows under `assignment`; each empty cluster takes one of the rows
+// farthest from their centers (`distance`, farthest first), which leaves its old cluster
+// (`_relocate_empty_clusters_dense`; nothing moves when every row sits on its center). A
+// cluster left with no row keeps its center.
+inline at::Tensor updated_centers(const at::Tensor& x, const at::Tensor& centers, const at::Tensor& assignment,
+                                  const at::Tensor& distance) {
   const std::int64_t k = centers.size(0);
-  at::Tensor assignment = squared_distances(x, centers).argmin(1);
-  for (std::int64_t it = 0; it < iterations; ++it) {
-    at::Tensor moved = at::zeros_like(centers).index_add_(0, assignment, x);
-    const at::Tensor counts = at::zeros({k}, x.options()).index_add_(0, assignment, at::ones({x.size(0)}, x.options()));
-    at::Tensor distance = squared_distances(x, centers).gather(1, assignment.unsqueeze(1)).squeeze(1);
-    for (std::int64_t c = 0; c < k; ++c) {
-      if (counts[c].item<double>() > 0) {
-        moved[c] /= counts[c];
-      } else {
-        const std::int64_t far = distance.argmax().item<std::int64_t>();
-        moved[c] = x[far];
-        distance[far] = -1;  // not taken twice
-      }
+  at::Tensor sums = at::zeros_like(centers).index_add_(0, assignment, x);
+  at::Tensor counts = at::zeros({k}, x.options()).index_add_(0, assignment, at::ones({x.size(0)}, x.options()));
+  const at::Tensor empty = (counts == 0).nonzero().flatten();
+  if (empty.numel() > 0 && distance.max().item<double>() > 0) {
+    const at::Tensor far = std::get<1>(distance.topk(std::min(empty.numel(), x.size(0))));
+    for (std::int64_t e = 0; e < far.size(0); ++e) {
+      const std::int64_t row = far[e].item<std::int64_t>(), to = empty[e].item<std::int64_t>();
+      const std::int64_t from = assignment[row].item<std::int64_t>();
+      sums[from] -= x[row];
+      counts[from] -= 1;
+      sums[to] = x[row];
+      counts[to] = 1;
     }
+  }
+  const at::Tensor held = (counts > 0).unsqueeze(1);
+  return at::where(held, sums / counts.clamp_min(1).unsqueeze(1), centers);
+}
+
+// Lloyd's iterations from `centers`: stops when no row changes cluster, or the centers'
+// summed squared move is at most `tolerance`, or after `iterations`; the rows then go to
+// their nearest final center.
+inline Clustering lloyd(const at::Tensor& x, at::Tensor centers, std::int64_t iterations, double tolerance) {
+  at::Tensor distances = squared_distances(x, centers);
+  at::Tensor assignment = distances.argmin(1);
+  for (std::int64_t it = 0; it < iterations; ++it) {
+    const at::Tensor moved =
+        updated_centers(x, centers, assignment, distances.gather(1, assignment.unsqueeze(1)).squeeze(1));
     const double shift = (moved - centers).pow(2).sum().item<double>();
     centers = moved;
-    const at::Tensor next = squared_distances(x, centers).argmin(1);
+    distances = squared_distances(x, centers);
+    const at::Tensor next = distances.argmin(1);
     const bool stable = at::equal(next, assignment);
     assignment = next;
     if (stable || shift <= tolerance) break;
   }
-  const at::Tensor distances = squared_distances(x, centers);
-  assignment = distances.argmin(1);
   return {assignment, distances.gather(1, assignment.unsqueeze(1)).sum().item<double>()};
 }
 
