@@ -12,7 +12,8 @@
 //   measurement at the end of a super-epoch is per epoch) and MMPareto (one more backward
 //   pass of CE(y) and the combination) taking turns, at batch 8 and 128;
 // - forward and feature methods paired: vanilla, OPM (dropping the leading branch in 70 %
-//   of the steps) and PMR (its prototype term every step) taking turns, at batch 8 and 128;
+//   of the steps), PMR (its prototype term every step) and ReLearning (CE(y); nothing per
+//   step) taking turns, at batch 8 and 128;
 // - AGM's masked passes paired: the 2^N − 2 masked copies stacked into passes of the
 //   default row budget against one copy a pass (the library before 2026-12-07), at batch
 //   8, 32 and 128, two and three branches;
@@ -89,11 +90,12 @@ void BM_StepsPaired(benchmark::State& state) {
   state.counters["rebalance_over_vanilla"] = seconds[3] / seconds[0];
 }
 
-// A step of a policy that needs the balancer's loss (gradient modulation, loss weights).
+// A step of a policy through the balancer: its plan (which may act on the forward pass,
+// as OPM's drops), its loss (with the inputs AGM masks), its gradient hooks.
 template <class Policy>
-void modulated_step(Setup& s, Balancer<Policy>& balancer) {
-  const StepKind kind = to_step_kind(balancer.next_plan());
-  auto loss = balancer.loss(s.net->forward(s.data.x0, s.data.x1, kind), s.data.target, {s.data.x0, s.data.x1});
+void policy_step(Setup& s, Balancer<Policy>& balancer) {
+  const StepPlan plan = balancer.next_plan();
+  auto loss = balancer.loss(s.net->forward({s.data.x0, s.data.x1}, plan), s.data.target, {s.data.x0, s.data.x1});
   s.optimizer.zero_grad();
   loss.backward();
   balancer.observe(loss);
@@ -109,8 +111,8 @@ void BM_OGMGEPaired(benchmark::State& state) {
   Balancer<OGMGEPolicy> ogm(without_noise.net, OGMGEPolicy(OGMGEOptions().alpha(0.5).noise(false)),
                             BalancerOptions().warmup_epochs(0));
   const std::array<std::function<void()>, 3> steps{
-      [&] { vanilla_step(vanilla); }, [&] { modulated_step(with_noise, ogm_ge); },
-      [&] { modulated_step(without_noise, ogm); }};
+      [&] { vanilla_step(vanilla); }, [&] { policy_step(with_noise, ogm_ge); },
+      [&] { policy_step(without_noise, ogm); }};
   const std::array<double, 3> seconds = time_in_turns(state, steps);
   state.counters["ogm_ge_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["ogm_over_vanilla"] = seconds[2] / seconds[0];
@@ -125,8 +127,8 @@ void BM_LossMethodsPaired(benchmark::State& state) {
   Balancer<MMParetoPolicy> mmpareto(pareto.net, MMParetoPolicy(), BalancerOptions().warmup_epochs(0));
   Balancer<AGMPolicy> agm(adaptive.net, AGMPolicy(), BalancerOptions().warmup_epochs(0));
   const std::array<std::function<void()>, 4> steps{
-      [&] { vanilla_step(vanilla); }, [&] { modulated_step(blended, gblend); },
-      [&] { modulated_step(pareto, mmpareto); }, [&] { modulated_step(adaptive, agm); }};
+      [&] { vanilla_step(vanilla); }, [&] { policy_step(blended, gblend); },
+      [&] { policy_step(pareto, mmpareto); }, [&] { policy_step(adaptive, agm); }};
   for (const auto& step : steps) step();  // warm-up: the allocator, first-call work
   const at::Tensor conflicts_before = mmpareto.policy().conflict_steps().clone();
   const std::array<double, 4> seconds = time_in_turns(state, steps);
@@ -144,32 +146,25 @@ void BM_LossMethodsPaired(benchmark::State& state) {
       conflicts.sum().item<double>() / (static_cast<double>(conflicts.numel()) * iterations);
 }
 
-// A step of a policy whose plans may act on the forward pass (OPM's drops).
-template <class Policy>
-void planned_step(Setup& s, Balancer<Policy>& balancer) {
-  const StepPlan plan = balancer.next_plan();
-  auto loss = balancer.loss(s.net->forward({s.data.x0, s.data.x1}, plan), s.data.target);
-  s.optimizer.zero_grad();
-  loss.backward();
-  balancer.observe(loss);
-  s.optimizer.step();
-}
-
 // Vanilla against OPM (the original's options: 70 % of the steps drop the leading branch
-// once it has scores) and PMR (prototypes from a first epoch of one step, then its term
-// every step), taking turns as in BM_StepsPaired.
+// once it has scores), PMR (prototypes from a first epoch of one step, then its term
+// every step) and ReLearning (its steps: CE(y) through the balancer; its epoch-boundary
+// cost is bench_epoch_boundary's), taking turns as in BM_StepsPaired.
 void BM_ForwardAndFeatureMethodsPaired(benchmark::State& state) {
   const std::int64_t b = state.range(0);
-  Setup vanilla(b), dropping(b), prototypes(b);
+  Setup vanilla(b), dropping(b), prototypes(b), relearning(b);
   Balancer<OPMPolicy> opm(dropping.net, OPMPolicy(), BalancerOptions().warmup_epochs(0));
   Balancer<PMRPolicy> pmr(prototypes.net, PMRPolicy(), BalancerOptions().warmup_epochs(0));
-  const std::array<std::function<void()>, 3> steps{
-      [&] { vanilla_step(vanilla); }, [&] { planned_step(dropping, opm); }, [&] { planned_step(prototypes, pmr); }};
+  Balancer<ReLearningPolicy> relearn(relearning.net, ReLearningPolicy(), BalancerOptions().warmup_epochs(0));
+  const std::array<std::function<void()>, 4> steps{
+      [&] { vanilla_step(vanilla); }, [&] { policy_step(dropping, opm); }, [&] { policy_step(prototypes, pmr); },
+      [&] { policy_step(relearning, relearn); }};
   for (const auto& step : steps) step();  // warm-up: the allocator, OPM's first scores, PMR's sums
   pmr.end_epoch();                        // PMR's first prototypes: its term from here on
-  const std::array<double, 3> seconds = time_in_turns(state, steps);
+  const std::array<double, 4> seconds = time_in_turns(state, steps);
   state.counters["opm_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["pmr_over_vanilla"] = seconds[2] / seconds[0];
+  state.counters["relearning_over_vanilla"] = seconds[3] / seconds[0];
 }
 
 void BM_BalancerObserveOnly(benchmark::State& state) {

@@ -171,14 +171,17 @@ struct CommonFlags {
                                  (measures_held_out ? "strictly between 0 and 1 with " + cfg.policy : "below 1") +
                                  ", got " + nlohmann::json(cfg.held_out).dump());
     }
-    if (cfg.policy == "relearning" && rank == 0 &&
-        (cfg.relearning_times == 0 || static_cast<double>(cfg.warmup_epochs) + static_cast<double>(cfg.relearning_every) + 1 >
-                                          static_cast<double>(cfg.epochs))) {
+    if (cfg.policy == "relearning" && rank == 0) {
       // The first re-initialization ends epoch warm-up + every (from 0): said, not refused
       // (it may be the first part of a run resumed with more epochs).
-      std::fprintf(stderr, "warning: --relearning-every %lld: the first re-initialization ends epoch %lld; none "
-                   "happens in these %lld epochs\n", static_cast<long long>(cfg.relearning_every),
-                   static_cast<long long>(cfg.warmup_epochs + cfg.relearning_every), static_cast<long long>(cfg.epochs));
+      if (cfg.relearning_times == 0) {
+        std::fprintf(stderr, "warning: --relearning-times 0: the run never re-initializes (it trains CE(y) alone)\n");
+      } else if (static_cast<double>(cfg.warmup_epochs) + static_cast<double>(cfg.relearning_every) + 1 >
+                 static_cast<double>(cfg.epochs)) {
+        std::fprintf(stderr, "warning: --relearning-every %lld: the first re-initialization ends epoch %lld; none "
+                     "happens in these %lld epochs\n", static_cast<long long>(cfg.relearning_every),
+                     static_cast<long long>(cfg.warmup_epochs + cfg.relearning_every), static_cast<long long>(cfg.epochs));
+      }
     }
     if (cfg.policy == "gblend") {
       // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that

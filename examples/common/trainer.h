@@ -526,6 +526,9 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     if (dp) dp->synchronize_buffers();
     std::int64_t diagnosed = -1;  // ReLearning: the boundary of its latest diagnosis
     if constexpr (requires { balancer.policy().last_diagnosis(); }) diagnosed = balancer.policy().last_diagnosis().epochs;
+    static_assert(!(ObservesEpochLosses<Policy> && ObservesEpochFeatures<Policy>),
+                  "the examples measure losses on each rank's shard and features on all rows: a policy "
+                  "measuring both needs a loop of its own");
     if constexpr (ObservesEpochLosses<Policy> || ObservesEpochFeatures<Policy>) {
       // Measured on the held-out rows and as many training rows: every head's losses on
       // this rank's shares (the sums cover all ranks), or every branch's features on all
