@@ -178,6 +178,35 @@ class MultiModalNetImpl : public torch::nn::Module {
     return output(run(inputs, ctx, {}, plan));
   }
 
+  /// `forward(inputs, plan)` with modalities absent sample by sample: where
+  /// `presence[r][k]` (bool, (batch, branches), on the inputs' device) is false, row r's
+  /// activations of branch k are zero where every fusion module reads them and where its
+  /// head does, as a dropped sample of `StepPlan::modulating` (a sample trained on some of
+  /// its modalities, as sample-level valuation's copies; the branch's encoder still runs on
+  /// the row). Stages no gates. No read from the device.
+  NetOutput forward(const std::vector<at::Tensor>& inputs, StepPlan plan, const at::Tensor& presence) {
+    check_inputs(inputs);
+    const std::string problem = plan.problem(kBranches);
+    TORCH_CHECK(problem.empty(), "MultiModalNet: the step ", problem);
+    TORCH_CHECK(presence.defined() && presence.scalar_type() == at::kBool && presence.dim() == 2 &&
+                    presence.size(0) == inputs[0].size(0) &&
+                    presence.size(1) == static_cast<std::int64_t>(kBranches) &&
+                    presence.device() == inputs[0].device(),
+                "MultiModalNet::forward: presence must be a bool (batch, branches) = (", inputs[0].size(0), ", ",
+                kBranches, ") tensor on ", inputs[0].device(), ", got ",
+                presence.defined() ? detail::shape_string(presence) + " " +
+                                         std::string(c10::toString(presence.scalar_type())) + " on " +
+                                         presence.device().str()
+                                   : std::string("an undefined tensor"));
+    FusionContext ctx;
+    if (const auto held = plan.held_branch()) {
+      ctx.sides.assign(kBranches, SideMode::live);
+      ctx.sides[*held] = SideMode::held_gate;
+    }
+    ctx.stage_gates = false;  // gates of samples missing modalities are not a regular step's
+    return output(run(inputs, ctx, {}, plan, presence));
+  }
+
   /// `forward({x0, x1}, kind)`, with the heads also named y0 and y1.
   ModelOutput forward(const at::Tensor& x0, const at::Tensor& x1,
                       StepPlan kind = StepPlan::regular())
@@ -391,7 +420,7 @@ class MultiModalNetImpl : public torch::nn::Module {
   // stages the caller already ran still apply here.
   NetOutput run(std::vector<at::Tensor> h, const FusionContext& ctx,
                 const std::vector<std::size_t>& computed,
-                const StepPlan& plan = StepPlan::regular()) {
+                const StepPlan& plan = StepPlan::regular(), const at::Tensor& presence = {}) {
     std::vector<std::size_t> next(kBranches, 0);
     if (!computed.empty()) next = computed;
     std::vector<std::size_t> end(kBranches);
@@ -403,13 +432,24 @@ class MultiModalNetImpl : public torch::nn::Module {
       shape[0] = x.size(0);
       return x * (kept * scale).view(shape);
     };
+    // Row r of branch k zeroed where presence[r][k] is false.
+    const auto absent_rows_zeroed = [&] {
+      if (!presence.defined()) return;
+      for (std::size_t k = 0; k < kBranches; ++k) {
+        std::vector<std::int64_t> shape(static_cast<std::size_t>(h[k].dim()), 1);
+        shape[0] = h[k].size(0);
+        h[k] = h[k] * presence.select(1, static_cast<std::int64_t>(k)).to(h[k].scalar_type()).view(shape);
+      }
+    };
     for (auto& tap : taps) {
       for (std::size_t k = 0; k < kBranches; ++k) end[k] = tap.stages[k] + 1;
       advance(h, next, end, ctx);
       if (modulated && plan.keep_probability() < 1) h[*modulated] = drop(h[*modulated], 1.0);
+      absent_rows_zeroed();
       h = tap.module->forward(h, ctx);
     }
     advance(h, next, stage_counts(), ctx);
+    absent_rows_zeroed();
     if (modulated) {
       h[*modulated] = plan.keep_probability() < 1 ? drop(h[*modulated], plan.feature_scale())
                                                  : h[*modulated] * plan.feature_scale();
