@@ -36,7 +36,7 @@ struct CommonFlags {
   void add_to(CLI::App& app) {
     app.add_option("--policy", cfg.policy,
                    "balancing policy (vanilla: the sum of the heads' losses; joint: the fused output's loss alone)")
-        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "gblend", "mmpareto", "agm"}))
+        ->check(CLI::IsMember({"vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "smv", "gblend", "mmpareto", "agm"}))
         ->capture_default_str();
     app.add_option("--alpha", cfg.alpha, "guided: tolerance on |d_speed| (three or more branches: on the spread max s_k - min s_k)")
         ->check(CLI::NonNegativeNumber)->capture_default_str();
@@ -183,6 +183,10 @@ struct CommonFlags {
                      static_cast<long long>(cfg.warmup_epochs + cfg.relearning_every), static_cast<long long>(cfg.epochs));
       }
     }
+    if (cfg.policy == "smv" && cfg.warmup_epochs >= cfg.epochs && rank == 0) {
+      std::fprintf(stderr, "warning: --warmup-epochs %lld: no epoch of these %lld is resampled (the run trains CE(y) alone)\n",
+                   static_cast<long long>(cfg.warmup_epochs), static_cast<long long>(cfg.epochs));
+    }
     if (cfg.policy == "gblend") {
       // The first estimate ends epoch warm-up + S - 1 (with no warm-up: 2S - 1). A run that
       // stops before a later epoch trains with uniform weights throughout: said, not refused
@@ -269,6 +273,9 @@ nlohmann::json train_with_policy(Net net, const Splits& all_rows, const TrainCon
     const auto relearning = ReLearningOptions().lambda(cfg.relearning_lambda).every(cfg.relearning_every)
                                 .times(cfg.relearning_times);
     return train_and_evaluate(net, ReLearningPolicy(relearning), data, cfg, args, pg);
+  }
+  if (cfg.policy == "smv") {  // any number of branches; the same resampled rows on every rank
+    return train_and_evaluate(net, SampleValuationPolicy(), data, cfg, args, pg);
   }
   if (cfg.policy == "gblend") {  // any number of branches; measures on the held-out rows
     const auto gblend = GradientBlendingOptions().super_epoch(cfg.gblend_super_epoch);

@@ -175,6 +175,32 @@ double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const 
 
 /// The logs' speed column: for two branches the signed "d_speed", for more the
 /// "speed_spread" max_k s_k - min_k s_k (N >= 3 have no signed value).
+/// Sample-level valuation's rows for an epoch: every training sample's contributions
+/// (`sample_contributions`, each rank valuing its share, the shares summed so that every
+/// rank builds the same rows), their copies and the resampled rows; `record` gets the mean
+/// contribution and the copies of each modality (the original prints the means).
+template <class Net, class DP>
+ResampledRows resampled_training_rows(Net& net, const Split& train, std::size_t branches, const TrainConfig& cfg,
+                                      at::Device device, int rank, int world, std::optional<DP>& dp,
+                                      nlohmann::json& record) {
+  const std::int64_t n = train.size();
+  at::Tensor phi = at::zeros({n, static_cast<std::int64_t>(branches)}, at::TensorOptions(device).dtype(at::kFloat));
+  std::int64_t row = n * rank / world;
+  for (const Batch& b : as_batches(shard(train, rank, world), cfg.eval_batch_size, device)) {
+    phi.narrow(0, row, b.target.size(0)).copy_(sample_contributions(net, b.inputs, b.target));
+    row += b.target.size(0);
+  }
+  if (dp) dp->all_reduce_sum(phi);
+  const at::Tensor copies = SampleValuationPolicy::copies(phi);
+  ResampledRows rows = SampleValuationPolicy::resampled_rows(copies);
+  const at::Tensor mean = phi.mean(0).to(at::kCPU, at::kDouble).contiguous();
+  const at::Tensor copied = copies.sum(0).to(at::kCPU).contiguous();
+  record = {{"contributions", std::vector<double>(mean.data_ptr<double>(), mean.data_ptr<double>() + mean.numel())},
+            {"copies", std::vector<std::int64_t>(copied.data_ptr<std::int64_t>(), copied.data_ptr<std::int64_t>() + copied.numel())},
+            {"rows", rows.samples.size(0)}};
+  return rows;
+}
+
 inline const char* speed_column_name(std::size_t branches) { return branches == 2 ? "d_speed" : "speed_spread"; }
 inline double speed_column(const SpeedSummary& s) { return s.speeds.size() == 2 ? s.d_speed : s.spread; }
 
@@ -404,26 +430,41 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
   }
 
   const std::int64_t n = data.train.size();
-  // A last batch with fewer rows than ranks would leave a rank without data: dropped.
-  const std::int64_t steps_per_epoch = n / cfg.batch_size + (n % cfg.batch_size >= world ? 1 : 0);
   const auto run_start = std::chrono::steady_clock::now();
   for (std::int64_t epoch = balancer.epoch(); epoch < cfg.epochs; ++epoch) {
-    // The order of an epoch depends only on (seed, epoch): a resumed run sees the same.
+    const auto train_start = std::chrono::steady_clock::now();
+    // The epoch's rows: every training sample once, all its modalities present, or (sample-
+    // level valuation after warm-up) resampled from the network as it is now.
+    ResampledRows epoch_rows{at::arange(n, at::kLong), at::Tensor()};
+    nlohmann::json valuation;  // for the log
+    if constexpr (std::same_as<Policy, SampleValuationPolicy>) {
+      if (!balancer.in_warmup()) {
+        epoch_rows = resampled_training_rows(net, data.train, balancer.branches(), cfg, device, rank, world, dp, valuation);
+      }
+    }
+    const std::int64_t m = epoch_rows.samples.size(0);
+    // A last batch with fewer rows than ranks would leave a rank without data: dropped.
+    const std::int64_t steps_per_epoch = m / cfg.batch_size + (m % cfg.batch_size >= world ? 1 : 0);
+    // The order of an epoch depends only on (seed, epoch) and its rows: a resumed run sees the same.
     auto gen = at::detail::createCPUGenerator(cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
-    const at::Tensor perm = at::randperm(n, gen, at::kLong);
+    const at::Tensor order = at::randperm(m, gen, at::kLong);
+    const at::Tensor perm = epoch_rows.samples.index_select(0, order);
+    const at::Tensor perm_presence =
+        epoch_rows.presence.defined() ? epoch_rows.presence.index_select(0, order) : at::Tensor();
     // LibTorch's default generator too, per rank: a forward-side policy's per-sample draws
     // (OPM's drops) come from it, and a resumed run must draw what an uninterrupted one does.
     at::manual_seed((cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch)) * 7919ULL +
                     static_cast<std::uint64_t>(rank) + 1);
     ProgressBar bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(cfg.epochs),
                     steps_per_epoch);
-    const auto train_start = std::chrono::steady_clock::now();
     double loss_sum = 0, fused_loss_sum = 0;  // Σ_k CE_k and CE(y), for the progress line
-    // This rank's rows of step s's global batch.
+    // This rank's rows of step s's global batch: which samples, the global batch's size,
+    // and where they start in the epoch's order.
     const auto step_rows = [&](std::int64_t s) {
-      const std::int64_t rows = std::min(cfg.batch_size, n - s * cfg.batch_size);
+      const std::int64_t rows = std::min(cfg.batch_size, m - s * cfg.batch_size);
       const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
-      return std::tuple{perm.narrow(0, s * cfg.batch_size + begin, end - begin), rows};
+      const std::int64_t first = s * cfg.batch_size + begin;
+      return std::tuple{perm.narrow(0, first, end - begin), rows, first};
     };
     // Inputs of step s, augmented (lazy sources) from (seed, epoch, step): resumable. The
     // next step's inputs load on another thread while this step trains.
@@ -435,13 +476,15 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     std::future<std::vector<at::Tensor>> next_inputs;
     if (steps_per_epoch > 0) next_inputs = std::async(std::launch::async, load_step, 0);
     for (std::int64_t s = 0; s < steps_per_epoch; ++s) {
-      const auto [idx, rows] = step_rows(s);
+      const auto [idx, rows, first] = step_rows(s);
       std::vector<at::Tensor> x = next_inputs.get();
       if (s + 1 < steps_per_epoch) next_inputs = std::async(std::launch::async, load_step, s + 1);
       for (at::Tensor& m : x) m = model_input(m, device);
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepPlan plan = balancer.next_plan();
-      const NetOutput out = net->forward(x, plan);
+      const NetOutput out = perm_presence.defined()
+                                ? net->forward(x, plan, perm_presence.narrow(0, first, idx.size(0)).to(device))
+                                : net->forward(x, plan);
       // The balancer forms the loss (a gradient-modulating policy takes the step's heads
       // from it, AGM the inputs for its masked passes). Each rank's mean loss weighted by
       // its share of the rows, so that the average over ranks is the mean over the global
@@ -587,6 +630,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
                                 {"strengths", d.strengths}};
       }
     }
+    if (!valuation.is_null()) record["sample_valuation"] = valuation;
     if constexpr (requires { balancer.policy().running_scores(); }) {
       // AGM: the running means of each branch's mono-modal score (what r̄ is made of).
       const at::Tensor scores = balancer.policy().running_scores().to(at::kCPU).contiguous();

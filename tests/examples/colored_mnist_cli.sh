@@ -406,6 +406,27 @@ assert a["args"]["policy"] == "relearning" and a["args"]["relearning_every"] == 
 assert a["test"] == b["test"], (a["test"], b["test"])
 print("ok: ReLearning trains CE(y), diagnoses after epoch 1, records its options and resumes exactly")
 PY
+# Sample-level valuation: CE(y) alone; epoch 0 is warm-up, each later epoch trains on the
+# 240 rows and their copies (one step per 32 rows), valued as the previous epoch left the
+# network; a resume mid-run trains the same rows.
+smv=(--fusion late --policy smv --warmup-epochs 1)
+run_and_resume smv 2 3 "$bin" "${small[@]}" --data-dir "$work/data" "${smv[@]}"
+/usr/bin/python3 - "$work/smv" "$work/smv-part" <<'PY'
+import json, sys
+full, part = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+assert [r for r in part if r["type"] == "step"] == [r for r in full if r["type"] == "step"], "resumed SMV run differs"
+steps = [r for r in full if r["type"] == "step"]
+assert all(abs(s["loss_trained"] - s["loss_y"]) < 1e-5 for s in steps), "not CE(y) alone"
+epochs = [r for r in full if r["type"] == "epoch"]
+assert ["sample_valuation" in r for r in epochs] == [False, True, True], [list(r) for r in epochs]
+for e in (1, 2):
+    v = epochs[e]["sample_valuation"]
+    assert v["rows"] == 240 + sum(v["copies"]) and v["rows"] > 240, v
+    assert all(-0.5 <= c <= 1.5 for c in v["contributions"]), v
+    assert sum(1 for s in steps if s["epoch"] == e) == -(-v["rows"] // 32), (e, v)
+assert sum(1 for s in steps if s["epoch"] == 0) == 240 // 32 + 1
+print("ok: SMV trains CE(y), resamples each epoch after warm-up and resumes exactly")
+PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"
 echo "colored_mnist CLI: all checks passed"

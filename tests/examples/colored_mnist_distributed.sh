@@ -98,6 +98,26 @@ assert json.load(open(f"{sys.argv[1]}/summary.json"))["args"]["policy"] == "agm"
 print("ok: AGM over 2 ranks")
 PY
 
+# Sample-level valuation over 2 ranks: each values its share and the values are summed,
+# so both build the rows one process builds from the same network: the 2-rank run's
+# epoch 1 against its warm-up checkpoint resumed in 1 process.
+smv=("${base[@]}" --fusion late --policy smv --warmup-epochs 1 --dist-timeout 20)
+"$launch" 2 "$work/logs-smv" "$bin" --out "$work/dist-smv" "${smv[@]}" --epochs 2 >/dev/null \
+  || fail "2-rank SMV run failed: $(tail -n 3 "$work"/logs-smv/rank-*.log)"
+"$launch" 2 "$work/logs-smv-part" "$bin" --out "$work/dist-smv-part" "${smv[@]}" --epochs 1 >/dev/null \
+  || fail "2-rank SMV warm-up failed: $(tail -n 3 "$work"/logs-smv-part/rank-*.log)"
+"$bin" --out "$work/dist-smv-part" "${smv[@]}" --epochs 2 --resume "$work/dist-smv-part/checkpoint-last.pt" >/dev/null 2>&1 \
+  || fail "1-process resume of the 2-rank SMV checkpoint failed"
+/usr/bin/python3 - "$work/dist-smv" "$work/dist-smv-part" <<'PY'
+import json, sys
+two, one = ([json.loads(l) for l in open(f"{d}/log.jsonl")] for d in sys.argv[1:])
+v, w = ([r for r in recs if r["type"] == "epoch"][1]["sample_valuation"] for recs in (two, one))
+assert v == w, (v, w)
+assert v["rows"] == 240 + sum(v["copies"]) > 240, v
+assert sum(1 for r in two if r["type"] == "step" and r["epoch"] == 1) == v["rows"] // 32 + (v["rows"] % 32 >= 2), v
+print("ok: SMV over 2 ranks builds the rows one process builds")
+PY
+
 # Rank 0's checkpoint resumes in 1 process.
 "$bin" --out "$work/dist" "${small[@]}" --epochs 3 --resume "$work/dist/checkpoint-last.pt" >/dev/null 2>&1 \
   || fail "1-process resume of the 2-rank checkpoint failed"
