@@ -59,6 +59,13 @@ inline MultiModalBatch batch(std::int64_t n, std::uint64_t seed = 0,
           at::randint(10, {n}, gen).to(device)};
 }
 
+/// `count` such batches of `size` rows, of seeds seed, seed + 1, ...: an evaluation set.
+inline std::vector<MultiModalBatch> batches(std::int64_t count, std::int64_t size, std::uint64_t seed) {
+  std::vector<MultiModalBatch> out;
+  for (std::int64_t i = 0; i < count; ++i) out.push_back(batch(size, seed + static_cast<std::uint64_t>(i)));
+  return out;
+}
+
 inline std::int64_t numel(const std::vector<at::Tensor>& ts) {
   std::int64_t n = 0;
   for (const auto& t : ts) n += t.numel();

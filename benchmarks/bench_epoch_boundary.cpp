@@ -6,7 +6,9 @@
 // - Gradient-Blending's measurement (every head's loss on both sets, `head_losses`);
 // - ReLearning's diagnosis (every branch's features on both sets, then per branch and set
 //   min-max scaling, k-means with as many clusters as classes, its 10 starts by default
-//   or 1, and the purity), through a Balancer's end_epoch at a diagnosing boundary.
+//   or 1, and the purity), through a Balancer's end_epoch at a diagnosing boundary;
+// - sample-level valuation's (every row's contributions, `sample_contributions`: the
+//   2^2 − 1 subsets of the modalities stacked into passes) over both sets.
 #include <benchmark/benchmark.h>
 
 #include "bench_common.h"
@@ -19,11 +21,7 @@ namespace {
 constexpr std::int64_t kBatches = 5;
 constexpr std::int64_t kBatchSize = 128;
 
-std::vector<MultiModalBatch> data(std::uint64_t seed) {
-  std::vector<MultiModalBatch> out;
-  for (std::int64_t i = 0; i < kBatches; ++i) out.push_back(batch(kBatchSize, seed + i));
-  return out;
-}
+std::vector<MultiModalBatch> data(std::uint64_t seed) { return batches(kBatches, kBatchSize, seed); }
 
 void BM_TwoEvaluationPasses(benchmark::State& state) {
   auto net = colored_mnist_net();
@@ -60,8 +58,21 @@ void BM_ReLearningDiagnosis(benchmark::State& state) {
   for (auto _ : state) balancer.end_epoch(net, train, held, optimizer);
 }
 
+void BM_SampleValuation(benchmark::State& state) {
+  auto net = colored_mnist_net();
+  const auto train = data(0), held = data(100);
+  for (auto _ : state) {
+    at::Tensor sum = at::zeros({2});
+    for (const auto* set : {&train, &held}) {
+      for (const auto& b : *set) sum.add_(sample_contributions(net, {b.x0, b.x1}, b.target).sum(0));
+    }
+    benchmark::DoNotOptimize(sum[0].item<double>());
+  }
+}
+
 }  // namespace
 
 BENCHMARK(BM_TwoEvaluationPasses)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 BENCHMARK(BM_GradientBlendingMeasurement)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 BENCHMARK(BM_ReLearningDiagnosis)->Arg(10)->Arg(1)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_SampleValuation)->Unit(benchmark::kMillisecond)->MinTime(2.0);

@@ -15,11 +15,7 @@ namespace {
 constexpr std::int64_t kBatches = 8;
 constexpr std::int64_t kBatchSize = 128;
 
-std::vector<MultiModalBatch> data(std::uint64_t seed) {
-  std::vector<MultiModalBatch> out;
-  for (std::int64_t i = 0; i < kBatches; ++i) out.push_back(batch(kBatchSize, seed + i));
-  return out;
-}
+std::vector<MultiModalBatch> data(std::uint64_t seed) { return batches(kBatches, kBatchSize, seed); }
 
 ConvMMTMNet& model() {
   static ConvMMTMNet net = [] {

@@ -102,6 +102,23 @@ void policy_step(Setup& s, Balancer<Policy>& balancer) {
   s.optimizer.step();
 }
 
+// A step of sample-level valuation: CE(y) on rows of which every other one has one
+// modality absent (alternately 0 and 1), as a resampled epoch's rows may.
+void sample_valuation_step(Setup& s, Balancer<SampleValuationPolicy>& balancer, const at::Tensor& presence) {
+  const StepPlan plan = balancer.next_plan();
+  auto loss = balancer.loss(s.net->forward({s.data.x0, s.data.x1}, plan, presence), s.data.target);
+  s.optimizer.zero_grad();
+  loss.backward();
+  balancer.observe(loss);
+  s.optimizer.step();
+}
+
+at::Tensor every_other_row_one_absent(std::int64_t rows) {
+  at::Tensor presence = at::ones({rows, 2}, at::kBool);
+  for (std::int64_t r = 1; r < rows; r += 2) presence[r][(r / 2) % 2] = false;
+  return presence;
+}
+
 // Vanilla against OGM-GE and OGM (no noise), taking turns as in BM_StepsPaired.
 void BM_OGMGEPaired(benchmark::State& state) {
   const std::int64_t b = state.range(0);
@@ -148,23 +165,27 @@ void BM_LossMethodsPaired(benchmark::State& state) {
 
 // Vanilla against OPM (the original's options: 70 % of the steps drop the leading branch
 // once it has scores), PMR (prototypes from a first epoch of one step, then its term
-// every step) and ReLearning (its steps: CE(y) through the balancer; its epoch-boundary
-// cost is bench_epoch_boundary's), taking turns as in BM_StepsPaired.
+// every step), ReLearning (its steps: CE(y) through the balancer; its epoch-boundary
+// cost is bench_epoch_boundary's) and sample-level valuation (a step on resampled rows;
+// its valuation is bench_epoch_boundary's), taking turns as in BM_StepsPaired.
 void BM_ForwardAndFeatureMethodsPaired(benchmark::State& state) {
   const std::int64_t b = state.range(0);
-  Setup vanilla(b), dropping(b), prototypes(b), relearning(b);
+  Setup vanilla(b), dropping(b), prototypes(b), relearning(b), valuation(b);
   Balancer<OPMPolicy> opm(dropping.net, OPMPolicy(), BalancerOptions().warmup_epochs(0));
   Balancer<PMRPolicy> pmr(prototypes.net, PMRPolicy(), BalancerOptions().warmup_epochs(0));
   Balancer<ReLearningPolicy> relearn(relearning.net, ReLearningPolicy(), BalancerOptions().warmup_epochs(0));
-  const std::array<std::function<void()>, 4> steps{
+  Balancer<SampleValuationPolicy> smv(valuation.net, SampleValuationPolicy(), BalancerOptions().warmup_epochs(0));
+  const at::Tensor presence = every_other_row_one_absent(b);
+  const std::array<std::function<void()>, 5> steps{
       [&] { vanilla_step(vanilla); }, [&] { policy_step(dropping, opm); }, [&] { policy_step(prototypes, pmr); },
-      [&] { policy_step(relearning, relearn); }};
+      [&] { policy_step(relearning, relearn); }, [&] { sample_valuation_step(valuation, smv, presence); }};
   for (const auto& step : steps) step();  // warm-up: the allocator, OPM's first scores, PMR's sums
   pmr.end_epoch();                        // PMR's first prototypes: its term from here on
-  const std::array<double, 4> seconds = time_in_turns(state, steps);
+  const std::array<double, 5> seconds = time_in_turns(state, steps);
   state.counters["opm_over_vanilla"] = seconds[1] / seconds[0];
   state.counters["pmr_over_vanilla"] = seconds[2] / seconds[0];
   state.counters["relearning_over_vanilla"] = seconds[3] / seconds[0];
+  state.counters["smv_over_vanilla"] = seconds[4] / seconds[0];
 }
 
 void BM_BalancerObserveOnly(benchmark::State& state) {

@@ -2,9 +2,8 @@
 /// \file
 /// The `Balancer`'s epoch boundary: what the policy takes from the ending epoch (every
 /// head's losses or every branch's features on data, then its re-initialization of
-/// branches) and its `start_epoch` hook for the
-/// next one, decided as one before the clock moves; and the initial parameters a
-/// re-initializing policy moves branches toward.
+/// branches) and its `start_epoch` hook for the next one, decided as one before the clock
+/// moves; and the initial parameters a re-initializing policy moves branches toward.
 
 #include <cstdint>
 #include <optional>
@@ -29,8 +28,8 @@ namespace mmbalance::detail {
 template <class Policy>
 class EpochBoundary {
  public:
-  /// `branches`: the branches' parameters, whose values now a re-initializing policy's
-  /// strengths move them back toward.
+  /// `branches`: the branches' parameters, whose values now are where a re-initializing
+  /// policy's strengths move them back toward.
   explicit EpochBoundary(const std::vector<std::vector<at::Tensor>>& branches) {
     if constexpr (ReinitializesBranches<Policy>) initial_.emplace(branches);
   }
@@ -63,9 +62,8 @@ class EpochBoundary {
   }
 
   /// Ends the epoch of a re-initializing policy, where it measures on the data first:
-  /// after warm-up, the strengths it gives
-  /// (checked) move `branches` toward their initial values, `optimizer`'s state for them
-  /// dropped.
+  /// after warm-up, the strengths it gives (checked) move `branches` toward their initial
+  /// values, `optimizer`'s state for them dropped.
   template <class Net, class TrainSample, class HeldOut, class SumAcrossRanks>
   void end(EpochClock& clock, PolicyTransaction<Policy>& policy, Net& net, TrainSample&& train_sample,
            HeldOut&& held_out, SumAcrossRanks& sum_across_ranks, const std::vector<std::vector<at::Tensor>>& branches,

@@ -101,6 +101,8 @@ class ReLearningPolicy {
     TORCH_CHECK(features.train.size() == branches_ && features.held_out.size() == branches_,
                 "ReLearningPolicy: features of ", features.train.size(), " and ", features.held_out.size(),
                 " branches for ", branches_);
+    check_targets(features.train_target, features.classes, "training");
+    check_targets(features.held_out_target, features.classes, "held-out");
     ReLearningDiagnosis d;
     d.epochs = features.epochs;
     for (std::size_t k = 0; k < branches_; ++k) {
@@ -166,15 +168,21 @@ class ReLearningPolicy {
   ReLearningOptions options;
 
  private:
-  // Purity of branch k's k-means clustering on one set, its input checked.
-  double purity(const at::Tensor& f, const at::Tensor& target, std::int64_t classes, std::size_t k,
-                const char* set) const {
-    TORCH_CHECK(f.defined() && f.dim() == 2 && target.defined() && target.dim() == 1 && f.size(0) == target.size(0),
-                "ReLearningPolicy: branch ", k, "'s ", set, " features must be (rows, width) with one target per row");
-    TORCH_CHECK(classes >= 1 && f.size(0) >= classes, "ReLearningPolicy: ", f.size(0), " ", set, " rows for ",
-                classes, " clusters (one per class); pass more data");
+  // One set's targets: one class index in [0, classes) per row, at least a row per class.
+  static void check_targets(const at::Tensor& target, std::int64_t classes, const char* set) {
+    TORCH_CHECK(target.defined() && target.dim() == 1, "ReLearningPolicy: the ", set, " targets must be (rows)");
+    TORCH_CHECK(classes >= 1 && target.size(0) >= classes, "ReLearningPolicy: ", target.size(0), " ", set,
+                " rows for ", classes, " clusters (one per class); pass more data");
     TORCH_CHECK(target.min().item<std::int64_t>() >= 0 && target.max().item<std::int64_t>() < classes,
                 "ReLearningPolicy: ", set, " targets outside the heads' ", classes, " classes");
+  }
+
+  // Purity of branch k's k-means clustering on one set, the features checked (the
+  // targets are, once per set, by `check_targets`).
+  double purity(const at::Tensor& f, const at::Tensor& target, std::int64_t classes, std::size_t k,
+                const char* set) const {
+    TORCH_CHECK(f.defined() && f.dim() == 2 && f.size(0) == target.size(0),
+                "ReLearningPolicy: branch ", k, "'s ", set, " features must be (rows, width) with one target per row");
     TORCH_CHECK(at::isfinite(f).all().item<bool>(), "ReLearningPolicy: branch ", k, "'s ", set,
                 " features are not finite");
     return cluster_purity(target, kmeans(min_max_scale(f), KMeansOptions(classes).runs(options.kmeans_runs())));
