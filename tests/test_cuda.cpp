@@ -372,3 +372,36 @@ TEST_CASE("CUDA: a Gradient-Blending checkpoint from the CPU resumes on the GPU,
   CHECK(g.heads[0] + g.heads[1] + g.fused == Approx(1.0));
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("CUDA: sample-level valuation's contributions and absent rows on the GPU as on the CPU",
+          "[cuda][sample-valuation]") {
+  if (!torch::cuda::is_available()) return;
+  const at::Device cuda(at::kCUDA, 0);
+  auto cpu = small_three_way(12);
+  auto gpu = small_three_way(12);
+  gpu->to(cuda);
+  const Batch b = n_way_batch(3, 48, 13);
+  std::vector<at::Tensor> on_gpu;
+  for (const at::Tensor& x : b.inputs) on_gpu.push_back(x.to(cuda));
+  const at::Tensor phi_cpu = sample_contributions(cpu, b.inputs, b.target, 48 * 3);
+  const at::Tensor phi_gpu = sample_contributions(gpu, on_gpu, b.target.to(cuda), 48 * 3);
+  CHECK(phi_gpu.device() == cuda);
+  // Equal where no prediction sits on a near tie (a last-bit difference flips an argmax).
+  CHECK(phi_gpu.cpu().sub(phi_cpu).abs().gt(1e-6).sum().item<std::int64_t>() <= 2);
+  const ResampledRows rows = SampleValuationPolicy::resampled_rows(SampleValuationPolicy::copies(phi_gpu));
+  CHECK(rows.samples.device() == at::kCPU);
+  // A training step on rows with modalities absent, on both devices.
+  const at::Tensor presence = rows.presence.narrow(0, rows.presence.size(0) - 48, 48);
+  const at::Tensor samples = rows.samples.narrow(0, rows.samples.size(0) - 48, 48);
+  std::vector<at::Tensor> x_cpu, x_gpu;
+  for (const at::Tensor& x : b.inputs) {
+    x_cpu.push_back(x.index_select(0, samples));
+    x_gpu.push_back(x_cpu.back().to(cuda));
+  }
+  const at::Tensor y = b.target.index_select(0, samples);
+  const NetOutput out_cpu = cpu->forward(x_cpu, StepPlan::regular(), presence);
+  const NetOutput out_gpu = gpu->forward(x_gpu, StepPlan::regular(), presence.to(cuda));
+  CHECK(torch::allclose(out_cpu.y, out_gpu.y.cpu(), 1e-4, 1e-5));
+  CHECK_THROWS_WITH(gpu->forward(x_gpu, StepPlan::regular(), presence),
+                    Catch::Contains("presence must be a bool (batch, branches) = (48, 3) tensor on cuda:0"));
+}
