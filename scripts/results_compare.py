@@ -25,12 +25,14 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "gblend", "mmpareto", "agm"]
+ORDER = ["vanilla", "joint", "random", "guided", "ogm-ge", "opm", "pmr", "relearning", "smv", "gblend", "mmpareto",
+         "agm"]
 NAMES = {"mnist": "Colored-and-gray MNIST", "fashion": "colored Fashion-MNIST",
          "speech": "spoken digits (colour digit, gray digit, spoken name)"}
 NETWORKS = {"mmtm": "MMTM network", "late": "late-fusion twin"}
 LOSS = {"vanilla": "Σ_k CE_k", "joint": "CE(y)", "random": "Σ_k CE_k", "guided": "Σ_k CE_k", "ogm-ge": "CE(y)",
         "opm": "CE(y)", "pmr": "CE(y) + α·prototype CE of the branches behind", "relearning": "CE(y)",
+        "smv": "CE(y) on the rows and their copies",
         "gblend": "its weights on CE(y), CE_k", "mmpareto": "CE(y) + Σ_k CE_k", "agm": "CE(y)"}
 # Two-sided 95 % quantiles of Student's t, degrees of freedom 1..30 (any statistics table).
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -168,7 +170,8 @@ def main():
         "earlier candidate on a tie). A method with a hyper-parameter tries lr "
         f"{{{', '.join(manifest['lr_with_hyper'])}}} × {{the original's default, one other}}: "
         + ", ".join(f"{m} `{flag}` {{{', '.join(values)}}}" for m, (flag, values) in hyper.items())
-        + f"; vanilla, joint and random try lr {{{', '.join(manifest['lr_alone'])}}}. Every trial is listed at the end",
+        + f"; {', '.join(m for m in ORDER if m in manifest['warmup'] and m not in hyper)} try lr "
+        f"{{{', '.join(manifest['lr_alone'])}}}. Every trial is listed at the end",
         "- differences: a seed fixes the initialization and the data order, the same for every method of a network, "
         "so Δ to vanilla (and to joint) is the mean over seeds of the per-seed difference of test accuracy of y, in "
         "points, with its 95 % t-interval; **better** / **worse** where the interval excludes 0",
