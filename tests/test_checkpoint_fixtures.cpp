@@ -86,7 +86,15 @@ torch::serialize::InputArchive checkpoint_record(const fs::path& path, const std
   return record;
 }
 
-std::int64_t plan_code(const StepPlan& p) { return p.is_regular() ? 0 : 1 + static_cast<std::int64_t>(*p.held_branch()); }
+// 0 regular, 1 + k holding branch k; plus 10 (1 + m) where branch m's features are modulated.
+std::int64_t plan_code(const StepPlan& p) {
+  const std::int64_t held = p.is_regular() ? 0 : 1 + static_cast<std::int64_t>(*p.held_branch());
+  return held + (p.modulated_branch() ? 10 * (1 + static_cast<std::int64_t>(*p.modulated_branch())) : 0);
+}
+
+// The format of a scenario's checkpoint: the balancer names its policy by C++ type (before
+// 2026-12-07) or by its checkpoint identity (`policy_name`, since).
+enum class PolicyNaming { by_type, by_identity };
 
 // One scenario: `write` makes the fixture files, `check` resumes from them.
 struct Scenario {
@@ -96,7 +104,8 @@ struct Scenario {
 };
 
 template <class NetT, class BalancerT, class MakeNet, class MakeBalancer, class Step>
-Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer, Step step) {
+Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer, Step step,
+                  PolicyNaming naming = PolicyNaming::by_type) {
   const auto train = [step](NetT& net, torch::optim::Optimizer& opt, BalancerT& bal, int first, int last) {
     std::vector<std::int64_t> plans;
     for (int i = first; i < last; ++i) plans.push_back(plan_code(step(net, opt, bal, i)));
@@ -120,12 +129,12 @@ Scenario scenario(std::string name, MakeNet make_net, MakeBalancer make_balancer
     expected.save_to((dir / (name + ".expected")).string());
   };
   const auto check = [=](const fs::path& dir) {
-    // The file is in the format before identities: its policy named by C++ type.
+    // The file is in its format: its policy named by C++ type, or by identity.
     {
       torch::serialize::InputArchive balancer_record = checkpoint_record(dir / (name + ".ckpt"), "balancer");
       c10::IValue type, identity;
-      CHECK(balancer_record.try_read("policy_type", type));
-      CHECK_FALSE(balancer_record.try_read("policy_name", identity));
+      CHECK(balancer_record.try_read("policy_type", type) == (naming == PolicyNaming::by_type));
+      CHECK(balancer_record.try_read("policy_name", identity) == (naming == PolicyNaming::by_identity));
     }
     NetT net = make_net(77);  // other initial values: everything must come from the file
     auto opt = make_sgd(net);
@@ -192,7 +201,70 @@ std::vector<Scenario> scenarios() {
   };
 }
 
+// Step i of a scenario of the policies with forward-side, feature and boundary hooks: the
+// plan as the balancer gives it (OPM's drops draw from LibTorch's generator, seeded per
+// step), rows with modalities absent where `presence` is given (sample-level valuation's),
+// the boundary as each policy needs it.
+template <class BalancerT>
+StepPlan hooked_step(Net& net, torch::optim::Optimizer& opt, BalancerT& bal, int i) {
+  const MultiModalBatch b = small_batch(8, static_cast<std::uint64_t>(i));
+  torch::manual_seed(1000 + static_cast<std::uint64_t>(i));
+  const StepPlan plan = bal.next_plan();
+  using Policy = std::remove_cvref_t<decltype(bal.policy())>;
+  NetOutput out;
+  if constexpr (std::same_as<Policy, SampleValuationPolicy>) {
+    at::Tensor presence = at::ones({8, 2}, at::kBool);
+    presence[i % 8][i % 2] = false;  // one row a step with a modality absent
+    out = net->forward({b.x0, b.x1}, plan, presence);
+  } else {
+    out = net->forward({b.x0, b.x1}, plan);
+  }
+  const at::Tensor loss = bal.loss(out, b.target, {b.x0, b.x1});
+  opt.zero_grad();
+  loss.backward();
+  bal.observe(loss);
+  opt.step();
+  if ((i + 1) % kFixtureStepsPerEpoch == 0) {
+    if constexpr (ReinitializesBranches<Policy>) {
+      bal.end_epoch(net, epoch_batches(500), epoch_batches(600), opt);
+    } else {
+      bal.end_epoch();
+    }
+  }
+  return plan;
+}
+
+template <class Policy>
+Scenario hooked(std::string name, Policy policy) {
+  return scenario<Net, Balancer<Policy>>(
+      std::move(name), two_branch_net,
+      [policy](Net& net) { return Balancer<Policy>(net, policy, BalancerOptions().warmup_epochs(0)); },
+      hooked_step<Balancer<Policy>>, PolicyNaming::by_identity);
+}
+
+// The policies added after identities, in the format of 2026-12-08 (fixtures/checkpoints/
+// libtorch-<version>/identity): OPM, PMR, ReLearning, sample-level valuation.
+std::vector<Scenario> identity_scenarios() {
+  return {
+      hooked("opm", OPMPolicy(OPMOptions().q_base(0.5).p_exe(0.7).seed(4))),
+      hooked("pmr", PMRPolicy(PMROptions().alpha(1.0))),
+      hooked("relearning", ReLearningPolicy(ReLearningOptions().every(1).times(2).kmeans_runs(2))),
+      hooked("sample_valuation", SampleValuationPolicy()),
+  };
+}
+
 }  // namespace
+
+TEST_CASE("Checkpoints of the identity format load and continue as the run that wrote them",
+          "[checkpoint][fixtures]") {
+  for (const Scenario& s : identity_scenarios()) {
+    SECTION(s.name) {
+      const fs::path dir = fixture_dir(TORCH_VERSION_MAJOR) / "identity";
+      REQUIRE(fs::exists(dir / (s.name + ".ckpt")));
+      s.check(dir);
+    }
+  }
+}
 
 TEST_CASE("Checkpoints written by an earlier mmbalance load and continue as the run that wrote them",
           "[checkpoint][fixtures]") {
@@ -305,4 +377,13 @@ TEST_CASE("Write the checkpoint fixtures", "[.write-fixtures]") {
   REQUIRE((!fs::exists(dir) || fs::is_empty(dir)));
   fs::create_directories(dir);
   for (const Scenario& s : scenarios()) s.write(dir);
+}
+
+// The same for the scenarios of the identity format: `mmbalance_tests "[.write-identity-fixtures]"`.
+TEST_CASE("Write the identity-format checkpoint fixtures", "[.write-identity-fixtures]") {
+  const char* dir = std::getenv("MMBALANCE_WRITE_FIXTURES");
+  REQUIRE(dir != nullptr);
+  REQUIRE((!fs::exists(dir) || fs::is_empty(dir)));
+  fs::create_directories(dir);
+  for (const Scenario& s : identity_scenarios()) s.write(dir);
 }
