@@ -373,7 +373,7 @@ TEST_CASE("CUDA: a Gradient-Blending checkpoint from the CPU resumes on the GPU,
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("CUDA: sample-level valuation's contributions and absent rows on the GPU as on the CPU",
+TEST_CASE("CUDA: sample-level valuation's contributions and a forward pass with absent rows on the GPU as on the CPU",
           "[cuda][sample-valuation]") {
   if (!torch::cuda::is_available()) return;
   const at::Device cuda(at::kCUDA, 0);
@@ -390,7 +390,7 @@ TEST_CASE("CUDA: sample-level valuation's contributions and absent rows on the G
   CHECK(phi_gpu.cpu().sub(phi_cpu).abs().gt(1e-6).sum().item<std::int64_t>() <= 2);
   const ResampledRows rows = SampleValuationPolicy::resampled_rows(SampleValuationPolicy::copies(phi_gpu));
   CHECK(rows.samples.device() == at::kCPU);
-  // A training step on rows with modalities absent, on both devices.
+  // A forward pass on resampled rows (the last 48: copies where there are as many), on both devices.
   const at::Tensor presence = rows.presence.narrow(0, rows.presence.size(0) - 48, 48);
   const at::Tensor samples = rows.samples.narrow(0, rows.samples.size(0) - 48, 48);
   std::vector<at::Tensor> x_cpu, x_gpu;

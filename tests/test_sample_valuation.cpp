@@ -45,7 +45,32 @@ std::vector<std::pair<double, double>> original_contributions(Net& net, const Mu
   return contribution;
 }
 
+// Any number of modalities; predicts class 0 for every row whatever is present.
+struct AlwaysClassZeroImpl : torch::nn::Module {
+  NetOutput forward(const std::vector<at::Tensor>& x, StepPlan /*plan*/, const at::Tensor& /*presence*/) {
+    NetOutput out;
+    out.y = at::zeros({x[0].size(0), 3});
+    out.y.select(1, 0).fill_(1.0);
+    return out;
+  }
+};
+TORCH_MODULE(AlwaysClassZero);
+
 }  // namespace
+
+TEST_CASE("sample_contributions are exact for four and five modalities: 1 where every subset is right, "
+          "0 where none is", "[sample-valuation]") {
+  for (const std::size_t n : {4, 5}) {
+    INFO(n << " modalities");
+    AlwaysClassZero net;
+    const std::vector<at::Tensor> inputs(n, at::zeros({4, 1}));
+    const at::Tensor target = at::tensor({0, 0, 1, 0}, at::kLong);  // row 2: never right
+    const at::Tensor phi = sample_contributions(net, inputs, target, 1);
+    const at::Tensor expected = target.eq(0).to(at::kFloat).unsqueeze(1).expand({4, static_cast<std::int64_t>(n)});
+    CHECK(torch::equal(phi, expected));  // exactly: 1 is the copies' upper bound
+    CHECK(SampleValuationPolicy::copies(phi).sum().item<std::int64_t>() == 2 * static_cast<std::int64_t>(n));
+  }
+}
 
 TEST_CASE("sample_contributions of two modalities are the original's, sample by sample", "[sample-valuation]") {
   Net net = small_net(31);
@@ -127,6 +152,21 @@ TEST_CASE("The forward pass with modalities absent row by row", "[sample-valuati
     }
   }
   CHECK(out.features[0][1].abs().max().item<double>() == 0.0);
+  // A row without branch 0 trains none of branch 0's parameters but its head's bias (the
+  // rows are independent in eval mode).
+  {
+    const torch::AutoGradMode with_gradients(true);
+    net->zero_grad();
+    net->forward({b.x0, b.x1}, StepPlan::regular(), presence).y[1].sum().backward();
+    for (const auto& p : net->branch0->named_parameters()) {
+      INFO(p.key());
+      if (p.key() == "classifier.bias") {
+        CHECK(p.value().grad().abs().sum().item<double>() > 0);
+      } else {
+        CHECK((!p.value().grad().defined() || p.value().grad().abs().max().item<double>() == 0.0));
+      }
+    }
+  }
   // In training mode it stages no gates.
   net->train();
   for (auto& m : net->gate_means()) m->drop();

@@ -173,8 +173,6 @@ double accuracy_without(Net& net, const std::vector<std::size_t>& absent, const 
   }, s, device, batch_size, sum_across_ranks).y;
 }
 
-/// The logs' speed column: for two branches the signed "d_speed", for more the
-/// "speed_spread" max_k s_k - min_k s_k (N >= 3 have no signed value).
 /// Sample-level valuation's rows for an epoch: every training sample's contributions
 /// (`sample_contributions`, each rank valuing its share, the shares summed so that every
 /// rank builds the same rows), their copies and the resampled rows; `record` gets the mean
@@ -201,6 +199,8 @@ ResampledRows resampled_training_rows(Net& net, const Split& train, std::size_t 
   return rows;
 }
 
+/// The logs' speed column: for two branches the signed "d_speed", for more the
+/// "speed_spread" max_k s_k - min_k s_k (N >= 3 have no signed value).
 inline const char* speed_column_name(std::size_t branches) { return branches == 2 ? "d_speed" : "speed_spread"; }
 inline double speed_column(const SpeedSummary& s) { return s.speeds.size() == 2 ? s.d_speed : s.spread; }
 
@@ -442,15 +442,17 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
         epoch_rows = resampled_training_rows(net, data.train, balancer.branches(), cfg, device, rank, world, dp, valuation);
       }
     }
-    const std::int64_t m = epoch_rows.samples.size(0);
+    const std::int64_t epoch_size = epoch_rows.samples.size(0);
     // A last batch with fewer rows than ranks would leave a rank without data: dropped.
-    const std::int64_t steps_per_epoch = m / cfg.batch_size + (m % cfg.batch_size >= world ? 1 : 0);
+    const std::int64_t steps_per_epoch =
+        epoch_size / cfg.batch_size + (epoch_size % cfg.batch_size >= world ? 1 : 0);
     // The order of an epoch depends only on (seed, epoch) and its rows: a resumed run sees the same.
     auto gen = at::detail::createCPUGenerator(cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
-    const at::Tensor order = at::randperm(m, gen, at::kLong);
+    const at::Tensor order = at::randperm(epoch_size, gen, at::kLong);
     const at::Tensor perm = epoch_rows.samples.index_select(0, order);
+    // On the device once an epoch: each step narrows it there.
     const at::Tensor perm_presence =
-        epoch_rows.presence.defined() ? epoch_rows.presence.index_select(0, order) : at::Tensor();
+        epoch_rows.presence.defined() ? epoch_rows.presence.index_select(0, order).to(device) : at::Tensor();
     // LibTorch's default generator too, per rank: a forward-side policy's per-sample draws
     // (OPM's drops) come from it, and a resumed run must draw what an uninterrupted one does.
     at::manual_seed((cfg.seed * 1000003ULL + static_cast<std::uint64_t>(epoch)) * 7919ULL +
@@ -461,7 +463,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     // This rank's rows of step s's global batch: which samples, the global batch's size,
     // and where they start in the epoch's order.
     const auto step_rows = [&](std::int64_t s) {
-      const std::int64_t rows = std::min(cfg.batch_size, m - s * cfg.batch_size);
+      const std::int64_t rows = std::min(cfg.batch_size, epoch_size - s * cfg.batch_size);
       const std::int64_t begin = rows * rank / world, end = rows * (rank + 1) / world;
       const std::int64_t first = s * cfg.batch_size + begin;
       return std::tuple{perm.narrow(0, first, end - begin), rows, first};
@@ -483,7 +485,7 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
       const at::Tensor y = data.train.y.index_select(0, idx).to(device);
       const StepPlan plan = balancer.next_plan();
       const NetOutput out = perm_presence.defined()
-                                ? net->forward(x, plan, perm_presence.narrow(0, first, idx.size(0)).to(device))
+                                ? net->forward(x, plan, perm_presence.narrow(0, first, idx.size(0)))
                                 : net->forward(x, plan);
       // The balancer forms the loss (a gradient-modulating policy takes the step's heads
       // from it, AGM the inputs for its masked passes). Each rank's mean loss weighted by
@@ -597,8 +599,8 @@ nlohmann::json train_and_evaluate(Net net, Policy policy, const Splits& data,
     const auto accuracy_on = [&](const Split& split) {
       return with_rank_sum([&](auto sum) { return evaluate(net, shard(split, rank, world), device, cfg.eval_batch_size, sum); });
     };
-    // The epoch's training: its steps and the policy's epoch-end measurement, not the
-    // evaluation below (what a method costs, for comparisons).
+    // The epoch's training: sample-level valuation's rows, its steps and the policy's
+    // epoch-end measurement, not the evaluation below (what a method costs, for comparisons).
     const double train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - train_start).count();
     const Accuracy val = accuracy_on(data.validation);
     const Accuracy test = accuracy_on(data.test);

@@ -427,6 +427,16 @@ for e in (1, 2):
 assert sum(1 for s in steps if s["epoch"] == 0) == 240 // 32 + 1
 print("ok: SMV trains CE(y), resamples each epoch after warm-up and resumes exactly")
 PY
+# On the MMTM network too (absent rows zeroed where the fusion modules read them).
+"$bin" --out "$work/smv-mmtm" "${small[@]}" --data-dir "$work/data" --policy smv --warmup-epochs 1 --epochs 2 \
+  >/dev/null 2>&1 || fail "the SMV run on the MMTM network failed"
+/usr/bin/python3 - "$work/smv-mmtm" <<'PY'
+import json, sys
+epochs = [r for r in map(json.loads, open(f"{sys.argv[1]}/log.jsonl")) if r["type"] == "epoch"]
+v = epochs[1]["sample_valuation"]
+assert v["rows"] == 240 + sum(v["copies"]), v
+print("ok: SMV on the MMTM network")
+PY
 expect_error 'the run was made with fusion = "late", this one has "mmtm"' "$work/late-resume" -- "$bin" --out "$work/late-resume" "${small[@]}" \
   --data-dir "$work/data" --epochs 3 --policy agm --resume "$work/late/checkpoint-last.pt"
 echo "colored_mnist CLI: all checks passed"

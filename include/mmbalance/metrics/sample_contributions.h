@@ -13,7 +13,6 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/grad_mode.h>
 
 #include "mmbalance/detail/check.h"
 #include "mmbalance/model/eval_mode.h"
@@ -53,39 +52,38 @@ at::Tensor sample_contributions(Net net, const std::vector<at::Tensor>& inputs, 
   const std::size_t subsets = std::size_t{1} << n;  // s = 1 .. subsets - 1: bit k, modality k present
   const auto per_pass = static_cast<std::size_t>(std::max<std::int64_t>(1, rows_per_pass / std::max<std::int64_t>(rows, 1)));
   const at::Tensor device_target = target.to(inputs[0].device());
-  std::vector<at::Tensor> value(subsets);  // v(S), (batch) floats
-  value[0] = at::zeros({rows}, inputs[0].options().dtype(at::kFloat));
+  const at::TensorOptions on_device = inputs[0].options().dtype(at::kLong);
+  // Bit k of subset s: (s / 2^k) mod 2, computed on the device (no copy from the host).
+  const at::Tensor powers = at::pow(2, at::arange(static_cast<std::int64_t>(n), on_device));
+  std::vector<at::Tensor> value(subsets);  // v(S) = |S| · [correct], (batch) int64
+  value[0] = at::zeros({rows}, on_device);
   for (std::size_t first = 1; first < subsets; first += per_pass) {
     const std::size_t last = std::min(subsets, first + per_pass);
     const auto copies = static_cast<std::int64_t>(last - first);
     std::vector<at::Tensor> stacked;
     for (const at::Tensor& x : inputs) stacked.push_back(copies == 1 ? x : at::cat(std::vector<at::Tensor>(copies, x)));
-    at::Tensor present = at::empty({copies, static_cast<std::int64_t>(n)}, at::kBool);
-    auto bits = present.accessor<bool, 2>();
-    for (std::size_t s = first; s < last; ++s) {
-      for (std::size_t k = 0; k < n; ++k) bits[static_cast<std::int64_t>(s - first)][static_cast<std::int64_t>(k)] = (s >> k & 1) != 0;
-    }
-    const at::Tensor presence = present.repeat_interleave(rows, 0).to(inputs[0].device());
+    const at::Tensor s = at::arange(static_cast<std::int64_t>(first), static_cast<std::int64_t>(last), on_device);
+    const at::Tensor presence = s.unsqueeze(1).div(powers, "floor").remainder(2).eq(1).repeat_interleave(rows, 0);
     const at::Tensor y = net->forward(stacked, StepPlan::regular(), presence).y;
     const at::Tensor correct = y.argmax(1).view({copies, rows}).eq(device_target);
-    for (std::size_t s = first; s < last; ++s) {
-      const auto size = static_cast<double>(std::popcount(s));
-      value[s] = correct[static_cast<std::int64_t>(s - first)].to(at::kFloat) * size;
+    for (std::size_t subset = first; subset < last; ++subset) {
+      value[subset] = correct[static_cast<std::int64_t>(subset - first)].to(at::kLong) * std::popcount(subset);
     }
   }
-  // φ_k = Σ_{S ∌ k} |S|! (N − |S| − 1)! / N! · (v(S ∪ {k}) − v(S)).
-  std::vector<double> factorial(n + 1, 1.0);
-  for (std::size_t i = 1; i <= n; ++i) factorial[i] = factorial[i - 1] * static_cast<double>(i);
+  // φ_k = Σ_{S ∌ k} |S|! (N − |S| − 1)! (v(S ∪ {k}) − v(S)) / N!: the sum in integers, one
+  // division, so that φ is the rational value correctly rounded (a sample every subset
+  // predicts gets exactly 1, which the copies' bound `φ < 1` tells apart).
+  std::vector<std::int64_t> factorial(n + 1, 1);
+  for (std::size_t i = 1; i <= n; ++i) factorial[i] = factorial[i - 1] * static_cast<std::int64_t>(i);
   std::vector<at::Tensor> phi;
   for (std::size_t k = 0; k < n; ++k) {
     at::Tensor sum = at::zeros_like(value[0]);
-    for (std::size_t s = 0; s < subsets; ++s) {
-      if (s >> k & 1) continue;
-      const auto size = static_cast<std::size_t>(std::popcount(s));
-      const double weight = factorial[size] * factorial[n - size - 1] / factorial[n];
-      sum = sum + (value[s | std::size_t{1} << k] - value[s]) * weight;
+    for (std::size_t subset = 0; subset < subsets; ++subset) {
+      if (subset >> k & 1) continue;
+      const auto size = static_cast<std::size_t>(std::popcount(subset));
+      sum = sum + (value[subset | std::size_t{1} << k] - value[subset]) * (factorial[size] * factorial[n - size - 1]);
     }
-    phi.push_back(sum);
+    phi.push_back(sum.to(at::kDouble).div(static_cast<double>(factorial[n])).to(at::kFloat));
   }
   return at::stack(phi, 1);
 }
