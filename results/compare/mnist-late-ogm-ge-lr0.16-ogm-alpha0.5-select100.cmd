@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-ogm-ge-lr0.16-ogm-alpha0.5-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy ogm-ge --warmup-epochs 0 --held-out 0.1 --lr 0.16 --ogm-alpha 0.5 --ogm-modulation-ends 5 --seed 100

@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-opm-lr0.16-opm-q-base0.3-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy opm --warmup-epochs 1 --held-out 0.1 --lr 0.16 --opm-q-base 0.3 --seed 100
