@@ -1,1 +1,0 @@
-build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/fashion-mmtm-vanilla-lr0.02-select100 --dataset fashion --train-size 6400 --validation-size 1600 --test-size 2000 --width 16 --epochs 5 --fusion mmtm --policy vanilla --warmup-epochs 1 --held-out 0.1 --lr 0.02 --seed 100

@@ -1,1 +1,0 @@
-build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-mmtm-random-lr0.02-select100 --dataset mnist --width 16 --epochs 10 --fusion mmtm --policy random --warmup-epochs 1 --held-out 0.1 --lr 0.02 --seed 100
