@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-agm-lr0.16-agm-alpha0.1-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy agm --warmup-epochs 0 --held-out 0.1 --lr 0.16 --agm-alpha 0.1 --seed 100

@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-gblend-lr0.16-gblend-super-epoch2-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy gblend --warmup-epochs 1 --held-out 0.1 --lr 0.16 --gblend-super-epoch 2 --seed 100

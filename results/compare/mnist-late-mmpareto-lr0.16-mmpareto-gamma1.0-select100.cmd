@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-mmpareto-lr0.16-mmpareto-gamma1.0-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy mmpareto --warmup-epochs 0 --held-out 0.1 --lr 0.16 --mmpareto-gamma 1.0 --seed 100

@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-relearning-lr0.16-relearning-lambda3-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy relearning --warmup-epochs 0 --held-out 0.1 --lr 0.16 --relearning-lambda 3 --relearning-every 2 --relearning-times 3 --seed 100

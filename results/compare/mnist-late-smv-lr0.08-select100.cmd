@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-late-smv-lr0.08-select100 --dataset mnist --width 16 --epochs 10 --fusion late --policy smv --warmup-epochs 1 --held-out 0.1 --lr 0.08 --seed 100
