@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-mmtm-joint-lr0.16-seed1 --dataset mnist --width 16 --epochs 10 --fusion mmtm --policy joint --warmup-epochs 1 --held-out 0.1 --lr 0.16 --seed 1

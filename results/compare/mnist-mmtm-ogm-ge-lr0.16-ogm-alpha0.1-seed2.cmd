@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-mmtm-ogm-ge-lr0.16-ogm-alpha0.1-seed2 --dataset mnist --width 16 --epochs 10 --fusion mmtm --policy ogm-ge --warmup-epochs 0 --held-out 0.1 --lr 0.16 --ogm-alpha 0.1 --ogm-modulation-ends 5 --seed 2

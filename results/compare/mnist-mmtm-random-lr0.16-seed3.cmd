@@ -1,0 +1,1 @@
+build/examples/colored_mnist --threads 1 --colour-noise 0.05 --out RESULTS/mnist-mmtm-random-lr0.16-seed3 --dataset mnist --width 16 --epochs 10 --fusion mmtm --policy random --warmup-epochs 1 --held-out 0.1 --lr 0.16 --seed 3
