@@ -370,20 +370,21 @@ TEST_CASE("LibTorch 1.x loads a checkpoint that LibTorch 2.x wrote, each paramet
 
 // Writes the fixtures into MMBALANCE_WRITE_FIXTURES (hidden: run only on purpose, to add a
 // format's fixtures beside the others): `mmbalance_tests "[.write-fixtures]"`.
-TEST_CASE("Write the checkpoint fixtures", "[.write-fixtures]") {
+namespace {
+// Writes `list`'s fixtures into the empty or new folder MMBALANCE_WRITE_FIXTURES names.
+void write_fixtures(const std::vector<Scenario>& list) {
   const char* dir = std::getenv("MMBALANCE_WRITE_FIXTURES");
   REQUIRE(dir != nullptr);
   // Never over files that pin a format: a new format's fixtures go in a folder of their own.
   REQUIRE((!fs::exists(dir) || fs::is_empty(dir)));
   fs::create_directories(dir);
-  for (const Scenario& s : scenarios()) s.write(dir);
+  for (const Scenario& s : list) s.write(dir);
 }
+}  // namespace
+
+TEST_CASE("Write the checkpoint fixtures", "[.write-fixtures]") { write_fixtures(scenarios()); }
 
 // The same for the scenarios of the identity format: `mmbalance_tests "[.write-identity-fixtures]"`.
 TEST_CASE("Write the identity-format checkpoint fixtures", "[.write-identity-fixtures]") {
-  const char* dir = std::getenv("MMBALANCE_WRITE_FIXTURES");
-  REQUIRE(dir != nullptr);
-  REQUIRE((!fs::exists(dir) || fs::is_empty(dir)));
-  fs::create_directories(dir);
-  for (const Scenario& s : identity_scenarios()) s.write(dir);
+  write_fixtures(identity_scenarios());
 }
